@@ -1,0 +1,3 @@
+from dair.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""Build dair: the design card's folders map to `dair.<part>`; ops/*.pyx become nogil OpenMP kernels."""
+import os
+import sys
+from pathlib import Path
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+# The card's top-level folders, installed under the `dair.` prefix so that
+# site-packages never gains generic names like `ops` or `bus`.
+PARTS = ["model", "tokenizer", "ops", "engine", "bus", "stages", "tui"]
+
+
+def _cflags() -> list[str]:
+    # DAIR_CFLAGS overrides everything, e.g. for a portable build ("-O3 -mavx2 -mfma -mf16c").
+    if os.environ.get("DAIR_CFLAGS"):
+        return os.environ["DAIR_CFLAGS"].split()
+    flags = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-Wno-unused-function"]
+    if sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "AMD64"):
+        # Native code for the machine that builds it (each node builds its own copy).
+        # AMX tiles are never emitted: they trap on some hosts that advertise them.
+        flags += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+    elif os.uname().machine in ("aarch64", "arm64"):
+        flags += ["-mcpu=native"]
+    return flags
+
+
+def _extensions() -> list[Extension]:
+    exts = []
+    for pyx in sorted((HERE / "ops").glob("*.pyx")):
+        exts.append(
+            Extension(
+                f"dair.ops.{pyx.stem}",
+                [str(pyx.relative_to(HERE))],
+                include_dirs=[numpy.get_include(), "ops"],
+                extra_compile_args=_cflags(),
+                extra_link_args=["-fopenmp"],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+        )
+    return cythonize(
+        exts,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                             "initializedcheck": False},
+    )
+
+
+class BuildPyWithConfig(build_py):
+    """Ship the top-level config.toml inside the package (it is the single source of defaults)."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:
+            target = Path(self.build_lib) / "dair" / "config.toml"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.copy_file(str(HERE / "config.toml"), str(target))
+
+
+setup(
+    packages=["dair", "dair.commands"] + [f"dair.{p}" for p in PARTS],
+    package_dir={"dair": "dair", "dair.commands": "dair/commands", **{f"dair.{p}": p for p in PARTS}},
+    package_data={"dair.tui": ["*.tcss"], "dair.ops": ["*.h", "*.pxd"]},
+    ext_modules=_extensions(),
+    cmdclass={"build_py": BuildPyWithConfig},
+)
