@@ -1,0 +1,154 @@
+"""Where generation runs: in this process (LocalBackend) or on a cluster (dair.bus.client.BusBackend).
+
+Both offer the same three calls, so `dair generate`, `score`, `chat` and `bench` are written once.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from dair.engine.sampling import SamplingParams, sample_token, top_logits
+from dair.errors import DairError
+
+PREFILL_CHUNK = 256  # tokens per prefill batch: bounds activation memory on long prompts
+
+OnToken = Callable[[int], "bool | None"]
+
+
+class Backend(Protocol):
+    tokenizer: Any
+    n_layers: int
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                 stop_ids: set[int], on_token: OnToken | None = None) -> dict: ...
+
+    def score(self, ids: list[int], top_k: int) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_model_path(path: str | None) -> Path:
+    """The model the user named, else config.toml's, else the fetched default model."""
+    from dair.config import defaults
+    from dair.model.fetch import default_model_path
+
+    chosen = path or defaults("model").get("path") or ""
+    return Path(chosen).expanduser() if chosen else default_model_path()
+
+
+class LocalBackend:
+    """The whole model in this process: one RangeEngine over layers 0..L-1."""
+
+    def __init__(self, model_path: str | Path | None = None, threads: int = 0, act_q8: bool = True,
+                 quiet: bool = False) -> None:
+        from dair.engine.forward import RangeEngine
+        from dair.model import open_model
+        from dair.tokenizer import load_tokenizer
+
+        path = resolve_model_path(str(model_path) if model_path else None)
+        t0 = time.perf_counter()
+        if not quiet:
+            print(f"loading {path} ...", file=sys.stderr, flush=True)
+        self.model = open_model(path)
+        self.tokenizer = load_tokenizer(self.model)
+        self.n_layers = self.model.config.n_layers
+        self.engine = RangeEngine(self.model, 0, self.n_layers - 1, threads=threads, act_q8=act_q8)
+        self._ids = itertools.count()
+        if not quiet:
+            print(f"loaded {self.n_layers} layers in {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
+
+    def _prefill(self, sid: str, ids: list[int], all_logits: bool) -> np.ndarray:
+        eng, outs = self.engine, []
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
+            pos = np.arange(start, start + chunk.size, dtype=np.int32)
+            x = eng.run_layers(eng.embed(chunk), [(sid, pos)])
+            outs.append(eng.head(x if all_logits else x[-1:]))
+        return np.concatenate(outs) if all_logits else outs[-1]
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                 stop_ids: set[int], on_token: OnToken | None = None) -> dict:
+        if not prompt_ids:
+            raise DairError("empty prompt: give at least one token")
+        limit = self.engine.max_context
+        if len(prompt_ids) >= limit:
+            raise DairError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {limit}")
+        max_tokens = min(max_tokens, limit - len(prompt_ids))
+        sid = f"local-{next(self._ids)}"
+        self.engine.open_session(sid)
+        history, out, stop = list(prompt_ids), [], "length"
+        try:
+            t0 = time.perf_counter()
+            logits = self._prefill(sid, prompt_ids, all_logits=False)[-1]
+            t1 = time.perf_counter()
+            while len(out) < max_tokens:
+                pos = len(history)
+                tok = sample_token(logits, params, history, pos)
+                out.append(tok)
+                history.append(tok)
+                if tok in stop_ids:
+                    stop = "eos"
+                    break
+                if on_token is not None and on_token(tok) is False:
+                    stop = "cancel"
+                    break
+                if len(out) >= max_tokens:
+                    break
+                x = self.engine.run_layers(self.engine.embed(np.array([tok], np.int32)),
+                                           [(sid, np.array([pos], np.int32))])
+                logits = self.engine.head(x)[0]
+            t2 = time.perf_counter()
+        finally:
+            self.engine.close_session(sid)
+        n_decode = max(0, len(out) - 1)
+        return {
+            "ids": out,
+            "stop": stop,
+            "timings": {
+                "prefill_s": t1 - t0,
+                "decode_s": t2 - t1,
+                "prefill_tok_s": len(prompt_ids) / max(t1 - t0, 1e-9),
+                "decode_tok_s": n_decode / max(t2 - t1, 1e-9) if n_decode else 0.0,
+            },
+        }
+
+    def score(self, ids: list[int], top_k: int) -> dict:
+        if not ids:
+            raise DairError("nothing to score: give at least one token")
+        if len(ids) > self.engine.max_context:
+            raise DairError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}")
+        sid = f"local-{next(self._ids)}"
+        self.engine.open_session(sid)
+        try:
+            logits = self._prefill(sid, ids, all_logits=True)
+        finally:
+            self.engine.close_session(sid)
+        targets = np.asarray(ids[1:], dtype=np.int64)
+        top, _ = top_logits(logits, top_k)
+        _, lp = top_logits(logits[:-1], 1, targets) if targets.size else (None, np.zeros(0, np.float32))
+        return {"positions": [{"top": [[i, v] for i, v in top[p]],
+                               "logprob_next": float(lp[p]) if p < lp.size else None}
+                              for p in range(len(ids))]}
+
+    def close(self) -> None:
+        self.engine.sessions.clear()
+
+
+def open_backend(model: str | None = None, bus: str | None = None, threads: int = 0,
+                 quiet: bool = False, timeout: float = 30.0) -> Backend:
+    if bus:
+        from dair.bus.client import BusBackend
+
+        return BusBackend(bus, timeout=timeout)
+    return LocalBackend(model, threads=threads, quiet=quiet)
+
+
+def perplexity(scored: dict) -> float | None:
+    lps = [p["logprob_next"] for p in scored["positions"] if p.get("logprob_next") is not None]
+    return float(np.exp(-np.mean(lps))) if lps else None

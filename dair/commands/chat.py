@@ -1,0 +1,59 @@
+"""`dair chat`: a conversation with the model through its own chat template."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dair.backend import open_backend
+from dair.commands.common import add_backend_args, add_sampling_args, max_tokens_from_args, sampling_from_args
+from dair.commands.stream import run_generation
+
+HELP = "commands: /reset starts a new conversation, /quit (or Ctrl-D) leaves"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="chat with the model (applies its chat template)")
+    add_backend_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", help="system message")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    backend = open_backend(args.model, args.bus, args.threads)
+    tok = backend.tokenizer
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(base)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(HELP, file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                messages = list(base)
+                print("(new conversation)", file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+            params.seed += 1  # a new draw per turn, still reproducible from the first seed
+            try:
+                _, reply = run_generation(backend, prompt_ids, params, max_tokens_from_args(args), args.stop)
+            except KeyboardInterrupt:
+                reply = ""
+                print("\n(interrupted)", file=sys.stderr)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": reply.strip()})
+    finally:
+        backend.close()
+    return 0

@@ -1,0 +1,37 @@
+"""Flags shared by the commands that run the model, so each is defined once."""
+from __future__ import annotations
+
+import argparse
+
+from dair.engine.sampling import SamplingParams
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="model file (GGUF or .m); default: the fetched default model")
+    p.add_argument("--bus", metavar="ADDR", help="use a running cluster at this bus address instead of this process")
+    p.add_argument("--threads", type=int, default=0, help="compute threads (0 = one per core)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=None, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random, printed with --json)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop when this text appears (repeatable)")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    import secrets
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    return SamplingParams.from_config(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=seed)
+
+
+def max_tokens_from_args(args: argparse.Namespace) -> int:
+    from dair.config import defaults
+
+    return int(args.max_tokens if args.max_tokens is not None else defaults("sampling")["max_tokens"])

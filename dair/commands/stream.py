@@ -1,0 +1,56 @@
+"""Streaming generated tokens as text, with stop strings, shared by generate and chat."""
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from dair.backend import Backend
+from dair.engine.sampling import SamplingParams
+
+
+class TextStream:
+    """Turns token ids into text as they come; stops at a stop string (which is not printed)."""
+
+    def __init__(self, tokenizer, stops: list[str], out: TextIO | None = sys.stdout) -> None:
+        from dair.tokenizer import StreamDecoder
+
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = [s for s in stops if s]
+        self.out = out
+        self.text = ""
+        self._shown = 0
+        self.stopped = False
+
+    def feed(self, tok: int) -> bool:
+        self.text += self.decoder.feed(tok)
+        for s in self.stops:
+            cut = self.text.find(s)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.stopped = True
+        # hold back a tail that could still grow into a stop string
+        hold = max((len(s) - 1 for s in self.stops), default=0)
+        upto = len(self.text) if self.stopped else max(self._shown, len(self.text) - hold)
+        self._emit(upto)
+        return not self.stopped
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        self._emit(len(self.text))
+        return self.text
+
+    def _emit(self, upto: int) -> None:
+        if self.out is not None and upto > self._shown:
+            self.out.write(self.text[self._shown:upto])
+            self.out.flush()
+        self._shown = max(self._shown, upto)
+
+
+def run_generation(backend: Backend, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
+                   stops: list[str], out: TextIO | None = sys.stdout) -> tuple[dict, str]:
+    stream = TextStream(backend.tokenizer, stops, out)
+    result = backend.generate(prompt_ids, params, max_tokens, set(backend.tokenizer.eos_ids), stream.feed)
+    if stream.stopped:
+        result["stop"] = "stop_string"
+    return result, stream.finish()

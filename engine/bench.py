@@ -1,0 +1,86 @@
+"""One measurement of prefill and decode speed, run in its own process so its peak RSS and
+thread count are its own. `dair bench` drives it; `python -m dair.engine.bench` prints JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+BENCH_TEXT = ("The history of computing is a story of machines that got smaller, cheaper and faster, "
+              "and of people who found new uses for each generation of them. ")
+
+
+def bench_prompt(tokenizer, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(BENCH_TEXT)
+    return ids[:n]
+
+
+def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int) -> dict:
+    from dair.backend import LocalBackend
+    from dair.engine.sampling import SamplingParams
+
+    backend = LocalBackend(model, threads=threads, quiet=True)
+    prompt = bench_prompt(backend.tokenizer, prompt_tokens)
+    greedy = SamplingParams(temperature=0.0)
+    backend.generate(prompt[:8], greedy, 4, set())  # warm caches and thread pools
+    pre, dec = [], []
+    for _ in range(runs):
+        r = backend.generate(prompt, greedy, gen_tokens, set())  # no stop ids: always gen_tokens
+        pre.append(r["timings"]["prefill_tok_s"])
+        dec.append(r["timings"]["decode_tok_s"])
+    return {"engine": "dair", "threads": threads, "prefill_tok_s": statistics.median(pre),
+            "decode_tok_s": statistics.median(dec)}
+
+
+def measure_llama_cpp(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int) -> dict:
+    from llama_cpp import Llama
+
+    from dair.backend import resolve_model_path
+    from dair.model import open_model
+    from dair.tokenizer import load_tokenizer
+
+    path = resolve_model_path(model)
+    prompt = bench_prompt(load_tokenizer(open_model(path)), prompt_tokens)
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                n_batch=512, verbose=False)
+    pre, dec = [], []
+    for _ in range(runs + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        t1, n = t0, 0
+        for _tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            n += 1
+            if n == 1:
+                t1 = time.perf_counter()
+            if n >= gen_tokens:
+                break
+        t2 = time.perf_counter()
+        pre.append(len(prompt) / (t1 - t0))
+        dec.append((n - 1) / (t2 - t1))
+    return {"engine": "llama.cpp", "threads": threads, "prefill_tok_s": statistics.median(pre[1:]),
+            "decode_tok_s": statistics.median(dec[1:])}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", choices=["dair", "llama.cpp"], default="dair")
+    ap.add_argument("--model")
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    fn = measure_dair if a.engine == "dair" else measure_llama_cpp
+    out = fn(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
