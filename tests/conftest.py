@@ -18,3 +18,27 @@ def default_model() -> Path:
     from dair.model.fetch import fetch_default_model
 
     return fetch_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def model_file(default_model):
+    """The default model opened with dair's reader (read-only memory map)."""
+    from dair.model import open_model
+
+    return open_model(default_model)
+
+
+@pytest.fixture(scope="session")
+def numpy_model(default_model):
+    """The independent plain-numpy float32 forward pass (tests/numpy_reference.py)."""
+    from numpy_reference import NumpyLlama
+
+    return NumpyLlama(str(default_model))
+
+
+@pytest.fixture(scope="session")
+def local_backend(default_model):
+    """The whole default model in this process, with 8-bit activations (the fast path)."""
+    from dair.backend import LocalBackend
+
+    return LocalBackend(default_model, quiet=True)
