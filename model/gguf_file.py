@@ -21,6 +21,25 @@ _LARGE_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.gg
                  "tokenizer.ggml.merges"}
 
 
+class _Truncated(Exception):
+    def __init__(self, end: int, size: int) -> None:
+        super().__init__(f"truncated: data runs to byte {end} but the file has {size} bytes")
+
+
+def _reader(path: Path) -> Any:
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        # The stock reader turns a short file into an obscure numpy reshape error; name it.
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _Truncated(end, len(self.data))
+            return super()._get(offset, dtype, count, override_order)
+
+    return Reader(path, "r")
+
+
 def _field_value(field: Any) -> Any:
     """A GGUF metadata value as plain Python (str, int, float, bool or list)."""
     from gguf import GGUFValueType
@@ -43,11 +62,9 @@ class GGUFModel(ModelFile):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            from gguf import GGUFReader
-
-            reader = GGUFReader(self.path, "r")
-        except ModelFormatError:
-            raise
+            reader = _reader(self.path)
+        except _Truncated as e:
+            raise ModelFormatError(self.path, str(e)) from None
         except FileNotFoundError:
             raise ModelFormatError(self.path, "no such file") from None
         except Exception as e:  # the gguf package raises bare ValueError/IndexError/struct errors

@@ -1,0 +1,245 @@
+"""Tokenizer built on HF `tokenizers` from a model file's vocabulary, matching llama.cpp's ids.
+
+Encoding goes through `tokenizers` (a well-kept BPE); decoding uses our own id → bytes
+table, so that pieces of a multi-byte character are reassembled exactly and streamed output
+never shows replacement characters for a half-received character.
+"""
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from dair.errors import DairError
+from dair.tokenizer.vocab import (
+    BYTE,
+    CONTROL,
+    END_OF_TURN,
+    UNKNOWN,
+    USER_DEFINED,
+    Vocab,
+    byte_to_unicode,
+    unicode_to_byte,
+)
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), applied one after the other, each
+# splitting every fragment further; keyed by the GGUF's `tokenizer.ggml.pre`.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_REGEXES: dict[str, list[str]] = {
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    **{k: [_GPT2] for k in ("gpt2", "mpt", "olmo", "jais", "trillion")},
+    **{k: [r"\p{N}", _GPT2] for k in ("starcoder", "refact", "command-r", "smollm", "codeshell",
+                                       "exaone", "minerva")},
+    **{k: [_LLAMA3] for k in ("llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falcon3",
+                              "pixtral")},
+    **{k: [_QWEN2] for k in ("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez", "hunyuan")},
+}
+# llama.cpp takes a whole pre-token that is already in the vocabulary without merging.
+_IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"}
+
+
+def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
+    """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
+    highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
+    ids = {t: i for i, t in enumerate(vocab.tokens) if vocab.token_types[i] not in (CONTROL, BYTE)}
+    scores = vocab.scores or [0.0] * len(vocab.tokens)
+    merges: list[tuple[float, int, int, str, str]] = []
+    for piece, i in ids.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in ids and right in ids:
+                merges.append((-scores[i], ids[left], ids[right], left, right))
+    merges.sort()
+    return [(m[3], m[4]) for m in merges]
+
+
+def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    token_ids: dict[str, int] = {}
+    for i, t in enumerate(vocab.tokens):
+        token_ids.setdefault(t, i)  # duplicates are unreachable by encoding; first id wins
+    if vocab.kind == "gpt2":
+        if vocab.pre not in PRE_REGEXES:
+            raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
+        merges = vocab.merges if vocab.merges is not None else []
+        model = models.BPE(vocab=token_ids, merges=list(merges), fuse_unk=False,
+                           ignore_merges=vocab.pre in _IGNORE_MERGES)
+        tok = Tokenizer(model)
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[vocab.pre]]
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif vocab.kind == "llama":
+        unk = next((vocab.tokens[i] for i, t in enumerate(vocab.token_types) if t == UNKNOWN), None)
+        model = models.BPE(vocab=token_ids, merges=_sentencepiece_merges(vocab), unk_token=unk,
+                           fuse_unk=True, byte_fallback=True)
+        tok = Tokenizer(model)
+        steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    else:
+        raise DairError(f"{vocab.source}: tokenizer model {vocab.kind!r} is not supported "
+                        "(dair reads gpt2 byte-level BPE and llama SentencePiece vocabularies)")
+    # Control tokens are parsed only when asked (llama.cpp's parse_special); user-defined tokens
+    # always are, as in llama.cpp.
+    added = []
+    for i, t in enumerate(vocab.token_types):
+        if t in (CONTROL, USER_DEFINED) and token_ids.get(vocab.tokens[i]) == i and vocab.tokens[i]:
+            added.append(AddedToken(vocab.tokens[i], special=(t == CONTROL), normalized=False,
+                                    lstrip=False, rstrip=False, single_word=False))
+    tok.add_special_tokens([a for a in added if a.special])
+    tok.add_tokens([a for a in added if not a.special])
+    tok.encode_special_tokens = encode_special
+    return tok
+
+
+class Tokenizer:
+    """Text ↔ ids for one model, plus its special tokens and chat template."""
+
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self.kind = vocab.kind
+        self.vocab_size = len(vocab)
+        self._hf = _build_hf(vocab, encode_special=False)
+        self._hf_plain: Any = None  # built on first parse_special=False call
+        self.bos_id: int | None = vocab.bos_id
+        self.add_bos = bool(vocab.add_bos and vocab.bos_id is not None)
+        self.eos_ids: tuple[int, ...] = self._eos_ids()
+        self._pieces = self._piece_bytes()
+        self.chat_template: str | None = vocab.chat_template
+
+    # -- special tokens ---------------------------------------------------------------------
+    def _eos_ids(self) -> tuple[int, ...]:
+        out: list[int] = []
+        if self.vocab.eos_id is not None:
+            out.append(self.vocab.eos_id)
+        out += self.vocab.eot_ids
+        index = {t: i for i, t in enumerate(self.vocab.tokens) if self.vocab.is_special(i)}
+        out += [index[name] for name in END_OF_TURN if name in index]
+        return tuple(dict.fromkeys(i for i in out if 0 <= i < self.vocab_size))
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def token_text(self, i: int) -> str:
+        return self.vocab.tokens[i]
+
+    def is_special(self, i: int) -> bool:
+        return self.vocab.is_special(i)
+
+    def describe(self) -> dict[str, Any]:
+        v = self.vocab
+        return {
+            "kind": v.kind,
+            "pre": v.pre if v.kind == "gpt2" else None,
+            "vocab_size": self.vocab_size,
+            "n_special": sum(1 for t in v.token_types if t in (CONTROL, USER_DEFINED)),
+            "bos": [self.bos_id, v.tokens[self.bos_id]] if self.bos_id is not None else None,
+            "add_bos": self.add_bos,
+            "eos": [[i, v.tokens[i]] for i in self.eos_ids],
+            "chat_template": bool(self.chat_template),
+        }
+
+    # -- encode -----------------------------------------------------------------------------
+    def encode(self, text: str, parse_special: bool = True, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`. `add_bos` None follows the model's metadata (add_bos_token)."""
+        if parse_special:
+            hf = self._hf
+        else:
+            if self._hf_plain is None:
+                self._hf_plain = _build_hf(self.vocab, encode_special=True)
+            hf = self._hf_plain
+        ids = hf.encode(text, add_special_tokens=False).ids if text else []
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    # -- decode -----------------------------------------------------------------------------
+    def _piece_bytes(self) -> list[bytes]:
+        v = self.vocab
+        out: list[bytes] = []
+        if v.kind == "gpt2":
+            u2b = unicode_to_byte()
+            for t, typ in zip(v.tokens, v.token_types, strict=True):
+                if typ in (CONTROL, USER_DEFINED, UNKNOWN) or any(c not in u2b for c in t):
+                    out.append(t.encode("utf-8"))
+                else:
+                    out.append(bytes(u2b[c] for c in t))
+        else:
+            for t, typ in zip(v.tokens, v.token_types, strict=True):
+                if typ == BYTE and len(t) == 6 and t.startswith("<0x"):
+                    out.append(bytes([int(t[3:5], 16)]))
+                elif typ == UNKNOWN:
+                    out.append("▅".encode())  # what llama.cpp prints for <unk>
+                else:
+                    out.append(t.replace("▁", " ").encode("utf-8"))
+        return out
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._pieces[i]
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self.vocab_size:
+            raise DairError(f"token id {i} out of range 0..{self.vocab_size - 1}")
+
+    def decode_bytes(self, ids: Iterable[int], skip_special: bool = False) -> bytes:
+        parts = []
+        first = True
+        for i in ids:
+            i = int(i)
+            self._check(i)
+            if skip_special and self.vocab.token_types[i] == CONTROL:
+                continue
+            piece = self._pieces[i]
+            if first and self.kind == "llama" and self.vocab.add_space_prefix and piece.startswith(b" "):
+                piece = piece[1:]  # the space encode() prepended (llama.cpp strips it the same way)
+            first = False
+            parts.append(piece)
+        return b"".join(parts)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+    # -- chat ---------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        from dair.tokenizer.chat import render_chat
+
+        v = self.vocab
+        bos = v.tokens[self.bos_id] if self.bos_id is not None else ""
+        eos = v.tokens[v.eos_id] if v.eos_id is not None else ""
+        return render_chat(self.chat_template, messages, add_generation_prompt, bos, eos, v.source, **extra)
+
+
+class StreamDecoder:
+    """Feed generated ids one at a time; get back only text made of complete UTF-8 characters.
+
+    A character split across tokens (emoji, CJK under byte-level BPE) is held back until its
+    last byte arrives, so no replacement character ever appears mid-stream.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        t = self.tokenizer
+        t._check(int(token_id))
+        if self.skip_special and t.vocab.token_types[int(token_id)] == CONTROL:
+            return ""
+        return self._dec.decode(t.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character becomes U+FFFD)."""
+        return self._dec.decode(b"", final=True)
+
+
+__all__ = ["Tokenizer", "StreamDecoder", "byte_to_unicode"]
