@@ -1,7 +1,85 @@
-"""Entry point of dair-stage (not yet implemented)."""
+"""dair-stage: own a layer range of the model file and serve it to the bus."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
 import sys
 
+from dair.config import load_config
+from dair.errors import DairError
 
-def main() -> int:
-    print("dair-stage: not yet implemented", file=sys.stderr)
-    return 2
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """'10-19' -> (10, 19); '7' -> (7, 7)."""
+    try:
+        a, _, b = text.partition("-")
+        first, last = int(a), int(b or a)
+    except ValueError:
+        raise DairError(f"--layers {text!r}: expected A-B, e.g. 0-9") from None
+    if first < 0 or last < first:
+        raise DairError(f"--layers {text!r}: expected 0 <= A <= B")
+    return first, last
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dair-stage", description="serve a layer range of the model to a dair bus")
+    p.add_argument("--layers", required=True, help="layer range A-B (inclusive)")
+    p.add_argument("--model", default=None, help="model file (default: config, then the default model)")
+    p.add_argument("--bus", default=None, help="bus address (default: config [bus] bind)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (0 = one per core)")
+    p.add_argument("--wire", choices=["q8_0", "f16", "f32"], default=None, help="activation format sent")
+    p.add_argument("--name", default=None, help="node name shown in stats")
+    p.add_argument("--config", default=None, help="config file (same shape as config.toml)")
+    return p
+
+
+def resolve_model_path(explicit: str | None, cfg: dict) -> str:
+    path = explicit or cfg["model"].get("path") or ""
+    if path:
+        return path
+    from dair.model.fetch import default_model_path
+
+    return str(default_model_path())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except DairError as e:
+        print(f"dair-stage: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    from dair.model import open_model
+    from dair.stages.link import Link
+
+    cfg = load_config(args.config)
+    first, last = parse_layers(args.layers)
+    path = resolve_model_path(args.model, cfg)
+    if not os.path.exists(path):
+        raise DairError(f"{path}: model file not found (run `dair model fetch`)")
+    model = open_model(path)
+    n = model.config.n_layers
+    if last >= n:
+        raise DairError(f"--layers {first}-{last}: {path} has {n} layers (0-{n - 1})")
+    stage_cfg, bus_cfg = cfg["stage"], cfg["bus"]
+    name = args.name or f"{socket.gethostname()}:{first}-{last}"
+    link = Link(
+        bus_addr=args.bus or bus_cfg["bind"], name=name, model=model, first=first, last=last,
+        threads=stage_cfg["threads"] if args.threads is None else args.threads,
+        wire_dtype=args.wire or stage_cfg["wire"], heartbeat_ms=int(bus_cfg["heartbeat_interval_ms"]),
+        liveness=int(bus_cfg["heartbeat_liveness"]), max_frame_bytes=int(bus_cfg["max_frame_bytes"]),
+        max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]))
+    # SIGTERM ends the loop cleanly (dair up stops its children with it).
+    signal.signal(signal.SIGTERM, lambda *_: link.stop())
+    return link.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,502 @@
+"""dair-bus's event loop: registry, routing, sessions, tokenization, heartbeats, stats.
+
+One thread, one ROUTER for stages and clients, one PUB for stats. It never touches activation
+values: it reads each message's header, forwards the same frames (zero-copy) to the stage that
+owns the next layer, and turns token results into the next decode step.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from dair.bus import protocol as P
+from dair.bus.registry import DEAD, Node, Registry, fmt_span
+from dair.bus.sessions import Request, Session, TextStream, common_prefix
+
+PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+
+
+def _nbytes(frames: list[Any]) -> int:
+    return sum(len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes for f in frames)
+
+
+def stats_address(bind: str) -> str:
+    host, _, port = bind.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+class Broker:
+    def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, bind: str) -> None:
+        bus = cfg["bus"]
+        self.cfg = cfg
+        self.model = model
+        self.tok = tokenizer
+        self.bind = bind
+        self.stats_bind = stats_address(bind)
+        self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
+        self.liveness = int(bus["heartbeat_liveness"])
+        self.stats_s = bus["stats_interval_ms"] / 1000.0
+        self.max_sessions = int(bus["max_sessions"])
+        self.max_per_client = int(bus["max_sessions_per_client"])
+        self.max_frame = int(bus["max_frame_bytes"])
+        self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
+        ctx_len = int(model.config.context_length)
+        self.max_context = min(int(bus["max_context"]) or ctx_len, ctx_len)
+        self.sampling = {k: v for k, v in cfg["sampling"].items() if k in PARAM_KEYS}
+        self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
+        self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
+        self.registry = Registry(model.config.n_layers)
+        self.sessions: dict[str, Session] = {}
+        self.counters: dict[str, int] = {}
+        self.inflight: dict[int, tuple[bytes, float]] = {}
+        self.tokens_total = 0
+        self.act_bytes = 0
+        self.act_rows = 0
+        self._q = 0
+        self._running = True
+        self.ctx = zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(bind)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(self.stats_bind)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        print(f"dair-bus: {msg}", file=sys.stderr, flush=True)
+
+    def count(self, code: str) -> None:
+        self.counters[code] = self.counters.get(code, 0) + 1
+
+    def send(self, ident: bytes, header: dict[str, Any], buffers: list[Any] = ()) -> None:
+        self.send_frames(ident, P.encode(header, buffers, self.lz4_min))
+
+    def send_frames(self, ident: bytes, frames: list[Any]) -> None:
+        node = self.registry.get(ident)
+        if node is not None:
+            node.msgs_out += 1
+            node.bytes_out += _nbytes(frames)
+        try:
+            self.router.send_multipart([ident, *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.count("send_dropped")
+
+    def reply_error(self, ident: bytes, code: str, msg: str, **extra: Any) -> None:
+        self.count(code)
+        self.send(ident, P.error(code, msg, **extra))
+
+    def next_q(self) -> int:
+        self._q += 1
+        return self._q
+
+    def model_info(self) -> dict[str, Any]:
+        c = self.model.config
+        return {"path": str(self.model.path), "name": os.path.basename(str(self.model.path)),
+                "fingerprint": self.model.fingerprint, "n_layers": c.n_layers, "dim": c.dim,
+                "vocab_size": c.vocab_size, "context_length": c.context_length,
+                "max_context": self.max_context, "eos_ids": sorted(self.eos_ids),
+                "bos_id": getattr(self.tok, "bos_id", None)}
+
+    # --- loop ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        next_hb = next_stats = time.monotonic()
+        while self._running:
+            wait = max(0.0, min(next_hb, next_stats) - time.monotonic())
+            if poller.poll(min(wait, 0.2) * 1000):
+                for _ in range(1000):  # bounded drain, so timers still run under a flood
+                    try:
+                        frames = self.router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.on_frames(frames)
+            now = time.monotonic()
+            if now >= next_hb:
+                self.heartbeat(now)
+                next_hb = now + self.hb_s
+            if now >= next_stats:
+                self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": "stats", **self.stats()}, (), 0)[0]])
+                next_stats = now + self.stats_s
+        self.router.close(linger=0)
+        self.pub.close(linger=0)
+
+    def heartbeat(self, now: float) -> None:
+        for node in self.registry.expire(now, self.hb_s * self.liveness):
+            self.log(f"stage {node.name} ({fmt_span(node.first, node.last)}) silent for "
+                     f"{now - node.last_seen:.1f}s: declared dead")
+            self.fail_running(P.E_NOT_READY, f"stage {node.name} ({fmt_span(node.first, node.last)}) died")
+        for node in self.registry.nodes.values():
+            if node.state != DEAD:
+                self.send(node.ident, {"type": P.HEARTBEAT, "t": time.time()})
+
+    def on_frames(self, frames: list[Any]) -> None:
+        ident = bytes(frames[0].buffer)
+        body = frames[1:]
+        node = self.registry.get(ident)
+        if node is not None:
+            node.msgs_in += 1
+            node.bytes_in += _nbytes(body)
+            node.last_seen = time.monotonic()
+        try:
+            header, buffers = P.decode(body, self.max_frame)
+            t = header["type"]
+            allowed = P.STAGE_TO_BUS if node is not None or t == P.REGISTER else P.CLIENT_TO_BUS
+            if t not in allowed:
+                if t in (P.ACT, P.TOKENS):
+                    raise P.ProtocolError(P.E_NOT_REGISTERED, f"{t} from a peer that has not registered")
+                raise P.ProtocolError(P.E_UNKNOWN_TYPE, f"{t!r} is not a message the bus takes from this peer")
+        except P.ProtocolError as e:
+            self.count("bad_frames")
+            self.reply_error(ident, e.code, e.msg)
+            return
+        try:
+            self.dispatch(ident, node, header, buffers, body)
+        except P.ProtocolError as e:
+            self.count("bad_frames")
+            self.reply_error(ident, e.code, e.msg, sid=header.get("sid"),
+                             req=header.get("req") if isinstance(header.get("req"), int) else None)
+
+    def dispatch(self, ident: bytes, node: Node | None, h: dict[str, Any], buffers: list[Any],
+                 body: list[Any]) -> None:
+        t = h["type"]
+        if node is not None or t == P.REGISTER:
+            {P.REGISTER: self.on_register, P.HEARTBEAT: self.on_stage_heartbeat, P.ACT: self.on_act,
+             P.TOKENS: self.on_tokens, P.ERROR: self.on_stage_error}[t](ident, node, h, body)
+            return
+        handler = {P.HELLO: self.on_hello, P.STATUS: self.on_status, P.GENERATE: self.on_generate,
+                   P.SCORE: self.on_score, P.CANCEL: self.on_cancel, P.SESSION_OPEN: self.on_session_open,
+                   P.SESSION_CLOSE: self.on_session_close, P.HEARTBEAT: None, P.ERROR: None}[t]
+        if handler is not None:
+            handler(ident, h)
+
+    # --- stages -------------------------------------------------------------------------------
+    def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
+        n_layers = self.registry.n_layers
+        where = f"stage {h['name']} (pid {h['pid']} on {h['host']})"
+        if h["fingerprint"] != self.model.fingerprint:
+            msg = (f"{where} has a different model file (fingerprint {h['fingerprint'][:16]}), "
+                   f"the bus serves {self.model.path} (fingerprint {self.model.fingerprint[:16]})")
+            self.log(f"refused: {msg}")
+            self.reply_error(ident, P.E_FINGERPRINT, msg, fatal=True)
+            return
+        if not 0 <= h["first"] <= h["last"] < n_layers:
+            msg = f"{where} asks for layers {h['first']}-{h['last']}; the model has layers 0-{n_layers - 1}"
+            self.log(f"refused: {msg}")
+            self.reply_error(ident, P.E_LAYER, msg, fatal=True)
+            return
+        # The same process registering again (new socket after losing us) replaces its old entry.
+        for old in list(self.registry.nodes.values()):
+            if old.pid == h["pid"] and old.host == h["host"] and old.ident != ident:
+                self.registry.remove(old.ident)
+        clash = self.registry.conflicts(h["first"], h["last"], ignore=ident)
+        if clash:
+            owners = ", ".join(f"{c.name} ({fmt_span(c.first, c.last)})" for c in clash)
+            msg = f"{where} asks for layers {h['first']}-{h['last']}, already owned by {owners}"
+            self.log(f"refused: {msg}")
+            self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
+            return
+        name = node.node if node is not None else self.registry.new_name()
+        new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
+                   last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"])
+        self.registry.add(new)
+        self.send(ident, {"type": P.ASSIGN, "node": name, "first": h["first"], "last": h["last"],
+                          "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+        # A stage that joins late holds no KV: open every session on it and replay from history.
+        for s in self.sessions.values():
+            self.send(ident, {"type": P.OPEN, "sid": s.sid})
+            if s.req is None:
+                s.kv_len = 0
+        self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
+
+    def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
+        assert node is not None
+        if node.state == DEAD and not self.registry.conflicts(node.first, node.last, ignore=ident):
+            self.log(f"stage {node.name} is back")
+        if "state" in h and (node.state != DEAD or not self.registry.conflicts(node.first, node.last, ignore=ident)):
+            node.state = h["state"]
+        st = h.get("stats") or {}
+        node.stage_stats = st
+        node.rss = int(st.get("rss", node.rss) or 0)
+        node.cpu = float(st.get("cpu", node.cpu) or 0.0)
+
+    def on_stage_error(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
+        self.count(f"stage_{h['code']}")
+        sid = h.get("sid")
+        s = self.sessions.get(sid) if sid else None
+        if s is not None and s.req is not None:
+            self.finish_error(s, h["code"], f"{node.name if node else 'stage'}: {h['msg']}")
+        elif not sid:
+            self.log(f"stage {node.name if node else '?'} reports {h['code']}: {h['msg']}")
+
+    def _hop(self, node: Node, q: int, ct: float | None) -> None:
+        sent = self.inflight.pop(q, None)
+        if sent is not None and sent[0] == node.ident:
+            node.hop_s.add(time.perf_counter() - sent[1])
+        if ct is not None:
+            node.compute_s.add(float(ct))
+
+    def on_act(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
+        assert node is not None
+        layer = h["layer"]
+        if layer == 0 or layer >= self.registry.n_layers:
+            raise P.ProtocolError(P.E_LAYER, f"act for layer {layer}: a stage can only pass on to layers "
+                                  f"1-{self.registry.n_layers - 1}")
+        q = h["segs"][0]["q"]
+        self._hop(node, q, h.get("ct"))
+        self.act_bytes += _nbytes(body[1:])
+        self.act_rows += h["shape"][0]
+        self.forward(layer, q, body, h["segs"])
+
+    def forward(self, layer: int, q: int, frames: list[Any], segs: list[dict[str, Any]]) -> None:
+        owner = self.registry.owner(layer)
+        if owner is None:
+            for s in segs:
+                sess = self.sessions.get(s["sid"])
+                if sess is not None and sess.q == s["q"]:
+                    self.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
+            return
+        self.inflight[q] = (owner.ident, time.perf_counter())
+        if len(self.inflight) > 100_000:  # steps whose answer never came (dead stage) must not pile up
+            self.inflight.clear()
+        self.send_frames(owner.ident, frames)
+
+    def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
+        assert node is not None
+        results = h["results"]
+        if results:
+            self._hop(node, results[0].get("q", -1), h.get("ct"))
+        steps = []
+        for r in results:
+            s = self.sessions.get(r["sid"])
+            if s is None or s.req is None or s.q != r.get("q"):
+                continue  # cancelled, closed or superseded
+            try:
+                if s.req.kind == "score":
+                    self.finish_score(s, r)
+                else:
+                    step = self.on_token(s, r)
+                    if step is not None:
+                        steps.append(step)
+            except (KeyError, TypeError, ValueError) as e:
+                self.count(P.E_BAD_FIELD)
+                self.finish_error(s, P.E_BAD_FIELD, f"malformed result from {node.name}: {e}")
+        if steps:
+            self.send_step(steps)
+
+    # --- sessions -----------------------------------------------------------------------------
+    def send_step(self, segs: list[dict[str, Any]]) -> None:
+        n = sum(len(s["ids"]) for s in segs)
+        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": segs}
+        self.forward(0, segs[0]["q"], P.encode(header, (), self.lz4_min), segs)
+
+    def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
+        s.q = self.next_q()
+        return {"sid": s.sid, "pos": pos, "ids": ids, "q": s.q, "out": out, **extra}
+
+    def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
+        if len(self.sessions) >= self.max_sessions:
+            raise P.ProtocolError(P.E_BUSY, f"the bus holds {len(self.sessions)} sessions (max_sessions)")
+        mine = sum(1 for s in self.sessions.values() if s.client == client)
+        if mine >= self.max_per_client:
+            raise P.ProtocolError(P.E_BUSY, f"this client holds {mine} sessions (max_sessions_per_client)")
+        merged = dict(self.sampling)
+        merged.update({k: v for k, v in (params or {}).items() if k in PARAM_KEYS})
+        if merged.get("seed") is None:
+            # A seed fixed per session makes a replayed generation sample the same tokens.
+            merged["seed"] = random.getrandbits(31)
+        s = Session(sid=uuid.uuid4().hex[:12], client=client, ephemeral=ephemeral, params=merged)
+        self.sessions[s.sid] = s
+        for node in self.registry.live():
+            self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
+        return s
+
+    def close_session(self, s: Session) -> None:
+        self.sessions.pop(s.sid, None)
+        for node in self.registry.live():
+            self.send(node.ident, {"type": P.CLOSE, "sid": s.sid})
+
+    def client_session(self, ident: bytes, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.client != ident:
+            raise P.ProtocolError(P.E_UNKNOWN_SESSION, f"unknown session {sid!r}")
+        return s
+
+    def require_ready(self) -> None:
+        if not self.registry.ready():
+            raise P.ProtocolError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(self.registry.problems()))
+
+    def encode_prompt(self, h: dict[str, Any]) -> list[int]:
+        try:
+            if "ids" in h:
+                ids = list(h["ids"])
+            elif "text" in h:
+                ids = self.tok.encode(h["text"])
+            else:
+                msgs = h["messages"]
+                if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in msgs):
+                    raise P.ProtocolError(P.E_BAD_FIELD, "messages: each needs 'role' and 'content' strings")
+                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
+        except P.ProtocolError:
+            raise
+        except Exception as e:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"cannot tokenize: {e}") from None
+        vocab = self.model.config.vocab_size
+        if any(i >= vocab for i in ids):
+            raise P.ProtocolError(P.E_BAD_FIELD, f"token id beyond the vocabulary ({vocab})")
+        if not ids:
+            raise P.ProtocolError(P.E_BAD_FIELD, "empty prompt")
+        if len(ids) >= self.max_context:
+            raise P.ProtocolError(P.E_CONTEXT, f"prompt of {len(ids)} tokens does not fit the maximum "
+                                  f"context of {self.max_context} tokens")
+        return ids
+
+    def on_generate(self, ident: bytes, h: dict[str, Any]) -> None:
+        self.require_ready()
+        ids = self.encode_prompt(h)
+        if "sid" in h:
+            s = self.client_session(ident, h["sid"])
+            if s.req is not None:
+                raise P.ProtocolError(P.E_BUSY, f"session {s.sid} is already generating")
+            if h.get("params"):
+                s.params.update({k: v for k, v in h["params"].items() if k in PARAM_KEYS})
+        else:
+            s = self.new_session(ident, h.get("params"), ephemeral=True)
+        max_tokens = int(h.get("max_tokens") or self.default_max_tokens)
+        stop = frozenset(int(i) for i in h["stop_ids"]) if "stop_ids" in h else self.eos_ids
+        keep = min(common_prefix(s.history[:s.kv_len], ids), len(ids) - 1)
+        s.history = list(ids)
+        s.kv_len = keep
+        s.last_active = time.monotonic()
+        s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max(0, max_tokens),
+                        stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids),
+                        n_new_prompt=len(ids) - keep, text=TextStream(self.tok.decode))
+        if max_tokens <= 0:
+            self.finish(s, "length")
+            return
+        self.send_step([self.make_step(s, keep, ids[keep:], "sample", p=dict(s.params))])
+
+    def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
+        req = s.req
+        assert req is not None
+        tok, pos = int(r["id"]), int(r["pos"])
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+        s.kv_len = pos
+        del s.history[pos:]
+        s.history.append(tok)
+        if tok in req.stop_ids:
+            self.finish(s, "eos")
+            return None
+        req.generated.append(tok)
+        s.tokens += 1
+        self.tokens_total += 1
+        piece = req.text.push(tok) if req.text is not None else ""
+        if req.stream:
+            self.send(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
+                                   "text": piece})
+        if len(req.generated) >= req.max_tokens or pos + 1 >= self.max_context:
+            self.finish(s, "length")
+            return None
+        return self.make_step(s, pos, [tok], "sample")
+
+    def timings(self, req: Request) -> dict[str, float]:
+        end = time.perf_counter()
+        first = req.t_first if req.t_first is not None else end
+        prefill_s, decode_s = first - req.t0, end - first
+        n_dec = max(0, len(req.generated) - 1)
+        return {"prefill_s": prefill_s, "decode_s": decode_s,
+                "prefill_tok_s": req.n_new_prompt / prefill_s if prefill_s > 0 else 0.0,
+                "decode_tok_s": n_dec / decode_s if decode_s > 0 and n_dec else 0.0}
+
+    def finish(self, s: Session, stop: str) -> None:
+        req = s.req
+        assert req is not None
+        timings = self.timings(req)
+        s.last_tok_s = timings["decode_tok_s"]
+        s.req, s.q = None, None
+        self.send(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
+                               "ids": req.generated, "text": self.tok.decode(req.generated),
+                               "n_prompt": req.n_prompt, "timings": timings})
+        if s.ephemeral:
+            self.close_session(s)
+
+    def finish_error(self, s: Session, code: str, msg: str) -> None:
+        req = s.req
+        s.req, s.q = None, None
+        if req is not None:
+            self.reply_error(req.client, code, msg, sid=s.sid, req=req.req)
+        if s.ephemeral:
+            self.close_session(s)
+        else:
+            s.kv_len = 0  # what the stages hold is unknown now: replay from history next time
+
+    def fail_running(self, code: str, msg: str) -> None:
+        for s in list(self.sessions.values()):
+            if s.req is not None:
+                self.finish_error(s, code, msg)
+
+    def on_score(self, ident: bytes, h: dict[str, Any]) -> None:
+        self.require_ready()
+        if not 0 < h["top_k"] <= 1000:
+            raise P.ProtocolError(P.E_BAD_FIELD, "score: top_k must be in 1..1000")
+        ids = self.encode_prompt(h)
+        s = self.new_session(ident, None, ephemeral=True)
+        s.history = list(ids)
+        s.req = Request(req=h["req"], client=ident, kind="score", top_k=h["top_k"], n_prompt=len(ids))
+        self.send_step([self.make_step(s, 0, ids, "score", k=h["top_k"])])
+
+    def finish_score(self, s: Session, r: dict[str, Any]) -> None:
+        req = s.req
+        assert req is not None
+        positions = [{"top": top, "logprob_next": lp} for top, lp in zip(r["top"], r["lp"], strict=True)]
+        s.req, s.q = None, None
+        self.send(req.client, {"type": P.SCORED, "req": req.req, "positions": positions})
+        self.close_session(s)
+
+    def on_cancel(self, ident: bytes, h: dict[str, Any]) -> None:
+        s = self.client_session(ident, h["sid"])
+        if s.req is not None and s.req.kind == "generate":
+            self.finish(s, "cancel")
+
+    def on_session_open(self, ident: bytes, h: dict[str, Any]) -> None:
+        s = self.new_session(ident, h.get("params"), ephemeral=False)
+        self.send(ident, {"type": P.OPENED, "req": h["req"], "sid": s.sid})
+
+    def on_session_close(self, ident: bytes, h: dict[str, Any]) -> None:
+        s = self.client_session(ident, h["sid"])
+        if s.req is not None and s.req.kind == "generate":
+            self.finish(s, "cancel")
+        self.close_session(s)
+        self.send(ident, {"type": P.CLOSED, "sid": s.sid, "req": h.get("req")})
+
+    # --- clients ------------------------------------------------------------------------------
+    def on_hello(self, ident: bytes, h: dict[str, Any]) -> None:
+        self.send(ident, {"type": P.WELCOME, "model": self.model_info(),
+                          "stats_port": int(self.stats_bind.rpartition(":")[2])})
+
+    def on_status(self, ident: bytes, h: dict[str, Any]) -> None:
+        self.send(ident, {"type": P.CLUSTER, "req": h["req"], **self.stats()})
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        nodes = sorted(self.registry.nodes.values(), key=lambda n: (n.first, n.name))
+        return {"ready": self.registry.ready(), "problems": self.registry.problems(),
+                "n_layers": self.registry.n_layers, "nodes": [n.to_stats(now) for n in nodes],
+                "sessions": [s.to_stats() for s in self.sessions.values()], "model": self.model_info(),
+                "totals": {"tokens": self.tokens_total, "act_bytes": self.act_bytes, "act_rows": self.act_rows,
+                           "bytes_per_token_hop": self.act_bytes / self.act_rows if self.act_rows else 0.0},
+                "counters": dict(self.counters), "t": time.time()}

@@ -1,0 +1,302 @@
+"""The wire protocol's one source of truth: message types, their fields, framing and validation.
+
+See docs/protocol.md. Every peer (bus, stage, client) encodes with `encode` and decodes with
+`decode`, which validates the header and the buffer lengths before anything else looks at it.
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import lz4.block
+import msgpack
+
+VERSION = 1
+
+# Message types. Stage <-> bus.
+REGISTER = "register"
+ASSIGN = "assign"
+HEARTBEAT = "heartbeat"
+OPEN = "open"
+CLOSE = "close"
+ACT = "act"
+TOKENS = "tokens"
+ERROR = "error"
+# Client <-> bus.
+HELLO = "hello"
+WELCOME = "welcome"
+GENERATE = "generate"
+TOKEN = "token"
+DONE = "done"
+CANCEL = "cancel"
+SESSION_OPEN = "session_open"
+OPENED = "opened"
+SESSION_CLOSE = "session_close"
+CLOSED = "closed"
+SCORE = "score"
+SCORED = "scored"
+STATUS = "status"
+CLUSTER = "cluster"
+# PUB topic.
+STATS_TOPIC = b"stats"
+
+# Error codes (docs/protocol.md, "Validation").
+E_BAD_FRAME = "bad_frame"
+E_VERSION = "version"
+E_UNKNOWN_TYPE = "unknown_type"
+E_MISSING = "missing_field"
+E_BAD_FIELD = "bad_field"
+E_BUFFER = "buffer_length"
+E_TOO_LARGE = "too_large"
+E_UNKNOWN_SESSION = "unknown_session"
+E_LAYER = "layer_range"
+E_NOT_REGISTERED = "not_registered"
+E_FINGERPRINT = "fingerprint"
+E_OVERLAP = "overlap"
+E_NOT_READY = "not_ready"
+E_CONTEXT = "context_full"
+E_BUSY = "busy"
+E_ENGINE = "engine"
+
+DTYPES = ("f32", "f16", "q8_0")
+WIRE_DTYPES = DTYPES
+OUT_KINDS = ("sample", "score", "none")
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_LIST = (list, tuple)
+_MAP = (dict,)
+_BOOL = (bool,)
+_ANY = (object,)
+
+# type -> {field: (accepted python types, required)}. "v" and "type" are implied.
+SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    REGISTER: {"name": (_STR, True), "first": (_INT, True), "last": (_INT, True),
+               "n_layers": (_INT, True), "fingerprint": (_STR, True), "host": (_STR, True),
+               "pid": (_INT, True), "rss": (_INT, True), "threads": (_INT, True),
+               "wire": (_STR, True), "state": (_STR, True)},
+    ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
+             "heartbeat_ms": (_INT, True), "liveness": (_INT, True)},
+    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False)},
+    OPEN: {"sid": (_STR, True)},
+    CLOSE: {"sid": (_STR, True)},
+    ACT: {"layer": (_INT, True), "dtype": (_STR, True), "shape": (_LIST, True),
+          "segs": (_LIST, True), "ct": (_NUM, False)},
+    TOKENS: {"results": (_LIST, True), "ct": (_NUM, False)},
+    ERROR: {"code": (_STR, True), "msg": (_STR, True), "sid": (_STR, False),
+            "req": (_INT, False), "fatal": (_BOOL, False)},
+    HELLO: {"name": (_STR, False)},
+    WELCOME: {"model": (_MAP, True), "stats_port": (_INT, True)},
+    GENERATE: {"req": (_INT, True), "sid": (_STR, False), "ids": (_LIST, False),
+               "text": (_STR, False), "messages": (_LIST, False), "params": (_MAP, False),
+               "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False)},
+    TOKEN: {"req": (_INT, True), "sid": (_STR, True), "id": (_INT, True), "pos": (_INT, True),
+            "text": (_STR, True)},
+    DONE: {"req": (_INT, True), "sid": (_STR, True), "stop": (_STR, True), "ids": (_LIST, True),
+           "text": (_STR, True), "n_prompt": (_INT, True), "timings": (_MAP, True)},
+    CANCEL: {"sid": (_STR, True)},
+    SESSION_OPEN: {"req": (_INT, True), "params": (_MAP, False)},
+    OPENED: {"req": (_INT, True), "sid": (_STR, True)},
+    SESSION_CLOSE: {"sid": (_STR, True), "req": (_INT, False)},
+    CLOSED: {"sid": (_STR, True), "req": (_INT, False)},
+    SCORE: {"req": (_INT, True), "top_k": (_INT, True), "ids": (_LIST, False), "text": (_STR, False)},
+    SCORED: {"req": (_INT, True), "positions": (_LIST, True)},
+    STATUS: {"req": (_INT, True)},
+    CLUSTER: {"req": (_INT, True), "ready": (_BOOL, True), "problems": (_LIST, True),
+              "nodes": (_LIST, True), "sessions": (_LIST, True), "model": (_MAP, True),
+              "counters": (_MAP, True)},
+}
+
+# Which peer may send which type to the bus (anything else is `unknown_type` for that peer).
+STAGE_TO_BUS = frozenset({REGISTER, HEARTBEAT, ACT, TOKENS, ERROR})
+CLIENT_TO_BUS = frozenset({HELLO, GENERATE, CANCEL, SESSION_OPEN, SESSION_CLOSE, SCORE, STATUS,
+                           HEARTBEAT, ERROR})
+BUS_TO_STAGE = frozenset({ASSIGN, HEARTBEAT, OPEN, CLOSE, ACT, ERROR})
+
+# Bounds that hold whatever the configuration says (a header is small; ids and results are
+# lz4-compressed above lz4_min_bytes).
+MAX_HEADER_BYTES = 4 << 20
+MAX_FRAMES = 4
+
+
+class ProtocolError(Exception):
+    """A message that fails validation; `code` is one of the E_* codes."""
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def row_bytes(dtype: str, dim: int) -> int:
+    """Bytes of one activation row of `dim` values in wire format `dtype`."""
+    if dtype == "f32":
+        return 4 * dim
+    if dtype == "f16":
+        return 2 * dim
+    if dtype == "q8_0":
+        return 34 * (dim // 32)
+    raise ProtocolError(E_BAD_FIELD, f"unknown dtype {dtype!r}")
+
+
+def encode(header: dict[str, Any], buffers: Sequence[Any] = (), lz4_min_bytes: int = 4096) -> list[Any]:
+    """Frames of a message: the msgpack header (lz4-compressed when large) and raw buffers."""
+    body = dict(header)
+    body["v"] = VERSION
+    packed = msgpack.packb(body, use_bin_type=True)
+    if lz4_min_bytes and len(packed) > lz4_min_bytes:
+        rest = {k: v for k, v in body.items() if k not in ("v", "type")}
+        packed = msgpack.packb({"v": VERSION, "type": body["type"],
+                                "z": lz4.block.compress(msgpack.packb(rest, use_bin_type=True))},
+                               use_bin_type=True)
+    return [packed, *buffers]
+
+
+def _buffer_len(frame: Any) -> int:
+    return len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
+
+
+def _frame_bytes(frame: Any) -> bytes | memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else frame
+
+
+def decode(frames: Sequence[Any], max_bytes: int = 64 << 20) -> tuple[dict[str, Any], list[Any]]:
+    """Validate and decode frames (bytes or zmq.Frame) into (header, buffers). Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError(E_BAD_FRAME, "empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(E_BAD_FRAME, f"{len(frames)} frames (at most {MAX_FRAMES})")
+    raw = _frame_bytes(frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(E_TOO_LARGE, f"header of {len(raw)} bytes (at most {MAX_HEADER_BYTES})")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(E_BAD_FRAME, f"frame 0 is not msgpack: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(E_BAD_FRAME, "frame 0 is not a msgpack map")
+    if header.get("v") != VERSION:
+        raise ProtocolError(E_VERSION, f"protocol version {header.get('v')!r}, expected {VERSION}")
+    mtype = header.get("type")
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {mtype!r}")
+    if "z" in header:
+        header = _inflate(header, max_bytes)
+    validate(header)
+    buffers = list(frames[1:])
+    _check_buffers(header, buffers)
+    return header, buffers
+
+
+def _inflate(header: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    z = header["z"]
+    if not isinstance(z, bytes) or len(z) < 4:
+        raise ProtocolError(E_BAD_FIELD, "field 'z' is not an lz4 block")
+    (size,) = struct.unpack_from("<I", z)
+    # Checked before decompressing, so that a forged size cannot make us allocate gigabytes.
+    if size > min(max_bytes, MAX_HEADER_BYTES * 8):
+        raise ProtocolError(E_TOO_LARGE, f"compressed header claims {size} bytes")
+    try:
+        rest = msgpack.unpackb(lz4.block.decompress(z), raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(E_BAD_FIELD, f"field 'z' does not decompress: {type(e).__name__}") from None
+    if not isinstance(rest, dict):
+        raise ProtocolError(E_BAD_FIELD, "field 'z' is not a map")
+    rest.pop("v", None)
+    rest.pop("type", None)
+    return {"v": header["v"], "type": header["type"], **rest}
+
+
+def validate(header: dict[str, Any]) -> None:
+    """Check presence and types of a decoded header's fields (and the shape of act/tokens)."""
+    mtype = header["type"]
+    for name, (types, required) in SCHEMAS[mtype].items():
+        if name not in header or header[name] is None:
+            if required:
+                raise ProtocolError(E_MISSING, f"{mtype}: missing field {name!r}")
+            continue
+        value = header[name]
+        # bool is an int in Python; a bool where an int is expected is a type error on the wire.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(E_BAD_FIELD, f"{mtype}: field {name!r} has type {type(value).__name__}")
+    if mtype == ACT:
+        _validate_act(header)
+    elif mtype == TOKENS:
+        for r in header["results"]:
+            if not isinstance(r, dict) or not isinstance(r.get("sid"), str):
+                raise ProtocolError(E_BAD_FIELD, "tokens: each result needs a 'sid'")
+    elif mtype in (GENERATE, SCORE):
+        _validate_ids(mtype, header.get("ids"))
+        if mtype == GENERATE and sum(k in header for k in ("ids", "text", "messages")) != 1:
+            raise ProtocolError(E_MISSING, "generate: give exactly one of 'ids', 'text', 'messages'")
+        if mtype == SCORE and sum(k in header for k in ("ids", "text")) != 1:
+            raise ProtocolError(E_MISSING, "score: give exactly one of 'ids', 'text'")
+
+
+def _validate_ids(mtype: str, ids: Any) -> None:
+    if ids is None:
+        return
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in ids):
+        raise ProtocolError(E_BAD_FIELD, f"{mtype}: 'ids' must be non-negative integers")
+
+
+def _validate_act(h: dict[str, Any]) -> None:
+    if h["layer"] < 0:
+        raise ProtocolError(E_LAYER, f"act: layer {h['layer']} is negative")
+    shape = h["shape"]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ProtocolError(E_BAD_FIELD, "act: shape must be non-negative integers")
+    if not h["segs"]:
+        raise ProtocolError(E_BAD_FIELD, "act: no segments")
+    total = 0
+    for s in h["segs"]:
+        if not isinstance(s, dict):
+            raise ProtocolError(E_BAD_FIELD, "act: a segment is not a map")
+        for name, types in (("sid", _STR), ("pos", _INT), ("ids", _LIST), ("q", _INT)):
+            if not isinstance(s.get(name), types) or isinstance(s.get(name), bool):
+                raise ProtocolError(E_BAD_FIELD, f"act: segment field {name!r} missing or mistyped")
+        if s["pos"] < 0 or not s["ids"]:
+            raise ProtocolError(E_BAD_FIELD, "act: segment with negative position or no tokens")
+        _validate_ids(ACT, s["ids"])
+        if s.get("out", "none") not in OUT_KINDS:
+            raise ProtocolError(E_BAD_FIELD, f"act: segment 'out' must be one of {OUT_KINDS}")
+        if "k" in s and (not isinstance(s["k"], int) or not 0 < s["k"] <= 1000):
+            raise ProtocolError(E_BAD_FIELD, "act: segment 'k' must be in 1..1000")
+        if "p" in s and not isinstance(s["p"], dict):
+            raise ProtocolError(E_BAD_FIELD, "act: segment 'p' must be a map")
+        total += len(s["ids"])
+    if h["layer"] == 0:
+        if h["dtype"] != "ids" or list(shape) != [total]:
+            raise ProtocolError(E_BAD_FIELD, "act: layer 0 takes dtype 'ids' and shape [n tokens]")
+    else:
+        if h["dtype"] not in DTYPES:
+            raise ProtocolError(E_BAD_FIELD, f"act: dtype {h['dtype']!r} not one of {DTYPES}")
+        if len(shape) != 2 or shape[0] != total or shape[1] <= 0:
+            raise ProtocolError(E_BAD_FIELD, f"act: shape {list(shape)} does not match {total} tokens")
+        if h["dtype"] == "q8_0" and shape[1] % 32:
+            raise ProtocolError(E_BAD_FIELD, "act: q8_0 needs a dim that is a multiple of 32")
+
+
+def _check_buffers(h: dict[str, Any], buffers: list[Any]) -> None:
+    if h["type"] != ACT:
+        if buffers:
+            raise ProtocolError(E_BAD_FRAME, f"{h['type']}: carries no buffers, got {len(buffers)}")
+        return
+    if h["layer"] == 0:
+        if buffers:
+            raise ProtocolError(E_BUFFER, "act: layer 0 carries ids, not a buffer")
+        return
+    if len(buffers) != 1:
+        raise ProtocolError(E_BUFFER, f"act: expected 1 buffer, got {len(buffers)}")
+    n, dim = h["shape"]
+    want = n * row_bytes(h["dtype"], dim)
+    got = _buffer_len(buffers[0])
+    if got != want:
+        raise ProtocolError(E_BUFFER, f"act: buffer of {got} bytes, {h['dtype']} {n}x{dim} needs {want}")
+
+
+def error(code: str, msg: str, **extra: Any) -> dict[str, Any]:
+    """An error header (extra: sid, req, fatal)."""
+    return {"type": ERROR, "code": code, "msg": msg, **{k: v for k, v in extra.items() if v is not None}}

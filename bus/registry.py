@@ -1,0 +1,162 @@
+"""The bus's registry of stages: who owns which layers, who is alive, and whether they tile 0..L-1."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Node states as the TUI shows them.
+LOADING = "loading"
+READY = "ready"
+BUSY = "busy"
+STREAMING = "streaming"
+DEAD = "dead"
+LIVE_STATES = (READY, BUSY, STREAMING)
+
+
+class Samples:
+    """The last few hundred measurements of one quantity, for p50/p95."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._v: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._v.append(value)
+
+    def pct(self, q: float) -> float | None:
+        return float(np.percentile(np.fromiter(self._v, float), q)) if self._v else None
+
+    def __len__(self) -> int:
+        return len(self._v)
+
+
+@dataclass
+class Node:
+    ident: bytes
+    node: str
+    name: str
+    host: str
+    pid: int
+    first: int
+    last: int
+    threads: int
+    wire: str
+    state: str
+    rss: int = 0
+    cpu: float = 0.0
+    last_seen: float = field(default_factory=time.monotonic)
+    msgs_in: int = 0
+    msgs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    hop_s: Samples = field(default_factory=Samples)
+    compute_s: Samples = field(default_factory=Samples)
+    stage_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def to_stats(self, now: float) -> dict[str, Any]:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000.0, 3)
+
+        return {
+            "node": self.node, "name": self.name, "host": self.host, "pid": self.pid,
+            "first": self.first, "last": self.last, "state": self.state, "rss": self.rss,
+            "cpu": self.cpu, "threads": self.threads, "wire": self.wire,
+            "msgs_in": self.msgs_in, "msgs_out": self.msgs_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "hop_ms_p50": ms(self.hop_s.pct(50)), "hop_ms_p95": ms(self.hop_s.pct(95)),
+            "compute_ms_p50": ms(self.compute_s.pct(50)),
+            "heartbeat_age_s": round(now - self.last_seen, 3),
+            "bad_frames": int(self.stage_stats.get("bad_frames", 0)),
+            "sessions": int(self.stage_stats.get("sessions", 0)),
+            "resident_bytes": int(self.stage_stats.get("resident_bytes", 0)),
+        }
+
+
+def _spans(layers: list[int]) -> list[tuple[int, int]]:
+    """[3,4,5,9] -> [(3,5),(9,9)]."""
+    out: list[tuple[int, int]] = []
+    for i in layers:
+        if out and out[-1][1] == i - 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def fmt_span(a: int, b: int) -> str:
+    return f"layer {a}" if a == b else f"layers {a}-{b}"
+
+
+def coverage_problems(ranges: list[tuple[int, int]], n_layers: int) -> list[str]:
+    """Gaps and overlaps of `ranges` against 0..n_layers-1, by layer number; [] when they tile it."""
+    count = [0] * n_layers
+    problems = []
+    for a, b in ranges:
+        if a < 0 or b >= n_layers or a > b:
+            problems.append(f"range {a}-{b} outside the model's layers 0-{n_layers - 1}")
+            continue
+        for i in range(a, b + 1):
+            count[i] += 1
+    problems += [f"{fmt_span(a, b)} not covered" for a, b in _spans([i for i, c in enumerate(count) if c == 0])]
+    problems += [f"{fmt_span(a, b)} owned by more than one stage"
+                 for a, b in _spans([i for i, c in enumerate(count) if c > 1])]
+    return problems
+
+
+class Registry:
+    def __init__(self, n_layers: int) -> None:
+        self.n_layers = n_layers
+        self.nodes: dict[bytes, Node] = {}
+        self._seq = 0
+
+    def new_name(self) -> str:
+        self._seq += 1
+        return f"n{self._seq}"
+
+    def add(self, node: Node) -> None:
+        self.nodes[node.ident] = node
+
+    def get(self, ident: bytes) -> Node | None:
+        return self.nodes.get(ident)
+
+    def remove(self, ident: bytes) -> None:
+        self.nodes.pop(ident, None)
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.state != DEAD]
+
+    def conflicts(self, first: int, last: int, ignore: bytes | None = None) -> list[Node]:
+        return [n for n in self.live() if n.ident != ignore and not (last < n.first or first > n.last)]
+
+    def owner(self, layer: int) -> Node | None:
+        for n in self.nodes.values():
+            if n.live and n.first <= layer <= n.last:
+                return n
+        return None
+
+    def problems(self) -> list[str]:
+        serving = [n for n in self.nodes.values() if n.live]
+        problems = coverage_problems([(n.first, n.last) for n in serving], self.n_layers)
+        problems += [f"{n.name} ({fmt_span(n.first, n.last)}) is {n.state}"
+                     for n in self.nodes.values() if not n.live]
+        return problems
+
+    def ready(self) -> bool:
+        serving = [n for n in self.nodes.values() if n.live]
+        return not coverage_problems([(n.first, n.last) for n in serving], self.n_layers)
+
+    def expire(self, now: float, timeout_s: float) -> list[Node]:
+        """Mark silent nodes dead; return the ones that just died."""
+        died = []
+        for n in self.nodes.values():
+            if n.state != DEAD and now - n.last_seen > timeout_s:
+                n.state = DEAD
+                died.append(n)
+        return died

@@ -1,0 +1,83 @@
+"""Sessions as the bus keeps them: token history, sampling settings, the request in progress.
+
+The history is the source of truth for a session's context: the stages' KV caches hold its
+first `kv_len` positions, and anything beyond can be replayed from it (issue 7's failover).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class TextStream:
+    """Incremental detokenization: the text each new token completes, holding back split UTF-8."""
+
+    def __init__(self, decode: Any) -> None:
+        self._decode = decode
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        text = self._decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted):] if text.startswith(self.emitted) else text
+        self.emitted = text
+        return piece
+
+
+@dataclass
+class Request:
+    req: int
+    client: bytes
+    kind: str  # "generate" | "score"
+    max_tokens: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    stream: bool = True
+    n_prompt: int = 0
+    n_new_prompt: int = 0
+    top_k: int = 0
+    generated: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+
+@dataclass
+class Session:
+    sid: str
+    client: bytes
+    ephemeral: bool
+    params: dict[str, Any]
+    history: list[int] = field(default_factory=list)
+    kv_len: int = 0
+    q: int | None = None  # step in flight; results for any other step are stale
+    req: Request | None = None
+    tokens: int = 0
+    last_tok_s: float = 0.0
+    created: float = field(default_factory=time.monotonic)
+    last_active: float = field(default_factory=time.monotonic)
+
+    @property
+    def state(self) -> str:
+        if self.req is None:
+            return "idle"
+        return "prefill" if self.req.t_first is None else "decode"
+
+    def to_stats(self) -> dict[str, Any]:
+        r = self.req
+        tok_s = self.last_tok_s
+        if r is not None and r.t_first is not None and len(r.generated) > 1:
+            tok_s = (len(r.generated) - 1) / max(1e-9, time.perf_counter() - r.t_first)
+        return {"sid": self.sid, "state": self.state, "tokens": self.tokens, "tok_s": round(tok_s, 2),
+                "context": len(self.history)}

@@ -1,0 +1,256 @@
+"""A stage's compute thread: runs its layer range on the activation messages it is given.
+
+It owns the RangeEngine and the per-session state (next position, token history for the
+repeat penalty, sampling settings). Every `act` waiting in its queue for the same layer is run
+as one `run_layers` call, so the pending decode steps of several sessions become one batched
+matmul. Its answers go to the I/O thread through an inproc socket, which sends them to the bus.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from dair.bus import protocol as P
+from dair.bus import wire
+
+STOP = {"type": "_stop"}
+
+
+@dataclass
+class StageSession:
+    next_pos: int = 0
+    history: list[int] = field(default_factory=list)
+    params: Any = None
+
+
+class Compute(threading.Thread):
+    def __init__(self, ctx: zmq.Context, out_addr: str, model: Any, first: int, last: int, threads: int,
+                 wire_dtype: str, max_batch: int, lz4_min_bytes: int) -> None:
+        super().__init__(name="compute", daemon=True)
+        self.inbox: queue.Queue[tuple[dict[str, Any], list[Any]]] = queue.Queue()
+        self._ctx = ctx
+        self._out_addr = out_addr
+        self.model = model
+        self.first, self.last = first, last
+        self.n_layers = model.config.n_layers
+        self.threads = threads
+        self.wire = wire_dtype
+        self.max_batch = max_batch
+        self.lz4_min_bytes = lz4_min_bytes
+        self.engine: Any = None
+        self.state = "loading"
+        self.sessions: dict[str, StageSession] = {}
+        self.counters: dict[str, int] = {}
+        self.batches = 0
+        self.batched_segments = 0
+        self.max_batch_seen = 0
+        self.compute_s = 0.0
+        self.fatal: str | None = None
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def count(self, code: str) -> None:
+        self.counters[code] = self.counters.get(code, 0) + 1
+
+    def _send(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
+        self._out.send_multipart(P.encode(header, buffers, self.lz4_min_bytes), copy=False)
+
+    def _error(self, code: str, msg: str, sid: str | None = None) -> None:
+        self.count(code)
+        self._send(P.error(code, msg, sid=sid))
+
+    def run(self) -> None:
+        self._out = self._ctx.socket(zmq.PAIR)
+        self._out.connect(self._out_addr)
+        try:
+            self._build(self.first, self.last)
+        except Exception as e:  # a stage that cannot build its engine must say why and stop
+            self.fatal = f"cannot load layers {self.first}-{self.last}: {e}"
+            self.state = "dead"
+            return
+        while True:
+            batch = [self.inbox.get()]
+            while len(batch) < 4 * self.max_batch:
+                try:
+                    batch.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if not self._process(batch):
+                break
+        self._out.close(linger=0)
+
+    def _build(self, first: int, last: int) -> None:
+        from dair.engine.forward import RangeEngine
+
+        self.state = "loading"
+        if self.engine is not None:
+            for sid in list(self.sessions):
+                self.engine.close_session(sid)
+        self.sessions.clear()
+        self.engine = RangeEngine(self.model, first, last, threads=self.threads)
+        self.first, self.last = first, last
+        self.state = "ready"
+
+    # --- message handling --------------------------------------------------------------------
+    def _process(self, batch: list[tuple[dict[str, Any], list[Any]]]) -> bool:
+        acts: list[tuple[dict[str, Any], list[Any]]] = []
+        sids: set[str] = set()
+        for header, buffers in batch:
+            t = header["type"]
+            if t == P.ACT:
+                seg_sids = {s["sid"] for s in header["segs"]}
+                # The same session twice in one run_layers call would see its own future tokens.
+                if acts and (seg_sids & sids or header["layer"] != acts[0][0]["layer"]
+                             or sum(len(h["segs"]) for h, _ in acts) >= self.max_batch):
+                    self._run(acts)
+                    acts, sids = [], set()
+                acts.append((header, buffers))
+                sids |= seg_sids
+                continue
+            if acts:
+                self._run(acts)
+                acts, sids = [], set()
+            if t == "_stop":
+                return False
+            self._control(header)
+        if acts:
+            self._run(acts)
+        return True
+
+    def _control(self, header: dict[str, Any]) -> None:
+        t = header["type"]
+        if t == P.OPEN:
+            sid = header["sid"]
+            if sid in self.sessions:
+                self.engine.close_session(sid)
+            self.engine.open_session(sid)
+            self.sessions[sid] = StageSession()
+        elif t == P.CLOSE:
+            # Idempotent: the bus closes ephemeral sessions on every stage.
+            if self.sessions.pop(header["sid"], None) is not None:
+                self.engine.close_session(header["sid"])
+        elif t == P.ASSIGN:
+            if (header["first"], header["last"]) != (self.first, self.last):
+                try:
+                    self._build(header["first"], header["last"])
+                except Exception as e:
+                    self.fatal = f"cannot load layers {header['first']}-{header['last']}: {e}"
+                    self.state = "dead"
+
+    def _check(self, header: dict[str, Any]) -> tuple[str, str] | None:
+        if header["layer"] != self.first:
+            return P.E_LAYER, f"act for layer {header['layer']}, this stage runs layers {self.first}-{self.last}"
+        if header["layer"] > 0 and header["shape"][1] != self.engine.dim:
+            return P.E_BAD_FIELD, f"act of width {header['shape'][1]}, the model's is {self.engine.dim}"
+        return None
+
+    def _run(self, acts: list[tuple[dict[str, Any], list[Any]]]) -> None:
+        good: list[tuple[dict[str, Any], list[Any]]] = []
+        for header, buffers in acts:
+            problem = self._check(header)
+            if problem:
+                self._error(*problem, sid=header["segs"][0]["sid"])
+                continue
+            bad = self._check_sessions(header["segs"])
+            if bad:
+                continue
+            good.append((header, buffers))
+        if not good:
+            return
+        segs = [s for h, _ in good for s in h["segs"]]
+        t0 = time.perf_counter()
+        try:
+            for s in segs:
+                st = self.sessions[s["sid"]]
+                if s["pos"] < st.next_pos:
+                    self.engine.truncate_session(s["sid"], s["pos"])
+            if good[0][0]["layer"] == 0:
+                ids = np.fromiter((i for s in segs for i in s["ids"]), dtype=np.int32)
+                x = self.engine.embed(ids)
+            else:
+                parts = [wire.unpack(b[0], h["dtype"], h["shape"][0], h["shape"][1]) for h, b in good]
+                x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                # Received f32 rows are a read-only view of the frame; the engine may write in place.
+                x = np.require(x, np.float32, ["C", "W"])
+            y = self.engine.run_layers(
+                x, [(s["sid"], np.arange(s["pos"], s["pos"] + len(s["ids"]), dtype=np.int32)) for s in segs])
+            for s in segs:
+                st = self.sessions[s["sid"]]
+                st.next_pos = s["pos"] + len(s["ids"])
+                if self.engine.has_head:
+                    del st.history[s["pos"]:]
+                    st.history.extend(s["ids"])
+            if self.engine.has_head:
+                results = self._head(y, segs)
+        except Exception as e:
+            traceback.print_exc()
+            for s in segs:
+                self._error(P.E_ENGINE, f"{type(e).__name__}: {e}", sid=s["sid"])
+            return
+        ct = time.perf_counter() - t0
+        self.compute_s += ct
+        self.batches += 1
+        self.batched_segments += len(segs)
+        self.max_batch_seen = max(self.max_batch_seen, len(segs))
+        if self.engine.has_head:
+            self._send({"type": P.TOKENS, "results": results, "ct": ct})
+        else:
+            self._send({"type": P.ACT, "layer": self.last + 1, "dtype": self.wire,
+                        "shape": [int(y.shape[0]), int(y.shape[1])], "segs": segs, "ct": ct},
+                       [wire.pack(y, self.wire)])
+
+    def _check_sessions(self, segs: list[dict[str, Any]]) -> bool:
+        for s in segs:
+            st = self.sessions.get(s["sid"])
+            if st is None:
+                self._error(P.E_UNKNOWN_SESSION, f"unknown session {s['sid']!r}", sid=s["sid"])
+                return True
+            if s["pos"] > st.next_pos:
+                self._error(P.E_BAD_FIELD, f"session {s['sid']!r}: position {s['pos']} after a gap "
+                            f"(this stage holds {st.next_pos} positions)", sid=s["sid"])
+                return True
+            if s["pos"] + len(s["ids"]) > self.model.config.context_length:
+                self._error(P.E_CONTEXT, f"session {s['sid']!r}: position {s['pos'] + len(s['ids'])} "
+                            f"beyond the model's context {self.model.config.context_length}", sid=s["sid"])
+                return True
+        return False
+
+    def _head(self, y: np.ndarray, segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from dair.engine.sampling import SamplingParams, sample_token, top_logits
+
+        results: list[dict[str, Any]] = []
+        rows, offset = [], 0
+        for s in segs:
+            n = len(s["ids"])
+            if "p" in s:
+                self.sessions[s["sid"]].params = SamplingParams.from_dict(s["p"])
+            if s.get("out") == "sample":
+                rows.append(offset + n - 1)
+            offset += n
+        logits = self.engine.head(y[rows]) if rows else None
+        offset, r = 0, 0
+        for s in segs:
+            n, sid, out = len(s["ids"]), s["sid"], s.get("out", "none")
+            if out == "sample":
+                st = self.sessions[sid]
+                params = st.params if st.params is not None else SamplingParams()
+                pos = s["pos"] + n
+                tok = int(sample_token(logits[r], params, st.history, pos))
+                r += 1
+                results.append({"sid": sid, "q": s["q"], "pos": pos, "id": tok})
+            elif out == "score":
+                lg = self.engine.head(y[offset:offset + n])
+                targets = np.array(s["ids"][1:] + [0], dtype=np.int32)
+                top, lp = top_logits(lg, int(s.get("k", 5)), targets)
+                lps: list[float | None] = [float(v) for v in lp]
+                lps[-1] = None
+                results.append({"sid": sid, "q": s["q"], "pos": s["pos"],
+                                "top": [[[int(i), float(v)] for i, v in row] for row in top], "lp": lps})
+            offset += n
+        return results
