@@ -1,0 +1,57 @@
+# cython: language_level=3
+"""Elementwise kernels of the feed-forward block."""
+include "_common.pxi"
+
+from cython.parallel cimport prange
+from libc.math cimport expf
+
+
+cdef inline void _silu_mul_span(float* g, const float* u, Py_ssize_t m) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef float v
+    for j in range(m):
+        v = g[j]
+        g[j] = v / (1.0 + expf(-v)) * u[j]
+
+
+cdef inline void _add_span(float* x, const float* y, Py_ssize_t m) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(m):
+        x[j] = x[j] + y[j]
+
+
+def silu_mul(gate, up):
+    """gate = silu(gate) * up, in place; both float32[n, h]. Returns gate."""
+    _check(gate, "gate", cnp.NPY_FLOAT32, 2, True)
+    _check(up, "up", cnp.NPY_FLOAT32, 2, False)
+    if _dim(up, 0) != _dim(gate, 0) or _dim(up, 1) != _dim(gate, 1):
+        raise ValueError(f"up: expected shape {gate.shape}, got {up.shape}")
+    if gate is not up:
+        _no_overlap(gate, up, "gate", "up")
+    cdef Py_ssize_t n = _dim(gate, 0), h = _dim(gate, 1), i
+    cdef float* gp = <float*>_data(gate)
+    cdef const float* up_ = <const float*>_data(up)
+    cdef int nt = _nthreads(<double>n * h * 16.0, 64 * 1024.0)
+    with nogil:
+        if nt == 1:
+            _silu_mul_span(gp, up_, n * h)
+        else:
+            for i in prange(n, num_threads=nt, schedule="static"):
+                _silu_mul_span(gp + i * h, up_ + i * h, h)
+    return gate
+
+
+def add_inplace(x, y):
+    """x += y for float32 arrays of the same shape (any rank, C-contiguous). Returns x."""
+    if not cnp.PyArray_Check(x) or not cnp.PyArray_Check(y):
+        raise ValueError("add_inplace: x and y must be numpy arrays")
+    _check(x, "x", cnp.NPY_FLOAT32, cnp.PyArray_NDIM(<cnp.ndarray>x), True)
+    _check(y, "y", cnp.NPY_FLOAT32, cnp.PyArray_NDIM(<cnp.ndarray>x), False)
+    if x.shape != y.shape:
+        raise ValueError(f"y: expected shape {x.shape}, got {y.shape}")
+    cdef Py_ssize_t m = cnp.PyArray_SIZE(<cnp.ndarray>x)
+    cdef float* xp = <float*>_data(x)
+    cdef const float* yp = <const float*>_data(y)
+    with nogil:
+        _add_span(xp, yp, m)
+    return x

@@ -1,0 +1,90 @@
+# cython: language_level=3
+"""Causal grouped-query attention of new queries against a KV cache.
+
+Query i attends to cache rows 0..positions[i] inclusive (the caller has already
+written this step's keys and values there); query head h reads kv head
+h // (n_heads // n_kv). Softmax in float32 with the maximum subtracted. The
+cache may be float32 or float16 (converted on the fly, F16C when available).
+"""
+include "_common.pxi"
+
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+cdef extern from "attn.h" nogil:
+    void dair_attn_head(const float* q, const void* kc, const void* vc, int f16, size_t row_stride, int kvh,
+                        int hd, int npos, float scale, float* out, float* sc)
+
+
+def attention(q, k_cache, v_cache, positions, out=None, scale=None):
+    """q float32[n, n_heads, hd]; k_cache, v_cache float32|float16[cap, n_kv, hd]; positions int32[n].
+    Returns out float32[n, n_heads, hd]."""
+    _check(q, "q", cnp.NPY_FLOAT32, 3, False)
+    _check(positions, "positions", cnp.NPY_INT32, 1, False)
+    if not cnp.PyArray_Check(k_cache) or not cnp.PyArray_Check(v_cache):
+        raise ValueError("k_cache and v_cache must be numpy arrays")
+    cdef int kt = cnp.PyArray_TYPE(<cnp.ndarray>k_cache)
+    if kt != cnp.NPY_FLOAT32 and kt != cnp.NPY_FLOAT16:
+        raise ValueError(f"k_cache: expected dtype float32 or float16, got {k_cache.dtype}")
+    _check(k_cache, "k_cache", kt, 3, False)
+    _check(v_cache, "v_cache", kt, 3, False)
+    cdef Py_ssize_t n = _dim(q, 0), H = _dim(q, 1), hd = _dim(q, 2)
+    cdef Py_ssize_t cap = _dim(k_cache, 0), KV = _dim(k_cache, 1)
+    if _dim(k_cache, 2) != hd:
+        raise ValueError(f"k_cache: head_dim {_dim(k_cache, 2)} != q head_dim {hd}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: expected shape {k_cache.shape}, got {v_cache.shape}")
+    if KV < 1 or H % KV:
+        raise ValueError(f"n_heads {H} is not a multiple of n_kv {KV}")
+    if _dim(positions, 0) != n:
+        raise ValueError(f"positions: expected shape ({n},), got {positions.shape}")
+    cdef const int32_t* pp = <const int32_t*>_data(positions)
+    cdef Py_ssize_t i, maxpos = -1, bad = -1
+    cdef double work = 0.0
+    with nogil:
+        for i in range(n):
+            if pp[i] < 0 or pp[i] >= cap:
+                bad = i
+                break
+            if pp[i] > maxpos:
+                maxpos = pp[i]
+            work += pp[i] + 1.0
+    if bad >= 0:
+        raise ValueError(f"positions[{bad}] = {pp[bad]} outside the cache [0, {cap})")
+    if out is None:
+        out = cnp.PyArray_EMPTY(3, cnp.PyArray_DIMS(<cnp.ndarray>q), cnp.NPY_FLOAT32, 0)
+    else:
+        _check(out, "out", cnp.NPY_FLOAT32, 3, True)
+        if out.shape != q.shape:
+            raise ValueError(f"out: expected shape {q.shape}, got {out.shape}")
+        _no_overlap(out, q, "out", "q")
+        _no_overlap(out, k_cache, "out", "k_cache")
+        _no_overlap(out, v_cache, "out", "v_cache")
+    cdef float sc = <float>(1.0 / sqrt(<double>hd)) if scale is None else <float>scale
+    cdef const float* qp = <const float*>_data(q)
+    cdef const void* kp = _data(k_cache)
+    cdef const void* vp = _data(v_cache)
+    cdef float* op = <float*>_data(out)
+    cdef int f16 = kt == cnp.NPY_FLOAT16
+    cdef Py_ssize_t group = H // KV, ntask = n * H, task
+    cdef size_t stride = <size_t>(KV * hd)
+    cdef int nt = _nthreads(work * H * hd * 8.0, 64 * 1024.0)
+    cdef size_t per = <size_t>(maxpos + 1)
+    # One scores row per thread, allocated up front so no thread can fail alone.
+    cdef float* scratch = <float*>malloc(per * nt * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError("attention: out of memory for scores")
+    with nogil:
+        if nt == 1:
+            for task in range(ntask):
+                dair_attn_head(qp + task * hd, kp, vp, f16, stride, <int>((task % H) // group), <int>hd,
+                               pp[task // H] + 1, sc, op + task * hd, scratch)
+        else:
+            # Round-robin: causal rows grow with position, so contiguous blocks would be unbalanced.
+            for task in prange(ntask, num_threads=nt, schedule="static", chunksize=1):
+                dair_attn_head(qp + task * hd, kp, vp, f16, stride, <int>((task % H) // group), <int>hd,
+                               pp[task // H] + 1, sc, op + task * hd,
+                               scratch + per * openmp.omp_get_thread_num())
+    free(scratch)
+    return out

@@ -1,0 +1,125 @@
+/* GGUF weight block layouts: the single place dair states them.
+ *
+ * Every quantized type packs 32 consecutive values of a row into one block;
+ * a row of `cols` values is cols/32 blocks laid end to end, rows end to end.
+ * dair.ops.matmul.BLOCK_LAYOUTS exposes (values per block, bytes per block)
+ * from the sizeof() below so that dair.model.qtypes can check it agrees.
+ *
+ *   Q8_0  fp16 d, int8 qs[32]                value j = qs[j] * d
+ *   Q4_0  fp16 d, uint8 qs[16]               value j = ((qs[j] & 15) - 8) * d,
+ *                                            value j+16 = ((qs[j] >> 4) - 8) * d
+ *   Q4_1  fp16 d, fp16 m, uint8 qs[16]       value j = (qs[j] & 15) * d + m,
+ *                                            value j+16 = (qs[j] >> 4) * d + m
+ *   F16   one IEEE half per value; F32 one float per value.
+ */
+#ifndef DAIR_BLOCKS_H
+#define DAIR_BLOCKS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define DAIR_QK 32
+
+typedef struct {
+    uint16_t d;
+    int8_t qs[DAIR_QK];
+} dair_block_q8_0;
+
+typedef struct {
+    uint16_t d;
+    uint8_t qs[DAIR_QK / 2];
+} dair_block_q4_0;
+
+typedef struct {
+    uint16_t d;
+    uint16_t m;
+    uint8_t qs[DAIR_QK / 2];
+} dair_block_q4_1;
+
+/* The structs must have no padding: they are overlaid on mmap'ed file bytes. */
+_Static_assert(sizeof(dair_block_q8_0) == 34, "Q8_0 block must be 34 bytes");
+_Static_assert(sizeof(dair_block_q4_0) == 18, "Q4_0 block must be 18 bytes");
+_Static_assert(sizeof(dair_block_q4_1) == 20, "Q4_1 block must be 20 bytes");
+
+enum { DAIR_F32 = 0, DAIR_F16 = 1, DAIR_Q8_0 = 2, DAIR_Q4_0 = 3, DAIR_Q4_1 = 4 };
+
+static const int dair_block_values[5] = {1, 1, DAIR_QK, DAIR_QK, DAIR_QK};
+static const int dair_block_bytes[5] = {4, 2, (int)sizeof(dair_block_q8_0), (int)sizeof(dair_block_q4_0),
+                                        (int)sizeof(dair_block_q4_1)};
+
+/* ---- IEEE half <-> float ------------------------------------------------ */
+
+/* Portable conversions (round to nearest even), used where F16C is absent and
+ * by the scalar fallback so it does not depend on the instruction set. */
+static inline float dair_fp16_to_fp32_soft(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1Fu;
+    uint32_t man = h & 0x3FFu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal half: renormalise */
+            exp = 127 - 15 + 1;
+            while ((man & 0x400u) == 0) {
+                man <<= 1;
+                exp--;
+            }
+            man &= 0x3FFu;
+            bits = sign | (exp << 23) | (man << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t dair_fp32_to_fp16_soft(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t ax = x & 0x7FFFFFFFu;
+    if (ax >= 0x7F800000u) /* inf or nan */
+        return (uint16_t)(sign | 0x7C00u | (ax > 0x7F800000u ? 0x200u : 0));
+    if (ax >= 0x477FF000u) /* rounds to >= 65520: overflow to inf */
+        return (uint16_t)(sign | 0x7C00u);
+    if (ax < 0x38800000u) { /* below the smallest normal half: subnormal or zero */
+        if (ax < 0x33000000u)
+            return (uint16_t)sign;
+        uint32_t e = ax >> 23;
+        uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
+        uint32_t shift = 126 - e; /* 14..24 */
+        uint32_t half = m >> shift;
+        uint32_t rem = m & ((1u << shift) - 1);
+        uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1)))
+            half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t r = ax + 0xC8000FFFu + ((ax >> 13) & 1); /* rebias exponent, round to nearest even */
+    return (uint16_t)(sign | (r >> 13));
+}
+
+#if defined(__F16C__)
+static inline float dair_fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t dair_fp32_to_fp16(float f) { return (uint16_t)_cvtss_sh(f, 0); }
+#else
+static inline float dair_fp16_to_fp32(uint16_t h) { return dair_fp16_to_fp32_soft(h); }
+static inline uint16_t dair_fp32_to_fp16(float f) { return dair_fp32_to_fp16_soft(f); }
+#endif
+
+static inline uint16_t dair_load_u16(const void *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+#endif

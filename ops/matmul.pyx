@@ -1,0 +1,251 @@
+# cython: language_level=3
+"""Weight matrices in their GGUF encoding and their products with float32 activations.
+
+`Weight(raw, qtype, rows, cols)` wraps the raw bytes of a rows x cols matrix
+(a zero-copy view into the read-only model map; never written, never copied).
+`Weight.matmul(x)` computes x @ W.T. For Q8_0/Q4_0/Q4_1 weights the default
+(`act_q8=True`) quantizes each row of x to 8-bit blocks of 32 exactly as
+llama.cpp does and sums integer block dot products (the fast path, and what
+llama.cpp's logits are made of); `act_q8=False` dequantizes each weight block
+to float and does a float dot product (exact up to float32 summation order).
+F32/F16 weights always use float x.
+
+Block layouts are stated in blocks.h; BLOCK_LAYOUTS below is read from it.
+"""
+include "_common.pxi"
+
+from cython.parallel cimport prange
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+cdef extern from "qdot.h" nogil:
+    ctypedef struct dair_act:
+        int n
+        int cols
+        int nb
+        int8_t* q
+        float* d
+        float* s
+    enum:
+        DAIR_F32
+        DAIR_F16
+        DAIR_Q8_0
+        DAIR_Q4_0
+        DAIR_Q4_1
+        DAIR_QK
+    const int* dair_block_values
+    const int* dair_block_bytes
+    int dair_simd_enabled
+    const char* dair_simd_name()
+    int dair_simd_compiled()
+    void dair_quantize_act_row(const float* x, int cols, int qtype, int8_t* q, float* d, float* s)
+    void dair_dequant_row(const uint8_t* src, int qtype, int cols, float* dst)
+    void dair_mm_float(const uint8_t* w, size_t rb, int qtype, int cols, int r0, int r1, const float* x, int n,
+                       float* out, size_t ldo, float* scratch)
+    void dair_mm_q(const uint8_t* w, size_t rb, int qtype, int r0, int r1, const dair_act* a, float* out,
+                   size_t ldo)
+
+_QT_NAMES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+_QT_CODES = {name: i for i, name in enumerate(_QT_NAMES)}
+
+#: qtype -> (values per block, bytes per block), from the C structs in blocks.h.
+BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name in enumerate(_QT_NAMES)}
+
+# Weight bytes (plus activation work) below which a product runs on one thread:
+# an OpenMP region costs a few microseconds, as much as reading ~64 KB.
+cdef double _PAR_MIN_BYTES = 48 * 1024.0
+
+
+def simd_name() -> str:
+    """Instruction set of the quantized kernels in this build ("avx512vnni", "avx2" or "scalar")."""
+    return dair_simd_name().decode() if dair_simd_enabled else "scalar"
+
+
+def set_simd(bint enabled) -> bool:
+    """Switch the SIMD kernels off (tests run the portable scalar fallback this way); returns the old state.
+
+    Not thread-safe: only for tests and benchmarks."""
+    global dair_simd_enabled
+    cdef bint old = dair_simd_enabled != 0
+    dair_simd_enabled = 1 if (enabled and dair_simd_compiled()) else 0
+    return old
+
+
+cdef int _split_rows(int rows, int nt) noexcept nogil:
+    """Rows per thread, a multiple of 4 so the 4-row SIMD tiles are never split."""
+    cdef int per = (rows + nt - 1) // nt
+    return ((per + 3) // 4) * 4
+
+
+cdef class Weight:
+    """A rows x cols weight matrix in one of F32, F16, Q8_0, Q4_0, Q4_1 (see blocks.h)."""
+
+    cdef readonly object raw
+    cdef readonly int rows
+    cdef readonly int cols
+    cdef readonly str qtype
+    cdef int qt
+    cdef size_t row_bytes
+    cdef const uint8_t* ptr
+
+    def __cinit__(self, raw, str qtype, int rows, int cols):
+        if qtype not in _QT_CODES:
+            raise ValueError(f"Weight: unsupported qtype {qtype!r} (expected one of {', '.join(_QT_NAMES)})")
+        if rows < 1 or cols < 1:
+            raise ValueError(f"Weight: rows and cols must be >= 1, got {rows} x {cols}")
+        if not cnp.PyArray_Check(raw) or cnp.PyArray_TYPE(<cnp.ndarray>raw) != cnp.NPY_UINT8:
+            raise ValueError(f"Weight: raw must be a uint8 numpy array, got {_dtname(raw)}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>raw):
+            raise ValueError("Weight: raw must be C-contiguous")
+        cdef int qt = _QT_CODES[qtype]
+        cdef int bv = dair_block_values[qt]
+        if cols % bv:
+            raise ValueError(f"Weight: {qtype} needs cols divisible by {bv}, got {cols}")
+        cdef size_t rb = <size_t>(cols // bv) * dair_block_bytes[qt]
+        cdef size_t want = rb * <size_t>rows
+        if <size_t>cnp.PyArray_NBYTES(<cnp.ndarray>raw) != want:
+            raise ValueError(f"Weight: {qtype} {rows} x {cols} needs {want} bytes, raw has "
+                             f"{cnp.PyArray_NBYTES(<cnp.ndarray>raw)}")
+        self.raw = raw
+        self.qtype = qtype
+        self.qt = qt
+        self.rows = rows
+        self.cols = cols
+        self.row_bytes = rb
+        self.ptr = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>raw)
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * self.rows
+
+    def __repr__(self) -> str:
+        return f"Weight({self.qtype}, {self.rows} x {self.cols})"
+
+    def matmul(self, x, out=None, bint act_q8=True):
+        """out[n, rows] = x[n, cols] @ W.T (float32). act_q8 selects llama.cpp's 8-bit activation path
+        for quantized weights; it is ignored for F32/F16."""
+        _check(x, "x", cnp.NPY_FLOAT32, 2, False)
+        cdef Py_ssize_t n = _dim(x, 0)
+        if _dim(x, 1) != self.cols:
+            raise ValueError(f"x: expected shape (n, {self.cols}), got {x.shape}")
+        if n < 1:
+            raise ValueError("x: needs at least one row")
+        cdef cnp.npy_intp dims[2]
+        if out is None:
+            dims[0] = n
+            dims[1] = self.rows
+            out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        else:
+            _check(out, "out", cnp.NPY_FLOAT32, 2, True)
+            if _dim(out, 0) != n or _dim(out, 1) != self.rows:
+                raise ValueError(f"out: expected shape ({n}, {self.rows}), got {out.shape}")
+            _no_overlap(out, x, "out", "x")
+        cdef const float* xp = <const float*>_data(x)
+        cdef float* op = <float*>_data(out)
+        cdef int rc
+        with nogil:
+            if act_q8 and self.qt >= DAIR_Q8_0:
+                rc = self._mm_q8(xp, <int>n, op)
+            else:
+                rc = self._mm_float(xp, <int>n, op)
+        if rc:
+            raise MemoryError("matmul: out of memory for scratch buffers")
+        return out
+
+    cdef int _mm_float(self, const float* x, int n, float* out) noexcept nogil:
+        cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 4.0)
+        cdef int nt = _nthreads(work, _PAR_MIN_BYTES)
+        cdef int per = _split_rows(self.rows, nt)
+        cdef int c, r0, r1
+        # One dequantized row per thread, allocated up front so no thread can fail alone.
+        cdef float* scratch = <float*>malloc(<size_t>self.cols * nt * sizeof(float))
+        if scratch == NULL:
+            return 1
+        if nt == 1:
+            dair_mm_float(self.ptr, self.row_bytes, self.qt, self.cols, 0, self.rows, x, n, out, self.rows,
+                          scratch)
+        else:
+            for c in prange(nt, num_threads=nt, schedule="static"):
+                r0 = c * per
+                r1 = r0 + per
+                if r1 > self.rows:
+                    r1 = self.rows
+                if r0 < r1:
+                    dair_mm_float(self.ptr, self.row_bytes, self.qt, self.cols, r0, r1, x, n, out, self.rows,
+                                  scratch + <size_t>c * self.cols)
+        free(scratch)
+        return 0
+
+    cdef int _mm_q8(self, const float* x, int n, float* out) noexcept nogil:
+        cdef dair_act act
+        cdef int nb = self.cols // DAIR_QK
+        cdef int i, c, r0, r1
+        act.n = n
+        act.cols = self.cols
+        act.nb = nb
+        cdef size_t qbytes = ((<size_t>n * self.cols + 63) // 64) * 64
+        cdef char* buf = <char*>malloc(qbytes + <size_t>n * nb * 2 * sizeof(float))
+        if buf == NULL:
+            return 1
+        act.q = <int8_t*>buf
+        act.d = <float*>(buf + qbytes)
+        act.s = act.d + <size_t>n * nb
+        cdef int ntq = _nthreads(<double>n * self.cols * 4.0, _PAR_MIN_BYTES)
+        if ntq == 1:
+            for i in range(n):
+                dair_quantize_act_row(x + <size_t>i * self.cols, self.cols, self.qt, act.q + <size_t>i * self.cols,
+                                      act.d + <size_t>i * nb, act.s + <size_t>i * nb)
+        else:
+            for i in prange(n, num_threads=ntq, schedule="static"):
+                dair_quantize_act_row(x + <size_t>i * self.cols, self.cols, self.qt, act.q + <size_t>i * self.cols,
+                                      act.d + <size_t>i * nb, act.s + <size_t>i * nb)
+        cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 0.5)
+        cdef int nt = _nthreads(work, _PAR_MIN_BYTES)
+        cdef int per = _split_rows(self.rows, nt)
+        if nt == 1:
+            dair_mm_q(self.ptr, self.row_bytes, self.qt, 0, self.rows, &act, out, self.rows)
+        else:
+            for c in prange(nt, num_threads=nt, schedule="static"):
+                r0 = c * per
+                r1 = r0 + per
+                if r1 > self.rows:
+                    r1 = self.rows
+                if r0 < r1:
+                    dair_mm_q(self.ptr, self.row_bytes, self.qt, r0, r1, &act, out, self.rows)
+        free(buf)
+        return 0
+
+    def get_rows(self, ids, out=None):
+        """out[i] = dequantized row ids[i] (embedding lookup); ids int32[n]."""
+        _check(ids, "ids", cnp.NPY_INT32, 1, False)
+        cdef Py_ssize_t n = _dim(ids, 0)
+        cdef cnp.npy_intp dims[2]
+        if out is None:
+            dims[0] = n
+            dims[1] = self.cols
+            out = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
+        else:
+            _check(out, "out", cnp.NPY_FLOAT32, 2, True)
+            if _dim(out, 0) != n or _dim(out, 1) != self.cols:
+                raise ValueError(f"out: expected shape ({n}, {self.cols}), got {out.shape}")
+        cdef const int32_t* ip = <const int32_t*>_data(ids)
+        cdef float* op = <float*>_data(out)
+        cdef Py_ssize_t i, bad = -1
+        with nogil:
+            for i in range(n):
+                if ip[i] < 0 or ip[i] >= self.rows:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise ValueError(f"get_rows: id {ip[bad]} (at index {bad}) out of range [0, {self.rows})")
+        cdef int nt = _nthreads(<double>n * self.row_bytes * 4.0, _PAR_MIN_BYTES)
+        with nogil:
+            if nt == 1:
+                for i in range(n):
+                    dair_dequant_row(self.ptr + <size_t>ip[i] * self.row_bytes, self.qt, self.cols,
+                                     op + <size_t>i * self.cols)
+            else:
+                for i in prange(n, num_threads=nt, schedule="static"):
+                    dair_dequant_row(self.ptr + <size_t>ip[i] * self.row_bytes, self.qt, self.cols,
+                                     op + <size_t>i * self.cols)
+        return out

@@ -1,0 +1,407 @@
+/* dair compute kernels in C, called from Cython with the GIL released.
+ *
+ * Quantized matrix products follow llama.cpp: the activation row is first
+ * quantized to 8-bit blocks of 32 (Q8_0 for Q8_0 weights, Q8_1-style with the
+ * block sum for Q4_0/Q4_1), then each (weight block, activation block) pair is an
+ * integer dot product scaled by the two block scales. The SIMD paths
+ * (AVX-512 VNNI, else AVX2) and the scalar fallback compute the same integers;
+ * only float summation order differs. dair_simd_enabled lets tests run the
+ * scalar code in the same build.
+ */
+#ifndef DAIR_QDOT_H
+#define DAIR_QDOT_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blocks.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DAIR_HAVE_AVX2 1
+#include <immintrin.h>
+#endif
+#if defined(DAIR_HAVE_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__)
+#define DAIR_HAVE_AVX512VNNI 1
+#endif
+
+#define DAIR_INLINE static inline __attribute__((always_inline))
+
+static int dair_simd_enabled = 1;
+
+static const char *dair_simd_name(void) {
+#if defined(DAIR_HAVE_AVX512VNNI)
+    return "avx512vnni";
+#elif defined(DAIR_HAVE_AVX2)
+    return "avx2";
+#else
+    return "scalar";
+#endif
+}
+
+static int dair_simd_compiled(void) {
+#if defined(DAIR_HAVE_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---- quantized activations ---------------------------------------------- */
+
+/* One quantized activation matrix: n rows of cols int8 values, plus per block
+ * the scale d (rounded through fp16 as llama.cpp stores it) and s, whose meaning
+ * depends on the weight type it is made for:
+ *   Q4_1: fp16(d_unrounded * sum(q))   (llama.cpp's Q8_1 "s")
+ *   Q4_0: d * sum(q), lets Q4_0 reuse the Q4_1 kernel with m = -8 d
+ *   Q8_0: unused. */
+typedef struct {
+    int n, cols, nb;
+    int8_t *q;
+    float *d;
+    float *s;
+} dair_act;
+
+/* llama.cpp's runtime (AVX) quantize_row_q8_0/q8_1: id = 127/amax, round half
+ * to even. Differs from the _ref versions only at exact .5 ties. */
+static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q, float *d, float *s) {
+    int nb = cols / DAIR_QK;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + (size_t)b * DAIR_QK;
+        int8_t *qb = q + (size_t)b * DAIR_QK;
+        float amax = 0.0f;
+        int sum = 0;
+#if defined(DAIR_HAVE_AVX512VNNI)
+        if (dair_simd_enabled) {
+            __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+            amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            __m512 vid = _mm512_set1_ps(id);
+            __m512i i0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i i1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)qb, _mm512_cvtepi32_epi8(i0));
+            _mm_storeu_si128((__m128i *)(qb + 16), _mm512_cvtepi32_epi8(i1));
+            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        } else
+#endif
+        {
+            for (int j = 0; j < DAIR_QK; j++) {
+                float a = fabsf(xb[j]);
+                amax = a > amax ? a : amax;
+            }
+            float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            for (int j = 0; j < DAIR_QK; j++) {
+                int v = (int)nearbyintf(xb[j] * id);
+                qb[j] = (int8_t)v;
+                sum += v;
+            }
+        }
+        float dd = amax / 127.0f;
+        float dr = dair_fp16_to_fp32(dair_fp32_to_fp16(dd));
+        d[b] = dr;
+        if (qtype == DAIR_Q4_1)
+            s[b] = dair_fp16_to_fp32(dair_fp32_to_fp16(dd * (float)sum));
+        else if (qtype == DAIR_Q4_0)
+            s[b] = dr * (float)sum;
+        else
+            s[b] = 0.0f;
+    }
+}
+
+/* ---- wire format: GGUF Q8_0 blocks, as ggml's quantize_row_q8_0_ref ------ */
+
+static void dair_quantize_q8_0_ref(const float *x, size_t nvals, uint8_t *outb) {
+    size_t nb = nvals / DAIR_QK;
+    for (size_t b = 0; b < nb; b++) {
+        const float *xb = x + b * DAIR_QK;
+        dair_block_q8_0 blk;
+        float amax = 0.0f;
+        for (int j = 0; j < DAIR_QK; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        float dd = amax / 127.0f;
+        float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        blk.d = dair_fp32_to_fp16(dd);
+        for (int j = 0; j < DAIR_QK; j++)
+            blk.qs[j] = (int8_t)roundf(xb[j] * id);
+        memcpy(outb + b * sizeof(blk), &blk, sizeof(blk));
+    }
+}
+
+/* ---- dequantization ------------------------------------------------------ */
+
+/* One row of `cols` values of type qtype starting at src into dst. */
+static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst) {
+    int nb = cols / DAIR_QK;
+    switch (qtype) {
+    case DAIR_F32:
+        memcpy(dst, src, (size_t)cols * 4);
+        break;
+    case DAIR_F16: {
+        int j = 0;
+#if defined(DAIR_HAVE_AVX2)
+        for (; j + 8 <= cols; j += 8)
+            _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))));
+#endif
+        for (; j < cols; j++)
+            dst[j] = dair_fp16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
+        break;
+    }
+    case DAIR_Q8_0:
+        for (int b = 0; b < nb; b++) {
+            const dair_block_q8_0 *blk = (const dair_block_q8_0 *)(src + (size_t)b * sizeof(dair_block_q8_0));
+            float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
+            for (int j = 0; j < DAIR_QK; j++)
+                dst[b * DAIR_QK + j] = (float)blk->qs[j] * d;
+        }
+        break;
+    case DAIR_Q4_0:
+        for (int b = 0; b < nb; b++) {
+            const dair_block_q4_0 *blk = (const dair_block_q4_0 *)(src + (size_t)b * sizeof(dair_block_q4_0));
+            float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
+            for (int j = 0; j < DAIR_QK / 2; j++) {
+                dst[b * DAIR_QK + j] = (float)((blk->qs[j] & 15) - 8) * d;
+                dst[b * DAIR_QK + j + 16] = (float)((blk->qs[j] >> 4) - 8) * d;
+            }
+        }
+        break;
+    case DAIR_Q4_1:
+        for (int b = 0; b < nb; b++) {
+            const dair_block_q4_1 *blk = (const dair_block_q4_1 *)(src + (size_t)b * sizeof(dair_block_q4_1));
+            float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
+            float m = dair_fp16_to_fp32(dair_load_u16(&blk->m));
+            for (int j = 0; j < DAIR_QK / 2; j++) {
+                dst[b * DAIR_QK + j] = (float)(blk->qs[j] & 15) * d + m;
+                dst[b * DAIR_QK + j + 16] = (float)(blk->qs[j] >> 4) * d + m;
+            }
+        }
+        break;
+    }
+}
+
+/* ---- float dot ----------------------------------------------------------- */
+
+static inline float dair_dot_f32(const float *a, const float *b, int n) {
+#if defined(DAIR_HAVE_AVX2)
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 32 <= n; j += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24), s3);
+    }
+    for (; j + 8 <= n; j += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float r = _mm_cvtss_f32(h);
+    for (; j < n; j++)
+        r += a[j] * b[j];
+    return r;
+#else
+    float r = 0.0f;
+    for (int j = 0; j < n; j++)
+        r += a[j] * b[j];
+    return r;
+#endif
+}
+
+/* out[i*ldo + r] for rows [r0, r1), inputs [0, n), float x: dequantize each
+ * row once into scratch (cols floats) and dot it with every input. */
+static void dair_mm_float(const uint8_t *w, size_t rb, int qtype, int cols, int r0, int r1, const float *x, int n,
+                          float *out, size_t ldo, float *scratch) {
+    for (int r = r0; r < r1; r++) {
+        const float *row;
+        if (qtype == DAIR_F32) {
+            row = (const float *)(w + (size_t)r * rb);
+        } else {
+            dair_dequant_row(w + (size_t)r * rb, qtype, cols, scratch);
+            row = scratch;
+        }
+        for (int i = 0; i < n; i++)
+            out[(size_t)i * ldo + r] = dair_dot_f32(row, x + (size_t)i * cols, cols);
+    }
+}
+
+/* ---- quantized dot products: scalar ------------------------------------- */
+
+static float dair_vec_dot_q_scalar(const uint8_t *wrow, int qtype, int nb, const int8_t *q, const float *d,
+                                   const float *s) {
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *qb = q + (size_t)b * DAIR_QK;
+        int sumi = 0;
+        if (qtype == DAIR_Q8_0) {
+            const dair_block_q8_0 *blk = (const dair_block_q8_0 *)(wrow + (size_t)b * sizeof(dair_block_q8_0));
+            for (int j = 0; j < DAIR_QK; j++)
+                sumi += blk->qs[j] * qb[j];
+            acc += (float)sumi * (dair_fp16_to_fp32_soft(dair_load_u16(&blk->d)) * d[b]);
+        } else if (qtype == DAIR_Q4_0) {
+            const dair_block_q4_0 *blk = (const dair_block_q4_0 *)(wrow + (size_t)b * sizeof(dair_block_q4_0));
+            for (int j = 0; j < DAIR_QK / 2; j++)
+                sumi += ((blk->qs[j] & 15) - 8) * qb[j] + ((blk->qs[j] >> 4) - 8) * qb[j + 16];
+            acc += (float)sumi * (dair_fp16_to_fp32_soft(dair_load_u16(&blk->d)) * d[b]);
+        } else {
+            const dair_block_q4_1 *blk = (const dair_block_q4_1 *)(wrow + (size_t)b * sizeof(dair_block_q4_1));
+            for (int j = 0; j < DAIR_QK / 2; j++)
+                sumi += (blk->qs[j] & 15) * qb[j] + (blk->qs[j] >> 4) * qb[j + 16];
+            acc += (float)sumi * (dair_fp16_to_fp32_soft(dair_load_u16(&blk->d)) * d[b]) +
+                   dair_fp16_to_fp32_soft(dair_load_u16(&blk->m)) * s[b];
+        }
+    }
+    return acc;
+}
+
+/* ---- quantized dot products: AVX2 / AVX-512 VNNI -------------------------- */
+
+#if defined(DAIR_HAVE_AVX2)
+
+/* sum over groups of 4 of u8 * s8 into int32 lanes */
+DAIR_INLINE __m256i dair_dot_u8s8(__m256i u, __m256i s) {
+#if defined(DAIR_HAVE_AVX512VNNI)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+DAIR_INLINE float dair_hsum256(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* R weight rows x C activation rows; R, C are constants at every call site so
+ * the accumulator arrays live in registers. Q4_0 runs as Q4_1 with m = -8 d
+ * (the activation's s is then d * sum(q)), which keeps nibbles unsigned for
+ * the u8 x s8 dot. */
+DAIR_INLINE void dair_tile_q4(const uint8_t *w, size_t rb, int is_q41, int R, int C, const dair_act *a, int i0,
+                              float *out, size_t ldo, int r0) {
+    const int nb = a->nb;
+    const size_t bs = is_q41 ? sizeof(dair_block_q4_1) : sizeof(dair_block_q4_0);
+    const size_t qoff = is_q41 ? 4 : 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[4][4];
+    float sm[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            acc[r][c] = _mm256_setzero_ps();
+            sm[r][c] = 0.0f;
+        }
+    for (int b = 0; b < nb; b++) {
+        __m256i wv[4];
+        float dw[4], mw[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bs;
+            __m128i raw = _mm_loadu_si128((const __m128i *)(blk + qoff));
+            wv[r] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+            dw[r] = _cvtsh_ss(dair_load_u16(blk));
+            mw[r] = is_q41 ? _cvtsh_ss(dair_load_u16(blk + 2)) : -8.0f * dw[r];
+        }
+        for (int c = 0; c < C; c++) {
+            size_t ai = (size_t)(i0 + c);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + ai * a->cols + (size_t)b * DAIR_QK));
+            float dx = a->d[ai * nb + b], sx = a->s[ai * nb + b];
+            for (int r = 0; r < R; r++) {
+                __m256i p = dair_dot_u8s8(wv[r], xv);
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[r][c]);
+                sm[r][c] += mw[r] * sx;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            out[(size_t)(i0 + c) * ldo + r0 + r] = dair_hsum256(acc[r][c]) + sm[r][c];
+}
+
+/* Q8_0 x Q8_0: signed x signed, via |w| (u8) and x with w's sign (s8). */
+DAIR_INLINE void dair_tile_q8(const uint8_t *w, size_t rb, int R, int C, const dair_act *a, int i0, float *out,
+                              size_t ldo, int r0) {
+    const int nb = a->nb;
+    const size_t bs = sizeof(dair_block_q8_0);
+    __m256 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            acc[r][c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv[4], aw[4];
+        float dw[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bs;
+            wv[r] = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            aw[r] = _mm256_sign_epi8(wv[r], wv[r]);
+            dw[r] = _cvtsh_ss(dair_load_u16(blk));
+        }
+        for (int c = 0; c < C; c++) {
+            size_t ai = (size_t)(i0 + c);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(a->q + ai * a->cols + (size_t)b * DAIR_QK));
+            float dx = a->d[ai * nb + b];
+            for (int r = 0; r < R; r++) {
+                __m256i p = dair_dot_u8s8(aw[r], _mm256_sign_epi8(xv, wv[r]));
+                acc[r][c] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), _mm256_cvtepi32_ps(p), acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            out[(size_t)(i0 + c) * ldo + r0 + r] = dair_hsum256(acc[r][c]);
+}
+
+#define DAIR_TILE_FN(R, C)                                                                                      \
+    static void dair_tile_##R##x##C(const uint8_t *w, size_t rb, int qtype, const dair_act *a, int i0,           \
+                                    float *out, size_t ldo, int r0) {                                            \
+        if (qtype == DAIR_Q8_0)                                                                                  \
+            dair_tile_q8(w, rb, R, C, a, i0, out, ldo, r0);                                                      \
+        else if (qtype == DAIR_Q4_1)                                                                             \
+            dair_tile_q4(w, rb, 1, R, C, a, i0, out, ldo, r0);                                                   \
+        else                                                                                                     \
+            dair_tile_q4(w, rb, 0, R, C, a, i0, out, ldo, r0);                                                   \
+    }
+DAIR_TILE_FN(4, 1)
+DAIR_TILE_FN(4, 4)
+DAIR_TILE_FN(1, 1)
+DAIR_TILE_FN(1, 4)
+#endif
+
+/* rows [r0, r1) of a quantized weight times all n quantized activation rows. */
+static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
+                      size_t ldo) {
+    const int n = a->n;
+#if defined(DAIR_HAVE_AVX2)
+    if (dair_simd_enabled) {
+        int r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            const uint8_t *wr = w + (size_t)r * rb;
+            int i = 0;
+            for (; i + 4 <= n; i += 4)
+                dair_tile_4x4(wr, rb, qtype, a, i, out, ldo, r);
+            for (; i < n; i++)
+                dair_tile_4x1(wr, rb, qtype, a, i, out, ldo, r);
+        }
+        for (; r < r1; r++) {
+            const uint8_t *wr = w + (size_t)r * rb;
+            int i = 0;
+            for (; i + 4 <= n; i += 4)
+                dair_tile_1x4(wr, rb, qtype, a, i, out, ldo, r);
+            for (; i < n; i++)
+                dair_tile_1x1(wr, rb, qtype, a, i, out, ldo, r);
+        }
+        return;
+    }
+#endif
+    for (int r = r0; r < r1; r++)
+        for (int i = 0; i < n; i++)
+            out[(size_t)i * ldo + r] = dair_vec_dot_q_scalar(w + (size_t)r * rb, qtype, a->nb,
+                                                             a->q + (size_t)i * a->cols, a->d + (size_t)i * a->nb,
+                                                             a->s + (size_t)i * a->nb);
+}
+
+#endif

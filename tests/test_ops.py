@@ -1,0 +1,413 @@
+"""dair.ops kernels against plain numpy on random inputs.
+
+Weight blocks are made and read by the `gguf` package (gguf.quants), so the
+kernels are checked against an implementation of the GGUF layouts that is not
+dair's own.
+
+Error bounds:
+- float paths (act_q8=False, F32/F16): |y - y_ref| <= 1e-4 * (|x| @ |W|.T) + 1e-6, i.e. float32
+  summation error relative to the magnitude of the terms.
+- act_q8=True: x is rounded to 8-bit blocks with scale d = amax/127 (per 32 values, stored as fp16), so
+  each x value moves by at most d/2 and d itself by a relative 2^-11. Hence
+  |y - y_ref| <= sum over blocks of (amax_b / 254) * sum_b |w| + 2^-10 * (|x| @ |W|.T) + float error.
+  Separately, the result must equal a numpy emulation of llama.cpp's activation quantization to 1e-5.
+"""
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from dair.ops import threads
+from dair.ops.activation import add_inplace, silu_mul
+from dair.ops.attention import attention
+from dair.ops.matmul import BLOCK_LAYOUTS, Weight, set_simd, simd_name
+from dair.ops.norm import rmsnorm
+from dair.ops.rope import rope_inplace
+from dair.ops.wire import dequantize_into, dequantize_q8_0, quantize_q8_0
+
+QTYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]
+QUANTIZED = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+def make_weight(rng, qtype, rows, cols):
+    """Random weight in GGUF encoding: (Weight, raw bytes, dequantized float32 matrix via gguf)."""
+    w = (rng.standard_normal((rows, cols)) * 0.5).astype(np.float32)
+    w[:, : min(cols, 32)] += 0.3  # an off-centre block, so Q4_1's m matters
+    gt = GGMLQuantizationType[qtype]
+    raw = np.ascontiguousarray(quantize(w, gt)).view(np.uint8).reshape(-1)
+    wd = dequantize(raw.reshape(rows, -1), gt).astype(np.float32).reshape(rows, cols)
+    raw.flags.writeable = False  # as the model map is
+    return Weight(raw, qtype, rows, cols), raw, wd
+
+
+def float_bound(x, wd):
+    return 1e-4 * (np.abs(x).astype(np.float64) @ np.abs(wd).T.astype(np.float64)) + 1e-6
+
+
+def q8_bound(x, wd):
+    n, cols = x.shape
+    xb = np.abs(x).reshape(n, cols // 32, 32).max(axis=2)  # amax per block, (n, nb)
+    wb = np.abs(wd).reshape(wd.shape[0], cols // 32, 32).sum(axis=2)  # (rows, nb)
+    return (xb / 254.0) @ wb.T + 2.0**-10 * (np.abs(x) @ np.abs(wd).T) + float_bound(x, wd)
+
+
+def llama_q8(x, qtype):
+    """llama.cpp's runtime activation quantization in numpy: ints q, fp16-rounded d, and s per block."""
+    n, cols = x.shape
+    xb = x.reshape(n, cols // 32, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=2)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(amax == 0, np.float32(0), np.float32(127) / amax).astype(np.float32)
+    q = np.rint(xb * iscale[..., None]).astype(np.int32)  # round half to even, as _mm256_round_ps
+    d = (amax / np.float32(127)).astype(np.float32)
+    dr = d.astype(np.float16).astype(np.float32)
+    s = (d * q.sum(axis=2)).astype(np.float16).astype(np.float32)
+    return q, dr, s
+
+
+def emulate_q8_matmul(x, raw, qtype, rows, cols):
+    """y = x @ W.T the way llama.cpp's vec_dot_{q8_0,q4_0,q4_1}_q8 compute it, in float64."""
+    q, dx, sx = llama_q8(x, qtype)
+    nb = cols // 32
+    bsize = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][1]
+    blocks = raw.reshape(rows, nb, bsize)
+    dw = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if qtype == "Q8_0":
+        wq = blocks[..., 2:].view(np.int8).astype(np.int64)
+    else:
+        off = 4 if qtype == "Q4_1" else 2
+        qs = blocks[..., off:]
+        wq = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int64)
+        if qtype == "Q4_0":
+            wq -= 8
+    sumi = np.einsum("rbj,nbj->nrb", wq, q.astype(np.int64))  # (n, rows, nb)
+    y = (sumi * dw[None] * dx[:, None, :]).sum(axis=2)
+    if qtype == "Q4_1":
+        mw = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        y += (mw[None] * sx[:, None, :]).sum(axis=2)
+    return y
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=[True, False], ids=["simd", "scalar"])
+def simd(request):
+    old = set_simd(request.param)
+    yield request.param
+    set_simd(old)
+
+
+def test_block_layouts_agree_with_gguf():
+    for qt in QTYPES:
+        assert BLOCK_LAYOUTS[qt] == GGML_QUANT_SIZES[GGMLQuantizationType[qt]], qt
+
+
+def test_simd_name():
+    assert simd_name() in ("avx512vnni", "avx2", "scalar")
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (70, 160)])
+def test_matmul_float_path(rng, qtype, rows, cols, simd):
+    w, raw, wd = make_weight(rng, qtype, rows, cols)
+    assert (w.rows, w.cols, w.qtype, w.nbytes) == (rows, cols, qtype, raw.nbytes)
+    for n in (1, 3, 17):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        ref = x.astype(np.float64) @ wd.T.astype(np.float64)
+        y = w.matmul(x, act_q8=False)
+        assert y.shape == (n, rows) and y.dtype == np.float32
+        assert np.all(np.abs(y - ref) <= float_bound(x, wd))
+        if qtype in ("F32", "F16"):  # act_q8 is ignored for float weights
+            np.testing.assert_array_equal(w.matmul(x), y)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED)
+@pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (70, 160), (9, 576)])
+def test_matmul_q8_path(rng, qtype, rows, cols, simd):
+    w, raw, wd = make_weight(rng, qtype, rows, cols)
+    for n in (1, 3, 17):
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        x[0, :32] = 0.0  # an all-zero block (d = 0)
+        y = w.matmul(x)
+        ref = x.astype(np.float64) @ wd.T.astype(np.float64)
+        assert np.all(np.abs(y - ref) <= q8_bound(x, wd)), np.abs(y - ref).max()
+        emu = emulate_q8_matmul(x, raw, qtype, rows, cols)
+        scale = np.abs(x) @ np.abs(wd).T + 1e-6
+        assert np.all(np.abs(y - emu) <= 1e-5 * scale), np.abs(y - emu).max()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matmul_simd_equals_scalar(rng, qtype):
+    w, _, _ = make_weight(rng, qtype, 45, 224)
+    x = rng.standard_normal((6, 224)).astype(np.float32)
+    for act_q8 in (True, False):
+        old = set_simd(True)
+        a = w.matmul(x, act_q8=act_q8)
+        set_simd(False)
+        b = w.matmul(x, act_q8=act_q8)
+        set_simd(old)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matmul_threads_agree(rng, qtype):
+    w, _, _ = make_weight(rng, qtype, 1539, 256)  # big enough to run parallel, rows not a multiple of 4
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    x1 = x[:1].copy()
+    old = threads.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2):
+            threads.set_num_threads(nt)
+            results.append((w.matmul(x), w.matmul(x1), w.matmul(x, act_q8=False)))
+    finally:
+        threads.set_num_threads(old)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_matmul_out_argument(rng):
+    w, _, wd = make_weight(rng, "Q4_1", 20, 64)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    out = np.full((3, 20), np.nan, np.float32)
+    assert w.matmul(x, out=out) is out
+    np.testing.assert_array_equal(out, w.matmul(x))
+    with pytest.raises(ValueError, match="out"):
+        w.matmul(x, out=np.empty((3, 21), np.float32))
+    with pytest.raises(ValueError, match="out"):
+        w.matmul(x, out=np.empty((3, 20), np.float64))
+    big = np.zeros((3, 64), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        w.matmul(big, out=big.reshape(-1)[:60].reshape(3, 20))
+
+
+def test_matmul_rejects_bad_x(rng):
+    w, _, _ = make_weight(rng, "Q8_0", 8, 64)
+    with pytest.raises(ValueError, match="shape"):
+        w.matmul(np.zeros((2, 63), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        w.matmul(np.zeros((2, 64), np.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        w.matmul(np.zeros((64, 2), np.float32).T)
+    with pytest.raises(ValueError, match="dimensions"):
+        w.matmul(np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="numpy array"):
+        w.matmul([[0.0] * 64])
+    with pytest.raises(ValueError, match="at least one row"):
+        w.matmul(np.zeros((0, 64), np.float32))
+
+
+def test_weight_rejects_bad_raw(rng):
+    _, raw, _ = make_weight(rng, "Q4_1", 8, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        Weight(raw[:-1], "Q4_1", 8, 64)
+    with pytest.raises(ValueError, match="bytes"):
+        Weight(raw, "Q4_1", 9, 64)
+    with pytest.raises(ValueError, match="divisible"):
+        Weight(raw, "Q4_1", 8, 48)
+    with pytest.raises(ValueError, match="qtype"):
+        Weight(raw, "Q5_K", 8, 64)
+    with pytest.raises(ValueError, match="uint8"):
+        Weight(raw.view(np.int8), "Q4_1", 8, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        Weight(np.zeros(2 * raw.nbytes, np.uint8)[::2], "Q4_1", 8, 64)
+    with pytest.raises(ValueError, match=">= 1"):
+        Weight(raw, "Q4_1", 0, 64)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_get_rows(rng, qtype):
+    w, _, wd = make_weight(rng, qtype, 50, 96)
+    ids = np.array([0, 49, 7, 7, 23], np.int32)
+    np.testing.assert_array_equal(w.get_rows(ids), wd[ids])
+    many = rng.integers(0, 50, 300).astype(np.int32)  # enough to go parallel
+    np.testing.assert_array_equal(w.get_rows(many), wd[many])
+    out = np.empty((5, 96), np.float32)
+    assert w.get_rows(ids, out=out) is out
+    with pytest.raises(ValueError, match="id 50"):
+        w.get_rows(np.array([1, 50], np.int32))
+    with pytest.raises(ValueError, match="id -1"):
+        w.get_rows(np.array([-1], np.int32))
+    with pytest.raises(ValueError, match="dtype"):
+        w.get_rows(np.array([1], np.int64))
+    with pytest.raises(ValueError, match="out"):
+        w.get_rows(ids, out=np.empty((5, 95), np.float32))
+
+
+def test_weight_never_writes_raw(rng):
+    w, raw, _ = make_weight(rng, "Q4_0", 16, 64)
+    before = raw.copy()
+    w.matmul(rng.standard_normal((4, 64)).astype(np.float32))
+    w.get_rows(np.arange(16, dtype=np.int32))
+    np.testing.assert_array_equal(raw, before)
+
+
+def test_rmsnorm(rng):
+    for n, d in [(1, 576), (3, 17), (17, 64), (200, 576)]:
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        w = rng.standard_normal(d).astype(np.float32)
+        x64 = x.astype(np.float64)
+        ref = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + 1e-5) * w
+        np.testing.assert_allclose(rmsnorm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-5)
+        xi = x.copy()
+        assert rmsnorm(xi, w, 1e-5, out=xi) is xi
+        np.testing.assert_allclose(xi, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="w"):
+        rmsnorm(x, w[:-1], 1e-5)
+    with pytest.raises(ValueError, match="dtype"):
+        rmsnorm(x.astype(np.float64), w, 1e-5)
+    with pytest.raises(ValueError, match="out"):
+        rmsnorm(x, w, 1e-5, out=np.empty((n, d + 1), np.float32))
+
+
+def rope_ref(x, pos, inv_freq):
+    y = x.astype(np.float64).copy()
+    half = inv_freq.shape[0]
+    th = pos[:, None].astype(np.float64) * inv_freq[None, :].astype(np.float64)  # (n, half)
+    c, s = np.cos(th)[:, None, :], np.sin(th)[:, None, :]
+    a, b = y[..., 0 : 2 * half : 2].copy(), y[..., 1 : 2 * half : 2].copy()
+    y[..., 0 : 2 * half : 2] = a * c - b * s
+    y[..., 1 : 2 * half : 2] = a * s + b * c
+    return y
+
+
+@pytest.mark.parametrize(
+    "n,heads,hd,rope_dim", [(1, 9, 64, 64), (3, 3, 64, 32), (17, 2, 6, 4), (150, 9, 64, 64)]
+)
+def test_rope(rng, n, heads, hd, rope_dim):
+    x = rng.standard_normal((n, heads, hd)).astype(np.float32)
+    pos = rng.integers(0, 2000, n).astype(np.int32)
+    inv_freq = (10000.0 ** (-np.arange(0, rope_dim, 2) / rope_dim)).astype(np.float32)
+    ref = rope_ref(x, pos, inv_freq)
+    y = x.copy()
+    assert rope_inplace(y, pos, inv_freq) is y
+    # float32 angles: pos * inv_freq carries a relative error ~6e-8, i.e. ~1e-4 rad at pos 2000
+    np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(y[..., rope_dim:], x[..., rope_dim:])
+    with pytest.raises(ValueError, match="positions"):
+        rope_inplace(y, pos[:-1], inv_freq) if n > 1 else rope_inplace(y, np.zeros(2, np.int32), inv_freq)
+    with pytest.raises(ValueError, match="inv_freq"):
+        rope_inplace(y, pos, np.zeros(hd // 2 + 1, np.float32))
+    with pytest.raises(ValueError, match="writable"):
+        ro = x.copy()
+        ro.flags.writeable = False
+        rope_inplace(ro, pos, inv_freq)
+
+
+def attention_ref(q, k, v, pos, scale):
+    n, H, hd = q.shape
+    KV = k.shape[1]
+    g = H // KV
+    out = np.zeros((n, H, hd), np.float64)
+    k64, v64 = k.astype(np.float64), v.astype(np.float64)
+    for i in range(n):
+        for h in range(H):
+            kk = k64[: pos[i] + 1, h // g]
+            s = kk @ q[i, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            out[i, h] = p @ v64[: pos[i] + 1, h // g]
+    return out
+
+
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize(
+    "n,H,KV,hd,start", [(1, 9, 3, 64, 0), (1, 9, 3, 64, 40), (5, 4, 2, 20, 3), (17, 3, 1, 8, 0)]
+)
+def test_attention(rng, cache_dtype, n, H, KV, hd, start):
+    cap = start + n + 4
+    q = rng.standard_normal((n, H, hd)).astype(np.float32)
+    k = rng.standard_normal((cap, KV, hd)).astype(cache_dtype)
+    v = rng.standard_normal((cap, KV, hd)).astype(cache_dtype)
+    pos = np.arange(start, start + n, dtype=np.int32)
+    ref = attention_ref(q, k, v, pos, 1 / np.sqrt(hd))
+    np.testing.assert_allclose(attention(q, k, v, pos), ref, rtol=1e-4, atol=1e-5)
+    out = np.empty_like(q)
+    assert attention(q, k, v, pos, out=out, scale=0.3) is out
+    np.testing.assert_allclose(out, attention_ref(q, k, v, pos, 0.3), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_threads_agree(rng):
+    q = rng.standard_normal((64, 9, 64)).astype(np.float32)
+    k = rng.standard_normal((100, 3, 64)).astype(np.float32)
+    v = rng.standard_normal((100, 3, 64)).astype(np.float32)
+    pos = np.arange(10, 74, dtype=np.int32)
+    old = threads.get_num_threads()
+    try:
+        threads.set_num_threads(1)
+        a = attention(q, k, v, pos)
+        threads.set_num_threads(2)
+        b = attention(q, k, v, pos)
+    finally:
+        threads.set_num_threads(old)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_attention_rejects_bad_input(rng):
+    q = np.zeros((2, 4, 8), np.float32)
+    k = np.zeros((5, 2, 8), np.float32)
+    pos = np.array([3, 4], np.int32)
+    with pytest.raises(ValueError, match="positions"):
+        attention(q, k, k.copy(), np.array([3, 5], np.int32))
+    with pytest.raises(ValueError, match="positions"):
+        attention(q, k, k.copy(), np.array([-1, 0], np.int32))
+    with pytest.raises(ValueError, match="multiple"):
+        attention(np.zeros((2, 3, 8), np.float32), k, k.copy(), pos)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q, np.zeros((5, 2, 4), np.float32), np.zeros((5, 2, 4), np.float32), pos)
+    with pytest.raises(ValueError, match="v_cache"):
+        attention(q, k, np.zeros((4, 2, 8), np.float32), pos)
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q, k, k.astype(np.float16), pos)
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q, k.astype(np.float64), k.astype(np.float64), pos)
+
+
+def test_silu_mul_and_add(rng):
+    for n, h in [(1, 1536), (3, 17), (64, 1536)]:
+        g = rng.standard_normal((n, h)).astype(np.float32) * 4
+        u = rng.standard_normal((n, h)).astype(np.float32)
+        g64 = g.astype(np.float64)
+        ref = g64 / (1 + np.exp(-g64)) * u
+        gi = g.copy()
+        assert silu_mul(gi, u) is gi
+        np.testing.assert_allclose(gi, ref, rtol=1e-5, atol=1e-6)
+        x = g.copy()
+        assert add_inplace(x, u) is x
+        np.testing.assert_array_equal(x, g + u)
+    with pytest.raises(ValueError, match="up"):
+        silu_mul(g, u[:, :-1].copy())
+    with pytest.raises(ValueError, match="y"):
+        add_inplace(g, u[:-1].copy())
+
+
+@pytest.mark.parametrize("n,d", [(1, 32), (3, 576), (17, 96)])
+def test_wire_q8_0_matches_gguf(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32) * 3
+    x[0, :32] = 0.0
+    x[-1, -32:] = 0.5  # every value on a rounding tie after scaling
+    buf = quantize_q8_0(x)
+    assert buf.dtype == np.uint8 and buf.shape == (n * (d // 32) * 34,)
+    ref = np.ascontiguousarray(quantize(x, GGMLQuantizationType.Q8_0)).view(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(buf, ref)
+    deq = dequantize(ref.reshape(n, -1), GGMLQuantizationType.Q8_0).astype(np.float32)
+    np.testing.assert_array_equal(dequantize_q8_0(buf, n, d), deq)
+    np.testing.assert_array_equal(dequantize_q8_0(buf.tobytes(), n, d), deq)
+    out = np.empty((n, d), np.float32)
+    assert dequantize_into(buf, out) is out
+    np.testing.assert_array_equal(out, deq)
+
+
+def test_wire_rejects_bad_input():
+    with pytest.raises(ValueError, match="32"):
+        quantize_q8_0(np.zeros((2, 40), np.float32))
+    with pytest.raises(ValueError, match="bytes"):
+        dequantize_q8_0(np.zeros(67, np.uint8), 1, 64)
+    with pytest.raises(ValueError, match="32"):
+        dequantize_q8_0(np.zeros(68, np.uint8), 1, 63)
+    with pytest.raises(ValueError, match="dtype"):
+        quantize_q8_0(np.zeros((1, 32), np.float64))
