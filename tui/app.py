@@ -1,0 +1,238 @@
+"""dair-tui: the live cluster dashboard and the interactive prompt.
+
+Data comes only from `BusLink` (tui/link.py) as messages; handlers here fold it into
+`ClusterModel` and hand each widget what it shows. Nothing in this file touches a socket.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
+from textual.widgets import Footer, Header, Input
+
+from dair.tui.cluster import ClusterModel
+from dair.tui.link import BusLink
+from dair.tui.messages import GenerationDone, GenerationError, LinkState, Stats, TokenPiece, Welcome
+from dair.tui.widgets import (
+    ChatPanel,
+    LayerMap,
+    NodesTable,
+    Settings,
+    SettingsScreen,
+    StatusLine,
+    Throughput,
+    Transcript,
+)
+from dair.tui.widgets.chat import ChatMessage
+
+
+def bus_defaults() -> dict[str, Any]:
+    from dair.config import defaults
+
+    return defaults("bus")
+
+
+class DairApp(App[int]):
+    CSS_PATH = Path(__file__).with_name("dair.tcss")
+    TITLE = "dair"
+    SUB_TITLE = "distributed AirLLM"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop generation"),
+        Binding("ctrl+n", "new_chat", "New chat", priority=True),
+        Binding("f2", "settings", "Settings"),
+        Binding("ctrl+t", "focus_table", "Nodes", show=False),
+        Binding("ctrl+l", "focus_prompt", "Prompt", show=False),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    link_state: reactive[str] = reactive("connecting")
+    generating: reactive[bool] = reactive(False)
+
+    def __init__(self, bus_addr: str, system: str | None = None, settings: Settings | None = None) -> None:
+        super().__init__()
+        cfg = bus_defaults()
+        self.bus_addr = bus_addr
+        self.heartbeat_ms = int(cfg.get("heartbeat_interval_ms", 500))
+        self.liveness = int(cfg.get("heartbeat_liveness", 6))
+        self.cluster = ClusterModel(dead_after_s=self.heartbeat_ms * self.liveness / 1000.0)
+        self.link = BusLink(self, bus_addr, heartbeat_ms=self.heartbeat_ms, liveness=self.liveness,
+                            stats_interval_ms=int(cfg.get("stats_interval_ms", 1000)))
+        self.settings = settings or Settings.from_config()
+        self.system = system
+        self.messages: list[dict[str, str]] = self._fresh_messages()
+        self.req: int | None = None
+        self.reply: ChatMessage | None = None
+        self._reply_tokens = 0
+        self._reply_started = 0.0
+        self.model_name = ""
+
+    def _fresh_messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield StatusLine(id="status")
+        with Vertical(id="dashboard"):
+            yield NodesTable(id="nodes")
+            with Horizontal(id="strip"):
+                yield LayerMap(id="layermap")
+                yield Throughput(id="throughput")
+        yield ChatPanel(id="chat")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.bus_addr
+        status = self.query_one(StatusLine)
+        status.addr = self.bus_addr
+        status.note = self.settings.describe()
+        self.query_one("#prompt", Input).focus()
+        self.run_worker(self.link.run(), name="bus-link", group="bus", exclusive=True, exit_on_error=False)
+
+    def on_unmount(self) -> None:
+        self.link.stop()
+
+    # --- data from the link --------------------------------------------------------------------
+    def on_link_state(self, msg: LinkState) -> None:
+        self.link_state = msg.state
+        status = self.query_one(StatusLine)
+        status.link, status.attempt = msg.state, msg.attempt
+        if msg.state != "connected":
+            self._show_cluster(stale=True)
+
+    def on_welcome(self, msg: Welcome) -> None:
+        m = msg.model
+        name = str(m.get("name") or Path(str(m.get("path", "model"))).name)
+        self.model_name = name
+        self.query_one(StatusLine).model = f"{name} · {m.get('n_layers', '?')} layers"
+        if isinstance(m.get("n_layers"), int) and not self.cluster.n_layers:
+            self.cluster.n_layers = m["n_layers"]
+            self._show_cluster()
+
+    def on_stats(self, msg: Stats) -> None:
+        self.cluster.ingest(msg.data, time.monotonic())
+        self._show_cluster()
+
+    def _show_cluster(self, stale: bool = False) -> None:
+        c = self.cluster
+        self.query_one(NodesTable).show(c.nodes, stale=stale)
+        self.query_one(LayerMap).show(c.layer_cells())
+        self.query_one(Throughput).show(list(c.tok_s), c.current_tok_s, c.tokens_total, c.bytes_per_token,
+                                        c.sessions)
+        status = self.query_one(StatusLine)
+        status.ready = c.ready
+        status.problems = tuple(c.problems)
+
+    # --- the conversation ------------------------------------------------------------------------
+    @on(Input.Submitted, "#prompt")
+    def send_prompt(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.generating:
+            self.notify("Still answering: Esc stops the generation.", severity="warning")
+            return
+        event.input.value = ""
+        transcript = self.query_one(Transcript)
+        transcript.add("user", text)
+        self.messages.append({"role": "user", "content": text})
+        self.reply = transcript.add("assistant")
+        self.reply.add_class("streaming")
+        self._reply_tokens = 0
+        self._reply_started = time.monotonic()
+        self.generating = True
+        self.req = self.link.generate(self.messages, self.settings.params(), self.settings.max_tokens)
+
+    def on_token_piece(self, msg: TokenPiece) -> None:
+        if msg.req != self.req or self.reply is None:
+            return
+        self._reply_tokens += 1
+        self.reply.text += msg.text
+        self.query_one(Transcript).follow()
+
+    def on_generation_done(self, msg: GenerationDone) -> None:
+        if msg.req != self.req or self.reply is None:
+            return
+        reply = self.reply
+        # `done.text` is the whole answer; it wins over the streamed pieces if they differ.
+        if msg.text:
+            reply.text = msg.text
+        self.messages.append({"role": "assistant", "content": reply.text.strip()})
+        secs = max(1e-9, time.monotonic() - self._reply_started)
+        n = msg.n_tokens or self._reply_tokens
+        stop = {"eos": "end of answer", "length": "max tokens reached", "cancel": "stopped"}.get(msg.stop, msg.stop)
+        reply.note = f"{n} tokens · {n / secs:.1f} tok/s · {msg.n_prompt} prompt tokens · {stop}"
+        self._end_reply()
+
+    def on_generation_error(self, msg: GenerationError) -> None:
+        if msg.req is not None and msg.req == self.req and self.reply is not None:
+            reply = self.reply
+            reply.note = f"error ({msg.code}): {msg.msg}"
+            reply.add_class("error")
+            if reply.text.strip():
+                # Keep what did arrive as the assistant's turn, so the history stays alternating.
+                self.messages.append({"role": "assistant", "content": reply.text.strip()})
+            elif self.messages and self.messages[-1]["role"] == "user":
+                self.messages.pop()
+            self._end_reply()
+        else:
+            self.notify(f"{msg.code}: {msg.msg}", title="bus", severity="error", timeout=6)
+
+    def _end_reply(self) -> None:
+        if self.reply is not None:
+            self.reply.remove_class("streaming")
+            self.reply.text = self.reply.text  # re-render without the cursor
+        self.reply = None
+        self.req = None
+        self.generating = False
+        self.query_one(Transcript).follow()
+
+    # --- actions ---------------------------------------------------------------------------------
+    def action_stop(self) -> None:
+        if self.generating:
+            self.link.cancel()
+            if self.reply is not None:
+                self.reply.note = "stopping…"
+
+    def action_new_chat(self) -> None:
+        if self.reply is not None:
+            self.reply.remove_class("streaming")
+        self.link.new_conversation()
+        self.reply, self.req, self.generating = None, None, False
+        self.messages = self._fresh_messages()
+        self.query_one(Transcript).reset()
+        self.notify("New conversation", timeout=2)
+        self.query_one("#prompt", Input).focus()
+
+    def action_settings(self) -> None:
+        def done(new: Settings | None) -> None:
+            if new is not None:
+                self.settings = new
+                self.query_one(StatusLine).note = new.describe()
+            self.query_one("#prompt", Input).focus()
+
+        self.push_screen(SettingsScreen(self.settings), done)
+
+    def action_focus_table(self) -> None:
+        self.query_one(NodesTable).focus()
+
+    def action_focus_prompt(self) -> None:
+        self.query_one("#prompt", Input).focus()
+
+    def watch_generating(self, generating: bool) -> None:
+        if self.is_mounted:
+            self.query_one("#prompt", Input).placeholder = (
+                "answering… (Esc stops)" if generating else
+                "Ask the model…  (Enter sends · Esc stops · Ctrl+N new chat · F2 settings)")
+
+
+def run_tui(bus_addr: str, system: str | None = None) -> int:
+    """Run the dashboard against the bus at `bus_addr` until the user quits; the exit code."""
+    app = DairApp(bus_addr, system=system)
+    result = app.run()
+    return int(result or app.return_code or 0)
