@@ -17,18 +17,14 @@ import zmq
 
 from dair.bus import protocol as P
 from dair.bus.registry import DEAD, Node, Registry, fmt_span
-from dair.bus.sessions import Request, Session, TextStream, common_prefix
+from dair.bus.sessions import Request, Session, common_prefix
+from dair.tokenizer import StreamDecoder
 
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 
 
 def _nbytes(frames: list[Any]) -> int:
     return sum(len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes for f in frames)
-
-
-def stats_address(bind: str) -> str:
-    host, _, port = bind.rpartition(":")
-    return f"{host}:{int(port) + 1}"
 
 
 class Broker:
@@ -38,7 +34,7 @@ class Broker:
         self.model = model
         self.tok = tokenizer
         self.bind = bind
-        self.stats_bind = stats_address(bind)
+        self.stats_bind = P.stats_address(bind)
         self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
         self.liveness = int(bus["heartbeat_liveness"])
         self.stats_s = bus["stats_interval_ms"] / 1000.0
@@ -100,7 +96,8 @@ class Broker:
     def model_info(self) -> dict[str, Any]:
         c = self.model.config
         return {"path": str(self.model.path), "name": os.path.basename(str(self.model.path)),
-                "fingerprint": self.model.fingerprint, "n_layers": c.n_layers, "dim": c.dim,
+                "fingerprint": self.model.fingerprint,
+                "title": str(getattr(self.model, "metadata", {}).get("general.name", "") or ""), "n_layers": c.n_layers, "dim": c.dim,
                 "vocab_size": c.vocab_size, "context_length": c.context_length,
                 "max_context": self.max_context, "eos_ids": sorted(self.eos_ids),
                 "bos_id": getattr(self.tok, "bos_id", None)}
@@ -382,7 +379,7 @@ class Broker:
         s.last_active = time.monotonic()
         s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max(0, max_tokens),
                         stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids),
-                        n_new_prompt=len(ids) - keep, text=TextStream(self.tok.decode))
+                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
         if max_tokens <= 0:
             self.finish(s, "length")
             return
@@ -404,7 +401,7 @@ class Broker:
         req.generated.append(tok)
         s.tokens += 1
         self.tokens_total += 1
-        piece = req.text.push(tok) if req.text is not None else ""
+        piece = req.text.feed(tok) if req.text is not None else ""
         if req.stream:
             self.send(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
                                    "text": piece})
@@ -486,7 +483,9 @@ class Broker:
     # --- clients ------------------------------------------------------------------------------
     def on_hello(self, ident: bytes, h: dict[str, Any]) -> None:
         self.send(ident, {"type": P.WELCOME, "model": self.model_info(),
-                          "stats_port": int(self.stats_bind.rpartition(":")[2])})
+                          "stats_port": int(self.stats_bind.rpartition(":")[2]),
+                          "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness,
+                          "stats_interval_ms": int(self.stats_s * 1000)})
 
     def on_status(self, ident: bytes, h: dict[str, Any]) -> None:
         self.send(ident, {"type": P.CLUSTER, "req": h["req"], **self.stats()})

@@ -76,7 +76,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     REGISTER: {"name": (_STR, True), "first": (_INT, True), "last": (_INT, True),
                "n_layers": (_INT, True), "fingerprint": (_STR, True), "host": (_STR, True),
                "pid": (_INT, True), "rss": (_INT, True), "threads": (_INT, True),
-               "wire": (_STR, True), "state": (_STR, True)},
+               "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
              "heartbeat_ms": (_INT, True), "liveness": (_INT, True)},
     HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False)},
@@ -88,7 +88,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     ERROR: {"code": (_STR, True), "msg": (_STR, True), "sid": (_STR, False),
             "req": (_INT, False), "fatal": (_BOOL, False)},
     HELLO: {"name": (_STR, False)},
-    WELCOME: {"model": (_MAP, True), "stats_port": (_INT, True)},
+    WELCOME: {"model": (_MAP, True), "stats_port": (_INT, True), "heartbeat_ms": (_INT, False),
+              "liveness": (_INT, False), "stats_interval_ms": (_INT, False)},
     GENERATE: {"req": (_INT, True), "sid": (_STR, False), "ids": (_LIST, False),
                "text": (_STR, False), "messages": (_LIST, False), "params": (_MAP, False),
                "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False)},
@@ -119,6 +120,12 @@ BUS_TO_STAGE = frozenset({ASSIGN, HEARTBEAT, OPEN, CLOSE, ACT, ERROR})
 # lz4-compressed above lz4_min_bytes).
 MAX_HEADER_BYTES = 4 << 20
 MAX_FRAMES = 4
+
+
+def stats_address(bus_addr: str) -> str:
+    """The PUB address of a bus: the same host, port + 1."""
+    host, _, port = bus_addr.rpartition(":")
+    return f"{host}:{int(port) + 1}"
 
 
 class ProtocolError(Exception):
@@ -172,7 +179,7 @@ def decode(frames: Sequence[Any], max_bytes: int = 64 << 20) -> tuple[dict[str, 
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(E_TOO_LARGE, f"header of {len(raw)} bytes (at most {MAX_HEADER_BYTES})")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ProtocolError(E_BAD_FRAME, f"frame 0 is not msgpack: {type(e).__name__}") from None
     if not isinstance(header, dict):

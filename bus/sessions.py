@@ -18,24 +18,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class TextStream:
-    """Incremental detokenization: the text each new token completes, holding back split UTF-8."""
-
-    def __init__(self, decode: Any) -> None:
-        self._decode = decode
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, tok: int) -> str:
-        self.ids.append(tok)
-        text = self._decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return piece
-
-
 @dataclass
 class Request:
     req: int
@@ -48,7 +30,7 @@ class Request:
     n_new_prompt: int = 0
     top_k: int = 0
     generated: list[int] = field(default_factory=list)
-    text: TextStream | None = None
+    text: Any = None  # a dair.tokenizer.StreamDecoder
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 

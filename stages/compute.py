@@ -176,8 +176,6 @@ class Compute(threading.Thread):
             else:
                 parts = [wire.unpack(b[0], h["dtype"], h["shape"][0], h["shape"][1]) for h, b in good]
                 x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                # Received f32 rows are a read-only view of the frame; the engine may write in place.
-                x = np.require(x, np.float32, ["C", "W"])
             y = self.engine.run_layers(
                 x, [(s["sid"], np.arange(s["pos"], s["pos"] + len(s["ids"]), dtype=np.int32)) for s in segs])
             for s in segs:

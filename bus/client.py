@@ -1,0 +1,252 @@
+"""Talking to a dair bus: a request/stream client, a stats subscriber, and BusBackend.
+
+`BusClient` is the low-level, synchronous client (one DEALER; answers are matched to requests
+by `req`, so several requests may be outstanding). `StatsSubscriber` follows the bus's PUB
+stats. `BusBackend` implements dair.backend.Backend over a running cluster, so `dair generate
+--bus`, `score --bus` and `chat --bus` behave as the in-process engine does.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+
+from dair.bus import protocol as P
+from dair.errors import DairError
+
+
+class BusError(DairError):
+    """An error reply from the bus (`code` is one of protocol.E_*)."""
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(f"bus: {msg}" if code != P.E_NOT_READY else f"bus: {msg} (is every stage up?)")
+        self.code = code
+
+
+class BusTimeout(DairError):
+    pass
+
+
+class BusClient:
+    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client") -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self.name = name
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+        self._req = 0
+        self._mail: dict[int | None, deque[dict[str, Any]]] = {}
+        self.welcome: dict[str, Any] | None = None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> BusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def send(self, header: dict[str, Any]) -> int:
+        """Send a request; returns its `req` number (assigned here unless given)."""
+        if "req" not in header and header["type"] in P.SCHEMAS and "req" in P.SCHEMAS[header["type"]]:
+            self._req += 1
+            header = {**header, "req": self._req}
+        self.sock.send_multipart(P.encode(header))
+        return header.get("req", 0)
+
+    def _recv_one(self, timeout: float) -> dict[str, Any] | None:
+        if not self.sock.poll(max(0.0, timeout) * 1000):
+            return None
+        header, _ = P.decode(self.sock.recv_multipart())
+        return header
+
+    def next(self, req: int | None, timeout: float | None = None) -> dict[str, Any]:
+        """The next message answering `req` (messages for other requests are kept for later)."""
+        box = self._mail.get(req)
+        if box:
+            return box.popleft()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            h = self._recv_one(deadline - time.monotonic())
+            if h is None:
+                raise BusTimeout(f"no answer from the bus at {self.addr} within "
+                                 f"{self.timeout if timeout is None else timeout:.0f}s (is `dair-bus` running?)")
+            key = h.get("req")
+            if key == req:
+                return h
+            if h["type"] == P.ERROR and key is None and req is not None and h.get("code") != P.E_UNKNOWN_SESSION:
+                # An error without a req answers whatever we sent last (e.g. a malformed request).
+                return h
+            self._mail.setdefault(key, deque()).append(h)
+
+    def call(self, header: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        req = self.send(header)
+        reply = self.next(req, timeout)
+        if reply["type"] == P.ERROR:
+            raise BusError(reply["code"], reply["msg"])
+        return reply
+
+    # --- requests -----------------------------------------------------------------------------
+    def hello(self, timeout: float | None = None) -> dict[str, Any]:
+        self.sock.send_multipart(P.encode({"type": P.HELLO, "name": self.name}))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            h = self._recv_one(deadline - time.monotonic())
+            if h is None:
+                raise BusTimeout(f"no answer from the bus at {self.addr} (is `dair-bus` running?)")
+            if h["type"] == P.WELCOME:
+                self.welcome = h
+                return h
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.call({"type": P.STATUS}, timeout)
+
+    def open_session(self, params: dict[str, Any] | None = None) -> str:
+        h: dict[str, Any] = {"type": P.SESSION_OPEN}
+        if params:
+            h["params"] = params
+        return self.call(h)["sid"]
+
+    def close_session(self, sid: str) -> None:
+        self.call({"type": P.SESSION_CLOSE, "sid": sid})
+
+    def cancel(self, sid: str) -> None:
+        self.send({"type": P.CANCEL, "sid": sid})
+
+    def start_generate(self, *, ids: list[int] | None = None, text: str | None = None,
+                       messages: list[dict[str, str]] | None = None, sid: str | None = None,
+                       params: dict[str, Any] | None = None, max_tokens: int | None = None,
+                       stop_ids: list[int] | None = None, stream: bool = True) -> int:
+        h: dict[str, Any] = {"type": P.GENERATE, "stream": stream}
+        for k, v in (("ids", ids), ("text", text), ("messages", messages), ("sid", sid), ("params", params),
+                     ("max_tokens", max_tokens), ("stop_ids", stop_ids)):
+            if v is not None:
+                h[k] = list(v) if k in ("ids", "stop_ids") else v
+        return self.send(h)
+
+    def events(self, req: int, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """`token` messages of request `req`, then its `done` (an `error` raises BusError)."""
+        while True:
+            h = self.next(req, timeout)
+            if h["type"] == P.ERROR:
+                raise BusError(h["code"], h["msg"])
+            yield h
+            if h["type"] == P.DONE:
+                return
+
+    def generate(self, **kw: Any) -> Iterator[dict[str, Any]]:
+        return self.events(self.start_generate(**kw))
+
+    def score(self, *, ids: list[int] | None = None, text: str | None = None, top_k: int = 5,
+              timeout: float | None = None) -> list[dict[str, Any]]:
+        h: dict[str, Any] = {"type": P.SCORE, "top_k": top_k}
+        if ids is not None:
+            h["ids"] = list(ids)
+        else:
+            h["text"] = text
+        return self.call(h, timeout)["positions"]
+
+    def wait_ready(self, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Poll `status` until the pipeline is ready; returns the last status."""
+        deadline = time.monotonic() + timeout
+        st: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise DairError("a cluster process exited before the pipeline was ready")
+            try:
+                st = self.status(timeout=1.0)
+            except BusTimeout:
+                continue
+            if st["ready"]:
+                return st
+            time.sleep(0.1)
+        raise DairError(f"pipeline not ready after {timeout:.0f}s: " + "; ".join(st.get("problems", [])))
+
+
+class StatsSubscriber:
+    """The bus's stats as published on its PUB socket (bus port + 1)."""
+
+    def __init__(self, stats_addr: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
+        self.sock.connect(stats_addr)
+
+    def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        if not self.sock.poll(timeout * 1000):
+            return None
+        _, frame = self.sock.recv_multipart()
+        import msgpack
+
+        return msgpack.unpackb(frame, raw=False)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class BusBackend:
+    """dair.backend.Backend over a running cluster."""
+
+    def __init__(self, addr: str, timeout: float = 60.0, model_path: str | None = None) -> None:
+        self.client = BusClient(addr, timeout=timeout)
+        self.model_info = self.client.hello(timeout=min(timeout, 10.0))["model"]
+        self.n_layers = int(self.model_info["n_layers"])
+        self._model_path = model_path
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, from a local copy of the bus's model file (same fingerprint)."""
+        if self._tokenizer is None:
+            from dair.model import open_model
+            from dair.tokenizer import load_tokenizer
+
+            candidates = [self._model_path, self.model_info.get("path")]
+            try:
+                from dair.model.fetch import default_model_path
+
+                candidates.append(str(default_model_path()))
+            except DairError:
+                pass
+            for path in candidates:
+                if path and os.path.exists(path):
+                    mf = open_model(path)
+                    if mf.fingerprint == self.model_info["fingerprint"]:
+                        self._tokenizer = load_tokenizer(mf)
+                        break
+            else:
+                raise DairError(f"no local copy of the bus's model {self.model_info.get('name')} "
+                                "(give --model PATH of the same file)")
+        return self._tokenizer
+
+    def generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
+                 on_token: Callable[[int], bool | None] | None = None) -> dict[str, Any]:
+        p = params.to_dict() if hasattr(params, "to_dict") else dict(params)
+        req = self.client.start_generate(ids=list(prompt_ids), params=p, max_tokens=max_tokens,
+                                         stop_ids=sorted(stop_ids))
+        cancelled = False
+        for ev in self.client.events(req):
+            if ev["type"] == P.TOKEN and on_token is not None and not cancelled:
+                if on_token(ev["id"]) is False:
+                    cancelled = True
+                    self.client.cancel(ev["sid"])
+            elif ev["type"] == P.DONE:
+                return {"ids": list(ev["ids"]), "timings": dict(ev["timings"]), "stop": ev["stop"],
+                        "text": ev["text"]}
+        raise DairError("bus ended the stream without a result")  # pragma: no cover
+
+    def score(self, ids: list[int], top_k: int) -> dict[str, Any]:
+        positions = self.client.score(ids=list(ids), top_k=top_k)
+        return {"positions": [{"top": [[int(i), float(v)] for i, v in p["top"]],
+                               "logprob_next": p["logprob_next"]} for p in positions]}
+
+    def close(self) -> None:
+        self.client.close()
