@@ -90,7 +90,10 @@ class DairApp(App[int]):
         self.sub_title = self.bus_addr
         status = self.query_one(StatusLine)
         status.addr = self.bus_addr
-        status.note = self.settings.describe()
+        self._describe_settings()
+        self.query_one(NodesTable).border_title = "nodes"
+        self.query_one(LayerMap).border_title = "layers"
+        self.query_one(Throughput).border_title = "throughput"
         self.query_one("#prompt", Input).focus()
         self.run_worker(self.link.run(), name="bus-link", group="bus", exclusive=True, exit_on_error=False)
 
@@ -107,9 +110,12 @@ class DairApp(App[int]):
 
     def on_welcome(self, msg: Welcome) -> None:
         m = msg.model
-        name = str(m.get("name") or Path(str(m.get("path", "model"))).name)
+        name = str(m.get("title") or m.get("name") or Path(str(m.get("path", "model"))).name)
         self.model_name = name
         self.query_one(StatusLine).model = f"{name} · {m.get('n_layers', '?')} layers"
+        hb, live = msg.extra.get("heartbeat_ms"), msg.extra.get("liveness")
+        if isinstance(hb, int) and isinstance(live, int):
+            self.cluster.dead_after_s = hb * live / 1000.0
         if isinstance(m.get("n_layers"), int) and not self.cluster.n_layers:
             self.cluster.n_layers = m["n_layers"]
             self._show_cluster()
@@ -142,7 +148,7 @@ class DairApp(App[int]):
         transcript.add("user", text)
         self.messages.append({"role": "user", "content": text})
         self.reply = transcript.add("assistant")
-        self.reply.add_class("streaming")
+        self.reply.streaming = True
         self._reply_tokens = 0
         self._reply_started = time.monotonic()
         self.generating = True
@@ -185,8 +191,7 @@ class DairApp(App[int]):
 
     def _end_reply(self) -> None:
         if self.reply is not None:
-            self.reply.remove_class("streaming")
-            self.reply.text = self.reply.text  # re-render without the cursor
+            self.reply.streaming = False
         self.reply = None
         self.req = None
         self.generating = False
@@ -201,7 +206,7 @@ class DairApp(App[int]):
 
     def action_new_chat(self) -> None:
         if self.reply is not None:
-            self.reply.remove_class("streaming")
+            self.reply.streaming = False
         self.link.new_conversation()
         self.reply, self.req, self.generating = None, None, False
         self.messages = self._fresh_messages()
@@ -213,10 +218,13 @@ class DairApp(App[int]):
         def done(new: Settings | None) -> None:
             if new is not None:
                 self.settings = new
-                self.query_one(StatusLine).note = new.describe()
+                self._describe_settings()
             self.query_one("#prompt", Input).focus()
 
         self.push_screen(SettingsScreen(self.settings), done)
+
+    def _describe_settings(self) -> None:
+        self.query_one(Transcript).border_title = f"conversation · {self.settings.describe()}"
 
     def action_focus_table(self) -> None:
         self.query_one(NodesTable).focus()

@@ -77,6 +77,7 @@ class ClusterModel:
     tokens_total: int = 0
     act_bytes: int = 0
     bytes_per_token: float | None = None
+    bytes_per_token_hop: float | None = None
     sessions: int = 0
     _prev_t: float | None = None
     _prev_tokens: int | None = None
@@ -98,9 +99,13 @@ class ClusterModel:
         totals = stats.get("totals") if isinstance(stats.get("totals"), dict) else {}
         tokens = int(_num(totals, "tokens", 0) or 0)
         self.act_bytes = int(_num(totals, "act_bytes", 0) or 0)
+        # The bus reports activation bytes per token per hop; a sum over hops is what one token costs.
+        per_hop = _num(totals, "bytes_per_token_hop")
+        hops = max(0, len({(n.first, n.last) for n in self.nodes if n.live}) - 1)
         self.bytes_per_token = _num(totals, "bytes_per_token")
-        if self.bytes_per_token is None and tokens:
-            self.bytes_per_token = self.act_bytes / tokens
+        if self.bytes_per_token is None and per_hop:
+            self.bytes_per_token = per_hop * max(1, hops)
+        self.bytes_per_token_hop = per_hop
         if self._prev_t is not None and self._prev_tokens is not None and t > self._prev_t:
             # A restarted bus starts its totals again from zero: never a negative rate.
             self.tok_s.append(max(0.0, (tokens - self._prev_tokens) / (t - self._prev_t)))

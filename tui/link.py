@@ -136,6 +136,7 @@ class BusLink:
             if welcome is None or welcome["type"] != P.WELCOME:
                 return False
             self.model = dict(welcome["model"])
+            self._adopt_timing(welcome)
             sub.connect(stats_address(self.addr, welcome.get("stats_port")))
             self._dealer = dealer
             self.connected = True
@@ -170,6 +171,15 @@ class BusLink:
                 next_beat = now + self.heartbeat_s
             if now - last_heard > self.stale_after_s:
                 return
+
+    def _adopt_timing(self, welcome: dict[str, Any]) -> None:
+        """The bus's own heartbeat settings, when it states them, beat config.toml's."""
+        hb, live, stats = welcome.get("heartbeat_ms"), welcome.get("liveness"), welcome.get("stats_interval_ms")
+        if isinstance(hb, int) and hb > 0:
+            self.heartbeat_s = hb / 1000.0
+            if isinstance(live, int) and live > 0:
+                stats_ms = stats if isinstance(stats, int) and stats > 0 else 1000
+                self.stale_after_s = max(hb * live, 3 * stats_ms) / 1000.0
 
     def _on_reply(self, frames: list[bytes]) -> None:
         h = self._decode(frames)

@@ -13,6 +13,7 @@ class ChatMessage(Static):
 
     text: reactive[str] = reactive("", layout=True)
     note: reactive[str] = reactive("")
+    streaming: reactive[bool] = reactive(False)
 
     def __init__(self, role: str, text: str = "") -> None:
         super().__init__("", markup=False, classes=f"msg {role}")
@@ -28,11 +29,14 @@ class ChatMessage(Static):
     def watch_note(self) -> None:
         self._render_text()
 
+    def watch_streaming(self) -> None:
+        self._render_text()
+
     def _render_text(self) -> None:
         who = {"user": ("you", "bold cyan"), "assistant": ("model", "bold green")}.get(
             self.role, (self.role, "bold yellow"))
         t = Text(f"{who[0]}: ", style=who[1]) + Text(self.text)
-        if self.role == "assistant" and self.has_class("streaming"):
+        if self.streaming:
             t.append("▌", style="blink")
         if self.note:
             t.append(f"\n{self.note}", style="dim italic")

@@ -57,4 +57,4 @@ class NodesTable(DataTable):
         for n in nodes:
             if n.node in present:
                 for (col, _), cell in zip(COLUMNS, row_cells(n, stale), strict=True):
-                    self.update_cell(n.node, col, cell)
+                    self.update_cell(n.node, col, cell, update_width=True)

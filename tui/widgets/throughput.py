@@ -40,7 +40,6 @@ class Throughput(Vertical):
     def _refresh_labels(self) -> None:
         if not self.is_mounted:
             return
-        self.query_one("#tp-label", Label).update(f"throughput {self.tok_s:5.1f} tok/s")
+        self.query_one("#tp-label", Label).update(f"{self.tok_s:5.1f} tok/s now · {self.sessions} sessions")
         bpt = "-" if self.bytes_per_token is None else fmt.human_bytes(self.bytes_per_token)
-        self.query_one("#tp-totals", Label).update(
-            f"{self.tokens} tokens served · {bpt} on the wire/token · {self.sessions} sessions")
+        self.query_one("#tp-totals", Label).update(f"{self.tokens} tokens served · {bpt}/token on wire")
