@@ -1,0 +1,94 @@
+"""SentencePiece-style ("llama") tokenizer on a small synthetic vocabulary, checked against a
+plain-Python transcription of llama.cpp's SPM algorithm."""
+from __future__ import annotations
+
+import pytest
+from tiny_models import write_tiny_gguf
+
+from dair.tokenizer import load_tokenizer
+
+PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "a", "n", "t", "▁h", "he", "ll", "llo", "▁w", "or", "ld",
+          "▁wor", "▁world", "hello", "▁hello", "an", "▁an", "▁and", "d▁", "▁t", "th", "▁the", "!", "."]
+
+
+def _vocab():
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(PIECES)
+    # longer pieces score higher, distinct scores so that ties never decide
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-(100.0 - 10 * len(p)) - i * 0.01 for i, p in enumerate(PIECES)]
+    return tokens, types, scores
+
+
+def reference_spm(text: str, tokens: list[str], scores: list[float], add_bos: bool) -> list[int]:
+    """llama.cpp llm_tokenizer_spm: space prefix, ▁ for spaces, merge the best-scoring adjacent
+    pair (leftmost on ties) while the union is a token, then byte fallback for the rest."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    out = [1] if add_bos else []
+    if not text:
+        return out
+    syms = list(("▁" + text).replace(" ", "▁"))
+    while True:
+        best = None
+        for k in range(len(syms) - 1):
+            u = syms[k] + syms[k + 1]
+            if u in ids and (best is None or scores[ids[u]] > best[0]):
+                best = (scores[ids[u]], k)
+        if best is None:
+            break
+        k = best[1]
+        syms[k:k + 2] = [syms[k] + syms[k + 1]]
+    for s in syms:
+        if s in ids:
+            out.append(ids[s])
+        else:
+            out += [ids[f"<0x{b:02X}>"] for b in s.encode()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory):
+    tokens, types, scores = _vocab()
+    p = write_tiny_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", vocab_size=len(tokens), tokenizer={
+        "model": "llama", "tokens": tokens, "token_type": types, "scores": scores, "bos": 1, "eos": 2,
+        "add_bos": True, "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                                          "{{ eos_token }}{% endfor %}"})
+    return load_tokenizer(p), tokens, scores
+
+
+TEXTS = ["hello world", "hello  world", "the world and hello", "héllo wörld", "日本", "a", " leading",
+         "trailing ", "hello\nworld", "world!", "..", ""]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_matches_reference_algorithm(spm, text):
+    tok, tokens, scores = spm
+    assert tok.encode(text) == reference_spm(text, tokens, scores, add_bos=True)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(spm, text):
+    tok, _, _ = spm
+    assert tok.decode(tok.encode(text), skip_special=True) == text
+
+
+def test_byte_fallback_and_specials(spm):
+    tok, tokens, _ = spm
+    ids = tok.encode("é", add_bos=False)
+    assert [tokens[i] for i in ids] == ["▁", "<0xC3>", "<0xA9>"]
+    assert tok.bos_id == 1 and tok.add_bos and tok.eos_ids == (2,)
+    assert tok.encode("</s>", add_bos=False) == [2]
+    dec = tok.stream_decoder()
+    assert [dec.feed(i) for i in ids] == [" ", "", "é"]
+
+
+def test_chat_template_uses_eos_text(spm):
+    tok, _, _ = spm
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user] hi</s>"
+
+
+def test_unsupported_tokenizer_model(tmp_path):
+    from dair.errors import DairError
+
+    p = write_tiny_gguf(tmp_path / "x.gguf", tokenizer={"model": "t5", "tokens": ["a"] * 96})
+    with pytest.raises(DairError, match="'t5' is not supported"):
+        load_tokenizer(p)
