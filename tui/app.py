@@ -240,7 +240,15 @@ class DairApp(App[int]):
 
 
 def run_tui(bus_addr: str, system: str | None = None) -> int:
-    """Run the dashboard against the bus at `bus_addr` until the user quits; the exit code."""
+    """Run the dashboard against the bus at `bus_addr` until the user quits; the exit code.
+
+    $DAIR_TUI_LOG names a file for the link's log (the screen belongs to the dashboard)."""
+    import logging
+    import os
+
+    if os.environ.get("DAIR_TUI_LOG"):
+        logging.basicConfig(filename=os.environ["DAIR_TUI_LOG"], level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = DairApp(bus_addr, system=system)
     result = app.run()
     return int(result or app.return_code or 0)

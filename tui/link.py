@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import time
 from typing import Any
@@ -25,6 +26,8 @@ from textual.message_pump import MessagePump
 
 from dair.bus import protocol as P
 from dair.tui.messages import GenerationDone, GenerationError, LinkState, Stats, TokenPiece, Welcome
+
+log = logging.getLogger("dair.tui.link")
 
 
 def stats_address(bus_addr: str, stats_port: int | None) -> str:
@@ -104,6 +107,7 @@ class BusLink:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # a bug here must not kill the link: report and retry
+                    log.exception("link failed")
                     self._post(GenerationError(None, "link", f"{type(e).__name__}: {e}"))
                     heard = False
                 self._lost()
@@ -131,6 +135,7 @@ class BusLink:
             dealer.connect(self.addr)
             await dealer.send_multipart(P.encode({"type": P.HELLO, "name": "dair-tui"}))
             if not await dealer.poll(int(self.hello_timeout_s * 1000)):
+                log.info("no welcome from %s within %.1fs", self.addr, self.hello_timeout_s)
                 return False
             welcome = self._decode(await dealer.recv_multipart())
             if welcome is None or welcome["type"] != P.WELCOME:
@@ -170,6 +175,7 @@ class BusLink:
                 self._send({"type": P.HEARTBEAT, "t": time.time()})
                 next_beat = now + self.heartbeat_s
             if now - last_heard > self.stale_after_s:
+                log.warning("bus silent for %.1fs: reconnecting", now - last_heard)
                 return
 
     def _adopt_timing(self, welcome: dict[str, Any]) -> None:
