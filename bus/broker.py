@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -20,6 +21,9 @@ from dair.bus.registry import DEAD, Node, Registry, fmt_span
 from dair.bus.sessions import Request, Session, common_prefix
 from dair.tokenizer import StreamDecoder
 
+# Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
+# stage 1 start on the next chunk while stage 2 runs this one.
+PREFILL_CHUNK = 256
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 
 
@@ -164,6 +168,12 @@ class Broker:
             self.count("bad_frames")
             self.reply_error(ident, e.code, e.msg, sid=header.get("sid"),
                              req=header.get("req") if isinstance(header.get("req"), int) else None)
+        except Exception:  # a bug must cost one request, never the bus
+            self.count("internal")
+            self.log(f"internal error on a {header.get('type')} message:\n{traceback.format_exc()}")
+            req = header.get("req")
+            self.reply_error(ident, "internal", "internal error in the bus (see its log)",
+                             req=req if isinstance(req, int) else None)
 
     def dispatch(self, ident: bytes, node: Node | None, h: dict[str, Any], buffers: list[Any],
                  body: list[Any]) -> None:
@@ -261,7 +271,7 @@ class Broker:
         if owner is None:
             for s in segs:
                 sess = self.sessions.get(s["sid"])
-                if sess is not None and sess.q == s["q"]:
+                if sess is not None and s["q"] in sess.qs:
                     self.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
             return
         self.inflight[q] = (owner.ident, time.perf_counter())
@@ -277,8 +287,9 @@ class Broker:
         steps = []
         for r in results:
             s = self.sessions.get(r["sid"])
-            if s is None or s.req is None or s.q != r.get("q"):
+            if s is None or s.req is None or r.get("q") not in s.qs:
                 continue  # cancelled, closed or superseded
+            s.qs.discard(r["q"])
             try:
                 if s.req.kind == "score":
                     self.finish_score(s, r)
@@ -294,13 +305,28 @@ class Broker:
 
     # --- sessions -----------------------------------------------------------------------------
     def send_step(self, segs: list[dict[str, Any]]) -> None:
+        if not segs:
+            return
         n = sum(len(s["ids"]) for s in segs)
         header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": segs}
         self.forward(0, segs[0]["q"], P.encode(header, (), self.lz4_min), segs)
 
     def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
-        s.q = self.next_q()
-        return {"sid": s.sid, "pos": pos, "ids": ids, "q": s.q, "out": out, **extra}
+        q = self.next_q()
+        s.qs.add(q)
+        return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
+
+    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
+        """ids[start:] as prefill steps of PREFILL_CHUNK tokens, sent at once (they pipeline)."""
+        for a in range(start, len(ids), PREFILL_CHUNK):
+            b = min(a + PREFILL_CHUNK, len(ids))
+            final = b == len(ids)
+            if out == "score":
+                extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}
+                self.send_step([self.make_step(s, a, ids[a:b], "score", **extra)])
+            else:
+                self.send_step([self.make_step(s, a, ids[a:b], out if final else "none",
+                                               **(last_extra if final else {}))])
 
     def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
         if len(self.sessions) >= self.max_sessions:
@@ -383,7 +409,7 @@ class Broker:
         if max_tokens <= 0:
             self.finish(s, "length")
             return
-        self.send_step([self.make_step(s, keep, ids[keep:], "sample", p=dict(s.params))])
+        self.send_prompt(s, keep, ids, "sample", p=dict(s.params))
 
     def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
         req = s.req
@@ -395,12 +421,12 @@ class Broker:
         s.kv_len = pos
         del s.history[pos:]
         s.history.append(tok)
-        if tok in req.stop_ids:
-            self.finish(s, "eos")
-            return None
         req.generated.append(tok)
         s.tokens += 1
         self.tokens_total += 1
+        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), never streamed
+            self.finish(s, "eos")
+            return None
         piece = req.text.feed(tok) if req.text is not None else ""
         if req.stream:
             self.send(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
@@ -424,7 +450,7 @@ class Broker:
         assert req is not None
         timings = self.timings(req)
         s.last_tok_s = timings["decode_tok_s"]
-        s.req, s.q = None, None
+        s.end()
         self.send(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
                                "ids": req.generated, "text": self.tok.decode(req.generated),
                                "n_prompt": req.n_prompt, "timings": timings})
@@ -432,8 +458,7 @@ class Broker:
             self.close_session(s)
 
     def finish_error(self, s: Session, code: str, msg: str) -> None:
-        req = s.req
-        s.req, s.q = None, None
+        req = s.end()
         if req is not None:
             self.reply_error(req.client, code, msg, sid=s.sid, req=req.req)
         if s.ephemeral:
@@ -454,14 +479,16 @@ class Broker:
         s = self.new_session(ident, None, ephemeral=True)
         s.history = list(ids)
         s.req = Request(req=h["req"], client=ident, kind="score", top_k=h["top_k"], n_prompt=len(ids))
-        self.send_step([self.make_step(s, 0, ids, "score", k=h["top_k"])])
+        self.send_prompt(s, 0, ids, "score", k=h["top_k"])
 
     def finish_score(self, s: Session, r: dict[str, Any]) -> None:
         req = s.req
         assert req is not None
-        positions = [{"top": top, "logprob_next": lp} for top, lp in zip(r["top"], r["lp"], strict=True)]
-        s.req, s.q = None, None
-        self.send(req.client, {"type": P.SCORED, "req": req.req, "positions": positions})
+        req.positions += [{"top": top, "logprob_next": lp} for top, lp in zip(r["top"], r["lp"], strict=True)]
+        if s.qs:
+            return  # chunks still to come (they arrive in order)
+        s.end()
+        self.send(req.client, {"type": P.SCORED, "req": req.req, "positions": req.positions})
         self.close_session(s)
 
     def on_cancel(self, ident: bytes, h: dict[str, Any]) -> None:

@@ -271,6 +271,8 @@ def _validate_act(h: dict[str, Any]) -> None:
             raise ProtocolError(E_BAD_FIELD, f"act: segment 'out' must be one of {OUT_KINDS}")
         if "k" in s and (not isinstance(s["k"], int) or not 0 < s["k"] <= 1000):
             raise ProtocolError(E_BAD_FIELD, "act: segment 'k' must be in 1..1000")
+        if "nx" in s and (not isinstance(s["nx"], int) or isinstance(s["nx"], bool) or not 0 <= s["nx"] < 1 << 31):
+            raise ProtocolError(E_BAD_FIELD, "act: segment 'nx' must be a token id")
         if "p" in s and not isinstance(s["p"], dict):
             raise ProtocolError(E_BAD_FIELD, "act: segment 'p' must be a map")
         total += len(s["ids"])

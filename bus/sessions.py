@@ -30,6 +30,7 @@ class Request:
     n_new_prompt: int = 0
     top_k: int = 0
     generated: list[int] = field(default_factory=list)
+    positions: list[dict[str, Any]] = field(default_factory=list)  # score results so far
     text: Any = None  # a dair.tokenizer.StreamDecoder
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
@@ -43,12 +44,18 @@ class Session:
     params: dict[str, Any]
     history: list[int] = field(default_factory=list)
     kv_len: int = 0
-    q: int | None = None  # step in flight; results for any other step are stale
+    qs: set[int] = field(default_factory=set)  # steps in flight; results for any other step are stale
     req: Request | None = None
     tokens: int = 0
     last_tok_s: float = 0.0
     created: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
+
+    def end(self) -> Request | None:
+        """Detach the request in progress (its steps still in flight become stale)."""
+        req, self.req = self.req, None
+        self.qs.clear()
+        return req
 
     @property
     def state(self) -> str:

@@ -213,9 +213,14 @@ class Compute(threading.Thread):
                 self._error(P.E_BAD_FIELD, f"session {s['sid']!r}: position {s['pos']} after a gap "
                             f"(this stage holds {st.next_pos} positions)", sid=s["sid"])
                 return True
-            if s["pos"] + len(s["ids"]) > self.model.config.context_length:
+            vocab = self.model.config.vocab_size
+            if any(i >= vocab for i in s["ids"]) or s.get("nx", 0) >= vocab:
+                self._error(P.E_BAD_FIELD, f"session {s['sid']!r}: token id beyond the vocabulary ({vocab})",
+                            sid=s["sid"])
+                return True
+            if s["pos"] + len(s["ids"]) > self.engine.max_context:
                 self._error(P.E_CONTEXT, f"session {s['sid']!r}: position {s['pos'] + len(s['ids'])} "
-                            f"beyond the model's context {self.model.config.context_length}", sid=s["sid"])
+                            f"beyond the context of {self.engine.max_context}", sid=s["sid"])
                 return True
         return False
 
@@ -244,10 +249,12 @@ class Compute(threading.Thread):
                 results.append({"sid": sid, "q": s["q"], "pos": pos, "id": tok})
             elif out == "score":
                 lg = self.engine.head(y[offset:offset + n])
-                targets = np.array(s["ids"][1:] + [0], dtype=np.int32)
+                nx = s.get("nx")
+                targets = np.array(s["ids"][1:] + [nx if isinstance(nx, int) else 0], dtype=np.int64)
                 top, lp = top_logits(lg, int(s.get("k", 5)), targets)
                 lps: list[float | None] = [float(v) for v in lp]
-                lps[-1] = None
+                if not isinstance(nx, int):
+                    lps[-1] = None
                 results.append({"sid": sid, "q": s["q"], "pos": s["pos"],
                                 "top": [[[int(i), float(v)] for i, v in row] for row in top], "lp": lps})
             offset += n

@@ -47,6 +47,7 @@ class Link:
                                max_batch, lz4_min_bytes)
         self.dealer: zmq.Socket | None = None
         self._stopping = False
+        self._lost = False
 
     # --- socket -----------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -132,6 +133,7 @@ class Link:
                         except zmq.Again:
                             break
                         last_heard = now
+                        self._lost = False
                         self._on_bus(frames)
                 if self.compute.state != reported_state or now >= next_hb:
                     reported_state = self.compute.state
@@ -139,7 +141,10 @@ class Link:
                     next_hb = now + self.heartbeat_s
                 if now - last_heard > self.heartbeat_s * self.liveness:
                     # Paranoid Pirate: the bus is gone or restarted; start over with a new socket.
-                    print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting", file=sys.stderr)
+                    if not self._lost:
+                        print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting",
+                              file=sys.stderr, flush=True)
+                    self._lost = True
                     poller.unregister(self.dealer)
                     self._connect()
                     poller.register(self.dealer, zmq.POLLIN)

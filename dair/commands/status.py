@@ -1,0 +1,46 @@
+"""`dair status --bus ADDR`: the cluster as the bus sees it (stages, ranges, state, readiness)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show a running cluster: stages, layer ranges, state, ready")
+    p.add_argument("--bus", metavar="ADDR", default=None, help="bus address (default: config [bus] bind)")
+    p.add_argument("--json", action="store_true", help="print the bus's full status as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the bus")
+    p.set_defaults(func=handle)
+
+
+def _mb(n: int | None) -> str:
+    return f"{(n or 0) / 2**20:.0f}M"
+
+
+def handle(args: argparse.Namespace) -> int:
+    from dair.bus.client import BusClient
+    from dair.config import load_config
+
+    addr = args.bus or load_config()["bus"]["bind"]
+    with BusClient(addr, timeout=args.timeout) as c:
+        st = c.status()
+    st.pop("type", None)
+    st.pop("req", None)
+    st.pop("v", None)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0 if st["ready"] else 1
+    m = st["model"]
+    print(f"bus {addr}: model {m['name']} ({m['n_layers']} layers), ready: {'yes' if st['ready'] else 'no'}")
+    print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss':>6} {'cpu%':>5} "
+          f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6}")
+    for n in st["nodes"]:
+        hop = "-" if n["hop_ms_p50"] is None else f"{n['hop_ms_p50']:.1f}/{n['hop_ms_p95']:.1f}"
+        print(f"{n['node']:5} {n['name'][:14]:14} {n['first']:>3}-{n['last']:<3} {n['state']:9} {n['pid']:>7} "
+              f"{_mb(n['rss']):>6} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
+              f"{n['heartbeat_age_s']:>6.1f}")
+    for p in st["problems"]:
+        print(f"problem: {p}")
+    if st["sessions"]:
+        print(f"sessions: {len(st['sessions'])}, tokens served: {st['totals']['tokens']}")
+    return 0 if st["ready"] else 1
