@@ -11,7 +11,7 @@ pytest.importorskip("textual")
 from dair.tui import fmt  # noqa: E402
 from dair.tui.cluster import ClusterModel  # noqa: E402
 from dair.tui.link import stats_address  # noqa: E402
-from dair.tui.widgets.layermap import LayerMap, _ticks  # noqa: E402
+from dair.tui.widgets.layermap import LayerMap, _ticks, layer_edges  # noqa: E402
 from dair.tui.widgets.nodes import row_cells  # noqa: E402
 from dair.tui.widgets.settings import Settings, parse_settings  # noqa: E402
 
@@ -80,7 +80,8 @@ def test_layer_map_text() -> None:
     lm.cells = m.layer_cells()
     text = lm.render().plain
     assert "a 0-9" in text and "b 10-19 dead" in text and "20-29 uncovered" in text
-    assert _ticks(m.layer_cells(), 2).split() == ["0", "10", "20", "29"]
+    assert _ticks(m.layer_cells(), layer_edges(30, 60)).split() == ["0", "10", "20", "29"]
+    assert layer_edges(30, 75)[-1] == 75 and layer_edges(30, 10)[-1] == 30
 
 
 def test_settings_parse() -> None:

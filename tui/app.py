@@ -5,6 +5,7 @@ Data comes only from `BusLink` (tui/link.py) as messages; handlers here fold it 
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class DairApp(App[int]):
         self.run_worker(self.link.run(), name="bus-link", group="bus", exclusive=True, exit_on_error=False)
 
     def on_unmount(self) -> None:
+        # Free this conversation's KV caches on the stages rather than leave them to time out.
+        self.link.new_conversation()
         self.link.stop()
 
     # --- data from the link --------------------------------------------------------------------
@@ -110,7 +113,7 @@ class DairApp(App[int]):
 
     def on_welcome(self, msg: Welcome) -> None:
         m = msg.model
-        name = str(m.get("title") or m.get("name") or Path(str(m.get("path", "model"))).name)
+        name = str(m.get("name") or Path(str(m.get("path", "model"))).name)
         self.model_name = name
         self.query_one(StatusLine).model = f"{name} · {m.get('n_layers', '?')} layers"
         hb, live = msg.extra.get("heartbeat_ms"), msg.extra.get("liveness")
@@ -198,6 +201,12 @@ class DairApp(App[int]):
         self.query_one(Transcript).follow()
 
     # --- actions ---------------------------------------------------------------------------------
+    async def action_quit(self) -> None:
+        # Close the session while the link is still up, so the stages free its KV caches now.
+        self.link.new_conversation()
+        await asyncio.sleep(0.05)
+        self.exit()
+
     def action_stop(self) -> None:
         if self.generating:
             self.link.cancel()

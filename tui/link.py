@@ -152,7 +152,8 @@ class BusLink:
         finally:
             self._dealer = None
             self.connected = False
-            dealer.close(linger=0)
+            # On the way out, give a last session_close a moment to leave; on a lost bus, drop it.
+            dealer.close(linger=200 if self._stop.is_set() else 0)
             sub.close(linger=0)
 
     async def _pump(self, dealer: zmq.asyncio.Socket, sub: zmq.asyncio.Socket) -> None:

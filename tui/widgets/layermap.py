@@ -20,19 +20,19 @@ class LayerMap(Widget):
         n = len(cells)
         if not n:
             return Text("layer map: waiting for the bus's stats", style="dim")
-        width = max(1, self.size.width)
-        per = max(1, width // n)
+        edges = layer_edges(n, self.size.width)
         bar = Text()
-        for c in cells:
+        for i, c in enumerate(cells):
+            w = edges[i + 1] - edges[i]
             if c.kind == "live" and c.node is not None:
-                bar.append("█" * per, style=c.node.colour)
+                bar.append("█" * w, style=c.node.colour)
             elif c.kind == "loading" and c.node is not None:
-                bar.append("▒" * per, style=c.node.colour)
+                bar.append("▒" * w, style=c.node.colour)
             elif c.kind == "dead":
-                bar.append("╳" * per, style="bold red on #3a0000")
+                bar.append("╳" * w, style="bold red on #3a0000")
             else:
-                bar.append("░" * per, style="bold red")
-        ticks = Text(_ticks(cells, per), style="dim")
+                bar.append("░" * w, style="bold red")
+        ticks = Text(_ticks(cells, edges), style="dim")
         legend = Text()
         runs: list[tuple[int, int, LayerCell]] = []
         for i, c in enumerate(cells):
@@ -54,15 +54,22 @@ class LayerMap(Widget):
         return Text("\n").join([bar, ticks, legend])
 
 
-def _ticks(cells: list[LayerCell], per: int) -> str:
+def layer_edges(n: int, width: int) -> list[int]:
+    """Column where each layer starts (and the end): the bar fills the width, each layer gets at
+    least one column."""
+    w = max(n, width)
+    return [i * w // n for i in range(n + 1)]
+
+
+def _ticks(cells: list[LayerCell], edges: list[int]) -> str:
     """Layer numbers under the bar where each owner's range starts, and the last layer."""
     n = len(cells)
-    line = [" "] * (per * n)
+    line = [" "] * edges[-1]
     free = 0  # first column not yet written, so labels never overlap
     for i, c in enumerate(cells):
         if i and cells[i - 1].node is c.node and cells[i - 1].kind == c.kind:
             continue
-        label, at = str(i), i * per
+        label, at = str(i), edges[i]
         if at >= free and at + len(label) <= len(line):
             line[at:at + len(label)] = label
             free = at + len(label) + 1

@@ -38,9 +38,16 @@ class NodesTable(DataTable):
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
+        self.show_cursor = False  # a highlighted row would read as "selected" when nobody is browsing
         self.zebra_stripes = True
         for key, label in COLUMNS:
             self.add_column(label, key=key)
+
+    def on_focus(self) -> None:
+        self.show_cursor = True
+
+    def on_blur(self) -> None:
+        self.show_cursor = False
 
     def show(self, nodes: list[NodeView], stale: bool = False) -> None:
         keys = [n.node for n in nodes]

@@ -20,6 +20,7 @@ class StatusLine(Widget):
         if self.link == "connected":
             t.append("● connected ", style="bold green")
             t.append(self.addr, style="dim")
+            t.append(" ")
             if self.model:
                 t.append(f"  {self.model}")
             if self.ready:
