@@ -94,6 +94,13 @@ class ClusterModel:
         nodes = stats.get("nodes")
         self.nodes = [self._node(n, t) for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
         self.nodes.sort(key=lambda n: (n.first, n.last, n.name))
+        gaps = self.uncovered()
+        if gaps:
+            # A node we already count as dead (silent too long) makes the pipeline not ready even
+            # before the bus's next verdict says so.
+            self.ready = False
+            if not self.problems:
+                self.problems = [f"layers {a}-{b} {kind}" if a != b else f"layer {a} {kind}" for a, b, kind in gaps]
         sessions = stats.get("sessions")
         self.sessions = len(sessions) if isinstance(sessions, list) else 0
         totals = stats.get("totals") if isinstance(stats.get("totals"), dict) else {}
