@@ -70,8 +70,9 @@ def _encode(t: Tensor, qtype: str) -> list[bytes]:
 
 
 def convert_gguf_to_dllama(src: str | Path, dst: str | Path, weight_type: str = "q40",
-                           progress: bool = False) -> tuple[Path, Path]:
-    """Write `dst` (.m) and its `.t` next to it; returns both paths."""
+                           progress: bool = False) -> tuple[Path, Path | None]:
+    """Write `dst` (.m) and its `.t` next to it; returns both paths (no .t for a GGUF
+    without a tokenizer)."""
     if weight_type not in WEIGHT_TYPES:
         raise DairError(f"weight type {weight_type!r} is not one of {', '.join(WEIGHT_TYPES)}")
     wq = WEIGHT_TYPES[weight_type]
@@ -106,6 +107,9 @@ def convert_gguf_to_dllama(src: str | Path, dst: str | Path, weight_type: str = 
         finally:
             if tmp.exists():
                 tmp.unlink()
+        if mf.get("tokenizer.ggml.model") is None:
+            print(f"dair: {src} has no tokenizer; wrote no .t", file=sys.stderr)
+            return dst, None
         from dair.tokenizer import load_tokenizer
         from dair.tokenizer.dllama_t import write_t
 

@@ -35,7 +35,8 @@ ROPE_LLAMA3_1 = 2
 # weights_float_type -> our qtype name (Q40/Q80 share GGUF Q4_0/Q8_0 block layouts)
 FLOAT_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q8_0"}
 FLOAT_TYPE_IDS = {v: k for k, v in FLOAT_TYPES.items()}
-NORM_EPS = {5: 1e-5, 6: 1e-6}
+# float32 values, as dllama (and GGUF) hold them
+NORM_EPS = {5: float(np.float32(1e-5)), 6: float(np.float32(1e-6))}
 
 # Per-layer tensors in file order: (GGUF short name, shape fn, stored in the weights type?)
 _LAYER_ORDER = (

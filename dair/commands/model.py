@@ -178,5 +178,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     m_path, t_path = convert_gguf_to_dllama(args.input, args.output, weight_type=args.type,
                                             progress=sys.stderr.isatty())
     print(m_path)
-    print(t_path)
+    if t_path is not None:
+        print(t_path)
     return 0
