@@ -76,6 +76,8 @@ class Node:
             "bad_frames": int(self.stage_stats.get("bad_frames", 0)),
             "sessions": int(self.stage_stats.get("sessions", 0)),
             "resident_bytes": int(self.stage_stats.get("resident_bytes", 0)),
+            "batches": int(self.stage_stats.get("batches", 0)),
+            "max_batch": int(self.stage_stats.get("max_batch", 0)),
         }
 
 

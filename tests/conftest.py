@@ -42,3 +42,7 @@ def local_backend(default_model):
     from dair.backend import LocalBackend
 
     return LocalBackend(default_model, quiet=True)
+
+
+# Local clusters (bus + stage processes) for the pipeline tests: tests/cluster_fixtures.py.
+from cluster_fixtures import cluster3, cluster_config  # noqa: E402, F401
