@@ -26,6 +26,11 @@ cdef extern from "qdot.h" nogil:
         int8_t* q
         float* d
         float* s
+        int32_t* isum
+    ctypedef struct dair_img:
+        int K
+        size_t rb
+        size_t img_bytes
     enum:
         DAIR_F32
         DAIR_F16
@@ -38,7 +43,16 @@ cdef extern from "qdot.h" nogil:
     int dair_simd_enabled
     const char* dair_simd_name()
     int dair_simd_compiled()
-    void dair_quantize_act_row(const float* x, int cols, int qtype, int8_t* q, float* d, float* s)
+    void dair_quantize_act_row(const float* x, int cols, int qtype, int8_t* q, float* d, float* s,
+                               int32_t* isum)
+    int dair_img_available()
+    int dair_img_init(dair_img* L, int qtype, int cols)
+    void dair_img_free(dair_img* L)
+    void dair_img_build(const dair_img* L, const int8_t* q, const float* d, const float* s, const int32_t* isum,
+                        uint8_t* img)
+    void dair_img_mm(const uint8_t* w, const dair_img* L, int r0, int r1, const uint8_t* img, size_t istride,
+                     int n, float* out, size_t ldo)
+    void* dair_alloc64(size_t n)
     void dair_dequant_row(const uint8_t* src, int qtype, int cols, float* dst)
     void dair_mm_float(const uint8_t* w, size_t rb, int qtype, int cols, int r0, int r1, const float* x, int n,
                        float* out, size_t ldo, float* scratch)
@@ -56,18 +70,43 @@ BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name i
 cdef double _PAR_MIN_BYTES = 48 * 1024.0
 
 
+# Use the AVX-512 "image" kernels (qimg.h) when built with them; off = per-block kernels.
+cdef bint _use_img = dair_img_available() != 0
+
+#: Quantized-kernel families this build can run, best first.
+KERNELS = tuple(k for k, ok in (("image", dair_img_available()), ("block", dair_simd_compiled()),
+                                ("scalar", 1)) if ok)
+
+
 def simd_name() -> str:
     """Instruction set of the quantized kernels in this build ("avx512vnni", "avx2" or "scalar")."""
     return dair_simd_name().decode() if dair_simd_enabled else "scalar"
 
 
-def set_simd(bint enabled) -> bool:
-    """Switch the SIMD kernels off (tests run the portable scalar fallback this way); returns the old state.
+def get_kernels() -> str:
+    """The quantized-kernel family in use: "image" (AVX-512 VNNI), "block" (AVX2 / VNNI-256) or "scalar"."""
+    if not dair_simd_enabled or not dair_simd_compiled():
+        return "scalar"
+    return "image" if _use_img else "block"
+
+
+def set_kernels(str name) -> str:
+    """Select a kernel family from KERNELS (tests and benchmarks compare them); returns the previous one.
 
     Not thread-safe: only for tests and benchmarks."""
-    global dair_simd_enabled
-    cdef bint old = dair_simd_enabled != 0
-    dair_simd_enabled = 1 if (enabled and dair_simd_compiled()) else 0
+    global dair_simd_enabled, _use_img
+    if name not in KERNELS:
+        raise ValueError(f"kernels {name!r} not available in this build (have {', '.join(KERNELS)})")
+    old = get_kernels()
+    dair_simd_enabled = 0 if name == "scalar" else 1
+    _use_img = name == "image"
+    return old
+
+
+def set_simd(bint enabled) -> bool:
+    """Best kernels (True) or the portable scalar fallback (False); returns whether SIMD was on."""
+    old = get_kernels() != "scalar"
+    set_kernels(KERNELS[0] if enabled else "scalar")
     return old
 
 
@@ -87,6 +126,8 @@ cdef class Weight:
     cdef int qt
     cdef size_t row_bytes
     cdef const uint8_t* ptr
+    cdef dair_img img
+    cdef bint has_img
 
     def __cinit__(self, raw, str qtype, int rows, int cols):
         if qtype not in _QT_CODES:
@@ -113,6 +154,11 @@ cdef class Weight:
         self.cols = cols
         self.row_bytes = rb
         self.ptr = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>raw)
+        self.has_img = qt >= DAIR_Q8_0 and dair_img_available() and dair_img_init(&self.img, qt, cols) == 0
+
+    def __dealloc__(self):
+        if self.has_img:
+            dair_img_free(&self.img)
 
     @property
     def nbytes(self) -> int:
@@ -180,30 +226,35 @@ cdef class Weight:
         cdef dair_act act
         cdef int nb = self.cols // DAIR_QK
         cdef int i, c, r0, r1
+        cdef bint img = self.has_img and _use_img and dair_simd_enabled
         act.n = n
         act.cols = self.cols
         act.nb = nb
         cdef size_t qbytes = ((<size_t>n * self.cols + 63) // 64) * 64
-        cdef char* buf = <char*>malloc(qbytes + <size_t>n * nb * 2 * sizeof(float))
+        cdef size_t istride = self.img.img_bytes if img else 0
+        cdef char* buf = <char*>dair_alloc64(qbytes + <size_t>n * nb * 3 * 4 + <size_t>n * istride + 64)
         if buf == NULL:
             return 1
-        act.q = <int8_t*>buf
-        act.d = <float*>(buf + qbytes)
+        cdef uint8_t* images = <uint8_t*>buf
+        act.q = <int8_t*>(buf + n * istride)
+        act.d = <float*>(buf + n * istride + qbytes)
         act.s = act.d + <size_t>n * nb
-        cdef int ntq = _nthreads(<double>n * self.cols * 4.0, _PAR_MIN_BYTES)
+        act.isum = <int32_t*>(act.s + <size_t>n * nb)
+        cdef int ntq = _nthreads(<double>n * self.cols * 8.0, _PAR_MIN_BYTES)
         if ntq == 1:
             for i in range(n):
-                dair_quantize_act_row(x + <size_t>i * self.cols, self.cols, self.qt, act.q + <size_t>i * self.cols,
-                                      act.d + <size_t>i * nb, act.s + <size_t>i * nb)
+                self._prep_row(x, i, &act, images, istride, img)
         else:
             for i in prange(n, num_threads=ntq, schedule="static"):
-                dair_quantize_act_row(x + <size_t>i * self.cols, self.cols, self.qt, act.q + <size_t>i * self.cols,
-                                      act.d + <size_t>i * nb, act.s + <size_t>i * nb)
+                self._prep_row(x, i, &act, images, istride, img)
         cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 0.5)
         cdef int nt = _nthreads(work, _PAR_MIN_BYTES)
         cdef int per = _split_rows(self.rows, nt)
         if nt == 1:
-            dair_mm_q(self.ptr, self.row_bytes, self.qt, 0, self.rows, &act, out, self.rows)
+            if img:
+                dair_img_mm(self.ptr, &self.img, 0, self.rows, images, istride, n, out, self.rows)
+            else:
+                dair_mm_q(self.ptr, self.row_bytes, self.qt, 0, self.rows, &act, out, self.rows)
         else:
             for c in prange(nt, num_threads=nt, schedule="static"):
                 r0 = c * per
@@ -211,9 +262,20 @@ cdef class Weight:
                 if r1 > self.rows:
                     r1 = self.rows
                 if r0 < r1:
-                    dair_mm_q(self.ptr, self.row_bytes, self.qt, r0, r1, &act, out, self.rows)
+                    if img:
+                        dair_img_mm(self.ptr, &self.img, r0, r1, images, istride, n, out, self.rows)
+                    else:
+                        dair_mm_q(self.ptr, self.row_bytes, self.qt, r0, r1, &act, out, self.rows)
         free(buf)
         return 0
+
+    cdef void _prep_row(self, const float* x, int i, dair_act* act, uint8_t* images, size_t istride,
+                        bint img) noexcept nogil:
+        cdef size_t qo = <size_t>i * self.cols
+        cdef size_t bo = <size_t>i * act.nb
+        dair_quantize_act_row(x + qo, self.cols, self.qt, act.q + qo, act.d + bo, act.s + bo, act.isum + bo)
+        if img:
+            dair_img_build(&self.img, act.q + qo, act.d + bo, act.s + bo, act.isum + bo, images + i * istride)
 
     def get_rows(self, ids, out=None):
         """out[i] = dequantized row ids[i] (embedding lookup); ids int32[n]."""

@@ -30,7 +30,7 @@
 
 #define DAIR_INLINE static inline __attribute__((always_inline))
 
-static int dair_simd_enabled = 1;
+static int dair_simd_enabled __attribute__((unused)) = 1;
 
 static const char *dair_simd_name(void) {
 #if defined(DAIR_HAVE_AVX512VNNI)
@@ -63,11 +63,13 @@ typedef struct {
     int8_t *q;
     float *d;
     float *s;
+    int32_t *isum; /* sum(q) per block */
 } dair_act;
 
 /* llama.cpp's runtime (AVX) quantize_row_q8_0/q8_1: id = 127/amax, round half
  * to even. Differs from the _ref versions only at exact .5 ties. */
-static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q, float *d, float *s) {
+static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q, float *d, float *s,
+                                  int32_t *isum) {
     int nb = cols / DAIR_QK;
     for (int b = 0; b < nb; b++) {
         const float *xb = x + (size_t)b * DAIR_QK;
@@ -102,6 +104,7 @@ static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q
         float dd = amax / 127.0f;
         float dr = dair_fp16_to_fp32(dair_fp32_to_fp16(dd));
         d[b] = dr;
+        isum[b] = sum;
         if (qtype == DAIR_Q4_1)
             s[b] = dair_fp16_to_fp32(dair_fp32_to_fp16(dd * (float)sum));
         else if (qtype == DAIR_Q4_0)
@@ -403,5 +406,7 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
                                                              a->q + (size_t)i * a->cols, a->d + (size_t)i * a->nb,
                                                              a->s + (size_t)i * a->nb);
 }
+
+#include "qimg.h"
 
 #endif

@@ -21,7 +21,7 @@ from gguf.quants import dequantize, quantize
 from dair.ops import threads
 from dair.ops.activation import add_inplace, silu_mul
 from dair.ops.attention import attention
-from dair.ops.matmul import BLOCK_LAYOUTS, Weight, set_simd, simd_name
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, set_kernels, set_simd, simd_name
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
 from dair.ops.wire import dequantize_into, dequantize_q8_0, quantize_q8_0
@@ -94,11 +94,12 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(params=[True, False], ids=["simd", "scalar"])
-def simd(request):
-    old = set_simd(request.param)
+@pytest.fixture(params=KERNELS)
+def kernels(request):
+    """Every quantized-kernel family of this build: "image" (AVX-512 VNNI), "block" (AVX2), "scalar"."""
+    old = set_kernels(request.param)
     yield request.param
-    set_simd(old)
+    set_kernels(old)
 
 
 def test_block_layouts_agree_with_gguf():
@@ -106,13 +107,20 @@ def test_block_layouts_agree_with_gguf():
         assert BLOCK_LAYOUTS[qt] == GGML_QUANT_SIZES[GGMLQuantizationType[qt]], qt
 
 
-def test_simd_name():
+def test_simd_name_and_kernels():
     assert simd_name() in ("avx512vnni", "avx2", "scalar")
+    assert get_kernels() == KERNELS[0] and KERNELS[-1] == "scalar"
+    with pytest.raises(ValueError, match="kernels"):
+        set_kernels("gpu")
+    assert set_simd(False) is (KERNELS[0] != "scalar")
+    assert get_kernels() == "scalar"
+    assert set_simd(True) is False
+    assert get_kernels() == KERNELS[0]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (70, 160)])
-def test_matmul_float_path(rng, qtype, rows, cols, simd):
+def test_matmul_float_path(rng, qtype, rows, cols, kernels):
     w, raw, wd = make_weight(rng, qtype, rows, cols)
     assert (w.rows, w.cols, w.qtype, w.nbytes) == (rows, cols, qtype, raw.nbytes)
     for n in (1, 3, 17):
@@ -127,7 +135,7 @@ def test_matmul_float_path(rng, qtype, rows, cols, simd):
 
 @pytest.mark.parametrize("qtype", QUANTIZED)
 @pytest.mark.parametrize("rows,cols", [(1, 32), (37, 96), (70, 160), (9, 576)])
-def test_matmul_q8_path(rng, qtype, rows, cols, simd):
+def test_matmul_q8_path(rng, qtype, rows, cols, kernels):
     w, raw, wd = make_weight(rng, qtype, rows, cols)
     for n in (1, 3, 17):
         x = rng.standard_normal((n, cols)).astype(np.float32)
@@ -141,16 +149,23 @@ def test_matmul_q8_path(rng, qtype, rows, cols, simd):
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_matmul_simd_equals_scalar(rng, qtype):
-    w, _, _ = make_weight(rng, qtype, 45, 224)
-    x = rng.standard_normal((6, 224)).astype(np.float32)
-    for act_q8 in (True, False):
-        old = set_simd(True)
-        a = w.matmul(x, act_q8=act_q8)
-        set_simd(False)
-        b = w.matmul(x, act_q8=act_q8)
-        set_simd(old)
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("cols", [64, 224, 576, 1536])
+def test_matmul_kernel_families_agree(rng, qtype, cols):
+    """Every family computes the same integer block sums; only float summation order differs."""
+    w, _, _ = make_weight(rng, qtype, 45, cols)
+    x = rng.standard_normal((6, cols)).astype(np.float32)
+    old = get_kernels()
+    try:
+        for act_q8 in (True, False):
+            results = []
+            for k in KERNELS:
+                set_kernels(k)
+                results.append(w.matmul(x, act_q8=act_q8))
+                np.testing.assert_array_equal(w.matmul(x[:1], act_q8=act_q8), w.matmul(x, act_q8=act_q8)[:1])
+            for r in results[1:]:
+                np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-4)
+    finally:
+        set_kernels(old)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
