@@ -44,6 +44,9 @@ def _reader(path: Path) -> Any:
         def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
             end = int(offset) + np.dtype(dtype).itemsize * int(count)
             if end > len(self.data):
+                if end > 1 << 40:  # no real file is that big: a length field is garbage
+                    raise ModelFormatError(path,
+                                           f"corrupt header: a length field points to byte {end}")
                 raise _Truncated(end, len(self.data))
             return super()._get(offset, dtype, count, override_order)
 
@@ -75,6 +78,8 @@ class GGUFModel(ModelFile):
             reader = _reader(self.path)
         except _Truncated as e:
             raise ModelFormatError(self.path, str(e)) from None
+        except ModelFormatError:
+            raise
         except FileNotFoundError:
             raise ModelFormatError(self.path, "no such file") from None
         except Exception as e:  # the gguf package raises bare ValueError/IndexError/struct errors

@@ -123,6 +123,12 @@ def test_convert_cli(tmp_path, capsys):
     assert info["format"] == "dllama" and info["layer_tensor_types"]["attn_q"] == "Q8_0"
 
 
+def test_m_without_t_has_no_tokenizer(tiny_m):
+    assert not tiny_m.with_suffix(".t").exists()  # the tiny GGUF has no tokenizer: no .t written
+    with open_model(tiny_m) as m, pytest.raises(DairError, match="no tokenizer next to it"):
+        load_tokenizer(m)
+
+
 def test_convert_refuses_dllama_input(smol_m, tmp_path):
     with pytest.raises(DairError, match="reads GGUF"):
         convert_gguf_to_dllama(smol_m, tmp_path / "x.m", "f32")

@@ -155,6 +155,13 @@ def test_bad_magic(tmp_path):
     assert "bad magic" in _err(p)
 
 
+def test_corrupt_length_field(tmp_path, default_model):
+    p = tmp_path / "bad.gguf"
+    with open(default_model, "rb") as f:
+        p.write_bytes(f.read(24) + b"\xff" * 100)
+    assert "corrupt header" in _err(p)
+
+
 def test_missing_file(tmp_path):
     assert "no such file" in _err(tmp_path / "nope.gguf")
 
