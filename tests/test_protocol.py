@@ -1,0 +1,110 @@
+"""The wire protocol in isolation: framing, validation, compression, activation formats, tiling."""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from dair.bus import protocol as P
+from dair.bus import wire
+from dair.bus.registry import coverage_problems
+
+
+def act(layer: int = 3, n: int = 2, dim: int = 64, dtype: str = "f32") -> tuple[dict, list]:
+    segs = [{"sid": "s", "pos": 0, "ids": list(range(n)), "q": 1, "out": "sample"}]
+    x = np.arange(n * dim, dtype=np.float32).reshape(n, dim) / 100
+    return {"type": P.ACT, "layer": layer, "dtype": dtype, "shape": [n, dim], "segs": segs}, [wire.pack(x, dtype)]
+
+
+def roundtrip(header: dict, buffers: list = ()) -> tuple[dict, list]:
+    frames = [bytes(memoryview(f).cast("B")) for f in P.encode(header, buffers)]
+    return P.decode(frames)
+
+
+def test_every_type_has_a_schema_and_a_direction():
+    directed = P.STAGE_TO_BUS | P.CLIENT_TO_BUS | P.BUS_TO_STAGE
+    replies = {P.WELCOME, P.TOKEN, P.DONE, P.OPENED, P.CLOSED, P.SCORED, P.CLUSTER}
+    assert directed | replies == set(P.SCHEMAS)
+
+
+@pytest.mark.parametrize("dtype", P.DTYPES)
+def test_act_roundtrip_and_buffer_length(dtype):
+    h, bufs = act(dtype=dtype)
+    got, gbufs = roundtrip(h, bufs)
+    assert got["layer"] == 3 and got["v"] == P.VERSION
+    x = wire.unpack(gbufs[0], dtype, 2, 64)
+    assert np.allclose(x, np.arange(128, dtype=np.float32).reshape(2, 64) / 100, atol=0.01)
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode([P.encode(h)[0], bytes(memoryview(bufs[0]).cast("B"))[:-1]])
+    assert e.value.code == P.E_BUFFER
+
+
+def test_q8_0_is_34_bytes_per_32_values_and_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 576)).astype(np.float32) * 3
+    buf = np.asarray(wire.pack(x, "q8_0")).view(np.uint8)
+    assert buf.nbytes == 5 * 18 * 34 == P.row_bytes("q8_0", 576) * 5
+    ref = wire.quantize_q8_0_np(x)
+    assert np.array_equal(wire.dequantize_q8_0_np(buf, 5, 576), wire.dequantize_q8_0_np(ref, 5, 576))
+    err = np.abs(wire.unpack(buf, "q8_0", 5, 576) - x).max()
+    assert err <= np.abs(x).max() / 127  # half a step of the largest block's scale, with margin
+
+
+@pytest.mark.parametrize("mutate, code", [
+    (lambda h: h.update(v=2), P.E_VERSION),
+    (lambda h: h.update(type="nonsense"), P.E_UNKNOWN_TYPE),
+    (lambda h: h.pop("layer"), P.E_MISSING),
+    (lambda h: h.update(layer="3"), P.E_BAD_FIELD),
+    (lambda h: h.update(layer=True), P.E_BAD_FIELD),
+    (lambda h: h.update(layer=-1), P.E_LAYER),
+    (lambda h: h.update(shape=[3, 64]), P.E_BAD_FIELD),
+    (lambda h: h.update(dtype="f64"), P.E_BAD_FIELD),
+    (lambda h: h["segs"][0].pop("sid"), P.E_BAD_FIELD),
+    (lambda h: h["segs"][0].update(ids=[-1, 2]), P.E_BAD_FIELD),
+    (lambda h: h["segs"][0].update(out="logits"), P.E_BAD_FIELD),
+])
+def test_invalid_act_headers_are_named(mutate, code):
+    h, bufs = act()
+    mutate(h)
+    raw = msgpack.packb({**h, "v": h.get("v", 1)})
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode([raw, bytes(memoryview(bufs[0]).cast("B"))])
+    assert e.value.code == code
+
+
+def test_garbage_and_too_many_frames():
+    for frames in ([b"\xc1"], [b""], [msgpack.packb([1, 2])], [b"x"] * 9, []):
+        with pytest.raises(P.ProtocolError) as e:
+            P.decode(frames)
+        assert e.value.code == P.E_BAD_FRAME
+
+
+def test_large_headers_are_lz4_compressed_and_bounded():
+    ids = [504, 3575, 282, 4649, 314] * 4000
+    plain = P.encode({"type": P.GENERATE, "req": 1, "ids": ids}, lz4_min_bytes=0)
+    frames = P.encode({"type": P.GENERATE, "req": 1, "ids": ids}, lz4_min_bytes=4096)
+    assert len(frames[0]) < len(plain[0]) / 10 and b"z" in frames[0][:40]
+    h, _ = P.decode(frames)
+    assert h["ids"] == ids
+    # A forged size prefix is refused before anything is decompressed.
+    bomb = msgpack.packb({"v": 1, "type": P.STATUS, "z": (2**31).to_bytes(4, "little") + b"\0" * 8})
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode([bomb])
+    assert e.value.code == P.E_TOO_LARGE
+
+
+def test_layer_zero_takes_ids_not_buffers():
+    h = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [2],
+         "segs": [{"sid": "s", "pos": 0, "ids": [5, 6], "q": 1}]}
+    assert roundtrip(h)[0]["segs"][0]["ids"] == [5, 6]
+    with pytest.raises(P.ProtocolError):
+        P.decode([P.encode(h)[0], b"\0" * 8])
+
+
+def test_coverage_reports_gaps_and_overlaps_by_layer():
+    assert coverage_problems([(0, 9), (10, 19), (20, 29)], 30) == []
+    assert coverage_problems([(0, 3), (4, 28), (29, 29)], 30) == []
+    assert coverage_problems([(0, 9), (20, 29)], 30) == ["layers 10-19 not covered"]
+    assert coverage_problems([(0, 12), (10, 29)], 30) == ["layers 10-12 owned by more than one stage"]
+    assert coverage_problems([(0, 28)], 30) == ["layer 29 not covered"]
+    assert "outside" in coverage_problems([(0, 40)], 30)[0]
