@@ -168,8 +168,9 @@ class DairApp(App[int]):
         if msg.req != self.req or self.reply is None:
             return
         reply = self.reply
-        # `done.text` is the whole answer; it wins over the streamed pieces if they differ.
-        if msg.text:
+        # The streamed pieces are the answer; `done.text` only fills in when nothing streamed
+        # (it may carry the end-of-turn token's text, which is not part of the answer).
+        if not reply.text and msg.text:
             reply.text = msg.text
         self.messages.append({"role": "assistant", "content": reply.text.strip()})
         secs = max(1e-9, time.monotonic() - self._reply_started)

@@ -25,6 +25,9 @@ class Throughput(Vertical):
         self.query_one(Sparkline).data = history or [0.0]
         self.tok_s, self.tokens, self.bytes_per_token, self.sessions = tok_s, tokens, bytes_per_token, sessions
 
+    def on_mount(self) -> None:
+        self._refresh_labels()
+
     def watch_tok_s(self) -> None:
         self._refresh_labels()
 
