@@ -132,7 +132,7 @@ class DairApp(App[int]):
         self.query_one(NodesTable).show(c.nodes, stale=stale)
         self.query_one(LayerMap).show(c.layer_cells())
         self.query_one(Throughput).show(list(c.tok_s), c.current_tok_s, c.tokens_total, c.bytes_per_token,
-                                        c.sessions)
+                                        c.sessions, c.hops)
         status = self.query_one(StatusLine)
         status.ready = c.ready
         status.problems = tuple(c.problems)

@@ -78,6 +78,7 @@ class ClusterModel:
     act_bytes: int = 0
     bytes_per_token: float | None = None
     bytes_per_token_hop: float | None = None
+    hops: int = 0
     sessions: int = 0
     _prev_t: float | None = None
     _prev_tokens: int | None = None
@@ -108,7 +109,9 @@ class ClusterModel:
         self.act_bytes = int(_num(totals, "act_bytes", 0) or 0)
         # The bus reports activation bytes per token per hop; a sum over hops is what one token costs.
         per_hop = _num(totals, "bytes_per_token_hop")
-        hops = max(0, len({(n.first, n.last) for n in self.nodes if n.live}) - 1)
+        # Hops of the whole pipeline (dead stages included), so a death does not halve the figure.
+        hops = max(0, len({(n.first, n.last) for n in self.nodes}) - 1)
+        self.hops = hops
         self.bytes_per_token = _num(totals, "bytes_per_token")
         if self.bytes_per_token is None and per_hop:
             self.bytes_per_token = per_hop * max(1, hops)

@@ -14,6 +14,7 @@ class Throughput(Vertical):
     tokens: reactive[int] = reactive(0)
     bytes_per_token: reactive[float | None] = reactive(None)
     sessions: reactive[int] = reactive(0)
+    hops: reactive[int] = reactive(0)
 
     def compose(self) -> ComposeResult:
         yield Label("", id="tp-label")
@@ -21,9 +22,10 @@ class Throughput(Vertical):
         yield Label("", id="tp-totals")
 
     def show(self, history: list[float], tok_s: float, tokens: int, bytes_per_token: float | None,
-             sessions: int) -> None:
+             sessions: int, hops: int = 0) -> None:
         self.query_one(Sparkline).data = history or [0.0]
         self.tok_s, self.tokens, self.bytes_per_token, self.sessions = tok_s, tokens, bytes_per_token, sessions
+        self.hops = hops
 
     def on_mount(self) -> None:
         self._refresh_labels()
@@ -37,12 +39,16 @@ class Throughput(Vertical):
     def watch_bytes_per_token(self) -> None:
         self._refresh_labels()
 
+    def watch_hops(self) -> None:
+        self._refresh_labels()
+
     def watch_sessions(self) -> None:
         self._refresh_labels()
 
     def _refresh_labels(self) -> None:
         if not self.is_mounted:
             return
-        self.query_one("#tp-label", Label).update(f"{self.tok_s:5.1f} tok/s now · {self.sessions} sessions")
+        self.query_one("#tp-label", Label).update(f"{self.tok_s:5.1f} tok/s now · {self.sessions} session{'' if self.sessions == 1 else 's'}")
         bpt = "-" if self.bytes_per_token is None else fmt.human_bytes(self.bytes_per_token)
-        self.query_one("#tp-totals", Label).update(f"{self.tokens} tokens served · {bpt}/token on wire")
+        hops = f" ({self.hops} hops)" if self.hops else ""
+        self.query_one("#tp-totals", Label).update(f"{self.tokens} tokens · {bpt}/token on wire{hops}")
