@@ -103,7 +103,7 @@ def top_logits(logits: np.ndarray, k: int, targets: np.ndarray | None = None
     vals = np.take_along_axis(logits, idx, axis=1)
     order = np.argsort(-vals, axis=1, kind="stable")
     idx, vals = np.take_along_axis(idx, order, 1), np.take_along_axis(vals, order, 1)
-    top = [[(int(i), float(v)) for i, v in zip(r_i, r_v)] for r_i, r_v in zip(idx, vals)]
+    top = [[(int(i), float(v)) for i, v in zip(r_i, r_v, strict=False)] for r_i, r_v in zip(idx, vals, strict=False)]
     logprobs = None
     if targets is not None:
         m = logits.max(axis=1, keepdims=True).astype(np.float64)

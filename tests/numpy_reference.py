@@ -6,7 +6,7 @@ cannot hide in it. Slow and simple on purpose.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from gguf import GGUFReader
@@ -27,7 +27,7 @@ class NumpyLlama:
         self.theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
         self._tensors = {t.name: t for t in r.tensors}
 
-    @lru_cache(maxsize=None)  # noqa: B019 - one model per test session
+    @cache  # noqa: B019 - one model per test session
     def w(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         a = dequantize(t.data, t.tensor_type).astype(np.float32)
