@@ -6,12 +6,15 @@ plain code over the kernels in dair.ops, in the spirit of llama2.c's run.c.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from dair.engine.kvcache import SessionCache
+from dair.engine.residency import Residency, Unit, _addr
 from dair.engine.rope import inv_freq
 from dair.errors import DairError
 from dair.ops.activation import silu_mul
@@ -24,8 +27,8 @@ from dair.ops.threads import set_num_threads
 Segment = tuple[str, np.ndarray]  # (session id, int32 positions of its rows in x)
 
 
-def _weight(t) -> Weight:
-    return Weight(t.raw, t.qtype, t.shape[0], t.shape[1])
+def _weight(t, raw: np.ndarray | None = None) -> Weight:
+    return Weight(t.raw if raw is None else raw, t.qtype, t.shape[0], t.shape[1])
 
 
 def _vector(t) -> np.ndarray:
@@ -59,10 +62,15 @@ class LayerWeights:
 
 
 class RangeEngine:
-    """Layers first..last of a model file, with a KV cache per session."""
+    """Layers first..last of a model file, with a KV cache per session.
+
+    `max_ram` (bytes, None = unlimited) is the budget for resident weights: a range that does
+    not fit streams its layers from disk (dair.engine.residency); `stats()` says which.
+    """
 
     def __init__(self, model, first: int, last: int, threads: int = 0, act_q8: bool = True,
-                 max_context: int = 0) -> None:
+                 max_context: int = 0, max_ram: int | None = None, residency: str = "mmap",
+                 drop_cache: bool = False) -> None:
         cfg = model.config
         if not (0 <= first <= last < cfg.n_layers):
             raise DairError(f"{model.path}: layer range {first}-{last} does not fit a model of "
@@ -84,6 +92,38 @@ class RangeEngine:
             tied = self.embedding is not None and model.output is model.embedding
             self.output = self.embedding if tied else _weight(model.output)
         self.sessions: dict[str, SessionCache] = {}
+        self.residency = Residency(model, self._units(), max_ram, method=residency, drop_cache=drop_cache,
+                                   rebuild=self._rebuild)
+        self._streaming = self.residency.mode == "streaming"
+
+    def _units(self) -> list[Unit]:
+        def unit(key: int | str, tensors: list) -> Unit:
+            addrs = [(_addr(t.raw), t.nbytes) for t in tensors]
+            return Unit(key, min(a for a, _ in addrs), max(a + n for a, n in addrs),
+                        min(t.offset for t in tensors), tensors)
+
+        units = [unit(j, list(self.model.layer_tensors(self.first + j).values())) for j in range(len(self.layers))]
+        if self.has_head:
+            units.append(unit("head", [self.model.output]))
+        return units
+
+    def _rebuild(self, u: Unit, raw_of: Any) -> Any:
+        """Weights of unit u over a read buffer (pread residency)."""
+        if u.key == "head":
+            return _weight(self.model.output, raw_of(self.model.output))
+        t, w = self.model.layer_tensors(self.first + int(u.key)), self.layers[int(u.key)]
+        return replace(w, **{f: _weight(t[name], raw_of(t[name])) for f, name in (
+            ("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"),
+            ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down"))})
+
+    def stats(self) -> dict[str, Any]:
+        """Residency figures: mode ("resident" | "streaming"), resident_bytes, disk_read_bytes,
+        disk_read_mb_s, disk_wait_fraction (of the time spent in run_layers/head), ..."""
+        return self.residency.stats()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (streaming mode); the engine is unusable afterwards."""
+        self.residency.close()
 
     # -- sessions ------------------------------------------------------------------------
     def open_session(self, sid: str) -> None:
@@ -105,7 +145,12 @@ class RangeEngine:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         if self.embedding is None:
             raise DairError(f"layers {self.first}-{self.last} do not include layer 0: no embedding here")
-        return self.embedding.get_rows(np.ascontiguousarray(ids, dtype=np.int32))
+        x = self.embedding.get_rows(np.ascontiguousarray(ids, dtype=np.int32))
+        if self._streaming and not (self.has_head and self.residency.units[-1].pinned
+                                    and self.output is self.embedding):
+            # The rows read stay mapped otherwise, and over a long chat add up to the whole table.
+            self.residency.release_span(self.model.embedding.raw)
+        return x
 
     def run_layers(self, x: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
         """Run every owned layer over x (rows = the segments' tokens, in order); returns new x."""
@@ -126,8 +171,15 @@ class RangeEngine:
         if start != n:
             raise DairError(f"segments cover {start} rows but the activation has {n}")
         all_pos = np.concatenate([p for _, p, _ in spans]) if len(spans) > 1 else spans[0][1]
+        t0 = time.perf_counter()
+        res = self.residency
         for j, w in enumerate(self.layers):
+            if self._streaming:
+                w = res.acquire(j) or w
             self._layer(j, w, x, spans, all_pos)
+            if self._streaming:
+                res.release(j)
+        res.busy_s += time.perf_counter() - t0
         for cache, pos, _ in spans:
             cache.length = max(cache.length, int(pos[-1]) + 1)
         return x
@@ -155,10 +207,22 @@ class RangeEngine:
     def head(self, x: np.ndarray) -> np.ndarray:
         if not self.has_head:
             raise DairError(f"layers {self.first}-{self.last} do not include the last layer: no head here")
+        t0 = time.perf_counter()
         h = rmsnorm(np.ascontiguousarray(x, dtype=np.float32), self.output_norm, self.cfg.rms_eps)
-        return self.output.matmul(h, act_q8=self.act_q8)
+        res, out = self.residency, self.output
+        if self._streaming:
+            out = res.acquire(len(self.layers)) or out
+        logits = out.matmul(h, act_q8=self.act_q8)
+        if self._streaming:
+            res.release(len(self.layers))
+        res.busy_s += time.perf_counter() - t0
+        return logits
 
     def resident_bytes(self) -> int:
+        """Weight bytes this engine holds in RAM: the whole range when resident, else the pinned
+        units and the streamed ones in flight (see stats())."""
+        if self._streaming:
+            return self.residency.resident_bytes()
         total = sum(w.nbytes() for w in self.layers)
         if self.embedding is not None:
             total += self.embedding.nbytes
