@@ -1,0 +1,79 @@
+"""`dair plan`: the layer placement dair would choose for nodes of given RAM budgets."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from dair.errors import DairError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="place the model's layers on nodes in proportion to their RAM budgets")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--budgets", metavar="SIZES", default=None,
+                     help="RAM budget of each node, e.g. 1G,2G,512M ('-' = unlimited)")
+    src.add_argument("--config", metavar="FILE", default=None,
+                     help="config file whose [[stages]] entries give max_ram (and optionally speed, name)")
+    p.add_argument("--speeds", metavar="X,Y,...", default=None,
+                   help="relative speed of each node (measured tokens/s or any ratio; default 1 each)")
+    p.add_argument("--model", metavar="PATH", default=None, help="model file (default: config, then the default model)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=handle)
+
+
+def _nodes_from_args(args: argparse.Namespace) -> list[Any]:
+    from dair.config import load_config
+    from dair.engine.placement import NodeCapacity
+    from dair.engine.residency import parse_size
+
+    if args.budgets:
+        budgets = [b.strip() for b in args.budgets.split(",")]
+        nodes = [NodeCapacity(f"node{i}", None if b in ("-", "") else parse_size(b)) for i, b in enumerate(budgets)]
+    else:
+        cfg = load_config(args.config)
+        stages = cfg.get("stages") or []
+        if not stages:
+            where = args.config or "the default config"
+            raise DairError(f"{where}: no [[stages]] entries to plan for (or give --budgets 1G,2G,...)")
+        default_ram = cfg.get("stage", {}).get("max_ram", "")
+        nodes = []
+        for i, st in enumerate(stages):
+            name = str(st.get("name") or st.get("host") or f"node{i}")
+            if st.get("host") and not st.get("name"):
+                name = f"{name}#{i}"
+            nodes.append(NodeCapacity(name, parse_size(st.get("max_ram", default_ram)), float(st.get("speed", 1.0))))
+    if args.speeds:
+        speeds = [float(s) for s in args.speeds.split(",")]
+        if len(speeds) != len(nodes):
+            raise DairError(f"--speeds gives {len(speeds)} values for {len(nodes)} nodes")
+        for nd, s in zip(nodes, speeds, strict=True):
+            nd.speed = s
+    return nodes
+
+
+def handle(args: argparse.Namespace) -> int:
+    from dair.commands.model import resolve_model_path
+    from dair.engine.placement import model_unit_bytes, place
+    from dair.engine.residency import format_size
+    from dair.model import open_model
+
+    nodes = _nodes_from_args(args)
+    path = resolve_model_path(args.model)
+    with open_model(path) as mf:
+        layer_bytes, head_bytes = model_unit_bytes(mf)
+        n_layers = mf.config.n_layers
+    plan = place(layer_bytes, nodes, head_bytes)
+    if args.json:
+        print(json.dumps({"model": str(path), "n_layers": n_layers, "layer_bytes_max": max(layer_bytes),
+                          "head_bytes": head_bytes, "stages": [p.to_dict() for p in plan]}, indent=2))
+        return 0
+    total = sum(layer_bytes) + head_bytes
+    print(f"model {path} ({n_layers} layers, {format_size(total)} of layer + head weights)")
+    print(f"{'node':14} {'budget':>10} {'speed':>6} {'layers':>8} {'n':>3} {'weights':>10} {'share':>6}  mode")
+    for p in plan:
+        budget = "unlimited" if p.budget is None else format_size(p.budget)
+        print(f"{p.name[:14]:14} {budget:>10} {p.speed:>6.2g} {p.layers:>8} {p.last - p.first + 1:>3} "
+              f"{format_size(p.nbytes):>10} {p.nbytes / total:>6.1%}  {p.mode}")
+    print("split: " + ",".join(p.layers for p in plan))
+    return 0

@@ -1,0 +1,108 @@
+"""Capacity-aware placement: contiguous layer ranges in proportion to each node's capacity.
+
+A node's capacity is its RAM budget for weights (bytes; None = unlimited) times an optional
+measured speed (tokens/s or any relative figure; 1.0 when unknown). Layer bytes, not layer
+counts, are what gets shared out, and the head (final norm + output matrix) is counted with the
+last layer since the last stage must hold it. Used by `dair plan` and by the bus for stages
+that register without --layers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dair.errors import DairError
+
+
+@dataclass
+class NodeCapacity:
+    name: str
+    budget: int | None = None  # bytes of weights it may hold resident; None = unlimited
+    speed: float = 1.0
+
+
+@dataclass
+class Placement:
+    name: str
+    first: int
+    last: int
+    nbytes: int  # weight bytes of its range (with the head on the last node)
+    budget: int | None
+    speed: float
+    mode: str  # "resident" if nbytes fits the budget, else "streaming"
+
+    @property
+    def layers(self) -> str:
+        return f"{self.first}-{self.last}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), layers=self.layers)
+
+
+def model_unit_bytes(model: Any) -> tuple[list[int], int]:
+    """(bytes of each layer, bytes of the head) of an open model file."""
+    c = model.config
+    layers = [b - a for a, b in (model.layer_byte_range(i) for i in range(c.n_layers))]
+    return layers, model.output.nbytes + model.output_norm.nbytes
+
+
+def place(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], head_bytes: int = 0) -> list[Placement]:
+    """Contiguous ranges covering every layer once, node k's share of the bytes proportional to
+    its capacity (the node with the largest budget goes last if the last one cannot hold the
+    head). DairError if a node cannot hold even one layer (or the head, when it is the
+    last node), or if there are more nodes than layers."""
+    n, k = len(layer_bytes), len(nodes)
+    if k == 0:
+        raise DairError("no nodes to place layers on")
+    if n < k:
+        raise DairError(f"{k} nodes but only {n} layers: every node needs at least one layer")
+    for node in nodes:
+        if node.budget is not None and node.budget <= 0:
+            raise DairError(f"node {node.name}: budget must be positive")
+        if node.speed <= 0:
+            raise DairError(f"node {node.name}: speed must be positive")
+    nodes = list(nodes)
+    if head_bytes and nodes[-1].budget is not None and nodes[-1].budget < head_bytes:
+        # The head is indivisible and must sit on the last node: give that place to the
+        # node with the largest budget rather than fail.
+        big = max(range(k), key=lambda i: float("inf") if nodes[i].budget is None else nodes[i].budget)
+        nodes.append(nodes.pop(big))
+    sizes = list(layer_bytes)
+    sizes[-1] += head_bytes
+    total = sum(sizes)
+    finite = [nd.budget for nd in nodes if nd.budget is not None]
+    # An unlimited node is worth the whole model (or the largest stated budget, if larger).
+    unlimited = max([total, *finite])
+    caps = [(nd.budget if nd.budget is not None else unlimited) * nd.speed for nd in nodes]
+    cum_bytes = [0]
+    for s in sizes:
+        cum_bytes.append(cum_bytes[-1] + s)
+    # Boundary j (after node j) at the layer whose cumulative bytes are nearest the target,
+    # kept strictly increasing so that every node gets at least one layer.
+    bounds, acc = [0], 0.0
+    for j in range(k - 1):
+        acc += caps[j]
+        target = total * acc / sum(caps)
+        lo, hi = bounds[-1] + 1, n - (k - 1 - j)
+        best = min(range(lo, hi + 1), key=lambda b: (abs(cum_bytes[b] - target), b))
+        bounds.append(best)
+    bounds.append(n)
+    out = []
+    for j, nd in enumerate(nodes):
+        first, last = bounds[j], bounds[j + 1] - 1
+        nbytes = cum_bytes[last + 1] - cum_bytes[first]
+        unit = max(layer_bytes[first:last + 1])
+        if last == n - 1 and head_bytes > unit:
+            unit = head_bytes
+        if nd.budget is not None and nd.budget < unit:
+            what = "the head" if unit == head_bytes and last == n - 1 else "one layer"
+            raise DairError(f"node {nd.name}: budget {_mib(nd.budget)} cannot hold even {what} "
+                            f"({_mib(unit)}); give it at least {_mib(unit)}")
+        mode = "resident" if nd.budget is None or nbytes <= nd.budget else "streaming"
+        out.append(Placement(nd.name, first, last, nbytes, nd.budget, nd.speed, mode))
+    return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
