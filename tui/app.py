@@ -176,7 +176,10 @@ class DairApp(App[int]):
         secs = max(1e-9, time.monotonic() - self._reply_started)
         n = msg.n_tokens or self._reply_tokens
         stop = {"eos": "end of answer", "length": "max tokens reached", "cancel": "stopped"}.get(msg.stop, msg.stop)
-        reply.note = f"{n} tokens · {n / secs:.1f} tok/s · {msg.n_prompt} prompt tokens · {stop}"
+        # The bus's decode rate leaves out the prefill; the wall-clock rate is the fallback.
+        rate = msg.timings.get("decode_tok_s")
+        rate = rate if isinstance(rate, (int, float)) and rate > 0 else n / secs
+        reply.note = f"{n} tokens · {rate:.1f} tok/s · {msg.n_prompt} prompt tokens · {stop}"
         self._end_reply()
 
     def on_generation_error(self, msg: GenerationError) -> None:

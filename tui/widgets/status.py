@@ -20,13 +20,12 @@ class StatusLine(Widget):
         if self.link == "connected":
             t.append("● connected ", style="bold green")
             t.append(self.addr, style="dim")
-            t.append(" ")
             if self.model:
-                t.append(f"  {self.model}")
+                t.append(f" · {self.model}")
             if self.ready:
-                t.append("  pipeline ready", style="green")
+                t.append(" · pipeline ready", style="green")
             else:
-                t.append("  not ready: ", style="bold red")
+                t.append(" · not ready: ", style="bold red")
                 t.append("; ".join(self.problems) or "waiting for stats", style="red")
         elif self.link == "reconnecting":
             t.append("◌ reconnecting ", style="bold yellow")
