@@ -258,6 +258,21 @@ def test_settings_modal_edits_sampling(cluster: Cluster) -> None:
     drive(DairApp(cluster.addr), body)
 
 
+def test_lost_session_is_reopened_transparently(cluster: Cluster) -> None:
+    """A session the bus no longer knows (evicted) is reopened once and the turn still answers."""
+    settings = Settings(temperature=0.0, top_p=1.0, max_tokens=8)
+
+    async def body(app: DairApp, pilot: object) -> None:
+        assert await until(pilot, lambda: app.link.connected and app.cluster.ready, 15)
+        app.link.sid = "no-such-session"
+        await pilot.press(*"Say hi.", "enter")  # type: ignore[attr-defined]
+        assert await until(pilot, lambda: not app.generating, 60)
+        assert app.messages[-1]["role"] == "assistant" and app.messages[-1]["content"]
+        assert app.link.sid not in (None, "no-such-session")
+
+    drive(DairApp(cluster.addr, settings=settings), body)
+
+
 def test_killed_stage_shows_dead_within_heartbeat_timeout(cluster: Cluster) -> None:
     """Runs last in this module: it kills the middle stage of the shared cluster."""
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LIVE = ("ready", "busy", "streaming")
+MAX_LAYERS = 4096
 
 # Owner colours; red is never one of them because red means dead or uncovered.
 PALETTE = ("#4e9a06", "#3465a4", "#c4a000", "#75507b", "#06989a", "#ce5c00", "#8ae234", "#729fcf",
@@ -88,7 +89,8 @@ class ClusterModel:
     def ingest(self, stats: dict[str, Any], now: float) -> None:
         """Take one stats map; `now` is used when the map carries no `t` of its own."""
         t = _num(stats, "t", now)
-        self.n_layers = int(_num(stats, "n_layers", self.n_layers) or 0)
+        # Bounded so that a corrupt figure cannot make the layer map allocate without end.
+        self.n_layers = max(0, min(MAX_LAYERS, int(_num(stats, "n_layers", self.n_layers) or 0)))
         self.ready = bool(stats.get("ready", False))
         problems = stats.get("problems")
         self.problems = [str(p) for p in problems] if isinstance(problems, list) else []

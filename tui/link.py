@@ -62,6 +62,8 @@ class BusLink:
         self._dealer: zmq.asyncio.Socket | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._last: tuple[int, list[dict[str, str]], dict[str, Any], int] | None = None
+        self._retried = False
         self._stop = asyncio.Event()
         self.received_stats = 0
 
@@ -73,7 +75,9 @@ class BusLink:
             self._post(GenerationError(req, "disconnected", f"not connected to the bus at {self.addr}"))
             return req
         self.active_req = req
-        self._spawn(self._generate(req, list(messages), dict(params), max_tokens))
+        self._last = (req, list(messages), dict(params), max_tokens)
+        self._retried = False
+        self._spawn(self._generate(*self._last))
         return req
 
     def cancel(self) -> None:
@@ -206,7 +210,13 @@ class BusLink:
                 self._post(GenerationDone(req, h["stop"], h["text"], len(h["ids"]), h["n_prompt"], h["timings"]))
         elif kind == P.ERROR:
             if h.get("code") == P.E_UNKNOWN_SESSION and h.get("sid") == self.sid:
-                self.sid = None  # the bus lost it (restart): the next turn opens a new one
+                self.sid = None  # the bus lost it (restart, eviction): the next turn opens a new one
+                if (self.active_req is not None and not self._retried and self._last is not None
+                        and self._last[0] == self.active_req and req in (None, self.active_req)):
+                    # Once, transparently: the bus re-prefills the conversation from its messages.
+                    self._retried = True
+                    self._spawn(self._generate(*self._last))
+                    return
             if req is not None and req in self._waiting:
                 fut = self._waiting.pop(req)
                 if not fut.done():
