@@ -36,6 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight type of the matrices (default q40; f32 is exact)")
     c.set_defaults(func=cmd_convert)
 
+    s = sub.add_parser("synth", help="write a synthetic GGUF of a real model shape (random weights)")
+    s.add_argument("output", help="target .gguf")
+    s.add_argument("--shape", default="tiny", help="llama-7b, llama-8b, llama-13b or tiny (default)")
+    s.add_argument("--type", choices=["q4_0", "q8_0"], default="q4_0", help="weight type (default q4_0)")
+    s.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(func=cmd_synth)
+
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from dair.model.fetch import fetch_default_model
@@ -180,4 +188,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(m_path)
     if t_path is not None:
         print(t_path)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dair.model.synth import synth_cli_progress, write_synth
+
+    progress = synth_cli_progress() if sys.stderr.isatty() else None
+    print(write_synth(args.output, args.shape, args.type, n_layers=args.layers, seed=args.seed, progress=progress))
     return 0
