@@ -55,6 +55,7 @@ class BusLink:
         self.stale_after_s = max(heartbeat_ms * liveness, 3 * stats_interval_ms) / 1000.0
         self.hello_timeout_s = hello_timeout_s
         self.connected = False
+        self.ever_connected = False
         self.model: dict[str, Any] = {}
         self.sid: str | None = None
         self.active_req: int | None = None
@@ -104,7 +105,7 @@ class BusLink:
         try:
             while not self._stop.is_set():
                 attempt += 1
-                state = "connecting" if attempt == 1 else "reconnecting"
+                state = "reconnecting" if self.ever_connected else "connecting"
                 self._post(LinkState(state, self.addr, attempt))
                 try:
                     heard = await self._serve(ctx)
@@ -148,7 +149,7 @@ class BusLink:
             self._adopt_timing(welcome)
             sub.connect(stats_address(self.addr, welcome.get("stats_port")))
             self._dealer = dealer
-            self.connected = True
+            self.connected = self.ever_connected = True
             self._post(Welcome(self.model, {k: v for k, v in welcome.items() if k not in ("v", "type", "model")}))
             self._post(LinkState("connected", self.addr))
             await self._pump(dealer, sub)

@@ -33,7 +33,9 @@ class StatusLine(Widget):
             t.append("  the bus is not answering; what is shown is stale", style="dim")
         else:
             t.append("◌ connecting ", style="bold yellow")
-            t.append(f"to {self.addr}", style="yellow")
+            t.append(f"to {self.addr}" + (f" (attempt {self.attempt})" if self.attempt > 1 else ""), style="yellow")
+            if self.attempt > 2:
+                t.append("  is the cluster up? `dair up` starts one", style="dim")
         if self.note:
             t.append(f"  {self.note}", style="italic")
         return t
