@@ -47,6 +47,7 @@ class DairApp(App[int]):
         Binding("escape", "stop", "Stop generation"),
         Binding("ctrl+n", "new_chat", "New chat", priority=True),
         Binding("f2", "settings", "Settings"),
+        Binding("f3", "toggle_dashboard", "Dashboard"),
         Binding("ctrl+t", "focus_table", "Nodes", show=False),
         Binding("ctrl+l", "focus_prompt", "Prompt", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -235,6 +236,12 @@ class DairApp(App[int]):
             self.query_one("#prompt", Input).focus()
 
         self.push_screen(SettingsScreen(self.settings), done)
+
+    def on_resize(self) -> None:
+        self.set_class(self.size.height < 32, "-short")
+
+    def action_toggle_dashboard(self) -> None:
+        self.toggle_class("-no-dashboard")
 
     def _describe_settings(self) -> None:
         self.query_one(Transcript).border_title = f"conversation · {self.settings.describe()}"
