@@ -6,6 +6,9 @@ Data comes only from `BusLink` (tui/link.py) as messages; handlers here fold it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,23 @@ class DairApp(App[int]):
         self.query_one(Throughput).border_title = "throughput"
         self.query_one("#prompt", Input).focus()
         self.run_worker(self.link.run(), name="bus-link", group="bus", exclusive=True, exit_on_error=False)
+        # `kill` (SIGTERM) quits as Ctrl+Q does, closing the session. A closed terminal (SIGHUP)
+        # cannot be restored (Textual's shutdown would wait on it forever): close the session,
+        # then die of the SIGHUP as a process without a handler would.
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.action_quit()))
+            loop.add_signal_handler(signal.SIGHUP, self._hangup)
+
+    def _hangup(self) -> None:
+        self.link.new_conversation()
+
+        def die() -> None:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGHUP)
+
+        asyncio.get_running_loop().call_later(0.2, die)
 
     def on_unmount(self) -> None:
         # Free this conversation's KV caches on the stages rather than leave them to time out.
