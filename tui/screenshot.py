@@ -17,11 +17,11 @@ from dair.tui.app import DairApp
 from dair.tui.widgets.settings import Settings
 
 TURNS = ("In one sentence: what is pipeline parallelism?",
-         "Give me three tips for running a language model on old laptops.")
+         "Write a short story about three old laptops that run a language model together.")
 
 
 async def shoot(bus: str, out: Path, size: tuple[int, int], after_tokens: int) -> None:
-    app = DairApp(bus, settings=Settings(temperature=0.3, top_p=0.9, max_tokens=200))
+    app = DairApp(bus, settings=Settings(temperature=0.3, top_p=0.9, max_tokens=400))
     async with app.run_test(size=size) as pilot:
 
         async def until(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
@@ -35,7 +35,10 @@ async def shoot(bus: str, out: Path, size: tuple[int, int], after_tokens: int) -
         await pilot.press(*TURNS[0], "enter")
         await until(lambda: not app.generating, 120)
         await pilot.press(*TURNS[1], "enter")
-        await until(lambda: app._reply_tokens >= after_tokens or not app.generating, 120)
+        # Wait for enough text and for a stats tick that saw this generation's tokens, so the
+        # sparkline and the rate show it.
+        await until(lambda: (app._reply_tokens >= after_tokens and app.cluster.current_tok_s > 0)
+                    or not app.generating, 120)
         await pilot.pause(0.1)
         app.save_screenshot(out.name, str(out.parent))
         print(f"wrote {out} ({'during' if app.generating else 'after'} the generation)")
