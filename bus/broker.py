@@ -216,7 +216,8 @@ class Broker:
             return
         name = node.node if node is not None else self.registry.new_name()
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
-                   last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"])
+                   last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
+                   rss_at_register=h["rss"])
         self.registry.add(new)
         self.send(ident, {"type": P.ASSIGN, "node": name, "first": h["first"], "last": h["last"],
                           "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})

@@ -102,8 +102,8 @@ class Link:
         self._stopping = True
 
     def run(self) -> int:
+        self._connect()  # registers first, so that its RSS is the process without its weights
         self.compute.start()
-        self._connect()
         poller = zmq.Poller()
         poller.register(self.dealer, zmq.POLLIN)
         poller.register(self._pair, zmq.POLLIN)

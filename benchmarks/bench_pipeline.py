@@ -1,0 +1,161 @@
+"""Pipeline benchmark: what the network between stages costs, as ratios against baselines
+measured in the same run (these machines are shared and noisy).
+
+- bytes on the wire per token per hop, f32 vs Q8_0;
+- added latency per hop on loopback (hop time seen by the bus minus the stage's compute time);
+- decode tokens/s of 3 stages vs 1 stage (and 1 stage vs the in-process engine);
+- aggregate tokens/s of 4 concurrent sessions vs 1 (batched decode on the stages);
+- RSS of each stage against its share of the weights.
+
+    python benchmarks/bench_pipeline.py [--tokens 64] [--threads 2] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dair.bus.client import BusClient
+from dair.bus.local import LocalCluster
+
+PROMPT = "The capital of France is"
+GREEDY = {"temperature": 0.0, "repeat_penalty": 1.0}
+
+
+def start(model: str, split: list[tuple[int, int]], threads: int, wire: str, log: Any) -> LocalCluster:
+    c = LocalCluster(model, split, threads=threads, wire=wire, log=log).start()
+    c.wait_ready(180)
+    return c
+
+
+def decode_rate(addr: str, tokens: int, runs: int) -> float:
+    """Median decode tok/s of one session, as the bus times it."""
+    rates = []
+    with BusClient(addr, timeout=300) as c:
+        list(c.generate(text=PROMPT, max_tokens=4, params=GREEDY))  # warm-up
+        for _ in range(runs):
+            done = list(c.generate(text=PROMPT, max_tokens=tokens, params=GREEDY, stop_ids=[]))[-1]
+            rates.append(done["timings"]["decode_tok_s"])
+    return statistics.median(rates)
+
+
+def aggregate_rate(addr: str, sessions: int, tokens: int) -> float:
+    """Tokens/s summed over `sessions` generations running at once."""
+    prompts = [PROMPT, "Once upon a time", "The best way to learn", "In 1492,", "Water boils at",
+               "My favourite food is"][:sessions]
+    with BusClient(addr, timeout=300) as c:
+        t0 = time.perf_counter()
+        reqs = [c.start_generate(text=p, max_tokens=tokens, params=GREEDY, stop_ids=[]) for p in prompts]
+        total = 0
+        for r in reqs:
+            for ev in c.events(r):
+                if ev["type"] == "done":
+                    total += len(ev["ids"])
+        return total / (time.perf_counter() - t0)
+
+
+def stats(addr: str) -> dict[str, Any]:
+    with BusClient(addr) as c:
+        return c.status()
+
+
+def in_process_rate(model: str, threads: int, tokens: int, runs: int) -> float:
+    from dair.backend import LocalBackend
+    from dair.engine.sampling import SamplingParams
+
+    b = LocalBackend(model, threads=threads, quiet=True)
+    ids = b.tokenizer.encode(PROMPT)
+    p = SamplingParams(temperature=0.0)
+    b.generate(ids, p, 4, set())
+    rates = [b.generate(ids, p, tokens, set())["timings"]["decode_tok_s"] for _ in range(runs)]
+    b.close()
+    return statistics.median(rates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model file (default: the fetched default model)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measured generation")
+    ap.add_argument("--runs", type=int, default=3, help="generations per decode measurement (median)")
+    ap.add_argument("--threads", type=int, default=2, help="kernel threads per stage")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    args = ap.parse_args(argv)
+    if args.model is None:
+        from dair.model.fetch import default_model_path
+
+        args.model = str(default_model_path())
+    log = open(Path(tempfile.gettempdir()) / "dair-bench-pipeline.log", "w", buffering=1)  # noqa: SIM115
+    r: dict[str, Any] = {"threads": args.threads, "tokens": args.tokens}
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+
+    say("in-process engine ...")
+    r["in_process_decode_tok_s"] = in_process_rate(args.model, args.threads, args.tokens, args.runs)
+
+    say("1 stage ...")
+    with start(args.model, [(0, 29)], args.threads, "q8_0", log) as c:
+        r["one_stage_decode_tok_s"] = decode_rate(c.addr, args.tokens, args.runs)
+        r["one_stage_4_sessions_tok_s"] = aggregate_rate(c.addr, 4, args.tokens)
+        r["one_stage_1_session_agg_tok_s"] = aggregate_rate(c.addr, 1, args.tokens)
+        st = stats(c.addr)
+        n = st["nodes"][0]
+        r["one_stage_hop_ms_p50"], r["one_stage_compute_ms_p50"] = n["hop_ms_p50"], n["compute_ms_p50"]
+
+    for wire in ("f32", "q8_0"):
+        say(f"3 stages, {wire} on the wire ...")
+        with start(args.model, [(0, 9), (10, 19), (20, 29)], args.threads, wire, log) as c:
+            r[f"three_stage_{wire}_decode_tok_s"] = decode_rate(c.addr, args.tokens, args.runs)
+            if wire == "q8_0":
+                r["three_stage_4_sessions_tok_s"] = aggregate_rate(c.addr, 4, args.tokens)
+                r["three_stage_1_session_agg_tok_s"] = aggregate_rate(c.addr, 1, args.tokens)
+            st = stats(c.addr)
+            r[f"bytes_per_token_hop_{wire}"] = st["totals"]["bytes_per_token_hop"]
+            nodes = st["nodes"]
+            r[f"three_stage_{wire}_hop_ms_p50"] = [n["hop_ms_p50"] for n in nodes]
+            r[f"three_stage_{wire}_compute_ms_p50"] = [n["compute_ms_p50"] for n in nodes]
+            r[f"three_stage_{wire}_added_ms_per_hop"] = statistics.median(
+                n["hop_ms_p50"] - n["compute_ms_p50"] for n in nodes)
+            r[f"three_stage_{wire}_max_batch"] = max(n["max_batch"] for n in nodes)
+            if wire == "q8_0":
+                r["rss"] = [{"layers": f"{n['first']}-{n['last']}", "rss_mb": n["rss"] / 2**20,
+                             "rss_before_weights_mb": n["rss_at_register"] / 2**20,
+                             "weights_share_mb": n["resident_bytes"] / 2**20,
+                             "growth_over_share": (n["rss"] - n["rss_at_register"]) / max(1, n["resident_bytes"])}
+                            for n in nodes]
+    log.close()
+
+    ratios = {
+        "bytes/token/hop q8_0 vs f32": r["bytes_per_token_hop_q8_0"] / r["bytes_per_token_hop_f32"],
+        "decode 3 stages (q8_0) vs 1 stage": r["three_stage_q8_0_decode_tok_s"] / r["one_stage_decode_tok_s"],
+        "decode 3 stages (f32) vs 1 stage": r["three_stage_f32_decode_tok_s"] / r["one_stage_decode_tok_s"],
+        "decode 1 stage vs in-process": r["one_stage_decode_tok_s"] / r["in_process_decode_tok_s"],
+        "aggregate 4 sessions vs 1 (3 stages)": r["three_stage_4_sessions_tok_s"] / r["three_stage_1_session_agg_tok_s"],
+        "aggregate 4 sessions vs 1 (1 stage)": r["one_stage_4_sessions_tok_s"] / r["one_stage_1_session_agg_tok_s"],
+    }
+    r["ratios"] = ratios
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print()
+    print(f"bytes per token per hop: f32 {r['bytes_per_token_hop_f32']:.0f}, q8_0 {r['bytes_per_token_hop_q8_0']:.0f}")
+    print(f"added latency per hop on loopback (bus hop minus stage compute, p50): "
+          f"{r['three_stage_q8_0_added_ms_per_hop']:.2f} ms (q8_0), {r['three_stage_f32_added_ms_per_hop']:.2f} ms (f32)")
+    print(f"decode tok/s: in-process {r['in_process_decode_tok_s']:.1f}, 1 stage {r['one_stage_decode_tok_s']:.1f}, "
+          f"3 stages q8_0 {r['three_stage_q8_0_decode_tok_s']:.1f}, f32 {r['three_stage_f32_decode_tok_s']:.1f}")
+    print(f"aggregate tok/s, 3 stages: 4 sessions {r['three_stage_4_sessions_tok_s']:.1f}, "
+          f"1 session {r['three_stage_1_session_agg_tok_s']:.1f} (largest batch {r['three_stage_q8_0_max_batch']})")
+    for row in r["rss"]:
+        print(f"stage {row['layers']:>6}: RSS {row['rss_mb']:.0f} MB ({row['rss_before_weights_mb']:.0f} MB before "
+              f"weights), weights share {row['weights_share_mb']:.1f} MB, growth/share {row['growth_over_share']:.2f}")
+    print()
+    for k, v in ratios.items():
+        print(f"{k:40} {v:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
