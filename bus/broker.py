@@ -99,9 +99,10 @@ class Broker:
 
     def model_info(self) -> dict[str, Any]:
         c = self.model.config
-        return {"path": str(self.model.path), "name": os.path.basename(str(self.model.path)),
-                "fingerprint": self.model.fingerprint,
-                "title": str(getattr(self.model, "metadata", {}).get("general.name", "") or ""), "n_layers": c.n_layers, "dim": c.dim,
+        title = str(getattr(self.model, "metadata", {}).get("general.name", "") or "")
+        return {"path": str(self.model.path), "file": os.path.basename(str(self.model.path)),
+                "name": title or os.path.basename(str(self.model.path)),
+                "fingerprint": self.model.fingerprint, "n_layers": c.n_layers, "dim": c.dim,
                 "vocab_size": c.vocab_size, "context_length": c.context_length,
                 "max_context": self.max_context, "eos_ids": sorted(self.eos_ids),
                 "bos_id": getattr(self.tok, "bos_id", None)}
@@ -217,7 +218,7 @@ class Broker:
         name = node.node if node is not None else self.registry.new_name()
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
                    last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
-                   rss_at_register=h["rss"])
+                   rss_at_register=h["rss"], max_ram=h.get("max_ram", 0))
         self.registry.add(new)
         self.send(ident, {"type": P.ASSIGN, "node": name, "first": h["first"], "last": h["last"],
                           "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})

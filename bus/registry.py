@@ -46,6 +46,7 @@ class Node:
     wire: str
     state: str
     rss: int = 0
+    max_ram: int = 0  # the stage's RAM budget for weights (0 = unlimited)
     rss_at_register: int = 0  # before the stage touched its weights: the process's own overhead
     cpu: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
@@ -68,7 +69,7 @@ class Node:
         return {
             "node": self.node, "name": self.name, "host": self.host, "pid": self.pid,
             "first": self.first, "last": self.last, "state": self.state, "rss": self.rss,
-            "rss_at_register": self.rss_at_register,
+            "rss_at_register": self.rss_at_register, "max_ram": self.max_ram,
             "cpu": self.cpu, "threads": self.threads, "wire": self.wire,
             "msgs_in": self.msgs_in, "msgs_out": self.msgs_out,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,

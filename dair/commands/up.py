@@ -90,7 +90,10 @@ def handle(args: argparse.Namespace) -> int:
         if args.tui:
             from dair.tui.app import run_tui
 
-            return run_tui(cluster.addr)
+            code = run_tui(cluster.addr)
+            if log_path:
+                print(f"dair up: the cluster's log is in {log_path}", file=sys.stderr)
+            return code
         say("dair up: Ctrl-C stops the cluster")
         while True:
             time.sleep(0.5)
