@@ -61,9 +61,22 @@ class BuildPyWithConfig(build_py):
             self.copy_file(str(HERE / "config.toml"), str(target))
 
 
+def _packages() -> dict[str, str]:
+    """Every package under the card's folders (subfolders with an __init__.py included)."""
+    found = {"dair": "dair"}
+    for top in ["dair", *PARTS]:
+        for init in sorted((HERE / top).rglob("__init__.py")):
+            rel = init.parent.relative_to(HERE)
+            parts = rel.parts if top == "dair" else ("dair", *rel.parts)
+            found[".".join(parts)] = str(rel)
+    return found
+
+
+PACKAGES = _packages()
+
 setup(
-    packages=["dair", "dair.commands"] + [f"dair.{p}" for p in PARTS],
-    package_dir={"dair": "dair", "dair.commands": "dair/commands", **{f"dair.{p}": p for p in PARTS}},
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
     package_data={"dair.tui": ["*.tcss"], "dair.ops": ["*.h", "*.pxd"]},
     ext_modules=_extensions(),
     cmdclass={"build_py": BuildPyWithConfig},
