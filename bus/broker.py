@@ -215,6 +215,9 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
             return
+        for old in list(self.registry.nodes.values()):  # a dead stage's row goes once its range is retaken
+            if old.state == DEAD and not (h["last"] < old.first or h["first"] > old.last):
+                self.registry.remove(old.ident)
         name = node.node if node is not None else self.registry.new_name()
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
                    last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
