@@ -287,8 +287,8 @@ class Broker:
     def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
         results = h["results"]
-        if results:
-            self._hop(node, results[0].get("q", -1), h.get("ct"))
+        q = h.get("q", results[0].get("q", -1) if results else -1)
+        self._hop(node, q if isinstance(q, int) else -1, h.get("ct"))
         steps = []
         for r in results:
             s = self.sessions.get(r["sid"])

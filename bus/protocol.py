@@ -84,7 +84,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     CLOSE: {"sid": (_STR, True)},
     ACT: {"layer": (_INT, True), "dtype": (_STR, True), "shape": (_LIST, True),
           "segs": (_LIST, True), "ct": (_NUM, False)},
-    TOKENS: {"results": (_LIST, True), "ct": (_NUM, False)},
+    TOKENS: {"results": (_LIST, True), "ct": (_NUM, False), "q": (_INT, False)},
     ERROR: {"code": (_STR, True), "msg": (_STR, True), "sid": (_STR, False),
             "req": (_INT, False), "fatal": (_BOOL, False)},
     HELLO: {"name": (_STR, False)},

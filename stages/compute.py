@@ -197,7 +197,8 @@ class Compute(threading.Thread):
         self.batched_segments += len(segs)
         self.max_batch_seen = max(self.max_batch_seen, len(segs))
         if self.engine.has_head:
-            self._send({"type": P.TOKENS, "results": results, "ct": ct})
+            # Sent even when empty (a prefill chunk that samples nothing): the bus times the hop by q.
+            self._send({"type": P.TOKENS, "results": results, "ct": ct, "q": segs[0]["q"]})
         else:
             self._send({"type": P.ACT, "layer": self.last + 1, "dtype": self.wire,
                         "shape": [int(y.shape[0]), int(y.shape[1])], "segs": segs, "ct": ct},
