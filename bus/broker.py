@@ -24,6 +24,9 @@ from dair.tokenizer import StreamDecoder
 # Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
 # stage 1 start on the next chunk while stage 2 runs this one.
 PREFILL_CHUNK = 256
+# An idle session whose client has sent nothing (not even a heartbeat) for this long is closed,
+# so that clients that vanish do not hold KV caches on the stages forever.
+CLIENT_SILENCE_S = 600.0
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 
 
@@ -55,6 +58,7 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
+        self.client_seen: dict[bytes, float] = {}
         self.tokens_total = 0
         self.act_bytes = 0
         self.act_rows = 0
@@ -142,6 +146,13 @@ class Broker:
         for node in self.registry.nodes.values():
             if node.state != DEAD:
                 self.send(node.ident, {"type": P.HEARTBEAT, "t": time.time()})
+        for s in list(self.sessions.values()):
+            if s.req is None and now - self.client_seen.get(s.client, now) > CLIENT_SILENCE_S:
+                self.log(f"closing session {s.sid}: its client has been silent for {CLIENT_SILENCE_S:.0f}s")
+                self.close_session(s)
+        for ident, seen in list(self.client_seen.items()):
+            if now - seen > CLIENT_SILENCE_S and not any(s.client == ident for s in self.sessions.values()):
+                del self.client_seen[ident]
 
     def on_frames(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
@@ -183,6 +194,7 @@ class Broker:
             {P.REGISTER: self.on_register, P.HEARTBEAT: self.on_stage_heartbeat, P.ACT: self.on_act,
              P.TOKENS: self.on_tokens, P.ERROR: self.on_stage_error}[t](ident, node, h, body)
             return
+        self.client_seen[ident] = time.monotonic()
         handler = {P.HELLO: self.on_hello, P.STATUS: self.on_status, P.GENERATE: self.on_generate,
                    P.SCORE: self.on_score, P.CANCEL: self.on_cancel, P.SESSION_OPEN: self.on_session_open,
                    P.SESSION_CLOSE: self.on_session_close, P.HEARTBEAT: None, P.ERROR: None}[t]
