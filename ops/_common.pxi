@@ -4,7 +4,6 @@
 # matrix-vector calls made hundreds of times per token.
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, int8_t
-cimport openmp
 
 import numpy as np
 
@@ -49,11 +48,32 @@ cdef inline int _no_overlap(object a, object b, str an, str bn) except -1:
     return 0
 
 
-cdef inline int _nthreads(double work, double per_thread_min) noexcept nogil:
-    """Threads worth using for `work` units: a parallel region costs a few microseconds,
-    so small kernels run on the calling thread."""
-    cdef int nt = openmp.omp_get_max_threads()
-    cdef int want = <int>(work / per_thread_min)
-    if want < 1:
-        want = 1
-    return want if want < nt else nt
+cdef extern from "pool.h" nogil:
+    ctypedef void (*dair_task_fn)(void* ctx, int chunk) noexcept nogil
+    ctypedef struct dair_pool_api:
+        pass
+    const dair_pool_api* dair_pool
+    void dair_parallel_for(int nchunks, dair_task_fn fn, void* ctx)
+    int dair_pool_threads()
+
+from cpython.pycapsule cimport PyCapsule_GetPointer
+
+from dair.ops.threads import _pool_api as _pool_capsule
+
+dair_pool = <const dair_pool_api*>PyCapsule_GetPointer(_pool_capsule, "dair.ops.pool")
+
+
+cdef inline int _chunks(double work, double per_chunk, int max_chunks) noexcept nogil:
+    """Chunks for a job of `work` units: about `per_chunk` each (a claim costs ~0.1 us, a
+    chunk should be worth ~1 us or more), at most max_chunks, one when running on one thread."""
+    cdef int nt = dair_pool_threads()
+    if nt <= 1:
+        return 1
+    cdef double want = work / per_chunk
+    if want < 1.0:
+        return 1
+    if want > 8.0 * nt:
+        want = 8.0 * nt
+    if want > max_chunks:
+        want = max_chunks
+    return <int>want if want >= 1.0 else 1

@@ -2,7 +2,6 @@
 """Elementwise kernels of the feed-forward block."""
 include "_common.pxi"
 
-from cython.parallel cimport prange
 from libc.math cimport expf
 
 
@@ -20,6 +19,20 @@ cdef inline void _add_span(float* x, const float* y, Py_ssize_t m) noexcept nogi
         x[j] = x[j] + y[j]
 
 
+ctypedef struct _Job:
+    float* g
+    const float* u
+    Py_ssize_t m, per
+
+
+cdef void _silu_chunk(void* p, int c) noexcept nogil:
+    cdef _Job* j = <_Job*>p
+    cdef Py_ssize_t a = c * j.per
+    cdef Py_ssize_t b = min(a + j.per, j.m)
+    if a < b:
+        _silu_mul_span(j.g + a, j.u + a, b - a)
+
+
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place; both float32[n, h]. Returns gate."""
     _check(gate, "gate", cnp.NPY_FLOAT32, 2, True)
@@ -28,16 +41,15 @@ def silu_mul(gate, up):
         raise ValueError(f"up: expected shape {gate.shape}, got {up.shape}")
     if gate is not up:
         _no_overlap(gate, up, "gate", "up")
-    cdef Py_ssize_t n = _dim(gate, 0), h = _dim(gate, 1), i
-    cdef float* gp = <float*>_data(gate)
-    cdef const float* up_ = <const float*>_data(up)
-    cdef int nt = _nthreads(<double>n * h * 16.0, 64 * 1024.0)
+    cdef Py_ssize_t n = _dim(gate, 0), h = _dim(gate, 1)
+    cdef _Job j
+    j.g = <float*>_data(gate)
+    j.u = <const float*>_data(up)
+    j.m = n * h
+    cdef int nch = _chunks(<double>j.m * 16.0, 32 * 1024.0, <int>((j.m + 255) // 256))
+    j.per = ((j.m + nch - 1) // nch + 15) // 16 * 16  # whole cache lines per chunk
     with nogil:
-        if nt == 1:
-            _silu_mul_span(gp, up_, n * h)
-        else:
-            for i in prange(n, num_threads=nt, schedule="static"):
-                _silu_mul_span(gp + i * h, up_ + i * h, h)
+        dair_parallel_for(nch, _silu_chunk, &j)
     return gate
 
 

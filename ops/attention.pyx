@@ -8,13 +8,36 @@ cache may be float32 or float16 (converted on the fly, F16C when available).
 """
 include "_common.pxi"
 
-from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 cdef extern from "attn.h" nogil:
     void dair_attn_head(const float* q, const void* kc, const void* vc, int f16, size_t row_stride, int kvh,
                         int hd, int npos, float scale, float* out, float* sc)
+
+
+ctypedef struct _Job:
+    const float* q
+    const void* k
+    const void* v
+    const int32_t* pos
+    float* out
+    float* scratch
+    size_t per          # scores floats per chunk
+    size_t stride       # cache row stride (elements)
+    Py_ssize_t ntask, H, group, hd
+    int nch, f16
+    float scale
+
+
+cdef void _attn_chunk(void* p, int c) noexcept nogil:
+    # Tasks c, c + nch, ...: causal rows grow with position, so contiguous blocks would be unbalanced.
+    cdef _Job* j = <_Job*>p
+    cdef Py_ssize_t task = c
+    while task < j.ntask:
+        dair_attn_head(j.q + task * j.hd, j.k, j.v, j.f16, j.stride, <int>((task % j.H) // j.group), <int>j.hd,
+                       j.pos[task // j.H] + 1, j.scale, j.out + task * j.hd, j.scratch + j.per * c)
+        task += j.nch
 
 
 def attention(q, k_cache, v_cache, positions, out=None, scale=None):
@@ -67,24 +90,26 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None):
     cdef const void* vp = _data(v_cache)
     cdef float* op = <float*>_data(out)
     cdef int f16 = kt == cnp.NPY_FLOAT16
-    cdef Py_ssize_t group = H // KV, ntask = n * H, task
-    cdef size_t stride = <size_t>(KV * hd)
-    cdef int nt = _nthreads(work * H * hd * 8.0, 64 * 1024.0)
-    cdef size_t per = <size_t>(maxpos + 1)
-    # One scores row per thread, allocated up front so no thread can fail alone.
-    cdef float* scratch = <float*>malloc(per * nt * sizeof(float))
-    if scratch == NULL:
+    cdef _Job j
+    j.q = qp
+    j.k = kp
+    j.v = vp
+    j.pos = pp
+    j.out = op
+    j.f16 = f16
+    j.scale = sc
+    j.H = H
+    j.group = H // KV
+    j.hd = hd
+    j.ntask = n * H
+    j.stride = <size_t>(KV * hd)
+    j.per = <size_t>(maxpos + 1)
+    j.nch = _chunks(work * H * hd * 8.0, 32 * 1024.0, <int>j.ntask)
+    # One scores row per chunk, allocated up front so no chunk can fail alone.
+    j.scratch = <float*>malloc(j.per * j.nch * sizeof(float))
+    if j.scratch == NULL:
         raise MemoryError("attention: out of memory for scores")
     with nogil:
-        if nt == 1:
-            for task in range(ntask):
-                dair_attn_head(qp + task * hd, kp, vp, f16, stride, <int>((task % H) // group), <int>hd,
-                               pp[task // H] + 1, sc, op + task * hd, scratch)
-        else:
-            # Round-robin: causal rows grow with position, so contiguous blocks would be unbalanced.
-            for task in prange(ntask, num_threads=nt, schedule="static", chunksize=1):
-                dair_attn_head(qp + task * hd, kp, vp, f16, stride, <int>((task % H) // group), <int>hd,
-                               pp[task // H] + 1, sc, op + task * hd,
-                               scratch + per * openmp.omp_get_thread_num())
-    free(scratch)
+        dair_parallel_for(j.nch, _attn_chunk, &j)
+    free(j.scratch)
     return out

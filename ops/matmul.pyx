@@ -14,7 +14,6 @@ Block layouts are stated in blocks.h; BLOCK_LAYOUTS below is read from it.
 """
 include "_common.pxi"
 
-from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -65,9 +64,9 @@ _QT_CODES = {name: i for i, name in enumerate(_QT_NAMES)}
 #: qtype -> (values per block, bytes per block), from the C structs in blocks.h.
 BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name in enumerate(_QT_NAMES)}
 
-# Weight bytes (plus activation work) below which a product runs on one thread:
-# an OpenMP region costs a few microseconds, as much as reading ~64 KB.
-cdef double _PAR_MIN_BYTES = 48 * 1024.0
+# Work per pool chunk, in weight-byte equivalents: ~1 us of kernel time, so that
+# claiming a chunk (~0.1 us, a cache line moving between cores) stays small.
+cdef double _CHUNK_BYTES = 32 * 1024.0
 
 
 # Use the AVX-512 "image" kernels (qimg.h) when built with them; off = per-block kernels.
@@ -110,10 +109,75 @@ def set_simd(bint enabled) -> bool:
     return old
 
 
-cdef int _split_rows(int rows, int nt) noexcept nogil:
-    """Rows per thread, a multiple of 4 so the 4-row SIMD tiles are never split."""
-    cdef int per = (rows + nt - 1) // nt
-    return ((per + 3) // 4) * 4
+ctypedef struct _Job:
+    const uint8_t* w
+    size_t rb
+    int qt
+    int cols
+    int rows
+    int n
+    int per             # rows (or activation rows, for _prep_chunk) per chunk
+    bint img
+    const dair_img* L
+    uint8_t* images
+    size_t istride
+    dair_act* act
+    const float* x
+    const int32_t* ids
+    float* out
+    float* scratch
+
+
+cdef int _rows_per_chunk(int rows, int nchunks) noexcept nogil:
+    """A multiple of 16: the 4-row tiles are never split and chunks write whole cache lines of out."""
+    cdef int per = (rows + nchunks - 1) // nchunks
+    return ((per + 15) // 16) * 16
+
+
+cdef void _mm_q_chunk(void* p, int c) noexcept nogil:
+    cdef _Job* j = <_Job*>p
+    cdef int r0 = c * j.per
+    cdef int r1 = r0 + j.per
+    if r1 > j.rows:
+        r1 = j.rows
+    if r0 >= r1:
+        return
+    if j.img:
+        dair_img_mm(j.w, j.L, r0, r1, j.images, j.istride, j.n, j.out, j.rows)
+    else:
+        dair_mm_q(j.w, j.rb, j.qt, r0, r1, j.act, j.out, j.rows)
+
+
+cdef void _mm_f_chunk(void* p, int c) noexcept nogil:
+    cdef _Job* j = <_Job*>p
+    cdef int r0 = c * j.per
+    cdef int r1 = r0 + j.per
+    if r1 > j.rows:
+        r1 = j.rows
+    if r0 < r1:
+        dair_mm_float(j.w, j.rb, j.qt, j.cols, r0, r1, j.x, j.n, j.out, j.rows, j.scratch + <size_t>c * j.cols)
+
+
+cdef void _prep_chunk(void* p, int c) noexcept nogil:
+    """Quantize activation rows (and lay out their images) [c * per, (c + 1) * per)."""
+    cdef _Job* j = <_Job*>p
+    cdef int i
+    cdef size_t qo, bo
+    cdef dair_act* a = j.act
+    for i in range(c * j.per, min((c + 1) * j.per, j.n)):
+        qo = <size_t>i * j.cols
+        bo = <size_t>i * a.nb
+        dair_quantize_act_row(j.x + qo, j.cols, j.qt, a.q + qo, a.d + bo, a.s + bo, a.isum + bo)
+        if j.img:
+            dair_img_build(j.L, a.q + qo, a.d + bo, a.s + bo, a.isum + bo, j.images + i * j.istride)
+
+
+cdef void _rows_chunk(void* p, int c) noexcept nogil:
+    """get_rows: dequantize output rows [c * per, (c + 1) * per)."""
+    cdef _Job* j = <_Job*>p
+    cdef int i
+    for i in range(c * j.per, min((c + 1) * j.per, j.n)):
+        dair_dequant_row(j.w + <size_t>j.ids[i] * j.rb, j.qt, j.cols, j.out + <size_t>i * j.cols)
 
 
 cdef class Weight:
@@ -198,84 +262,62 @@ cdef class Weight:
             raise MemoryError("matmul: out of memory for scratch buffers")
         return out
 
+    cdef void _job(self, _Job* j, const float* x, int n, float* out) noexcept nogil:
+        j.w = self.ptr
+        j.rb = self.row_bytes
+        j.qt = self.qt
+        j.cols = self.cols
+        j.rows = self.rows
+        j.n = n
+        j.x = x
+        j.out = out
+        j.L = &self.img
+        j.img = False
+
     cdef int _mm_float(self, const float* x, int n, float* out) noexcept nogil:
+        cdef _Job j
+        self._job(&j, x, n, out)
         cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 4.0)
-        cdef int nt = _nthreads(work, _PAR_MIN_BYTES)
-        cdef int per = _split_rows(self.rows, nt)
-        cdef int c, r0, r1
-        # One dequantized row per thread, allocated up front so no thread can fail alone.
-        cdef float* scratch = <float*>malloc(<size_t>self.cols * nt * sizeof(float))
-        if scratch == NULL:
+        cdef int nch = _chunks(work, _CHUNK_BYTES, (self.rows + 15) // 16)
+        j.per = _rows_per_chunk(self.rows, nch)
+        # One dequantized row per chunk, allocated up front so no chunk can fail alone.
+        j.scratch = <float*>malloc(<size_t>self.cols * nch * sizeof(float))
+        if j.scratch == NULL:
             return 1
-        if nt == 1:
-            dair_mm_float(self.ptr, self.row_bytes, self.qt, self.cols, 0, self.rows, x, n, out, self.rows,
-                          scratch)
-        else:
-            for c in prange(nt, num_threads=nt, schedule="static"):
-                r0 = c * per
-                r1 = r0 + per
-                if r1 > self.rows:
-                    r1 = self.rows
-                if r0 < r1:
-                    dair_mm_float(self.ptr, self.row_bytes, self.qt, self.cols, r0, r1, x, n, out, self.rows,
-                                  scratch + <size_t>c * self.cols)
-        free(scratch)
+        dair_parallel_for(nch, _mm_f_chunk, &j)
+        free(j.scratch)
         return 0
 
     cdef int _mm_q8(self, const float* x, int n, float* out) noexcept nogil:
+        cdef _Job j
         cdef dair_act act
+        self._job(&j, x, n, out)
         cdef int nb = self.cols // DAIR_QK
-        cdef int i, c, r0, r1
-        cdef bint img = self.has_img and _use_img and dair_simd_enabled
+        j.img = self.has_img and _use_img and dair_simd_enabled
         act.n = n
         act.cols = self.cols
         act.nb = nb
+        j.act = &act
         cdef size_t qbytes = ((<size_t>n * self.cols + 63) // 64) * 64
-        cdef size_t istride = self.img.img_bytes if img else 0
-        cdef char* buf = <char*>dair_alloc64(qbytes + <size_t>n * nb * 3 * 4 + <size_t>n * istride + 64)
+        j.istride = self.img.img_bytes if j.img else 0
+        cdef char* buf = <char*>dair_alloc64(<size_t>n * j.istride + qbytes + <size_t>n * nb * 3 * 4)
         if buf == NULL:
             return 1
-        cdef uint8_t* images = <uint8_t*>buf
-        act.q = <int8_t*>(buf + n * istride)
-        act.d = <float*>(buf + n * istride + qbytes)
+        j.images = <uint8_t*>buf
+        act.q = <int8_t*>(buf + n * j.istride)
+        act.d = <float*>(buf + n * j.istride + qbytes)
         act.s = act.d + <size_t>n * nb
         act.isum = <int32_t*>(act.s + <size_t>n * nb)
-        cdef int ntq = _nthreads(<double>n * self.cols * 8.0, _PAR_MIN_BYTES)
-        if ntq == 1:
-            for i in range(n):
-                self._prep_row(x, i, &act, images, istride, img)
-        else:
-            for i in prange(n, num_threads=ntq, schedule="static"):
-                self._prep_row(x, i, &act, images, istride, img)
+        # Activation rows: ~16 bytes of work per value (quantize + image).
+        cdef int nch = _chunks(<double>n * self.cols * 16.0, _CHUNK_BYTES, n)
+        j.per = (n + nch - 1) // nch
+        dair_parallel_for(nch, _prep_chunk, &j)
         cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 0.5)
-        cdef int nt = _nthreads(work, _PAR_MIN_BYTES)
-        cdef int per = _split_rows(self.rows, nt)
-        if nt == 1:
-            if img:
-                dair_img_mm(self.ptr, &self.img, 0, self.rows, images, istride, n, out, self.rows)
-            else:
-                dair_mm_q(self.ptr, self.row_bytes, self.qt, 0, self.rows, &act, out, self.rows)
-        else:
-            for c in prange(nt, num_threads=nt, schedule="static"):
-                r0 = c * per
-                r1 = r0 + per
-                if r1 > self.rows:
-                    r1 = self.rows
-                if r0 < r1:
-                    if img:
-                        dair_img_mm(self.ptr, &self.img, r0, r1, images, istride, n, out, self.rows)
-                    else:
-                        dair_mm_q(self.ptr, self.row_bytes, self.qt, r0, r1, &act, out, self.rows)
+        nch = _chunks(work, _CHUNK_BYTES, (self.rows + 15) // 16)
+        j.per = _rows_per_chunk(self.rows, nch)
+        dair_parallel_for(nch, _mm_q_chunk, &j)
         free(buf)
         return 0
-
-    cdef void _prep_row(self, const float* x, int i, dair_act* act, uint8_t* images, size_t istride,
-                        bint img) noexcept nogil:
-        cdef size_t qo = <size_t>i * self.cols
-        cdef size_t bo = <size_t>i * act.nb
-        dair_quantize_act_row(x + qo, self.cols, self.qt, act.q + qo, act.d + bo, act.s + bo, act.isum + bo)
-        if img:
-            dair_img_build(&self.img, act.q + qo, act.d + bo, act.s + bo, act.isum + bo, images + i * istride)
 
     def get_rows(self, ids, out=None):
         """out[i] = dequantized row ids[i] (embedding lookup); ids int32[n]."""
@@ -300,14 +342,11 @@ cdef class Weight:
                     break
         if bad >= 0:
             raise ValueError(f"get_rows: id {ip[bad]} (at index {bad}) out of range [0, {self.rows})")
-        cdef int nt = _nthreads(<double>n * self.row_bytes * 4.0, _PAR_MIN_BYTES)
+        cdef _Job j
+        self._job(&j, NULL, <int>n, op)
+        j.ids = ip
+        cdef int nch = _chunks(<double>n * self.row_bytes * 4.0, _CHUNK_BYTES, <int>n)
+        j.per = <int>((n + nch - 1) // nch)
         with nogil:
-            if nt == 1:
-                for i in range(n):
-                    dair_dequant_row(self.ptr + <size_t>ip[i] * self.row_bytes, self.qt, self.cols,
-                                     op + <size_t>i * self.cols)
-            else:
-                for i in prange(n, num_threads=nt, schedule="static"):
-                    dair_dequant_row(self.ptr + <size_t>ip[i] * self.row_bytes, self.qt, self.cols,
-                                     op + <size_t>i * self.cols)
+            dair_parallel_for(nch, _rows_chunk, &j)
         return out

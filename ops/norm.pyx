@@ -2,7 +2,6 @@
 """RMSNorm over the last axis: out = x / sqrt(mean(x^2) + eps) * w."""
 include "_common.pxi"
 
-from cython.parallel cimport prange
 from libc.math cimport sqrt
 
 
@@ -15,6 +14,21 @@ cdef inline void _rms_row(const float* x, const float* w, float* o, Py_ssize_t d
     cdef float scale = <float>(1.0 / sqrt(ss / d + eps))
     for j in range(d):
         o[j] = x[j] * scale * w[j]
+
+
+ctypedef struct _Job:
+    const float* x
+    const float* w
+    float* o
+    Py_ssize_t n, d, per
+    float eps
+
+
+cdef void _rms_chunk(void* p, int c) noexcept nogil:
+    cdef _Job* j = <_Job*>p
+    cdef Py_ssize_t i
+    for i in range(c * j.per, min((c + 1) * j.per, j.n)):
+        _rms_row(j.x + i * j.d, j.w, j.o + i * j.d, j.d, j.eps)
 
 
 def rmsnorm(x, w, float eps, out=None):
@@ -37,13 +51,15 @@ def rmsnorm(x, w, float eps, out=None):
     cdef const float* xp = <const float*>_data(x)
     cdef const float* wp = <const float*>_data(w)
     cdef float* op = <float*>_data(out)
-    cdef Py_ssize_t i
-    cdef int nt = _nthreads(<double>n * d * 4.0, 64 * 1024.0)
+    cdef _Job j
+    j.x = xp
+    j.w = wp
+    j.o = op
+    j.n = n
+    j.d = d
+    j.eps = eps
+    cdef int nch = _chunks(<double>n * d * 8.0, 32 * 1024.0, <int>n)
+    j.per = (n + nch - 1) // nch
     with nogil:
-        if nt == 1:
-            for i in range(n):
-                _rms_row(xp + i * d, wp, op + i * d, d, eps)
-        else:
-            for i in prange(n, num_threads=nt, schedule="static"):
-                _rms_row(xp + i * d, wp, op + i * d, d, eps)
+        dair_parallel_for(nch, _rms_chunk, &j)
     return out

@@ -7,7 +7,6 @@ computes inv_freq (base, llama3 scaling and so on are its business).
 """
 include "_common.pxi"
 
-from cython.parallel cimport prange
 from libc.math cimport cosf, sinf
 from libc.stdlib cimport free, malloc
 
@@ -33,6 +32,22 @@ cdef inline void _rope_token(float* x, Py_ssize_t heads, Py_ssize_t hd, float po
             xh[2 * i + 1] = a * s + b * c
 
 
+ctypedef struct _Job:
+    float* x
+    const int32_t* pos
+    const float* inv_freq
+    float* cs
+    Py_ssize_t n, heads, hd, half, per
+
+
+cdef void _rope_chunk(void* p, int c) noexcept nogil:
+    cdef _Job* j = <_Job*>p
+    cdef Py_ssize_t i
+    cdef float* cs = j.cs + c * (2 * j.half + 1)
+    for i in range(c * j.per, min((c + 1) * j.per, j.n)):
+        _rope_token(j.x + i * j.heads * j.hd, j.heads, j.hd, <float>j.pos[i], j.inv_freq, j.half, cs)
+
+
 def rope_inplace(x, positions, inv_freq):
     """Rotate x[n, heads, head_dim] in place; positions int32[n]; inv_freq float32[rope_dim // 2]."""
     _check(x, "x", cnp.NPY_FLOAT32, 3, True)
@@ -47,19 +62,21 @@ def rope_inplace(x, positions, inv_freq):
     cdef float* xp = <float*>_data(x)
     cdef const int32_t* pp = <const int32_t*>_data(positions)
     cdef const float* fp = <const float*>_data(inv_freq)
-    cdef Py_ssize_t i
-    cdef int nt = _nthreads(<double>n * heads * hd * 8.0, 64 * 1024.0)
-    cdef size_t per = <size_t>(2 * half + 1)
-    cdef float* cs = <float*>malloc(per * nt * sizeof(float))
-    if cs == NULL:
+    cdef _Job j
+    j.x = xp
+    j.pos = pp
+    j.inv_freq = fp
+    j.n = n
+    j.heads = heads
+    j.hd = hd
+    j.half = half
+    cdef int nch = _chunks(<double>n * heads * hd * 8.0, 32 * 1024.0, <int>n)
+    j.per = (n + nch - 1) // nch
+    # cos/sin of one token per chunk, allocated up front so no chunk can fail alone.
+    j.cs = <float*>malloc((2 * half + 1) * nch * sizeof(float))
+    if j.cs == NULL:
         raise MemoryError("rope_inplace: out of memory")
     with nogil:
-        if nt == 1:
-            for i in range(n):
-                _rope_token(xp + i * heads * hd, heads, hd, <float>pp[i], fp, half, cs)
-        else:
-            for i in prange(n, num_threads=nt, schedule="static"):
-                _rope_token(xp + i * heads * hd, heads, hd, <float>pp[i], fp, half,
-                            cs + per * openmp.omp_get_thread_num())
-    free(cs)
+        dair_parallel_for(nch, _rope_chunk, &j)
+    free(j.cs)
     return x

@@ -1,6 +1,30 @@
 # cython: language_level=3
-"""Thread count for every OpenMP kernel in dair.ops."""
+"""Thread count for every kernel in dair.ops, and the process-wide worker pool they share.
+
+The kernels split their work into independent chunks and run them on the pool
+in pool.h (see there for why not one OpenMP region per call). OpenMP's own
+thread count follows the same setting, for any OpenMP code that remains.
+"""
 cimport openmp
+from cpython.pycapsule cimport PyCapsule_New
+
+cdef extern from *:
+    """
+    #define DAIR_POOL_IMPL 1
+    #include "pool.h"
+    """
+    ctypedef struct dair_pool_api:
+        pass
+    const dair_pool_api dair_pool_impl
+    ctypedef struct dair_pool_stats:
+        unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
+        unsigned long long solo_periods
+    dair_pool_stats dair_pool_get_stats()
+    int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
+    void dair_pool_set_threads "dair_pool_impl.set_threads"(int n) nogil
+
+#: The pool's function table, fetched by the other dair.ops modules at import.
+_pool_api = PyCapsule_New(<void*>&dair_pool_impl, "dair.ops.pool", NULL)
 
 
 def set_num_threads(int n) -> None:
@@ -8,7 +32,20 @@ def set_num_threads(int n) -> None:
     if n <= 0:
         n = openmp.omp_get_num_procs()
     openmp.omp_set_num_threads(n)
+    with nogil:
+        dair_pool_set_threads(n)
 
 
 def get_num_threads() -> int:
-    return openmp.omp_get_max_threads()
+    return dair_pool_get_threads()
+
+
+def pool_stats() -> dict:
+    """Counters of the worker pool since start: parallel jobs, jobs run on the caller alone
+    (after a stalled worker), chunks, chunks run by workers, waits for a worker's chunk and
+    their total and longest duration (TSC ticks), and how often a stall switched to solo mode."""
+    return dict(dair_pool_get_stats())
+
+
+# Start with OpenMP's default (OMP_NUM_THREADS or one per core).
+dair_pool_set_threads(openmp.omp_get_max_threads())

@@ -185,6 +185,39 @@ def test_matmul_threads_agree(rng, qtype):
         np.testing.assert_array_equal(a, b)
 
 
+def test_pool_concurrent_callers(rng):
+    """Kernels called from several Python threads at once (the pool serves one caller at a time,
+    the others run their chunks themselves) give the single-threaded results."""
+    import threading
+
+    w, _, _ = make_weight(rng, "Q4_1", 1024, 576)
+    xs = [rng.standard_normal((n, 576)).astype(np.float32) for n in (1, 7, 1, 33)]
+    old = threads.get_num_threads()
+    try:
+        threads.set_num_threads(1)
+        want = [w.matmul(x) for x in xs]
+        threads.set_num_threads(2)
+        got = [[None] * len(xs) for _ in range(4)]
+
+        def run(t):
+            for _ in range(20):
+                for i, x in enumerate(xs):
+                    got[t][i] = w.matmul(x)
+
+        ts = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        threads.set_num_threads(old)
+    for g in got:
+        for a, b in zip(g, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    stats = threads.pool_stats()
+    assert stats["jobs"] >= stats["serial_jobs"] and stats["chunks"] >= stats["worker_chunks"]
+
+
 def test_matmul_out_argument(rng):
     w, _, wd = make_weight(rng, "Q4_1", 20, 64)
     x = rng.standard_normal((3, 64)).astype(np.float32)
