@@ -2,15 +2,12 @@
 """Elementwise kernels of the feed-forward block."""
 include "_common.pxi"
 
-from libc.math cimport expf
+cdef extern from "vmath.h" nogil:
+    void dair_silu_mul(float* g, const float* u, size_t m)
 
 
 cdef inline void _silu_mul_span(float* g, const float* u, Py_ssize_t m) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef float v
-    for j in range(m):
-        v = g[j]
-        g[j] = v / (1.0 + expf(-v)) * u[j]
+    dair_silu_mul(g, u, <size_t>m)
 
 
 cdef inline void _add_span(float* x, const float* y, Py_ssize_t m) noexcept nogil:

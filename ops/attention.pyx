@@ -12,8 +12,8 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 cdef extern from "attn.h" nogil:
-    void dair_attn_head(const float* q, const void* kc, const void* vc, int f16, size_t row_stride, int kvh,
-                        int hd, int npos, float scale, float* out, float* sc)
+    void dair_attn_group(const float* q, const void* kc, const void* vc, int f16, size_t row_stride, int kvh,
+                         int hd, int G, int npos, float scale, float* out, float* sc, float* tmp)
 
 
 ctypedef struct _Job:
@@ -23,20 +23,24 @@ ctypedef struct _Job:
     const int32_t* pos
     float* out
     float* scratch
-    size_t per          # scores floats per chunk
+    size_t per          # scratch floats per chunk
     size_t stride       # cache row stride (elements)
-    Py_ssize_t ntask, H, group, hd
+    Py_ssize_t ntask, KV, group, hd, maxpos
     int nch, f16
     float scale
 
 
 cdef void _attn_chunk(void* p, int c) noexcept nogil:
-    # Tasks c, c + nch, ...: causal rows grow with position, so contiguous blocks would be unbalanced.
+    # A task is one (query row, kv head) pair with its group of query heads. Tasks c, c + nch, ...:
+    # causal rows grow with position, so contiguous blocks would be unbalanced.
     cdef _Job* j = <_Job*>p
     cdef Py_ssize_t task = c
+    cdef Py_ssize_t off
+    cdef float* sc = j.scratch + j.per * c
     while task < j.ntask:
-        dair_attn_head(j.q + task * j.hd, j.k, j.v, j.f16, j.stride, <int>((task % j.H) // j.group), <int>j.hd,
-                       j.pos[task // j.H] + 1, j.scale, j.out + task * j.hd, j.scratch + j.per * c)
+        off = task * j.group * j.hd  # = (i * n_heads + kvh * group) * hd
+        dair_attn_group(j.q + off, j.k, j.v, j.f16, j.stride, <int>(task % j.KV), <int>j.hd, <int>j.group,
+                        j.pos[task // j.KV] + 1, j.scale, j.out + off, sc, sc + j.group * (j.maxpos + 1))
         task += j.nch
 
 
@@ -98,14 +102,15 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None):
     j.out = op
     j.f16 = f16
     j.scale = sc
-    j.H = H
+    j.KV = KV
     j.group = H // KV
     j.hd = hd
-    j.ntask = n * H
+    j.maxpos = maxpos
+    j.ntask = n * KV
     j.stride = <size_t>(KV * hd)
-    j.per = <size_t>(maxpos + 1)
-    j.nch = _chunks(work * H * hd * 8.0, 32 * 1024.0, <int>j.ntask)
-    # One scores row per chunk, allocated up front so no chunk can fail alone.
+    j.per = <size_t>(j.group * (maxpos + 1) + hd + 16)
+    j.nch = _chunks(work * H * hd * 4.0, 32 * 1024.0, <int>j.ntask)
+    # Scores of one group plus a converted f16 row per chunk, allocated up front so no chunk can fail alone.
     j.scratch = <float*>malloc(j.per * j.nch * sizeof(float))
     if j.scratch == NULL:
         raise MemoryError("attention: out of memory for scores")

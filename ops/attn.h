@@ -1,77 +1,57 @@
-/* Attention over a KV cache, one (query, head) at a time. */
+/* Attention over a KV cache for one query row and one kv head's group of query heads. */
 #ifndef DAIR_ATTN_H
 #define DAIR_ATTN_H
 
 #include <math.h>
 #include "qdot.h"
-
-static inline float dair_dot_f16(const float *a, const uint16_t *b, int n) {
-    int j = 0;
-    float r = 0.0f;
-#if defined(DAIR_HAVE_AVX2)
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j))), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8),
-                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j + 8))), s1);
-    }
-    for (; j + 8 <= n; j += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j))), s0);
-    r = dair_hsum256(_mm256_add_ps(s0, s1));
-#endif
-    for (; j < n; j++)
-        r += a[j] * dair_fp16_to_fp32(b[j]);
-    return r;
-}
+#include "vmath.h"
 
 static inline void dair_axpy_f32(float *y, float a, const float *x, int n) {
     for (int j = 0; j < n; j++)
         y[j] += a * x[j];
 }
 
-static inline void dair_axpy_f16(float *y, float a, const uint16_t *x, int n) {
-    int j = 0;
-#if defined(DAIR_HAVE_AVX2)
-    __m256 va = _mm256_set1_ps(a);
-    for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j))),
-                                                _mm256_loadu_ps(y + j)));
-#endif
-    for (; j < n; j++)
-        y[j] += a * dair_fp16_to_fp32(x[j]);
-}
-
-/* out[hd] = softmax(scale * q . k[t]) . v[t] over t < npos, for kv head kvh.
- * Cache rows are `row_stride` elements apart (n_kv * hd); sc holds npos floats. */
-static void dair_attn_head(const float *q, const void *kc, const void *vc, int f16, size_t row_stride, int kvh,
-                           int hd, int npos, float scale, float *out, float *sc) {
-    float mx = -INFINITY;
+/* The G query heads of one kv head (contiguous in q and out) against cache rows
+ * 0..npos-1. Keys and values are read once per row for the whole group, which is
+ * what grouped-query attention saves. Cache rows are row_stride elements apart;
+ * an f16 cache is converted row by row into tmp. sc holds G * npos floats, tmp hd. */
+static void dair_attn_group(const float *q, const void *kc, const void *vc, int f16, size_t row_stride, int kvh,
+                            int hd, int G, int npos, float scale, float *out, float *sc, float *tmp) {
     size_t off = (size_t)kvh * hd;
     for (int t = 0; t < npos; t++) {
         size_t o = (size_t)t * row_stride + off;
-        float s = f16 ? dair_dot_f16(q, (const uint16_t *)kc + o, hd) : dair_dot_f32(q, (const float *)kc + o, hd);
-        s *= scale;
-        sc[t] = s;
-        mx = s > mx ? s : mx;
+        const float *k;
+        if (f16) {
+            dair_dequant_row((const uint8_t *)((const uint16_t *)kc + o), DAIR_F16, hd, tmp);
+            k = tmp;
+        } else {
+            k = (const float *)kc + o;
+        }
+        for (int g = 0; g < G; g++)
+            sc[(size_t)g * npos + t] = dair_dot_f32(q + (size_t)g * hd, k, hd) * scale;
     }
-    float sum = 0.0f;
-    for (int t = 0; t < npos; t++) {
-        float e = expf(sc[t] - mx);
-        sc[t] = e;
-        sum += e;
+    for (int g = 0; g < G; g++) {
+        float *s = sc + (size_t)g * npos;
+        float mx = -INFINITY;
+        for (int t = 0; t < npos; t++)
+            mx = s[t] > mx ? s[t] : mx;
+        float inv = 1.0f / dair_exp_sub_sum(s, mx, (size_t)npos);
+        for (int t = 0; t < npos; t++)
+            s[t] *= inv;
     }
-    for (int j = 0; j < hd; j++)
-        out[j] = 0.0f;
+    memset(out, 0, sizeof(float) * (size_t)G * hd);
     for (int t = 0; t < npos; t++) {
         size_t o = (size_t)t * row_stride + off;
-        if (f16)
-            dair_axpy_f16(out, sc[t], (const uint16_t *)vc + o, hd);
-        else
-            dair_axpy_f32(out, sc[t], (const float *)vc + o, hd);
+        const float *v;
+        if (f16) {
+            dair_dequant_row((const uint8_t *)((const uint16_t *)vc + o), DAIR_F16, hd, tmp);
+            v = tmp;
+        } else {
+            v = (const float *)vc + o;
+        }
+        for (int g = 0; g < G; g++)
+            dair_axpy_f32(out + (size_t)g * hd, sc[(size_t)g * npos + t], v, hd);
     }
-    float inv = 1.0f / sum;
-    for (int j = 0; j < hd; j++)
-        out[j] *= inv;
 }
 
 #endif

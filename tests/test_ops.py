@@ -427,6 +427,12 @@ def test_silu_mul_and_add(rng):
         x = g.copy()
         assert add_inplace(x, u) is x
         np.testing.assert_array_equal(x, g + u)
+    g = np.array([[-1000, -100, -90, -20, -1e-30, 0, 1e-30, 20, 90, 100, 1000, 3e38, -3e38]], np.float32)
+    u = np.full_like(g, 0.5)
+    with np.errstate(over="ignore"):
+        g64 = g.astype(np.float64)
+        ref = g64 / (1 + np.exp(-g64)) * 0.5
+    np.testing.assert_allclose(silu_mul(g.copy(), u), ref, rtol=1e-5, atol=1e-30)
     with pytest.raises(ValueError, match="up"):
         silu_mul(g, u[:, :-1].copy())
     with pytest.raises(ValueError, match="y"):
