@@ -1,26 +1,22 @@
-"""A stage's compute thread: runs its layer range on the activation messages it is given.
+"""A stage's computation: runs its layer range on the activation messages it is given.
 
 It owns the RangeEngine and the per-session state (next position, token history for the
-repeat penalty, sampling settings). Every `act` waiting in its queue for the same layer is run
-as one `run_layers` call, so the pending decode steps of several sessions become one batched
-matmul. Its answers go to the I/O thread through an inproc socket, which sends them to the bus.
+repeat penalty, sampling settings). Every `act` of a batch for the same layer is run as one
+`run_layers` call, so the pending decode steps of several sessions become one batched matmul.
+It runs on the stage's main thread, right where messages are received (no thread hand-off on
+the critical path); its answers are collected in `outbox` for the link to send.
 """
 from __future__ import annotations
 
-import queue
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zmq
 
 from dair.bus import protocol as P
 from dair.bus import wire
-
-STOP = {"type": "_stop"}
 
 
 @dataclass
@@ -30,13 +26,9 @@ class StageSession:
     params: Any = None
 
 
-class Compute(threading.Thread):
-    def __init__(self, ctx: zmq.Context, out_addr: str, model: Any, first: int, last: int, threads: int,
-                 wire_dtype: str, max_batch: int, lz4_min_bytes: int) -> None:
-        super().__init__(name="compute", daemon=True)
-        self.inbox: queue.Queue[tuple[dict[str, Any], list[Any]]] = queue.Queue()
-        self._ctx = ctx
-        self._out_addr = out_addr
+class Compute:
+    def __init__(self, model: Any, first: int, last: int, threads: int, wire_dtype: str, max_batch: int,
+                 lz4_min_bytes: int) -> None:
         self.model = model
         self.first, self.last = first, last
         self.n_layers = model.config.n_layers
@@ -53,37 +45,28 @@ class Compute(threading.Thread):
         self.max_batch_seen = 0
         self.compute_s = 0.0
         self.fatal: str | None = None
+        self.outbox: list[list[Any]] = []
 
     # --- plumbing -----------------------------------------------------------------------------
     def count(self, code: str) -> None:
         self.counters[code] = self.counters.get(code, 0) + 1
 
     def _send(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
-        self._out.send_multipart(P.encode(header, buffers, self.lz4_min_bytes), copy=False)
+        self.outbox.append(P.encode(header, buffers, self.lz4_min_bytes))
 
     def _error(self, code: str, msg: str, sid: str | None = None) -> None:
         self.count(code)
         self._send(P.error(code, msg, sid=sid))
 
-    def run(self) -> None:
-        self._out = self._ctx.socket(zmq.PAIR)
-        self._out.connect(self._out_addr)
+    def build(self) -> bool:
+        """Build the engine for the current range; False (and `fatal` set) if it cannot."""
         try:
             self._build(self.first, self.last)
+            return True
         except Exception as e:  # a stage that cannot build its engine must say why and stop
             self.fatal = f"cannot load layers {self.first}-{self.last}: {e}"
             self.state = "dead"
-            return
-        while True:
-            batch = [self.inbox.get()]
-            while len(batch) < 4 * self.max_batch:
-                try:
-                    batch.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            if not self._process(batch):
-                break
-        self._out.close(linger=0)
+            return False
 
     def _build(self, first: int, last: int) -> None:
         from dair.engine.forward import RangeEngine
@@ -98,7 +81,7 @@ class Compute(threading.Thread):
         self.state = "ready"
 
     # --- message handling --------------------------------------------------------------------
-    def _process(self, batch: list[tuple[dict[str, Any], list[Any]]]) -> bool:
+    def process(self, batch: list[tuple[dict[str, Any], list[Any]]]) -> None:
         acts: list[tuple[dict[str, Any], list[Any]]] = []
         sids: set[str] = set()
         for header, buffers in batch:
@@ -116,12 +99,9 @@ class Compute(threading.Thread):
             if acts:
                 self._run(acts)
                 acts, sids = [], set()
-            if t == "_stop":
-                return False
             self._control(header)
         if acts:
             self._run(acts)
-        return True
 
     def _control(self, header: dict[str, Any]) -> None:
         t = header["type"]

@@ -1,14 +1,16 @@
 """A stage's link to the bus: one DEALER, registration, heartbeats both ways, reconnection.
 
-This loop never computes, so heartbeats keep flowing while the compute thread runs a long
-prefill (the kernels release the GIL). It validates every frame from the bus before handing it
-to the compute thread, and forwards the compute thread's answers to the bus.
+The main thread receives, validates and computes (no thread hand-off on the critical path of a
+token); a heartbeat thread sends heartbeats through the same socket, under a lock, so they keep
+flowing while a long prefill runs (the kernels release the GIL). The socket is never used by
+two threads at once.
 """
 from __future__ import annotations
 
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -16,7 +18,7 @@ import psutil
 import zmq
 
 from dair.bus import protocol as P
-from dair.stages.compute import STOP, Compute
+from dair.stages.compute import Compute
 
 
 class StageRefused(Exception):
@@ -33,6 +35,7 @@ class Link:
         self.heartbeat_s = heartbeat_ms / 1000.0
         self.liveness = liveness
         self.max_frame_bytes = max_frame_bytes
+        self.max_batch = max_batch
         self.lz4_min_bytes = lz4_min_bytes
         self.ctx = zmq.Context.instance()
         self.proc = psutil.Process()
@@ -40,16 +43,13 @@ class Link:
         self.node = ""
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
-        self._inproc = f"inproc://stage-out-{id(self)}"
-        self._pair = self.ctx.socket(zmq.PAIR)
-        self._pair.bind(self._inproc)
-        self.compute = Compute(self.ctx, self._inproc, model, first, last, threads, wire_dtype,
-                               max_batch, lz4_min_bytes)
+        self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes)
         self.dealer: zmq.Socket | None = None
-        self._stopping = False
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._lost = False
 
-    # --- socket -----------------------------------------------------------------------------
+    # --- socket (callers hold self._lock) ------------------------------------------------------
     def _connect(self) -> None:
         if self.dealer is not None:
             self.dealer.close(linger=0)
@@ -69,9 +69,7 @@ class Link:
                     "state": self.compute.state})
 
     def _send(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
-        assert self.dealer is not None
-        frames = P.encode(header, buffers, self.lz4_min_bytes)
-        self._send_frames(frames)
+        self._send_frames(P.encode(header, buffers, self.lz4_min_bytes))
 
     def _send_frames(self, frames: list[Any]) -> None:
         assert self.dealer is not None
@@ -95,70 +93,91 @@ class Link:
                 "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0}
 
     def _heartbeat(self) -> None:
-        self._send({"type": P.HEARTBEAT, "t": time.time(), "state": self.compute.state, "stats": self.stats()})
+        header = {"type": P.HEARTBEAT, "t": time.time(), "state": self.compute.state, "stats": self.stats()}
+        with self._lock:
+            self._send(header)
+
+    def _heartbeats(self) -> None:
+        while not self._stopping.wait(self.heartbeat_s):
+            try:
+                self._heartbeat()
+            except zmq.ZMQError:
+                pass  # the socket is being replaced or closed
 
     # --- loop -------------------------------------------------------------------------------
     def stop(self) -> None:
-        self._stopping = True
+        self._stopping.set()
 
     def run(self) -> int:
-        self._connect()  # registers first, so that its RSS is the process without its weights
-        self.compute.start()
-        poller = zmq.Poller()
-        poller.register(self.dealer, zmq.POLLIN)
-        poller.register(self._pair, zmq.POLLIN)
+        with self._lock:
+            self._connect()  # registers first, so that its RSS is the process without its weights
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        if not self.compute.build():
+            print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
+            return 2
+        self._heartbeat()  # "ready" at once
         last_heard = time.monotonic()
-        next_hb = time.monotonic()
-        reported_state = self.compute.state
         try:
-            while not self._stopping:
+            while not self._stopping.is_set():
+                batch = self._receive()
+                now = time.monotonic()
+                if batch is None:
+                    if now - last_heard > self.heartbeat_s * self.liveness:
+                        self._reconnect()
+                        last_heard = now
+                    continue
+                last_heard = now
+                if batch:
+                    self.compute.process(batch)
+                if self.compute.outbox:
+                    with self._lock:
+                        for frames in self.compute.outbox:
+                            self._send_frames(frames)
+                    self.compute.outbox.clear()
                 if self.compute.fatal:
                     print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
                     return 2
-                timeout = max(0.0, next_hb - time.monotonic())
-                events = dict(poller.poll(min(timeout, 0.1) * 1000))
-                now = time.monotonic()
-                if events.get(self._pair):
-                    # Drain: the compute thread's answers go out in the order they were made.
-                    while True:
-                        try:
-                            frames = self._pair.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._send_frames(frames)
-                if events.get(self.dealer):
-                    while True:
-                        try:
-                            frames = self.dealer.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        last_heard = now
-                        self._lost = False
-                        self._on_bus(frames)
-                if self.compute.state != reported_state or now >= next_hb:
-                    reported_state = self.compute.state
-                    self._heartbeat()
-                    next_hb = now + self.heartbeat_s
-                if now - last_heard > self.heartbeat_s * self.liveness:
-                    # Paranoid Pirate: the bus is gone or restarted; start over with a new socket.
-                    if not self._lost:
-                        print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting",
-                              file=sys.stderr, flush=True)
-                    self._lost = True
-                    poller.unregister(self.dealer)
-                    self._connect()
-                    poller.register(self.dealer, zmq.POLLIN)
-                    last_heard = now
         except StageRefused as e:
             print(f"dair-stage: error: refused by the bus: {e}", file=sys.stderr)
             return 2
         finally:
-            self.compute.inbox.put((STOP, []))
-            if self.dealer is not None:
-                self.dealer.close(linger=0)
+            self._stopping.set()
+            with self._lock:
+                if self.dealer is not None:
+                    self.dealer.close(linger=0)
+                    self.dealer = None
         return 0
 
-    def _on_bus(self, frames: list[Any]) -> None:
+    def _reconnect(self) -> None:
+        # Paranoid Pirate: the bus is gone or restarted; start over with a new socket.
+        if not self._lost:
+            print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting", file=sys.stderr, flush=True)
+        self._lost = True
+        with self._lock:
+            self._connect()
+
+    def _receive(self) -> list[tuple[dict[str, Any], list[Any]]] | None:
+        """Everything waiting from the bus, validated (None: nothing came within a short wait)."""
+        raw: list[list[Any]] = []
+        with self._lock:
+            assert self.dealer is not None
+            # Short polls: the heartbeat thread takes the lock between them.
+            if not self.dealer.poll(20):
+                return None
+            while len(raw) < 4 * self.max_batch:
+                try:
+                    raw.append(self.dealer.recv_multipart(copy=False, flags=zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        self._lost = False
+        batch = []
+        for frames in raw:
+            item = self._on_bus(frames)
+            if item is not None:
+                batch.append(item)
+        return batch
+
+    def _on_bus(self, frames: list[Any]) -> tuple[dict[str, Any], list[Any]] | None:
         self.msgs_in += 1
         self.bytes_in += sum(len(f.buffer) for f in frames)
         try:
@@ -171,21 +190,22 @@ class Link:
                                       f"{self.model.config.n_layers} layers")
         except P.ProtocolError as e:
             self.compute.count(e.code)
-            self._send(P.error(e.code, e.msg))
-            return
+            self.compute.outbox.append(P.encode(P.error(e.code, e.msg)))
+            return None
         if t == P.HEARTBEAT:
-            return
+            return None
         if t == P.ERROR:
             if header.get("fatal"):
                 raise StageRefused(header["msg"])
             print(f"dair-stage: bus says: {header['code']}: {header['msg']}", file=sys.stderr)
-            return
+            return None
         if t == P.ASSIGN:
             self.node = header["node"]
             self.heartbeat_s = header["heartbeat_ms"] / 1000.0
             self.liveness = header["liveness"]
             if not 0 <= header["first"] <= header["last"] < self.model.config.n_layers:
                 self.compute.count(P.E_LAYER)
-                self._send(P.error(P.E_LAYER, f"assign {header['first']}-{header['last']} is outside the model"))
-                return
-        self.compute.inbox.put((header, buffers))
+                self.compute.outbox.append(P.encode(P.error(
+                    P.E_LAYER, f"assign {header['first']}-{header['last']} is outside the model")))
+                return None
+        return header, buffers
