@@ -1,0 +1,136 @@
+"""Network benchmark: a 3-stage cluster on loopback vs across network namespaces, as ratios
+against the loopback baseline measured in the same run (these machines are shared and noisy).
+
+Configurations (bus, 3 stages and the client each a process; the client is the same script,
+tests/netns_client.py, in every case):
+
+- `loopback`: everything on 127.0.0.1 in this namespace (the baseline);
+- `netns`: bus, each stage and the client on hosts of their own (network namespaces joined by
+  veth pairs to a bridge, tests/netns.py), no rate limit: what crossing a veth/bridge costs;
+- `netns-1gbit`: the same with every host's link limited to 1 Gbit (`tbf rate 1gbit burst 64kb
+  latency 50ms`). No added delay: these kernels have no netem and the bus/stages offer no hook
+  for a delaying transport.
+
+For each: decode tokens/s of one greedy session (median over rounds x runs), per-hop latency as
+the bus sees it (bus -> stage -> bus, p50, averaged over the stages) and the part of it that is
+not the stage's compute ("added"). Needs root and iproute2 for the namespace rows.
+
+    python benchmarks/bench_network.py [--tokens 64] [--runs 3] [--rounds 2] [--wire q8_0] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from netns import NetnsLab, cleanup_stale, client_command, start_dair_cluster, unavailable_reason  # noqa: E402
+
+from dair.bus.local import LocalCluster  # noqa: E402
+
+SPLIT = [(0, 9), (10, 19), (20, 29)]
+PROMPT_IDS = [1, 504, 3458, 282, 4649, 314]  # "The capital of France is" (SmolLM2)
+
+
+def _parse(r: subprocess.CompletedProcess, where: str) -> dict[str, Any]:
+    try:
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise RuntimeError(f"{where}: client gave no JSON: {r.stderr[-2000:]}") from None
+    if "error" in out:
+        raise RuntimeError(f"{where}: {out['error']}")
+    return out
+
+
+def run_loopback(model: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    with LocalCluster(model, SPLIT, threads=args.threads, wire=args.wire, log=log) as c:
+        r = subprocess.run(client_command(c.addr, PROMPT_IDS, args.tokens, args.runs, wait=120),
+                           capture_output=True, text=True, timeout=600)
+        return _parse(r, "loopback")
+
+
+def run_netns(model: str, args: argparse.Namespace, log: Any, rate: str | None) -> dict[str, Any]:
+    with NetnsLab(len(SPLIT) + 2, rate=rate) as lab:
+        addr = start_dair_cluster(lab, model, SPLIT, wire=args.wire, threads=args.threads, log=log)
+        r = lab.run(lab.hosts[-1], client_command(addr, PROMPT_IDS, args.tokens, args.runs, wait=120),
+                    capture_output=True, text=True, timeout=600)
+        return _parse(r, f"netns (rate {rate})")
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [run["decode_tok_s"] for r in results for run in r["runs"]]
+    hop = [statistics.mean(n["hop_ms_p50"] for n in r["nodes"]) for r in results]
+    added = [statistics.mean(n["hop_ms_p50"] - n["compute_ms_p50"] for n in r["nodes"]) for r in results]
+    ids = {tuple(run["ids"]) for r in results for run in r["runs"]}
+    return {"decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates,
+            "hop_ms_p50": statistics.median(hop), "added_ms_per_hop": statistics.median(added),
+            "bytes_per_token_hop": results[-1]["bytes_per_token_hop"], "distinct_outputs": len(ids),
+            "ids": list(next(iter(ids)))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model file (default: the fetched default model)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measured generation")
+    ap.add_argument("--runs", type=int, default=3, help="generations per cluster start")
+    ap.add_argument("--rounds", type=int, default=2, help="cluster starts per configuration, interleaved")
+    ap.add_argument("--threads", type=int, default=1, help="kernel threads per stage")
+    ap.add_argument("--wire", default="q8_0", choices=["q8_0", "f16", "f32"])
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    args = ap.parse_args(argv)
+    if args.model is None:
+        from dair.model.fetch import default_model_path
+
+        args.model = str(default_model_path())
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    cleanup_stale()
+    reason = unavailable_reason()
+    configs: dict[str, Any] = {"loopback": lambda log: run_loopback(args.model, args, log)}
+    if reason:
+        say(f"namespaces skipped: {reason}")
+    else:
+        configs["netns"] = lambda log: run_netns(args.model, args, log, None)
+        configs["netns-1gbit"] = lambda log: run_netns(args.model, args, log, "1gbit")
+    raw: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
+    log_path = Path(tempfile.gettempdir()) / "dair-bench-network.log"
+    with open(log_path, "w", buffering=1) as log:
+        # Interleaved rounds, so that a burst of load from other work hits every configuration.
+        for i in range(args.rounds):
+            for name, fn in configs.items():
+                say(f"round {i + 1}/{args.rounds}: {name} ...")
+                raw[name].append(fn(log))
+    out: dict[str, Any] = {"wire": args.wire, "tokens": args.tokens, "threads": args.threads,
+                           "delay": "none (no netem in the kernel, no transport hook in bus/stages)",
+                           "netns_skipped": reason}
+    out["configs"] = {k: summarize(v) for k, v in raw.items()}
+    base = out["configs"]["loopback"]
+    out["ratios"] = {k: {"decode_tok_s": v["decode_tok_s"] / base["decode_tok_s"],
+                         "hop_ms_p50": v["hop_ms_p50"] / base["hop_ms_p50"]}
+                     for k, v in out["configs"].items() if k != "loopback"}
+    out["same_tokens_everywhere"] = len({tuple(v["ids"]) for v in out["configs"].values()}) == 1 and all(
+        v["distinct_outputs"] == 1 for v in out["configs"].values())
+    for v in out["configs"].values():
+        del v["ids"]
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"\n3 stages, {args.wire} on the wire, {args.threads} thread(s) per stage, {args.tokens} tokens, "
+          f"no added delay")
+    print(f"{'config':12} {'decode tok/s':>12} {'hop p50 ms':>11} {'added ms/hop':>13} {'B/token/hop':>12}"
+          f" {'tok/s vs lo':>12} {'hop vs lo':>10}")
+    for k, v in out["configs"].items():
+        r = out["ratios"].get(k, {"decode_tok_s": 1.0, "hop_ms_p50": 1.0})
+        print(f"{k:12} {v['decode_tok_s']:>12.1f} {v['hop_ms_p50']:>11.2f} {v['added_ms_per_hop']:>13.2f} "
+              f"{v['bytes_per_token_hop']:>12.0f} {r['decode_tok_s']:>11.2f}x {r['hop_ms_p50']:>9.2f}x")
+    print(f"same greedy tokens in every configuration: {out['same_tokens_everywhere']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
