@@ -30,7 +30,8 @@ typedef struct {
 } dair_pool_api;
 
 typedef struct {
-    unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods;
+    unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods, wakes,
+        job_ticks;
 } dair_pool_stats;
 
 /* this module's view of the process-wide pool (NULL: run serially) */
@@ -51,6 +52,7 @@ static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool
 
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -84,6 +86,7 @@ static struct {
     int running;      /* worker threads started */
     pthread_t tid[DAIR_POOL_MAX];
     uint64_t solo_until; /* TSC: run jobs on the caller alone until then (see dair_pool_parallel) */
+    unsigned win_jobs, win_chunks, win_worker; /* participation over the current window of jobs */
     dair_pool_stats st;
 } dair_P = {.busy = ATOMIC_FLAG_INIT};
 
@@ -127,6 +130,9 @@ static int dair_pool_has_work(void) {
 /* Spin this many TSC ticks (~30-50 us) for the next job before sleeping: kernel calls of
  * one decode step come a few microseconds apart. */
 #define DAIR_SPIN_TICKS 100000ULL
+#ifndef DAIR_YIELD_POLLS
+#define DAIR_YIELD_POLLS 16
+#endif
 
 static void *dair_pool_main(void *arg) {
     (void)arg;
@@ -139,10 +145,17 @@ static void *dair_pool_main(void *arg) {
         if (dair_pool_work())
             continue;
 #if defined(__x86_64__)
+        /* Poll for the next job, yielding the core between polls: on an idle machine
+         * sched_yield returns at once, on a loaded one this thread does not take CPU
+         * time from the caller or anyone else while it waits. */
         uint64_t t0 = __rdtsc();
+        unsigned polls = 0;
         while (!dair_pool_has_work() && !atomic_load_explicit(&dair_P.quit, memory_order_relaxed) &&
-               __rdtsc() - t0 < DAIR_SPIN_TICKS)
+               __rdtsc() - t0 < DAIR_SPIN_TICKS) {
             DAIR_PAUSE();
+            if (++polls % DAIR_YIELD_POLLS == 0)
+                sched_yield();
+        }
 #endif
         if (dair_pool_has_work())
             continue;
@@ -189,6 +202,11 @@ static void dair_pool_ensure_started(void) {
  * one-thread speed instead of stalling on every other job. */
 #define DAIR_STALL_TICKS 300000ULL   /* ~100 us */
 #define DAIR_SOLO_TICKS 150000000ULL /* ~50 ms */
+/* The same when workers hardly take part: over a window of DAIR_WIN_JOBS jobs they ran
+ * less than 1/DAIR_WIN_SHARE of the chunks, i.e. the machine's other cores are busy with
+ * other work and splitting jobs only costs (measured: 2 threads 20% slower than 1 then). */
+#define DAIR_WIN_JOBS 256
+#define DAIR_WIN_SHARE 8
 
 static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
     if (nchunks <= 1 || dair_P.threads <= 1 || atomic_flag_test_and_set(&dair_P.busy)) {
@@ -215,7 +233,11 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
     atomic_store(&dair_P.nchunks, nchunks);
     atomic_store(&dair_P.done, 0);
     atomic_store(&dair_P.state, (gen + 2) << 32); /* open, chunk 0 */
+#if defined(__x86_64__)
+    uint64_t tj = __rdtsc();
+#endif
     if (atomic_load(&dair_P.sleepers) > 0) {
+        dair_P.st.wakes++;
         atomic_fetch_add(&dair_P.futex_word, 1);
         dair_futex_wake_all(&dair_P.futex_word);
     }
@@ -231,6 +253,18 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         atomic_fetch_add_explicit(&dair_P.done, 1, memory_order_release);
     }
     dair_P.st.worker_chunks += nchunks - mine;
+    dair_P.win_jobs++;
+    dair_P.win_chunks += nchunks;
+    dair_P.win_worker += nchunks - mine;
+    if (dair_P.win_jobs >= DAIR_WIN_JOBS) {
+#if defined(__x86_64__)
+        if (dair_P.win_worker * DAIR_WIN_SHARE < dair_P.win_chunks) {
+            dair_P.solo_until = __rdtsc() + DAIR_SOLO_TICKS;
+            dair_P.st.solo_periods++;
+        }
+#endif
+        dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
+    }
     /* Only chunks a worker claimed are outstanding now; they are short unless it was preempted. */
     if (atomic_load_explicit(&dair_P.done, memory_order_acquire) < nchunks) {
 #if defined(__x86_64__)
@@ -254,6 +288,9 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         }
 #endif
     }
+#if defined(__x86_64__)
+    dair_P.st.job_ticks += __rdtsc() - tj;
+#endif
     atomic_flag_clear(&dair_P.busy);
 }
 

@@ -32,6 +32,12 @@
 
 static int dair_simd_enabled __attribute__((unused)) = 1;
 
+/* Prefetch never faults, so it may be pointed at memory that is no longer mapped. */
+static inline void dair_prefetch_bytes(const void *p, size_t n) {
+    for (size_t o = 0; o < n; o += 64)
+        __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
 static const char *dair_simd_name(void) {
 #if defined(DAIR_HAVE_AVX512VNNI)
     return "avx512vnni";

@@ -248,6 +248,8 @@ static void dair_img_mm(const uint8_t *w, const dair_img *L, int r0, int r1, con
     int r = r0;
     if (n == 1) {
         const uint8_t *end = w + (size_t)r1 * rb;
+        size_t left = (size_t)(r1 - r) * rb;
+        dair_prefetch_bytes(w + (size_t)r * rb, left < DAIR_PF_DIST ? left : DAIR_PF_DIST);
         for (; r + 4 <= r1; r += 4) {
             /* A matrix-vector product streams weights that are not in cache. The hardware
              * prefetchers restart at every 4 KB page and each 64 bytes cost ~15 instructions

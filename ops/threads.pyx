@@ -18,7 +18,7 @@ cdef extern from *:
     const dair_pool_api dair_pool_impl
     ctypedef struct dair_pool_stats:
         unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
-        unsigned long long solo_periods
+        unsigned long long solo_periods, wakes, job_ticks
     dair_pool_stats dair_pool_get_stats()
     int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
     void dair_pool_set_threads "dair_pool_impl.set_threads"(int n) nogil
