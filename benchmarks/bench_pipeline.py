@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -64,24 +65,27 @@ def stats(addr: str) -> dict[str, Any]:
         return c.status()
 
 
-def in_process_rate(model: str, threads: int, tokens: int, runs: int) -> float:
-    from dair.backend import LocalBackend
-    from dair.engine.sampling import SamplingParams
+class InProcess:
+    """The baseline: the whole model in this process (dair.backend.LocalBackend)."""
 
-    b = LocalBackend(model, threads=threads, quiet=True)
-    ids = b.tokenizer.encode(PROMPT)
-    p = SamplingParams(temperature=0.0)
-    b.generate(ids, p, 4, set())
-    rates = [b.generate(ids, p, tokens, set())["timings"]["decode_tok_s"] for _ in range(runs)]
-    b.close()
-    return statistics.median(rates)
+    def __init__(self, model: str, threads: int) -> None:
+        from dair.backend import LocalBackend
+        from dair.engine.sampling import SamplingParams
+
+        self.b = LocalBackend(model, threads=threads, quiet=True)
+        self.ids = self.b.tokenizer.encode(PROMPT)
+        self.p = SamplingParams(temperature=0.0)
+        self.b.generate(self.ids, self.p, 4, set())
+
+    def rate(self, tokens: int) -> float:
+        return self.b.generate(self.ids, self.p, tokens, set())["timings"]["decode_tok_s"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model file (default: the fetched default model)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per measured generation")
-    ap.add_argument("--runs", type=int, default=3, help="generations per decode measurement (median)")
+    ap.add_argument("--runs", type=int, default=5, help="rounds; each measures every configuration once")
     ap.add_argument("--threads", type=int, default=2, help="kernel threads per stage")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
@@ -93,28 +97,37 @@ def main(argv: list[str] | None = None) -> int:
     r: dict[str, Any] = {"threads": args.threads, "tokens": args.tokens}
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
-    say("in-process engine ...")
-    r["in_process_decode_tok_s"] = in_process_rate(args.model, args.threads, args.tokens, args.runs)
-
-    say("1 stage ...")
-    with start(args.model, [(0, 29)], args.threads, "q8_0", log) as c:
-        r["one_stage_decode_tok_s"] = decode_rate(c.addr, args.tokens, args.runs)
-        r["one_stage_4_sessions_tok_s"] = aggregate_rate(c.addr, 4, args.tokens)
-        r["one_stage_1_session_agg_tok_s"] = aggregate_rate(c.addr, 1, args.tokens)
-        st = stats(c.addr)
-        n = st["nodes"][0]
-        r["one_stage_hop_ms_p50"], r["one_stage_compute_ms_p50"] = n["hop_ms_p50"], n["compute_ms_p50"]
-
-    for wire in ("f32", "q8_0"):
-        say(f"3 stages, {wire} on the wire ...")
-        with start(args.model, [(0, 9), (10, 19), (20, 29)], args.threads, wire, log) as c:
-            r[f"three_stage_{wire}_decode_tok_s"] = decode_rate(c.addr, args.tokens, args.runs)
-            if wire == "q8_0":
-                r["three_stage_4_sessions_tok_s"] = aggregate_rate(c.addr, 4, args.tokens)
-                r["three_stage_1_session_agg_tok_s"] = aggregate_rate(c.addr, 1, args.tokens)
-            st = stats(c.addr)
-            r[f"bytes_per_token_hop_{wire}"] = st["totals"]["bytes_per_token_hop"]
-            nodes = st["nodes"]
+    say("starting clusters: 1 stage (q8_0), 3 stages (q8_0), 3 stages (f32) ...")
+    three = [(0, 9), (10, 19), (20, 29)]
+    clusters = {"one": start(args.model, [(0, 29)], args.threads, "q8_0", log),
+                "three_q8_0": start(args.model, three, args.threads, "q8_0", log),
+                "three_f32": start(args.model, three, args.threads, "f32", log)}
+    local = InProcess(args.model, args.threads)
+    try:
+        # Alternate the configurations round by round and keep medians: the machine's load drifts,
+        # and interleaving puts every configuration under the same drift.
+        rates: dict[str, list[float]] = {k: [] for k in ("in_process", *clusters, "agg1", "agg4", "agg1_one",
+                                                         "agg4_one")}
+        for rnd in range(args.runs):
+            say(f"round {rnd + 1}/{args.runs} ...")
+            rates["in_process"].append(local.rate(args.tokens))
+            for k, c in clusters.items():
+                rates[k].append(decode_rate(c.addr, args.tokens, 1))
+            rates["agg1"].append(aggregate_rate(clusters["three_q8_0"].addr, 1, args.tokens))
+            rates["agg4"].append(aggregate_rate(clusters["three_q8_0"].addr, 4, args.tokens))
+            rates["agg1_one"].append(aggregate_rate(clusters["one"].addr, 1, args.tokens))
+            rates["agg4_one"].append(aggregate_rate(clusters["one"].addr, 4, args.tokens))
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        r["rates_all_rounds"] = rates
+        r["in_process_decode_tok_s"] = med["in_process"]
+        r["one_stage_decode_tok_s"] = med["one"]
+        r["three_stage_q8_0_decode_tok_s"] = med["three_q8_0"]
+        r["three_stage_f32_decode_tok_s"] = med["three_f32"]
+        r["three_stage_1_session_agg_tok_s"], r["three_stage_4_sessions_tok_s"] = med["agg1"], med["agg4"]
+        r["one_stage_1_session_agg_tok_s"], r["one_stage_4_sessions_tok_s"] = med["agg1_one"], med["agg4_one"]
+        for wire in ("f32", "q8_0"):
+            nodes = stats(clusters[f"three_{wire}"].addr)["nodes"]
+            r[f"bytes_per_token_hop_{wire}"] = stats(clusters[f"three_{wire}"].addr)["totals"]["bytes_per_token_hop"]
             r[f"three_stage_{wire}_hop_ms_p50"] = [n["hop_ms_p50"] for n in nodes]
             r[f"three_stage_{wire}_compute_ms_p50"] = [n["compute_ms_p50"] for n in nodes]
             r[f"three_stage_{wire}_added_ms_per_hop"] = statistics.median(
@@ -126,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                              "weights_share_mb": n["resident_bytes"] / 2**20,
                              "growth_over_share": (n["rss"] - n["rss_at_register"]) / max(1, n["resident_bytes"])}
                             for n in nodes]
+        r["load_average_1m"] = os.getloadavg()[0]
+    finally:
+        for c in clusters.values():
+            c.stop()
     log.close()
 
     ratios = {
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for k, v in ratios.items():
         print(f"{k:40} {v:.2f}x")
+    print(f"(medians of {args.runs} interleaved rounds; 1-minute load average at the end: {r['load_average_1m']:.1f})")
     return 0
 
 

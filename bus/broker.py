@@ -59,6 +59,9 @@ class Broker:
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
         self.client_seen: dict[bytes, float] = {}
+        # Decode steps held back for a moment to travel with another group (see hold_or_send).
+        self.held: list[dict[str, Any]] = []
+        self.held_until = 0.0
         self.tokens_total = 0
         self.act_bytes = 0
         self.act_rows = 0
@@ -120,7 +123,8 @@ class Broker:
         poller.register(self.router, zmq.POLLIN)
         next_hb = next_stats = time.monotonic()
         while self._running:
-            wait = max(0.0, min(next_hb, next_stats) - time.monotonic())
+            due = min(next_hb, next_stats, self.held_until if self.held else next_hb)
+            wait = max(0.0, due - time.monotonic())
             if poller.poll(min(wait, 0.2) * 1000):
                 for _ in range(1000):  # bounded drain, so timers still run under a flood
                     try:
@@ -129,6 +133,8 @@ class Broker:
                         break
                     self.on_frames(frames)
             now = time.monotonic()
+            if self.held and now >= self.held_until:
+                self.release_held()
             if now >= next_hb:
                 self.heartbeat(now)
                 next_hb = now + self.hb_s
@@ -291,9 +297,10 @@ class Broker:
                 if sess is not None and s["q"] in sess.qs:
                     self.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
             return
-        self.inflight[q] = (owner.ident, time.perf_counter())
-        if len(self.inflight) > 100_000:  # steps whose answer never came (dead stage) must not pile up
-            self.inflight.clear()
+        now = time.perf_counter()
+        self.inflight[q] = (owner.ident, now)
+        if len(self.inflight) > 1000:  # steps whose answer never came (a dead stage) must not pile up
+            self.inflight = {k: v for k, v in self.inflight.items() if now - v[1] < 10.0}
         self.send_frames(owner.ident, frames)
 
     def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
@@ -317,8 +324,30 @@ class Broker:
             except (KeyError, TypeError, ValueError) as e:
                 self.count(P.E_BAD_FIELD)
                 self.finish_error(s, P.E_BAD_FIELD, f"malformed result from {node.name}: {e}")
-        if steps:
-            self.send_step(steps)
+        self.hold_or_send(node, steps)
+
+    def hold_or_send(self, last: Node, steps: list[dict[str, Any]]) -> None:
+        """Send the next decode steps, or hold them until another group comes back.
+
+        Sessions whose steps travel apart (say, one group at stage 1 while another is at stage
+        3) each pay a full pass over every stage's weights. When another step is at the last
+        stage right now, it will be back within one stage's compute time: waiting for it merges
+        both groups into one batch for good, which on a CPU costs little more than either alone.
+        """
+        now = time.perf_counter()  # the clock of self.inflight
+        if self.held:
+            steps = self.held + steps
+            self.held = []
+        elif steps and any(ident == last.ident and now - t < 1.0 for ident, t in self.inflight.values()):
+            self.held = steps
+            p50 = last.compute_s.pct(50) or 0.005
+            self.held_until = time.monotonic() + min(0.05, max(0.002, 2.0 * p50))
+            return
+        self.send_step(steps)
+
+    def release_held(self) -> None:
+        steps, self.held = self.held, []
+        self.send_step(steps)
 
     # --- sessions -----------------------------------------------------------------------------
     def send_step(self, segs: list[dict[str, Any]]) -> None:
