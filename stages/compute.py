@@ -28,8 +28,9 @@ class StageSession:
 
 class Compute:
     def __init__(self, model: Any, first: int, last: int, threads: int, wire_dtype: str, max_batch: int,
-                 lz4_min_bytes: int) -> None:
+                 lz4_min_bytes: int, max_ram: int | None = None) -> None:
         self.model = model
+        self.max_ram = max_ram
         self.first, self.last = first, last
         self.n_layers = model.config.n_layers
         self.threads = threads
@@ -75,8 +76,9 @@ class Compute:
         if self.engine is not None:
             for sid in list(self.sessions):
                 self.engine.close_session(sid)
+            self.engine.close()  # stops its prefetch thread (streaming mode)
         self.sessions.clear()
-        self.engine = RangeEngine(self.model, first, last, threads=self.threads)
+        self.engine = RangeEngine(self.model, first, last, threads=self.threads, max_ram=self.max_ram)
         self.first, self.last = first, last
         self.state = "ready"
 
@@ -131,30 +133,45 @@ class Compute:
         return None
 
     def _run(self, acts: list[tuple[dict[str, Any], list[Any]]]) -> None:
-        good: list[tuple[dict[str, Any], list[Any]]] = []
+        segs: list[dict[str, Any]] = []
+        parts: list[np.ndarray] = []
+        seen: set[str] = set()
+        layer = acts[0][0]["layer"]
         for header, buffers in acts:
             problem = self._check(header)
             if problem:
                 self._error(*problem, sid=header["segs"][0]["sid"])
                 continue
-            bad = self._check_sessions(header["segs"])
-            if bad:
+            # One bad segment (a session closed while its step was on its way, say) must not
+            # cost the other sessions batched in the same message their step.
+            keep, offset, rows = [], 0, []
+            for seg in header["segs"]:
+                n = len(seg["ids"])
+                if self._segment_ok(seg, seen):
+                    keep.append(seg)
+                    rows.append((offset, offset + n))
+                    seen.add(seg["sid"])
+                offset += n
+            if not keep:
                 continue
-            good.append((header, buffers))
-        if not good:
+            segs += keep
+            if layer > 0:
+                x = wire.unpack(buffers[0], header["dtype"], header["shape"][0], header["shape"][1])
+                if len(keep) < len(header["segs"]):
+                    x = np.concatenate([x[a:b] for a, b in rows])
+                parts.append(x)
+        if not segs:
             return
-        segs = [s for h, _ in good for s in h["segs"]]
         t0 = time.perf_counter()
         try:
             for s in segs:
                 st = self.sessions[s["sid"]]
                 if s["pos"] < st.next_pos:
                     self.engine.truncate_session(s["sid"], s["pos"])
-            if good[0][0]["layer"] == 0:
+            if layer == 0:
                 ids = np.fromiter((i for s in segs for i in s["ids"]), dtype=np.int32)
                 x = self.engine.embed(ids)
             else:
-                parts = [wire.unpack(b[0], h["dtype"], h["shape"][0], h["shape"][1]) for h, b in good]
                 x = parts[0] if len(parts) == 1 else np.concatenate(parts)
             y = self.engine.run_layers(
                 x, [(s["sid"], np.arange(s["pos"], s["pos"] + len(s["ids"]), dtype=np.int32)) for s in segs])
@@ -184,25 +201,26 @@ class Compute:
                         "shape": [int(y.shape[0]), int(y.shape[1])], "segs": segs, "ct": ct},
                        [wire.pack(y, self.wire)])
 
-    def _check_sessions(self, segs: list[dict[str, Any]]) -> bool:
-        for s in segs:
-            st = self.sessions.get(s["sid"])
-            if st is None:
-                self._error(P.E_UNKNOWN_SESSION, f"unknown session {s['sid']!r}", sid=s["sid"])
-                return True
-            if s["pos"] > st.next_pos:
-                self._error(P.E_BAD_FIELD, f"session {s['sid']!r}: position {s['pos']} after a gap "
-                            f"(this stage holds {st.next_pos} positions)", sid=s["sid"])
-                return True
-            vocab = self.model.config.vocab_size
-            if any(i >= vocab for i in s["ids"]) or s.get("nx", 0) >= vocab:
-                self._error(P.E_BAD_FIELD, f"session {s['sid']!r}: token id beyond the vocabulary ({vocab})",
-                            sid=s["sid"])
-                return True
-            if s["pos"] + len(s["ids"]) > self.engine.max_context:
-                self._error(P.E_CONTEXT, f"session {s['sid']!r}: position {s['pos'] + len(s['ids'])} "
-                            f"beyond the context of {self.engine.max_context}", sid=s["sid"])
-                return True
+    def _segment_ok(self, s: dict[str, Any], seen: set[str]) -> bool:
+        """Can this segment run now? If not, an error naming its session goes to the bus."""
+        sid = s["sid"]
+        st = self.sessions.get(sid)
+        vocab = self.model.config.vocab_size
+        if st is None:
+            problem = (P.E_UNKNOWN_SESSION, f"unknown session {sid!r}")
+        elif sid in seen:
+            problem = (P.E_BAD_FIELD, f"session {sid!r} twice in one step")
+        elif s["pos"] > st.next_pos:
+            problem = (P.E_BAD_FIELD, f"session {sid!r}: position {s['pos']} after a gap "
+                       f"(this stage holds {st.next_pos} positions)")
+        elif any(i >= vocab for i in s["ids"]) or s.get("nx", 0) >= vocab:
+            problem = (P.E_BAD_FIELD, f"session {sid!r}: token id beyond the vocabulary ({vocab})")
+        elif s["pos"] + len(s["ids"]) > self.engine.max_context:
+            problem = (P.E_CONTEXT, f"session {sid!r}: position {s['pos'] + len(s['ids'])} "
+                       f"beyond the context of {self.engine.max_context}")
+        else:
+            return True
+        self._error(*problem, sid=sid)
         return False
 
     def _head(self, y: np.ndarray, segs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -188,6 +188,16 @@ def test_stage_answers_every_malformed_message_with_an_error(lone_stage):
     out = _stage_reply(router, 30)
     assert out is not None and out["type"] == P.ACT and out["layer"] == 1 and out["shape"] == [2, 576]
     assert np.isfinite(np.frombuffer(out["_buffers"][0], np.float32)).all()
+    # A batched step where one session is unknown: the others still get their step.
+    segs = [{"sid": "gone", "pos": 0, "ids": [7], "q": 2, "out": "sample"},
+            {"sid": "ok", "pos": 2, "ids": [282], "q": 3, "out": "sample"}]
+    router.send_multipart([ident, *P.encode({"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [2],
+                                             "segs": segs})])
+    got = [_stage_reply(router, 30), _stage_reply(router, 30)]
+    err = next(g for g in got if g["type"] == P.ERROR)
+    out = next(g for g in got if g["type"] == P.ACT)
+    assert err["code"] == P.E_UNKNOWN_SESSION and err["sid"] == "gone"
+    assert [s["sid"] for s in out["segs"]] == ["ok"] and out["shape"] == [1, 576]
     # The bad frames are counted in the stage's heartbeat stats.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
