@@ -253,9 +253,13 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         atomic_fetch_add_explicit(&dair_P.done, 1, memory_order_release);
     }
     dair_P.st.worker_chunks += nchunks - mine;
-    dair_P.win_jobs++;
-    dair_P.win_chunks += nchunks;
-    dair_P.win_worker += nchunks - mine;
+    /* Small jobs do not count: a caller may finish two short chunks before an awake worker
+     * has even seen the job. */
+    if (nchunks >= 4) {
+        dair_P.win_jobs++;
+        dair_P.win_chunks += nchunks;
+        dair_P.win_worker += nchunks - mine;
+    }
     if (dair_P.win_jobs >= DAIR_WIN_JOBS) {
 #if defined(__x86_64__)
         if (dair_P.win_worker * DAIR_WIN_SHARE < dair_P.win_chunks) {
