@@ -28,7 +28,7 @@ class StageRefused(Exception):
 class Link:
     def __init__(self, bus_addr: str, name: str, model: Any, first: int, last: int, threads: int,
                  wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
-                 max_batch: int, lz4_min_bytes: int) -> None:
+                 max_batch: int, lz4_min_bytes: int, max_ram: int | None = None) -> None:
         self.bus_addr = bus_addr
         self.name = name
         self.model = model
@@ -43,7 +43,7 @@ class Link:
         self.node = ""
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
-        self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes)
+        self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes, max_ram)
         self.dealer: zmq.Socket | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -90,7 +90,8 @@ class Link:
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "batches": c.batches,
                 "batched_segments": c.batched_segments, "max_batch": c.max_batch_seen,
                 "compute_s": round(c.compute_s, 4), "first": c.first, "last": c.last,
-                "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0}
+                "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0,
+                **_residency_stats(eng)}
 
     def _heartbeat(self) -> None:
         header = {"type": P.HEARTBEAT, "t": time.time(), "state": self.compute.state, "stats": self.stats()}
@@ -209,3 +210,12 @@ class Link:
                     P.E_LAYER, f"assign {header['first']}-{header['last']} is outside the model")))
                 return None
         return header, buffers
+
+
+def _residency_stats(eng: Any) -> dict[str, Any]:
+    """AirLLM-mode figures of the engine (issue 6): resident or streaming, budget, disk traffic."""
+    if eng is None or not hasattr(eng, "stats"):
+        return {}
+    st = eng.stats()
+    return {k: st[k] for k in ("mode", "max_ram", "range_bytes", "disk_read_bytes", "disk_read_mb_s",
+                               "storage_read_bytes", "disk_wait_fraction") if k in st}

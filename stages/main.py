@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wire", choices=["q8_0", "f16", "f32"], default=None, help="activation format sent")
     p.add_argument("--name", default=None, help="node name shown in stats")
     p.add_argument("--config", default=None, help="config file (same shape as config.toml)")
+    p.add_argument("--max-ram", default=None, metavar="SIZE",
+                   help="RAM budget for resident weights, e.g. 512M, 2G (default: config [stage] max_ram); "
+                        "a range that does not fit streams its layers from disk")
     return p
 
 
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from dair.engine.residency import parse_size
     from dair.model import open_model
     from dair.stages.link import Link
 
@@ -75,7 +79,8 @@ def _main(args: argparse.Namespace) -> int:
         threads=stage_cfg["threads"] if args.threads is None else args.threads,
         wire_dtype=args.wire or stage_cfg["wire"], heartbeat_ms=int(bus_cfg["heartbeat_interval_ms"]),
         liveness=int(bus_cfg["heartbeat_liveness"]), max_frame_bytes=int(bus_cfg["max_frame_bytes"]),
-        max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]))
+        max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
+        max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")))
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
     signal.signal(signal.SIGTERM, lambda *_: link.stop())
     return link.run()
