@@ -164,31 +164,46 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
         for (int b = 0; b < nb; b++) {
             const dair_block_q8_0 *blk = (const dair_block_q8_0 *)(src + (size_t)b * sizeof(dair_block_q8_0));
             float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
+            float *o = dst + (size_t)b * DAIR_QK;
+#if defined(__AVX512F__)
+            __m512 vd = _mm512_set1_ps(d);
+            _mm512_storeu_ps(o, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                     _mm_loadu_si128((const __m128i *)blk->qs)))));
+            _mm512_storeu_ps(o + 16, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                          _mm_loadu_si128((const __m128i *)(blk->qs + 16))))));
+#else
             for (int j = 0; j < DAIR_QK; j++)
-                dst[b * DAIR_QK + j] = (float)blk->qs[j] * d;
+                o[j] = (float)blk->qs[j] * d;
+#endif
         }
         break;
     case DAIR_Q4_0:
+    case DAIR_Q4_1: {
+        const int q41 = qtype == DAIR_Q4_1;
+        const size_t bs = q41 ? sizeof(dair_block_q4_1) : sizeof(dair_block_q4_0);
         for (int b = 0; b < nb; b++) {
-            const dair_block_q4_0 *blk = (const dair_block_q4_0 *)(src + (size_t)b * sizeof(dair_block_q4_0));
-            float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
+            const uint8_t *blk = src + (size_t)b * bs;
+            const uint8_t *qs = blk + (q41 ? 4 : 2);
+            float d = dair_fp16_to_fp32(dair_load_u16(blk));
+            /* Q4_0 is Q4_1 with m = -8 d: (nib - 8) d = nib d - 8 d, exact in float */
+            float m = q41 ? dair_fp16_to_fp32(dair_load_u16(blk + 2)) : -8.0f * d;
+            float *o = dst + (size_t)b * DAIR_QK;
+#if defined(__AVX512F__)
+            __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+            __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+            __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), vd, vm));
+            _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), vd, vm));
+#else
             for (int j = 0; j < DAIR_QK / 2; j++) {
-                dst[b * DAIR_QK + j] = (float)((blk->qs[j] & 15) - 8) * d;
-                dst[b * DAIR_QK + j + 16] = (float)((blk->qs[j] >> 4) - 8) * d;
+                o[j] = (float)(qs[j] & 15) * d + m;
+                o[j + 16] = (float)(qs[j] >> 4) * d + m;
             }
+#endif
         }
         break;
-    case DAIR_Q4_1:
-        for (int b = 0; b < nb; b++) {
-            const dair_block_q4_1 *blk = (const dair_block_q4_1 *)(src + (size_t)b * sizeof(dair_block_q4_1));
-            float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
-            float m = dair_fp16_to_fp32(dair_load_u16(&blk->m));
-            for (int j = 0; j < DAIR_QK / 2; j++) {
-                dst[b * DAIR_QK + j] = (float)(blk->qs[j] & 15) * d + m;
-                dst[b * DAIR_QK + j + 16] = (float)(blk->qs[j] >> 4) * d + m;
-            }
-        }
-        break;
+    }
     }
 }
 
