@@ -189,7 +189,12 @@ DAIR_INLINE void dair_img_step(const uint8_t *w, size_t rb, const dair_img *L, i
         } else {
             const __m512i m4 = _mm512_set1_epi8(0x0F);
             lo[r] = _mm512_and_si512(z, m4);
+#if defined(__GFNI__)
+            /* x >> 4 per byte as one GF(2) affine map instead of a shift and a mask */
+            hi[r] = _mm512_gf2p8affine_epi64_epi8(z, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
             hi[r] = _mm512_and_si512(_mm512_srli_epi16(z, 4), m4);
+#endif
         }
     }
     for (int c = 0; c < C; c++) {
