@@ -115,8 +115,8 @@ class BusClient:
             h["params"] = params
         return self.call(h)["sid"]
 
-    def close_session(self, sid: str) -> None:
-        self.call({"type": P.SESSION_CLOSE, "sid": sid})
+    def close_session(self, sid: str, timeout: float | None = None) -> None:
+        self.call({"type": P.SESSION_CLOSE, "sid": sid}, timeout)
 
     def cancel(self, sid: str) -> None:
         self.send({"type": P.CANCEL, "sid": sid})
@@ -201,6 +201,7 @@ class BusBackend:
         self.n_layers = int(self.model_info["n_layers"])
         self._model_path = model_path
         self._tokenizer: Any = None
+        self._sid: str | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -229,8 +230,22 @@ class BusBackend:
 
     def generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
                  on_token: Callable[[int], bool | None] | None = None) -> dict[str, Any]:
+        """One generation. Calls share one bus session, so a call whose prompt extends the last
+        one (a chat turn) reuses the KV caches the stages hold and prefills only the new tokens."""
+        try:
+            return self._generate(prompt_ids, params, max_tokens, stop_ids, on_token)
+        except BusError as e:
+            if e.code != P.E_UNKNOWN_SESSION:
+                raise
+            self._sid = None  # the bus restarted or dropped the session: start a new one
+            return self._generate(prompt_ids, params, max_tokens, stop_ids, on_token)
+
+    def _generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
+                  on_token: Callable[[int], bool | None] | None) -> dict[str, Any]:
         p = params.to_dict() if hasattr(params, "to_dict") else dict(params)
-        req = self.client.start_generate(ids=list(prompt_ids), params=p, max_tokens=max_tokens,
+        if self._sid is None:
+            self._sid = self.client.open_session(p)
+        req = self.client.start_generate(ids=list(prompt_ids), sid=self._sid, params=p, max_tokens=max_tokens,
                                          stop_ids=sorted(stop_ids))
         cancelled = False
         for ev in self.client.events(req):
@@ -249,4 +264,10 @@ class BusBackend:
                                "logprob_next": p["logprob_next"]} for p in positions]}
 
     def close(self) -> None:
+        if self._sid is not None:
+            try:
+                self.client.close_session(self._sid, timeout=2.0)
+            except DairError:
+                pass  # the bus is gone: it dropped the session with itself
+            self._sid = None
         self.client.close()

@@ -176,3 +176,18 @@ def test_concurrent_sessions_batch_on_stages(cluster3):
     assert all(len(v) == 16 for v in outs.values())
     assert np.isfinite(st["totals"]["bytes_per_token_hop"])
     assert max(n["max_batch"] for n in st["nodes"]) > 1, st["nodes"]
+
+
+def test_seeded_sampling_equals_in_process(cluster3, local_backend):
+    """Randomness is a function of (seed, position) and the last stage keeps the same history
+    for the repeat penalty: a seeded sampled generation is token-for-token the in-process one."""
+    params = SamplingParams.from_config(temperature=0.9, seed=5)
+    ids = local_backend.tokenizer.encode("Once upon a time")
+    want = local_backend.generate(ids, params, 24, set())["ids"]
+    backend = BusBackend(cluster3.addr, timeout=60)
+    try:
+        assert backend.generate(ids, params, 24, set())["ids"] == want
+        # The same backend again: the bus session keeps the prompt's KV cache and reuses it.
+        assert backend.generate(ids, params, 24, set())["ids"] == want
+    finally:
+        backend.close()
