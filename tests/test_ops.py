@@ -364,7 +364,15 @@ def attention_ref(q, k, v, pos, scale):
 
 @pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize(
-    "n,H,KV,hd,start", [(1, 9, 3, 64, 0), (1, 9, 3, 64, 40), (5, 4, 2, 20, 3), (17, 3, 1, 8, 0)]
+    "n,H,KV,hd,start",
+    [
+        (1, 9, 3, 64, 0),
+        (1, 9, 3, 64, 40),
+        (5, 4, 2, 20, 3),
+        (17, 3, 1, 8, 0),
+        (3, 16, 2, 128, 37),
+        (2, 4, 4, 32, 70),
+    ],
 )
 def test_attention(rng, cache_dtype, n, H, KV, hd, start):
     cap = start + n + 4
