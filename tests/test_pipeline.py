@@ -191,3 +191,20 @@ def test_seeded_sampling_equals_in_process(cluster3, local_backend):
         assert backend.generate(ids, params, 24, set())["ids"] == want
     finally:
         backend.close()
+
+
+def test_heartbeats_flow_during_a_long_prefill(cluster3):
+    """Stages heartbeat from their own thread while the kernels (without the GIL) run a prefill
+    of several chunks; the bus never sees a stage go quiet for more than a few intervals."""
+    with BusClient(cluster3.addr, timeout=120) as c, BusClient(cluster3.addr, timeout=10) as watcher:
+        req = c.start_generate(ids=[504, 3575, 282, 4649, 314] * 200, max_tokens=1, params={"temperature": 0})
+        worst = 0.0
+        done = None
+        while done is None:
+            worst = max([worst] + [n["heartbeat_age_s"] for n in watcher.status()["nodes"]])
+            if c.sock.poll(100):
+                ev = c.next(req)
+                done = ev if ev["type"] in ("done", "error") else None
+        assert done["type"] == "done" and done["n_prompt"] == 1000
+        assert done["timings"]["prefill_s"] > 0.3  # long enough to have mattered
+    assert worst < 1.5, worst  # heartbeats every 0.3 s in the test config
