@@ -76,8 +76,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _kill_ns_pids(ns: str) -> None:
+    """SIGKILL whatever still runs in namespace `ns` (children that escaped their group, or the
+    processes of a crashed run)."""
+    r = _run("ip", "netns", "pids", ns, check=False)
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
 def cleanup_stale() -> list[str]:
-    """Remove namespaces and bridges of labs whose process is gone; returns the removed names."""
+    """Remove what labs of dead processes left: their processes, veths, namespaces and bridges.
+    Returns the removed names."""
     removed = []
     r = _run("ip", "netns", "list", check=False)
     tags = set()
@@ -85,10 +97,15 @@ def cleanup_stale() -> list[str]:
         name = line.split()[0] if line.strip() else ""
         m = _NS_RE.match(name)
         if m and not _pid_alive(int(m.group(1), 16)):
+            _kill_ns_pids(name)
             _run("ip", "netns", "del", name, check=False)
             removed.append(name)
             tags.add(f"{m.group(1)}x{m.group(2)}")
+    links = _run("ip", "-o", "link", "show", check=False).stdout
     for tag in tags:
+        for veth in re.findall(rf"^\d+: (dv{tag}h\d+)[@:]", links, re.M):
+            _run("ip", "link", "del", veth, check=False)
+            removed.append(veth)
         if _run("ip", "link", "del", f"db{tag}", check=False).returncode == 0:
             removed.append(f"db{tag}")
     return removed
@@ -211,6 +228,7 @@ class NetnsLab:
                     _run("ip", "link", "del", name, check=False)
             for kind, name in reversed(self._created):
                 if kind == "ns":
+                    _kill_ns_pids(name)
                     _run("ip", "netns", "del", name, check=False)
             with _lock:
                 _open_labs.discard(self)
