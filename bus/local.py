@@ -106,9 +106,17 @@ class LocalCluster:
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         out = self.log if self.log is not None else None
+        pgid = self.pgid or 0
+
+        def setup_child() -> None:  # runs in the child between fork and exec
+            try:  # (Popen's process_group= needs Python 3.11)
+                os.setpgid(0, pgid)
+            except OSError:  # the group is gone (all its members exited): start a new one
+                os.setpgid(0, 0)
+            _die_with_parent()
+
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env=self.env,
-                             stdin=subprocess.DEVNULL, process_group=self.pgid or 0,
-                             preexec_fn=_die_with_parent)
+                             stdin=subprocess.DEVNULL, preexec_fn=setup_child)
         if self.pgid is None:
             self.pgid = p.pid
         return p
