@@ -12,8 +12,9 @@ tests/netns_client.py, in every case):
   for a delaying transport.
 
 For each: decode tokens/s of one greedy session (median over rounds x runs), per-hop latency as
-the bus sees it (bus -> stage -> bus, p50, averaged over the stages) and the part of it that is
-not the stage's compute ("added"). Needs root and iproute2 for the namespace rows.
+the bus sees it (bus -> stage -> bus, p50, averaged over the stages), the part of it that is
+not the stage's compute ("added"), and the transport alone: a 612-byte ZeroMQ echo round trip
+between the bus's host and another host (no model running). Needs root and iproute2 for the namespace rows.
 
     python benchmarks/bench_network.py [--tokens 64] [--runs 3] [--rounds 2] [--wire q8_0] [--json]
 """
@@ -32,9 +33,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netns import NetnsLab, cleanup_stale, client_command, start_dair_cluster, unavailable_reason  # noqa: E402
 
-from dair.bus.local import LocalCluster  # noqa: E402
+from dair.bus.local import LocalCluster, free_port_pair  # noqa: E402
 
 SPLIT = [(0, 9), (10, 19), (20, 29)]
+# Transport alone: ZeroMQ round trips of a Q8_0 decode activation (612 B) between two hosts.
+ECHO = """
+import sys, zmq
+s = zmq.Context().socket(zmq.ROUTER); s.bind(sys.argv[1]); print("ready", flush=True)
+while True:
+    f = s.recv_multipart()
+    if f[1] == b"bye": break
+    s.send_multipart(f)
+"""
+PING = """
+import sys, time, statistics, zmq
+d = zmq.Context().socket(zmq.DEALER); d.connect(sys.argv[1]); msg = b"x" * 612
+for _ in range(200): d.send(msg); d.recv()
+out = []
+for _ in range(7):
+    t0 = time.perf_counter()
+    for _ in range(300): d.send(msg); d.recv()
+    out.append((time.perf_counter() - t0) / 300 * 1e6)
+d.send(b"bye"); print(statistics.median(out))
+"""
 PROMPT_IDS = [1, 504, 3458, 282, 4649, 314]  # "The capital of France is" (SmolLM2)
 
 
@@ -48,11 +69,28 @@ def _parse(r: subprocess.CompletedProcess, where: str) -> dict[str, Any]:
     return out
 
 
+def _echo_rtt(server: list[str], client: list[str], addr: str) -> float:
+    """Median microseconds per 612-byte ZeroMQ round trip (server and client given as prefixes)."""
+    srv = subprocess.Popen(server + [sys.executable, "-c", ECHO, addr], stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
+        r = subprocess.run(client + [sys.executable, "-c", PING, addr], capture_output=True, text=True, timeout=120)
+        return float(r.stdout.strip())
+    finally:
+        try:
+            srv.wait(10)  # it leaves on the client's "bye"
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+
+
 def run_loopback(model: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
     with LocalCluster(model, SPLIT, threads=args.threads, wire=args.wire, log=log) as c:
         r = subprocess.run(client_command(c.addr, PROMPT_IDS, args.tokens, args.runs, wait=120),
                            capture_output=True, text=True, timeout=600)
-        return _parse(r, "loopback")
+        out = _parse(r, "loopback")
+    out["echo_rtt_us"] = _echo_rtt([], [], f"tcp://127.0.0.1:{free_port_pair()}")
+    return out
 
 
 def run_netns(model: str, args: argparse.Namespace, log: Any, rate: str | None) -> dict[str, Any]:
@@ -60,7 +98,12 @@ def run_netns(model: str, args: argparse.Namespace, log: Any, rate: str | None) 
         addr = start_dair_cluster(lab, model, SPLIT, wire=args.wire, threads=args.threads, log=log)
         r = lab.run(lab.hosts[-1], client_command(addr, PROMPT_IDS, args.tokens, args.runs, wait=120),
                     capture_output=True, text=True, timeout=600)
-        return _parse(r, f"netns (rate {rate})")
+        out = _parse(r, f"netns (rate {rate})")
+        lab.stop_processes()
+        # Bus host to client host: the same path a hop takes (two veths, the bridge, two tbf).
+        out["echo_rtt_us"] = _echo_rtt(lab.hosts[0].exec_prefix(), lab.hosts[-1].exec_prefix(),
+                                       f"tcp://{lab.hosts[0].addr}:5601")
+        return out
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -71,6 +114,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"decode_tok_s": statistics.median(rates), "decode_tok_s_all": rates,
             "hop_ms_p50": statistics.median(hop), "added_ms_per_hop": statistics.median(added),
             "bytes_per_token_hop": results[-1]["bytes_per_token_hop"], "distinct_outputs": len(ids),
+            "echo_rtt_us": statistics.median(r["echo_rtt_us"] for r in results),
             "ids": list(next(iter(ids)))}
 
 
@@ -111,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     out["configs"] = {k: summarize(v) for k, v in raw.items()}
     base = out["configs"]["loopback"]
     out["ratios"] = {k: {"decode_tok_s": v["decode_tok_s"] / base["decode_tok_s"],
-                         "hop_ms_p50": v["hop_ms_p50"] / base["hop_ms_p50"]}
+                         "hop_ms_p50": v["hop_ms_p50"] / base["hop_ms_p50"],
+                         "echo_rtt_us": v["echo_rtt_us"] / base["echo_rtt_us"]}
                      for k, v in out["configs"].items() if k != "loopback"}
     out["same_tokens_everywhere"] = len({tuple(v["ids"]) for v in out["configs"].values()}) == 1 and all(
         v["distinct_outputs"] == 1 for v in out["configs"].values())
@@ -123,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n3 stages, {args.wire} on the wire, {args.threads} thread(s) per stage, {args.tokens} tokens, "
           f"no added delay")
     print(f"{'config':12} {'decode tok/s':>12} {'hop p50 ms':>11} {'added ms/hop':>13} {'B/token/hop':>12}"
-          f" {'tok/s vs lo':>12} {'hop vs lo':>10}")
+          f" {'echo rtt us':>12} {'tok/s vs lo':>12} {'hop vs lo':>10} {'rtt vs lo':>10}")
     for k, v in out["configs"].items():
-        r = out["ratios"].get(k, {"decode_tok_s": 1.0, "hop_ms_p50": 1.0})
+        r = out["ratios"].get(k, {"decode_tok_s": 1.0, "hop_ms_p50": 1.0, "echo_rtt_us": 1.0})
         print(f"{k:12} {v['decode_tok_s']:>12.1f} {v['hop_ms_p50']:>11.2f} {v['added_ms_per_hop']:>13.2f} "
-              f"{v['bytes_per_token_hop']:>12.0f} {r['decode_tok_s']:>11.2f}x {r['hop_ms_p50']:>9.2f}x")
+              f"{v['bytes_per_token_hop']:>12.0f} {v['echo_rtt_us']:>12.1f} {r['decode_tok_s']:>11.2f}x "
+              f"{r['hop_ms_p50']:>9.2f}x {r['echo_rtt_us']:>9.2f}x")
     print(f"same greedy tokens in every configuration: {out['same_tokens_everywhere']}")
     return 0
 
