@@ -7,7 +7,7 @@ import time
 import pytest
 from cluster_fixtures import start_cluster, stop_cluster
 
-from dair.bus.client import BusClient, BusError
+from dair.bus.client import BusClient, BusError, BusTimeout
 
 PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is" -> " Paris."
 
@@ -16,8 +16,11 @@ def _wait(addr: str, cond, timeout: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout
     st: dict = {}
     while time.monotonic() < deadline:
-        with BusClient(addr, timeout=2) as c:
-            st = c.status()
+        try:
+            with BusClient(addr, timeout=2) as c:
+                st = c.status()
+        except BusTimeout:  # the bus is (re)starting
+            continue
         if cond(st):
             return st
         time.sleep(0.2)
