@@ -2,7 +2,8 @@
 
 `BusClient` is the low-level, synchronous client (one DEALER; answers are matched to requests
 by `req`, so several requests may be outstanding). `StatsSubscriber` follows the bus's PUB
-stats. `BusBackend` implements dair.backend.Backend over a running cluster, so `dair generate
+stats. `AsyncBusClient` offers the same requests to asyncio programs (token streams, stats
+iterator). `BusBackend` implements dair.backend.Backend over a running cluster, so `dair generate
 --bus`, `score --bus` and `chat --bus` behave as the in-process engine does.
 """
 from __future__ import annotations
@@ -271,3 +272,114 @@ class BusBackend:
                 pass  # the bus is gone: it dropped the session with itself
             self._sid = None
         self.client.close()
+
+
+class AsyncBusClient:
+    """The same requests for asyncio programs (the TUI): zmq.asyncio sockets, answers matched by
+    `req`, so a token stream and a status request can be awaited from different tasks."""
+
+    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client") -> None:
+        import asyncio
+
+        import zmq.asyncio
+
+        self.addr = addr
+        self.timeout = timeout
+        self.name = name
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(addr)
+        self._req = 0
+        self._queues: dict[int | None, asyncio.Queue[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    def _queue(self, req: int | None) -> Any:
+        import asyncio
+
+        return self._queues.setdefault(req, asyncio.Queue())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.sock.recv_multipart()
+            try:
+                h, _ = P.decode(frames)
+            except P.ProtocolError:
+                continue
+            await self._queue(h.get("req")).put(h)
+
+    async def send(self, header: dict[str, Any]) -> int:
+        import asyncio
+
+        if self._reader is None:
+            self._reader = asyncio.ensure_future(self._read())
+        if "req" not in header and "req" in P.SCHEMAS.get(header["type"], {}):
+            self._req += 1
+            header = {**header, "req": self._req}
+        await self.sock.send_multipart(P.encode(header))
+        return header.get("req", 0)
+
+    async def next(self, req: int | None, timeout: float | None = None) -> dict[str, Any]:
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(self._queue(req).get(), self.timeout if timeout is None else timeout)
+        except asyncio.TimeoutError:
+            raise BusTimeout(f"no answer from the bus at {self.addr}") from None
+
+    async def call(self, header: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        reply = await self.next(await self.send(header), timeout)
+        if reply["type"] == P.ERROR:
+            raise BusError(reply["code"], reply["msg"])
+        return reply
+
+    async def hello(self) -> dict[str, Any]:
+        await self.send({"type": P.HELLO, "name": self.name})
+        while True:  # a welcome carries no req
+            h = await self.next(None)
+            if h["type"] == P.WELCOME:
+                return h
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call({"type": P.STATUS})
+
+    async def open_session(self, params: dict[str, Any] | None = None) -> str:
+        return (await self.call({"type": P.SESSION_OPEN, **({"params": params} if params else {})}))["sid"]
+
+    async def close_session(self, sid: str) -> None:
+        await self.call({"type": P.SESSION_CLOSE, "sid": sid})
+
+    async def cancel(self, sid: str) -> None:
+        await self.send({"type": P.CANCEL, "sid": sid})
+
+    async def generate(self, **fields: Any) -> Any:
+        """Async iterator of `token` messages, then `done` (fields as in BusClient.start_generate)."""
+        req = await self.send({"type": P.GENERATE, **{k: v for k, v in fields.items() if v is not None}})
+        while True:
+            h = await self.next(req)
+            if h["type"] == P.ERROR:
+                raise BusError(h["code"], h["msg"])
+            yield h
+            if h["type"] == P.DONE:
+                return
+
+    async def stats(self, stats_addr: str | None = None) -> Any:
+        """Async iterator of the bus's published stats."""
+        import msgpack
+        import zmq.asyncio
+
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
+        sub.connect(stats_addr or P.stats_address(self.addr))
+        try:
+            while True:
+                _, frame = await sub.recv_multipart()
+                yield msgpack.unpackb(frame, raw=False)
+        finally:
+            sub.close(linger=0)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.sock.close(linger=0)

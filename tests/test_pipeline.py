@@ -208,3 +208,26 @@ def test_heartbeats_flow_during_a_long_prefill(cluster3):
         assert done["type"] == "done" and done["n_prompt"] == 1000
         assert done["timings"]["prefill_s"] > 0.3  # long enough to have mattered
     assert worst < 1.5, worst  # heartbeats every 0.3 s in the test config
+
+
+def test_async_client_streams_and_follows_stats(cluster3):
+    import asyncio
+
+    from dair.bus.client import AsyncBusClient
+
+    async def main() -> tuple[list[dict], dict, dict]:
+        c = AsyncBusClient(cluster3.addr, timeout=60)
+        try:
+            welcome = await c.hello()
+            events = [ev async for ev in c.generate(text="The capital of France is", max_tokens=3,
+                                                    params={"temperature": 0})]
+            stats = await asyncio.wait_for(c.stats().__anext__(), 10)
+            return events, welcome, stats
+        finally:
+            c.close()
+
+    events, welcome, stats = asyncio.run(main())
+    assert welcome["model"]["n_layers"] == 30 and welcome["heartbeat_ms"] > 0
+    assert [e["type"] for e in events] == ["token", "token", "token", "done"]
+    assert events[-1]["ids"] == [7042, 30, 198] and events[0]["text"] == " Paris"
+    assert stats["ready"] and len(stats["nodes"]) == 3
