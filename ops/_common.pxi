@@ -48,6 +48,19 @@ cdef inline int _no_overlap(object a, object b, str an, str bn) except -1:
     return 0
 
 
+# Named so that cythonize rebuilds every module when any kernel header changes
+# (it tracks only headers a .pyx names, not the ones they include).
+cdef extern from "blocks.h":
+    pass
+cdef extern from "qdot.h":
+    pass
+cdef extern from "qimg.h":
+    pass
+cdef extern from "vmath.h":
+    pass
+cdef extern from "attn.h":
+    pass
+
 cdef extern from "pool.h" nogil:
     ctypedef void (*dair_task_fn)(void* ctx, int chunk) noexcept nogil
     ctypedef struct dair_pool_api:

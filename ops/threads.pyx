@@ -8,11 +8,13 @@ thread count follows the same setting, for any OpenMP code that remains.
 cimport openmp
 from cpython.pycapsule cimport PyCapsule_New
 
+# The pool's implementation is compiled here, once per process (pool.h reads this macro).
 cdef extern from *:
     """
     #define DAIR_POOL_IMPL 1
-    #include "pool.h"
     """
+
+cdef extern from "pool.h":
     ctypedef struct dair_pool_api:
         pass
     const dair_pool_api dair_pool_impl
