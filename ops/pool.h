@@ -177,11 +177,25 @@ static void dair_pool_stop(void) {
     atomic_store(&dair_P.quit, 0);
 }
 
+/* A forked child has none of the parent's workers: forget them (jobs would still finish,
+ * run by the caller alone, but a later resize would join threads that do not exist). */
+static void dair_pool_atfork_child(void) {
+    dair_P.running = 0;
+    atomic_store(&dair_P.sleepers, 0);
+    atomic_flag_clear(&dair_P.busy);
+    pthread_mutex_init(&dair_pool_lock, NULL);
+}
+
 static void dair_pool_ensure_started(void) {
+    static int atfork_done = 0;
     int want = dair_P.threads - 1;
     if (dair_P.running == want)
         return;
     pthread_mutex_lock(&dair_pool_lock);
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, dair_pool_atfork_child);
+        atfork_done = 1;
+    }
     if (dair_P.running != want) {
         if (dair_P.running)
             dair_pool_stop();

@@ -218,6 +218,30 @@ def test_pool_concurrent_callers(rng):
     assert stats["jobs"] >= stats["serial_jobs"] and stats["chunks"] >= stats["worker_chunks"]
 
 
+def test_pool_survives_fork(rng):
+    """A forked child (multiprocessing's default on Linux) computes and resizes its pool."""
+    import os
+
+    w, _, _ = make_weight(rng, "Q4_1", 1024, 576)
+    x = rng.standard_normal((3, 576)).astype(np.float32)
+    old = threads.get_num_threads()
+    threads.set_num_threads(2)
+    want = w.matmul(x)  # workers running
+    pid = os.fork()
+    if pid == 0:  # child: exit status says whether it agrees
+        ok = False
+        try:
+            ok = np.array_equal(w.matmul(x), want)
+            threads.set_num_threads(1)
+            threads.set_num_threads(2)
+            ok = ok and np.array_equal(w.matmul(x), want)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    threads.set_num_threads(old)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def test_matmul_out_argument(rng):
     w, _, wd = make_weight(rng, "Q4_1", 20, 64)
     x = rng.standard_normal((3, 64)).astype(np.float32)
