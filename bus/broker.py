@@ -380,8 +380,7 @@ class Broker:
         mine = sum(1 for s in self.sessions.values() if s.client == client)
         if mine >= self.max_per_client:
             raise P.ProtocolError(P.E_BUSY, f"this client holds {mine} sessions (max_sessions_per_client)")
-        merged = dict(self.sampling)
-        merged.update({k: v for k, v in (params or {}).items() if k in PARAM_KEYS})
+        merged = self.clean_params(dict(self.sampling), params)
         if merged.get("seed") is None:
             # A seed fixed per session makes a replayed generation sample the same tokens.
             merged["seed"] = random.getrandbits(31)
@@ -390,6 +389,18 @@ class Broker:
         for node in self.registry.live():
             self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
         return s
+
+    def clean_params(self, base: dict[str, Any], update: dict[str, Any] | None) -> dict[str, Any]:
+        """base overlaid with the known sampling settings of update, checked here rather than
+        failing later on the last stage."""
+        from dair.engine.sampling import SamplingParams
+
+        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS}}
+        try:
+            SamplingParams.from_dict({k: v for k, v in merged.items() if v is not None})
+        except Exception as e:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {e}") from None
+        return merged
 
     def close_session(self, s: Session) -> None:
         self.sessions.pop(s.sid, None)
@@ -440,7 +451,7 @@ class Broker:
             if s.req is not None:
                 raise P.ProtocolError(P.E_BUSY, f"session {s.sid} is already generating")
             if h.get("params"):
-                s.params.update({k: v for k, v in h["params"].items() if k in PARAM_KEYS})
+                s.params = self.clean_params(s.params, h["params"])
         else:
             s = self.new_session(ident, h.get("params"), ephemeral=True)
         max_tokens = int(h.get("max_tokens") or self.default_max_tokens)

@@ -236,6 +236,10 @@ def validate(header: dict[str, Any]) -> None:
                 raise ProtocolError(E_BAD_FIELD, "tokens: each result needs a 'sid'")
     elif mtype in (GENERATE, SCORE):
         _validate_ids(mtype, header.get("ids"))
+        _validate_ids(mtype, header.get("stop_ids"))
+        for k, v in (header.get("params") or {}).items():
+            if not isinstance(k, str) or not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ProtocolError(E_BAD_FIELD, f"{mtype}: sampling setting {k!r} must be a number")
         if mtype == GENERATE and sum(k in header for k in ("ids", "text", "messages")) != 1:
             raise ProtocolError(E_MISSING, "generate: give exactly one of 'ids', 'text', 'messages'")
         if mtype == SCORE and sum(k in header for k in ("ids", "text")) != 1:

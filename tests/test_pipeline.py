@@ -156,6 +156,10 @@ def test_cancel_and_context_limit(cluster3):
         with pytest.raises(BusError) as e:
             list(c.generate(ids=[1] * 5000, max_tokens=1))
         assert e.value.code == "context_full"
+        for bad in ({"temperature": -1}, {"temperature": "hot"}, {"top_p": 0}):
+            with pytest.raises(BusError) as e:
+                list(c.generate(ids=[1, 2], max_tokens=1, params=bad))
+            assert e.value.code == "bad_field"
 
 
 def test_concurrent_sessions_batch_on_stages(cluster3):
