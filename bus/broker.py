@@ -61,6 +61,7 @@ class Broker:
         self.client_seen: dict[bytes, float] = {}
         # Decode steps held back for a moment to travel with another group (see hold_or_send).
         self.held: list[dict[str, Any]] = []
+        self.to_clients: list[tuple[bytes, dict[str, Any]]] = []
         self.held_until = 0.0
         self.tokens_total = 0
         self.act_bytes = 0
@@ -95,6 +96,16 @@ class Broker:
             self.router.send_multipart([ident, *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             self.count("send_dropped")
+
+    def tell(self, client: bytes, header: dict[str, Any]) -> None:
+        """Queue a message for a client; `flush` sends them after the current message's stage
+        traffic, so the next step is on its way before clients are served (and in order)."""
+        self.to_clients.append((client, header))
+
+    def flush(self) -> None:
+        for client, header in self.to_clients:
+            self.send(client, header)
+        self.to_clients.clear()
 
     def reply_error(self, ident: bytes, code: str, msg: str, **extra: Any) -> None:
         self.count(code)
@@ -132,12 +143,14 @@ class Broker:
                     except zmq.Again:
                         break
                     self.on_frames(frames)
+                    self.flush()
             now = time.monotonic()
             if self.held and now >= self.held_until:
                 self.release_held()
             if now >= next_hb:
                 self.heartbeat(now)
                 next_hb = now + self.hb_s
+            self.flush()
             if now >= next_stats:
                 self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": "stats", **self.stats()}, (), 0)[0]])
                 next_stats = now + self.stats_s
@@ -486,7 +499,7 @@ class Broker:
             return None
         piece = req.text.feed(tok) if req.text is not None else ""
         if req.stream:
-            self.send(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
+            self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
                                    "text": piece})
         if len(req.generated) >= req.max_tokens or pos + 1 >= self.max_context:
             self.finish(s, "length")
@@ -508,7 +521,7 @@ class Broker:
         timings = self.timings(req)
         s.last_tok_s = timings["decode_tok_s"]
         s.end()
-        self.send(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
+        self.tell(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
                                "ids": req.generated, "text": self.tok.decode(req.generated),
                                "n_prompt": req.n_prompt, "timings": timings})
         if s.ephemeral:
@@ -517,7 +530,8 @@ class Broker:
     def finish_error(self, s: Session, code: str, msg: str) -> None:
         req = s.end()
         if req is not None:
-            self.reply_error(req.client, code, msg, sid=s.sid, req=req.req)
+            self.count(code)
+            self.tell(req.client, P.error(code, msg, sid=s.sid, req=req.req))
         if s.ephemeral:
             self.close_session(s)
         else:
@@ -545,7 +559,7 @@ class Broker:
         if s.qs:
             return  # chunks still to come (they arrive in order)
         s.end()
-        self.send(req.client, {"type": P.SCORED, "req": req.req, "positions": req.positions})
+        self.tell(req.client, {"type": P.SCORED, "req": req.req, "positions": req.positions})
         self.close_session(s)
 
     def on_cancel(self, ident: bytes, h: dict[str, Any]) -> None:
@@ -555,14 +569,14 @@ class Broker:
 
     def on_session_open(self, ident: bytes, h: dict[str, Any]) -> None:
         s = self.new_session(ident, h.get("params"), ephemeral=False)
-        self.send(ident, {"type": P.OPENED, "req": h["req"], "sid": s.sid})
+        self.tell(ident, {"type": P.OPENED, "req": h["req"], "sid": s.sid})
 
     def on_session_close(self, ident: bytes, h: dict[str, Any]) -> None:
         s = self.client_session(ident, h["sid"])
         if s.req is not None and s.req.kind == "generate":
             self.finish(s, "cancel")
         self.close_session(s)
-        self.send(ident, {"type": P.CLOSED, "sid": s.sid, "req": h.get("req")})
+        self.tell(ident, {"type": P.CLOSED, "sid": s.sid, "req": h.get("req")})
 
     # --- clients ------------------------------------------------------------------------------
     def on_hello(self, ident: bytes, h: dict[str, Any]) -> None:
