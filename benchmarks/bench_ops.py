@@ -1,6 +1,6 @@
 """Micro-benchmark of dair.ops matrix products on SmolLM2-135M's shapes.
 
-    python benchmarks/bench_ops.py [--threads 1,2] [--prefill 128] [--quick]
+    python benchmarks/bench_ops.py [--threads 1,2] [--prefill 128] [--quick] [--kernels image,block]
 
 Per shape: microseconds per call and GB/s of weight bytes read, for the
 matrix-vector product (n=1, decode) and an n-row product (prefill), against
@@ -10,17 +10,22 @@ runs every matrix of the 30 layers plus the output head once per token, like a
 real decode step whose 96 MB of weights stream from memory: that is the
 number to compare with llama.cpp (~101 tok/s at 2 threads, about 9.9 ms/token
 for everything, of which these products are most).
+
+The machines are shared: the load average is printed first, times are the best
+of several repeats, and the worker pool's counters (dair.ops.threads.pool_stats)
+say at the end how often the second thread actually took part.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, Weight, simd_name
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, set_kernels, simd_name
 
 # (name, rows, cols, qtype): one layer of SmolLM2-135M, then the tied output head.
 LAYER = [
@@ -73,7 +78,7 @@ def time_call(fn, min_time: float = 0.15, repeats: int = 5) -> float:
 
 
 def bench_shapes(rng, thread_counts, n_prefill, quick):
-    print(f"kernels: {simd_name()}; times are best of 5, weights cache-warm")
+    print(f"instruction set: {simd_name()}; times are best of 5, weights cache-warm")
     hdr = f"{'shape':<24}{'MB':>7} | " + " | ".join(
         f"t={t}: {'dair us':>8} {'GB/s':>6} {'numpy us':>9}" for t in thread_counts
     )
@@ -135,16 +140,27 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=30, help="decode-sweep steps")
     ap.add_argument("--quick", action="store_true", help="skip the prefill product of the output head")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--kernels", default=KERNELS[0], help=f"comma-separated families of {KERNELS}")
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
-    rng = np.random.default_rng(0)
-    old = threads.get_num_threads()
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    old, old_k = threads.get_num_threads(), KERNELS[0]
     try:
-        if not args.sweep_only:
-            bench_shapes(rng, thread_counts, args.prefill, args.quick)
-        bench_sweep(rng, thread_counts, args.tokens)
+        for k in args.kernels.split(","):
+            set_kernels(k)
+            print(f"\n==== quantized kernels: {k} ====")
+            rng = np.random.default_rng(0)
+            if not args.sweep_only:
+                bench_shapes(rng, thread_counts, args.prefill, args.quick)
+            bench_sweep(rng, thread_counts, args.tokens)
     finally:
         threads.set_num_threads(old)
+        set_kernels(old_k)
+    st = threads.pool_stats()
+    print(
+        f"\npool: {st['jobs']} parallel jobs, {st['serial_jobs']} run alone (solo after a stalled or absent "
+        f"worker: {st['solo_periods']} times), workers ran {st['worker_chunks']} of {st['chunks']} chunks"
+    )
 
 
 if __name__ == "__main__":
