@@ -50,6 +50,10 @@ static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool
 
 #ifdef DAIR_POOL_IMPL
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_getcpu, CPU_SET */
+#endif
+
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
@@ -134,11 +138,25 @@ static int dair_pool_has_work(void) {
 #define DAIR_YIELD_POLLS 16
 #endif
 
+/* A new thread starts on its creator's CPU and, since it mostly polls, the scheduler can
+ * leave it there for tens of milliseconds: it then only runs when the caller is preempted,
+ * and takes no part in jobs (measured: 0 of 32000 chunks). Step off the creator's CPU
+ * once, then give back the full mask so the scheduler is free to move it later. */
+static void dair_pool_leave_cpu(int cpu) {
+    cpu_set_t all, other;
+    if (cpu < 0 || sched_getaffinity(0, sizeof(all), &all) != 0 || CPU_COUNT(&all) < 2 || !CPU_ISSET(cpu, &all))
+        return;
+    other = all;
+    CPU_CLR(cpu, &other);
+    if (sched_setaffinity(0, sizeof(other), &other) == 0)
+        sched_setaffinity(0, sizeof(all), &all);
+}
+
 static void *dair_pool_main(void *arg) {
-    (void)arg;
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the Python main thread's business */
+    dair_pool_leave_cpu((int)(intptr_t)arg);
     for (;;) {
         if (atomic_load_explicit(&dair_P.quit, memory_order_acquire))
             return NULL;
@@ -200,7 +218,7 @@ static void dair_pool_ensure_started(void) {
         if (dair_P.running)
             dair_pool_stop();
         for (int i = 0; i < want; i++) {
-            if (pthread_create(&dair_P.tid[i], NULL, dair_pool_main, NULL) != 0)
+            if (pthread_create(&dair_P.tid[i], NULL, dair_pool_main, (void *)(intptr_t)sched_getcpu()) != 0)
                 break; /* fewer helpers: still correct, the caller runs what they do not */
             dair_P.running = i + 1;
         }
