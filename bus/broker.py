@@ -89,11 +89,14 @@ class Broker:
 
     def send_frames(self, ident: bytes, frames: list[Any]) -> None:
         node = self.registry.get(ident)
+        size = _nbytes(frames)
         if node is not None:
             node.msgs_out += 1
-            node.bytes_out += _nbytes(frames)
+            node.bytes_out += size
         try:
-            self.router.send_multipart([ident, *frames], copy=False, flags=zmq.NOBLOCK)
+            # Forwarded frames are sent as they came (zero-copy) when big; small ones are copied,
+            # which pyzmq does faster than tracking them.
+            self.router.send_multipart([ident, *frames], copy=size < 1 << 16, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             self.count("send_dropped")
 

@@ -20,6 +20,8 @@ import zmq
 from dair.bus import protocol as P
 from dair.stages.compute import Compute
 
+ZERO_COPY_MIN = 1 << 16
+
 
 class StageRefused(Exception):
     """The bus refused this stage (fatal error reply)."""
@@ -74,9 +76,11 @@ class Link:
     def _send_frames(self, frames: list[Any]) -> None:
         assert self.dealer is not None
         self.msgs_out += 1
-        self.bytes_out += sum(len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes for f in frames)
+        size = sum(len(f.buffer) if hasattr(f, "buffer") else memoryview(f).nbytes for f in frames)
+        self.bytes_out += size
         try:
-            self.dealer.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            # Zero-copy pays off only for big buffers (pyzmq tracks each one); a decode step is small.
+            self.dealer.send_multipart(frames, copy=size < ZERO_COPY_MIN, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.compute.count("send_dropped")
 
