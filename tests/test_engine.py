@@ -3,9 +3,9 @@
 Tolerances, stated once:
 - exact float path (act_q8=False): max |logit error| < 0.02 and cosine > 0.99999 against numpy;
 - 8-bit activation path (act_q8=True, llama.cpp's method): max |logit error| < 1.5, cosine of every
-  position's logits > 0.997. The rounding itself costs this much and is chaotic: an ideal numpy
-  simulation of llama.cpp's 8-bit activations measures 0.77 and cosine 0.9990 on the capital prompt,
-  and nudging the embeddings by 1e-6 moves dair's max error between 0.96 and 1.31;
+  position's logits > 0.995. The rounding itself costs this much and is chaotic: an ideal numpy
+  simulation of llama.cpp's 8-bit activations measures max error 1.19 and a worst position cosine of
+  0.9972 on this prompt, and nudging the embeddings by 1e-6 moves dair's max error between 0.96 and 1.31;
 - a layer range cut into pieces and chained gives the same numbers as one range, to 1e-4.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_batched_prefill_q8_activations_matches_numpy(fast_engine, ref_logits):
     got = run_all(fast_engine, PROMPT)
     err = np.abs(got - ref_logits).max()
     assert err < 1.5, f"max logit error {err}"
-    assert min(cosine(g, r) for g, r in zip(got, ref_logits, strict=False)) > 0.997
+    assert min(cosine(g, r) for g, r in zip(got, ref_logits, strict=True)) > 0.995
     assert (got.argmax(1) == ref_logits.argmax(1)).mean() >= 0.9
 
 
