@@ -70,7 +70,7 @@ class RangeEngine:
 
     def __init__(self, model, first: int, last: int, threads: int = 0, act_q8: bool = True,
                  max_context: int = 0, max_ram: int | None = None, residency: str = "mmap",
-                 drop_cache: bool = False) -> None:
+                 drop_cache: bool = False, kv_f16: bool = True) -> None:
         cfg = model.config
         if not (0 <= first <= last < cfg.n_layers):
             raise DairError(f"{model.path}: layer range {first}-{last} does not fit a model of "
@@ -79,7 +79,7 @@ class RangeEngine:
         self.first, self.last, self.n_layers = first, last, cfg.n_layers
         self.dim, self.vocab_size = cfg.dim, cfg.vocab_size
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.act_q8 = act_q8
+        self.act_q8, self.kv_f16 = act_q8, kv_f16
         self.max_context = min(max_context or cfg.context_length, cfg.context_length)
         set_num_threads(threads)
         self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -127,7 +127,8 @@ class RangeEngine:
 
     # -- sessions ------------------------------------------------------------------------
     def open_session(self, sid: str) -> None:
-        self.sessions[sid] = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.max_context)
+        self.sessions[sid] = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.max_context,
+                                          np.float16 if self.kv_f16 else np.float32)
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)

@@ -9,12 +9,14 @@ CHUNK = 256  # positions added per growth step: keeps regrowth rare without rese
 
 
 class SessionCache:
-    """K and V of every layer in the range for one session: float32 [capacity, n_kv, head_dim]."""
+    """K and V of every layer in the range for one session: [capacity, n_kv, head_dim] of `dtype`
+    (float16 by default, as llama.cpp: half the memory and memory traffic of float32)."""
 
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, max_context: int) -> None:
-        self.n_kv, self.head_dim, self.max_context = n_kv, head_dim, max_context
-        self.k: list[np.ndarray] = [np.empty((0, n_kv, head_dim), np.float32) for _ in range(n_layers)]
-        self.v: list[np.ndarray] = [np.empty((0, n_kv, head_dim), np.float32) for _ in range(n_layers)]
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, max_context: int,
+                 dtype: type = np.float16) -> None:
+        self.n_kv, self.head_dim, self.max_context, self.dtype = n_kv, head_dim, max_context, dtype
+        self.k: list[np.ndarray] = [np.empty((0, n_kv, head_dim), dtype) for _ in range(n_layers)]
+        self.v: list[np.ndarray] = [np.empty((0, n_kv, head_dim), dtype) for _ in range(n_layers)]
         self.length = 0  # positions 0..length-1 hold valid entries
 
     @property
@@ -29,7 +31,7 @@ class SessionCache:
         cap = min(self.max_context, -(-n_positions // CHUNK) * CHUNK)
         for arrays in (self.k, self.v):
             for i, old in enumerate(arrays):
-                new = np.empty((cap, self.n_kv, self.head_dim), np.float32)
+                new = np.empty((cap, self.n_kv, self.head_dim), self.dtype)
                 new[: self.length] = old[: self.length]
                 arrays[i] = new
 

@@ -40,7 +40,7 @@ def ref_logits(numpy_model) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exact_engine(model_file) -> RangeEngine:
-    return RangeEngine(model_file, 0, model_file.config.n_layers - 1, act_q8=False)
+    return RangeEngine(model_file, 0, model_file.config.n_layers - 1, act_q8=False, kv_f16=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,13 @@ def test_batched_prefill_q8_activations_matches_numpy(fast_engine, ref_logits):
     assert err < 1.5, f"max logit error {err}"
     assert min(cosine(g, r) for g, r in zip(got, ref_logits, strict=True)) > 0.995
     assert (got.argmax(1) == ref_logits.argmax(1)).mean() >= 0.9
+
+
+def test_float16_kv_cache_costs_little(model_file, ref_logits):
+    eng = RangeEngine(model_file, 0, model_file.config.n_layers - 1, act_q8=False, kv_f16=True)
+    got = run_all(eng, PROMPT)
+    assert np.abs(got - ref_logits).max() < 0.05
+    assert cosine(got, ref_logits) > 0.99999
 
 
 def test_token_by_token_decode_matches_numpy(exact_engine, ref_logits):
