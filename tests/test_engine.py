@@ -84,7 +84,7 @@ def test_token_by_token_decode_matches_numpy(exact_engine, ref_logits):
 
 
 def test_split_ranges_chained_match_whole_model(model_file, exact_engine, ref_logits):
-    pieces = [RangeEngine(model_file, a, b, act_q8=False) for a, b in ((0, 9), (10, 19), (20, 29))]
+    pieces = [RangeEngine(model_file, a, b, act_q8=False, kv_f16=False) for a, b in ((0, 9), (10, 19), (20, 29))]
     assert pieces[0].has_embedding and not pieces[0].has_head and pieces[2].has_head
     pos = np.arange(len(PROMPT), dtype=np.int32)
     x = pieces[0].embed(np.array(PROMPT, np.int32))
