@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from dair.errors import DairError
 
+NO_TTY_QUESTION = "What is the capital of France?"
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start a local cluster: a bus and N stage processes")
@@ -68,6 +69,13 @@ def handle(args: argparse.Namespace) -> int:
     if bad:
         raise DairError(f"layer range(s) {', '.join(bad)} outside the model's layers 0-{n_layers - 1}")
     port = args.port or urlparse(cfg["bus"]["bind"]).port
+    if args.tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # Scripts and CI run the README's main command too: without a terminal the dashboard
+        # cannot draw, so show the same pipeline answering one question instead.
+        print("dair up: no terminal for the dashboard; answering one question instead", file=sys.stderr)
+        args.tui = False
+        if args.generate is None:
+            args.generate = NO_TTY_QUESTION
     quiet = args.generate is not None or args.tui
     log_path = args.log or (os.path.join(tempfile.gettempdir(), f"dair-up-{os.getpid()}.log") if quiet else None)
     log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the cluster
