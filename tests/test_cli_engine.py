@@ -95,3 +95,22 @@ def test_chat_answers_through_the_chat_template(default_model):
 def test_bad_sampling_flags_are_one_line_errors(default_model, bad):
     p = dair(*bad[:1], "--model", str(default_model), *bad[1:])
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_generate_and_score_over_the_bus_equal_in_process(default_model, cluster3):
+    """The same commands with --bus: same JSON shape, same greedy ids, same top-K (f32 wire)."""
+    case = REF["prompts"]["robot"]
+    args = ("generate", "--temperature", "0", "-n", "10", "--json", case["prompt"])
+    local = dair(*args, "--model", str(default_model))
+    remote = dair(*args, "--bus", cluster3.addr)
+    assert remote.returncode == 0, remote.stderr
+    lj, rj = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (local, remote))
+    assert rj["prompt_ids"] == lj["prompt_ids"] == case["prompt_ids"]
+    assert rj["ids"] == lj["ids"] and rj["text"] == lj["text"]
+    ids = ",".join(map(str, case["prompt_ids"]))
+    ls = json.loads(dair("score", "--model", str(default_model), "--ids", ids, "--json").stdout)
+    rs = json.loads(dair("score", "--bus", cluster3.addr, "--ids", ids, "--json").stdout)
+    for a, b in zip(ls["positions"], rs["positions"], strict=True):
+        assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a["top"], b["top"], strict=True)) < 1e-3
+    assert abs(ls["perplexity"] - rs["perplexity"]) < 1e-3
