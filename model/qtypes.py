@@ -11,6 +11,21 @@ Block layouts (little-endian, `d`/`m` are IEEE fp16), identical in GGUF and dist
     Q4_1  32 values / 20 bytes  d | m | qs[16] uint8       x[j] = d * (qs[j] & 15) + m,
                                                            x[j+16] = d * (qs[j] >> 4) + m
 
+K-quants (llama.cpp), super-blocks of 256 values in 8 (Q4_K) or 16 (Q6_K) scaled sub-blocks:
+
+    Q4_K  256 values / 144 bytes  d | dmin | scales[12] | qs[128]
+          sub-block j < 8 (32 values) has 6-bit scale sc[j] and min m[j] packed in scales:
+            j < 4: sc = scales[j] & 63,  m = scales[j+4] & 63
+            j >= 4: sc = (scales[j+4] & 15) | (scales[j-4] >> 6) << 4,
+                    m  = (scales[j+4] >> 4) | (scales[j] >> 6) << 4
+          qs[32c + l] low nibble = value 64c + l (sub-block 2c), high = 64c + 32 + l (2c + 1)
+          x = d * sc[j] * nibble - dmin * m[j]
+    Q6_K  256 values / 210 bytes  ql[128] | qh[64] | scales[16] int8 | d
+          half h (values 128h ..), l < 32, L = ql[64h:], H = qh[32h:], q6 in 0..63:
+            q[l] = L[l] & 15 | (H[l] & 3) << 4,          q[l+32] = L[l+32] & 15 | (H[l] >> 2 & 3) << 4,
+            q[l+64] = L[l] >> 4 | (H[l] >> 4 & 3) << 4,  q[l+96] = L[l+32] >> 4 | (H[l] >> 6) << 4
+          x[i] = d * scales[i // 16] * (q[i] - 32)
+
 The dequantizers are the reference for tests and the converter, not the fast path (that is
 dair.ops); they favour clarity over speed but stay vectorized.
 """
@@ -37,6 +52,8 @@ QTYPES: dict[str, QType] = {
         QType("Q4_0", 32, 18, 2),
         QType("Q4_1", 32, 20, 3),
         QType("Q8_0", 32, 34, 8),
+        QType("Q4_K", 256, 144, 12),
+        QType("Q6_K", 256, 210, 14),
     )
 }
 BY_GGML_ID: dict[int, QType] = {q.ggml_id: q for q in QTYPES.values()}
@@ -83,6 +100,10 @@ def dequantize(qtype: str, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
         qs = blocks[:, 4:]
         nib = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)
         out = d * nib + m
+    elif qtype == "Q4_K":
+        out = _dequantize_q4_k(blocks)
+    elif qtype == "Q6_K":
+        out = _dequantize_q6_k(blocks)
     else:  # pragma: no cover - QTYPES and this function must list the same types
         raise ValueError(f"no dequantizer for {qtype}")
     return out.reshape(shape)
@@ -126,6 +147,96 @@ def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
         out[:, 0:2] = d.astype(np.float16).view(np.uint8)
         out[:, 2:4] = lo.astype(np.float16).view(np.uint8)
         out[:, 4:] = qv[:, :16] | (qv[:, 16:] << 4)
+    elif qtype == "Q4_K":
+        out = _quantize_q4_k(b)
+    elif qtype == "Q6_K":
+        out = _quantize_q6_k(b)
     else:  # pragma: no cover
         raise ValueError(f"no quantizer for {qtype}")
     return out.reshape(-1)
+
+
+def q4_k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 6-bit (sc, m) pairs, each (n, 8) int32, from Q4_K's packed scales (n, 12)."""
+    s = scales.astype(np.int32)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def q4_k_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Q4_K's 256 nibbles per block (n, 256) in value order from qs (n, 128)."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & 15).reshape(-1, 256)
+
+
+def q6_k_values(ql: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """Q6_K's unsigned 6-bit codes (n, 256) in value order (subtract 32 for the signed value)."""
+    lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15  # (n, h, nib, 64)
+    hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3  # (n, h, 4, 32)
+    return (lo.reshape(-1, 2, 4, 32) | (hi << 4)).reshape(-1, 256)
+
+
+def _dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    sc, m = q4_k_scales(blocks[:, 4:16])
+    nib = q4_k_nibbles(blocks[:, 16:]).astype(np.float32).reshape(-1, 8, 32)
+    out = (d * sc)[..., None].astype(np.float32) * nib - (dmin * m)[..., None].astype(np.float32)
+    return out.reshape(-1, 256)
+
+
+def _dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
+    q = q6_k_values(blocks[:, :128], blocks[:, 128:192]).astype(np.float32) - 32.0
+    sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = _f16(blocks, 208)
+    return ((d * sc)[..., None] * q.reshape(-1, 16, 16)).reshape(-1, 256)
+
+
+def _quantize_q4_k(b: np.ndarray) -> np.ndarray:
+    """Q4_K by a plain per-sub-block min/max fit (llama.cpp searches scales harder; any valid
+    encoding decodes the same way, which is all dair's readers and tests rely on)."""
+    nb = b.shape[0]
+    sub = b.reshape(nb, 8, 32)
+    mn = np.maximum(-sub.min(axis=2), 0.0)  # m >= 0 is subtracted: values >= -mn
+    scale = (sub.max(axis=2) + mn) / 15.0
+    d = (scale.max(axis=1, keepdims=True) / 63.0).astype(np.float16)
+    dmin = (mn.max(axis=1, keepdims=True) / 63.0).astype(np.float16)
+    df, dmf = d.astype(np.float32), dmin.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df != 0)), 0, 63).astype(np.int32)
+    m = np.clip(np.rint(np.divide(mn, dmf, out=np.zeros_like(mn), where=dmf != 0)), 0, 63).astype(np.int32)
+    step = (df * sc)[..., None]
+    nib = np.rint(np.divide(sub + (dmf * m)[..., None], step, out=np.zeros_like(sub), where=step != 0))
+    nib = np.clip(nib, 0, 15).astype(np.uint8).reshape(nb, 4, 2, 32)
+    scales = np.zeros((nb, 12), np.uint8)
+    scales[:, 0:4] = (sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)).astype(np.uint8)
+    scales[:, 4:8] = (m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)).astype(np.uint8)
+    scales[:, 8:12] = ((sc[:, 4:8] & 15) | ((m[:, 4:8] & 15) << 4)).astype(np.uint8)
+    out = np.empty((nb, 144), np.uint8)
+    out[:, 0:2] = d.view(np.uint8)
+    out[:, 2:4] = dmin.view(np.uint8)
+    out[:, 4:16] = scales
+    out[:, 16:] = (nib[:, :, 0] | (nib[:, :, 1] << 4)).reshape(nb, 128)
+    return out
+
+
+def _quantize_q6_k(b: np.ndarray) -> np.ndarray:
+    """Q6_K by a plain per-sub-block absmax fit (see _quantize_q4_k)."""
+    nb = b.shape[0]
+    sub = b.reshape(nb, 16, 16)
+    scale = np.abs(sub).max(axis=2) / 31.0
+    d = (scale.max(axis=1, keepdims=True) / 127.0).astype(np.float16)
+    df = d.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df != 0)), -128, 127)
+    step = (df * sc)[..., None]
+    q = np.rint(np.divide(sub, step, out=np.zeros_like(sub), where=step != 0))
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(nb, 2, 4, 32)  # (n, h, quarter, l)
+    lo = q & 15
+    ql = np.concatenate([lo[:, :, 0] | lo[:, :, 2] << 4, lo[:, :, 1] | lo[:, :, 3] << 4], axis=2)
+    hi = q >> 4
+    qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6
+    out = np.empty((nb, 210), np.uint8)
+    out[:, :128] = ql.reshape(nb, 128)
+    out[:, 128:192] = qh.reshape(nb, 64)
+    out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
+    out[:, 208:210] = d.view(np.uint8)
+    return out

@@ -56,6 +56,8 @@ cdef extern from "qdot.h":
     pass
 cdef extern from "qimg.h":
     pass
+cdef extern from "kquants.h":
+    pass
 cdef extern from "vmath.h":
     pass
 cdef extern from "attn.h":

@@ -11,6 +11,26 @@
  *   Q4_1  fp16 d, fp16 m, uint8 qs[16]       value j = (qs[j] & 15) * d + m,
  *                                            value j+16 = (qs[j] >> 4) * d + m
  *   F16   one IEEE half per value; F32 one float per value.
+ *
+ * K-quants (llama.cpp's) pack 256 values per super-block, a row is cols/256 of them:
+ *
+ *   Q4_K  fp16 d, fp16 dmin, uint8 scales[12], uint8 qs[128]            (144 bytes)
+ *         eight sub-blocks of 32 with 6-bit scale sc[j] and min m[j]:
+ *           j < 4:  sc[j] = scales[j] & 63,  m[j] = scales[j+4] & 63
+ *           j >= 4: sc[j] = (scales[j+4] & 15) | ((scales[j-4] >> 6) << 4),
+ *                   m[j]  = (scales[j+4] >> 4) | ((scales[j] >> 6) << 4)
+ *         qs[32c + l] holds value 64c + l (low nibble, sub-block 2c) and
+ *         64c + 32 + l (high nibble, sub-block 2c+1), c < 4, l < 32;
+ *         value = d * sc[j] * nibble - dmin * m[j]
+ *   Q6_K  uint8 ql[128], uint8 qh[64], int8 scales[16], fp16 d             (210 bytes)
+ *         for half h < 2 (values 128h ..), l < 32, with L = ql + 64h, H = qh + 32h:
+ *           q(128h + l)      = (L[l] & 15)      | ((H[l] >> 0) & 3) << 4
+ *           q(128h + l + 32) = (L[l + 32] & 15) | ((H[l] >> 2) & 3) << 4
+ *           q(128h + l + 64) = (L[l] >> 4)      | ((H[l] >> 4) & 3) << 4
+ *           q(128h + l + 96) = (L[l + 32] >> 4) | ((H[l] >> 6) & 3) << 4
+ *         value i = d * scales[i / 16] * (q(i) - 32)
+ *   Q8_K  (activations only, never in files) float d, int8 qs[256], int16 bsums[16]
+ *         value j = qs[j] * d; bsums[k] = sum of qs[16k .. 16k+15]
  */
 #ifndef DAIR_BLOCKS_H
 #define DAIR_BLOCKS_H
@@ -45,11 +65,41 @@ _Static_assert(sizeof(dair_block_q8_0) == 34, "Q8_0 block must be 34 bytes");
 _Static_assert(sizeof(dair_block_q4_0) == 18, "Q4_0 block must be 18 bytes");
 _Static_assert(sizeof(dair_block_q4_1) == 20, "Q4_1 block must be 20 bytes");
 
-enum { DAIR_F32 = 0, DAIR_F16 = 1, DAIR_Q8_0 = 2, DAIR_Q4_0 = 3, DAIR_Q4_1 = 4 };
+#define DAIR_QKK 256
 
-static const int dair_block_values[5] = {1, 1, DAIR_QK, DAIR_QK, DAIR_QK};
-static const int dair_block_bytes[5] = {4, 2, (int)sizeof(dair_block_q8_0), (int)sizeof(dair_block_q4_0),
-                                        (int)sizeof(dair_block_q4_1)};
+typedef struct {
+    uint16_t d;
+    uint16_t dmin;
+    uint8_t scales[12];
+    uint8_t qs[DAIR_QKK / 2];
+} dair_block_q4_K;
+
+typedef struct {
+    uint8_t ql[DAIR_QKK / 2];
+    uint8_t qh[DAIR_QKK / 4];
+    int8_t scales[DAIR_QKK / 16];
+    uint16_t d;
+} dair_block_q6_K;
+
+_Static_assert(sizeof(dair_block_q4_K) == 144, "Q4_K block must be 144 bytes");
+_Static_assert(sizeof(dair_block_q6_K) == 210, "Q6_K block must be 210 bytes");
+
+enum { DAIR_F32 = 0, DAIR_F16 = 1, DAIR_Q8_0 = 2, DAIR_Q4_0 = 3, DAIR_Q4_1 = 4, DAIR_Q4_K = 5, DAIR_Q6_K = 6 };
+
+static const int dair_block_values[7] = {1, 1, DAIR_QK, DAIR_QK, DAIR_QK, DAIR_QKK, DAIR_QKK};
+static const int dair_block_bytes[7] = {4, 2, (int)sizeof(dair_block_q8_0), (int)sizeof(dair_block_q4_0),
+                                        (int)sizeof(dair_block_q4_1), (int)sizeof(dair_block_q4_K),
+                                        (int)sizeof(dair_block_q6_K)};
+
+/* Q4_K's eight 6-bit (scale, min) pairs. */
+static inline void dair_q4k_scales(const uint8_t *s, uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((s[j + 8] & 15) | ((s[j] >> 6) << 4));
+        m[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
 
 /* ---- IEEE half <-> float ------------------------------------------------ */
 

@@ -8,7 +8,8 @@
 llama.cpp does and sums integer block dot products (the fast path, and what
 llama.cpp's logits are made of); `act_q8=False` dequantizes each weight block
 to float and does a float dot product (exact up to float32 summation order).
-F32/F16 weights always use float x.
+F32/F16 weights always use float x. Q4_K/Q6_K weights (cols a multiple of 256)
+quantize x to llama.cpp's Q8_K (per 256 values: float scale, 16 sums) instead.
 
 Block layouts are stated in blocks.h; BLOCK_LAYOUTS below is read from it.
 """
@@ -36,7 +37,10 @@ cdef extern from "qdot.h" nogil:
         DAIR_Q8_0
         DAIR_Q4_0
         DAIR_Q4_1
+        DAIR_Q4_K
+        DAIR_Q6_K
         DAIR_QK
+        DAIR_QKK
     const int* dair_block_values
     const int* dair_block_bytes
     int dair_simd_enabled
@@ -44,6 +48,7 @@ cdef extern from "qdot.h" nogil:
     int dair_simd_compiled()
     void dair_quantize_act_row(const float* x, int cols, int qtype, int8_t* q, float* d, float* s,
                                int32_t* isum)
+    void dair_quantize_q8k_row(const float* x, int cols, int8_t* q, float* d, int32_t* bsums)
     int dair_img_available()
     int dair_img_init(dair_img* L, int qtype, int cols)
     void dair_img_free(dair_img* L)
@@ -59,7 +64,7 @@ cdef extern from "qdot.h" nogil:
     void dair_mm_q(const uint8_t* w, size_t rb, int qtype, int r0, int r1, const dair_act* a, float* out,
                    size_t ldo)
 
-_QT_NAMES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+_QT_NAMES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 _QT_CODES = {name: i for i, name in enumerate(_QT_NAMES)}
 
 #: qtype -> (values per block, bytes per block), from the C structs in blocks.h.
@@ -168,6 +173,9 @@ cdef void _prep_chunk(void* p, int c) noexcept nogil:
     for i in range(c * j.per, min((c + 1) * j.per, j.n)):
         qo = <size_t>i * j.cols
         bo = <size_t>i * a.nb
+        if j.qt >= DAIR_Q4_K:
+            dair_quantize_q8k_row(j.x + qo, j.cols, a.q + qo, a.d + bo, a.isum + bo * 16)
+            continue
         dair_quantize_act_row(j.x + qo, j.cols, j.qt, a.q + qo, a.d + bo, a.s + bo, a.isum + bo)
         if j.img:
             dair_img_build(j.L, a.q + qo, a.d + bo, a.s + bo, a.isum + bo, j.images + i * j.istride)
@@ -192,7 +200,7 @@ cdef size_t _NEXT_PREFETCH = 4096
 
 
 cdef class Weight:
-    """A rows x cols weight matrix in one of F32, F16, Q8_0, Q4_0, Q4_1 (see blocks.h)."""
+    """A rows x cols weight matrix in one of F32, F16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (see blocks.h)."""
 
     cdef readonly object raw
     cdef readonly int rows
@@ -231,7 +239,8 @@ cdef class Weight:
         self.cols = cols
         self.row_bytes = rb
         self.ptr = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>raw)
-        self.has_img = qt >= DAIR_Q8_0 and dair_img_available() and dair_img_init(&self.img, qt, cols) == 0
+        # The image kernels cover the 32-value types; K-quants have their own (kquants.h).
+        self.has_img = DAIR_Q8_0 <= qt <= DAIR_Q4_1 and dair_img_available() and dair_img_init(&self.img, qt, cols) == 0
 
     def __dealloc__(self):
         global _last_weight
@@ -317,7 +326,10 @@ cdef class Weight:
         cdef _Job j
         cdef dair_act act
         self._job(&j, x, n, out)
-        cdef int nb = self.cols // DAIR_QK
+        cdef bint kq = self.qt >= DAIR_Q4_K
+        cdef int nb = self.cols // (DAIR_QKK if kq else DAIR_QK)
+        # per block: d, s, and isum (K-quants: 16 sums, s unused)
+        cdef size_t per_block = 4 * (2 + (16 if kq else 1))
         j.img = self.has_img and _use_img and dair_simd_enabled
         act.n = n
         act.cols = self.cols
@@ -325,7 +337,7 @@ cdef class Weight:
         j.act = &act
         cdef size_t qbytes = ((<size_t>n * self.cols + 63) // 64) * 64
         j.istride = self.img.img_bytes if j.img else 0
-        cdef char* buf = <char*>dair_alloc64(<size_t>n * j.istride + qbytes + <size_t>n * nb * 3 * 4)
+        cdef char* buf = <char*>dair_alloc64(<size_t>n * j.istride + qbytes + <size_t>n * nb * per_block)
         if buf == NULL:
             return 1
         j.images = <uint8_t*>buf

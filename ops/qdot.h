@@ -6,7 +6,8 @@
  * integer dot product scaled by the two block scales. The SIMD paths
  * (AVX-512 VNNI, else AVX2) and the scalar fallback compute the same integers;
  * only float summation order differs. dair_simd_enabled lets tests run the
- * scalar code in the same build.
+ * scalar code in the same build. K-quants (Q4_K, Q6_K) use Q8_K activations
+ * instead: see kquants.h.
  */
 #ifndef DAIR_QDOT_H
 #define DAIR_QDOT_H
@@ -151,6 +152,9 @@ static void dair_quantize_q8_0_ref(const float *x, size_t nvals, uint8_t *outb) 
 
 /* ---- dequantization ------------------------------------------------------ */
 
+static void dair_dequant_q4k(const uint8_t *src, int cols, float *dst); /* kquants.h */
+static void dair_dequant_q6k(const uint8_t *src, int cols, float *dst);
+
 /* One row of `cols` values of type qtype starting at src into dst. */
 static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst) {
     int nb = cols / DAIR_QK;
@@ -212,6 +216,12 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
         }
         break;
     }
+    case DAIR_Q4_K:
+        dair_dequant_q4k(src, cols, dst);
+        break;
+    case DAIR_Q6_K:
+        dair_dequant_q6k(src, cols, dst);
+        break;
     }
 }
 
@@ -403,10 +413,17 @@ DAIR_TILE_FN(1, 1)
 DAIR_TILE_FN(1, 4)
 #endif
 
+static void dair_mm_qk(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
+                       size_t ldo); /* kquants.h */
+
 /* rows [r0, r1) of a quantized weight times all n quantized activation rows. */
 static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
                       size_t ldo) {
     const int n = a->n;
+    if (qtype == DAIR_Q4_K || qtype == DAIR_Q6_K) {
+        dair_mm_qk(w, rb, qtype, r0, r1, a, out, ldo);
+        return;
+    }
 #if defined(DAIR_HAVE_AVX2)
     if (dair_simd_enabled) {
         int r = r0;
@@ -445,6 +462,7 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
                                                              a->s + (size_t)i * a->nb);
 }
 
+#include "kquants.h"
 #include "qimg.h"
 
 #endif
