@@ -1,6 +1,7 @@
 """Micro-benchmark of dair.ops matrix products on SmolLM2-135M's shapes.
 
     python benchmarks/bench_ops.py [--threads 1,2] [--prefill 128] [--quick] [--kernels image,block]
+    python benchmarks/bench_ops.py --types Q4_0,Q4_K,Q6_K [--kernels image,block,scalar]
 
 Per shape: microseconds per call and GB/s of weight bytes read, for the
 matrix-vector product (n=1, decode) and an n-row product (prefill), against
@@ -50,6 +51,10 @@ def random_weight(rng: np.random.Generator, qtype: str, rows: int, cols: int) ->
         raw[..., 0:2] = np.full((rows, nb, 1), 0.01, np.float16).view(np.uint8)
     if qtype == "Q4_1":
         raw[..., 2:4] = np.full((rows, nb, 1), -0.08, np.float16).view(np.uint8)
+    if qtype == "Q4_K":  # d, dmin
+        raw[..., 0:4] = np.full((rows, nb, 2), 0.001, np.float16).view(np.uint8)
+    if qtype == "Q6_K":
+        raw[..., 208:210] = np.full((rows, nb, 1), 0.001, np.float16).view(np.uint8)
     if qtype == "F16":
         raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
     if qtype == "F32":
@@ -133,6 +138,19 @@ def bench_sweep(rng, thread_counts, n_tokens):
         )
 
 
+def bench_types(rng, qtypes, rows=4096, cols=4096):
+    """One rows x cols matrix per type, 1 thread: matrix-vector us and GB/s (weights fit in L3 or not,
+    depending on the machine; all types are measured the same way)."""
+    threads.set_num_threads(1)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    print(f"\n{rows} x {cols} matrix-vector product, 1 thread")
+    for qt in qtypes:
+        w = random_weight(rng, qt, rows, cols)
+        for act_q8 in (True, False):
+            t = time_call(lambda w=w, a=act_q8: w.matmul(x, act_q8=a))
+            print(f"  {qt:5s} act_q8={act_q8!s:5s} {t * 1e6:9.1f} us  {w.nbytes / t / 1e9:6.1f} GB/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
@@ -141,6 +159,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the prefill product of the output head")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--kernels", default=KERNELS[0], help=f"comma-separated families of {KERNELS}")
+    ap.add_argument("--types", default="", help="only a 4096 x 4096 product per type, e.g. Q4_0,Q4_K,Q6_K")
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
@@ -150,6 +169,9 @@ def main() -> None:
             set_kernels(k)
             print(f"\n==== quantized kernels: {k} ====")
             rng = np.random.default_rng(0)
+            if args.types:
+                bench_types(rng, args.types.split(","))
+                continue
             if not args.sweep_only:
                 bench_shapes(rng, thread_counts, args.prefill, args.quick)
             bench_sweep(rng, thread_counts, args.tokens)
