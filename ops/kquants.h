@@ -73,7 +73,52 @@ static void dair_dequant_q4k(const uint8_t *src, int cols, float *dst) {
     }
 }
 
+#if defined(DAIR_HAVE_AVX2)
+/* The 32 six-bit codes of quarter t (values 32t .. 32t+31 of a half), unsigned. */
+DAIR_INLINE __m256i dair_q6k_quarter(__m256i l0, __m256i l1, __m256i qh, int t) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+    switch (t) {
+    case 0:
+        return _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2));
+    case 1:
+        return _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2));
+    case 2:
+        return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m2));
+    default:
+        return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2));
+    }
+}
+#endif
+
 static void dair_dequant_q6k(const uint8_t *src, int cols, float *dst) {
+#if defined(DAIR_HAVE_AVX2)
+    /* byte shuffling into 4 strided outputs defeats the auto-vectorizer (several times slower) */
+    for (int b = 0; b < cols / DAIR_QKK; b++) {
+        const dair_block_q6_K *blk = (const dair_block_q6_K *)(src + (size_t)b * sizeof(dair_block_q6_K));
+        const float d = _cvtsh_ss(dair_load_u16(&blk->d));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *L = blk->ql + 64 * h;
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)L);
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(L + 32));
+            for (int t = 0; t < 4; t++) {
+                __m256i q = _mm256_sub_epi8(dair_q6k_quarter(l0, l1, qh, t), _mm256_set1_epi8(32));
+                __m128i qlo = _mm256_castsi256_si128(q), qhi = _mm256_extracti128_si256(q, 1);
+                float *y = dst + (size_t)b * DAIR_QKK + 128 * h + 32 * t;
+                const __m256 s0 = _mm256_set1_ps(d * blk->scales[8 * h + 2 * t]);
+                const __m256 s1 = _mm256_set1_ps(d * blk->scales[8 * h + 2 * t + 1]);
+                _mm256_storeu_ps(y, _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qlo))));
+                _mm256_storeu_ps(y + 8,
+                                 _mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(qlo, 8)))));
+                _mm256_storeu_ps(y + 16, _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qhi))));
+                _mm256_storeu_ps(y + 24,
+                                 _mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(qhi, 8)))));
+            }
+        }
+    }
+    return;
+#endif
     for (int b = 0; b < cols / DAIR_QKK; b++) {
         const dair_block_q6_K *blk = (const dair_block_q6_K *)(src + (size_t)b * sizeof(dair_block_q6_K));
         const float d = dair_fp16_to_fp32(dair_load_u16(&blk->d));
@@ -82,12 +127,15 @@ static void dair_dequant_q6k(const uint8_t *src, int cols, float *dst) {
             const uint8_t *L = blk->ql + 64 * h, *H = blk->qh + 32 * h;
             const int8_t *sc = blk->scales + 8 * h;
             float *y = o + 128 * h;
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                y[l] = d * sc[is] * (float)((int)((L[l] & 15) | ((H[l] & 3) << 4)) - 32);
-                y[l + 32] = d * sc[is + 2] * (float)((int)((L[l + 32] & 15) | (((H[l] >> 2) & 3) << 4)) - 32);
-                y[l + 64] = d * sc[is + 4] * (float)((int)((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32);
-                y[l + 96] = d * sc[is + 6] * (float)((int)((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32);
+            /* scales hoisted per 16 values so that the compiler vectorizes the inner loop */
+            for (int is = 0; is < 2; is++) {
+                const float s0 = d * sc[is], s1 = d * sc[is + 2], s2 = d * sc[is + 4], s3 = d * sc[is + 6];
+                for (int l = 16 * is; l < 16 * is + 16; l++) {
+                    y[l] = s0 * (float)((int)((L[l] & 15) | ((H[l] & 3) << 4)) - 32);
+                    y[l + 32] = s1 * (float)((int)((L[l + 32] & 15) | (((H[l] >> 2) & 3) << 4)) - 32);
+                    y[l + 64] = s2 * (float)((int)((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32);
+                    y[l + 96] = s3 * (float)((int)((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32);
+                }
             }
         }
     }
@@ -186,7 +234,6 @@ static float dair_dot_q4k_avx2(const uint8_t *wrow, int nb, const int8_t *q, con
 }
 
 static float dair_dot_q6k_avx2(const uint8_t *wrow, int nb, const int8_t *q, const float *dx, const int32_t *bs) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q6_K *blk = (const dair_block_q6_K *)(wrow + (size_t)b * sizeof(dair_block_q6_K));
@@ -200,14 +247,8 @@ static float dair_dot_q6k_avx2(const uint8_t *wrow, int nb, const int8_t *q, con
             __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
             __m256i l0 = _mm256_loadu_si256((const __m256i *)L);
             __m256i l1 = _mm256_loadu_si256((const __m256i *)(L + 32));
-            __m256i q6[4];
-            q6[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2));
-            q6[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2));
-            q6[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m2));
-            q6[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2));
             for (int t = 0; t < 4; t++) {
-                __m256i p = _mm256_maddubs_epi16(q6[t], _mm256_loadu_si256((const __m256i *)(y + 32 * t)));
+                __m256i p = _mm256_maddubs_epi16(dair_q6k_quarter(l0, l1, qh, t), _mm256_loadu_si256((const __m256i *)(y + 32 * t)));
                 __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * t + 1]), _mm_set1_epi16(sc[2 * t]));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
             }
