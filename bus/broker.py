@@ -6,6 +6,7 @@ owns the next layer, and turns token results into the next decode step.
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -16,17 +17,18 @@ from typing import Any
 
 import zmq
 
+from dair import security
 from dair.bus import protocol as P
-from dair.bus.registry import DEAD, Node, Registry, fmt_span
+from dair.bus.registry import DEAD, LOADING, STANDBY, Node, Registry, fmt_span
 from dair.bus.sessions import Request, Session, common_prefix
 from dair.tokenizer import StreamDecoder
 
 # Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
 # stage 1 start on the next chunk while stage 2 runs this one.
 PREFILL_CHUNK = 256
-# An idle session whose client has sent nothing (not even a heartbeat) for this long is closed,
-# so that clients that vanish do not hold KV caches on the stages forever.
-CLIENT_SILENCE_S = 600.0
+# An idle session unused for this long is closed (config [bus] session_idle_timeout_s), so
+# that sessions nobody comes back to do not hold KV caches on the stages forever.
+SESSION_IDLE_S = 600.0
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 
 
@@ -35,7 +37,8 @@ def _nbytes(frames: list[Any]) -> int:
 
 
 class Broker:
-    def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, bind: str) -> None:
+    def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, bind: str,
+                 keys: tuple[str, dict[str, str]] | None = None) -> None:
         bus = cfg["bus"]
         self.cfg = cfg
         self.model = model
@@ -44,6 +47,10 @@ class Broker:
         self.stats_bind = P.stats_address(bind)
         self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
         self.liveness = int(bus["heartbeat_liveness"])
+        self.session_idle_s = float(bus.get("session_idle_timeout_s", SESSION_IDLE_S))
+        # Told to clients (welcome, heartbeat replies): a new value means a restarted bus, which
+        # has lost every session, so a client waiting for tokens can give up at once.
+        self.boot = uuid.uuid4().hex[:12]
         self.stats_s = bus["stats_interval_ms"] / 1000.0
         self.max_sessions = int(bus["max_sessions"])
         self.max_per_client = int(bus["max_sessions_per_client"])
@@ -69,12 +76,22 @@ class Broker:
         self._q = 0
         self._running = True
         self.ctx = zmq.Context.instance()
+        # keys: (bus secret key path, {role: allowed-keys dir}); the ZAP handler must run on the
+        # sockets' context before they bind, or libzmq would admit any client key.
+        self.gate: security.Gatekeeper | None = None
+        if keys is not None:
+            self.gate = security.Gatekeeper(self.ctx, keys[1], logger=logging.getLogger("dair.security"))
+            self.gate.start()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         self.router.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            security.server_socket_setup(self.router, keys[0])
         self.router.bind(bind)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            security.server_socket_setup(self.pub, keys[0])
         self.pub.bind(self.stats_bind)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -159,22 +176,98 @@ class Broker:
                 next_stats = now + self.stats_s
         self.router.close(linger=0)
         self.pub.close(linger=0)
+        if self.gate is not None:
+            self.gate.stop()
+
+    def reload_keys(self) -> None:
+        """Reread the allowed-key directories (SIGHUP); connections already up stay up."""
+        if self.gate is not None:
+            try:
+                self.gate.reload()
+                self.log(f"reloaded allowed keys: {len(self.gate.keys)}")
+            except Exception as e:  # a bad key file must not take the bus down
+                self.log(f"cannot reload allowed keys: {e}")
 
     def heartbeat(self, now: float) -> None:
         for node in self.registry.expire(now, self.hb_s * self.liveness):
-            self.log(f"stage {node.name} ({fmt_span(node.first, node.last)}) silent for "
-                     f"{now - node.last_seen:.1f}s: declared dead")
-            self.fail_running(P.E_NOT_READY, f"stage {node.name} ({fmt_span(node.first, node.last)}) died")
+            what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
+            self.log(f"stage {node.name} ({what}) silent for {now - node.last_seen:.1f}s: declared dead")
+            self.stage_lost(node)
         for node in self.registry.nodes.values():
             if node.state != DEAD:
                 self.send(node.ident, {"type": P.HEARTBEAT, "t": time.time()})
+        silence = self.hb_s * self.liveness
         for s in list(self.sessions.values()):
-            if s.req is None and now - self.client_seen.get(s.client, now) > CLIENT_SILENCE_S:
-                self.log(f"closing session {s.sid}: its client has been silent for {CLIENT_SILENCE_S:.0f}s")
+            if s.req is not None:
+                continue  # a client waiting for a stream is not asked to prove it is alive
+            quiet = now - self.client_seen.get(s.client, now)
+            if quiet > silence:
+                self.log(f"closing session {s.sid}: its client has been silent for {quiet:.1f}s")
+                self.close_session(s)
+            elif now - s.last_active > self.session_idle_s:
+                self.log(f"closing session {s.sid}: unused for {self.session_idle_s:.0f}s")
                 self.close_session(s)
         for ident, seen in list(self.client_seen.items()):
-            if now - seen > CLIENT_SILENCE_S and not any(s.client == ident for s in self.sessions.values()):
+            if now - seen > silence and not any(s.client == ident for s in self.sessions.values()):
                 del self.client_seen[ident]
+
+    # --- failover -----------------------------------------------------------------------------
+    def stage_lost(self, dead: Node) -> None:
+        """A stage died: every session's KV in its range is gone. Running requests pause until a
+        standby has loaded the range, then replay their history (`resume_paused`); without a
+        standby they end with `not_ready` and the sessions wait for a stage to cover the range."""
+        for s in self.sessions.values():
+            s.kv_len = 0  # the next request of an idle session replays its history
+            if s.req is not None and not s.paused:
+                s.paused = True
+                s.qs.clear()  # steps in flight are stale: `forward` drops them
+        self.cover_gaps()
+        if any(s.paused for s in self.sessions.values()) and not self._covering() and not self.registry.ready():
+            self.fail_paused(P.E_NOT_READY, f"stage {dead.name} ({fmt_span(dead.first, dead.last)}) died and "
+                             f"no standby stage is free; the session resumes (send the request again) "
+                             f"once a stage covers {fmt_span(dead.first, dead.last)}")
+
+    def _covering(self) -> bool:
+        """Is a stage loading a range right now (a standby that was assigned one)?"""
+        return any(n.state not in (DEAD, STANDBY) and not n.live and n.first >= 0
+                   for n in self.registry.nodes.values())
+
+    def cover_gaps(self) -> None:
+        """Give each dead stage's uncovered range to a free standby, which loads it from its disk."""
+        for dead in [n for n in self.registry.nodes.values() if n.state == DEAD and n.first >= 0]:
+            if self.registry.conflicts(dead.first, dead.last):
+                continue  # someone took (part of) it already
+            free = self.registry.standbys()
+            if not free:
+                return
+            sb = free[0]
+            self.registry.remove(dead.ident)  # the dead stage's row goes once its range is retaken
+            sb.first, sb.last, sb.state = dead.first, dead.last, LOADING
+            self.log(f"assigning {fmt_span(dead.first, dead.last)} of dead {dead.name} to standby {sb.name}")
+            self.send(sb.ident, {"type": P.ASSIGN, "node": sb.node, "first": sb.first, "last": sb.last,
+                                 "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+            for s in self.sessions.values():  # after ASSIGN: the stage builds its engine first
+                self.send(sb.ident, {"type": P.OPEN, "sid": s.sid})
+
+    def resume_paused(self) -> None:
+        """The pipeline is whole again: replay each paused request's history from position 0 (the
+        new stage holds nothing), sampling the next token where the request left off."""
+        for s in self.sessions.values():
+            if not s.paused or s.req is None:
+                continue
+            s.paused = False
+            req = s.req
+            self.log(f"resuming session {s.sid}: replaying {len(s.history)} tokens")
+            if req.kind == "score":
+                req.positions = []
+                self.send_prompt(s, 0, s.history, "score", k=req.top_k)
+            else:
+                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params))
+
+    def fail_paused(self, code: str, msg: str) -> None:
+        for s in list(self.sessions.values()):
+            if s.paused and s.req is not None:
+                self.finish_error(s, code, msg)
 
     def on_frames(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
@@ -187,6 +280,14 @@ class Broker:
         try:
             header, buffers = P.decode(body, self.max_frame)
             t = header["type"]
+            if self.gate is not None:
+                # Least privilege: a client key cannot join as a stage or inject activations, and
+                # a leaked stage key gives no client's access.
+                role = security.peer_role(frames[1])
+                if t not in (P.STAGE_TO_BUS if role == "stage" else P.CLIENT_TO_BUS):
+                    need = "client" if role == "stage" else "stage"
+                    raise P.ProtocolError(P.E_FORBIDDEN, f"{t} needs a {need} key, this peer has a "
+                                          f"{role or 'unknown'} key")
             allowed = P.STAGE_TO_BUS if node is not None or t == P.REGISTER else P.CLIENT_TO_BUS
             if t not in allowed:
                 if t in (P.ACT, P.TOKENS):
@@ -219,7 +320,8 @@ class Broker:
         self.client_seen[ident] = time.monotonic()
         handler = {P.HELLO: self.on_hello, P.STATUS: self.on_status, P.GENERATE: self.on_generate,
                    P.SCORE: self.on_score, P.CANCEL: self.on_cancel, P.SESSION_OPEN: self.on_session_open,
-                   P.SESSION_CLOSE: self.on_session_close, P.HEARTBEAT: None, P.ERROR: None}[t]
+                   P.SESSION_CLOSE: self.on_session_close, P.HEARTBEAT: self.on_client_heartbeat,
+                   P.ERROR: None}[t]
         if handler is not None:
             handler(ident, h)
 
@@ -233,7 +335,10 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_FINGERPRINT, msg, fatal=True)
             return
-        if not 0 <= h["first"] <= h["last"] < n_layers:
+        standby = bool(h.get("standby"))
+        if standby:  # no layers until the bus assigns a dead stage's range (cover_gaps)
+            h = {**h, "first": -1, "last": -1, "state": STANDBY}
+        elif not 0 <= h["first"] <= h["last"] < n_layers:
             msg = f"{where} asks for layers {h['first']}-{h['last']}; the model has layers 0-{n_layers - 1}"
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_LAYER, msg, fatal=True)
@@ -255,10 +360,15 @@ class Broker:
         name = node.node if node is not None else self.registry.new_name()
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
                    last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
-                   rss_at_register=h["rss"], max_ram=h.get("max_ram", 0))
+                   rss_at_register=h["rss"], max_ram=h.get("max_ram", 0),
+                   user=(security.peer_user(body[0]) or "") if self.gate is not None else "")
         self.registry.add(new)
         self.send(ident, {"type": P.ASSIGN, "node": name, "first": h["first"], "last": h["last"],
                           "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+        if standby:
+            self.log(f"registered {h['name']} as {name}: standby")
+            self.cover_gaps()
+            return
         # A stage that joins late holds no KV: open every session on it and replay from history.
         for s in self.sessions.values():
             self.send(ident, {"type": P.OPEN, "sid": s.sid})
@@ -270,12 +380,16 @@ class Broker:
         assert node is not None
         if node.state == DEAD and not self.registry.conflicts(node.first, node.last, ignore=ident):
             self.log(f"stage {node.name} is back")
-        if "state" in h and (node.state != DEAD or not self.registry.conflicts(node.first, node.last, ignore=ident)):
+        stale = h.get("state") == STANDBY and node.first >= 0  # sent before it read its ASSIGN
+        if "state" in h and not stale and (node.state != DEAD or not self.registry.conflicts(
+                node.first, node.last, ignore=ident)):
             node.state = h["state"]
         st = h.get("stats") or {}
         node.stage_stats = st
         node.rss = int(st.get("rss", node.rss) or 0)
         node.cpu = float(st.get("cpu", node.cpu) or 0.0)
+        if node.live and any(s.paused for s in self.sessions.values()) and self.registry.ready():
+            self.resume_paused()
 
     def on_stage_error(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         self.count(f"stage_{h['code']}")
@@ -306,6 +420,11 @@ class Broker:
         self.forward(layer, q, body, h["segs"])
 
     def forward(self, layer: int, q: int, frames: list[Any], segs: list[dict[str, Any]]) -> None:
+        if not any((x := self.sessions.get(s["sid"])) is not None and s["q"] in x.qs for s in segs):
+            # Every step in it is stale (a failover replays them, a cancel dropped them): passing
+            # it on would move a replacement stage's KV cache to the wrong position.
+            self.count("stale_dropped")
+            return
         owner = self.registry.owner(layer)
         if owner is None:
             for s in segs:
@@ -586,7 +705,12 @@ class Broker:
         self.send(ident, {"type": P.WELCOME, "model": self.model_info(),
                           "stats_port": int(self.stats_bind.rpartition(":")[2]),
                           "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness,
-                          "stats_interval_ms": int(self.stats_s * 1000)})
+                          "stats_interval_ms": int(self.stats_s * 1000), "boot": self.boot})
+
+    def on_client_heartbeat(self, ident: bytes, h: dict[str, Any]) -> None:
+        # The answer tells a waiting client that the bus is alive, and by `boot` whether it is
+        # still the bus that holds its sessions.
+        self.send(ident, {"type": P.HEARTBEAT, "t": time.time(), "boot": self.boot})
 
     def on_status(self, ident: bytes, h: dict[str, Any]) -> None:
         self.send(ident, {"type": P.CLUSTER, "req": h["req"], **self.stats()})
@@ -599,4 +723,5 @@ class Broker:
                 "sessions": [s.to_stats() for s in self.sessions.values()], "model": self.model_info(),
                 "totals": {"tokens": self.tokens_total, "act_bytes": self.act_bytes, "act_rows": self.act_rows,
                            "bytes_per_token_hop": self.act_bytes / self.act_rows if self.act_rows else 0.0},
-                "counters": dict(self.counters), "t": time.time()}
+                "counters": {**self.counters, **({"refused_keys": self.gate.refused} if self.gate else {})},
+                "t": time.time()}

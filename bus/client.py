@@ -9,6 +9,7 @@ iterator). `BusBackend` implements dair.backend.Backend over a running cluster, 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import zmq
 
+from dair import security
 from dair.bus import protocol as P
 from dair.errors import DairError
 
@@ -33,20 +35,59 @@ class BusTimeout(DairError):
 
 
 class BusClient:
-    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client") -> None:
+    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client",
+                 keys: security.PeerKeys | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
         self.name = name
+        self.keys = keys
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        security.apply_client_keys(self.sock, keys)
         self.sock.connect(addr)
         self._req = 0
         self._mail: dict[int | None, deque[dict[str, Any]]] = {}
         self.welcome: dict[str, Any] | None = None
+        # The bus closes the sessions of a client silent for heartbeat_ms x liveness, so a thread
+        # heartbeats while the caller does other things between requests. The socket is shared
+        # under this lock (never used by two threads at once).
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        from dair.config import defaults
+
+        self.heartbeat_s = int(defaults("bus")["heartbeat_interval_ms"]) / 1000.0
+        self.boot: str | None = None  # the bus process answering us (see _on_beat)
+        self._lost_upto = 0  # requests up to this number went to a bus that has since restarted
+        threading.Thread(target=self._heartbeats, name="bus-client-heartbeat", daemon=True).start()
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self._stopping.set()
+        with self._lock:
+            self.sock.close(linger=0)
+
+    def _heartbeats(self) -> None:
+        # The first beat at once: its answer tells us which bus process holds our first request,
+        # so that a restart even within the first heartbeat interval is noticed.
+        while True:
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self.sock.send_multipart(P.encode({"type": P.HEARTBEAT, "t": time.time()}), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the bus is unreachable right now: the next beat tries again
+            if self._stopping.wait(self.heartbeat_s):
+                return
+
+    def _on_beat(self, h: dict[str, Any]) -> None:
+        """A heartbeat answer or welcome: a new `boot` means a new bus process without our sessions."""
+        boot = h.get("boot")
+        if not isinstance(boot, str):
+            return
+        if self.boot is not None and boot != self.boot:
+            self._lost_upto = self._req
+        self.boot = boot
 
     def __enter__(self) -> BusClient:
         return self
@@ -60,14 +101,24 @@ class BusClient:
         if "req" not in header and header["type"] in P.SCHEMAS and "req" in P.SCHEMAS[header["type"]]:
             self._req += 1
             header = {**header, "req": self._req}
-        self.sock.send_multipart(P.encode(header))
+        with self._lock:
+            self.sock.send_multipart(P.encode(header))
         return header.get("req", 0)
 
     def _recv_one(self, timeout: float) -> dict[str, Any] | None:
-        if not self.sock.poll(max(0.0, timeout) * 1000):
-            return None
-        header, _ = P.decode(self.sock.recv_multipart())
-        return header
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            with self._lock:  # short polls: the heartbeat thread takes the lock between them
+                if self.sock.poll(max(0.0, min(0.05, deadline - time.monotonic())) * 1000):
+                    header, _ = P.decode(self.sock.recv_multipart())
+                    if header["type"] != P.HEARTBEAT:
+                        return header
+                    self._on_beat(header)
+                    if self._lost_upto:
+                        return header  # let next() tell a waiting request that the bus restarted
+                    continue
+            if time.monotonic() >= deadline:
+                return None
 
     def next(self, req: int | None, timeout: float | None = None) -> dict[str, Any]:
         """The next message answering `req` (messages for other requests are kept for later)."""
@@ -76,7 +127,12 @@ class BusClient:
             return box.popleft()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
+            if req is not None and 0 < req <= self._lost_upto:
+                return P.error(P.E_BUS_RESTARTED, f"the bus at {self.addr} restarted and lost this request "
+                               "and its session; send it again (in a new session)", req=req)
             h = self._recv_one(deadline - time.monotonic())
+            if h is not None and h["type"] == P.HEARTBEAT:
+                continue
             if h is None:
                 raise BusTimeout(f"no answer from the bus at {self.addr} within "
                                  f"{self.timeout if timeout is None else timeout:.0f}s (is `dair-bus` running?)")
@@ -97,7 +153,8 @@ class BusClient:
 
     # --- requests -----------------------------------------------------------------------------
     def hello(self, timeout: float | None = None) -> dict[str, Any]:
-        self.sock.send_multipart(P.encode({"type": P.HELLO, "name": self.name}))
+        with self._lock:
+            self.sock.send_multipart(P.encode({"type": P.HELLO, "name": self.name}))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             h = self._recv_one(deadline - time.monotonic())
@@ -105,6 +162,9 @@ class BusClient:
                 raise BusTimeout(f"no answer from the bus at {self.addr} (is `dair-bus` running?)")
             if h["type"] == P.WELCOME:
                 self.welcome = h
+                self._on_beat(h)
+                if isinstance(h.get("heartbeat_ms"), int) and h["heartbeat_ms"] > 0:
+                    self.heartbeat_s = h["heartbeat_ms"] / 1000.0
                 return h
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
@@ -175,9 +235,10 @@ class BusClient:
 class StatsSubscriber:
     """The bus's stats as published on its PUB socket (bus port + 1)."""
 
-    def __init__(self, stats_addr: str) -> None:
+    def __init__(self, stats_addr: str, keys: security.PeerKeys | None = None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        security.apply_client_keys(self.sock, keys)
         self.sock.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
         self.sock.connect(stats_addr)
 
@@ -196,8 +257,9 @@ class StatsSubscriber:
 class BusBackend:
     """dair.backend.Backend over a running cluster."""
 
-    def __init__(self, addr: str, timeout: float = 60.0, model_path: str | None = None) -> None:
-        self.client = BusClient(addr, timeout=timeout)
+    def __init__(self, addr: str, timeout: float = 60.0, model_path: str | None = None,
+                 keys: security.PeerKeys | None = None) -> None:
+        self.client = BusClient(addr, timeout=timeout, keys=keys)
         self.model_info = self.client.hello(timeout=min(timeout, 10.0))["model"]
         self.n_layers = int(self.model_info["n_layers"])
         self._model_path = model_path
@@ -278,7 +340,8 @@ class AsyncBusClient:
     """The same requests for asyncio programs (the TUI): zmq.asyncio sockets, answers matched by
     `req`, so a token stream and a status request can be awaited from different tasks."""
 
-    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client") -> None:
+    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client",
+                 keys: security.PeerKeys | None = None) -> None:
         import asyncio
 
         import zmq.asyncio
@@ -287,8 +350,10 @@ class AsyncBusClient:
         self.timeout = timeout
         self.name = name
         self.ctx = zmq.asyncio.Context.instance()
+        self.keys = keys
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        security.apply_client_keys(self.sock, keys)
         self.sock.connect(addr)
         self._req = 0
         self._queues: dict[int | None, asyncio.Queue[dict[str, Any]]] = {}
@@ -371,6 +436,7 @@ class AsyncBusClient:
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
+        security.apply_client_keys(sub, self.keys)
         sub.connect(stats_addr or P.stats_address(self.addr))
         try:
             while True:

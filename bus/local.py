@@ -84,9 +84,11 @@ class LocalCluster:
     def __init__(self, model_path: str, split: list[tuple[int, int]], port: int | None = None,
                  host: str = "127.0.0.1", threads: int | None = None, wire: str | None = None,
                  config: str | None = None, log: IO[Any] | None = None,
-                 stage_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 stage_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 keys_dir: str | None = None, standby: int = 0) -> None:
         self.model_path = model_path
         self.split = split
+        self.n_standby = standby
         self.port = port or free_port_pair(host)
         self.addr = f"tcp://{host}:{self.port}"
         self.stats_addr = f"tcp://{host}:{self.port + 1}"
@@ -96,6 +98,8 @@ class LocalCluster:
         self.log = log
         self.stage_args = stage_args or []
         self.env = {**os.environ, **(env or {})}
+        # A keys directory as dair.security.make_cluster_keys lays it out: CURVE on every socket.
+        self.keys_dir = keys_dir
         self.bus: subprocess.Popen | None = None
         self.stages: list[subprocess.Popen] = []
         self.pgid: int | None = None
@@ -123,25 +127,36 @@ class LocalCluster:
 
     def bus_command(self) -> list[str]:
         cmd = _command("dair-bus", "dair.bus.main") + ["--bind", self.addr, "--model", self.model_path]
+        if self.keys_dir:
+            cmd += ["--keys", self.keys_dir]
         return cmd + (["--config", self.config] if self.config else [])
 
     def stage_command(self, first: int, last: int, index: int) -> list[str]:
-        cmd = _command("dair-stage", "dair.stages.main") + [
-            "--layers", f"{first}-{last}", "--model", self.model_path, "--bus", self.addr,
-            "--name", f"stage{index}"]
+        """The command of a stage for layers first..last; first < 0: a standby stage."""
+        where = ["--standby"] if first < 0 else ["--layers", f"{first}-{last}"]
+        cmd = _command("dair-stage", "dair.stages.main") + where + [
+            "--model", self.model_path, "--bus", self.addr, "--name", f"stage{index}"]
         if self.threads is not None:
             cmd += ["--threads", str(self.threads)]
         if self.wire:
             cmd += ["--wire", self.wire]
         if self.config:
             cmd += ["--config", self.config]
+        if self.keys_dir:
+            cmd += ["--keys", self.keys_dir]
         return cmd + self.stage_args
 
     def start(self) -> LocalCluster:
         self.bus = self._spawn(self.bus_command())
         for i, (a, b) in enumerate(self.split):
             self.stages.append(self._spawn(self.stage_command(a, b, i)))
+        for _ in range(self.n_standby):
+            self.add_standby()
         return self
+
+    def add_standby(self) -> subprocess.Popen:
+        """A stage without layers, for the bus to give a dead stage's range to."""
+        return self.add_stage(-1, -1)
 
     def add_stage(self, first: int, last: int, extra: list[str] | None = None) -> subprocess.Popen:
         p = self._spawn(self.stage_command(first, last, len(self.stages)) + (extra or []))
@@ -152,8 +167,16 @@ class LocalCluster:
         return all(p.poll() is None for p in self.procs)
 
     def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        with BusClient(self.addr, timeout=5.0) as c:
+        with BusClient(self.addr, timeout=5.0, keys=self.client_keys()) as c:
             return c.wait_ready(timeout, alive=self.alive)
+
+    def client_keys(self) -> Any:
+        """The PeerKeys of this cluster's client key (None without keys)."""
+        if not self.keys_dir:
+            return None
+        from dair import security
+
+        return security.peer_keys("client", {}, self.keys_dir)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM to every child, SIGKILL to those still there after `timeout`."""

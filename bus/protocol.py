@@ -58,6 +58,10 @@ E_NOT_READY = "not_ready"
 E_CONTEXT = "context_full"
 E_BUSY = "busy"
 E_ENGINE = "engine"
+# A CURVE peer whose key role (stage or client) may not send this message type.
+E_FORBIDDEN = "forbidden"
+# Raised by clients (never sent): the bus answering them is a new process that lost their sessions.
+E_BUS_RESTARTED = "bus_restarted"
 
 DTYPES = ("f32", "f16", "q8_0")
 WIRE_DTYPES = DTYPES
@@ -76,10 +80,12 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     REGISTER: {"name": (_STR, True), "first": (_INT, True), "last": (_INT, True),
                "n_layers": (_INT, True), "fingerprint": (_STR, True), "host": (_STR, True),
                "pid": (_INT, True), "rss": (_INT, True), "threads": (_INT, True),
-               "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False)},
+               "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False),
+               "standby": (_BOOL, False),
+               "place": (_BOOL, False), "speed": (_NUM, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
              "heartbeat_ms": (_INT, True), "liveness": (_INT, True)},
-    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False)},
+    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False), "boot": (_STR, False)},
     OPEN: {"sid": (_STR, True)},
     CLOSE: {"sid": (_STR, True)},
     ACT: {"layer": (_INT, True), "dtype": (_STR, True), "shape": (_LIST, True),
@@ -89,7 +95,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
             "req": (_INT, False), "fatal": (_BOOL, False)},
     HELLO: {"name": (_STR, False)},
     WELCOME: {"model": (_MAP, True), "stats_port": (_INT, True), "heartbeat_ms": (_INT, False),
-              "liveness": (_INT, False), "stats_interval_ms": (_INT, False)},
+              "liveness": (_INT, False), "stats_interval_ms": (_INT, False), "boot": (_STR, False)},
     GENERATE: {"req": (_INT, True), "sid": (_STR, False), "ids": (_LIST, False),
                "text": (_STR, False), "messages": (_LIST, False), "params": (_MAP, False),
                "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False)},

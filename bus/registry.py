@@ -14,6 +14,8 @@ READY = "ready"
 BUSY = "busy"
 STREAMING = "streaming"
 DEAD = "dead"
+# Registered without layers (dair-stage --standby): waits for the bus to assign a dead stage's range.
+STANDBY = "standby"
 LIVE_STATES = (READY, BUSY, STREAMING)
 
 
@@ -57,6 +59,10 @@ class Node:
     hop_s: Samples = field(default_factory=Samples)
     compute_s: Samples = field(default_factory=Samples)
     stage_stats: dict[str, Any] = field(default_factory=dict)
+    user: str = ""  # the CURVE key it joined with (role:name), "" without keys
+    # Placed by the bus (registered without --layers): its announced budget and speed.
+    place: bool = False
+    speed: float = 1.0
 
     @property
     def live(self) -> bool:
@@ -69,7 +75,9 @@ class Node:
         return {
             "node": self.node, "name": self.name, "host": self.host, "pid": self.pid,
             "first": self.first, "last": self.last, "state": self.state, "rss": self.rss,
-            "rss_at_register": self.rss_at_register, "max_ram": self.max_ram,
+            "rss_at_register": self.rss_at_register,
+            # The engine's budget once it runs (the heartbeat), else the one announced at register.
+            "max_ram": int(self.stage_stats.get("max_ram") or self.max_ram or 0),
             "cpu": self.cpu, "threads": self.threads, "wire": self.wire,
             "msgs_in": self.msgs_in, "msgs_out": self.msgs_out,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
@@ -81,6 +89,14 @@ class Node:
             "resident_bytes": int(self.stage_stats.get("resident_bytes", 0)),
             "batches": int(self.stage_stats.get("batches", 0)),
             "max_batch": int(self.stage_stats.get("max_batch", 0)),
+            "key": self.user, "place": self.place, "speed": self.speed,
+            # AirLLM residency (issue 6), as the stage's engine reports it.
+            "mode": str(self.stage_stats.get("mode", "")),
+            "range_bytes": int(self.stage_stats.get("range_bytes", 0) or 0),
+            "disk_read_bytes": int(self.stage_stats.get("disk_read_bytes", 0) or 0),
+            "disk_read_mb_s": float(self.stage_stats.get("disk_read_mb_s", 0.0) or 0.0),
+            "storage_read_bytes": int(self.stage_stats.get("storage_read_bytes", 0) or 0),
+            "disk_wait_fraction": float(self.stage_stats.get("disk_wait_fraction", 0.0) or 0.0),
         }
 
 
@@ -135,7 +151,11 @@ class Registry:
         self.nodes.pop(ident, None)
 
     def live(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.state != DEAD]
+        """Connected stages that hold (or are loading) a range: the ones that keep sessions."""
+        return [n for n in self.nodes.values() if n.state != DEAD and n.first >= 0]
+
+    def standbys(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.state == STANDBY and n.first < 0]
 
     def conflicts(self, first: int, last: int, ignore: bytes | None = None) -> list[Node]:
         return [n for n in self.live() if n.ident != ignore and not (last < n.first or first > n.last)]
@@ -150,7 +170,7 @@ class Registry:
         serving = [n for n in self.nodes.values() if n.live]
         problems = coverage_problems([(n.first, n.last) for n in serving], self.n_layers)
         problems += [f"{n.name} ({fmt_span(n.first, n.last)}) is {n.state}"
-                     for n in self.nodes.values() if not n.live]
+                     for n in self.nodes.values() if not n.live and n.first >= 0]
         return problems
 
     def ready(self) -> bool:

@@ -141,11 +141,11 @@ class LocalBackend:
 
 
 def open_backend(model: str | None = None, bus: str | None = None, threads: int = 0,
-                 quiet: bool = False, timeout: float = 30.0) -> Backend:
+                 quiet: bool = False, timeout: float = 30.0, keys: Any = None) -> Backend:
     if bus:
         from dair.bus.client import BusBackend
 
-        return BusBackend(bus, timeout=timeout)
+        return BusBackend(bus, timeout=timeout, keys=keys)
     return LocalBackend(model, threads=threads, quiet=quiet)
 
 

@@ -129,6 +129,70 @@ def load_allowed(dirs: dict[str, str | os.PathLike[str]]) -> dict[bytes, tuple[s
     return keys
 
 
+# --- who uses which keys --------------------------------------------------------------------------
+# A keys directory as `dair up --keys DIR` makes it (and as `--keys DIR` reads it everywhere):
+#   DIR/bus.key, DIR/bus.key_secret          the bus's pair (bus.key goes to every peer)
+#   DIR/stages/NAME.key[_secret]             allowed stage keys (a stage uses stages/stage.key_secret)
+#   DIR/clients/NAME.key[_secret]            allowed client keys (a client uses clients/client.key_secret)
+BUS_KEY_NAME = "bus"
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    """What a stage, client or TUI needs to talk to a CURVE bus."""
+    secret_path: str
+    server_key: bytes  # the bus's z85 public key
+
+    @property
+    def public(self) -> bytes:
+        return load_secret(self.secret_path).public
+
+
+def make_cluster_keys(keys_dir: str | os.PathLike[str]) -> Path:
+    """The bus's pair and one stage and one client pair under keys_dir, those missing only."""
+    d = Path(keys_dir)
+    for sub, name in (("", BUS_KEY_NAME), ("stages", "stage"), ("clients", "client")):
+        if not (d / sub / f"{name}{SECRET_SUFFIX}").exists():
+            generate_keys(d / sub, name, force=True)
+    return d
+
+
+def bus_keys(sec: dict, keys_dir: str | None = None, secret: str | None = None,
+             stage_keys: str | None = None, client_keys: str | None = None) -> tuple[str, dict[str, str]] | None:
+    """(secret key path, {role: allowed-keys dir}) for the bus, or None for CURVE off.
+
+    Flags win over the config's [security] values; a keys directory (flag, else config `keys`)
+    fills in whatever is left with its standard layout."""
+    d = keys_dir or sec.get("keys") or ""
+    secret = secret or sec.get("bus_secret_key") or (os.path.join(d, BUS_KEY_NAME + SECRET_SUFFIX) if d else "")
+    if not secret:
+        return None
+    allowed = {"stage": stage_keys or sec.get("stage_keys") or (os.path.join(d, "stages") if d else ""),
+               "client": client_keys or sec.get("client_keys") or (os.path.join(d, "clients") if d else "")}
+    load_secret(secret)  # a missing or world-readable key fails at start-up, not at the first peer
+    return secret, {r: p for r, p in allowed.items() if p}
+
+
+def peer_keys(role: str, sec: dict, keys_dir: str | None = None, secret: str | None = None,
+              server: str | None = None) -> PeerKeys | None:
+    """A stage's or client's keys (flags over the config's [security]), or None for CURVE off."""
+    d = keys_dir or sec.get("keys") or ""
+    server = server or sec.get("server_key") or (os.path.join(d, BUS_KEY_NAME + PUBLIC_SUFFIX) if d else "")
+    if not server:
+        return None
+    secret = secret or sec.get("secret_key") or (os.path.join(d, f"{role}s", role + SECRET_SUFFIX) if d else "")
+    if not secret:
+        raise DairError(f"the bus's public key is set but this {role}'s own secret key is not "
+                        "(--secret-key, or [security] secret_key)")
+    load_secret(secret)
+    return PeerKeys(str(secret), load_public(server))
+
+
+def apply_client_keys(sock: zmq.Socket, keys: PeerKeys | None) -> None:
+    if keys is not None:
+        client_socket_setup(sock, keys.secret_path, keys.server_key)
+
+
 # --- sockets --------------------------------------------------------------------------------------
 def server_socket_setup(sock: zmq.Socket, secret_path: str | os.PathLike[str]) -> KeyPair:
     """Make `sock` a CURVE server with the key pair in secret_path. Call before bind().

@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import zmq
 
+from dair import security
 from dair.bus import protocol as P
 from dair.stages.compute import Compute
 
@@ -30,8 +31,10 @@ class StageRefused(Exception):
 class Link:
     def __init__(self, bus_addr: str, name: str, model: Any, first: int, last: int, threads: int,
                  wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
-                 max_batch: int, lz4_min_bytes: int, max_ram: int | None = None) -> None:
+                 max_batch: int, lz4_min_bytes: int, max_ram: int | None = None,
+                 keys: security.PeerKeys | None = None) -> None:
         self.bus_addr = bus_addr
+        self.keys = keys
         self.name = name
         self.model = model
         self.heartbeat_s = heartbeat_ms / 1000.0
@@ -46,6 +49,8 @@ class Link:
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
         self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes, max_ram)
+        if first < 0:
+            self.compute.state = "standby"
         self.dealer: zmq.Socket | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -61,6 +66,7 @@ class Link:
         d.setsockopt(zmq.IDENTITY, f"{self.name}.{os.getpid()}.{self._conn}".encode())
         d.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         d.setsockopt(zmq.LINGER, 0)
+        security.apply_client_keys(d, self.keys)  # before connect: CURVE applies to later connects only
         d.connect(self.bus_addr)
         self.dealer = d
         self._send({"type": P.REGISTER, "name": self.name, "first": self.compute.first,
@@ -68,7 +74,7 @@ class Link:
                     "fingerprint": self.model.fingerprint, "host": socket.gethostname(),
                     "pid": os.getpid(), "rss": self.proc.memory_info().rss,
                     "threads": self.compute.threads, "wire": self.compute.wire,
-                    "state": self.compute.state})
+                    "state": self.compute.state, **({"standby": True} if self.compute.first < 0 else {})})
 
     def _send(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
         self._send_frames(P.encode(header, buffers, self.lz4_min_bytes))
@@ -133,7 +139,12 @@ class Link:
                     continue
                 last_heard = now
                 if batch:
+                    was = self.compute.state
                     self.compute.process(batch)
+                    if self.compute.state != was:
+                        # A standby that has just loaded its assigned range: the bus resumes the
+                        # paused sessions on this word, so do not make it wait for the next beat.
+                        self._heartbeat()
                 if self.compute.outbox:
                     with self._lock:
                         for frames in self.compute.outbox:
@@ -157,6 +168,11 @@ class Link:
         # Paranoid Pirate: the bus is gone or restarted; start over with a new socket.
         if not self._lost:
             print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting", file=sys.stderr, flush=True)
+            if self.keys is not None:
+                # A refused CURVE peer hears nothing at all: say what to check.
+                print(f"dair-stage: no answer: if the bus uses keys, check that this stage's public key "
+                      f"{self.keys.public.decode()} is in its stage_keys, and --server-key is the bus's",
+                      file=sys.stderr, flush=True)
         self._lost = True
         with self._lock:
             self._connect()
@@ -208,7 +224,8 @@ class Link:
             self.node = header["node"]
             self.heartbeat_s = header["heartbeat_ms"] / 1000.0
             self.liveness = header["liveness"]
-            if not 0 <= header["first"] <= header["last"] < self.model.config.n_layers:
+            standby = header["first"] == header["last"] == -1
+            if not standby and not 0 <= header["first"] <= header["last"] < self.model.config.n_layers:
                 self.compute.count(P.E_LAYER)
                 self.compute.outbox.append(P.encode(P.error(
                     P.E_LAYER, f"assign {header['first']}-{header['last']} is outside the model")))

@@ -25,7 +25,9 @@ def parse_layers(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dair-stage", description="serve a layer range of the model to a dair bus")
-    p.add_argument("--layers", required=True, help="layer range A-B (inclusive)")
+    p.add_argument("--layers", default=None, help="layer range A-B (inclusive)")
+    p.add_argument("--standby", action="store_true",
+                   help="register without layers; the bus gives this stage a dead stage's range")
     p.add_argument("--model", default=None, help="model file (default: config, then the default model)")
     p.add_argument("--bus", default=None, help="bus address (default: config [bus] bind)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (0 = one per core)")
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ram", default=None, metavar="SIZE",
                    help="RAM budget for resident weights, e.g. 512M, 2G (default: config [stage] max_ram); "
                         "a range that does not fit streams its layers from disk")
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help="keys directory: bus.key and stages/stage.key_secret (config [security] keys)")
+    p.add_argument("--secret-key", metavar="PATH", default=None, help="this stage's key pair (NAME.key_secret)")
+    p.add_argument("--server-key", metavar="PATH|Z85", default=None, help="the bus's public key")
     return p
 
 
@@ -64,7 +70,11 @@ def _main(args: argparse.Namespace) -> int:
     from dair.stages.link import Link
 
     cfg = load_config(args.config)
-    first, last = parse_layers(args.layers)
+    if args.standby and args.layers:
+        raise DairError("--standby takes no --layers (the bus assigns a range when a stage dies)")
+    if not args.standby and not args.layers:
+        raise DairError("give --layers A-B, or --standby")
+    first, last = (-1, -1) if args.standby else parse_layers(args.layers)
     path = resolve_model_path(args.model, cfg)
     if not os.path.exists(path):
         raise DairError(f"{path}: model file not found (run `dair model fetch`)")
@@ -73,14 +83,21 @@ def _main(args: argparse.Namespace) -> int:
     if last >= n:
         raise DairError(f"--layers {first}-{last}: {path} has {n} layers (0-{n - 1})")
     stage_cfg, bus_cfg = cfg["stage"], cfg["bus"]
-    name = args.name or f"{socket.gethostname()}:{first}-{last}"
+    from dair import security
+
+    keys = security.peer_keys("stage", cfg.get("security") or {}, args.keys, args.secret_key, args.server_key)
+    if keys is not None:
+        # Whoever runs the bus needs this to allow the stage (a NAME.key in its stage_keys).
+        print(f"dair-stage: CURVE on, this stage's public key is {keys.public.decode()}", file=sys.stderr, flush=True)
+    name = args.name or f"{socket.gethostname()}:{'standby' if args.standby else f'{first}-{last}'}"
     link = Link(
         bus_addr=args.bus or bus_cfg["bind"], name=name, model=model, first=first, last=last,
         threads=stage_cfg["threads"] if args.threads is None else args.threads,
         wire_dtype=args.wire or stage_cfg["wire"], heartbeat_ms=int(bus_cfg["heartbeat_interval_ms"]),
         liveness=int(bus_cfg["heartbeat_liveness"]), max_frame_bytes=int(bus_cfg["max_frame_bytes"]),
         max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
-        max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")))
+        max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")),
+        keys=keys)
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
     signal.signal(signal.SIGTERM, lambda *_: link.stop())
     return link.run()

@@ -59,7 +59,8 @@ class DairApp(App[int]):
     link_state: reactive[str] = reactive("connecting")
     generating: reactive[bool] = reactive(False)
 
-    def __init__(self, bus_addr: str, system: str | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, bus_addr: str, system: str | None = None, settings: Settings | None = None,
+                 keys: Any = None) -> None:
         super().__init__()
         cfg = bus_defaults()
         self.bus_addr = bus_addr
@@ -67,7 +68,7 @@ class DairApp(App[int]):
         self.liveness = int(cfg.get("heartbeat_liveness", 6))
         self.cluster = ClusterModel(dead_after_s=self.heartbeat_ms * self.liveness / 1000.0)
         self.link = BusLink(self, bus_addr, heartbeat_ms=self.heartbeat_ms, liveness=self.liveness,
-                            stats_interval_ms=int(cfg.get("stats_interval_ms", 1000)))
+                            stats_interval_ms=int(cfg.get("stats_interval_ms", 1000)), keys=keys)
         self.settings = settings or Settings.from_config()
         self.system = system
         self.messages: list[dict[str, str]] = self._fresh_messages()
@@ -279,7 +280,7 @@ class DairApp(App[int]):
                 "Ask the model…  (Enter sends · Esc stops · Ctrl+N new chat · F2 settings)")
 
 
-def run_tui(bus_addr: str, system: str | None = None) -> int:
+def run_tui(bus_addr: str, system: str | None = None, keys: Any = None) -> int:
     """Run the dashboard against the bus at `bus_addr` until the user quits; the exit code.
 
     $DAIR_TUI_LOG names a file for the link's log (the screen belongs to the dashboard)."""
@@ -289,6 +290,6 @@ def run_tui(bus_addr: str, system: str | None = None) -> int:
     if os.environ.get("DAIR_TUI_LOG"):
         logging.basicConfig(filename=os.environ["DAIR_TUI_LOG"], level=logging.INFO,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = DairApp(bus_addr, system=system)
+    app = DairApp(bus_addr, system=system, keys=keys)
     result = app.run()
     return int(result or app.return_code or 0)

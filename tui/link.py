@@ -25,6 +25,7 @@ from textual.message import Message
 from textual.message_pump import MessagePump
 
 from dair.bus import protocol as P
+from dair.security import PeerKeys, apply_client_keys
 from dair.tui.messages import GenerationDone, GenerationError, LinkState, Stats, TokenPiece, Welcome
 
 log = logging.getLogger("dair.tui.link")
@@ -47,8 +48,10 @@ class BusLink:
     """Connection to one bus; every result reaches `target` as a message (tui/messages.py)."""
 
     def __init__(self, target: MessagePump, addr: str, *, heartbeat_ms: int = 500, liveness: int = 6,
-                 stats_interval_ms: int = 1000, hello_timeout_s: float = 2.0) -> None:
+                 stats_interval_ms: int = 1000, hello_timeout_s: float = 2.0,
+                 keys: PeerKeys | None = None) -> None:
         self.target = target
+        self.keys = keys
         self.addr = addr
         self.heartbeat_s = heartbeat_ms / 1000.0
         # Silence longer than a node's death timeout, and never less than three stats intervals.
@@ -136,6 +139,8 @@ class BusLink:
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
+        apply_client_keys(dealer, self.keys)
+        apply_client_keys(sub, self.keys)
         try:
             dealer.connect(self.addr)
             await dealer.send_multipart(P.encode({"type": P.HELLO, "name": "dair-tui"}))

@@ -13,16 +13,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"bus address (default: config.toml [bus] bind, {defaults('bus')['bind']})")
     p.add_argument("--config", metavar="FILE", help="a config.toml whose [bus] bind is the default address")
     p.add_argument("--system", metavar="TEXT", help="system message at the start of every conversation")
+    from dair.commands.common import add_key_args
+
+    add_key_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dair.commands.common import keys_from_args
     from dair.config import load_config
     from dair.errors import DairError
 
     try:
-        addr = args.bus or load_config(args.config)["bus"]["bind"]
+        cfg = load_config(args.config)
+        addr = args.bus or cfg["bus"]["bind"]
+        keys = keys_from_args(args, cfg)
     except DairError as e:
         print(f"dair-tui: error: {e}", file=sys.stderr)
         return 2
@@ -31,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dair.tui.app import run_tui
 
-    return run_tui(addr, system=args.system)
+    return run_tui(addr, system=args.system, keys=keys)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ import argparse
 import sys
 
 from dair.backend import open_backend
-from dair.commands.common import add_backend_args, add_sampling_args, max_tokens_from_args, sampling_from_args
+from dair.commands.common import (
+    add_backend_args,
+    add_sampling_args,
+    keys_from_args,
+    max_tokens_from_args,
+    sampling_from_args,
+)
 from dair.commands.stream import run_generation
 
 HELP = "commands: /reset starts a new conversation, /quit (or Ctrl-D) leaves"
@@ -21,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
-    backend = open_backend(args.model, args.bus, args.threads)
+    backend = open_backend(args.model, args.bus, args.threads,
+                           keys=keys_from_args(args) if args.bus else None)
     tok = backend.tokenizer
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)

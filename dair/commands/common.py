@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dair.engine.sampling import SamplingParams
 
@@ -10,6 +11,25 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH", help="model file (GGUF or .m); default: the fetched default model")
     p.add_argument("--bus", metavar="ADDR", help="use a running cluster at this bus address instead of this process")
     p.add_argument("--threads", type=int, default=0, help="compute threads (0 = one per core)")
+    add_key_args(p)
+
+
+def add_key_args(p: argparse.ArgumentParser) -> None:
+    """CurveZMQ keys of a client of the bus (fall back on the config's [security] section)."""
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help="keys directory: bus.key and clients/client.key_secret (config [security] keys)")
+    p.add_argument("--secret-key", metavar="PATH", default=None, help="this client's key pair (NAME.key_secret)")
+    p.add_argument("--server-key", metavar="PATH|Z85", default=None, help="the bus's public key")
+
+
+def keys_from_args(args: argparse.Namespace, cfg: dict | None = None) -> Any:
+    """PeerKeys for a client, or None when CURVE is off."""
+    from dair import security
+    from dair.config import load_config
+
+    cfg = cfg if cfg is not None else load_config(getattr(args, "config", None))
+    return security.peer_keys("client", cfg.get("security") or {}, getattr(args, "keys", None),
+                              getattr(args, "secret_key", None), getattr(args, "server_key", None))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,13 @@ import json
 import sys
 
 from dair.backend import open_backend
-from dair.commands.common import add_backend_args, add_sampling_args, max_tokens_from_args, sampling_from_args
+from dair.commands.common import (
+    add_backend_args,
+    add_sampling_args,
+    keys_from_args,
+    max_tokens_from_args,
+    sampling_from_args,
+)
 from dair.commands.stream import run_generation
 
 
@@ -21,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
-    backend = open_backend(args.model, args.bus, args.threads)
+    backend = open_backend(args.model, args.bus, args.threads,
+                           keys=keys_from_args(args) if args.bus else None)
     try:
         prompt_ids = backend.tokenizer.encode(args.prompt)
         if not prompt_ids and backend.tokenizer.bos_id is not None:

@@ -10,6 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bus", metavar="ADDR", default=None, help="bus address (default: config [bus] bind)")
     p.add_argument("--json", action="store_true", help="print the bus's full status as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the bus")
+    from dair.commands.common import add_key_args
+
+    add_key_args(p)
     p.set_defaults(func=handle)
 
 
@@ -19,10 +22,12 @@ def _mb(n: int | None) -> str:
 
 def handle(args: argparse.Namespace) -> int:
     from dair.bus.client import BusClient
+    from dair.commands.common import keys_from_args
     from dair.config import load_config
 
-    addr = args.bus or load_config()["bus"]["bind"]
-    with BusClient(addr, timeout=args.timeout) as c:
+    cfg = load_config()
+    addr = args.bus or cfg["bus"]["bind"]
+    with BusClient(addr, timeout=args.timeout, keys=keys_from_args(args, cfg)) as c:
         st = c.status()
     st.pop("type", None)
     st.pop("req", None)

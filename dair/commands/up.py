@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=None, help="bus port on 127.0.0.1 (stats on port + 1)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads per stage (0 = one per core)")
     p.add_argument("--wire", choices=["q8_0", "f16", "f32"], default=None, help="activation format between stages")
+    p.add_argument("--standby", type=int, default=0, metavar="N",
+                   help="also start N standby stages (no layers) that take over the range of a stage that dies")
+    p.add_argument("--max-ram", default=None, metavar="SIZE",
+                   help="RAM budget of each stage for resident weights, e.g. 512M (passed to dair-stage)")
     p.add_argument("--config", default=None, help="config file (same shape as config.toml)")
     p.add_argument("--generate", metavar="PROMPT", default=None,
                    help="answer this prompt (chat template) on the new cluster, then stop it")
@@ -36,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", default=None, help="file for the children's output (default: the terminal, "
                    "or a temporary file with --generate / --tui)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the pipeline to be ready")
+    p.add_argument("--keys", metavar="DIR", default=None,
+                   help="CurveZMQ on every socket, with the keys in DIR (bus, stages/stage, clients/client; "
+                        "made there if missing)")
     p.set_defaults(func=handle)
 
 
@@ -79,26 +86,34 @@ def handle(args: argparse.Namespace) -> int:
     quiet = args.generate is not None or args.tui
     log_path = args.log or (os.path.join(tempfile.gettempdir(), f"dair-up-{os.getpid()}.log") if quiet else None)
     log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the cluster
+    if args.keys:
+        from dair.security import make_cluster_keys
+
+        make_cluster_keys(args.keys)
     cluster = LocalCluster(path, split, port=port, threads=args.threads, wire=args.wire, config=args.config,
-                           log=log)
+                           log=log, keys_dir=args.keys, standby=max(0, args.standby),
+                           stage_args=["--max-ram", args.max_ram] if args.max_ram else None)
     old_term = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         cluster.start()
         say = (lambda m: print(m, file=sys.stderr)) if quiet else print
         say(f"dair up: bus {cluster.addr} (pid {cluster.bus.pid}), stats {cluster.stats_addr}, model {path}")
-        for (a, b), p in zip(split, cluster.stages, strict=True):
+        for (a, b), p in zip(split, cluster.stages, strict=False):
             say(f"dair up: stage layers {a}-{b} (pid {p.pid})")
+        for p in cluster.stages[len(split):]:
+            say(f"dair up: standby stage (pid {p.pid})")
         if log_path:
             say(f"dair up: logs in {log_path}")
         t0 = time.monotonic()
         cluster.wait_ready(args.timeout)
-        say(f"dair up: ready in {time.monotonic() - t0:.1f}s — try: dair generate --bus {cluster.addr} 'Hello'")
+        say(f"dair up: ready in {time.monotonic() - t0:.1f}s — try: dair generate --bus {cluster.addr}"
+            + (f" --keys {args.keys}" if args.keys else "") + " 'Hello'")
         if args.generate is not None:
-            return _generate_once(cluster.addr, args)
+            return _generate_once(cluster.addr, args, cluster.client_keys())
         if args.tui:
             from dair.tui.app import run_tui
 
-            code = run_tui(cluster.addr)
+            code = run_tui(cluster.addr, keys=cluster.client_keys())
             if log_path:
                 print(f"dair up: the cluster's log is in {log_path}", file=sys.stderr)
             return code
@@ -124,11 +139,11 @@ def handle(args: argparse.Namespace) -> int:
             log.close()
 
 
-def _generate_once(addr: str, args: argparse.Namespace) -> int:
+def _generate_once(addr: str, args: argparse.Namespace, keys: object = None) -> int:
     from dair.bus.client import BusClient
 
     params = {} if args.temperature is None else {"temperature": args.temperature}
-    with BusClient(addr, timeout=300.0) as c:
+    with BusClient(addr, timeout=300.0, keys=keys) as c:  # type: ignore[arg-type]
         prompt = {"text": args.generate} if args.raw else {"messages": [{"role": "user", "content": args.generate}]}
         for ev in c.generate(**prompt, params=params, max_tokens=args.max_tokens):
             if ev["type"] == "token":
