@@ -46,6 +46,8 @@ class Session:
     kv_len: int = 0
     qs: set[int] = field(default_factory=set)  # steps in flight; results for any other step are stale
     req: Request | None = None
+    # The request lost a stage and waits for a standby to take its range, then replays history.
+    paused: bool = False
     tokens: int = 0
     last_tok_s: float = 0.0
     created: float = field(default_factory=time.monotonic)
@@ -55,12 +57,15 @@ class Session:
         """Detach the request in progress (its steps still in flight become stale)."""
         req, self.req = self.req, None
         self.qs.clear()
+        self.paused = False
         return req
 
     @property
     def state(self) -> str:
         if self.req is None:
             return "idle"
+        if self.paused:
+            return "paused"
         return "prefill" if self.req.t_first is None else "decode"
 
     def to_stats(self) -> dict[str, Any]:

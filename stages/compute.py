@@ -61,6 +61,9 @@ class Compute:
 
     def build(self) -> bool:
         """Build the engine for the current range; False (and `fatal` set) if it cannot."""
+        if self.first < 0:  # a standby: no weights touched until the bus assigns a range
+            self.state = "standby"
+            return True
         try:
             self._build(self.first, self.last)
             return True
@@ -107,6 +110,8 @@ class Compute:
 
     def _control(self, header: dict[str, Any]) -> None:
         t = header["type"]
+        if t in (P.OPEN, P.CLOSE) and self.engine is None:
+            return  # a standby holds no sessions (the bus opens them again after ASSIGN)
         if t == P.OPEN:
             sid = header["sid"]
             if sid in self.sessions:
