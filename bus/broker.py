@@ -29,7 +29,15 @@ PREFILL_CHUNK = 256
 # An idle session unused for this long is closed (config [bus] session_idle_timeout_s), so
 # that sessions nobody comes back to do not hold KV caches on the stages forever.
 SESSION_IDLE_S = 600.0
+# Wait this long after a stage to be placed registers before planning, and at most
+# PLAN_WAIT_S for the registered budgets to hold the whole model (then plan anyway: they stream).
+PLAN_SETTLE_S = 0.5
+PLAN_WAIT_S = 10.0
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+
+
+def _fmt_budget(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n else "unlimited"
 
 
 def _nbytes(frames: list[Any]) -> int:
@@ -75,6 +83,11 @@ class Broker:
         self.act_rows = 0
         self._q = 0
         self._running = True
+        # Placement of stages started without --layers (replan): when to plan next (0 = no plan
+        # pending), and since when budgets too small for the model have been waiting for more.
+        self.plan_due = 0.0
+        self.plan_waiting_since = 0.0
+        self._unit_bytes: tuple[list[int], int] | None = None
         self.ctx = zmq.Context.instance()
         # keys: (bus secret key path, {role: allowed-keys dir}); the ZAP handler must run on the
         # sockets' context before they bind, or libzmq would admit any client key.
@@ -165,6 +178,9 @@ class Broker:
                     self.on_frames(frames)
                     self.flush()
             now = time.monotonic()
+            if self.plan_due and now >= self.plan_due:
+                self.plan_due = 0.0
+                self.replan()
             if self.held and now >= self.held_until:
                 self.release_held()
             if now >= next_hb:
@@ -193,6 +209,8 @@ class Broker:
             what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
             self.log(f"stage {node.name} ({what}) silent for {now - node.last_seen:.1f}s: declared dead")
             self.stage_lost(node)
+            if any(n.place for n in self.registry.nodes.values()):
+                self.plan_due = now  # the placed stages share the layers again
         for node in self.registry.nodes.values():
             if node.state != DEAD:
                 self.send(node.ident, {"type": P.HEARTBEAT, "t": time.time()})
@@ -325,6 +343,89 @@ class Broker:
         if handler is not None:
             handler(ident, h)
 
+    # --- placement (stages registered without --layers) --------------------------------------
+    def replan(self) -> None:
+        """Place the stages registered without --layers over the layers that no stage with explicit
+        layers holds, in proportion to their announced budget x speed (engine.placement.place),
+        and send ASSIGN to those whose range changes. Running requests pause and replay once the
+        pipeline is whole again, as after a failover."""
+        from dair.engine.placement import NodeCapacity, place
+        from dair.errors import DairError
+
+        now = time.monotonic()
+        for n in [n for n in self.registry.nodes.values() if n.place and n.state == DEAD]:
+            self.registry.remove(n.ident)
+        placed = sorted((n for n in self.registry.nodes.values() if n.place),
+                        key=lambda n: int(n.node[1:]) if n.node[1:].isdigit() else 0)
+        if not placed:
+            return
+        n_layers = self.registry.n_layers
+        held = [False] * n_layers
+        for n in self.registry.live():
+            if not n.place:
+                for i in range(n.first, n.last + 1):
+                    held[i] = True
+        free = [i for i in range(n_layers) if not held[i]]
+        if not free:
+            return
+        a, b = free[0], free[-1]
+        if b - a + 1 != len(free):
+            self.log("cannot place stages: the layers free of explicit stages are not one contiguous range")
+            return
+        if self._unit_bytes is None:
+            from dair.engine.placement import model_unit_bytes
+
+            self._unit_bytes = model_unit_bytes(self.model)
+        layer_bytes, head_bytes = self._unit_bytes
+        span, head = layer_bytes[a:b + 1], head_bytes if b == n_layers - 1 else 0
+        need = max([*span, head])
+        for n in [n for n in placed if n.max_ram and n.max_ram < need]:
+            msg = (f"stage {n.name}: budget {_fmt_budget(n.max_ram)} cannot hold even one unit of "
+                   f"the layers to place ({_fmt_budget(need)}); give it at least that (--max-ram)")
+            self.log(f"refused: {msg}")
+            self.reply_error(n.ident, P.E_LAYER, msg, fatal=True)
+            self.registry.remove(n.ident)
+            placed.remove(n)
+        placed = placed[:len(span)]
+        if not placed:
+            return
+        budgets = [n.max_ram or None for n in placed]
+        if None not in budgets and sum(budgets) < sum(span) + head:  # type: ignore[arg-type]
+            # Too little RAM registered for the whole range to be resident: wait a while for more
+            # stages, then place anyway (they stream their layers from disk).
+            self.plan_waiting_since = self.plan_waiting_since or now
+            if now - self.plan_waiting_since < PLAN_WAIT_S:
+                self.plan_due = self.plan_waiting_since + PLAN_WAIT_S
+                return
+        self.plan_waiting_since = 0.0
+        try:
+            plan = place(span, [NodeCapacity(n.node, n.max_ram or None, n.speed) for n in placed], head)
+        except DairError as e:
+            self.log(f"cannot place stages: {e}")
+            return
+        by_name = {n.node: n for n in placed}
+        moved = []
+        for p in plan:
+            n = by_name[p.name]
+            first, last = p.first + a, p.last + a
+            if (n.first, n.last) == (first, last):
+                continue
+            n.first, n.last, n.state = first, last, LOADING
+            moved.append(n)
+            self.send(n.ident, {"type": P.ASSIGN, "node": n.node, "first": first, "last": last,
+                                "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+            for s in self.sessions.values():  # after ASSIGN: the stage builds its engine first
+                self.send(n.ident, {"type": P.OPEN, "sid": s.sid})
+        if not moved:
+            return
+        self.log("placed: " + ", ".join(f"{by_name[p.name].name} {fmt_span(p.first + a, p.last + a)} ({p.mode})"
+                                        for p in plan))
+        for s in self.sessions.values():
+            s.kv_len = 0  # moved ranges hold no KV: the next request replays its history
+            if s.req is not None and not s.paused:
+                s.paused = True
+                s.qs.clear()
+
     # --- stages -------------------------------------------------------------------------------
     def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         n_layers = self.registry.n_layers
@@ -335,7 +436,11 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_FINGERPRINT, msg, fatal=True)
             return
-        standby = bool(h.get("standby"))
+        place = bool(h.get("place"))  # started without --layers: the bus places it (replan)
+        if place and h["first"] >= 0 and (not h["last"] < n_layers or [
+                c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c.pid != h["pid"]]):
+            h = {**h, "first": -1, "last": -1}  # its old range (before a bus restart) is taken: re-place it
+        standby = bool(h.get("standby")) or (place and h["first"] < 0)
         if standby:  # no layers until the bus assigns a dead stage's range (cover_gaps)
             h = {**h, "first": -1, "last": -1, "state": STANDBY}
         elif not 0 <= h["first"] <= h["last"] < n_layers:
@@ -348,6 +453,10 @@ class Broker:
             if old.pid == h["pid"] and old.host == h["host"] and old.ident != ident:
                 self.registry.remove(old.ident)
         clash = self.registry.conflicts(h["first"], h["last"], ignore=ident)
+        if not place and any(c.place for c in clash):
+            # Explicit layers win over placed ones: the placed stages move (replan).
+            clash = [c for c in clash if not c.place]
+            self.plan_due = time.monotonic()
         if clash:
             owners = ", ".join(f"{c.name} ({fmt_span(c.first, c.last)})" for c in clash)
             msg = f"{where} asks for layers {h['first']}-{h['last']}, already owned by {owners}"
@@ -361,11 +470,19 @@ class Broker:
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
                    last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
                    rss_at_register=h["rss"], max_ram=h.get("max_ram", 0),
-                   user=(security.peer_user(body[0]) or "") if self.gate is not None else "")
+                   user=(security.peer_user(body[0]) or "") if self.gate is not None else "",
+                   place=place, speed=float(h.get("speed", 1.0) or 1.0))
         self.registry.add(new)
         self.send(ident, {"type": P.ASSIGN, "node": name, "first": h["first"], "last": h["last"],
                           "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
         if standby:
+            if place:
+                # Stages started together register within moments of each other: one plan for
+                # all of them rather than a reload per arrival.
+                self.plan_due = time.monotonic() + PLAN_SETTLE_S
+                self.log(f"registered {h['name']} as {name}: to be placed (budget "
+                         f"{_fmt_budget(new.max_ram)}, speed {new.speed:g})")
+                return
             self.log(f"registered {h['name']} as {name}: standby")
             self.cover_gaps()
             return
@@ -710,6 +827,10 @@ class Broker:
     def on_client_heartbeat(self, ident: bytes, h: dict[str, Any]) -> None:
         # The answer tells a waiting client that the bus is alive, and by `boot` whether it is
         # still the bus that holds its sessions.
+        if "state" in h:
+            # A stage this bus does not know (it restarted): silence makes the stage register
+            # again (Paranoid Pirate); an answer would keep it waiting forever.
+            return
         self.send(ident, {"type": P.HEARTBEAT, "t": time.time(), "boot": self.boot})
 
     def on_status(self, ident: bytes, h: dict[str, Any]) -> None:

@@ -163,6 +163,13 @@ class LocalCluster:
         self.stages.append(p)
         return p
 
+    def add_placed_stage(self, extra: list[str] | None = None) -> subprocess.Popen:
+        """A stage without --layers: the bus places it by its --max-ram and --speed."""
+        cmd = [a for a in self.stage_command(-1, -1, len(self.stages)) if a != "--standby"]
+        p = self._spawn(cmd + (extra or []))
+        self.stages.append(p)
+        return p
+
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
 

@@ -32,9 +32,12 @@ class Link:
     def __init__(self, bus_addr: str, name: str, model: Any, first: int, last: int, threads: int,
                  wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
                  max_batch: int, lz4_min_bytes: int, max_ram: int | None = None,
-                 keys: security.PeerKeys | None = None) -> None:
+                 keys: security.PeerKeys | None = None, place: bool = False, speed: float = 1.0) -> None:
         self.bus_addr = bus_addr
         self.keys = keys
+        # Started without --layers: the bus places it by its budget and speed (issue 6).
+        self.place = place
+        self.speed = speed
         self.name = name
         self.model = model
         self.heartbeat_s = heartbeat_ms / 1000.0
@@ -74,7 +77,9 @@ class Link:
                     "fingerprint": self.model.fingerprint, "host": socket.gethostname(),
                     "pid": os.getpid(), "rss": self.proc.memory_info().rss,
                     "threads": self.compute.threads, "wire": self.compute.wire,
-                    "state": self.compute.state, **({"standby": True} if self.compute.first < 0 else {})})
+                    "state": self.compute.state, "max_ram": int(self.compute.max_ram or 0),
+                    **({"place": True, "speed": float(self.speed)} if self.place
+                       else {"standby": True} if self.compute.first < 0 else {})})
 
     def _send(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
         self._send_frames(P.encode(header, buffers, self.lz4_min_bytes))

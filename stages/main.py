@@ -25,7 +25,8 @@ def parse_layers(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dair-stage", description="serve a layer range of the model to a dair bus")
-    p.add_argument("--layers", default=None, help="layer range A-B (inclusive)")
+    p.add_argument("--layers", default=None,
+                   help="layer range A-B (inclusive); without it the bus places this stage by --max-ram and --speed")
     p.add_argument("--standby", action="store_true",
                    help="register without layers; the bus gives this stage a dead stage's range")
     p.add_argument("--model", default=None, help="model file (default: config, then the default model)")
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ram", default=None, metavar="SIZE",
                    help="RAM budget for resident weights, e.g. 512M, 2G (default: config [stage] max_ram); "
                         "a range that does not fit streams its layers from disk")
+    p.add_argument("--speed", type=float, default=None,
+                   help="relative speed announced for placement without --layers (default 1)")
     p.add_argument("--keys", metavar="DIR", default=None,
                    help="keys directory: bus.key and stages/stage.key_secret (config [security] keys)")
     p.add_argument("--secret-key", metavar="PATH", default=None, help="this stage's key pair (NAME.key_secret)")
@@ -72,9 +75,10 @@ def _main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.standby and args.layers:
         raise DairError("--standby takes no --layers (the bus assigns a range when a stage dies)")
-    if not args.standby and not args.layers:
-        raise DairError("give --layers A-B, or --standby")
-    first, last = (-1, -1) if args.standby else parse_layers(args.layers)
+    place = not args.standby and not args.layers  # the bus assigns a range by budget and speed
+    if args.speed is not None and args.speed <= 0:
+        raise DairError(f"--speed {args.speed}: must be positive")
+    first, last = parse_layers(args.layers) if args.layers else (-1, -1)
     path = resolve_model_path(args.model, cfg)
     if not os.path.exists(path):
         raise DairError(f"{path}: model file not found (run `dair model fetch`)")
@@ -89,7 +93,7 @@ def _main(args: argparse.Namespace) -> int:
     if keys is not None:
         # Whoever runs the bus needs this to allow the stage (a NAME.key in its stage_keys).
         print(f"dair-stage: CURVE on, this stage's public key is {keys.public.decode()}", file=sys.stderr, flush=True)
-    name = args.name or f"{socket.gethostname()}:{'standby' if args.standby else f'{first}-{last}'}"
+    name = args.name or f"{socket.gethostname()}:{'standby' if args.standby else 'placed' if place else f'{first}-{last}'}"
     link = Link(
         bus_addr=args.bus or bus_cfg["bind"], name=name, model=model, first=first, last=last,
         threads=stage_cfg["threads"] if args.threads is None else args.threads,
@@ -97,7 +101,7 @@ def _main(args: argparse.Namespace) -> int:
         liveness=int(bus_cfg["heartbeat_liveness"]), max_frame_bytes=int(bus_cfg["max_frame_bytes"]),
         max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
         max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")),
-        keys=keys)
+        keys=keys, place=place, speed=args.speed or 1.0)
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
     signal.signal(signal.SIGTERM, lambda *_: link.stop())
     return link.run()

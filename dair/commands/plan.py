@@ -15,6 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="RAM budget of each node, e.g. 1G,2G,512M ('-' = unlimited)")
     src.add_argument("--config", metavar="FILE", default=None,
                      help="config file whose [[stages]] entries give max_ram (and optionally speed, name)")
+    src.add_argument("--bus", metavar="ADDR", default=None,
+                     help="the stages registered with this running bus (their announced budgets and speeds)")
+    from dair.commands.common import add_key_args
+
+    add_key_args(p)
     p.add_argument("--speeds", metavar="X,Y,...", default=None,
                    help="relative speed of each node (measured tokens/s or any ratio; default 1 each)")
     p.add_argument("--model", metavar="PATH", default=None, help="model file (default: config, then the default model)")
@@ -27,7 +32,9 @@ def _nodes_from_args(args: argparse.Namespace) -> list[Any]:
     from dair.engine.placement import NodeCapacity
     from dair.engine.residency import parse_size
 
-    if args.budgets:
+    if args.bus:
+        nodes = _nodes_from_bus(args)
+    elif args.budgets:
         budgets = [b.strip() for b in args.budgets.split(",")]
         nodes = [NodeCapacity(f"node{i}", None if b in ("-", "") else parse_size(b)) for i, b in enumerate(budgets)]
     else:
@@ -50,6 +57,26 @@ def _nodes_from_args(args: argparse.Namespace) -> list[Any]:
         for nd, s in zip(nodes, speeds, strict=True):
             nd.speed = s
     return nodes
+
+
+def _nodes_from_bus(args: argparse.Namespace) -> list[Any]:
+    from dair.bus.client import BusClient
+    from dair.commands.common import keys_from_args
+    from dair.engine.placement import NodeCapacity
+
+    with BusClient(args.bus, timeout=10.0, keys=keys_from_args(args)) as c:
+        st = c.status()
+    # In registration order (n1, n2, ...), as the bus places them.
+    live = sorted((n for n in st["nodes"] if n["state"] != "dead"),
+                  key=lambda n: int(n["node"][1:]) if n["node"][1:].isdigit() else 0)
+    if not live:
+        raise DairError(f"no stages registered with the bus at {args.bus}")
+    if args.model is None and st.get("model", {}).get("path"):
+        import os
+
+        if os.path.exists(st["model"]["path"]):
+            args.model = st["model"]["path"]
+    return [NodeCapacity(n["name"], n.get("max_ram") or None, float(n.get("speed") or 1.0)) for n in live]
 
 
 def handle(args: argparse.Namespace) -> int:
