@@ -182,3 +182,17 @@ def test_bind_beyond_loopback_needs_keys_or_insecure(default_model, tmp_path):
         finally:
             p.terminate()
             p.wait(10)
+
+
+def test_up_with_keys_generates_and_keys_are_made(default_model, tmp_path):
+    keys = tmp_path / "upkeys"
+    r = subprocess.run([sys.executable, "-m", "dair", "up", "--stages", "2", "--port", str(free_port_pair()),
+                        "--threads", "1", "--model", str(default_model), "--keys", str(keys), "--generate",
+                        "The capital of France is", "--raw", "-n", "3", "--temperature", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "generated at" in r.stderr and r.stdout.strip()
+    assert f"--keys {keys}" in r.stderr  # the hint tells how to talk to it
+    for f in ("bus.key_secret", "stages/stage.key", "clients/client.key_secret"):
+        assert (keys / f).exists(), f
+    assert (keys / "bus.key_secret").stat().st_mode & 0o077 == 0
