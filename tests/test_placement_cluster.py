@@ -115,3 +115,38 @@ def test_placed_stages_get_proportional_ranges_and_replan(bus_only, model_file, 
         except AssertionError:
             print(c.log_path.read_text()[-4000:])
             raise
+
+
+def test_placed_stages_fill_around_explicit_layers(bus_only, model_file, local_backend):
+    c = bus_only
+    want_ids = local_backend.generate(PROMPT, SamplingParams(temperature=0), 8, {REF["eos"]})["ids"]
+    layer_bytes, head = model_unit_bytes(model_file)
+
+    def around(a: int, b: int) -> list[tuple[str, int, int]]:
+        plan = place(layer_bytes[a:b + 1], [NodeCapacity("p1"), NodeCapacity("p2")], head if b == 29 else 0)
+        return [(p.name, p.first + a, p.last + a) for p in plan]
+
+    with BusClient(c.addr, timeout=10) as cl:
+        try:
+            cl.hello(timeout=30)
+            c.add_stage(0, 9, ["--name", "fixed"])
+            wait_status(cl, lambda st: [n["name"] for n in st["nodes"]] == ["fixed"], 30, "the explicit stage")
+            c.add_placed_stage(["--name", "p1"])
+            wait_status(cl, lambda st: len(st["nodes"]) == 2, 30, "the first placed stage")
+            c.add_placed_stage(["--name", "p2"])
+            st = wait_status(cl, lambda st: st["ready"] and len(st["nodes"]) == 3
+                             and all(n["first"] >= 0 for n in st["nodes"]), 40, "ready")
+            assert sorted(ranges(st), key=lambda r: r[1]) == [("fixed", 0, 9), *around(10, 29)]
+            # A stage with explicit layers takes the end: only the placed stages move.
+            c.add_stage(25, 29, ["--name", "tail"])
+            st = wait_status(cl, lambda st: st["ready"] and len(st["nodes"]) == 4
+                             and sorted(ranges(st), key=lambda r: r[1])
+                             == [("fixed", 0, 9), *around(10, 24), ("tail", 25, 29)], 40, "the re-plan")
+            b = BusBackend(c.addr, timeout=60)
+            try:
+                assert b.generate(PROMPT, SamplingParams(temperature=0), 8, {REF["eos"]})["ids"] == want_ids
+            finally:
+                b.close()
+        except AssertionError:
+            print(c.log_path.read_text()[-4000:])
+            raise
