@@ -37,13 +37,18 @@ def handle(args: argparse.Namespace) -> int:
         return 0 if st["ready"] else 1
     m = st["model"]
     print(f"bus {addr}: model {m['name']} ({m['n_layers']} layers), ready: {'yes' if st['ready'] else 'no'}")
-    print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss':>6} {'cpu%':>5} "
+    print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss/budget':>11} {'mode':9} {'cpu%':>5} "
           f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6}")
     for n in st["nodes"]:
         hop = "-" if n["hop_ms_p50"] is None else f"{n['hop_ms_p50']:.1f}/{n['hop_ms_p95']:.1f}"
-        print(f"{n['node']:5} {n['name'][:14]:14} {n['first']:>3}-{n['last']:<3} {n['state']:9} {n['pid']:>7} "
-              f"{_mb(n['rss']):>6} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
+        ram = _mb(n["rss"]) + ("/" + _mb(n["max_ram"]) if n.get("max_ram") else "")
+        layers = f"{n['first']:>3}-{n['last']:<3}" if n["first"] >= 0 else f"{'-':>7}"
+        print(f"{n['node']:5} {n['name'][:14]:14} {layers} {n['state']:9} {n['pid']:>7} "
+              f"{ram:>11} {n.get('mode') or '-':9} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
               f"{n['heartbeat_age_s']:>6.1f}")
+    keys = sorted({n["key"] for n in st["nodes"] if n.get("key")})
+    if keys:
+        print(f"CURVE keys: {', '.join(keys)}; refused peers: {st['counters'].get('refused_keys', 0)}")
     for p in st["problems"]:
         print(f"problem: {p}")
     if st["sessions"]:
