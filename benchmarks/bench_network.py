@@ -8,13 +8,19 @@ tests/netns_client.py, in every case):
 - `netns`: bus, each stage and the client on hosts of their own (network namespaces joined by
   veth pairs to a bridge, tests/netns.py), no rate limit: what crossing a veth/bridge costs;
 - `netns-1gbit`: the same with every host's link limited to 1 Gbit (`tbf rate 1gbit burst 64kb
-  latency 50ms`). No added delay: these kernels have no netem and the bus/stages offer no hook
-  for a delaying transport.
+  latency 50ms`);
+- `netns-1gbit-1ms` ("namespaces, 1 Gbit + 1 ms delay"): the same plus 1 ms one-way delay on
+  every connection to the bus. These kernels have no netem, so the delay is a relay in each
+  stage's and the client's namespace (tests/delay_relay.py) that holds every chunk 1 ms in
+  each direction: a hop (bus -> stage -> bus) should take about 2 ms longer;
+- `netns-1gbit-relay0`: the same relays with no delay, which tells the relay's own cost
+  (a Python copy on each crossing) apart from the 1 ms (`--no-relay0` leaves it out).
 
 For each: decode tokens/s of one greedy session (median over rounds x runs), per-hop latency as
 the bus sees it (bus -> stage -> bus, p50, averaged over the stages), the part of it that is
 not the stage's compute ("added"), and the transport alone: a 612-byte ZeroMQ echo round trip
-between the bus's host and another host (no model running). Needs root and iproute2 for the namespace rows.
+between the bus's host and another host (no model running; through that host's relay in the
+relayed rows). Needs root and iproute2 for the namespace rows.
 
     python benchmarks/bench_network.py [--tokens 64] [--runs 3] [--rounds 2] [--wire q8_0] [--json]
 """
@@ -31,7 +37,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from netns import NetnsLab, cleanup_stale, client_command, start_dair_cluster, unavailable_reason  # noqa: E402
+from netns import (  # noqa: E402
+    NetnsLab,
+    cleanup_stale,
+    client_command,
+    start_dair_cluster,
+    start_relay,
+    unavailable_reason,
+)
 
 from dair.bus.local import LocalCluster, free_port_pair  # noqa: E402
 
@@ -69,12 +82,14 @@ def _parse(r: subprocess.CompletedProcess, where: str) -> dict[str, Any]:
     return out
 
 
-def _echo_rtt(server: list[str], client: list[str], addr: str) -> float:
-    """Median microseconds per 612-byte ZeroMQ round trip (server and client given as prefixes)."""
+def _echo_rtt(server: list[str], client: list[str], addr: str, client_addr: str | None = None) -> float:
+    """Median microseconds per 612-byte ZeroMQ round trip (server and client given as prefixes;
+    the client connects to `client_addr`, a relay's, if given)."""
     srv = subprocess.Popen(server + [sys.executable, "-c", ECHO, addr], stdout=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-        r = subprocess.run(client + [sys.executable, "-c", PING, addr], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(client + [sys.executable, "-c", PING, client_addr or addr], capture_output=True,
+                           text=True, timeout=120)
         return float(r.stdout.strip())
     finally:
         try:
@@ -93,16 +108,24 @@ def run_loopback(model: str, args: argparse.Namespace, log: Any) -> dict[str, An
     return out
 
 
-def run_netns(model: str, args: argparse.Namespace, log: Any, rate: str | None) -> dict[str, Any]:
+def run_netns(model: str, args: argparse.Namespace, log: Any, rate: str | None,
+              delay_ms: float | None = None) -> dict[str, Any]:
+    """`delay_ms` None: no relays; 0: relays that add nothing (their own cost only)."""
     with NetnsLab(len(SPLIT) + 2, rate=rate) as lab:
-        addr = start_dair_cluster(lab, model, SPLIT, wire=args.wire, threads=args.threads, log=log)
+        addr = start_dair_cluster(lab, model, SPLIT, wire=args.wire, threads=args.threads, log=log,
+                                  delay_ms=delay_ms)
         r = lab.run(lab.hosts[-1], client_command(addr, PROMPT_IDS, args.tokens, args.runs, wait=120),
                     capture_output=True, text=True, timeout=600)
-        out = _parse(r, f"netns (rate {rate})")
+        out = _parse(r, f"netns (rate {rate}, delay {delay_ms})")
         lab.stop_processes()
-        # Bus host to client host: the same path a hop takes (two veths, the bridge, two tbf).
-        out["echo_rtt_us"] = _echo_rtt(lab.hosts[0].exec_prefix(), lab.hosts[-1].exec_prefix(),
-                                       f"tcp://{lab.hosts[0].addr}:5601")
+        # Bus host to client host: the same path a hop takes (two veths, the bridge, two tbf, and
+        # the relay of the far host when there are relays).
+        bus, far = lab.hosts[0], lab.hosts[-1]
+        client_addr = None
+        if delay_ms is not None:
+            start_relay(lab, far, [("127.0.0.1:5601", f"{bus.addr}:5601")], delay_ms, log)
+            client_addr = "tcp://127.0.0.1:5601"
+        out["echo_rtt_us"] = _echo_rtt(bus.exec_prefix(), far.exec_prefix(), f"tcp://{bus.addr}:5601", client_addr)
         return out
 
 
@@ -126,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="cluster starts per configuration, interleaved")
     ap.add_argument("--threads", type=int, default=1, help="kernel threads per stage")
     ap.add_argument("--wire", default="q8_0", choices=["q8_0", "f16", "f32"])
+    ap.add_argument("--delay-ms", type=float, default=1.0, help="one-way delay of the delayed configuration")
+    ap.add_argument("--no-relay0", action="store_true", help="leave out the zero-delay relay configuration")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args(argv)
     if args.model is None:
@@ -141,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         configs["netns"] = lambda log: run_netns(args.model, args, log, None)
         configs["netns-1gbit"] = lambda log: run_netns(args.model, args, log, "1gbit")
+        if not args.no_relay0:
+            configs["netns-1gbit-relay0"] = lambda log: run_netns(args.model, args, log, "1gbit", 0.0)
+        configs[f"netns-1gbit-{args.delay_ms:g}ms"] = lambda log: run_netns(args.model, args, log, "1gbit",
+                                                                            args.delay_ms)
     raw: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     log_path = Path(tempfile.gettempdir()) / "dair-bench-network.log"
     with open(log_path, "w", buffering=1) as log:
@@ -150,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"round {i + 1}/{args.rounds}: {name} ...")
                 raw[name].append(fn(log))
     out: dict[str, Any] = {"wire": args.wire, "tokens": args.tokens, "threads": args.threads,
-                           "delay": "none (no netem in the kernel, no transport hook in bus/stages)",
+                           "delay": f"{args.delay_ms:g} ms one-way in the -ms row only, added by relays in the "
+                                    "test transport (tests/delay_relay.py: no netem in the kernel)",
                            "netns_skipped": reason}
     out["configs"] = {k: summarize(v) for k, v in raw.items()}
     base = out["configs"]["loopback"]
@@ -166,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"\n3 stages, {args.wire} on the wire, {args.threads} thread(s) per stage, {args.tokens} tokens, "
-          f"no added delay")
-    print(f"{'config':12} {'decode tok/s':>12} {'hop p50 ms':>11} {'added ms/hop':>13} {'B/token/hop':>12}"
+          f"delay only in the -{args.delay_ms:g}ms row (relays, tests/delay_relay.py)")
+    print(f"{'config':18} {'decode tok/s':>12} {'hop p50 ms':>11} {'added ms/hop':>13} {'B/token/hop':>12}"
           f" {'echo rtt us':>12} {'tok/s vs lo':>12} {'hop vs lo':>10} {'rtt vs lo':>10}")
     for k, v in out["configs"].items():
         r = out["ratios"].get(k, {"decode_tok_s": 1.0, "hop_ms_p50": 1.0, "echo_rtt_us": 1.0})
-        print(f"{k:12} {v['decode_tok_s']:>12.1f} {v['hop_ms_p50']:>11.2f} {v['added_ms_per_hop']:>13.2f} "
+        print(f"{k:18} {v['decode_tok_s']:>12.1f} {v['hop_ms_p50']:>11.2f} {v['added_ms_per_hop']:>13.2f} "
               f"{v['bytes_per_token_hop']:>12.0f} {v['echo_rtt_us']:>12.1f} {r['decode_tok_s']:>11.2f}x "
               f"{r['hop_ms_p50']:>9.2f}x {r['echo_rtt_us']:>9.2f}x")
     print(f"same greedy tokens in every configuration: {out['same_tokens_everywhere']}")

@@ -5,7 +5,8 @@
 
 Each host is a namespace with `lo` and an `eth0` (one end of a veth pair whose other end is a
 port of the lab's bridge), an address in 10.213.0.0/24 and a `tbf` rate limit on its `eth0`
-(the kernels here have tbf and htb but not netem, so no added delay or loss). Nothing is
+(the kernels here have tbf and htb but not netem: delay is added by a relay in the test
+transport instead, tests/delay_relay.py and `start_dair_cluster(delay_ms=...)`). Nothing is
 addressed or routed in the root namespace: the bridge has no address, so traffic goes only
 among the lab's hosts, and several labs (parallel runs) can use the same /24 on separate bridges.
 
@@ -252,10 +253,35 @@ def _script(name: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def start_relay(lab: NetnsLab, host: Host, maps: list[tuple[str, str]], delay_ms: float,
+                log: Any = None) -> subprocess.Popen:
+    """tests/delay_relay.py inside `host`: each (listen, target) pair of "HOST:PORT" addresses,
+    every chunk held `delay_ms` in each direction. Returns once the relay listens."""
+    script = Path(__file__).resolve().parent / "delay_relay.py"
+    cmd = [sys.executable, str(script), "--delay-ms", str(delay_ms)]
+    for listen, target in maps:
+        cmd += ["--map", f"{listen}={target}"]
+    p = lab.popen(host, cmd, stdout=subprocess.PIPE, stderr=log if log is not None else None, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline().strip()
+    if line != "ready":
+        p.kill()
+        raise NetnsError(f"delay relay on {host.ns} did not start (status {p.wait()}): {line!r}")
+    return p
+
+
 def start_dair_cluster(lab: NetnsLab, model: str, split: list[tuple[int, int]], *, wire: str = "f32",
-                       threads: int = 1, config: str | None = None, log: Any = None) -> str:
-    """dair-bus on host 0, stage i on host i + 1; returns the bus address (hosts after the stages
-    are free for clients). The bus binds a non-loopback address, hence `--insecure` (no keys here)."""
+                       threads: int = 1, config: str | None = None, log: Any = None,
+                       delay_ms: float | None = None) -> str:
+    """dair-bus on host 0, stage i on host i + 1; returns the address at which the bus is reached
+    from the other hosts (those after the stages are free for clients). The bus binds a
+    non-loopback address, hence `--insecure` (no keys here).
+
+    With `delay_ms` (0 included: the relays' own cost alone), every host but the bus's runs a delay relay (tests/delay_relay.py) on its
+    own loopback, forwarding the bus's ROUTER and stats ports: the stages and clients there
+    connect to that (the returned address is then 127.0.0.1's) and every byte between them and
+    the bus is `delay_ms` later in each direction, as with `netem delay` on every host's link.
+    The bus sees the relay's connection as the peer, which ZeroMQ's ROUTER does not mind."""
     if lab.n_hosts < len(split) + 1:
         raise ValueError(f"{len(split)} stages need {len(split) + 1} hosts")
     bus = lab.hosts[0]
@@ -263,11 +289,18 @@ def start_dair_cluster(lab: NetnsLab, model: str, split: list[tuple[int, int]], 
     cfg = ["--config", config] if config else []
     out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
     lab.popen(bus, _script("dair-bus") + ["--bind", addr, "--model", model, "--insecure", *cfg], **out)
+    peer_addr = addr
+    if delay_ms is not None:
+        # The stats PUB is on port + 1 (bus/protocol.py): relayed too, so the address is complete.
+        ports = (BUS_PORT, BUS_PORT + 1)
+        for host in lab.hosts[1:]:
+            start_relay(lab, host, [(f"127.0.0.1:{p}", f"{bus.addr}:{p}") for p in ports], delay_ms, log)
+        peer_addr = f"tcp://127.0.0.1:{BUS_PORT}"
     for i, (a, b) in enumerate(split):
         lab.popen(lab.hosts[i + 1], _script("dair-stage") + [
-            "--layers", f"{a}-{b}", "--model", model, "--bus", addr, "--name", f"ns-stage{i}",
+            "--layers", f"{a}-{b}", "--model", model, "--bus", peer_addr, "--name", f"ns-stage{i}",
             "--threads", str(threads), "--wire", wire, *cfg], **out)
-    return addr
+    return peer_addr
 
 
 def client_command(addr: str, ids: list[int], tokens: int, runs: int = 1, wait: float = 60.0) -> list[str]:
