@@ -1,0 +1,165 @@
+"""Failover (issue 7): a stage killed in the middle of a generation is replaced by a standby,
+which loads the range from its own disk; the bus replays the session's history and the
+generation goes on with the very tokens of a run without the failure. Without a standby the
+client gets a clear error, and the session continues once a stage covers the range again.
+A restarted bus loses its sessions: a waiting client is told so and a retry succeeds."""
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dair.bus.client import BusClient, BusError, BusTimeout
+from dair.bus.local import LocalCluster
+
+PROMPT = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+N = 64
+KILL_AFTER = 20
+HB_MS, LIVENESS = 250, 8  # a stage is declared dead 2 s after its last word
+CONFIG = f"""
+[bus]
+heartbeat_interval_ms = {HB_MS}
+heartbeat_liveness = {LIVENESS}
+"""
+
+
+def _status(addr: str) -> dict:
+    with BusClient(addr, timeout=3) as c:
+        return c.status()
+
+
+def _wait(addr: str, cond, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            st = _status(addr)
+        except BusTimeout:  # the bus is (re)starting
+            continue
+        if cond(st):
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {timeout:.0f}s: {st.get('problems')} {st.get('nodes')}")
+
+
+def _standbys(st: dict) -> int:
+    return sum(1 for n in st["nodes"] if n["state"] == "standby")
+
+
+def _owner_pid(st: dict, layer: int) -> int:
+    return next(n["pid"] for n in st["nodes"] if n["first"] <= layer <= n["last"] and n["state"] != "dead")
+
+
+@pytest.fixture(scope="module")
+def cluster(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    tmp = tmp_path_factory.mktemp("failover")
+    (tmp / "config.toml").write_text(CONFIG)
+    log_path = tmp / "cluster.log"
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed with the cluster
+    c = LocalCluster(str(default_model), [(0, 9), (10, 19), (20, 29)], threads=1, wire="f32",
+                     config=str(tmp / "config.toml"), log=log, standby=1)
+    c.log_path = log_path  # type: ignore[attr-defined]
+    c.start()
+    try:
+        c.wait_ready(120)
+        _wait(c.addr, lambda s: _standbys(s) == 1, 120)
+        yield c
+    except BaseException:
+        print(log_path.read_text()[-4000:])
+        raise
+    finally:
+        c.stop()
+        log.close()
+
+
+def _kill(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+
+
+def _run(addr: str, params: dict, kill_pid: int | None = None) -> tuple[list[int], float]:
+    """A 64-token generation; kills `kill_pid` once KILL_AFTER tokens are streamed. Returns the
+    ids and the longest gap between two streamed tokens."""
+    with BusClient(addr, timeout=120) as c:
+        ids, gap, last = [], 0.0, None
+        for ev in c.generate(ids=PROMPT, params=params, max_tokens=N, stop_ids=[]):
+            now = time.monotonic()
+            if ev["type"] == "token":
+                if last is not None:
+                    gap = max(gap, now - last)
+                last = now
+                if kill_pid is not None and len(ids) == KILL_AFTER - 1:
+                    _kill(kill_pid)
+                ids.append(ev["id"])
+            else:
+                assert ev["stop"] == "length" and ev["ids"] == ids
+    return ids, gap
+
+
+@pytest.mark.parametrize("params, layer", [({"temperature": 0}, 15), ({"temperature": 0.9, "seed": 1234}, 25)],
+                         ids=["greedy-middle", "seeded-last"])
+def test_sigkill_mid_generation_resumes_with_same_tokens(cluster, params, layer):
+    want, _ = _run(cluster.addr, params)
+    assert len(want) == N
+    st = _wait(cluster.addr, lambda s: s["ready"] and _standbys(s) >= 1)
+    victim = _owner_pid(st, layer)
+    got, pause = _run(cluster.addr, params, kill_pid=victim)
+    print(f"{params}: failover pause {pause:.2f}s (death declared after {HB_MS * LIVENESS / 1000:.1f}s)")
+    assert got == want
+    st = _status(cluster.addr)
+    assert st["ready"] and _owner_pid(st, layer) != victim
+    assert all(n["state"] != "dead" for n in st["nodes"])
+    cluster.add_standby()  # for the next test
+    _wait(cluster.addr, lambda s: _standbys(s) >= 1)
+
+
+def test_no_standby_clear_error_then_session_continues(cluster):
+    greedy, _ = _run(cluster.addr, {"temperature": 0})
+    st = _wait(cluster.addr, lambda s: s["ready"] and _standbys(s) >= 1)
+    # Use up the standby: stop it so that no spare capacity is left.
+    spare = next(n["pid"] for n in st["nodes"] if n["state"] == "standby")
+    _kill(spare)
+    st = _wait(cluster.addr, lambda s: _standbys(s) == 0)
+    victim = _owner_pid(st, 5)
+    with BusClient(cluster.addr, timeout=60) as c:
+        sid = c.open_session({"temperature": 0})
+        got: list[int] = []
+        with pytest.raises(BusError) as e:
+            for ev in c.generate(sid=sid, ids=PROMPT, max_tokens=N, stop_ids=[]):
+                if ev["type"] == "token":
+                    got.append(ev["id"])
+                    if len(got) == KILL_AFTER:
+                        killed = time.monotonic()
+                        _kill(victim)
+        waited = time.monotonic() - killed
+        assert e.value.code == "not_ready" and "no standby" in str(e.value), e.value
+        assert waited < HB_MS * LIVENESS / 1000 + 5.0, waited
+        assert got == greedy[:len(got)]
+        # A new stage for the range: the session continues where it stopped (history replayed).
+        cluster.add_stage(0, 9)
+        _wait(cluster.addr, lambda s: s["ready"], 120)
+        rest = list(c.generate(sid=sid, ids=PROMPT + got, max_tokens=N - len(got), stop_ids=[]))[-1]["ids"]
+        assert got + rest == greedy
+
+
+def test_bus_restart_mid_generation_clear_error_then_retry(cluster):
+    greedy, _ = _run(cluster.addr, {"temperature": 0})
+    with BusClient(cluster.addr, timeout=60) as c:
+        got: list[int] = []
+        with pytest.raises(BusError) as e:
+            for ev in c.generate(ids=PROMPT, params={"temperature": 0}, max_tokens=N, stop_ids=[]):
+                if ev["type"] == "token":
+                    got.append(ev["id"])
+                    if len(got) == KILL_AFTER:
+                        cluster.bus.kill()
+                        cluster.bus.wait(10)
+                        cluster.bus = cluster._spawn(cluster.bus_command())
+        assert e.value.code == "bus_restarted", e.value
+        # The stages re-register by themselves; the retry (a new request) gives the same tokens.
+        _wait(cluster.addr, lambda s: s["ready"], 120)
+        assert list(c.generate(ids=PROMPT, params={"temperature": 0}, max_tokens=N,
+                               stop_ids=[]))[-1]["ids"] == greedy
