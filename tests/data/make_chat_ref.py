@@ -8,7 +8,6 @@ import json
 import sys
 
 import numpy as np
-
 from llama_cpp import Llama
 
 QUESTION = "What is the capital of France?"
