@@ -13,11 +13,73 @@
 
 /* ---- Q8_K activations ---------------------------------------------------- */
 
+#if defined(DAIR_HAVE_AVX512VNNI)
+/* One super-block of quantize_row_q8_K_ref below, bit for bit: the first value of largest
+ * magnitude sets the scale, the same float product rounded half to even. q4k_order stores
+ * the 32-byte chunks in the order 0 2 1 3 4 6 5 7 (see dair_quantize_q8k_wide). Returns
+ * the 16 sums of 16 in natural order. The scalar loop costs ~8 us per 4096 values, a few
+ * percent of a 4096-row product. */
+static __m512i dair_q8k_block512(const float *xb, int8_t *qb, float *d, int q4k_order) {
+    __m512 v[16];
+    __m512 am = _mm512_setzero_ps();
+    for (int k = 0; k < 16; k++) {
+        v[k] = _mm512_loadu_ps(xb + 16 * k);
+        am = _mm512_max_ps(am, _mm512_abs_ps(v[k]));
+    }
+    const float amax = _mm512_reduce_max_ps(am);
+    if (amax == 0.0f) {
+        *d = 0.0f;
+        memset(qb, 0, DAIR_QKK);
+        return _mm512_setzero_si512();
+    }
+    float mx = 0.0f;
+    for (int k = 0; k < 16; k++) {
+        __mmask16 e = _mm512_cmp_ps_mask(_mm512_abs_ps(v[k]), _mm512_set1_ps(amax), _CMP_EQ_OQ);
+        if (e) {
+            mx = xb[16 * k + __builtin_ctz(e)];
+            break;
+        }
+    }
+    const float iscale = -127.0f / mx;
+    const __m512 vs = _mm512_set1_ps(iscale);
+    for (int k = 0; k < 16; k++) {
+        __m512i i = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v[k], vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        i = _mm512_min_epi32(i, _mm512_set1_epi32(127));
+        const int c = k / 2, pos = q4k_order && (c & 3) && (c & 3) < 3 ? (c ^ 3) : c;
+        _mm_storeu_si128((__m128i *)(qb + 32 * pos + 16 * (k & 1)), _mm512_cvtepi32_epi8(i));
+    }
+    *d = 1.0f / iscale;
+    /* sums of 16 via SAD of q + 128: qword j of zmm k is the sum of bytes 64k + 8j .. +7 */
+    __m512i u[4];
+    for (int k = 0; k < 4; k++)
+        u[k] = _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512((const void *)(qb + 64 * k)), _mm512_set1_epi8(-128)),
+                               _mm512_setzero_si512());
+    __m512i w01 = _mm512_or_si512(u[0], _mm512_slli_epi64(u[1], 32));
+    __m512i w23 = _mm512_or_si512(u[2], _mm512_slli_epi64(u[3], 32));
+    w01 = _mm512_add_epi32(w01, _mm512_shuffle_epi32(w01, _MM_PERM_BADC));
+    w23 = _mm512_add_epi32(w23, _mm512_shuffle_epi32(w23, _MM_PERM_BADC));
+    /* dword 4g + m now holds stored group 4m + g */
+    __m512i r = _mm512_sub_epi32(_mm512_unpacklo_epi64(w01, w23), _mm512_set1_epi32(16 * 128));
+    /* natural group G sits at stored group M(G), at dword 4 (M % 4) + M / 4 */
+    static const int32_t nat[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+    static const int32_t q4k[16] = {0, 4, 1, 5, 8, 12, 9, 13, 2, 6, 3, 7, 10, 14, 11, 15};
+    return _mm512_permutexvar_epi32(_mm512_loadu_si512((const void *)(q4k_order ? q4k : nat)), r);
+}
+#endif
+
 /* quantize_row_q8_K_ref: the value of largest magnitude (first one, with its
  * sign) maps to -127 (+127 after the clamp below never triggers on it), rounding
  * half to even. bsums are kept as int32 for the kernels. */
 static void dair_quantize_q8k_row(const float *x, int cols, int8_t *q, float *d, int32_t *bsums) {
     int nb = cols / DAIR_QKK;
+#if defined(DAIR_HAVE_AVX512VNNI)
+    if (dair_simd_enabled) {
+        for (int b = 0; b < nb; b++)
+            _mm512_storeu_si512((void *)(bsums + (size_t)b * 16),
+                                dair_q8k_block512(x + (size_t)b * DAIR_QKK, q + (size_t)b * DAIR_QKK, d + b, 0));
+        return;
+    }
+#endif
     for (int b = 0; b < nb; b++) {
         const float *xb = x + (size_t)b * DAIR_QKK;
         int8_t *qb = q + (size_t)b * DAIR_QKK;
@@ -261,6 +323,204 @@ static float dair_dot_q6k_avx2(const uint8_t *wrow, int nb, const int8_t *q, con
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     return dair_hsum256(acc);
+}
+
+#endif
+
+/* ---- dot products with Q8_K: AVX-512 VNNI ("image" family) --------------- */
+
+#if defined(DAIR_HAVE_AVX512VNNI)
+
+/* The activation row is laid out once per call for these kernels (dair_quantize_q8k_wide):
+ *  - Q4_K: in each super-block the 32-byte chunks go in the order 0 2 1 3 4 6 5 7, so that a
+ *    zmm of 64 weight bytes meets its low nibbles (values 0-31, 64-95) in one zmm of
+ *    activations and its high nibbles (32-63, 96-127) in the next;
+ *  - the 16 int32 sums of a block become int16: Q4_K the 8 sums of 32 (its min term),
+ *    Q6_K the 16 sums of 16 negated (its -32 term), both fit (|sum| <= 32 * 127).
+ * Products are u8 x s8 pairs (maddubs, no saturation: 2 * 63 * 127 < 32767), then
+ * VPDPWSSD with the sub-block scale as int16 adds them into int32 lanes: llama.cpp's
+ * integer sum per super-block, exactly, with one float FMA per super-block. */
+static void dair_quantize_q8k_wide(const float *x, int cols, int qtype, int8_t *q, float *d, int32_t *isum) {
+    for (int b = 0; b < cols / DAIR_QKK; b++) {
+        const __m512i s = dair_q8k_block512(x + (size_t)b * DAIR_QKK, q + (size_t)b * DAIR_QKK, d + b, qtype == DAIR_Q4_K);
+        const __m256i s16 = _mm512_cvtepi32_epi16(s);
+        int16_t *o = (int16_t *)(isum + (size_t)b * 16);
+        if (qtype == DAIR_Q4_K)
+            _mm_storeu_si128((__m128i *)o, _mm256_cvtepi32_epi16(_mm256_madd_epi16(s16, _mm256_set1_epi16(1))));
+        else
+            _mm256_storeu_si256((__m256i *)o, _mm256_sub_epi16(_mm256_setzero_si256(), s16));
+    }
+}
+
+/* One weight row against C activation rows i0 .. i0+C-1; C is a constant at each call site. */
+DAIR_INLINE void dair_q4k_row512(const uint8_t *wr, const dair_act *a, int i0, int C, float *res) {
+    const int nb = a->nb;
+    /* pshufb controls: int16 scale words (byte, zero) for each 128-bit lane of a maddubs result;
+     * lanes 0-1 hold the first sub-block of the 64 bytes, lanes 2-3 the second */
+#define DAIR_SCW(j, k)                                                                                  \
+    _mm512_set_epi64(DAIR_W4(k), DAIR_W4(k), DAIR_W4(k), DAIR_W4(k), DAIR_W4(j), DAIR_W4(j), DAIR_W4(j), DAIR_W4(j))
+#define DAIR_W4(j) ((long long)((0x8000ULL + (j)) * 0x0001000100010001ULL))
+    const __m512i c0 = DAIR_SCW(0, 2), c1 = DAIR_SCW(1, 3), c2 = DAIR_SCW(4, 6), c3 = DAIR_SCW(5, 7);
+#undef DAIR_SCW
+#undef DAIR_W4
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[4];
+    __m128 accm[4];
+    for (int c = 0; c < C; c++) {
+        acc[c] = _mm512_setzero_ps();
+        accm[c] = _mm_setzero_ps();
+    }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wr + (size_t)b * sizeof(dair_block_q4_K);
+        uint32_t u[3];
+        memcpy(u, blk + 4, 12);
+        /* dair_q4k_scales in two words; integer ALUs are otherwise idle here */
+        const uint64_t scv = (uint64_t)(u[0] & 0x3F3F3F3Fu) |
+                             (uint64_t)((u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4)) << 32;
+        const uint64_t mv = (uint64_t)(u[1] & 0x3F3F3F3Fu) |
+                            (uint64_t)(((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4)) << 32;
+        const __m512i S = _mm512_set1_epi64((long long)scv);
+        const __m512i s0 = _mm512_shuffle_epi8(S, c0), s1 = _mm512_shuffle_epi8(S, c1);
+        const __m512i s2 = _mm512_shuffle_epi8(S, c2), s3 = _mm512_shuffle_epi8(S, c3);
+        const __m128i m16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mv));
+        const __m512i z0 = _mm512_loadu_si512((const void *)(blk + 16));
+        const __m512i z1 = _mm512_loadu_si512((const void *)(blk + 80));
+        const __m512i lo0 = _mm512_and_si512(z0, m4), lo1 = _mm512_and_si512(z1, m4);
+#if defined(__GFNI__)
+        const __m512i hi0 = _mm512_gf2p8affine_epi64_epi8(z0, _mm512_set1_epi64(0x1020408000000000LL), 0);
+        const __m512i hi1 = _mm512_gf2p8affine_epi64_epi8(z1, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
+        const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(z0, 4), m4);
+        const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(z1, 4), m4);
+#endif
+        uint32_t dm;
+        memcpy(&dm, blk, 4);
+        const __m128 wd = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* d, dmin */
+        for (int c = 0; c < C; c++) {
+            const size_t i = (size_t)(i0 + c);
+            const int8_t *q = a->q + i * a->cols + (size_t)b * DAIR_QKK;
+            __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                            _mm512_maddubs_epi16(lo0, _mm512_loadu_si512((const void *)q)), s0);
+            p = _mm512_dpwssd_epi32(p, _mm512_maddubs_epi16(hi0, _mm512_loadu_si512((const void *)(q + 64))), s1);
+            p = _mm512_dpwssd_epi32(p, _mm512_maddubs_epi16(lo1, _mm512_loadu_si512((const void *)(q + 128))), s2);
+            p = _mm512_dpwssd_epi32(p, _mm512_maddubs_epi16(hi1, _mm512_loadu_si512((const void *)(q + 192))), s3);
+            const __m128 f = _mm_mul_ps(wd, _mm_set1_ps(a->d[i * nb + b]));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_broadcastss_ps(f), acc[c]);
+            const __m128i bs = _mm_loadu_si128((const __m128i *)(a->isum + (i * nb + b) * 16));
+            accm[c] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(m16, bs)), _mm_permute_ps(f, 0x55), accm[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        __m128 h = _mm_add_ps(accm[c], _mm_movehl_ps(accm[c], accm[c]));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        res[c] = _mm512_reduce_add_ps(acc[c]) - _mm_cvtss_f32(h);
+    }
+}
+
+DAIR_INLINE void dair_q6k_row512(const uint8_t *wr, const dair_act *a, int i0, int C, float *res) {
+    const int nb = a->nb;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    /* per 256-bit half of a 64-byte ql load (low-nibble quarter t, t+1): where qh's bit pair
+     * t sits relative to bits 4-5, for the low nibbles (t = 0, 1) and the high ones (t = 2, 3) */
+    const __m512i shl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shr = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
+    /* VPERMW sources: word w of zmm j (values 64j + 2w, +1) takes scale 4j + w / 8 */
+    __m512i pidx[4];
+    for (int j = 0; j < 4; j++)
+        pidx[j] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * j + 1)), _mm_set1_epi16((short)(4 * j)))),
+            _mm256_set_m128i(_mm_set1_epi16((short)(4 * j + 3)), _mm_set1_epi16((short)(4 * j + 2))), 1);
+    __m512 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q6_K *blk = (const dair_block_q6_K *)(wr + (size_t)b * sizeof(dair_block_q6_K));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->scales));
+        const __m512i S = _mm512_castsi256_si512(sc16);
+        const __m512i sc32 = _mm512_zextsi256_si512(_mm256_slli_epi16(sc16, 5));
+        __m512i v[4], s[4];
+        for (int h = 0; h < 2; h++) {
+            const __m512i L = _mm512_loadu_si512((const void *)(blk->ql + 64 * h));
+            const __m512i Q = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h)));
+#if defined(__GFNI__)
+            const __m512i Lh = _mm512_gf2p8affine_epi64_epi8(L, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
+            const __m512i Lh = _mm512_and_si512(_mm512_srli_epi16(L, 4), m4);
+#endif
+            /* a | (b & c) */
+            v[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(L, m4), _mm512_sllv_epi16(Q, shl), m30, 0xF8);
+            v[2 * h + 1] = _mm512_ternarylogic_epi32(Lh, _mm512_srlv_epi16(Q, shr), m30, 0xF8);
+        }
+        for (int j = 0; j < 4; j++)
+            s[j] = _mm512_permutexvar_epi16(pidx[j], S);
+        const float d = _cvtsh_ss(dair_load_u16(&blk->d));
+        for (int c = 0; c < C; c++) {
+            const size_t i = (size_t)(i0 + c);
+            const int8_t *q = a->q + i * a->cols + (size_t)b * DAIR_QKK;
+            __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                            _mm512_maddubs_epi16(v[0], _mm512_loadu_si512((const void *)q)), s[0]);
+            p = _mm512_dpwssd_epi32(p, _mm512_maddubs_epi16(v[1], _mm512_loadu_si512((const void *)(q + 64))), s[1]);
+            p = _mm512_dpwssd_epi32(p, _mm512_maddubs_epi16(v[2], _mm512_loadu_si512((const void *)(q + 128))), s[2]);
+            p = _mm512_dpwssd_epi32(p, _mm512_maddubs_epi16(v[3], _mm512_loadu_si512((const void *)(q + 192))), s[3]);
+            /* - 32 sum_k sc[k] bsums[k] */
+            p = _mm512_dpwssd_epi32(
+                p, sc32, _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(a->isum + (i * nb + b) * 16))));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_set1_ps(d * a->d[i * nb + b]), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(acc[c]);
+}
+
+#define DAIR_KQ512_FN(C)                                                                                  \
+    static void dair_kq512_##C(const uint8_t *wr, int qtype, const dair_act *a, int i0, float *res) {     \
+        if (qtype == DAIR_Q4_K)                                                                           \
+            dair_q4k_row512(wr, a, i0, C, res);                                                           \
+        else                                                                                              \
+            dair_q6k_row512(wr, a, i0, C, res);                                                           \
+    }
+DAIR_KQ512_FN(1)
+DAIR_KQ512_FN(4)
+
+/* rows [r0, r1) x all n activation rows laid out by dair_quantize_q8k_wide. */
+static void dair_mm_qk_wide(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
+                            size_t ldo) {
+    const int n = a->n;
+    const uint8_t *end = w + (size_t)r1 * rb;
+    if (n < 4) {
+        size_t left = (size_t)(r1 - r0) * rb;
+        dair_prefetch_bytes(w + (size_t)r0 * rb, left < DAIR_PF_DIST ? left : DAIR_PF_DIST);
+    }
+    float res[4];
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *wr = w + (size_t)r * rb;
+        if (n < 4) { /* see DAIR_PF_DIST */
+            const uint8_t *pf = wr + DAIR_PF_DIST;
+            for (size_t o = 0; o < rb && pf + o < end; o += 64)
+                _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+        }
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            dair_kq512_4(wr, qtype, a, i, res);
+            for (int c = 0; c < 4; c++)
+                out[(size_t)(i + c) * ldo + r] = res[c];
+        }
+        for (; i < n; i++) {
+            dair_kq512_1(wr, qtype, a, i, res);
+            out[(size_t)i * ldo + r] = res[0];
+        }
+    }
+}
+
+#else /* stubs so callers compile; dair_img_available() says not to use them */
+
+static void dair_quantize_q8k_wide(const float *x, int cols, int qtype, int8_t *q, float *d, int32_t *isum) {
+    (void)qtype;
+    dair_quantize_q8k_row(x, cols, q, d, isum);
+}
+static void dair_mm_qk_wide(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
+                            size_t ldo) {
+    (void)w, (void)rb, (void)qtype, (void)r0, (void)r1, (void)a, (void)out, (void)ldo;
 }
 
 #endif

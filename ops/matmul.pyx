@@ -49,6 +49,7 @@ cdef extern from "qdot.h" nogil:
     void dair_quantize_act_row(const float* x, int cols, int qtype, int8_t* q, float* d, float* s,
                                int32_t* isum)
     void dair_quantize_q8k_row(const float* x, int cols, int8_t* q, float* d, int32_t* bsums)
+    void dair_quantize_q8k_wide(const float* x, int cols, int qtype, int8_t* q, float* d, int32_t* isum)
     int dair_img_available()
     int dair_img_init(dair_img* L, int qtype, int cols)
     void dair_img_free(dair_img* L)
@@ -63,6 +64,8 @@ cdef extern from "qdot.h" nogil:
                        float* out, size_t ldo, float* scratch)
     void dair_mm_q(const uint8_t* w, size_t rb, int qtype, int r0, int r1, const dair_act* a, float* out,
                    size_t ldo)
+    void dair_mm_qk_wide(const uint8_t* w, size_t rb, int qtype, int r0, int r1, const dair_act* a, float* out,
+                         size_t ldo)
 
 _QT_NAMES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 _QT_CODES = {name: i for i, name in enumerate(_QT_NAMES)}
@@ -75,7 +78,8 @@ BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name i
 cdef double _CHUNK_BYTES = 32 * 1024.0
 
 
-# Use the AVX-512 "image" kernels (qimg.h) when built with them; off = per-block kernels.
+# Use the AVX-512 "image" kernels (qimg.h; for K-quants the AVX-512 ones of kquants.h) when built
+# with them; off = per-block kernels.
 cdef bint _use_img = dair_img_available() != 0
 
 #: Quantized-kernel families this build can run, best first.
@@ -124,6 +128,7 @@ ctypedef struct _Job:
     int n
     int per             # rows (or activation rows, for _prep_chunk) per chunk
     bint img
+    bint kw             # K-quants with the AVX-512 kernels (their own activation layout)
     const dair_img* L
     uint8_t* images
     size_t istride
@@ -150,6 +155,8 @@ cdef void _mm_q_chunk(void* p, int c) noexcept nogil:
         return
     if j.img:
         dair_img_mm(j.w, j.L, r0, r1, j.images, j.istride, j.n, j.out, j.rows)
+    elif j.kw:
+        dair_mm_qk_wide(j.w, j.rb, j.qt, r0, r1, j.act, j.out, j.rows)
     else:
         dair_mm_q(j.w, j.rb, j.qt, r0, r1, j.act, j.out, j.rows)
 
@@ -174,7 +181,10 @@ cdef void _prep_chunk(void* p, int c) noexcept nogil:
         qo = <size_t>i * j.cols
         bo = <size_t>i * a.nb
         if j.qt >= DAIR_Q4_K:
-            dair_quantize_q8k_row(j.x + qo, j.cols, a.q + qo, a.d + bo, a.isum + bo * 16)
+            if j.kw:
+                dair_quantize_q8k_wide(j.x + qo, j.cols, j.qt, a.q + qo, a.d + bo, a.isum + bo * 16)
+            else:
+                dair_quantize_q8k_row(j.x + qo, j.cols, a.q + qo, a.d + bo, a.isum + bo * 16)
             continue
         dair_quantize_act_row(j.x + qo, j.cols, j.qt, a.q + qo, a.d + bo, a.s + bo, a.isum + bo)
         if j.img:
@@ -307,6 +317,7 @@ cdef class Weight:
         j.out = out
         j.L = &self.img
         j.img = False
+        j.kw = False
 
     cdef int _mm_float(self, const float* x, int n, float* out) noexcept nogil:
         cdef _Job j
@@ -331,6 +342,7 @@ cdef class Weight:
         # per block: d, s, and isum (K-quants: 16 sums, s unused)
         cdef size_t per_block = 4 * (2 + (16 if kq else 1))
         j.img = self.has_img and _use_img and dair_simd_enabled
+        j.kw = kq and _use_img and dair_simd_enabled and dair_img_available()
         act.n = n
         act.cols = self.cols
         act.nb = nb

@@ -23,7 +23,7 @@ from tiny_models import write_tiny_gguf
 
 from dair.model import qtypes
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, set_kernels
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, set_kernels, simd_name
 
 KQ = ["Q4_K", "Q6_K"]
 
@@ -165,6 +165,40 @@ def test_kernel_families_and_threads_agree(rng, qtype):
     finally:
         set_kernels(old_k)
         threads.set_num_threads(old_t)
+
+
+def test_every_family_has_k_quant_kernels():
+    """The "image" family (AVX-512 VNNI builds) runs K-quants on kernels of its own, so the
+    family loops above and below compare three distinct implementations there."""
+    assert KERNELS[-1] == "scalar"
+    if simd_name() == "avx512vnni":
+        assert KERNELS[:2] == ("image", "block")
+
+
+@pytest.mark.parametrize("qtype", KQ)
+@pytest.mark.parametrize("rows", [1, 6, 37])
+def test_families_exact_at_rounding_ties(rng, qtype, rows):
+    """x with max |x| = 254 makes the Q8_K scale -1/2, so odd integers land on .5 ties: every
+    family must round them half to even as llama.cpp does, and sum the same integers."""
+    cols = 768
+    w, raw, wd = make_weight(rng, qtype, rows, cols, random_bytes=True)
+    x = rng.integers(-254, 255, (17, cols)).astype(np.float32)
+    x[:, ::256] = 254.0  # the first maximum of each super-block, positive
+    x[1, 256] = -254.0  # or negative: the scale's sign follows it
+    x[2, 512:] = 0.0
+    emu = emulate_q8k_matmul(x, raw, qtype, rows, cols)
+    scale = np.abs(x) @ np.abs(wd).T + 1e-6
+    old = get_kernels()
+    try:
+        for k in KERNELS:
+            set_kernels(k)
+            for n in (1, 3, 17):
+                y = w.matmul(x[:n].copy())
+                assert np.all(np.abs(y - emu[:n]) <= 2e-6 * scale[:n]), (k, n, np.abs(y - emu[:n]).max())
+                if n > 1:  # an activation row's result does not depend on its neighbours
+                    np.testing.assert_array_equal(w.matmul(x[n - 1:n].copy()), y[n - 1:n])
+    finally:
+        set_kernels(old)
 
 
 @pytest.mark.parametrize("qtype", KQ)
