@@ -487,10 +487,16 @@ class Broker:
             self.cover_gaps()
             return
         # A stage that joins late holds no KV: open every session on it and replay from history.
+        # That includes running requests (a stage whose connection dropped registers again, and
+        # the steps in flight were lost with the connection): they replay once the pipeline is whole.
         for s in self.sessions.values():
             self.send(ident, {"type": P.OPEN, "sid": s.sid})
-            if s.req is None:
-                s.kv_len = 0
+            s.kv_len = 0
+            if s.req is not None and not s.paused:
+                s.paused = True
+                s.qs.clear()
+        if self.registry.ready() and h["state"] == "ready" and any(s.paused for s in self.sessions.values()):
+            self.resume_paused()
         self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
 
     def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import psutil
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
@@ -58,18 +59,29 @@ class Link:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._lost = False
+        self._monitor: zmq.Socket | None = None
+        self._dropped = False
 
     # --- socket (callers hold self._lock) ------------------------------------------------------
     def _connect(self) -> None:
+        self._close_monitor()
         if self.dealer is not None:
             self.dealer.close(linger=0)
         self._conn += 1
+        self._dropped = False
         d = self.ctx.socket(zmq.DEALER)
         # A fresh identity per connection: the bus must not confuse us with our previous socket.
         d.setsockopt(zmq.IDENTITY, f"{self.name}.{os.getpid()}.{self._conn}".encode())
         d.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         d.setsockopt(zmq.LINGER, 0)
         security.apply_client_keys(d, self.keys)  # before connect: CURVE applies to later connects only
+        try:
+            # A dropped connection loses the messages in flight, and ZeroMQ's silent reconnect
+            # would leave the bus waiting for them forever: register anew instead (see _receive).
+            self._monitor = d.get_monitor_socket(zmq.EVENT_DISCONNECTED,
+                                                 addr=f"inproc://dair-stage-{id(self)}-{self._conn}")
+        except zmq.ZMQError:
+            self._monitor = None  # heartbeats still notice a lost bus, only later
         d.connect(self.bus_addr)
         self.dealer = d
         self._send({"type": P.REGISTER, "name": self.name, "first": self.compute.first,
@@ -137,6 +149,13 @@ class Link:
             while not self._stopping.is_set():
                 batch = self._receive()
                 now = time.monotonic()
+                if self._dropped:
+                    print("dair-stage: the connection to the bus dropped; registering again", file=sys.stderr,
+                          flush=True)
+                    with self._lock:
+                        self._connect()
+                    last_heard = now
+                    continue
                 if batch is None:
                     if now - last_heard > self.heartbeat_s * self.liveness:
                         self._reconnect()
@@ -164,10 +183,20 @@ class Link:
         finally:
             self._stopping.set()
             with self._lock:
+                self._close_monitor()
                 if self.dealer is not None:
                     self.dealer.close(linger=0)
                     self.dealer = None
         return 0
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None and self.dealer is not None:
+            try:
+                self.dealer.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+        self._monitor = None
 
     def _reconnect(self) -> None:
         # Paranoid Pirate: the bus is gone or restarted; start over with a new socket.
@@ -187,6 +216,9 @@ class Link:
         raw: list[list[Any]] = []
         with self._lock:
             assert self.dealer is not None
+            while self._monitor is not None and self._monitor.poll(0):
+                if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                    self._dropped = True
             # Short polls: the heartbeat thread takes the lock between them.
             if not self.dealer.poll(20):
                 return None

@@ -5,7 +5,9 @@ client gets a clear error, and the session continues once a stage covers the ran
 A restarted bus loses its sessions: a waiting client is told so and a retry succeeds."""
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +117,42 @@ def test_sigkill_mid_generation_resumes_with_same_tokens(cluster, params, layer)
     assert all(n["state"] != "dead" for n in st["nodes"])
     cluster.add_standby()  # for the next test
     _wait(cluster.addr, lambda s: _standbys(s) >= 1)
+
+
+def _drop_connection(bus_port: int, stage_pid: int) -> bool:
+    """Kill the bus's side of a stage's TCP connection (ss -K: root and INET_DIAG_DESTROY)."""
+    import psutil
+
+    if shutil.which("ss") is None:
+        return False
+    conns = [x for x in psutil.Process(stage_pid).net_connections("tcp") if x.raddr and x.raddr.port == bus_port]
+    if not conns:
+        return False
+    r = subprocess.run(["ss", "-K", "src", "127.0.0.1", "sport", "=", str(bus_port), "dst", "127.0.0.1",
+                        "dport", "=", str(conns[0].laddr.port)], capture_output=True, text=True)
+    return r.returncode == 0 and "ESTAB" in r.stdout
+
+
+def test_dropped_connection_mid_generation_resumes_with_same_tokens(cluster):
+    want, _ = _run(cluster.addr, {"temperature": 0})
+    st = _wait(cluster.addr, lambda s: s["ready"])
+    victim = _owner_pid(st, 15)
+    if not _drop_connection(cluster.port, victim):
+        pytest.skip("cannot kill a TCP connection here (ss -K needs root and CONFIG_INET_DIAG_DESTROY)")
+    with BusClient(cluster.addr, timeout=120) as c:
+        got, gap, last, dropped = [], 0.0, None, False
+        for ev in c.generate(ids=PROMPT, params={"temperature": 0}, max_tokens=N, stop_ids=[]):
+            if ev["type"] != "token":
+                break
+            now = time.monotonic()
+            gap = max(gap, now - last) if last is not None else 0.0
+            last = now
+            got.append(ev["id"])
+            if len(got) == KILL_AFTER:
+                dropped = _drop_connection(cluster.port, victim)
+    print(f"dropped connection: pause {gap:.2f}s")
+    assert dropped and got == want
+    assert _owner_pid(_status(cluster.addr), 15) == victim  # the same stage, registered again
 
 
 def test_no_standby_clear_error_then_session_continues(cluster):
