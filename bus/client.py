@@ -358,6 +358,10 @@ class AsyncBusClient:
         self._req = 0
         self._queues: dict[int | None, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._beater: asyncio.Task[None] | None = None
+        from dair.config import defaults
+
+        self.heartbeat_s = int(defaults("bus")["heartbeat_interval_ms"]) / 1000.0
 
     def _queue(self, req: int | None) -> Any:
         import asyncio
@@ -371,13 +375,26 @@ class AsyncBusClient:
                 h, _ = P.decode(frames)
             except P.ProtocolError:
                 continue
+            if h["type"] == P.HEARTBEAT:
+                continue  # the answer to our own beat
+            if h["type"] == P.WELCOME and isinstance(h.get("heartbeat_ms"), int) and h["heartbeat_ms"] > 0:
+                self.heartbeat_s = h["heartbeat_ms"] / 1000.0
             await self._queue(h.get("req")).put(h)
+
+    async def _heartbeats(self) -> None:
+        # The bus closes the idle sessions of a client silent for heartbeat_ms x liveness.
+        import asyncio
+
+        while True:
+            await self.sock.send_multipart(P.encode({"type": P.HEARTBEAT, "t": time.time()}))
+            await asyncio.sleep(self.heartbeat_s)
 
     async def send(self, header: dict[str, Any]) -> int:
         import asyncio
 
         if self._reader is None:
             self._reader = asyncio.ensure_future(self._read())
+            self._beater = asyncio.ensure_future(self._heartbeats())
         if "req" not in header and "req" in P.SCHEMAS.get(header["type"], {}):
             self._req += 1
             header = {**header, "req": self._req}
@@ -446,6 +463,7 @@ class AsyncBusClient:
             sub.close(linger=0)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._beater):
+            if task is not None:
+                task.cancel()
         self.sock.close(linger=0)

@@ -201,3 +201,27 @@ def test_bus_restart_mid_generation_clear_error_then_retry(cluster):
         _wait(cluster.addr, lambda s: s["ready"], 120)
         assert list(c.generate(ids=PROMPT, params={"temperature": 0}, max_tokens=N,
                                stop_ids=[]))[-1]["ids"] == greedy
+
+
+def test_dair_up_starts_standbys_and_passes_max_ram(default_model, tmp_path):
+    import psutil
+
+    from dair.bus.local import _command, free_port_pair
+
+    port = free_port_pair()
+    addr = f"tcp://127.0.0.1:{port}"
+    with open(tmp_path / "up.out", "w+") as out:
+        up = subprocess.Popen(_command("dair", "dair.cli") + [
+            "up", "--split", "0-14,15-29", "--standby", "1", "--max-ram", "1G", "--port", str(port),
+            "--threads", "1", "--model", str(default_model)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            with BusClient(addr, timeout=5) as c:
+                c.wait_ready(120, alive=lambda: up.poll() is None)
+            st = _wait(addr, lambda s: _standbys(s) == 1)
+            for n in st["nodes"]:
+                cmdline = psutil.Process(n["pid"]).cmdline()
+                assert cmdline[cmdline.index("--max-ram") + 1] == "1G"
+                assert ("--standby" in cmdline) == (n["state"] == "standby")
+        finally:
+            up.send_signal(signal.SIGTERM)
+            up.wait(30)
