@@ -1,7 +1,7 @@
 """Micro-benchmark of dair.ops matrix products on SmolLM2-135M's shapes.
 
     python benchmarks/bench_ops.py [--threads 1,2] [--prefill 128] [--quick] [--kernels image,block]
-    python benchmarks/bench_ops.py --types Q4_0,Q4_K,Q6_K [--kernels image,block,scalar]
+    python benchmarks/bench_ops.py --types Q4_0,Q4_K,Q6_K [--kernels image,block,scalar] [--prefill 128]
 
 Per shape: microseconds per call and GB/s of weight bytes read, for the
 matrix-vector product (n=1, decode) and an n-row product (prefill), against
@@ -138,17 +138,22 @@ def bench_sweep(rng, thread_counts, n_tokens):
         )
 
 
-def bench_types(rng, qtypes, rows=4096, cols=4096):
+def bench_types(rng, qtypes, n_prefill, rows=4096, cols=4096):
     """One rows x cols matrix per type, 1 thread: matrix-vector us and GB/s (weights fit in L3 or not,
-    depending on the machine; all types are measured the same way)."""
+    depending on the machine; all types are measured the same way), then an n_prefill-row product
+    (its time per activation row includes quantizing the activations)."""
     threads.set_num_threads(1)
     x = rng.standard_normal((1, cols)).astype(np.float32)
+    xp = rng.standard_normal((n_prefill, cols)).astype(np.float32)
     print(f"\n{rows} x {cols} matrix-vector product, 1 thread")
     for qt in qtypes:
         w = random_weight(rng, qt, rows, cols)
         for act_q8 in (True, False):
             t = time_call(lambda w=w, a=act_q8: w.matmul(x, act_q8=a))
             print(f"  {qt:5s} act_q8={act_q8!s:5s} {t * 1e6:9.1f} us  {w.nbytes / t / 1e9:6.1f} GB/s")
+        if n_prefill > 1:
+            t = time_call(lambda w=w: w.matmul(xp), min_time=0.3, repeats=3)
+            print(f"  {qt:5s} n={n_prefill:<4d}      {t * 1e6:9.1f} us  {t * 1e6 / n_prefill:6.1f} us per row")
 
 
 def main() -> None:
@@ -170,7 +175,7 @@ def main() -> None:
             print(f"\n==== quantized kernels: {k} ====")
             rng = np.random.default_rng(0)
             if args.types:
-                bench_types(rng, args.types.split(","))
+                bench_types(rng, args.types.split(","), args.prefill)
                 continue
             if not args.sweep_only:
                 bench_shapes(rng, thread_counts, args.prefill, args.quick)
