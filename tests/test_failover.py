@@ -225,3 +225,30 @@ def test_dair_up_starts_standbys_and_passes_max_ram(default_model, tmp_path):
         finally:
             up.send_signal(signal.SIGTERM)
             up.wait(30)
+
+
+def test_silent_client_and_idle_sessions_are_closed(default_model, tmp_path):
+    import zmq
+
+    from dair.bus import protocol as P
+
+    (tmp_path / "config.toml").write_text(CONFIG + "session_idle_timeout_s = 4\n")
+    c = LocalCluster(str(default_model), [], config=str(tmp_path / "config.toml"))  # a bus alone
+    c.start()
+    try:
+        _wait(c.addr, lambda s: True)
+        raw = zmq.Context.instance().socket(zmq.DEALER)  # a client that never heartbeats
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(c.addr)
+        raw.send_multipart(P.encode({"type": P.SESSION_OPEN, "req": 1}))
+        assert raw.poll(10_000)
+        silent = P.decode(raw.recv_multipart())[0]["sid"]
+        with BusClient(c.addr, timeout=10) as live:  # heartbeats from its own thread
+            kept = live.open_session()
+            sids = lambda s: {x["sid"] for x in s["sessions"]}  # noqa: E731
+            st = _wait(c.addr, lambda s: silent not in sids(s), 10)
+            assert kept in sids(st)  # silent for 2 s: only the quiet client's session went
+            _wait(c.addr, lambda s: kept not in sids(s), 15)  # unused for session_idle_timeout_s
+        raw.close()
+    finally:
+        c.stop()
