@@ -215,6 +215,7 @@ class Broker:
             if node.state != DEAD:
                 self.send(node.ident, {"type": P.HEARTBEAT, "t": time.time()})
         silence = self.hb_s * self.liveness
+        self.check_paused(now, 4 * silence)
         for s in list(self.sessions.values()):
             if s.req is not None:
                 continue  # a client waiting for a stream is not asked to prove it is alive
@@ -234,13 +235,17 @@ class Broker:
         """A stage died: every session's KV in its range is gone. Running requests pause until a
         standby has loaded the range, then replay their history (`resume_paused`); without a
         standby they end with `not_ready` and the sessions wait for a stage to cover the range."""
+        if dead.first < 0:
+            return  # a standby (or a stage still to be placed) held no KV: nothing to replay
         for s in self.sessions.values():
             s.kv_len = 0  # the next request of an idle session replays its history
             if s.req is not None and not s.paused:
                 s.paused = True
                 s.qs.clear()  # steps in flight are stale: `forward` drops them
         self.cover_gaps()
-        if any(s.paused for s in self.sessions.values()) and not self._covering() and not self.registry.ready():
+        replan = any(n.place and n.state != DEAD for n in self.registry.nodes.values())  # placed stages move
+        if any(s.paused for s in self.sessions.values()) and not self._covering() and not self.registry.ready() \
+                and not replan:
             self.fail_paused(P.E_NOT_READY, f"stage {dead.name} ({fmt_span(dead.first, dead.last)}) died and "
                              f"no standby stage is free; the session resumes (send the request again) "
                              f"once a stage covers {fmt_span(dead.first, dead.last)}")
@@ -273,7 +278,7 @@ class Broker:
         for s in self.sessions.values():
             if not s.paused or s.req is None:
                 continue
-            s.paused = False
+            s.paused, s.paused_t = False, 0.0
             req = s.req
             self.log(f"resuming session {s.sid}: replaying {len(s.history)} tokens")
             if req.kind == "score":
@@ -281,6 +286,18 @@ class Broker:
                 self.send_prompt(s, 0, s.history, "score", k=req.top_k)
             else:
                 self.send_prompt(s, 0, s.history, "sample", p=dict(s.params))
+
+    def check_paused(self, now: float, limit: float) -> None:
+        """A request paused for `limit` with no stage loading the missing range (a re-plan that
+        could not place it, say) ends with `not_ready` rather than hang."""
+        for s in list(self.sessions.values()):
+            if not s.paused or s.req is None:
+                continue
+            if not s.paused_t:
+                s.paused_t = now
+            elif now - s.paused_t > limit and not self._covering():
+                self.finish_error(s, P.E_NOT_READY, f"paused {now - s.paused_t:.0f}s for a lost stage and no "
+                                  "stage took its range: " + "; ".join(self.registry.problems()))
 
     def fail_paused(self, code: str, msg: str) -> None:
         for s in list(self.sessions.values()):

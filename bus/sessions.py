@@ -48,6 +48,7 @@ class Session:
     req: Request | None = None
     # The request lost a stage and waits for a standby to take its range, then replays history.
     paused: bool = False
+    paused_t: float = 0.0  # monotonic time the bus first saw it paused (0: not yet)
     tokens: int = 0
     last_tok_s: float = 0.0
     created: float = field(default_factory=time.monotonic)
@@ -58,6 +59,7 @@ class Session:
         req, self.req = self.req, None
         self.qs.clear()
         self.paused = False
+        self.paused_t = 0.0
         return req
 
     @property
