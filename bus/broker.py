@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
@@ -98,6 +99,13 @@ class Broker:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         self.router.setsockopt(zmq.LINGER, 0)
+        try:
+            # A stage process that dies closes its TCP connection at once: acting on that (see
+            # on_disconnect) saves most of the heartbeat timeout in a failover.
+            self.router_mon: zmq.Socket | None = self.router.get_monitor_socket(
+                zmq.EVENT_DISCONNECTED, addr=f"inproc://dair-bus-monitor-{id(self)}")
+        except zmq.ZMQError:
+            self.router_mon = None  # heartbeats alone find dead stages
         if keys is not None:
             security.server_socket_setup(self.router, keys[0])
         self.router.bind(bind)
@@ -165,6 +173,8 @@ class Broker:
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        if self.router_mon is not None:
+            poller.register(self.router_mon, zmq.POLLIN)
         next_hb = next_stats = time.monotonic()
         while self._running:
             due = min(next_hb, next_stats, self.held_until if self.held else next_hb)
@@ -177,6 +187,8 @@ class Broker:
                         break
                     self.on_frames(frames)
                     self.flush()
+                while self.router_mon is not None and self.router_mon.poll(0):
+                    self.on_disconnect(int(recv_monitor_message(self.router_mon)["value"]))
             now = time.monotonic()
             if self.plan_due and now >= self.plan_due:
                 self.plan_due = 0.0
@@ -190,6 +202,9 @@ class Broker:
             if now >= next_stats:
                 self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": "stats", **self.stats()}, (), 0)[0]])
                 next_stats = now + self.stats_s
+        if self.router_mon is not None:
+            self.router.disable_monitor()
+            self.router_mon.close(linger=0)
         self.router.close(linger=0)
         self.pub.close(linger=0)
         if self.gate is not None:
@@ -204,7 +219,23 @@ class Broker:
             except Exception as e:  # a bad key file must not take the bus down
                 self.log(f"cannot reload allowed keys: {e}")
 
+    def on_disconnect(self, fd: int) -> None:
+        for node in self.registry.nodes.values():
+            if node.fd == fd and fd >= 0 and node.state != DEAD:
+                node.fd = -1
+                node.dropped_at = time.monotonic()
+
     def heartbeat(self, now: float) -> None:
+        for node in list(self.registry.nodes.values()):
+            # A stage whose connection closed and that has not registered again with a new one
+            # (which replaces this entry) within a heartbeat interval is gone: its process died.
+            if node.dropped_at and now - node.dropped_at > self.hb_s and node.state != DEAD:
+                node.state = DEAD
+                what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
+                self.log(f"stage {node.name} ({what}) closed its connection: declared dead")
+                self.stage_lost(node)
+                if any(n.place for n in self.registry.nodes.values()):
+                    self.plan_due = now
         for node in self.registry.expire(now, self.hb_s * self.liveness):
             what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
             self.log(f"stage {node.name} ({what}) silent for {now - node.last_seen:.1f}s: declared dead")
@@ -332,8 +363,16 @@ class Broker:
             self.count("bad_frames")
             self.reply_error(ident, e.code, e.msg)
             return
+        fd = -1
+        if t in (P.REGISTER, P.HEARTBEAT) and (node is not None or t == P.REGISTER):
+            try:
+                fd = int(frames[-1].get(zmq.SRCFD))
+            except (zmq.ZMQError, AttributeError, ValueError):
+                fd = -1
         try:
             self.dispatch(ident, node, header, buffers, body)
+            if fd >= 0 and (registered := self.registry.get(ident)) is not None:
+                registered.fd, registered.dropped_at = fd, 0.0  # (re)connected: alive
         except P.ProtocolError as e:
             self.count("bad_frames")
             self.reply_error(ident, e.code, e.msg, sid=header.get("sid"),

@@ -63,6 +63,8 @@ class Node:
     # Placed by the bus (registered without --layers): its announced budget and speed.
     place: bool = False
     speed: float = 1.0
+    fd: int = -1  # the bus-side socket of its connection (ZMQ_SRCFD), to match disconnect events
+    dropped_at: float = 0.0  # monotonic time its connection closed (0: connected)
 
     @property
     def live(self) -> bool:

@@ -77,13 +77,13 @@ def cluster(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         log.close()
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
     import os
 
-    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, sig)
 
 
-def _run(addr: str, params: dict, kill_pid: int | None = None) -> tuple[list[int], float]:
+def _run(addr: str, params: dict, kill_pid: int | None = None, sig: int = signal.SIGKILL) -> tuple[list[int], float]:
     """A 64-token generation; kills `kill_pid` once KILL_AFTER tokens are streamed. Returns the
     ids and the longest gap between two streamed tokens."""
     with BusClient(addr, timeout=120) as c:
@@ -95,22 +95,29 @@ def _run(addr: str, params: dict, kill_pid: int | None = None) -> tuple[list[int
                     gap = max(gap, now - last)
                 last = now
                 if kill_pid is not None and len(ids) == KILL_AFTER - 1:
-                    _kill(kill_pid)
+                    _kill(kill_pid, sig)
                 ids.append(ev["id"])
             else:
                 assert ev["stop"] == "length" and ev["ids"] == ids
     return ids, gap
 
 
-@pytest.mark.parametrize("params, layer", [({"temperature": 0}, 15), ({"temperature": 0.9, "seed": 1234}, 25)],
-                         ids=["greedy-middle", "seeded-last"])
-def test_sigkill_mid_generation_resumes_with_same_tokens(cluster, params, layer):
+@pytest.mark.parametrize("params, layer, sig", [
+    ({"temperature": 0}, 15, signal.SIGKILL), ({"temperature": 0.9, "seed": 1234}, 25, signal.SIGKILL),
+    ({"temperature": 0}, 5, signal.SIGSTOP)], ids=["greedy-middle", "seeded-last", "stalled-first"])
+def test_stage_lost_mid_generation_resumes_with_same_tokens(cluster, params, layer, sig):
+    """SIGKILL closes the stage's connection (the bus acts on that within a heartbeat interval);
+    SIGSTOP leaves it open, so only the heartbeat timeout finds the stage dead."""
     want, _ = _run(cluster.addr, params)
     assert len(want) == N
     st = _wait(cluster.addr, lambda s: s["ready"] and _standbys(s) >= 1)
     victim = _owner_pid(st, layer)
-    got, pause = _run(cluster.addr, params, kill_pid=victim)
-    print(f"{params}: failover pause {pause:.2f}s (death declared after {HB_MS * LIVENESS / 1000:.1f}s)")
+    try:
+        got, pause = _run(cluster.addr, params, kill_pid=victim, sig=sig)
+    finally:
+        _kill(victim)
+    print(f"{params} {signal.Signals(sig).name}: failover pause {pause:.2f}s (heartbeat timeout "
+          f"{HB_MS * LIVENESS / 1000:.1f}s)")
     assert got == want
     st = _status(cluster.addr)
     assert st["ready"] and _owner_pid(st, layer) != victim
