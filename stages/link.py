@@ -42,6 +42,7 @@ class Link:
         self.name = name
         self.model = model
         self.heartbeat_s = heartbeat_ms / 1000.0
+        self._compute_s_seen = 0.0
         self.liveness = liveness
         self.max_frame_bytes = max_frame_bytes
         self.max_batch = max_batch
@@ -120,8 +121,20 @@ class Link:
                 "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0,
                 **_residency_stats(eng)}
 
+    def _shown_state(self) -> str:
+        """What the dashboard shows: a ready stage is "busy" if it computed since the last
+        heartbeat, "streaming" if its range streams from disk (the bus counts both as live)."""
+        c = self.compute
+        busy = c.compute_s > self._compute_s_seen
+        self._compute_s_seen = c.compute_s
+        if c.state != "ready":
+            return c.state
+        if busy:
+            return "busy"
+        return "streaming" if _residency_stats(c.engine).get("mode") == "streaming" else "ready"
+
     def _heartbeat(self) -> None:
-        header = {"type": P.HEARTBEAT, "t": time.time(), "state": self.compute.state, "stats": self.stats()}
+        header = {"type": P.HEARTBEAT, "t": time.time(), "state": self._shown_state(), "stats": self.stats()}
         with self._lock:
             self._send(header)
 
