@@ -135,7 +135,7 @@ class BusClient:
                 continue
             if h is None:
                 raise BusTimeout(f"no answer from the bus at {self.addr} within "
-                                 f"{self.timeout if timeout is None else timeout:.0f}s (is `dair-bus` running?)")
+                                 f"{self.timeout if timeout is None else timeout:.0f}s (is `dair-bus` running? if it uses keys, pass --keys or --server-key and --secret-key)")
             key = h.get("req")
             if key == req:
                 return h
@@ -159,7 +159,7 @@ class BusClient:
         while True:
             h = self._recv_one(deadline - time.monotonic())
             if h is None:
-                raise BusTimeout(f"no answer from the bus at {self.addr} (is `dair-bus` running?)")
+                raise BusTimeout(f"no answer from the bus at {self.addr} (is `dair-bus` running? if it uses keys, pass --keys or --server-key and --secret-key)")
             if h["type"] == P.WELCOME:
                 self.welcome = h
                 self._on_beat(h)
