@@ -21,6 +21,7 @@ from dair import security
 from dair.bus import protocol as P
 from dair.errors import DairError
 
+NO_ANSWER_HINT = " (is `dair-bus` running? if it uses keys, pass --keys or --server-key and --secret-key)"
 
 class BusError(DairError):
     """An error reply from the bus (`code` is one of protocol.E_*)."""
@@ -135,7 +136,7 @@ class BusClient:
                 continue
             if h is None:
                 raise BusTimeout(f"no answer from the bus at {self.addr} within "
-                                 f"{self.timeout if timeout is None else timeout:.0f}s (is `dair-bus` running? if it uses keys, pass --keys or --server-key and --secret-key)")
+                                 f"{self.timeout if timeout is None else timeout:.0f}s{NO_ANSWER_HINT}")
             key = h.get("req")
             if key == req:
                 return h
@@ -159,7 +160,7 @@ class BusClient:
         while True:
             h = self._recv_one(deadline - time.monotonic())
             if h is None:
-                raise BusTimeout(f"no answer from the bus at {self.addr} (is `dair-bus` running? if it uses keys, pass --keys or --server-key and --secret-key)")
+                raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}")
             if h["type"] == P.WELCOME:
                 self.welcome = h
                 self._on_beat(h)
