@@ -7,6 +7,7 @@ owns the next layer, and turns token results into the next decode step.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -710,6 +711,10 @@ class Broker:
         from dair.engine.sampling import SamplingParams
 
         merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS}}
+        # NaN passes every range check (comparisons are false) and would sample garbage.
+        bad = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {', '.join(bad)} not a finite number")
         try:
             SamplingParams.from_dict({k: v for k, v in merged.items() if v is not None})
         except Exception as e:
