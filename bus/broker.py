@@ -64,6 +64,9 @@ class Broker:
         self.stats_s = bus["stats_interval_ms"] / 1000.0
         self.max_sessions = int(bus["max_sessions"])
         self.max_per_client = int(bus["max_sessions_per_client"])
+        self.max_pending = int(bus.get("max_pending_per_client", 16))
+        self.max_stages = int(bus.get("max_stages", 64))
+        self.max_queued = int(bus.get("max_queued_msgs", 1000))
         self.max_frame = int(bus["max_frame_bytes"])
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
         ctx_len = int(model.config.context_length)
@@ -100,6 +103,12 @@ class Broker:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         self.router.setsockopt(zmq.LINGER, 0)
+        # A peer's queue (either way) holds at most max_queued_msgs messages. Mandatory routing
+        # makes a full (or gone) peer an error we count and answer `busy`, where a plain ROUTER
+        # would drop the message silently and leave its request waiting forever.
+        self.router.setsockopt(zmq.SNDHWM, self.max_queued)
+        self.router.setsockopt(zmq.RCVHWM, self.max_queued)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             # A stage process that dies closes its TCP connection at once: acting on that (see
             # on_disconnect) saves most of the heartbeat timeout in a failover.
@@ -126,7 +135,8 @@ class Broker:
     def send(self, ident: bytes, header: dict[str, Any], buffers: list[Any] = ()) -> None:
         self.send_frames(ident, P.encode(header, buffers, self.lz4_min))
 
-    def send_frames(self, ident: bytes, frames: list[Any]) -> None:
+    def send_frames(self, ident: bytes, frames: list[Any]) -> bool:
+        """False when the peer's queue is full (max_queued_msgs)."""
         node = self.registry.get(ident)
         size = _nbytes(frames)
         if node is not None:
@@ -136,8 +146,12 @@ class Broker:
             # Forwarded frames are sent as they came (zero-copy) when big; small ones are copied,
             # which pyzmq does faster than tracking them.
             self.router.send_multipart([ident, *frames], copy=size < 1 << 16, flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
+        except zmq.ZMQError as e:
             self.count("send_dropped")
+            # Only a full queue is the sender's to answer; a peer that is not connected (its
+            # connection just dropped) is the failover's: it registers again and replays.
+            return e.errno != zmq.EAGAIN
+        return True
 
     def tell(self, client: bytes, header: dict[str, Any]) -> None:
         """Queue a message for a client; `flush` sends them after the current message's stage
@@ -493,6 +507,9 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_FINGERPRINT, msg, fatal=True)
             return
+        if node is None and sum(1 for n in self.registry.nodes.values() if n.state != DEAD) >= self.max_stages:
+            # Not fatal: a real stage retries after a heartbeat timeout, when a slot may be free.
+            raise P.ProtocolError(P.E_BUSY, f"the bus has {self.max_stages} stages registered (max_stages)")
         place = bool(h.get("place"))  # started without --layers: the bus places it (replan)
         if place and h["first"] >= 0 and (not h["last"] < n_layers or [
                 c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c.pid != h["pid"]]):
@@ -616,7 +633,15 @@ class Broker:
         self.inflight[q] = (owner.ident, now)
         if len(self.inflight) > 1000:  # steps whose answer never came (a dead stage) must not pile up
             self.inflight = {k: v for k, v in self.inflight.items() if now - v[1] < 10.0}
-        self.send_frames(owner.ident, frames)
+        if not self.send_frames(owner.ident, frames):
+            # The stage's queue is full (max_queued_msgs): the step is lost, so its requests end
+            # now rather than wait for tokens that will never come.
+            self.inflight.pop(q, None)
+            for s in segs:
+                sess = self.sessions.get(s["sid"])
+                if sess is not None and s["q"] in sess.qs:
+                    self.finish_error(sess, P.E_BUSY, f"stage {owner.name} has {self.max_queued} messages "
+                                      "queued (max_queued_msgs)")
 
     def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
@@ -762,8 +787,14 @@ class Broker:
                                   f"context of {self.max_context} tokens")
         return ids
 
+    def check_pending(self, ident: bytes) -> None:
+        running = sum(1 for s in self.sessions.values() if s.req is not None and s.req.client == ident)
+        if running >= self.max_pending:
+            raise P.ProtocolError(P.E_BUSY, f"this client has {running} requests running (max_pending_per_client)")
+
     def on_generate(self, ident: bytes, h: dict[str, Any]) -> None:
         self.require_ready()
+        self.check_pending(ident)
         ids = self.encode_prompt(h)
         if "sid" in h:
             s = self.client_session(ident, h["sid"])
@@ -852,6 +883,7 @@ class Broker:
         self.require_ready()
         if not 0 < h["top_k"] <= 1000:
             raise P.ProtocolError(P.E_BAD_FIELD, "score: top_k must be in 1..1000")
+        self.check_pending(ident)
         ids = self.encode_prompt(h)
         s = self.new_session(ident, None, ephemeral=True)
         s.history = list(ids)

@@ -33,7 +33,8 @@ class Link:
     def __init__(self, bus_addr: str, name: str, model: Any, first: int, last: int, threads: int,
                  wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
                  max_batch: int, lz4_min_bytes: int, max_ram: int | None = None,
-                 keys: security.PeerKeys | None = None, place: bool = False, speed: float = 1.0) -> None:
+                 keys: security.PeerKeys | None = None, place: bool = False, speed: float = 1.0,
+                 max_queued_acts: int = 256) -> None:
         self.bus_addr = bus_addr
         self.keys = keys
         # Started without --layers: the bus places it by its budget and speed (issue 6).
@@ -46,6 +47,7 @@ class Link:
         self.liveness = liveness
         self.max_frame_bytes = max_frame_bytes
         self.max_batch = max_batch
+        self.max_queued_acts = max_queued_acts
         self.lz4_min_bytes = lz4_min_bytes
         self.ctx = zmq.Context.instance()
         self.proc = psutil.Process()
@@ -74,6 +76,9 @@ class Link:
         # A fresh identity per connection: the bus must not confuse us with our previous socket.
         d.setsockopt(zmq.IDENTITY, f"{self.name}.{os.getpid()}.{self._conn}".encode())
         d.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+        # Messages waiting for the compute thread: beyond this the bus's queue for us fills and
+        # the bus answers `busy` (max_queued_msgs) instead of our memory growing.
+        d.setsockopt(zmq.RCVHWM, self.max_queued_acts)
         d.setsockopt(zmq.LINGER, 0)
         security.apply_client_keys(d, self.keys)  # before connect: CURVE applies to later connects only
         try:

@@ -100,6 +100,7 @@ def _main(args: argparse.Namespace) -> int:
         wire_dtype=args.wire or stage_cfg["wire"], heartbeat_ms=int(bus_cfg["heartbeat_interval_ms"]),
         liveness=int(bus_cfg["heartbeat_liveness"]), max_frame_bytes=int(bus_cfg["max_frame_bytes"]),
         max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
+        max_queued_acts=int(stage_cfg.get("max_queued_acts", 256)),
         max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")),
         keys=keys, place=place, speed=args.speed or 1.0)
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
