@@ -5,6 +5,7 @@ failover, say) draws the same token as the node it replaced.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
@@ -45,6 +46,9 @@ class SamplingParams:
         return asdict(self)
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise DairError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise DairError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

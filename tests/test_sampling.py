@@ -52,7 +52,8 @@ def test_repeat_penalty_pushes_recent_tokens_down():
 
 
 def test_invalid_settings_are_refused():
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"min_p": 1.5}, {"top_k": -2}, {"nonsense": 1}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"min_p": 1.5}, {"top_k": -2}, {"nonsense": 1},
+                {"temperature": float("nan")}, {"repeat_penalty": float("inf")}, {"top_p": float("nan")}):
         with pytest.raises(DairError):
             SamplingParams.from_dict(bad)
 
