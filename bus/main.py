@@ -50,7 +50,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from dair.bus.broker import Broker
     from dair.model import open_model
-    from dair.stages.main import resolve_model_path
+    from dair.model.fetch import resolve_model_path
     from dair.tokenizer import load_tokenizer
 
     cfg = load_config(args.config)

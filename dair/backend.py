@@ -15,6 +15,7 @@ import numpy as np
 
 from dair.engine.sampling import SamplingParams, sample_token, top_logits
 from dair.errors import DairError
+from dair.model.fetch import resolve_model_path
 
 PREFILL_CHUNK = 256  # tokens per prefill batch: bounds activation memory on long prompts
 
@@ -31,15 +32,6 @@ class Backend(Protocol):
     def score(self, ids: list[int], top_k: int) -> dict: ...
 
     def close(self) -> None: ...
-
-
-def resolve_model_path(path: str | None) -> Path:
-    """The model the user named, else config.toml's, else the fetched default model."""
-    from dair.config import defaults
-    from dair.model.fetch import default_model_path
-
-    chosen = path or defaults("model").get("path") or ""
-    return Path(chosen).expanduser() if chosen else default_model_path()
 
 
 class LocalBackend:

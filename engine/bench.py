@@ -40,8 +40,8 @@ def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens
 def measure_llama_cpp(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int) -> dict:
     from llama_cpp import Llama
 
-    from dair.backend import resolve_model_path
     from dair.model import open_model
+    from dair.model.fetch import resolve_model_path
     from dair.tokenizer import load_tokenizer
 
     path = resolve_model_path(model)

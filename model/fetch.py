@@ -61,6 +61,20 @@ def default_model_path() -> Path:
     return path
 
 
+def resolve_model_path(explicit: str | Path | None = None, cfg: dict | None = None) -> Path:
+    """The model the user named, else the config's [model] path (config.toml's defaults when
+    cfg is None), else the fetched default model."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if cfg is None:
+        from dair.config import defaults
+
+        configured = defaults("model").get("path")
+    else:
+        configured = (cfg.get("model") or {}).get("path")
+    return Path(configured).expanduser() if configured else default_model_path()
+
+
 def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -47,15 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model_path(explicit: str | None, cfg: dict) -> str:
-    path = explicit or cfg["model"].get("path") or ""
-    if path:
-        return path
-    from dair.model.fetch import default_model_path
-
-    return str(default_model_path())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -70,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from dair.engine.residency import parse_size
     from dair.model import open_model
+    from dair.model.fetch import resolve_model_path
     from dair.stages.link import Link
 
     cfg = load_config(args.config)

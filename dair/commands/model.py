@@ -5,7 +5,6 @@ import argparse
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from dair.errors import DairError
@@ -58,20 +57,6 @@ def cmd_path(args: argparse.Namespace) -> int:
 
     print(default_model_path())
     return 0
-
-
-def resolve_model_path(path: str | None) -> Path:
-    """The given path, else config's model.path, else the fetched default model."""
-    if path:
-        return Path(path)
-    from dair.config import defaults
-
-    configured = defaults("model").get("path")
-    if configured:
-        return Path(configured).expanduser()
-    from dair.model.fetch import default_model_path
-
-    return default_model_path()
 
 
 def model_info(mf: Any) -> dict[str, Any]:
@@ -135,6 +120,7 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from dair.model import open_model
+    from dair.model.fetch import resolve_model_path
 
     path = resolve_model_path(args.path)
     with open_model(path) as mf:

@@ -80,10 +80,10 @@ def _nodes_from_bus(args: argparse.Namespace) -> list[Any]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from dair.commands.model import resolve_model_path
     from dair.engine.placement import model_unit_bytes, place
     from dair.engine.residency import format_size
     from dair.model import open_model
+    from dair.model.fetch import resolve_model_path
 
     nodes = _nodes_from_args(args)
     path = resolve_model_path(args.model)

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     import sys
 
-    from dair.commands.model import resolve_model_path
+    from dair.model.fetch import resolve_model_path
     from dair.tokenizer import load_tokenizer
 
     text = sys.stdin.read() if args.text == "-" else args.text

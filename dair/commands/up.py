@@ -59,7 +59,7 @@ def handle(args: argparse.Namespace) -> int:
     from dair.bus.local import LocalCluster, even_split, parse_split
     from dair.config import load_config
     from dair.model import open_model
-    from dair.stages.main import resolve_model_path
+    from dair.model.fetch import resolve_model_path
 
     cfg = load_config(args.config)
     path = resolve_model_path(args.model, cfg)
