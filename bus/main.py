@@ -35,14 +35,9 @@ def check_address(bind: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except DairError as e:
-        print(f"dair-bus: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    from dair.cli import run
+
+    return run(_main, build_parser().parse_args(argv), prog="dair-bus")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -27,15 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(handler, args: argparse.Namespace) -> int:
+def run(handler, args: argparse.Namespace, prog: str = "dair") -> int:
     """Run a handler, turning DairError into one line on stderr and exit code 2."""
     try:
         return int(handler(args) or 0)
     except DairError as e:
-        print(f"dair: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dair: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

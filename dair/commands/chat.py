@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dair.backend import open_backend
 from dair.commands.common import (
     add_backend_args,
     add_sampling_args,
-    keys_from_args,
+    backend_from_args,
     max_tokens_from_args,
     sampling_from_args,
 )
@@ -27,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
-    backend = open_backend(args.model, args.bus, args.threads,
-                           keys=keys_from_args(args) if args.bus else None)
+    backend = backend_from_args(args)
     tok = backend.tokenizer
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)

@@ -32,6 +32,14 @@ def keys_from_args(args: argparse.Namespace, cfg: dict | None = None) -> Any:
                               getattr(args, "secret_key", None), getattr(args, "server_key", None))
 
 
+def backend_from_args(args: argparse.Namespace, quiet: bool = False) -> Any:
+    """The backend the flags of add_backend_args ask for: a cluster with --bus, else this process."""
+    from dair.backend import open_backend
+
+    return open_backend(args.model, args.bus, args.threads, quiet=quiet,
+                        keys=keys_from_args(args) if args.bus else None)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--max-tokens", type=int, default=None, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")

@@ -5,11 +5,10 @@ import argparse
 import json
 import sys
 
-from dair.backend import open_backend
 from dair.commands.common import (
     add_backend_args,
     add_sampling_args,
-    keys_from_args,
+    backend_from_args,
     max_tokens_from_args,
     sampling_from_args,
 )
@@ -27,8 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
-    backend = open_backend(args.model, args.bus, args.threads,
-                           keys=keys_from_args(args) if args.bus else None)
+    backend = backend_from_args(args)
     try:
         prompt_ids = backend.tokenizer.encode(args.prompt)
         if not prompt_ids and backend.tokenizer.bos_id is not None:

@@ -5,8 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dair.backend import open_backend, perplexity
-from dair.commands.common import add_backend_args, keys_from_args
+from dair.backend import perplexity
+from dair.commands.common import add_backend_args, backend_from_args
 from dair.errors import DairError
 
 
@@ -30,8 +30,7 @@ def _parse_ids(s: str) -> list[int]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    backend = open_backend(args.model, args.bus, args.threads,
-                           keys=keys_from_args(args) if args.bus else None, quiet=args.json)
+    backend = backend_from_args(args, quiet=args.json)
     try:
         if args.ids is not None:
             ids = _parse_ids(args.ids)
