@@ -266,6 +266,7 @@ class BusBackend:
         self._model_path = model_path
         self._tokenizer: Any = None
         self._sid: str | None = None
+        self.resume_timeout = max(timeout, 60.0)
 
     @property
     def tokenizer(self) -> Any:
@@ -295,14 +296,35 @@ class BusBackend:
     def generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
                  on_token: Callable[[int], bool | None] | None = None) -> dict[str, Any]:
         """One generation. Calls share one bus session, so a call whose prompt extends the last
-        one (a chat turn) reuses the KV caches the stages hold and prefills only the new tokens."""
-        try:
-            return self._generate(prompt_ids, params, max_tokens, stop_ids, on_token)
-        except BusError as e:
-            if e.code != P.E_UNKNOWN_SESSION:
-                raise
-            self._sid = None  # the bus restarted or dropped the session: start a new one
-            return self._generate(prompt_ids, params, max_tokens, stop_ids, on_token)
+        one (a chat turn) reuses the KV caches the stages hold and prefills only the new tokens.
+
+        If the bus restarts (or loses the session) mid-generation, the request is resubmitted
+        with the tokens received so far appended to the prompt, once the pipeline is ready again:
+        sampling depends only on (seed, position), so the tokens are those of an uninterrupted run
+        and none is delivered twice. `resume_timeout` bounds the wait."""
+        got: list[int] = []
+
+        def note(tok: int) -> bool | None:
+            got.append(tok)
+            return on_token(tok) if on_token is not None else None
+
+        deadline = time.monotonic() + self.resume_timeout
+        while True:
+            done_before = list(got)
+            try:
+                r = self._generate(list(prompt_ids) + done_before, params, max_tokens - len(done_before),
+                                   stop_ids, note)
+            except BusError as e:
+                if e.code not in (P.E_UNKNOWN_SESSION, P.E_BUS_RESTARTED) or time.monotonic() > deadline:
+                    raise
+                self._sid = None  # that session died with the old bus
+                self.client.wait_ready(max(1.0, deadline - time.monotonic()))
+                continue
+            r["ids"] = done_before + list(r["ids"])
+            if done_before:
+                r["resumed_at"] = len(done_before)
+                r["text"] = self.tokenizer.decode(r["ids"]) if self._tokenizer is not None else r.get("text")
+            return r
 
     def _generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
                   on_token: Callable[[int], bool | None] | None) -> dict[str, Any]:
