@@ -178,7 +178,7 @@ def test_prompt_streams_into_transcript(cluster: Cluster) -> None:
         assert app.focused is not None and app.focused.id == "prompt"  # focused at start
         await pilot.press(*"What is the capital of France?")  # type: ignore[attr-defined]
         await pilot.press("enter")  # type: ignore[attr-defined]
-        assert app.generating
+        assert await until(pilot, lambda: app.generating, 10)  # the submit is handled asynchronously
 
         def watch() -> bool:
             if app.reply is not None and app.reply.text and app.generating:
