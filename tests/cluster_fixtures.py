@@ -5,12 +5,16 @@ session-scoped and shared by every test module that needs them.
 """
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 
-from dair.bus.local import LocalCluster
+from dair.bus import protocol as P
+from dair.bus.local import LocalCluster, _command, free_port_pair
 
 # Frames above this are dropped by ZeroMQ; small enough for a test to send a bigger one cheaply.
 TEST_MAX_FRAME = 4 << 20
@@ -60,3 +64,35 @@ def cluster3(default_model: Path, cluster_config: Path, tmp_path_factory: pytest
                       wire="f32", config=cluster_config)
     yield c
     stop_cluster(c)
+
+
+@contextlib.contextmanager
+def stage_behind_fake_bus(model: Path, tmp: Path, layer: int, stage_config: str = ""
+                          ) -> Iterator[tuple[zmq.Socket, bytes, subprocess.Popen, Path]]:
+    """A dair-stage owning one layer, connected to a ROUTER played by the test (a fake bus that
+    has already answered its registration): (router, the stage's identity, process, log path)."""
+    cfg = tmp / "config.toml"
+    cfg.write_text("[bus]\nheartbeat_interval_ms = 500\nheartbeat_liveness = 100000\n" + stage_config)
+    port = free_port_pair()
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.setsockopt(zmq.SNDHWM, 0)  # floods from the test must not block it
+    router.bind(f"tcp://127.0.0.1:{port}")
+    log_path = tmp / "stage.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(_command("dair-stage", "dair.stages.main") + [
+        "--layers", f"{layer}-{layer}", "--model", str(model), "--bus", f"tcp://127.0.0.1:{port}",
+        "--threads", "1", "--wire", "f32", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert router.poll(60_000), log_path.read_text()
+        ident, *frames = router.recv_multipart()
+        reg, _ = P.decode(frames)
+        assert reg["type"] == P.REGISTER and (reg["first"], reg["last"]) == (layer, layer)
+        router.send_multipart([ident, *P.encode({"type": P.ASSIGN, "node": "n1", "first": layer, "last": layer,
+                                                  "heartbeat_ms": 500, "liveness": 100000})])
+        yield router, ident, proc, log_path
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        router.close()
+        log.close()

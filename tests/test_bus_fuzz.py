@@ -13,13 +13,13 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster_fixtures import TEST_MAX_FRAME
+from cluster_fixtures import TEST_MAX_FRAME, stage_behind_fake_bus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dair.bus import protocol as P
 from dair.bus.client import BusClient
-from dair.bus.local import _command, free_port_pair
+from dair.bus.local import _command
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -131,30 +131,8 @@ def test_bus_drops_huge_frames_and_keeps_serving(cluster3):
 @pytest.fixture(scope="module")
 def lone_stage(default_model, tmp_path_factory):
     """A dair-stage (layer 0 only) connected to a ROUTER played by the test: a fake bus."""
-    tmp = tmp_path_factory.mktemp("lone-stage")
-    cfg = tmp / "config.toml"
-    cfg.write_text("[bus]\nheartbeat_interval_ms = 500\nheartbeat_liveness = 100000\n")
-    port = free_port_pair()
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    log = open(tmp / "stage.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(_command("dair-stage", "dair.stages.main") + [
-        "--layers", "0-0", "--model", str(default_model), "--bus", f"tcp://127.0.0.1:{port}",
-        "--threads", "1", "--wire", "f32", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert router.poll(60_000), (tmp / "stage.log").read_text()
-        ident, *frames = router.recv_multipart()
-        reg, _ = P.decode(frames)
-        assert reg["type"] == P.REGISTER and (reg["first"], reg["last"]) == (0, 0)
-        router.send_multipart([ident, *P.encode({"type": P.ASSIGN, "node": "n1", "first": 0, "last": 0,
-                                                  "heartbeat_ms": 500, "liveness": 100000})])
+    with stage_behind_fake_bus(default_model, tmp_path_factory.mktemp("lone-stage"), 0) as (router, ident, proc, _):
         yield router, ident, proc
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        router.close()
-        log.close()
 
 
 def _stage_reply(router: zmq.Socket, timeout: float = 5.0) -> dict | None:

@@ -14,7 +14,6 @@ import math
 import os
 import socket
 import struct
-import subprocess
 import time
 
 import lz4.block
@@ -22,13 +21,12 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
+from cluster_fixtures import TEST_CONFIG, stage_behind_fake_bus, start_cluster, stop_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dair.bus import protocol as P
 from dair.bus.client import BusClient
-from dair.bus.local import _command, free_port_pair
 from dair.engine.sampling import SamplingParams
 
 EXAMPLES = int(os.environ.get("DAIR_FUZZ_EXAMPLES", "2000"))
@@ -378,32 +376,9 @@ def _status(addr: str) -> dict:
 @pytest.fixture(scope="module")
 def last_stage(default_model, tmp_path_factory):
     """A dair-stage for the last layer (it samples) connected to a ROUTER played by the test."""
-    tmp = tmp_path_factory.mktemp("hostile-stage")
-    cfg = tmp / "config.toml"
-    cfg.write_text("[bus]\nheartbeat_interval_ms = 500\nheartbeat_liveness = 100000\n"
-                   "[stage]\nmax_queued_acts = 64\n")
-    port = free_port_pair()
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.SNDHWM, 0)
-    router.bind(f"tcp://127.0.0.1:{port}")
-    log = open(tmp / "stage.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(_command("dair-stage", "dair.stages.main") + [
-        "--layers", "29-29", "--model", str(default_model), "--bus", f"tcp://127.0.0.1:{port}",
-        "--threads", "1", "--wire", "f32", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert router.poll(60_000), (tmp / "stage.log").read_text()
-        ident, *frames = router.recv_multipart()
-        reg, _ = P.decode(frames)
-        assert reg["type"] == P.REGISTER and (reg["first"], reg["last"]) == (29, 29)
-        router.send_multipart([ident, *P.encode({"type": P.ASSIGN, "node": "n1", "first": 29, "last": 29,
-                                                  "heartbeat_ms": 500, "liveness": 100000})])
-        yield router, ident, proc, tmp / "stage.log"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        router.close()
-        log.close()
+    with stage_behind_fake_bus(default_model, tmp_path_factory.mktemp("hostile-stage"), 29,
+                               "[stage]\nmax_queued_acts = 64\n") as fixture:
+        yield fixture
 
 
 def _stage_counters(router: zmq.Socket) -> dict:
