@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     except DairError as e:
         print(f"dair-tui: error: {e}", file=sys.stderr)
         return 2
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("dair-tui: error: the dashboard needs a terminal (for a script: dair status --bus ADDR, "
+              "dair generate --bus ADDR)", file=sys.stderr)
+        return 2
     if not addr.startswith("tcp://"):
         print(f"dair-tui: error: --bus {addr!r} is not tcp://HOST:PORT", file=sys.stderr)
         return 2
