@@ -178,7 +178,9 @@ def test_prompt_streams_into_transcript(cluster: Cluster) -> None:
         assert app.focused is not None and app.focused.id == "prompt"  # focused at start
         await pilot.press(*"What is the capital of France?")  # type: ignore[attr-defined]
         await pilot.press("enter")  # type: ignore[attr-defined]
-        assert await until(pilot, lambda: app.generating, 10)  # the submit is handled asynchronously
+        # The submit is handled asynchronously: wait until the request runs or has ended.
+        assert await until(pilot, lambda: app.generating or (app.reply is not None and bool(app.reply.note)), 10), \
+            app.query_one(Transcript).plain
 
         def watch() -> bool:
             if app.reply is not None and app.reply.text and app.generating:
