@@ -176,7 +176,10 @@ def test_prompt_streams_into_transcript(cluster: Cluster) -> None:
     async def body(app: DairApp, pilot: object) -> None:
         assert await until(pilot, lambda: app.link.connected and app.cluster.ready, 15)
         assert app.focused is not None and app.focused.id == "prompt"  # focused at start
-        await pilot.press(*"What is the capital of France?")  # type: ignore[attr-defined]
+        question = "What is the capital of France?"
+        await pilot.press(*question)  # type: ignore[attr-defined]
+        prompt = app.query_one("#prompt")
+        assert await until(pilot, lambda: prompt.value == question, 10), prompt.value  # every key arrived
         await pilot.press("enter")  # type: ignore[attr-defined]
         # The submit is handled asynchronously: wait until the request runs or has ended.
         assert await until(pilot, lambda: app.generating or (app.reply is not None and bool(app.reply.note)), 10), \
