@@ -27,11 +27,12 @@ heartbeat_liveness = 10
 
 
 def start_cluster(model: Path, split: list[tuple[int, int]], tmp: Path, wire: str = "f32",
-                  config: Path | None = None, threads: int = 1) -> LocalCluster:
+                  config: Path | None = None, threads: int = 1, keys_dir: Path | None = None) -> LocalCluster:
     """Start and wait until ready; on failure the assertion shows the processes' log."""
     log_path = tmp / f"cluster-{'_'.join(f'{a}-{b}' for a, b in split)}-{wire}.log"
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed with the cluster
-    c = LocalCluster(str(model), split, threads=threads, wire=wire, config=str(config) if config else None, log=log)
+    c = LocalCluster(str(model), split, threads=threads, wire=wire, config=str(config) if config else None, log=log,
+                     keys_dir=str(keys_dir) if keys_dir else None)
     c.log_path = log_path  # type: ignore[attr-defined]
     c.start()
     try:

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from cluster_fixtures import start_cluster, stop_cluster
 
 from dair import security
 from dair.bus import protocol as P
 from dair.bus.client import BusBackend, BusClient, BusTimeout
-from dair.bus.local import LocalCluster, free_port_pair
+from dair.bus.local import free_port_pair
 from dair.engine.sampling import SamplingParams
 
 DATA = Path(__file__).parent / "data"
@@ -46,23 +47,11 @@ def keyed(default_model, tmp_path_factory):
     intruder = tmp / "intruder"
     security.generate_keys(intruder, "intruder")
     (tmp / "config.toml").write_text(CONFIG)
-    log_path = tmp / "cluster.log"
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed with the cluster
-    c = LocalCluster(str(default_model), [(0, 14), (15, 29)], threads=1, wire="f32",
-                     config=str(tmp / "config.toml"), log=log, keys_dir=str(keys))
-    c.log_path = log_path  # type: ignore[attr-defined]
+    c = start_cluster(default_model, [(0, 14), (15, 29)], tmp, config=tmp / "config.toml", keys_dir=keys)
     c.keys = keys  # type: ignore[attr-defined]
     c.intruder = intruder / "intruder.key_secret"  # type: ignore[attr-defined]
-    c.start()
-    try:
-        c.wait_ready(120)
-    except Exception as e:
-        c.stop()
-        log.close()
-        raise AssertionError(f"keyed cluster not ready: {e}\n{log_path.read_text()[-3000:]}") from None
     yield c
-    c.stop()
-    log.close()
+    stop_cluster(c)
 
 
 def bus_public(c) -> bytes:
