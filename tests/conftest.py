@@ -8,6 +8,16 @@ import pytest
 DATA = Path(__file__).resolve().parent / "data"
 
 
+def pytest_sessionstart(session) -> None:
+    """Say which kernels this run tests (they depend on the CPU the build ran on), even under -q."""
+    from dair.ops.matmul import KERNELS, get_kernels, simd_name
+
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"dair kernels: built for {simd_name()}, families {', '.join(KERNELS)}, "
+                      f"default {get_kernels()}")
+
+
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """Path of the default model GGUF (SmolLM2-135M-Instruct Q4_1).

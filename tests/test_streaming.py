@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dair.engine.forward import RangeEngine
-from dair.engine.residency import PAGE, _addr, parse_size
+from dair.engine.residency import MADV_DONTNEED, PAGE, _addr, _madvise, parse_size
 from dair.errors import DairError
 
 PROMPT = [504, 3575, 282, 4649, 314, 7042, 30]
@@ -137,32 +137,56 @@ def test_budget_that_fits_stays_resident(model_file):
     assert st["mode"] == "resident" and st["resident_bytes"] == st["range_bytes"] == eng.resident_bytes()
 
 
-def _map_rss(addr: int) -> int:
-    """Rss of the mapping that contains `addr`, from /proc/self/smaps."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not line.startswith(("Rss", "Size")) and head.replace("-", "").isalnum():
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("mapping not found")
+FAULT_AROUND = 64 << 10  # the kernel maps up to this much page cache around a fault (fault_around_bytes)
+
+
+def _present_pages(addr: int, n_pages: int) -> np.ndarray:
+    """Which of n_pages pages from addr are mapped into this process (/proc/self/pagemap bit 63).
+
+    Page-cache residency (mincore) says nothing here: other tests read the same file. What the
+    claim is about is which pages this process's map has touched.
+    """
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        entries = np.frombuffer(f.read(n_pages * 8), dtype=np.uint64)
+    return (entries >> np.uint64(63)).astype(bool)
 
 
 def test_a_middle_range_maps_only_its_own_layers(default_model):
+    """Running layers 10-19 brings into the process no page of another layer's tensors.
+
+    What opening the model touched (header, tensor table, sampled blocks) is not the range's
+    doing: the map is emptied (MADV_DONTNEED) before the range is built. After it runs, every
+    mapped page of the file must belong to layers 10-19, or lie within the kernel's fault-around
+    window of their ends.
+    """
     from dair.model import open_model
 
     mf = open_model(default_model)  # a map of its own, not shared with other tests
+    base = _addr(mf._map)
+    assert base % PAGE == 0
+    n_pages = -(-mf._map.nbytes // PAGE)
+    assert _madvise(base, base + mf._map.nbytes, MADV_DONTNEED, outward=True) == 0
+    before = _present_pages(base, n_pages)
     eng = RangeEngine(mf, 10, 19)
     eng.open_session("s")
     eng.run_layers(np.random.default_rng(0).standard_normal((4, 576)).astype(np.float32),
                    [("s", np.arange(4, dtype=np.int32))])
-    own = sum(b - a for a, b in (mf.layer_byte_range(i) for i in range(10, 20)))
-    rss = _map_rss(_addr(mf._map))
-    # own pages plus at most the two partial pages at each end of the range
-    assert own * 0.95 <= rss <= own + 4 * PAGE, (rss, own)
+    new = _present_pages(base, n_pages) & ~before
+    lo, hi = mf.layer_byte_range(10)[0], mf.layer_byte_range(19)[1]
+    own = np.zeros(n_pages, bool)
+    own[max(0, (lo - FAULT_AROUND) // PAGE): (hi + FAULT_AROUND) // PAGE + 1] = True
+    # the range really ran from this map: most of its own pages are now mapped
+    assert new[lo // PAGE: hi // PAGE].mean() > 0.9
+    strays = {}
+    for name, t in mf.tensors.items():
+        if name.startswith(tuple(f"blk.{i}." for i in range(10, 20))):
+            continue
+        a, b = t.offset // PAGE, -(-(t.offset + t.nbytes) // PAGE)
+        hit = int((new[a:b] & ~own[a:b]).sum())
+        if hit:
+            strays[name] = hit
+    assert not strays, f"pages of other layers' tensors mapped by running 10-19: {strays}"
 
 
 def _child(*args: str) -> dict:
