@@ -148,13 +148,40 @@ class PeerKeys:
         return load_secret(self.secret_path).public
 
 
-def make_cluster_keys(keys_dir: str | os.PathLike[str]) -> Path:
-    """The bus's pair and one stage and one client pair under keys_dir, those missing only."""
+def make_cluster_keys(keys_dir: str | os.PathLike[str], stage_names: list[str] | None = None) -> Path:
+    """The bus's pair, a client pair and stage pairs under keys_dir, those missing only.
+
+    Without stage_names, one `stage` pair that every stage shares. With them (`dair up`), one pair
+    per name, and stages/ is made to hold exactly those: the pairs an earlier layout left there
+    (the shared `stage`, or `stageN` names not asked for now) are removed, so the bus admits no
+    stage key but these. Any other key file there is the user's and stays; see foreign_stage_keys."""
     d = Path(keys_dir)
-    for sub, name in (("", BUS_KEY_NAME), ("stages", "stage"), ("clients", "client")):
+    names = ["stage"] if stage_names is None else list(stage_names)
+    for sub, name in [("", BUS_KEY_NAME), ("clients", "client"), *(("stages", n) for n in names)]:
         if not (d / sub / f"{name}{SECRET_SUFFIX}").exists():
             generate_keys(d / sub, name, force=True)
+    if stage_names is not None:
+        for f in (d / "stages").glob(f"*{PUBLIC_SUFFIX}"):
+            stem = f.name[: -len(PUBLIC_SUFFIX)]
+            if _is_made_stage_name(stem) and stem not in names:
+                f.unlink()
+                (d / "stages" / f"{stem}{SECRET_SUFFIX}").unlink(missing_ok=True)
     return d
+
+
+def _is_made_stage_name(stem: str) -> bool:
+    """Names dair itself gives stage keys: `stage` (shared) and `stageN` (one per dair up stage)."""
+    return stem == "stage" or (stem.startswith("stage") and stem[5:].isdigit())
+
+
+def foreign_stage_keys(keys_dir: str | os.PathLike[str]) -> list[Path]:
+    """Public keys in keys_dir/stages that dair did not make (the bus admits them too)."""
+    return sorted(f for f in (Path(keys_dir) / "stages").glob(f"*{PUBLIC_SUFFIX}")
+                  if not _is_made_stage_name(f.name[: -len(PUBLIC_SUFFIX)]))
+
+
+def stage_secret_path(keys_dir: str | os.PathLike[str], name: str) -> str:
+    return str(Path(keys_dir) / "stages" / f"{name}{SECRET_SUFFIX}")
 
 
 def bus_keys(sec: dict, keys_dir: str | None = None, secret: str | None = None,

@@ -34,7 +34,7 @@ def _wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
 
 
 def _pids_from(text: str) -> list[int]:
-    return [int(p) for p in re.findall(r"\(pid (\d+)\)", text)]
+    return [int(p) for p in re.findall(r"\bpid (\d+)\)", text)]
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])

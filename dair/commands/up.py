@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -55,27 +56,45 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop()
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    if args.standby < 0:
+        raise DairError(f"--standby {args.standby}: expected 0 or more standby stages")
+    if args.port is not None and not 1 <= args.port <= 65534:
+        raise DairError(f"--port {args.port}: expected 1-65534 (the stats use port + 1)")
+
+
+def _check_ports_free(port: int) -> None:
+    """Before anything starts: a bus already on the port would be taken for ours (the stages
+    would join it and be refused), and ours could not bind."""
+    for p in (port, port + 1):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: TIME_WAIT is no obstacle
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError as e:
+                what = "bus" if p == port else "stats"
+                raise DairError(f"port {p} (the {what} port) on 127.0.0.1 is in use ({e.strerror}): another "
+                                "dair up or dair-bus? Choose other ports with --port") from None
+
+
 def handle(args: argparse.Namespace) -> int:
-    from dair.bus.local import LocalCluster, even_split, parse_split
+    from dair.commands.layout import stage_layout
+    from dair.commands.supervise import RestartPolicy, SupervisedCluster, Supervisor
     from dair.config import load_config
     from dair.model import open_model
     from dair.model.fetch import resolve_model_path
 
+    _check_counts(args)
     cfg = load_config(args.config)
+    policy = RestartPolicy.from_config(cfg.get("up") or {})
     path = resolve_model_path(args.model, cfg)
     if not os.path.exists(path):
         raise DairError(f"{path}: model file not found (run `dair model fetch`)")
+    # Everything about the layout is checked here, before any process starts.
     n_layers = open_model(path).config.n_layers
-    if args.split:
-        split = parse_split(args.split)
-    elif cfg.get("stages") and args.stages is None:
-        split = parse_split(",".join(s["layers"] for s in cfg["stages"]))
-    else:
-        split = even_split(n_layers, args.stages or 3)
-    bad = [f"{a}-{b}" for a, b in split if not 0 <= a <= b < n_layers]
-    if bad:
-        raise DairError(f"layer range(s) {', '.join(bad)} outside the model's layers 0-{n_layers - 1}")
+    split = stage_layout(n_layers, args.stages, args.split, cfg.get("stages"))
     port = args.port or urlparse(cfg["bus"]["bind"]).port
+    _check_ports_free(port)
     if args.tui and not (sys.stdin.isatty() and sys.stdout.isatty()):
         # Scripts and CI run the README's main command too: without a terminal the dashboard
         # cannot draw, so show the same pipeline answering one question instead.
@@ -86,26 +105,46 @@ def handle(args: argparse.Namespace) -> int:
     quiet = args.generate is not None or args.tui
     log_path = args.log or (os.path.join(tempfile.gettempdir(), f"dair-up-{os.getpid()}.log") if quiet else None)
     log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the cluster
+    if quiet:
+        def say(m: str) -> None:
+            # The dashboard owns the terminal: the supervisor's lines go to the log then.
+            print(m, file=log if args.tui and log is not None else sys.stderr, flush=True)
+    else:
+        def say(m: str) -> None:
+            print(m, flush=True)
+    n_stages = len(split) + args.standby
+    stage_key = None
     if args.keys:
-        from dair.security import make_cluster_keys
+        from dair import security
 
-        make_cluster_keys(args.keys)
-    cluster = LocalCluster(path, split, port=port, threads=args.threads, wire=args.wire, config=args.config,
-                           log=log, keys_dir=args.keys, standby=max(0, args.standby),
-                           stage_args=["--max-ram", args.max_ram] if args.max_ram else None)
+        names = [f"stage{i}" for i in range(n_stages)]
+        security.make_cluster_keys(args.keys, names)
+        for f in security.foreign_stage_keys(args.keys):
+            print(f"dair up: warning: {f} was not made by dair up, and the bus admits it as a stage too",
+                  file=sys.stderr)
+
+        def stage_key(name: str) -> str:
+            return security.stage_secret_path(args.keys, name)
+    cluster = SupervisedCluster(str(path), split, port=port, threads=args.threads, wire=args.wire,
+                                config=args.config, log=log, keys_dir=args.keys,
+                                stage_args=["--max-ram", args.max_ram] if args.max_ram else None)
+    sup = Supervisor(cluster, split, args.standby, policy, say, **({"stage_key": stage_key} if stage_key else {}))
     old_term = signal.signal(signal.SIGTERM, _raise_stop)
+    # Ctrl-C stops the cluster even when a parent shell started us with SIGINT ignored (`dair up &`).
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        cluster.start()
-        say = (lambda m: print(m, file=sys.stderr)) if quiet else print
+        sup.start()
         say(f"dair up: bus {cluster.addr} (pid {cluster.bus.pid}), stats {cluster.stats_addr}, model {path}")
-        for (a, b), p in zip(split, cluster.stages, strict=False):
-            say(f"dair up: stage layers {a}-{b} (pid {p.pid})")
-        for p in cluster.stages[len(split):]:
-            say(f"dair up: standby stage (pid {p.pid})")
+        for s in sup.slots[1:]:
+            say(f"dair up: {s.describe()}" + (f", key {s.secret_key}" if s.secret_key else ""))
         if log_path:
             say(f"dair up: logs in {log_path}")
         t0 = time.monotonic()
-        cluster.wait_ready(args.timeout)
+        from dair.bus.client import BusClient
+
+        with BusClient(cluster.addr, timeout=5.0, keys=cluster.client_keys()) as c:
+            c.wait_ready(args.timeout, alive=sup.check_started)
+        sup.watch()
         say(f"dair up: ready in {time.monotonic() - t0:.1f}s — try: dair generate --bus {cluster.addr}"
             + (f" --keys {args.keys}" if args.keys else "") + " 'Hello'")
         if args.generate is not None:
@@ -118,23 +157,19 @@ def handle(args: argparse.Namespace) -> int:
                 print(f"dair up: the cluster's log is in {log_path}", file=sys.stderr)
             return code
         say("dair up: Ctrl-C stops the cluster")
-        while True:
+        while sup.fatal is None:
             time.sleep(0.5)
-            dead = [p for p in cluster.procs if p.poll() is not None]
-            if cluster.bus.poll() is not None:
-                raise DairError(f"the bus exited (status {cluster.bus.returncode})")
-            for p in dead:
-                if not getattr(p, "_reported", False):
-                    p._reported = True  # type: ignore[attr-defined]
-                    print(f"dair up: process {p.pid} ({' '.join(p.args[-8:])}) exited with status {p.returncode}",
-                          file=sys.stderr)
+        raise DairError(f"{sup.fatal}; stopping the cluster")
     except (KeyboardInterrupt, _Stop):
         print("dair up: stopping", file=sys.stderr)
         return 0
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the shutdown short (children and ports left behind).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cluster.stop()
+        sup.stop()
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         if log is not None:
             log.close()
 
