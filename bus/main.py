@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 def check_address(bind: str) -> None:
     # The stats PUB binds port + 1, so only tcp://HOST:PORT will do.
     u = urlparse(bind)
-    if u.scheme != "tcp" or not u.port:
-        raise DairError(f"--bind {bind!r}: expected tcp://HOST:PORT")
+    try:
+        port = u.port
+    except ValueError:  # e.g. a source spec, tcp://127.0.0.1:7500;0.0.0.0:7600
+        port = None
+    if u.scheme != "tcp" or not port or not u.hostname or port > 65534 or u.path or u.query:
+        raise DairError(f"--bind {bind!r}: expected tcp://HOST:PORT (one address; stats on PORT + 1)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from dair.commands.common import (
+    SEED_MAX,
     add_backend_args,
     add_sampling_args,
     backend_from_args,
@@ -12,6 +13,7 @@ from dair.commands.common import (
     sampling_from_args,
 )
 from dair.commands.stream import run_generation
+from dair.commands.text import check_utf8, stdin_error
 
 HELP = "commands: /reset starts a new conversation, /quit (or Ctrl-D) leaves"
 
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
+    max_tokens = max_tokens_from_args(args)  # checked before the model loads
     backend = backend_from_args(args)
     tok = backend.tokenizer
     base = [{"role": "system", "content": args.system}] if args.system else []
@@ -39,6 +42,9 @@ def handle(args: argparse.Namespace) -> int:
                 line = input("> " if interactive else "")
             except EOFError:
                 break
+            except UnicodeDecodeError as e:
+                raise stdin_error(e) from None
+            check_utf8(line, "the input line")
             line = line.strip()
             if not line:
                 continue
@@ -50,9 +56,9 @@ def handle(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": line})
             prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
-            params.seed += 1  # a new draw per turn, still reproducible from the first seed
+            params.seed = (params.seed + 1) % (SEED_MAX + 1)  # a new draw per turn, reproducible from the first
             try:
-                _, reply = run_generation(backend, prompt_ids, params, max_tokens_from_args(args), args.stop)
+                _, reply = run_generation(backend, prompt_ids, params, max_tokens, args.stop)
             except KeyboardInterrupt:
                 reply = ""
                 print("\n(interrupted)", file=sys.stderr)

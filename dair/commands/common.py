@@ -5,6 +5,7 @@ import argparse
 from typing import Any
 
 from dair.engine.sampling import SamplingParams
+from dair.errors import DairError
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -51,10 +52,20 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop when this text appears (repeatable)")
 
 
+SEED_MAX = 2**64 - 1  # the sampler's generator takes a 64-bit seed; msgpack carries at most uint64
+
+
+def check_seed(seed: int) -> int:
+    """A seed outside 0..2^64-1 is an error: masking it would make different seeds draw alike."""
+    if not 0 <= seed <= SEED_MAX:
+        raise DairError(f"--seed {seed}: expected an integer from 0 to {SEED_MAX}")
+    return seed
+
+
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     import secrets
 
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    seed = check_seed(args.seed) if args.seed is not None else secrets.randbelow(2**31)
     return SamplingParams.from_config(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=seed)
 
@@ -62,4 +73,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 def max_tokens_from_args(args: argparse.Namespace) -> int:
     from dair.config import defaults
 
-    return int(args.max_tokens if args.max_tokens is not None else defaults("sampling")["max_tokens"])
+    n = int(args.max_tokens if args.max_tokens is not None else defaults("sampling")["max_tokens"])
+    if n < 0:
+        raise DairError(f"-n/--max-tokens {n}: expected 0 or more tokens")
+    return n

@@ -26,12 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
+    max_tokens = max_tokens_from_args(args)  # checked before the model loads
     backend = backend_from_args(args)
     try:
         prompt_ids = backend.tokenizer.encode(args.prompt)
         if not prompt_ids and backend.tokenizer.bos_id is not None:
             prompt_ids = [backend.tokenizer.bos_id]
-        result, text = run_generation(backend, prompt_ids, params, max_tokens_from_args(args), args.stop)
+        result, text = run_generation(backend, prompt_ids, params, max_tokens, args.stop)
     finally:
         backend.close()
     sys.stdout.write("\n")

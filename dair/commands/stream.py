@@ -7,13 +7,17 @@ from typing import TextIO
 from dair.backend import Backend
 from dair.engine.sampling import SamplingParams
 
+STDOUT = "stdout"  # the default `out`: sys.stdout as it is when the stream starts (main may wrap it)
+
 
 class TextStream:
     """Turns token ids into text as they come; stops at a stop string (which is not printed)."""
 
-    def __init__(self, tokenizer, stops: list[str], out: TextIO | None = sys.stdout) -> None:
+    def __init__(self, tokenizer, stops: list[str], out: TextIO | str | None = STDOUT) -> None:
         from dair.tokenizer import StreamDecoder
 
+        if out == STDOUT:
+            out = sys.stdout
         self.decoder = StreamDecoder(tokenizer)
         self.stops = [s for s in stops if s]
         self.out = out
@@ -48,7 +52,7 @@ class TextStream:
 
 
 def run_generation(backend: Backend, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                   stops: list[str], out: TextIO | None = sys.stdout) -> tuple[dict, str]:
+                   stops: list[str], out: TextIO | str | None = STDOUT) -> tuple[dict, str]:
     stream = TextStream(backend.tokenizer, stops, out)
     result = backend.generate(prompt_ids, params, max_tokens, set(backend.tokenizer.eos_ids), stream.feed)
     if stream.stopped:

@@ -20,10 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     import sys
 
+    from dair.commands.text import check_utf8, stdin_error
     from dair.model.fetch import resolve_model_path
     from dair.tokenizer import load_tokenizer
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    try:
+        text = sys.stdin.read() if args.text == "-" else args.text
+    except UnicodeDecodeError as e:
+        raise stdin_error(e) from None
+    check_utf8(text, "standard input" if args.text == "-" else "the text")
     tok = load_tokenizer(resolve_model_path(args.model))
     add_bos = None if args.bos == "auto" else args.bos == "yes"
     ids = tok.encode(text, parse_special=not args.no_special, add_bos=add_bos)

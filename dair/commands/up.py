@@ -59,6 +59,8 @@ def _raise_stop(signum: int, frame: object) -> None:
 def _check_counts(args: argparse.Namespace) -> None:
     if args.standby < 0:
         raise DairError(f"--standby {args.standby}: expected 0 or more standby stages")
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise DairError(f"-n/--max-tokens {args.max_tokens}: expected 0 or more tokens")
     if args.port is not None and not 1 <= args.port <= 65534:
         raise DairError(f"--port {args.port}: expected 1-65534 (the stats use port + 1)")
 
