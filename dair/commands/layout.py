@@ -68,7 +68,7 @@ def check_tiling(spans: list[Span], n_layers: int, what: str) -> None:
     missing = [i for i, o in enumerate(owners) if not o]
     if missing:
         raise DairError(f"{what}: layer{'s' if len(missing) > 1 else ''} {_runs(missing)} "
-                        f"of the model's 0-{n_layers - 1} in no range")
+                        f"{'are' if len(missing) > 1 else 'is'} in no range (the model's layers are 0-{n_layers - 1})")
 
 
 def even_split(n_layers: int, n_stages: int) -> list[Span]:

@@ -61,6 +61,10 @@ def _check_counts(args: argparse.Namespace) -> None:
         raise DairError(f"--standby {args.standby}: expected 0 or more standby stages")
     if args.max_tokens is not None and args.max_tokens < 0:
         raise DairError(f"-n/--max-tokens {args.max_tokens}: expected 0 or more tokens")
+    if args.max_ram:
+        from dair.engine.residency import parse_size
+
+        parse_size(args.max_ram)  # each stage would refuse it; say so once, before any starts
     if args.port is not None and not 1 <= args.port <= 65534:
         raise DairError(f"--port {args.port}: expected 1-65534 (the stats use port + 1)")
 
