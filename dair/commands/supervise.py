@@ -23,6 +23,7 @@ from dair.errors import DairError
 
 Span = tuple[int, int]
 POLL_S = 0.2  # how often children are checked; a restart is never due sooner than this anyway
+LAYERS_EVERY_S = 1.0  # how often the bus is asked which stage holds which layers (for the exit lines)
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,34 @@ class Supervisor:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stopping.wait(POLL_S):
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                self.tick(time.monotonic())
+        from dair.bus.client import BusClient
+
+        client = BusClient(self.cluster.addr, timeout=1.0, keys=self.cluster.client_keys())
+        next_layers = 0.0
+        try:
+            while not self._stopping.wait(POLL_S):
+                now = time.monotonic()
+                if now >= next_layers:
+                    next_layers = now + LAYERS_EVERY_S
+                    self._learn_layers(client)
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self.tick(time.monotonic())
+        finally:
+            client.close()
+
+    def _learn_layers(self, client: Any) -> None:
+        """Which range each stage serves now, as the bus says: a standby may have taken one over."""
+        try:
+            nodes = client.status(timeout=1.0)["nodes"]
+        except Exception:  # the bus is busy, restarting or gone: keep what was known
+            return
+        by_pid = {n.get("pid"): n for n in nodes if n.get("state") != "dead"}
+        for s in self.slots:
+            n = by_pid.get(s.proc.pid)
+            if n is not None and not s.is_bus and s.proc.poll() is None:
+                s.layers = (n["first"], n["last"]) if n["first"] >= 0 else None
 
     def tick(self, now: float) -> None:
         """One round: report and schedule the newly dead, restart those that are due."""
