@@ -108,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         # fd 1 closed (`dair generate Hi >&-`): the answer has nowhere to go; say so before any work.
         _say("dair", "error: standard output is closed")
         return EXIT_OUTPUT_CLOSED
-    if not sys.stdout.isatty():  # a terminal's errors end the session anyway; the dashboard needs it bare
-        sys.stdout = _GuardedOutput(sys.stdout)
     try:
         from dair.commands.text import check_utf8
 
@@ -120,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     except DairError as e:
         _say("dair", f"error: {e}")
         return 2
-    return run(args.func, args)
+    stdout = sys.stdout
+    if not stdout.isatty():  # a terminal's errors end the session anyway; the dashboard needs it bare
+        sys.stdout = _GuardedOutput(stdout)
+    try:
+        return run(args.func, args)
+    finally:
+        if isinstance(sys.stdout, _GuardedOutput):
+            sys.stdout = stdout  # main() may be called again in this process (the tests do)
 
 
 if __name__ == "__main__":
