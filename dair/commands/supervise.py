@@ -142,7 +142,12 @@ class Supervisor:
                 with self._lock:
                     if self._stopping.is_set():
                         return
-                    self.tick(time.monotonic())
+                    try:
+                        self.tick(time.monotonic())
+                    except Exception as e:  # noqa: BLE001 - e.g. a fork that failed: try again next round
+                        # This thread must live on: the children it started get SIGTERM when it
+                        # ends (PR_SET_PDEATHSIG follows the thread that forked them).
+                        self.say(f"dair up: error while supervising: {e}")
         finally:
             client.close()
 
