@@ -111,13 +111,14 @@ def handle(args: argparse.Namespace) -> int:
     quiet = args.generate is not None or args.tui
     log_path = args.log or (os.path.join(tempfile.gettempdir(), f"dair-up-{os.getpid()}.log") if quiet else None)
     log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the cluster
-    if quiet:
-        def say(m: str) -> None:
-            # The dashboard owns the terminal: the supervisor's lines go to the log then.
-            print(m, file=log if args.tui and log is not None else sys.stderr, flush=True)
-    else:
-        def say(m: str) -> None:
-            print(m, flush=True)
+    def say(m: str) -> None:  # start-up lines: the answer of --generate owns stdout
+        print(m, file=sys.stderr if quiet else sys.stdout, flush=True)
+
+    def warn(m: str) -> None:
+        # A child's exit, a restart, a give-up: diagnostics, on stderr; into the log while the
+        # dashboard owns the terminal.
+        print(m, file=log if args.tui and log is not None else sys.stderr, flush=True)
+
     n_stages = len(split) + args.standby
     stage_key = None
     if args.keys:
@@ -134,7 +135,7 @@ def handle(args: argparse.Namespace) -> int:
     cluster = SupervisedCluster(str(path), split, port=port, threads=args.threads, wire=args.wire,
                                 config=args.config, log=log, keys_dir=args.keys,
                                 stage_args=["--max-ram", args.max_ram] if args.max_ram else None)
-    sup = Supervisor(cluster, split, args.standby, policy, say, **({"stage_key": stage_key} if stage_key else {}))
+    sup = Supervisor(cluster, split, args.standby, policy, warn, **({"stage_key": stage_key} if stage_key else {}))
     old_term = signal.signal(signal.SIGTERM, _raise_stop)
     # Ctrl-C stops the cluster even when a parent shell started us with SIGINT ignored (`dair up &`).
     old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
