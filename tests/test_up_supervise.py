@@ -232,3 +232,11 @@ def test_up_restarts_the_bus_and_gives_up_on_a_stage_that_keeps_dying(default_mo
     assert code == 0, up.text()[-3000:]
     assert _gone(pids) == []
     assert _ports_free(up.port)
+
+
+def test_restart_back_off_doubles_up_to_its_ceiling():
+    from dair.commands.supervise import RestartPolicy
+
+    p = RestartPolicy.from_config({"restart_delay_s": 1, "restart_delay_max_s": 5, "give_up_deaths": 9,
+                                   "give_up_window_s": 60})
+    assert [p.delay(n) for n in range(1, 6)] == [1, 2, 4, 5, 5]
