@@ -154,7 +154,8 @@ def make_cluster_keys(keys_dir: str | os.PathLike[str], stage_names: list[str] |
     Without stage_names, one `stage` pair that every stage shares. With them (`dair up`), one pair
     per name, and stages/ is made to hold exactly those: the pairs an earlier layout left there
     (the shared `stage`, or `stageN` names not asked for now) are removed, so the bus admits no
-    stage key but these. Any other key file there is the user's and stays; see foreign_stage_keys."""
+    stage key but these. Any other key file there is the user's and stays (dair up refuses to run
+    with one: see foreign_stage_keys)."""
     d = Path(keys_dir)
     names = ["stage"] if stage_names is None else list(stage_names)
     for sub, name in [("", BUS_KEY_NAME), ("clients", "client"), *(("stages", n) for n in names)]:
@@ -175,7 +176,7 @@ def _is_made_stage_name(stem: str) -> bool:
 
 
 def foreign_stage_keys(keys_dir: str | os.PathLike[str]) -> list[Path]:
-    """Public keys in keys_dir/stages that dair did not make (the bus admits them too)."""
+    """Public keys in keys_dir/stages that dair did not make (a bus on keys_dir admits them too)."""
     return sorted(f for f in (Path(keys_dir) / "stages").glob(f"*{PUBLIC_SUFFIX}")
                   if not _is_made_stage_name(f.name[: -len(PUBLIC_SUFFIX)]))
 

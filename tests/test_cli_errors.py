@@ -157,6 +157,17 @@ def test_up_refuses_a_port_in_use(default_model):
     assert f"port {port} (the bus port) on 127.0.0.1 is in use" in line
 
 
+def test_up_keys_refuses_a_stage_key_it_did_not_make(tmp_path, default_model):
+    from dair.security import generate_keys
+
+    generate_keys(tmp_path / "keys" / "stages", "laptop")
+    r = _run(DAIR + ["up", "--model", str(default_model), "--port", str(free_port_pair()), "--keys",
+                     str(tmp_path / "keys")])
+    line = _one_error_line(r)
+    assert f"{tmp_path / 'keys' / 'stages' / 'laptop.key'}: not made by dair up, yet the bus would admit it" in line
+    assert b"(pid " not in r.stdout + r.stderr
+
+
 def test_up_bad_restart_settings(tmp_path, default_model):
     cfg = tmp_path / "up.toml"
     cfg.write_text("[up]\ngive_up_deaths = 0\n")

@@ -124,11 +124,11 @@ def handle(args: argparse.Namespace) -> int:
     if args.keys:
         from dair import security
 
-        names = [f"stage{i}" for i in range(n_stages)]
-        security.make_cluster_keys(args.keys, names)
-        for f in security.foreign_stage_keys(args.keys):
-            print(f"dair up: warning: {f} was not made by dair up, and the bus admits it as a stage too",
-                  file=sys.stderr)
+        foreign = security.foreign_stage_keys(args.keys)
+        if foreign:  # the bus admits every key in stages/: this cluster's stages' and no other
+            raise DairError(f"{', '.join(map(str, foreign))}: not made by dair up, yet the bus would admit it "
+                            "as a stage; remove it from there or give dair up a keys directory of its own")
+        security.make_cluster_keys(args.keys, [f"stage{i}" for i in range(n_stages)])
 
         def stage_key(name: str) -> str:
             return security.stage_secret_path(args.keys, name)
