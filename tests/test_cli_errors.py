@@ -78,6 +78,13 @@ def test_non_utf8_stdin_is_refused(default_model, cmd):
     assert "not valid UTF-8" in line and "0xe9" in line
 
 
+def test_non_utf8_score_file_is_refused(tmp_path, default_model):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes(b"Le caf\xe9 est chaud.")
+    line = _one_error_line(_run(DAIR + ["score", "--model", str(default_model), "--file", str(f)]))
+    assert f"{f}: not valid UTF-8 (0xe9 at byte 6)" in line
+
+
 # --- standard output closed, full, or a pipe whose reader left ------------------------------------------
 def test_closed_stdout_is_one_line_and_an_error_code():
     r = subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", *DAIR, "generate", "-n", "4", "Hi"],

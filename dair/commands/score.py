@@ -42,6 +42,9 @@ def handle(args: argparse.Namespace) -> int:
                 text = Path(args.file).read_text(encoding="utf-8") if args.file else args.text
             except OSError as e:
                 raise DairError(f"{args.file}: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                raise DairError(f"{args.file}: not valid UTF-8 (0x{e.object[e.start]:02x} at byte {e.start}); "
+                                "the text must be UTF-8") from None
             ids = backend.tokenizer.encode(text)
         scored = backend.score(ids, args.top)
     finally:
