@@ -1,5 +1,8 @@
 """`dair up`: a cluster on this machine (one dair-bus, N dair-stage processes) until Ctrl-C.
 
+The layout (--stages, --split, the config's [[stages]]) is checked against the model before any
+process starts. While it runs, dair up supervises its children (dair/commands/supervise.py): a
+child's exit is one line, the others keep running, and the dead one comes back as a standby.
 With --generate PROMPT it answers one prompt on the fresh cluster and stops it again: the
 README's main command. Every child is stopped on Ctrl-C, SIGTERM or any error (no orphans).
 """
@@ -108,17 +111,6 @@ def handle(args: argparse.Namespace) -> int:
         args.tui = False
         if args.generate is None:
             args.generate = NO_TTY_QUESTION
-    quiet = args.generate is not None or args.tui
-    log_path = args.log or (os.path.join(tempfile.gettempdir(), f"dair-up-{os.getpid()}.log") if quiet else None)
-    log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the cluster
-    def say(m: str) -> None:  # start-up lines: the answer of --generate owns stdout
-        print(m, file=sys.stderr if quiet else sys.stdout, flush=True)
-
-    def warn(m: str) -> None:
-        # A child's exit, a restart, a give-up: diagnostics, on stderr; into the log while the
-        # dashboard owns the terminal.
-        print(m, file=log if args.tui and log is not None else sys.stderr, flush=True)
-
     n_stages = len(split) + args.standby
     stage_key = None
     if args.keys:
@@ -132,6 +124,18 @@ def handle(args: argparse.Namespace) -> int:
 
         def stage_key(name: str) -> str:
             return security.stage_secret_path(args.keys, name)
+    quiet = args.generate is not None or args.tui
+    log_path = args.log or (os.path.join(tempfile.gettempdir(), f"dair-up-{os.getpid()}.log") if quiet else None)
+    log = open(log_path, "a", buffering=1) if log_path else None  # noqa: SIM115 - lives as long as the cluster
+
+    def say(m: str) -> None:  # start-up lines: the answer of --generate owns stdout
+        print(m, file=sys.stderr if quiet else sys.stdout, flush=True)
+
+    def warn(m: str) -> None:
+        # A child's exit, a restart, a give-up: diagnostics, on stderr; into the log while the
+        # dashboard owns the terminal.
+        print(m, file=log if args.tui and log is not None else sys.stderr, flush=True)
+
     cluster = SupervisedCluster(str(path), split, port=port, threads=args.threads, wire=args.wire,
                                 config=args.config, log=log, keys_dir=args.keys,
                                 stage_args=["--max-ram", args.max_ram] if args.max_ram else None)
