@@ -182,6 +182,7 @@ def test_up_with_keys_generates_and_keys_are_made(default_model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "generated at" in r.stderr and r.stdout.strip()
     assert f"--keys {keys}" in r.stderr  # the hint tells how to talk to it
-    for f in ("bus.key_secret", "stages/stage.key", "clients/client.key_secret"):
+    for f in ("bus.key_secret", "stages/stage0.key", "stages/stage1.key", "clients/client.key_secret"):
         assert (keys / f).exists(), f
+    assert not (keys / "stages" / "stage.key").exists()  # a key pair per stage, none shared
     assert (keys / "bus.key_secret").stat().st_mode & 0o077 == 0
