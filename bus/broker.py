@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import sys
 import time
 import traceback
@@ -23,6 +24,7 @@ from dair import security
 from dair.bus import protocol as P
 from dair.bus.registry import DEAD, LOADING, STANDBY, Node, Registry, fmt_span
 from dair.bus.sessions import Request, Session, common_prefix
+from dair.bus.trust import RefusalBudget, Refused, check_entries
 from dair.tokenizer import StreamDecoder
 
 # Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
@@ -36,6 +38,10 @@ SESSION_IDLE_S = 600.0
 PLAN_SETTLE_S = 0.5
 PLAN_WAIT_S = 10.0
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+# Sampling seeds are 64-bit (engine.sampling); anything else is refused rather than wrapped.
+SEED_RANGE = range(0, 1 << 64)
+# max_tokens of a generate request: 0 (prompt only) up to this (the context ends it anyway).
+MAX_TOKENS_RANGE = range(0, 1 << 31)
 
 
 def _fmt_budget(n: int) -> str:
@@ -79,6 +85,10 @@ class Broker:
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
         self.client_seen: dict[bytes, float] = {}
+        self.budget = RefusalBudget()
+        # The last time the loop had read every message waiting for it: silence is measured up
+        # to here, so that a busy bus does not take its own backlog for dead stages.
+        self.caught_up = time.monotonic()
         # Decode steps held back for a moment to travel with another group (see hold_or_send).
         self.held: list[dict[str, Any]] = []
         self.to_clients: list[tuple[bytes, dict[str, Any]]] = []
@@ -167,6 +177,21 @@ class Broker:
         self.count(code)
         self.send(ident, P.error(code, msg, **extra))
 
+    def send_assign(self, n: Node) -> None:
+        self.send(n.ident, {"type": P.ASSIGN, "node": n.node, "first": n.first, "last": n.last,
+                            "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness,
+                            "resume": n.resume})
+
+    def refuse(self, node: Node, n: int, msg: str) -> None:
+        """A stage's message that is not its work: counted for the peer, charged to its budget,
+        answered with one error (never acted on)."""
+        node.refused += 1
+        self.count("stage_refused")
+        self.budget.charge(node.ident, max(1, n), time.monotonic())
+        if node.refused <= 3:  # the first few name the offender; the counters keep the rest
+            self.log(f"refused from stage {node.name}: {msg}")
+        self.reply_error(node.ident, P.E_REFUSED, msg)
+
     def next_q(self) -> int:
         self._q += 1
         return self._q
@@ -199,9 +224,12 @@ class Broker:
                     try:
                         frames = self.router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
                     except zmq.Again:
+                        self.caught_up = time.monotonic()
                         break
                     self.on_frames(frames)
                     self.flush()
+            else:
+                self.caught_up = time.monotonic()
                 while self.router_mon is not None and self.router_mon.poll(0):
                     self.on_disconnect(int(recv_monitor_message(self.router_mon)["value"]))
             now = time.monotonic()
@@ -246,20 +274,26 @@ class Broker:
             # (which replaces this entry) within a heartbeat interval is gone: its process died.
             if node.dropped_at and now - node.dropped_at > self.hb_s and node.state != DEAD:
                 node.state = DEAD
+                self.count("stages_declared_dead")
                 what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
                 self.log(f"stage {node.name} ({what}) closed its connection: declared dead")
                 self.stage_lost(node)
                 if any(n.place for n in self.registry.nodes.values()):
                     self.plan_due = now
-        for node in self.registry.expire(now, self.hb_s * self.liveness):
+        for node in self.registry.expire(now, self.hb_s * self.liveness, self.caught_up):
+            self.count("stages_declared_dead")
             what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
             self.log(f"stage {node.name} ({what}) silent for {now - node.last_seen:.1f}s: declared dead")
             self.stage_lost(node)
             if any(n.place for n in self.registry.nodes.values()):
                 self.plan_due = now  # the placed stages share the layers again
+        # The sessions the bus holds: a stage closes any other it has (one whose `close` it
+        # missed while it was cut off or declared dead), so that no KV cache outlives its session.
+        beat = {"type": P.HEARTBEAT, "t": time.time(), "sids": list(self.sessions)}
         for node in self.registry.nodes.values():
             if node.state != DEAD:
-                self.send(node.ident, {"type": P.HEARTBEAT, "t": time.time()})
+                self.send(node.ident, beat)
+        self.budget.prune(now)
         silence = self.hb_s * self.liveness
         self.check_paused(now, 4 * silence)
         for s in list(self.sessions.values()):
@@ -313,8 +347,7 @@ class Broker:
             self.registry.remove(dead.ident)  # the dead stage's row goes once its range is retaken
             sb.first, sb.last, sb.state = dead.first, dead.last, LOADING
             self.log(f"assigning {fmt_span(dead.first, dead.last)} of dead {dead.name} to standby {sb.name}")
-            self.send(sb.ident, {"type": P.ASSIGN, "node": sb.node, "first": sb.first, "last": sb.last,
-                                 "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+            self.send_assign(sb)
             for s in self.sessions.values():  # after ASSIGN: the stage builds its engine first
                 self.send(sb.ident, {"type": P.OPEN, "sid": s.sid})
 
@@ -354,10 +387,18 @@ class Broker:
         ident = bytes(frames[0].buffer)
         body = frames[1:]
         node = self.registry.get(ident)
+        now = time.monotonic()
         if node is not None:
             node.msgs_in += 1
             node.bytes_in += _nbytes(body)
-            node.last_seen = time.monotonic()
+            node.heard(now, 2.0 * self.hb_s)  # any traffic is life, a refused message too
+        if self.budget.exhausted(ident, now):
+            # It spent its budget of refused work: dropped unread (no decoding, no reply).
+            self.count("rate_limited")
+            if node is not None:
+                node.rate_limited += 1
+            return
+        header: Any = None
         try:
             header, buffers = P.decode(body, self.max_frame)
             t = header["type"]
@@ -366,9 +407,17 @@ class Broker:
                 # a leaked stage key gives no client's access.
                 role = security.peer_role(frames[1])
                 if t not in (P.STAGE_TO_BUS if role == "stage" else P.CLIENT_TO_BUS):
-                    need = "client" if role == "stage" else "stage"
-                    raise P.ProtocolError(P.E_FORBIDDEN, f"{t} needs a {need} key, this peer has a "
-                                          f"{role or 'unknown'} key")
+                    if role == "stage":
+                        why = (f"forbidden: this key is a stage key ({security.peer_user(frames[1])}); "
+                               f"{t} needs a client key (one in the bus's client keys)")
+                    else:
+                        why = (f"forbidden: this key is a {role or 'unknown'} key; {t} needs a stage key "
+                               "(one in the bus's stage keys)")
+                    raise P.ProtocolError(P.E_FORBIDDEN, why)
+                if node is not None and (security.peer_user(frames[1]) or "") != node.user:
+                    # The routing id of a stage whose connection closed, reused by another key.
+                    raise P.ProtocolError(P.E_FORBIDDEN, "forbidden: this connection's key is not the one "
+                                          f"stage {node.name} registered with")
             allowed = P.STAGE_TO_BUS if node is not None or t == P.REGISTER else P.CLIENT_TO_BUS
             if t not in allowed:
                 if t in (P.ACT, P.TOKENS):
@@ -376,7 +425,10 @@ class Broker:
                 raise P.ProtocolError(P.E_UNKNOWN_TYPE, f"{t!r} is not a message the bus takes from this peer")
         except P.ProtocolError as e:
             self.count("bad_frames")
-            self.reply_error(ident, e.code, e.msg)
+            self.budget.charge(ident, 1, now)
+            # A key's role never changes: a stage refused for it must stop, not retry forever.
+            fatal = e.code == P.E_FORBIDDEN and isinstance(header, dict) and header.get("type") == P.REGISTER
+            self.reply_error(ident, e.code, e.msg, **({"fatal": True} if fatal else {}))
             return
         fd = -1
         if t in (P.REGISTER, P.HEARTBEAT) and (node is not None or t == P.REGISTER):
@@ -390,6 +442,7 @@ class Broker:
                 registered.fd, registered.dropped_at = fd, 0.0  # (re)connected: alive
         except P.ProtocolError as e:
             self.count("bad_frames")
+            self.budget.charge(ident, 1, now)
             self.reply_error(ident, e.code, e.msg, sid=header.get("sid"),
                              req=header.get("req") if isinstance(header.get("req"), int) else None)
         except Exception:  # a bug must cost one request, never the bus
@@ -483,8 +536,7 @@ class Broker:
                 continue
             n.first, n.last, n.state = first, last, LOADING
             moved.append(n)
-            self.send(n.ident, {"type": P.ASSIGN, "node": n.node, "first": first, "last": last,
-                                "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+            self.send_assign(n)
             for s in self.sessions.values():  # after ASSIGN: the stage builds its engine first
                 self.send(n.ident, {"type": P.OPEN, "sid": s.sid})
         if not moved:
@@ -510,9 +562,11 @@ class Broker:
         if node is None and sum(1 for n in self.registry.nodes.values() if n.state != DEAD) >= self.max_stages:
             # Not fatal: a real stage retries after a heartbeat timeout, when a slot may be free.
             raise P.ProtocolError(P.E_BUSY, f"the bus has {self.max_stages} stages registered (max_stages)")
+        user = (security.peer_user(body[0]) or "") if self.gate is not None else ""
+        prev = self.previous_connection(ident, h, user)
         place = bool(h.get("place"))  # started without --layers: the bus places it (replan)
         if place and h["first"] >= 0 and (not h["last"] < n_layers or [
-                c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c.pid != h["pid"]]):
+                c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c is not prev]):
             h = {**h, "first": -1, "last": -1}  # its old range (before a bus restart) is taken: re-place it
         standby = bool(h.get("standby")) or (place and h["first"] < 0)
         if standby:  # no layers until the bus assigns a dead stage's range (cover_gaps)
@@ -522,11 +576,12 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_LAYER, msg, fatal=True)
             return
-        # The same process registering again (new socket after losing us) replaces its old entry.
-        for old in list(self.registry.nodes.values()):
-            if old.pid == h["pid"] and old.host == h["host"] and old.ident != ident:
-                self.registry.remove(old.ident)
-        clash = self.registry.conflicts(h["first"], h["last"], ignore=ident)
+        # A peer's identity is its connection, never the name, pid or host it announces: the
+        # range of a live stage goes only to that stage on a new connection (`prev`), or once the
+        # owner's connection has closed (its death is established). Checked before anything goes.
+        clash = [c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c is not prev]
+        gone = [c for c in clash if c.dropped_at]
+        clash = [c for c in clash if not c.dropped_at]
         if not place and any(c.place for c in clash):
             # Explicit layers win over placed ones: the placed stages move (replan).
             clash = [c for c in clash if not c.place]
@@ -537,18 +592,24 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
             return
+        if prev is not None:  # the same stage, which lost its old connection: that entry goes
+            self.registry.remove(prev.ident)
+        for old in gone:
+            old.state = DEAD
+            self.count("stages_declared_dead")
+            self.log(f"stage {old.name} ({fmt_span(old.first, old.last)}) closed its connection: declared dead")
         for old in list(self.registry.nodes.values()):  # a dead stage's row goes once its range is retaken
             if old.state == DEAD and not (h["last"] < old.first or h["first"] > old.last):
                 self.registry.remove(old.ident)
-        name = node.node if node is not None else self.registry.new_name()
+        same = node if node is not None else prev
+        name = same.node if same is not None else self.registry.new_name()
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
                    last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
-                   rss_at_register=h["rss"], max_ram=h.get("max_ram", 0),
-                   user=(security.peer_user(body[0]) or "") if self.gate is not None else "",
-                   place=place, speed=float(h.get("speed", 1.0) or 1.0))
+                   rss_at_register=h["rss"], max_ram=h.get("max_ram", 0), user=user,
+                   place=place, speed=float(h.get("speed", 1.0) or 1.0),
+                   resume=same.resume if same is not None else secrets.token_hex(16))
         self.registry.add(new)
-        self.send(ident, {"type": P.ASSIGN, "node": name, "first": h["first"], "last": h["last"],
-                          "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness})
+        self.send_assign(new)
         if standby:
             if place:
                 # Stages started together register within moments of each other: one plan for
@@ -572,6 +633,18 @@ class Broker:
         if self.registry.ready() and h["state"] == "ready" and any(s.paused for s in self.sessions.values()):
             self.resume_paused()
         self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
+
+    def previous_connection(self, ident: bytes, h: dict[str, Any], user: str) -> Node | None:
+        """The entry of the stage registering here if it registered before on another connection:
+        it proves that by the `resume` token the bus gave it over that connection only (and, with
+        keys, by the same key). Nothing a stage says about itself (name, pid, host) counts."""
+        token = h.get("resume")
+        if not token:
+            return None
+        for n in self.registry.nodes.values():
+            if n.ident != ident and n.resume and secrets.compare_digest(n.resume, token) and n.user == user:
+                return n
+        return None
 
     def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
@@ -610,6 +683,12 @@ class Broker:
         if layer == 0 or layer >= self.registry.n_layers:
             raise P.ProtocolError(P.E_LAYER, f"act for layer {layer}: a stage can only pass on to layers "
                                   f"1-{self.registry.n_layers - 1}")
+        if node.first < 0 or layer != node.last + 1:
+            self.refuse(node, len(h["segs"]), f"act for layer {layer} from a stage that runs "
+                        + (fmt_span(node.first, node.last) if node.first >= 0 else "no layers (standby)"))
+            return
+        if not self.stage_work(node, h["segs"], "act"):
+            return
         q = h["segs"][0]["q"]
         self._hop(node, q, h.get("ct"))
         self.act_bytes += _nbytes(body[1:])
@@ -629,6 +708,10 @@ class Broker:
                 if sess is not None and s["q"] in sess.qs:
                     self.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
             return
+        for s in segs:  # from now on only `owner` may answer for these steps
+            sess = self.sessions.get(s["sid"])
+            if sess is not None and s["q"] in sess.qs:
+                sess.qs[s["q"]] = owner.ident
         now = time.perf_counter()
         self.inflight[q] = (owner.ident, now)
         if len(self.inflight) > 1000:  # steps whose answer never came (a dead stage) must not pile up
@@ -646,14 +729,23 @@ class Broker:
     def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
         results = h["results"]
+        if node.first < 0 or node.last != self.registry.n_layers - 1:
+            self.refuse(node, len(results), "tokens from a stage that does not run the last layer ("
+                        + (fmt_span(node.first, node.last) if node.first >= 0 else "a standby") + ")")
+            return
         q = h.get("q", results[0].get("q", -1) if results else -1)
+        if not results:  # a prefill chunk that samples nothing: only its timing
+            self._hop(node, q if isinstance(q, int) else -1, h.get("ct"))
+            return
+        accepted = self.stage_work(node, results, "tokens")
+        if accepted is None:
+            return
         self._hop(node, q if isinstance(q, int) else -1, h.get("ct"))
         steps = []
-        for r in results:
-            s = self.sessions.get(r["sid"])
-            if s is None or s.req is None or r.get("q") not in s.qs:
-                continue  # cancelled, closed or superseded
-            s.qs.discard(r["q"])
+        for s, r in accepted:
+            s.qs.pop(r["q"], None)  # once: a second result for this step is stale
+            if s.req is None:
+                continue  # cancelled or closed
             try:
                 if s.req.kind == "score":
                     self.finish_score(s, r)
@@ -665,6 +757,23 @@ class Broker:
                 self.count(P.E_BAD_FIELD)
                 self.finish_error(s, P.E_BAD_FIELD, f"malformed result from {node.name}: {e}")
         self.hold_or_send(node, steps)
+
+    def stage_work(self, node: Node, entries: list[dict[str, Any]], what: str) -> list[tuple[Session, dict]] | None:
+        """The entries of a stage's message that answer steps the bus gave that stage (None and
+        refused if any does not: see trust.check_entries); stale ones are counted and left out."""
+        try:
+            c = check_entries(self.sessions, node.ident, self.registry.held_by(node.ident, self.sessions.values()),
+                              entries, what)
+        except Refused as e:
+            self.refuse(node, len(entries), str(e))
+            return None
+        if c.stale:
+            node.stale += c.stale
+            self.count("stale_results")
+        if not c.accepted:
+            self.count("stale_dropped")
+            return None
+        return c.accepted
 
     def hold_or_send(self, last: Node, steps: list[dict[str, Any]]) -> None:
         """Send the next decode steps, or hold them until another group comes back.
@@ -699,7 +808,7 @@ class Broker:
 
     def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
         q = self.next_q()
-        s.qs.add(q)
+        s.qs[q] = None  # made, not sent: nobody's to answer yet
         return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
 
     def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
@@ -740,6 +849,10 @@ class Broker:
         bad = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
             raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {', '.join(bad)} not a finite number")
+        seed = merged.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed not in SEED_RANGE):
+            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: seed {seed!r} is not an integer in "
+                                  f"0..2^64-1")
         try:
             SamplingParams.from_dict({k: v for k, v in merged.items() if v is not None})
         except Exception as e:
@@ -796,6 +909,10 @@ class Broker:
         self.require_ready()
         self.check_pending(ident)
         ids = self.encode_prompt(h)
+        # 0 means 0 (the prompt only, as in-process); absent means the configured default.
+        max_tokens = self.default_max_tokens if h.get("max_tokens") is None else h["max_tokens"]
+        if max_tokens not in MAX_TOKENS_RANGE:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"max_tokens {max_tokens}: expected 0..{MAX_TOKENS_RANGE.stop - 1}")
         if "sid" in h:
             s = self.client_session(ident, h["sid"])
             if s.req is not None:
@@ -804,13 +921,12 @@ class Broker:
                 s.params = self.clean_params(s.params, h["params"])
         else:
             s = self.new_session(ident, h.get("params"), ephemeral=True)
-        max_tokens = int(h.get("max_tokens") or self.default_max_tokens)
         stop = frozenset(int(i) for i in h["stop_ids"]) if "stop_ids" in h else self.eos_ids
         keep = min(common_prefix(s.history[:s.kv_len], ids), len(ids) - 1)
         s.history = list(ids)
         s.kv_len = keep
         s.last_active = time.monotonic()
-        s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max(0, max_tokens),
+        s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
                         stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids),
                         n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
         if max_tokens <= 0:

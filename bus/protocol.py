@@ -60,6 +60,8 @@ E_BUSY = "busy"
 E_ENGINE = "engine"
 # A CURVE peer whose key role (stage or client) may not send this message type.
 E_FORBIDDEN = "forbidden"
+# A stage's activation or result for work the bus did not give it (bus/trust.py).
+E_REFUSED = "refused"
 # Raised by clients (never sent): the bus answering them is a new process that lost their sessions.
 E_BUS_RESTARTED = "bus_restarted"
 
@@ -82,10 +84,13 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "pid": (_INT, True), "rss": (_INT, True), "threads": (_INT, True),
                "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False),
                "standby": (_BOOL, False),
+               "resume": (_STR, False),
                "place": (_BOOL, False), "speed": (_NUM, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
-             "heartbeat_ms": (_INT, True), "liveness": (_INT, True)},
-    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False), "boot": (_STR, False)},
+             "heartbeat_ms": (_INT, True), "liveness": (_INT, True),
+             "resume": (_STR, False)},
+    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False), "boot": (_STR, False),
+                "sids": (_LIST, False)},
     OPEN: {"sid": (_STR, True)},
     CLOSE: {"sid": (_STR, True)},
     ACT: {"layer": (_INT, True), "dtype": (_STR, True), "shape": (_LIST, True),
