@@ -228,10 +228,10 @@ class Broker:
                         break
                     self.on_frames(frames)
                     self.flush()
-            else:
-                self.caught_up = time.monotonic()
                 while self.router_mon is not None and self.router_mon.poll(0):
                     self.on_disconnect(int(recv_monitor_message(self.router_mon)["value"]))
+            else:
+                self.caught_up = time.monotonic()
             now = time.monotonic()
             if self.plan_due and now >= self.plan_due:
                 self.plan_due = 0.0
