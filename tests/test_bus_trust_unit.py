@@ -22,10 +22,12 @@ def test_only_the_holder_of_a_step_may_answer_it():
     c = check_entries(sessions, A, 1, [{"sid": "s1", "q": 10}], "tokens")
     assert [(s.sid, e["q"]) for s, e in c.accepted] == [("s1", 10)] and c.stale == 0
     for entry in ({"sid": "s2", "q": 20},  # another stage's step
-                  {"sid": "s1", "q": 11},  # not sent yet: the step an accepted result just made
-                  {"sid": "s2", "q": 10}):  # a step of another session, under this session's id
+                  {"sid": "s1", "q": 11}):  # not sent yet: the step an accepted result just made
         with pytest.raises(Refused):
             check_entries(sessions, A, 1, [{"sid": "s1", "q": 10}, entry], "tokens")
+    # A step under another session's id is no step of that session: never acted on.
+    c = check_entries(sessions, A, 1, [{"sid": "s2", "q": 10}], "tokens")
+    assert not c.accepted and c.stale == 1
 
 
 def test_stale_entries_are_counted_not_refused_and_duplicates_are():
