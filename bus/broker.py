@@ -400,7 +400,10 @@ class Broker:
             return
         header: Any = None
         try:
-            header, buffers = P.decode(body, self.max_frame)
+            # Only a registered stage sends big headers (score results: positions x top_k); from
+            # anyone else a header inflating beyond 4 MiB is refused before it costs decoding.
+            header, buffers = P.decode(body, self.max_frame,
+                                       P.MAX_HEADER_BYTES * (8 if node is not None else 1))
             t = header["type"]
             if self.gate is not None:
                 # Least privilege: a client key cannot join as a stage or inject activations, and

@@ -180,8 +180,12 @@ def _frame_bytes(frame: Any) -> bytes | memoryview:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
-def decode(frames: Sequence[Any], max_bytes: int = 64 << 20) -> tuple[dict[str, Any], list[Any]]:
-    """Validate and decode frames (bytes or zmq.Frame) into (header, buffers). Raises ProtocolError."""
+def decode(frames: Sequence[Any], max_bytes: int = 64 << 20,
+           max_inflated: int = MAX_HEADER_BYTES * 8) -> tuple[dict[str, Any], list[Any]]:
+    """Validate and decode frames (bytes or zmq.Frame) into (header, buffers). Raises ProtocolError.
+
+    A compressed header may inflate to at most `max_inflated` bytes: decoding costs time in
+    proportion, so a receiver bounds it by what the sender may legitimately send."""
     if not frames:
         raise ProtocolError(E_BAD_FRAME, "empty message")
     if len(frames) > MAX_FRAMES:
@@ -201,7 +205,7 @@ def decode(frames: Sequence[Any], max_bytes: int = 64 << 20) -> tuple[dict[str, 
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {mtype!r}")
     if "z" in header:
-        header = _inflate(header, max_bytes)
+        header = _inflate(header, min(max_bytes, max_inflated))
     validate(header)
     buffers = list(frames[1:])
     _check_buffers(header, buffers)
@@ -214,7 +218,7 @@ def _inflate(header: dict[str, Any], max_bytes: int) -> dict[str, Any]:
         raise ProtocolError(E_BAD_FIELD, "field 'z' is not an lz4 block")
     (size,) = struct.unpack_from("<I", z)
     # Checked before decompressing, so that a forged size cannot make us allocate gigabytes.
-    if size > min(max_bytes, MAX_HEADER_BYTES * 8):
+    if size > max_bytes:
         raise ProtocolError(E_TOO_LARGE, f"compressed header claims {size} bytes")
     try:
         rest = msgpack.unpackb(lz4.block.decompress(z), raw=False, strict_map_key=True)

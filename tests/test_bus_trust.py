@@ -345,3 +345,23 @@ def test_load_of_many_clients_causes_no_failover(cluster3):
     assert st["counters"].get("stages_declared_dead", 0) == dead0, st["counters"]
     assert cluster3.log_path.read_text().count("declared dead") == log0
     assert st["ready"] and all(n["state"] != "dead" for n in st["nodes"])
+
+
+def test_a_client_header_inflating_beyond_4_mib_is_refused_undecoded(trust_cluster):
+    """Decoding costs time in proportion to the inflated header: from a peer that is not a
+    registered stage, a header may inflate to 4 MiB at most (it is a few KiB on the wire)."""
+    import lz4.block
+    import msgpack
+
+    c = trust_cluster
+    if c.keys_dir:
+        pytest.skip("the plain run covers it")
+    d = _dealer(c, None)
+    try:
+        rest = msgpack.packb({"req": 1, "ids": [1] * (5 << 20)})
+        d.send_multipart([msgpack.packb({"v": 1, "type": P.GENERATE, "z": lz4.block.compress(rest)})])
+        r = _answer(d)
+        assert r["type"] == P.ERROR and r["code"] == P.E_TOO_LARGE, r
+    finally:
+        d.close()
+    assert _status(c)["ready"]
