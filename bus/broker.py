@@ -317,11 +317,7 @@ class Broker:
         standby they end with `not_ready` and the sessions wait for a stage to cover the range."""
         if dead.first < 0:
             return  # a standby (or a stage still to be placed) held no KV: nothing to replay
-        for s in self.sessions.values():
-            s.kv_len = 0  # the next request of an idle session replays its history
-            if s.req is not None and not s.paused:
-                s.paused = True
-                s.qs.clear()  # steps in flight are stale: `forward` drops them
+        self.forget_kv()
         self.cover_gaps()
         replan = any(n.place and n.state != DEAD for n in self.registry.nodes.values())  # placed stages move
         if any(s.paused for s in self.sessions.values()) and not self._covering() and not self.registry.ready() \
@@ -348,8 +344,21 @@ class Broker:
             sb.first, sb.last, sb.state = dead.first, dead.last, LOADING
             self.log(f"assigning {fmt_span(dead.first, dead.last)} of dead {dead.name} to standby {sb.name}")
             self.send_assign(sb)
-            for s in self.sessions.values():  # after ASSIGN: the stage builds its engine first
-                self.send(sb.ident, {"type": P.OPEN, "sid": s.sid})
+            self.open_sessions(sb)  # after ASSIGN: the stage builds its engine first
+
+    def forget_kv(self) -> None:
+        """What the stages hold of every session is gone (a range died, moved or joined anew):
+        idle sessions replay their history with their next request; running requests pause
+        (their steps in flight become stale, and are dropped) until `resume_paused`."""
+        for s in self.sessions.values():
+            s.kv_len = 0
+            if s.req is not None and not s.paused:
+                s.paused = True
+                s.qs.clear()
+
+    def open_sessions(self, node: Node) -> None:
+        for s in self.sessions.values():
+            self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
 
     def resume_paused(self) -> None:
         """The pipeline is whole again: replay each paused request's history from position 0 (the
@@ -540,17 +549,12 @@ class Broker:
             n.first, n.last, n.state = first, last, LOADING
             moved.append(n)
             self.send_assign(n)
-            for s in self.sessions.values():  # after ASSIGN: the stage builds its engine first
-                self.send(n.ident, {"type": P.OPEN, "sid": s.sid})
+            self.open_sessions(n)  # after ASSIGN: the stage builds its engine first
         if not moved:
             return
         self.log("placed: " + ", ".join(f"{by_name[p.name].name} {fmt_span(p.first + a, p.last + a)} ({p.mode})"
                                         for p in plan))
-        for s in self.sessions.values():
-            s.kv_len = 0  # moved ranges hold no KV: the next request replays its history
-            if s.req is not None and not s.paused:
-                s.paused = True
-                s.qs.clear()
+        self.forget_kv()  # moved ranges hold no KV
 
     # --- stages -------------------------------------------------------------------------------
     def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
@@ -627,12 +631,8 @@ class Broker:
         # A stage that joins late holds no KV: open every session on it and replay from history.
         # That includes running requests (a stage whose connection dropped registers again, and
         # the steps in flight were lost with the connection): they replay once the pipeline is whole.
-        for s in self.sessions.values():
-            self.send(ident, {"type": P.OPEN, "sid": s.sid})
-            s.kv_len = 0
-            if s.req is not None and not s.paused:
-                s.paused = True
-                s.qs.clear()
+        self.open_sessions(new)
+        self.forget_kv()
         if self.registry.ready() and h["state"] == "ready" and any(s.paused for s in self.sessions.values()):
             self.resume_paused()
         self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
