@@ -1,15 +1,14 @@
-"""dair-bus's event loop: registry, routing, sessions, tokenization, heartbeats, stats.
+"""dair-bus's event loop: sockets, dispatch, the stages' membership, routing, heartbeats, stats.
 
 One thread, one ROUTER for stages and clients, one PUB for stats. It never touches activation
 values: it reads each message's header, forwards the same frames (zero-copy) to the stage that
-owns the next layer, and turns token results into the next decode step.
+owns the next layer, and hands token results to the requests' rules (bus/requests.py), which
+turn them into the next decode step.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 import secrets
 import sys
 import time
@@ -23,25 +22,14 @@ from zmq.utils.monitor import recv_monitor_message
 from dair import security
 from dair.bus import protocol as P
 from dair.bus.registry import DEAD, LOADING, STANDBY, Node, Registry, fmt_span
-from dair.bus.sessions import Request, Session, common_prefix
+from dair.bus.requests import Requests
+from dair.bus.sessions import Session
 from dair.bus.trust import RefusalBudget, Refused, check_entries
-from dair.tokenizer import StreamDecoder
 
-# Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
-# stage 1 start on the next chunk while stage 2 runs this one.
-PREFILL_CHUNK = 256
-# An idle session unused for this long is closed (config [bus] session_idle_timeout_s), so
-# that sessions nobody comes back to do not hold KV caches on the stages forever.
-SESSION_IDLE_S = 600.0
 # Wait this long after a stage to be placed registers before planning, and at most
 # PLAN_WAIT_S for the registered budgets to hold the whole model (then plan anyway: they stream).
 PLAN_SETTLE_S = 0.5
 PLAN_WAIT_S = 10.0
-PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
-# Sampling seeds are 64-bit (engine.sampling); anything else is refused rather than wrapped.
-SEED_RANGE = range(0, 1 << 64)
-# max_tokens of a generate request: 0 (prompt only) up to this (the context ends it anyway).
-MAX_TOKENS_RANGE = range(0, 1 << 31)
 
 
 def _fmt_budget(n: int) -> str:
@@ -63,25 +51,15 @@ class Broker:
         self.stats_bind = P.stats_address(bind)
         self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
         self.liveness = int(bus["heartbeat_liveness"])
-        self.session_idle_s = float(bus.get("session_idle_timeout_s", SESSION_IDLE_S))
         # Told to clients (welcome, heartbeat replies): a new value means a restarted bus, which
         # has lost every session, so a client waiting for tokens can give up at once.
         self.boot = uuid.uuid4().hex[:12]
         self.stats_s = bus["stats_interval_ms"] / 1000.0
-        self.max_sessions = int(bus["max_sessions"])
-        self.max_per_client = int(bus["max_sessions_per_client"])
-        self.max_pending = int(bus.get("max_pending_per_client", 16))
         self.max_stages = int(bus.get("max_stages", 64))
         self.max_queued = int(bus.get("max_queued_msgs", 1000))
         self.max_frame = int(bus["max_frame_bytes"])
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
-        ctx_len = int(model.config.context_length)
-        self.max_context = min(int(bus["max_context"]) or ctx_len, ctx_len)
-        self.sampling = {k: v for k, v in cfg["sampling"].items() if k in PARAM_KEYS}
-        self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
-        self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
         self.registry = Registry(model.config.n_layers)
-        self.sessions: dict[str, Session] = {}
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
         self.client_seen: dict[bytes, float] = {}
@@ -89,14 +67,12 @@ class Broker:
         # The last time the loop had read every message waiting for it: silence is measured up
         # to here, so that a busy bus does not take its own backlog for dead stages.
         self.caught_up = time.monotonic()
-        # Decode steps held back for a moment to travel with another group (see hold_or_send).
-        self.held: list[dict[str, Any]] = []
         self.to_clients: list[tuple[bytes, dict[str, Any]]] = []
-        self.held_until = 0.0
-        self.tokens_total = 0
         self.act_bytes = 0
         self.act_rows = 0
-        self._q = 0
+        self.req = Requests(cfg, model, tokenizer, self.registry, send=self.send, tell=self.tell,
+                            route=self.forward, busy_at=self.busy_at, count=self.count, log=self.log)
+        self.sessions: dict[str, Session] = self.req.sessions  # the same dict: the requests own it
         self._running = True
         # Placement of stages started without --layers (replan): when to plan next (0 = no plan
         # pending), and since when budgets too small for the model have been waiting for more.
@@ -182,6 +158,11 @@ class Broker:
                             "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness,
                             "resume": n.resume})
 
+    def busy_at(self, ident: bytes) -> bool:
+        """Is a step at this stage right now (sent less than a second ago, not back yet)?"""
+        now = time.perf_counter()
+        return any(i == ident and now - t < 1.0 for i, t in self.inflight.values())
+
     def refuse(self, node: Node, n: int, msg: str) -> None:
         """A stage's message that is not its work: counted for the peer, charged to its budget,
         answered with one error (never acted on)."""
@@ -192,10 +173,6 @@ class Broker:
             self.log(f"refused from stage {node.name}: {msg}")
         self.reply_error(node.ident, P.E_REFUSED, msg)
 
-    def next_q(self) -> int:
-        self._q += 1
-        return self._q
-
     def model_info(self) -> dict[str, Any]:
         c = self.model.config
         title = str(getattr(self.model, "metadata", {}).get("general.name", "") or "")
@@ -203,7 +180,7 @@ class Broker:
                 "name": title or os.path.basename(str(self.model.path)),
                 "fingerprint": self.model.fingerprint, "n_layers": c.n_layers, "dim": c.dim,
                 "vocab_size": c.vocab_size, "context_length": c.context_length,
-                "max_context": self.max_context, "eos_ids": sorted(self.eos_ids),
+                "max_context": self.req.max_context, "eos_ids": sorted(self.req.eos_ids),
                 "bos_id": getattr(self.tok, "bos_id", None)}
 
     # --- loop ---------------------------------------------------------------------------------
@@ -217,7 +194,7 @@ class Broker:
             poller.register(self.router_mon, zmq.POLLIN)
         next_hb = next_stats = time.monotonic()
         while self._running:
-            due = min(next_hb, next_stats, self.held_until if self.held else next_hb)
+            due = min(next_hb, next_stats, self.req.held_until if self.req.held else next_hb)
             wait = max(0.0, due - time.monotonic())
             if poller.poll(min(wait, 0.2) * 1000):
                 for _ in range(1000):  # bounded drain, so timers still run under a flood
@@ -236,8 +213,8 @@ class Broker:
             if self.plan_due and now >= self.plan_due:
                 self.plan_due = 0.0
                 self.replan()
-            if self.held and now >= self.held_until:
-                self.release_held()
+            if self.req.held and now >= self.req.held_until:
+                self.req.release_held()
             if now >= next_hb:
                 self.heartbeat(now)
                 next_hb = now + self.hb_s
@@ -295,17 +272,8 @@ class Broker:
                 self.send(node.ident, beat)
         self.budget.prune(now)
         silence = self.hb_s * self.liveness
-        self.check_paused(now, 4 * silence)
-        for s in list(self.sessions.values()):
-            if s.req is not None:
-                continue  # a client waiting for a stream is not asked to prove it is alive
-            quiet = now - self.client_seen.get(s.client, now)
-            if quiet > silence:
-                self.log(f"closing session {s.sid}: its client has been silent for {quiet:.1f}s")
-                self.close_session(s)
-            elif now - s.last_active > self.session_idle_s:
-                self.log(f"closing session {s.sid}: unused for {self.session_idle_s:.0f}s")
-                self.close_session(s)
+        self.req.check_paused(now, 4 * silence, self._covering())
+        self.req.expire_idle(now, silence, self.client_seen)
         for ident, seen in list(self.client_seen.items()):
             if now - seen > silence and not any(s.client == ident for s in self.sessions.values()):
                 del self.client_seen[ident]
@@ -317,12 +285,12 @@ class Broker:
         standby they end with `not_ready` and the sessions wait for a stage to cover the range."""
         if dead.first < 0:
             return  # a standby (or a stage still to be placed) held no KV: nothing to replay
-        self.forget_kv()
+        self.req.forget_kv()
         self.cover_gaps()
         replan = any(n.place and n.state != DEAD for n in self.registry.nodes.values())  # placed stages move
         if any(s.paused for s in self.sessions.values()) and not self._covering() and not self.registry.ready() \
                 and not replan:
-            self.fail_paused(P.E_NOT_READY, f"stage {dead.name} ({fmt_span(dead.first, dead.last)}) died and "
+            self.req.fail_paused(P.E_NOT_READY, f"stage {dead.name} ({fmt_span(dead.first, dead.last)}) died and "
                              f"no standby stage is free; the session resumes (send the request again) "
                              f"once a stage covers {fmt_span(dead.first, dead.last)}")
 
@@ -346,51 +314,9 @@ class Broker:
             self.send_assign(sb)
             self.open_sessions(sb)  # after ASSIGN: the stage builds its engine first
 
-    def forget_kv(self) -> None:
-        """What the stages hold of every session is gone (a range died, moved or joined anew):
-        idle sessions replay their history with their next request; running requests pause
-        (their steps in flight become stale, and are dropped) until `resume_paused`."""
-        for s in self.sessions.values():
-            s.kv_len = 0
-            if s.req is not None and not s.paused:
-                s.paused = True
-                s.qs.clear()
-
     def open_sessions(self, node: Node) -> None:
         for s in self.sessions.values():
             self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
-
-    def resume_paused(self) -> None:
-        """The pipeline is whole again: replay each paused request's history from position 0 (the
-        new stage holds nothing), sampling the next token where the request left off."""
-        for s in self.sessions.values():
-            if not s.paused or s.req is None:
-                continue
-            s.paused, s.paused_t = False, 0.0
-            req = s.req
-            self.log(f"resuming session {s.sid}: replaying {len(s.history)} tokens")
-            if req.kind == "score":
-                req.positions = []
-                self.send_prompt(s, 0, s.history, "score", k=req.top_k)
-            else:
-                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params))
-
-    def check_paused(self, now: float, limit: float) -> None:
-        """A request paused for `limit` with no stage loading the missing range (a re-plan that
-        could not place it, say) ends with `not_ready` rather than hang."""
-        for s in list(self.sessions.values()):
-            if not s.paused or s.req is None:
-                continue
-            if not s.paused_t:
-                s.paused_t = now
-            elif now - s.paused_t > limit and not self._covering():
-                self.finish_error(s, P.E_NOT_READY, f"paused {now - s.paused_t:.0f}s for a lost stage and no "
-                                  "stage took its range: " + "; ".join(self.registry.problems()))
-
-    def fail_paused(self, code: str, msg: str) -> None:
-        for s in list(self.sessions.values()):
-            if s.paused and s.req is not None:
-                self.finish_error(s, code, msg)
 
     def on_frames(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
@@ -472,9 +398,10 @@ class Broker:
              P.TOKENS: self.on_tokens, P.ERROR: self.on_stage_error}[t](ident, node, h, body)
             return
         self.client_seen[ident] = time.monotonic()
-        handler = {P.HELLO: self.on_hello, P.STATUS: self.on_status, P.GENERATE: self.on_generate,
-                   P.SCORE: self.on_score, P.CANCEL: self.on_cancel, P.SESSION_OPEN: self.on_session_open,
-                   P.SESSION_CLOSE: self.on_session_close, P.HEARTBEAT: self.on_client_heartbeat,
+        r = self.req
+        handler = {P.HELLO: self.on_hello, P.STATUS: self.on_status, P.GENERATE: r.on_generate,
+                   P.SCORE: r.on_score, P.CANCEL: r.on_cancel, P.SESSION_OPEN: r.on_session_open,
+                   P.SESSION_CLOSE: r.on_session_close, P.HEARTBEAT: self.on_client_heartbeat,
                    P.ERROR: None}[t]
         if handler is not None:
             handler(ident, h)
@@ -554,7 +481,7 @@ class Broker:
             return
         self.log("placed: " + ", ".join(f"{by_name[p.name].name} {fmt_span(p.first + a, p.last + a)} ({p.mode})"
                                         for p in plan))
-        self.forget_kv()  # moved ranges hold no KV
+        self.req.forget_kv()  # moved ranges hold no KV
 
     # --- stages -------------------------------------------------------------------------------
     def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
@@ -632,9 +559,9 @@ class Broker:
         # That includes running requests (a stage whose connection dropped registers again, and
         # the steps in flight were lost with the connection): they replay once the pipeline is whole.
         self.open_sessions(new)
-        self.forget_kv()
+        self.req.forget_kv()
         if self.registry.ready() and h["state"] == "ready" and any(s.paused for s in self.sessions.values()):
-            self.resume_paused()
+            self.req.resume_paused()
         self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
 
     def previous_connection(self, ident: bytes, h: dict[str, Any], user: str) -> Node | None:
@@ -662,14 +589,14 @@ class Broker:
         node.rss = int(st.get("rss", node.rss) or 0)
         node.cpu = float(st.get("cpu", node.cpu) or 0.0)
         if node.live and any(s.paused for s in self.sessions.values()) and self.registry.ready():
-            self.resume_paused()
+            self.req.resume_paused()
 
     def on_stage_error(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         self.count(f"stage_{h['code']}")
         sid = h.get("sid")
         s = self.sessions.get(sid) if sid else None
         if s is not None and s.req is not None:
-            self.finish_error(s, h["code"], f"{node.name if node else 'stage'}: {h['msg']}")
+            self.req.finish_error(s, h["code"], f"{node.name if node else 'stage'}: {h['msg']}")
         elif not sid:
             self.log(f"stage {node.name if node else '?'} reports {h['code']}: {h['msg']}")
 
@@ -709,7 +636,7 @@ class Broker:
             for s in segs:
                 sess = self.sessions.get(s["sid"])
                 if sess is not None and s["q"] in sess.qs:
-                    self.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
+                    self.req.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
             return
         for s in segs:  # from now on only `owner` may answer for these steps
             sess = self.sessions.get(s["sid"])
@@ -726,7 +653,7 @@ class Broker:
             for s in segs:
                 sess = self.sessions.get(s["sid"])
                 if sess is not None and s["q"] in sess.qs:
-                    self.finish_error(sess, P.E_BUSY, f"stage {owner.name} has {self.max_queued} messages "
+                    self.req.finish_error(sess, P.E_BUSY, f"stage {owner.name} has {self.max_queued} messages "
                                       "queued (max_queued_msgs)")
 
     def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
@@ -751,15 +678,15 @@ class Broker:
                 continue  # cancelled or closed
             try:
                 if s.req.kind == "score":
-                    self.finish_score(s, r)
+                    self.req.finish_score(s, r)
                 else:
-                    step = self.on_token(s, r)
+                    step = self.req.on_token(s, r)
                     if step is not None:
                         steps.append(step)
             except (KeyError, TypeError, ValueError) as e:
                 self.count(P.E_BAD_FIELD)
-                self.finish_error(s, P.E_BAD_FIELD, f"malformed result from {node.name}: {e}")
-        self.hold_or_send(node, steps)
+                self.req.finish_error(s, P.E_BAD_FIELD, f"malformed result from {node.name}: {e}")
+        self.req.hold_or_send(node, steps)
 
     def stage_work(self, node: Node, entries: list[dict[str, Any]], what: str) -> list[tuple[Session, dict]] | None:
         """The entries of a stage's message that answer steps the bus gave that stage (None and
@@ -778,262 +705,6 @@ class Broker:
             return None
         return c.accepted
 
-    def hold_or_send(self, last: Node, steps: list[dict[str, Any]]) -> None:
-        """Send the next decode steps, or hold them until another group comes back.
-
-        Sessions whose steps travel apart (say, one group at stage 1 while another is at stage
-        3) each pay a full pass over every stage's weights. When another step is at the last
-        stage right now, it will be back within one stage's compute time: waiting for it merges
-        both groups into one batch for good, which on a CPU costs little more than either alone.
-        """
-        now = time.perf_counter()  # the clock of self.inflight
-        if self.held:
-            steps = self.held + steps
-            self.held = []
-        elif steps and any(ident == last.ident and now - t < 1.0 for ident, t in self.inflight.values()):
-            self.held = steps
-            p50 = last.compute_s.pct(50) or 0.005
-            self.held_until = time.monotonic() + min(0.05, max(0.002, 2.0 * p50))
-            return
-        self.send_step(steps)
-
-    def release_held(self) -> None:
-        steps, self.held = self.held, []
-        self.send_step(steps)
-
-    # --- sessions -----------------------------------------------------------------------------
-    def send_step(self, segs: list[dict[str, Any]]) -> None:
-        if not segs:
-            return
-        n = sum(len(s["ids"]) for s in segs)
-        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": segs}
-        self.forward(0, segs[0]["q"], P.encode(header, (), self.lz4_min), segs)
-
-    def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
-        q = self.next_q()
-        s.qs[q] = None  # made, not sent: nobody's to answer yet
-        return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
-
-    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
-        """ids[start:] as prefill steps of PREFILL_CHUNK tokens, sent at once (they pipeline)."""
-        for a in range(start, len(ids), PREFILL_CHUNK):
-            b = min(a + PREFILL_CHUNK, len(ids))
-            final = b == len(ids)
-            if out == "score":
-                extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}
-                self.send_step([self.make_step(s, a, ids[a:b], "score", **extra)])
-            else:
-                self.send_step([self.make_step(s, a, ids[a:b], out if final else "none",
-                                               **(last_extra if final else {}))])
-
-    def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
-        if len(self.sessions) >= self.max_sessions:
-            raise P.ProtocolError(P.E_BUSY, f"the bus holds {len(self.sessions)} sessions (max_sessions)")
-        mine = sum(1 for s in self.sessions.values() if s.client == client)
-        if mine >= self.max_per_client:
-            raise P.ProtocolError(P.E_BUSY, f"this client holds {mine} sessions (max_sessions_per_client)")
-        merged = self.clean_params(dict(self.sampling), params)
-        if merged.get("seed") is None:
-            # A seed fixed per session makes a replayed generation sample the same tokens.
-            merged["seed"] = random.getrandbits(31)
-        s = Session(sid=uuid.uuid4().hex[:12], client=client, ephemeral=ephemeral, params=merged)
-        self.sessions[s.sid] = s
-        for node in self.registry.live():
-            self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
-        return s
-
-    def clean_params(self, base: dict[str, Any], update: dict[str, Any] | None) -> dict[str, Any]:
-        """base overlaid with the known sampling settings of update, checked here rather than
-        failing later on the last stage."""
-        from dair.engine.sampling import SamplingParams
-
-        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS}}
-        # NaN passes every range check (comparisons are false) and would sample garbage.
-        bad = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
-        if bad:
-            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {', '.join(bad)} not a finite number")
-        seed = merged.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed not in SEED_RANGE):
-            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: seed {seed!r} is not an integer in "
-                                  f"0..2^64-1")
-        try:
-            SamplingParams.from_dict({k: v for k, v in merged.items() if v is not None})
-        except Exception as e:
-            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {e}") from None
-        return merged
-
-    def close_session(self, s: Session) -> None:
-        self.sessions.pop(s.sid, None)
-        for node in self.registry.live():
-            self.send(node.ident, {"type": P.CLOSE, "sid": s.sid})
-
-    def client_session(self, ident: bytes, sid: str) -> Session:
-        s = self.sessions.get(sid)
-        if s is None or s.client != ident:
-            raise P.ProtocolError(P.E_UNKNOWN_SESSION, f"unknown session {sid!r}")
-        return s
-
-    def require_ready(self) -> None:
-        if not self.registry.ready():
-            raise P.ProtocolError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(self.registry.problems()))
-
-    def encode_prompt(self, h: dict[str, Any]) -> list[int]:
-        try:
-            if "ids" in h:
-                ids = list(h["ids"])
-            elif "text" in h:
-                ids = self.tok.encode(h["text"])
-            else:
-                msgs = h["messages"]
-                if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in msgs):
-                    raise P.ProtocolError(P.E_BAD_FIELD, "messages: each needs 'role' and 'content' strings")
-                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
-        except P.ProtocolError:
-            raise
-        except Exception as e:
-            raise P.ProtocolError(P.E_BAD_FIELD, f"cannot tokenize: {e}") from None
-        vocab = self.model.config.vocab_size
-        if any(i >= vocab for i in ids):
-            raise P.ProtocolError(P.E_BAD_FIELD, f"token id beyond the vocabulary ({vocab})")
-        if not ids:
-            raise P.ProtocolError(P.E_BAD_FIELD, "empty prompt")
-        if len(ids) >= self.max_context:
-            raise P.ProtocolError(P.E_CONTEXT, f"prompt of {len(ids)} tokens does not fit the maximum "
-                                  f"context of {self.max_context} tokens")
-        return ids
-
-    def check_pending(self, ident: bytes) -> None:
-        running = sum(1 for s in self.sessions.values() if s.req is not None and s.req.client == ident)
-        if running >= self.max_pending:
-            raise P.ProtocolError(P.E_BUSY, f"this client has {running} requests running (max_pending_per_client)")
-
-    def on_generate(self, ident: bytes, h: dict[str, Any]) -> None:
-        self.require_ready()
-        self.check_pending(ident)
-        ids = self.encode_prompt(h)
-        # 0 means 0 (the prompt only, as in-process); absent means the configured default.
-        max_tokens = self.default_max_tokens if h.get("max_tokens") is None else h["max_tokens"]
-        if max_tokens not in MAX_TOKENS_RANGE:
-            raise P.ProtocolError(P.E_BAD_FIELD, f"max_tokens {max_tokens}: expected 0..{MAX_TOKENS_RANGE.stop - 1}")
-        if "sid" in h:
-            s = self.client_session(ident, h["sid"])
-            if s.req is not None:
-                raise P.ProtocolError(P.E_BUSY, f"session {s.sid} is already generating")
-            if h.get("params"):
-                s.params = self.clean_params(s.params, h["params"])
-        else:
-            s = self.new_session(ident, h.get("params"), ephemeral=True)
-        stop = frozenset(int(i) for i in h["stop_ids"]) if "stop_ids" in h else self.eos_ids
-        keep = min(common_prefix(s.history[:s.kv_len], ids), len(ids) - 1)
-        s.history = list(ids)
-        s.kv_len = keep
-        s.last_active = time.monotonic()
-        s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
-                        stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids),
-                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
-        if max_tokens <= 0:
-            self.finish(s, "length")
-            return
-        self.send_prompt(s, keep, ids, "sample", p=dict(s.params))
-
-    def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
-        req = s.req
-        assert req is not None
-        tok, pos = int(r["id"]), int(r["pos"])
-        now = time.perf_counter()
-        if req.t_first is None:
-            req.t_first = now
-        s.kv_len = pos
-        del s.history[pos:]
-        s.history.append(tok)
-        req.generated.append(tok)
-        s.tokens += 1
-        self.tokens_total += 1
-        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), never streamed
-            self.finish(s, "eos")
-            return None
-        piece = req.text.feed(tok) if req.text is not None else ""
-        if req.stream:
-            self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
-                                   "text": piece})
-        if len(req.generated) >= req.max_tokens or pos + 1 >= self.max_context:
-            self.finish(s, "length")
-            return None
-        return self.make_step(s, pos, [tok], "sample")
-
-    def timings(self, req: Request) -> dict[str, float]:
-        end = time.perf_counter()
-        first = req.t_first if req.t_first is not None else end
-        prefill_s, decode_s = first - req.t0, end - first
-        n_dec = max(0, len(req.generated) - 1)
-        return {"prefill_s": prefill_s, "decode_s": decode_s,
-                "prefill_tok_s": req.n_new_prompt / prefill_s if prefill_s > 0 else 0.0,
-                "decode_tok_s": n_dec / decode_s if decode_s > 0 and n_dec else 0.0}
-
-    def finish(self, s: Session, stop: str) -> None:
-        req = s.req
-        assert req is not None
-        timings = self.timings(req)
-        s.last_tok_s = timings["decode_tok_s"]
-        s.end()
-        self.tell(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
-                               "ids": req.generated, "text": self.tok.decode(req.generated),
-                               "n_prompt": req.n_prompt, "timings": timings})
-        if s.ephemeral:
-            self.close_session(s)
-
-    def finish_error(self, s: Session, code: str, msg: str) -> None:
-        req = s.end()
-        if req is not None:
-            self.count(code)
-            self.tell(req.client, P.error(code, msg, sid=s.sid, req=req.req))
-        if s.ephemeral:
-            self.close_session(s)
-        else:
-            s.kv_len = 0  # what the stages hold is unknown now: replay from history next time
-
-    def fail_running(self, code: str, msg: str) -> None:
-        for s in list(self.sessions.values()):
-            if s.req is not None:
-                self.finish_error(s, code, msg)
-
-    def on_score(self, ident: bytes, h: dict[str, Any]) -> None:
-        self.require_ready()
-        if not 0 < h["top_k"] <= 1000:
-            raise P.ProtocolError(P.E_BAD_FIELD, "score: top_k must be in 1..1000")
-        self.check_pending(ident)
-        ids = self.encode_prompt(h)
-        s = self.new_session(ident, None, ephemeral=True)
-        s.history = list(ids)
-        s.req = Request(req=h["req"], client=ident, kind="score", top_k=h["top_k"], n_prompt=len(ids))
-        self.send_prompt(s, 0, ids, "score", k=h["top_k"])
-
-    def finish_score(self, s: Session, r: dict[str, Any]) -> None:
-        req = s.req
-        assert req is not None
-        req.positions += [{"top": top, "logprob_next": lp} for top, lp in zip(r["top"], r["lp"], strict=True)]
-        if s.qs:
-            return  # chunks still to come (they arrive in order)
-        s.end()
-        self.tell(req.client, {"type": P.SCORED, "req": req.req, "positions": req.positions})
-        self.close_session(s)
-
-    def on_cancel(self, ident: bytes, h: dict[str, Any]) -> None:
-        s = self.client_session(ident, h["sid"])
-        if s.req is not None and s.req.kind == "generate":
-            self.finish(s, "cancel")
-
-    def on_session_open(self, ident: bytes, h: dict[str, Any]) -> None:
-        s = self.new_session(ident, h.get("params"), ephemeral=False)
-        self.tell(ident, {"type": P.OPENED, "req": h["req"], "sid": s.sid})
-
-    def on_session_close(self, ident: bytes, h: dict[str, Any]) -> None:
-        s = self.client_session(ident, h["sid"])
-        if s.req is not None and s.req.kind == "generate":
-            self.finish(s, "cancel")
-        self.close_session(s)
-        self.tell(ident, {"type": P.CLOSED, "sid": s.sid, "req": h.get("req")})
 
     # --- clients ------------------------------------------------------------------------------
     def on_hello(self, ident: bytes, h: dict[str, Any]) -> None:
@@ -1060,7 +731,7 @@ class Broker:
         return {"ready": self.registry.ready(), "problems": self.registry.problems(),
                 "n_layers": self.registry.n_layers, "nodes": [n.to_stats(now) for n in nodes],
                 "sessions": [s.to_stats() for s in self.sessions.values()], "model": self.model_info(),
-                "totals": {"tokens": self.tokens_total, "act_bytes": self.act_bytes, "act_rows": self.act_rows,
+                "totals": {"tokens": self.req.tokens_total, "act_bytes": self.act_bytes, "act_rows": self.act_rows,
                            "bytes_per_token_hop": self.act_bytes / self.act_rows if self.act_rows else 0.0},
                 "counters": {**self.counters, **({"refused_keys": self.gate.refused} if self.gate else {})},
                 "t": time.time()}

@@ -72,7 +72,7 @@ class Node:
     resume: str = ""
     # Messages and entries refused from this peer (work it was never given, or too much of it),
     # stale results (steps superseded by a cancel or a failover), and messages dropped unread
-    # because it exceeded its budget of refusals (see broker.RefusalBudget).
+    # because it exceeded its budget of refusals (see trust.RefusalBudget).
     refused: int = 0
     stale: int = 0
     rate_limited: int = 0
