@@ -161,6 +161,10 @@ class BusClient:
             h = self._recv_one(deadline - time.monotonic())
             if h is None:
                 raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}")
+            if h["type"] == P.ERROR and h.get("req") is None:
+                # The bus answered, and said no (a stage key used by a client, say): say that,
+                # not that nothing answered.
+                raise BusError(h["code"], h["msg"])
             if h["type"] == P.WELCOME:
                 self.welcome = h
                 self._on_beat(h)

@@ -60,6 +60,8 @@ E_BUSY = "busy"
 E_ENGINE = "engine"
 # A CURVE peer whose key role (stage or client) may not send this message type.
 E_FORBIDDEN = "forbidden"
+# A stage's activation or result for work the bus did not give it (bus/trust.py).
+E_REFUSED = "refused"
 # Raised by clients (never sent): the bus answering them is a new process that lost their sessions.
 E_BUS_RESTARTED = "bus_restarted"
 
@@ -82,10 +84,13 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "pid": (_INT, True), "rss": (_INT, True), "threads": (_INT, True),
                "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False),
                "standby": (_BOOL, False),
+               "resume": (_STR, False),
                "place": (_BOOL, False), "speed": (_NUM, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
-             "heartbeat_ms": (_INT, True), "liveness": (_INT, True)},
-    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False), "boot": (_STR, False)},
+             "heartbeat_ms": (_INT, True), "liveness": (_INT, True),
+             "resume": (_STR, False)},
+    HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False), "boot": (_STR, False),
+                "sids": (_LIST, False)},
     OPEN: {"sid": (_STR, True)},
     CLOSE: {"sid": (_STR, True)},
     ACT: {"layer": (_INT, True), "dtype": (_STR, True), "shape": (_LIST, True),
@@ -175,8 +180,12 @@ def _frame_bytes(frame: Any) -> bytes | memoryview:
     return frame.buffer if hasattr(frame, "buffer") else frame
 
 
-def decode(frames: Sequence[Any], max_bytes: int = 64 << 20) -> tuple[dict[str, Any], list[Any]]:
-    """Validate and decode frames (bytes or zmq.Frame) into (header, buffers). Raises ProtocolError."""
+def decode(frames: Sequence[Any], max_bytes: int = 64 << 20,
+           max_inflated: int = MAX_HEADER_BYTES * 8) -> tuple[dict[str, Any], list[Any]]:
+    """Validate and decode frames (bytes or zmq.Frame) into (header, buffers). Raises ProtocolError.
+
+    A compressed header may inflate to at most `max_inflated` bytes: decoding costs time in
+    proportion, so a receiver bounds it by what the sender may legitimately send."""
     if not frames:
         raise ProtocolError(E_BAD_FRAME, "empty message")
     if len(frames) > MAX_FRAMES:
@@ -196,7 +205,7 @@ def decode(frames: Sequence[Any], max_bytes: int = 64 << 20) -> tuple[dict[str, 
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
         raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {mtype!r}")
     if "z" in header:
-        header = _inflate(header, max_bytes)
+        header = _inflate(header, min(max_bytes, max_inflated))
     validate(header)
     buffers = list(frames[1:])
     _check_buffers(header, buffers)
@@ -209,7 +218,7 @@ def _inflate(header: dict[str, Any], max_bytes: int) -> dict[str, Any]:
         raise ProtocolError(E_BAD_FIELD, "field 'z' is not an lz4 block")
     (size,) = struct.unpack_from("<I", z)
     # Checked before decompressing, so that a forged size cannot make us allocate gigabytes.
-    if size > min(max_bytes, MAX_HEADER_BYTES * 8):
+    if size > max_bytes:
         raise ProtocolError(E_TOO_LARGE, f"compressed header claims {size} bytes")
     try:
         rest = msgpack.unpackb(lz4.block.decompress(z), raw=False, strict_map_key=True)

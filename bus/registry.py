@@ -17,6 +17,8 @@ DEAD = "dead"
 # Registered without layers (dair-stage --standby): waits for the bus to assign a dead stage's range.
 STANDBY = "standby"
 LIVE_STATES = (READY, BUSY, STREAMING)
+# How far back a stage's long silences count towards its timeout (Node.silence_limit).
+GAP_WINDOW_S = 120.0
 
 
 class Samples:
@@ -65,6 +67,33 @@ class Node:
     speed: float = 1.0
     fd: int = -1  # the bus-side socket of its connection (ZMQ_SRCFD), to match disconnect events
     dropped_at: float = 0.0  # monotonic time its connection closed (0: connected)
+    # Given to the stage (in ASSIGN) over this connection only: a registration from a new
+    # connection that presents it is the same stage process, which lost its connection to us.
+    resume: str = ""
+    # Messages and entries refused from this peer (work it was never given, or too much of it),
+    # stale results (steps superseded by a cancel or a failover), and messages dropped unread
+    # because it exceeded its budget of refusals (see trust.RefusalBudget).
+    refused: int = 0
+    stale: int = 0
+    rate_limited: int = 0
+    # Long silences between its messages (monotonic time, gap) of the last GAP_WINDOW_S: the
+    # silence that declares it dead grows with them (a loaded machine is slow, not dead).
+    long_gaps: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=32))
+
+    def heard(self, now: float, long_gap: float) -> None:
+        """A message from it arrived (any traffic counts as life)."""
+        gap = now - self.last_seen
+        if gap > long_gap:
+            self.long_gaps.append((now, gap))
+        self.last_seen = now
+
+    def silence_limit(self, now: float, base: float) -> float:
+        """How long it may be silent before it is declared dead: `base`, or three times the
+        longest gap it has shown lately, at most 4 x base (a hung stage is still found)."""
+        while self.long_gaps and now - self.long_gaps[0][0] > GAP_WINDOW_S:
+            self.long_gaps.popleft()
+        longest = max((g for _, g in self.long_gaps), default=0.0)
+        return min(4.0 * base, max(base, 3.0 * longest))
 
     @property
     def live(self) -> bool:
@@ -92,6 +121,7 @@ class Node:
             "batches": int(self.stage_stats.get("batches", 0)),
             "max_batch": int(self.stage_stats.get("max_batch", 0)),
             "key": self.user, "place": self.place, "speed": self.speed,
+            "refused": self.refused, "stale": self.stale, "rate_limited": self.rate_limited,
             # AirLLM residency (issue 6), as the stage's engine reports it.
             "mode": str(self.stage_stats.get("mode", "")),
             "range_bytes": int(self.stage_stats.get("range_bytes", 0) or 0),
@@ -179,11 +209,23 @@ class Registry:
         serving = [n for n in self.nodes.values() if n.live]
         return not coverage_problems([(n.first, n.last) for n in serving], self.n_layers)
 
-    def expire(self, now: float, timeout_s: float) -> list[Node]:
-        """Mark silent nodes dead; return the ones that just died."""
+    def held_by(self, ident: bytes, sessions: Any) -> int:
+        """Steps in flight that the bus last sent to the peer `ident` (over `sessions`)."""
+        return sum(1 for s in sessions for holder in s.qs.values() if holder == ident)
+
+    def expire(self, now: float, timeout_s: float, caught_up: float | None = None) -> list[Node]:
+        """Mark silent nodes dead; return the ones that just died.
+
+        Silence is measured up to `caught_up`, the last time the bus had read every message
+        waiting for it: a message still queued in the bus's socket is not silence. A bus that
+        never catches up still declares a node dead after 4 x its limit."""
+        seen_upto = now if caught_up is None else min(now, caught_up)
         died = []
         for n in self.nodes.values():
-            if n.state != DEAD and now - n.last_seen > timeout_s:
+            if n.state == DEAD:
+                continue
+            limit = n.silence_limit(now, timeout_s)
+            if seen_upto - n.last_seen > limit or now - n.last_seen > 4.0 * limit:
                 n.state = DEAD
                 died.append(n)
         return died

@@ -44,7 +44,10 @@ class Session:
     params: dict[str, Any]
     history: list[int] = field(default_factory=list)
     kv_len: int = 0
-    qs: set[int] = field(default_factory=set)  # steps in flight; results for any other step are stale
+    # Steps in flight -> the stage each was last sent to (None: made, not sent yet). Results for
+    # any other step are stale; a result or activation for one of these from any other peer is
+    # refused (a peer is trusted only for the work the bus gave it).
+    qs: dict[int, bytes | None] = field(default_factory=dict)
     req: Request | None = None
     # The request lost a stage and waits for a standby to take its range, then replays history.
     paused: bool = False

@@ -110,7 +110,7 @@ class Compute:
 
     def _control(self, header: dict[str, Any]) -> None:
         t = header["type"]
-        if t in (P.OPEN, P.CLOSE) and self.engine is None:
+        if t in (P.OPEN, P.CLOSE, P.HEARTBEAT) and self.engine is None:
             return  # a standby holds no sessions (the bus opens them again after ASSIGN)
         if t == P.OPEN:
             sid = header["sid"]
@@ -122,6 +122,14 @@ class Compute:
             # Idempotent: the bus closes ephemeral sessions on every stage.
             if self.sessions.pop(header["sid"], None) is not None:
                 self.engine.close_session(header["sid"])
+        elif t == P.HEARTBEAT:
+            # The bus's sessions when it sent this beat (messages arrive in order, so every session
+            # opened before it is listed): any other is one whose `close` never reached us.
+            live = {sid for sid in header["sids"] if isinstance(sid, str)}
+            for sid in [sid for sid in self.sessions if sid not in live]:
+                del self.sessions[sid]
+                self.engine.close_session(sid)
+                self.count("sessions_expired")
         elif t == P.ASSIGN:
             if (header["first"], header["last"]) != (self.first, self.last):
                 try:

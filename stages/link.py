@@ -3,7 +3,9 @@
 The main thread receives, validates and computes (no thread hand-off on the critical path of a
 token); a heartbeat thread sends heartbeats through the same socket, under a lock, so they keep
 flowing while a long prefill runs (the kernels release the GIL). The socket is never used by
-two threads at once.
+two threads at once. A beat that finds the lock taken is sent by the main thread the next time
+it holds the lock (`_beat_due`): Python locks are not fair, and a main thread polling in a
+tight loop would otherwise starve the heartbeat thread on a loaded machine.
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ class Link:
         self._lost = False
         self._monitor: zmq.Socket | None = None
         self._dropped = False
+        self._beat_due = threading.Event()
+        # Given by the bus in ASSIGN over our connection: presented when we register again on a
+        # new one, it proves we are the stage that held our range (see Broker.previous_connection).
+        self.resume = ""
 
     # --- socket (callers hold self._lock) ------------------------------------------------------
     def _connect(self) -> None:
@@ -96,6 +102,7 @@ class Link:
                     "pid": os.getpid(), "rss": self.proc.memory_info().rss,
                     "threads": self.compute.threads, "wire": self.compute.wire,
                     "state": self.compute.state, "max_ram": int(self.compute.max_ram or 0),
+                    **({"resume": self.resume} if self.resume else {}),
                     **({"place": True, "speed": float(self.speed)} if self.place
                        else {"standby": True} if self.compute.first < 0 else {})})
 
@@ -118,7 +125,8 @@ class Link:
         eng = c.engine
         return {"rss": self.proc.memory_info().rss, "cpu": self.proc.cpu_percent(None),
                 "sessions": len(c.sessions), "bad_frames": sum(v for k, v in c.counters.items()
-                                                               if k not in ("send_dropped", P.E_ENGINE)),
+                                                               if k not in ("send_dropped", P.E_ENGINE,
+                                                                             "sessions_expired")),
                 "counters": dict(c.counters), "msgs_in": self.msgs_in, "msgs_out": self.msgs_out,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "batches": c.batches,
                 "batched_segments": c.batched_segments, "max_batch": c.max_batch_seen,
@@ -139,16 +147,27 @@ class Link:
         return "streaming" if _residency_stats(c.engine).get("mode") == "streaming" else "ready"
 
     def _heartbeat(self) -> None:
-        header = {"type": P.HEARTBEAT, "t": time.time(), "state": self._shown_state(), "stats": self.stats()}
         with self._lock:
-            self._send(header)
+            self._beat_locked()
+
+    def _beat_locked(self) -> None:
+        """Send a heartbeat (the caller holds self._lock)."""
+        self._beat_due.clear()
+        self._send({"type": P.HEARTBEAT, "t": time.time(), "state": self._shown_state(), "stats": self.stats()})
 
     def _heartbeats(self) -> None:
         while not self._stopping.wait(self.heartbeat_s):
-            try:
-                self._heartbeat()
-            except zmq.ZMQError:
-                pass  # the socket is being replaced or closed
+            self._beat_due.set()
+            # Whoever holds the lock first sends it: this thread, or the main thread between its
+            # polls (see _receive).
+            if self._lock.acquire(timeout=self.heartbeat_s / 2):
+                try:
+                    if self._beat_due.is_set() and self.dealer is not None:
+                        self._beat_locked()
+                except zmq.ZMQError:
+                    pass  # the socket is being replaced or closed
+                finally:
+                    self._lock.release()
 
     # --- loop -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -234,6 +253,8 @@ class Link:
         raw: list[list[Any]] = []
         with self._lock:
             assert self.dealer is not None
+            if self._beat_due.is_set():
+                self._beat_locked()
             while self._monitor is not None and self._monitor.poll(0):
                 if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
                     self._dropped = True
@@ -269,7 +290,8 @@ class Link:
             self.compute.outbox.append(P.encode(P.error(e.code, e.msg)))
             return None
         if t == P.HEARTBEAT:
-            return None
+            # Passed on in order with open/close: the sessions the bus held when it sent this.
+            return (header, buffers) if isinstance(header.get("sids"), list) else None
         if t == P.ERROR:
             if header.get("fatal"):
                 raise StageRefused(header["msg"])
@@ -277,6 +299,8 @@ class Link:
             return None
         if t == P.ASSIGN:
             self.node = header["node"]
+            if isinstance(header.get("resume"), str):
+                self.resume = header["resume"]
             self.heartbeat_s = header["heartbeat_ms"] / 1000.0
             self.liveness = header["liveness"]
             standby = header["first"] == header["last"] == -1

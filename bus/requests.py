@@ -1,0 +1,381 @@
+"""Requests as the bus schedules them: sessions, prompts cut into steps, tokens, batching, the end.
+
+This object owns the sessions and every rule about them, and no socket: it talks through the
+callbacks it is given (`send` to a stage, `tell` a client, `route` a step into the pipeline), so
+its rules run in one process in tests (tests/test_requests.py). `Broker` owns the sockets and
+the stages' membership, and hands it the messages of clients and the results of the last stage.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from dair.bus import protocol as P
+from dair.bus.registry import Node, Registry
+from dair.bus.sessions import Request, Session, common_prefix
+from dair.tokenizer import StreamDecoder
+
+# Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
+# stage 1 start on the next chunk while stage 2 runs this one.
+PREFILL_CHUNK = 256
+# An idle session unused for this long is closed (config [bus] session_idle_timeout_s), so
+# that sessions nobody comes back to do not hold KV caches on the stages forever.
+SESSION_IDLE_S = 600.0
+PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+# Sampling seeds are 64-bit (engine.sampling); anything else is refused rather than wrapped.
+SEED_RANGE = range(0, 1 << 64)
+# max_tokens of a generate request: 0 (prompt only) up to this (the context ends it anyway).
+MAX_TOKENS_RANGE = range(0, 1 << 31)
+
+Send = Callable[[bytes, dict[str, Any]], None]
+
+
+class Requests:
+    def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, registry: Registry, *,
+                 send: Send, tell: Send, route: Callable[[int, int, list[Any], list[dict[str, Any]]], None],
+                 busy_at: Callable[[bytes], bool], count: Callable[[str], None],
+                 log: Callable[[str], None]) -> None:
+        """send(stage, header): to a stage; tell(client, header): to a client, after the stage
+        traffic of the current message; route(layer, step, frames, segs): a step into the
+        pipeline; busy_at(stage): whether a step is at that stage right now (hold_or_send)."""
+        bus = cfg["bus"]
+        self.model = model
+        self.tok = tokenizer
+        self.registry = registry
+        self.send, self.tell, self.route, self.busy_at = send, tell, route, busy_at
+        self.count, self.log = count, log
+        self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
+        self.session_idle_s = float(bus.get("session_idle_timeout_s", SESSION_IDLE_S))
+        self.max_sessions = int(bus["max_sessions"])
+        self.max_per_client = int(bus["max_sessions_per_client"])
+        self.max_pending = int(bus.get("max_pending_per_client", 16))
+        ctx_len = int(model.config.context_length)
+        self.max_context = min(int(bus["max_context"]) or ctx_len, ctx_len)
+        self.sampling = {k: v for k, v in cfg["sampling"].items() if k in PARAM_KEYS}
+        self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
+        self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
+        self.sessions: dict[str, Session] = {}
+        # Decode steps held back for a moment to travel with another group (see hold_or_send).
+        self.held: list[dict[str, Any]] = []
+        self.held_until = 0.0
+        self.tokens_total = 0
+        self._q = 0
+
+    def expire_idle(self, now: float, silence: float, client_seen: dict[bytes, float]) -> None:
+        """Close the sessions of clients silent for `silence`, and sessions unused for
+        session_idle_timeout_s (a client waiting for a stream is not asked to prove it is alive)."""
+        for s in list(self.sessions.values()):
+            if s.req is not None:
+                continue
+            quiet = now - client_seen.get(s.client, now)
+            if quiet > silence:
+                self.log(f"closing session {s.sid}: its client has been silent for {quiet:.1f}s")
+                self.close_session(s)
+            elif now - s.last_active > self.session_idle_s:
+                self.log(f"closing session {s.sid}: unused for {self.session_idle_s:.0f}s")
+                self.close_session(s)
+
+    def forget_kv(self) -> None:
+        """What the stages hold of every session is gone (a range died, moved or joined anew):
+        idle sessions replay their history with their next request; running requests pause
+        (their steps in flight become stale, and are dropped) until `resume_paused`."""
+        for s in self.sessions.values():
+            s.kv_len = 0
+            if s.req is not None and not s.paused:
+                s.paused = True
+                s.qs.clear()
+
+    def resume_paused(self) -> None:
+        """The pipeline is whole again: replay each paused request's history from position 0 (the
+        new stage holds nothing), sampling the next token where the request left off."""
+        for s in self.sessions.values():
+            if not s.paused or s.req is None:
+                continue
+            s.paused, s.paused_t = False, 0.0
+            req = s.req
+            self.log(f"resuming session {s.sid}: replaying {len(s.history)} tokens")
+            if req.kind == "score":
+                req.positions = []
+                self.send_prompt(s, 0, s.history, "score", k=req.top_k)
+            else:
+                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params))
+
+    def check_paused(self, now: float, limit: float, covering: bool) -> None:
+        """A request paused for `limit` with no stage loading the missing range (a re-plan that
+        could not place it, say) ends with `not_ready` rather than hang."""
+        for s in list(self.sessions.values()):
+            if not s.paused or s.req is None:
+                continue
+            if not s.paused_t:
+                s.paused_t = now
+            elif now - s.paused_t > limit and not covering:
+                self.finish_error(s, P.E_NOT_READY, f"paused {now - s.paused_t:.0f}s for a lost stage and no "
+                                  "stage took its range: " + "; ".join(self.registry.problems()))
+
+    def fail_paused(self, code: str, msg: str) -> None:
+        for s in list(self.sessions.values()):
+            if s.paused and s.req is not None:
+                self.finish_error(s, code, msg)
+
+    def hold_or_send(self, last: Node, steps: list[dict[str, Any]]) -> None:
+        """Send the next decode steps, or hold them until another group comes back.
+
+        Sessions whose steps travel apart (say, one group at stage 1 while another is at stage
+        3) each pay a full pass over every stage's weights. When another step is at the last
+        stage right now, it will be back within one stage's compute time: waiting for it merges
+        both groups into one batch for good, which on a CPU costs little more than either alone.
+        """
+        if self.held:
+            steps = self.held + steps
+            self.held = []
+        elif steps and self.busy_at(last.ident):
+            self.held = steps
+            p50 = last.compute_s.pct(50) or 0.005
+            self.held_until = time.monotonic() + min(0.05, max(0.002, 2.0 * p50))
+            return
+        self.send_step(steps)
+
+    def release_held(self) -> None:
+        steps, self.held = self.held, []
+        self.send_step(steps)
+
+    def send_step(self, segs: list[dict[str, Any]]) -> None:
+        if not segs:
+            return
+        n = sum(len(s["ids"]) for s in segs)
+        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": segs}
+        self.route(0, segs[0]["q"], P.encode(header, (), self.lz4_min), segs)
+
+    def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
+        q = self.next_q()
+        s.qs[q] = None  # made, not sent: nobody's to answer yet
+        return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
+
+    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
+        """ids[start:] as prefill steps of PREFILL_CHUNK tokens, sent at once (they pipeline)."""
+        for a in range(start, len(ids), PREFILL_CHUNK):
+            b = min(a + PREFILL_CHUNK, len(ids))
+            final = b == len(ids)
+            if out == "score":
+                extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}
+                self.send_step([self.make_step(s, a, ids[a:b], "score", **extra)])
+            else:
+                self.send_step([self.make_step(s, a, ids[a:b], out if final else "none",
+                                               **(last_extra if final else {}))])
+
+    def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
+        if len(self.sessions) >= self.max_sessions:
+            raise P.ProtocolError(P.E_BUSY, f"the bus holds {len(self.sessions)} sessions (max_sessions)")
+        mine = sum(1 for s in self.sessions.values() if s.client == client)
+        if mine >= self.max_per_client:
+            raise P.ProtocolError(P.E_BUSY, f"this client holds {mine} sessions (max_sessions_per_client)")
+        merged = self.clean_params(dict(self.sampling), params)
+        if merged.get("seed") is None:
+            # A seed fixed per session makes a replayed generation sample the same tokens.
+            merged["seed"] = random.getrandbits(31)
+        s = Session(sid=uuid.uuid4().hex[:12], client=client, ephemeral=ephemeral, params=merged)
+        self.sessions[s.sid] = s
+        for node in self.registry.live():
+            self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
+        return s
+
+    def clean_params(self, base: dict[str, Any], update: dict[str, Any] | None) -> dict[str, Any]:
+        """base overlaid with the known sampling settings of update, checked here rather than
+        failing later on the last stage."""
+        from dair.engine.sampling import SamplingParams
+
+        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS}}
+        # NaN passes every range check (comparisons are false) and would sample garbage.
+        bad = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {', '.join(bad)} not a finite number")
+        seed = merged.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed not in SEED_RANGE):
+            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: seed {seed!r} is not an integer in "
+                                  f"0..2^64-1")
+        try:
+            SamplingParams.from_dict({k: v for k, v in merged.items() if v is not None})
+        except Exception as e:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"sampling settings: {e}") from None
+        return merged
+
+    def close_session(self, s: Session) -> None:
+        self.sessions.pop(s.sid, None)
+        for node in self.registry.live():
+            self.send(node.ident, {"type": P.CLOSE, "sid": s.sid})
+
+    def client_session(self, ident: bytes, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.client != ident:
+            raise P.ProtocolError(P.E_UNKNOWN_SESSION, f"unknown session {sid!r}")
+        return s
+
+    def require_ready(self) -> None:
+        if not self.registry.ready():
+            raise P.ProtocolError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(self.registry.problems()))
+
+    def encode_prompt(self, h: dict[str, Any]) -> list[int]:
+        try:
+            if "ids" in h:
+                ids = list(h["ids"])
+            elif "text" in h:
+                ids = self.tok.encode(h["text"])
+            else:
+                msgs = h["messages"]
+                if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in msgs):
+                    raise P.ProtocolError(P.E_BAD_FIELD, "messages: each needs 'role' and 'content' strings")
+                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
+        except P.ProtocolError:
+            raise
+        except Exception as e:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"cannot tokenize: {e}") from None
+        vocab = self.model.config.vocab_size
+        if any(i >= vocab for i in ids):
+            raise P.ProtocolError(P.E_BAD_FIELD, f"token id beyond the vocabulary ({vocab})")
+        if not ids:
+            raise P.ProtocolError(P.E_BAD_FIELD, "empty prompt")
+        if len(ids) >= self.max_context:
+            raise P.ProtocolError(P.E_CONTEXT, f"prompt of {len(ids)} tokens does not fit the maximum "
+                                  f"context of {self.max_context} tokens")
+        return ids
+
+    def check_pending(self, ident: bytes) -> None:
+        running = sum(1 for s in self.sessions.values() if s.req is not None and s.req.client == ident)
+        if running >= self.max_pending:
+            raise P.ProtocolError(P.E_BUSY, f"this client has {running} requests running (max_pending_per_client)")
+
+    def on_generate(self, ident: bytes, h: dict[str, Any]) -> None:
+        self.require_ready()
+        self.check_pending(ident)
+        ids = self.encode_prompt(h)
+        # 0 means 0 (the prompt only, as in-process); absent means the configured default.
+        max_tokens = self.default_max_tokens if h.get("max_tokens") is None else h["max_tokens"]
+        if max_tokens not in MAX_TOKENS_RANGE:
+            raise P.ProtocolError(P.E_BAD_FIELD, f"max_tokens {max_tokens}: expected 0..{MAX_TOKENS_RANGE.stop - 1}")
+        if "sid" in h:
+            s = self.client_session(ident, h["sid"])
+            if s.req is not None:
+                raise P.ProtocolError(P.E_BUSY, f"session {s.sid} is already generating")
+            if h.get("params"):
+                s.params = self.clean_params(s.params, h["params"])
+        else:
+            s = self.new_session(ident, h.get("params"), ephemeral=True)
+        stop = frozenset(int(i) for i in h["stop_ids"]) if "stop_ids" in h else self.eos_ids
+        keep = min(common_prefix(s.history[:s.kv_len], ids), len(ids) - 1)
+        s.history = list(ids)
+        s.kv_len = keep
+        s.last_active = time.monotonic()
+        s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
+                        stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids),
+                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
+        if max_tokens <= 0:
+            self.finish(s, "length")
+            return
+        self.send_prompt(s, keep, ids, "sample", p=dict(s.params))
+
+    def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
+        req = s.req
+        assert req is not None
+        tok, pos = int(r["id"]), int(r["pos"])
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+        s.kv_len = pos
+        del s.history[pos:]
+        s.history.append(tok)
+        req.generated.append(tok)
+        s.tokens += 1
+        self.tokens_total += 1
+        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), never streamed
+            self.finish(s, "eos")
+            return None
+        piece = req.text.feed(tok) if req.text is not None else ""
+        if req.stream:
+            self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
+                                   "text": piece})
+        if len(req.generated) >= req.max_tokens or pos + 1 >= self.max_context:
+            self.finish(s, "length")
+            return None
+        return self.make_step(s, pos, [tok], "sample")
+
+    def timings(self, req: Request) -> dict[str, float]:
+        end = time.perf_counter()
+        first = req.t_first if req.t_first is not None else end
+        prefill_s, decode_s = first - req.t0, end - first
+        n_dec = max(0, len(req.generated) - 1)
+        return {"prefill_s": prefill_s, "decode_s": decode_s,
+                "prefill_tok_s": req.n_new_prompt / prefill_s if prefill_s > 0 else 0.0,
+                "decode_tok_s": n_dec / decode_s if decode_s > 0 and n_dec else 0.0}
+
+    def finish(self, s: Session, stop: str) -> None:
+        req = s.req
+        assert req is not None
+        timings = self.timings(req)
+        s.last_tok_s = timings["decode_tok_s"]
+        s.end()
+        self.tell(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
+                               "ids": req.generated, "text": self.tok.decode(req.generated),
+                               "n_prompt": req.n_prompt, "timings": timings})
+        if s.ephemeral:
+            self.close_session(s)
+
+    def finish_error(self, s: Session, code: str, msg: str) -> None:
+        req = s.end()
+        if req is not None:
+            self.count(code)
+            self.tell(req.client, P.error(code, msg, sid=s.sid, req=req.req))
+        if s.ephemeral:
+            self.close_session(s)
+        else:
+            s.kv_len = 0  # what the stages hold is unknown now: replay from history next time
+
+    def fail_running(self, code: str, msg: str) -> None:
+        for s in list(self.sessions.values()):
+            if s.req is not None:
+                self.finish_error(s, code, msg)
+
+    def on_score(self, ident: bytes, h: dict[str, Any]) -> None:
+        self.require_ready()
+        if not 0 < h["top_k"] <= 1000:
+            raise P.ProtocolError(P.E_BAD_FIELD, "score: top_k must be in 1..1000")
+        self.check_pending(ident)
+        ids = self.encode_prompt(h)
+        s = self.new_session(ident, None, ephemeral=True)
+        s.history = list(ids)
+        s.req = Request(req=h["req"], client=ident, kind="score", top_k=h["top_k"], n_prompt=len(ids))
+        self.send_prompt(s, 0, ids, "score", k=h["top_k"])
+
+    def finish_score(self, s: Session, r: dict[str, Any]) -> None:
+        req = s.req
+        assert req is not None
+        req.positions += [{"top": top, "logprob_next": lp} for top, lp in zip(r["top"], r["lp"], strict=True)]
+        if s.qs:
+            return  # chunks still to come (they arrive in order)
+        s.end()
+        self.tell(req.client, {"type": P.SCORED, "req": req.req, "positions": req.positions})
+        self.close_session(s)
+
+    def on_cancel(self, ident: bytes, h: dict[str, Any]) -> None:
+        s = self.client_session(ident, h["sid"])
+        if s.req is not None and s.req.kind == "generate":
+            self.finish(s, "cancel")
+
+    def on_session_open(self, ident: bytes, h: dict[str, Any]) -> None:
+        s = self.new_session(ident, h.get("params"), ephemeral=False)
+        self.tell(ident, {"type": P.OPENED, "req": h["req"], "sid": s.sid})
+
+    def on_session_close(self, ident: bytes, h: dict[str, Any]) -> None:
+        s = self.client_session(ident, h["sid"])
+        if s.req is not None and s.req.kind == "generate":
+            self.finish(s, "cancel")
+        self.close_session(s)
+        self.tell(ident, {"type": P.CLOSED, "sid": s.sid, "req": h.get("req")})
+
+    def next_q(self) -> int:
+        self._q += 1
+        return self._q

@@ -1,0 +1,141 @@
+"""bus/requests.py in one process: the requests' rules without sockets (issue 15).
+
+`Requests` owns the sessions and talks only through callbacks; here they record what would go
+on the wire, and the test plays the last stage by handing back results. The expected values
+come from the rules themselves (positions, chunk sizes, message order), not from the code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from dair.bus import protocol as P
+from dair.bus.registry import Node, Registry
+from dair.bus.requests import PREFILL_CHUNK, Requests
+from dair.config import load_config
+
+STAGES = (b"s0", b"s1")
+
+
+@dataclass
+class Wire:
+    to_stages: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    to_clients: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    routed: list[list[dict[str, Any]]] = field(default_factory=list)
+    busy: set[bytes] = field(default_factory=set)
+
+    def of_type(self, t: str) -> list[dict[str, Any]]:
+        return [h for _, h in self.to_clients if h["type"] == t]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_file):
+    from dair.tokenizer import load_tokenizer
+
+    return load_tokenizer(model_file)
+
+
+def _requests(model_file, tokenizer, **bus: Any) -> tuple[Requests, Wire]:
+    cfg = load_config(None)
+    cfg["bus"].update(bus)
+    reg = Registry(model_file.config.n_layers)
+    for ident, (a, b) in zip(STAGES, [(0, 14), (15, 29)], strict=True):
+        reg.add(Node(ident=ident, node=ident.decode(), name=ident.decode(), host="h", pid=1, first=a, last=b,
+                     threads=1, wire="f32", state="ready"))
+    w = Wire()
+    r = Requests(cfg, model_file, tokenizer, reg, send=lambda i, h: w.to_stages.append((i, h)),
+                 tell=lambda c, h: w.to_clients.append((c, h)), route=lambda layer, q, f, segs: w.routed.append(segs),
+                 busy_at=lambda i: i in w.busy, count=lambda code: None, log=lambda msg: None)
+    return r, w
+
+
+def _answer(r: Requests, seg: dict[str, Any], token: int) -> dict[str, Any] | None:
+    """The last stage's result for step `seg` (sampled token `token`), as on_tokens passes it."""
+    s = r.sessions[seg["sid"]]
+    s.qs.pop(seg["q"])
+    return r.on_token(s, {"sid": seg["sid"], "q": seg["q"], "pos": seg["pos"] + len(seg["ids"]), "id": token})
+
+
+def test_generate_streams_each_token_and_ends_at_max_tokens(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 2, "stop_ids": []})
+    [seg] = w.routed.pop()
+    assert (seg["pos"], seg["ids"], seg["out"]) == (0, [1, 2, 3], "sample")
+    sid = seg["sid"]
+    assert [(i, h["type"]) for i, h in w.to_stages] == [(b"s0", P.OPEN), (b"s1", P.OPEN)]
+    nxt = _answer(r, seg, 42)
+    assert (nxt["pos"], nxt["ids"]) == (3, [42]) and nxt["q"] != seg["q"]
+    assert _answer(r, nxt, 43) is None  # the second token is the last
+    assert [h["id"] for h in w.of_type(P.TOKEN)] == [42, 43]
+    [done] = w.of_type(P.DONE)
+    assert done["ids"] == [42, 43] and done["stop"] == "length" and done["sid"] == sid
+    assert not r.sessions  # ephemeral: closed on every stage
+    assert [(i, h["type"]) for i, h in w.to_stages[-2:]] == [(b"s0", P.CLOSE), (b"s1", P.CLOSE)]
+
+
+def test_max_tokens_zero_is_zero_and_bad_values_leave_no_session(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2], "max_tokens": 0})
+    assert not w.routed and w.of_type(P.DONE)[0]["ids"] == [] and not r.sessions
+    for bad in ({"max_tokens": -1}, {"max_tokens": 1 << 31}, {"params": {"seed": -1}},
+                {"params": {"seed": 1 << 64}}, {"params": {"seed": 1.5}}):
+        with pytest.raises(P.ProtocolError) as e:
+            r.on_generate(b"c", {"type": P.GENERATE, "req": 2, "ids": [1, 2], **bad})
+        assert e.value.code == P.E_BAD_FIELD
+        assert not r.sessions and not w.routed
+
+
+def test_a_long_prompt_goes_as_chunks_and_only_the_last_samples(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    n = 2 * PREFILL_CHUNK + 88
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [5] * n, "max_tokens": 4})
+    segs = [s for (s,) in w.routed]
+    assert [(s["pos"], len(s["ids"]), s["out"]) for s in segs] == [
+        (0, PREFILL_CHUNK, "none"), (PREFILL_CHUNK, PREFILL_CHUNK, "none"), (2 * PREFILL_CHUNK, 88, "sample")]
+    assert "p" in segs[-1] and "p" not in segs[0]
+
+
+def test_a_lost_range_pauses_then_replays_the_history_from_zero(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 5, "stop_ids": []})
+    [seg] = w.routed.pop()
+    nxt = _answer(r, seg, 42)
+    s = r.sessions[seg["sid"]]
+    r.forget_kv()
+    assert s.paused and not s.qs and s.kv_len == 0
+    r.resume_paused()
+    [replay] = w.routed.pop()
+    # The whole history again (prompt + the token so far), sampling where the request left off.
+    assert (replay["pos"], replay["ids"], replay["out"]) == (0, [1, 2, 3, 42], "sample")
+    assert nxt["q"] not in s.qs and replay["q"] in s.qs and not s.paused
+
+
+def test_session_limits_and_silent_clients(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer, max_sessions_per_client=2)
+    for i in range(2):
+        r.on_session_open(b"c", {"type": P.SESSION_OPEN, "req": i})
+    with pytest.raises(P.ProtocolError) as e:
+        r.on_session_open(b"c", {"type": P.SESSION_OPEN, "req": 9})
+    assert e.value.code == P.E_BUSY and len(r.sessions) == 2
+    r.expire_idle(now=1e9, silence=3.0, client_seen={b"c": 1e9 - 10})  # silent for 10 s
+    assert not r.sessions
+    assert sum(h["type"] == P.CLOSE for _, h in w.to_stages) == 2 * len(STAGES)
+
+
+def test_decode_steps_wait_for_a_group_at_the_last_stage(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2], "max_tokens": 9, "stop_ids": []})
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 2, "ids": [3, 4], "max_tokens": 9, "stop_ids": []})
+    [a], [b] = w.routed
+    w.routed.clear()
+    last = r.registry.get(b"s1")
+    w.busy.add(b"s1")  # b's step is still at the last stage: a's next step waits for it
+    r.hold_or_send(last, [_answer(r, a, 7)])
+    assert not w.routed and len(r.held) == 1
+    w.busy.clear()
+    r.hold_or_send(last, [_answer(r, b, 8)])  # b's comes back: both go as one batch
+    [batch] = w.routed
+    assert sorted((s["sid"], s["ids"][0]) for s in batch) == sorted([(a["sid"], 7), (b["sid"], 8)])
+    assert not r.held
