@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from dair.serve.errors import APIError
 from dair.serve.schemas import OllamaBase, OllamaChatRequest, OllamaGenerateRequest, OllamaOptions
 from dair.serve.service import Result, Service
 from dair.serve.streaming import STREAM_HEADERS, ndjson, primed
 
+M = TypeVar("M", bound=BaseModel)
 DONE_REASON = {"stop": "stop", "length": "length"}
 
 
@@ -62,6 +65,15 @@ async def _run(svc: Service, body: OllamaBase, ids: list[int], shape: Any) -> An
     return StreamingResponse(lines(), media_type="application/x-ndjson", headers=STREAM_HEADERS)
 
 
+async def _body(request: Request, schema: type[M]) -> M:
+    """The body validated by `schema` whatever its Content-Type: Ollama's own examples post JSON
+    with `curl -d`, which labels it as a form."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+
+
 def router(svc: Service) -> APIRouter:
     api = APIRouter()
 
@@ -81,7 +93,8 @@ def router(svc: Service) -> APIRouter:
                                         "n_layers": m.get("n_layers"), "context_length": svc.max_context}}]}
 
     @api.post("/api/generate")
-    async def generate(body: OllamaGenerateRequest) -> Any:
+    async def generate(request: Request) -> Any:
+        body = await _body(request, OllamaGenerateRequest)
         body.refuse_unsupported()
         svc.check_model(body.model)
         if body.raw:
@@ -93,7 +106,8 @@ def router(svc: Service) -> APIRouter:
         return await _run(svc, body, ids, lambda text: {"response": text})
 
     @api.post("/api/chat")
-    async def chat(body: OllamaChatRequest) -> Any:
+    async def chat(request: Request) -> Any:
+        body = await _body(request, OllamaChatRequest)
         body.refuse_unsupported()
         svc.check_model(body.model)
         ids = svc.chat_ids([{"role": m.role, "content": m.content} for m in body.messages])

@@ -50,7 +50,7 @@ def router(svc: Service) -> APIRouter:
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": r.text},
                                       "logprobs": None, "finish_reason": r.finish_reason}
             if body.logprobs:
-                choice["logprobs"] = {"content": await _chat_logprobs(svc, ids, r.ids, body.top_logprobs or 0),
+                choice["logprobs"] = {"content": await _chat_logprobs(svc, ids, svc.content_ids(r), body.top_logprobs or 0),
                                       "refusal": None}
             return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(r)}
 
@@ -100,7 +100,7 @@ def router(svc: Service) -> APIRouter:
                 "system_fingerprint": _fingerprint(svc)}
         if not body.stream:
             r = await svc.complete(ids, params, max_tokens, stops)
-            lp = await _completion_logprobs(svc, ids, r.ids, body.logprobs) if body.logprobs is not None else None
+            lp = await _completion_logprobs(svc, ids, svc.content_ids(r), body.logprobs) if body.logprobs is not None else None
             return {**head, "choices": [{"text": r.text, "index": 0, "logprobs": lp, "finish_reason": r.finish_reason}],
                     "usage": _usage(r)}
 

@@ -189,6 +189,15 @@ class Service:
             out.append({"id": tid, "logprob": lp, "top": top})
         return out
 
+    def content_ids(self, r: Result) -> list[int]:
+        """The tokens of `r.text`: without the one(s) that made a stop string, which the text omits."""
+        if self.tok.decode(r.ids) == r.text:
+            return list(r.ids)
+        n = len(r.ids)
+        while n and len(self.tok.decode(r.ids[:n])) > len(r.text):
+            n -= 1
+        return r.ids[:n]
+
     def token_text(self, tid: int) -> str:
         return self.tok.decode([tid])
 
