@@ -360,6 +360,46 @@ def test_missing_layer_range_is_503_with_retry_after(default_model: Path, tmp_pa
         log.close()
 
 
+def test_busy_is_429_and_a_bus_restart_is_survived(default_model: Path, tmp_path: Path) -> None:
+    """One stage holding every layer, a bus allowing one session per client: a second request while
+    one streams is refused with 429 + Retry-After; then the bus is restarted mid-stream and the
+    stream goes on (a pause) with the tokens an uninterrupted run gives."""
+    from cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(TEST_CONFIG.replace("[bus]\n", "[bus]\nmax_sessions_per_client = 1\n"))
+    c = start_cluster(default_model, [(0, 29)], tmp_path, config=cfg)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    prompt, n = "The history of the Roman Empire began", 48
+    try:
+        want = _generate_cli(c.addr, prompt, n)["text"]
+        with serve_process(c.addr, default_model, tmp_path) as url:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=120) as r:
+                lines = r.iter_lines()
+                events = []
+                while len(events) < 4:
+                    line = next(lines)
+                    if line.startswith("data: "):
+                        events.append(line)
+                busy = httpx.post(url + "/v1/completions", headers=auth, timeout=60,
+                                  json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+                assert busy.status_code == 429, busy.text
+                assert int(busy.headers["retry-after"]) > 0 and busy.json()["error"]["code"] == "busy"
+                c.bus.terminate()
+                c.bus.wait(10)
+                c.bus = c._spawn(c.bus_command())
+                events += [ln for ln in lines if ln.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+            assert all("error" not in ch for ch in chunks), chunks[-1]
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == want
+            metrics = httpx.get(url + "/metrics", headers=auth).text
+            assert "dair_requests_resumed_total 1" in metrics.splitlines(), "the restart was not mid-stream"
+    finally:
+        stop_cluster(c)
+
+
 def test_non_loopback_listen_without_key_is_refused(tmp_path: Path) -> None:
     r = _dair("serve", "--bus", "tcp://127.0.0.1:1", "--listen", "0.0.0.0:1", timeout=60,
               env={"DAIR_API_KEY": ""})

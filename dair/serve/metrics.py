@@ -39,6 +39,7 @@ def render(m: Metrics, stats: dict[str, Any] | None) -> str:
     t.metric("dair_time_to_first_token_seconds_sum", "counter", "sum of times to the first token", m.ttft_sum_s)
     t.metric("dair_time_to_first_token_seconds_count", "counter", "requests that produced a first token",
              m.ttft_count)
+    t.metric("dair_requests_resumed_total", "counter", "requests resubmitted after a bus restart", m.resumed)
     t.metric("dair_decode_seconds_total", "counter", "time spent generating after the first token", m.decode_s)
     if stats is None:
         t.metric("dair_bus_stats_available", "gauge", "whether the bus's stats have been received", 0)

@@ -45,6 +45,7 @@ class Metrics:
     ttft_sum_s: float = 0.0
     ttft_count: int = 0
     decode_s: float = 0.0
+    resumed: int = 0  # requests resubmitted after a bus restart
     started: float = field(default_factory=time.time)
 
     def count(self, route: str, status: int) -> None:
@@ -124,6 +125,7 @@ class Service:
             async with contextlib.aclosing(self.bus.generate(ids, params, max_tokens)) as events:
                 async for ev in events:
                     if ev["type"] != P.TOKEN:
+                        m.resumed += bool(ev.get("resumed_at"))
                         result.finish_reason = FINISH.get(ev["stop"], "stop")
                         tail = matcher.flush()
                         if tail:
