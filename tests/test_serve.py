@@ -8,7 +8,6 @@ Expected values come from other paths through the cluster: `dair generate --bus`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -20,54 +19,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_fixtures import KEY, MODEL, serve_process
 
 from dair.bus.client import BusClient
-from dair.bus.local import LocalCluster, _command, free_port_pair
+from dair.bus.local import LocalCluster, _command
 
 openai = pytest.importorskip("openai", reason="the openai package is in the [test] extra")
 
-KEY = "test-key-123"
-MODEL = "SmolLM2-135M-Instruct.Q4_1"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def _dair(*args: str, timeout: float = 120.0, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(_command("dair", "dair.cli") + list(args), capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
-
-
-@contextlib.contextmanager
-def serve_process(bus: str, model: Path, tmp: Path, api_key: str | None = KEY,
-                  extra: list[str] | None = None, want_ready: bool = True) -> Iterator[str]:
-    """A `dair serve` process on a free port; yields its base URL once it answers /health."""
-    port = free_port_pair()
-    log_path = tmp / f"serve-{port}.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
-    cmd = _command("dair", "dair.cli") + ["serve", "--bus", bus, "--listen", f"127.0.0.1:{port}",
-                                          "--model", str(model)] + (["--api-key", api_key] if api_key else []) + (extra or [])
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"dair serve exited: {log_path.read_text()}"
-            assert time.monotonic() < deadline, f"dair serve did not answer: {log_path.read_text()}"
-            try:
-                r = httpx.get(url + "/health", timeout=2.0)
-                if r.status_code == 200 or not want_ready:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +83,16 @@ def test_chat_equals_the_bus_template_answer(client, cluster3: LocalCluster) -> 
     assert r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == done["n_prompt"]
     assert r.usage.completion_tokens == len(done["ids"]) - (done["stop"] == "eos")
+
+
+def test_greedy_chat_matches_llama_cpp(client, tokenizer) -> None:
+    """llama.cpp's greedy answer to the same question in the same template (tests/data/chat.ref.json)."""
+    ref = json.loads((Path(__file__).parent / "data" / "chat.ref.json").read_text())
+    msgs = [{"role": "user", "content": ref["question"]}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=len(ref["ids"]))
+    assert r.usage.prompt_tokens == len(ref["prompt_ids"])
+    assert r.usage.completion_tokens == len(ref["ids"])
+    assert r.choices[0].message.content == tokenizer.decode(ref["ids"])
 
 
 def test_streamed_chat_equals_non_streamed(client) -> None:
@@ -244,9 +218,12 @@ def test_sse_framing(server: str) -> None:
 
 
 def _stage_sessions(bus: str) -> tuple[list[int], int]:
+    """KV caches each live stage holds (from its heartbeats), and the bus's open sessions."""
     with BusClient(bus, timeout=10) as bc:
         st = bc.status()
-    return [n["sessions"] for n in st["nodes"] if n["state"] == "ready"], len(st["sessions"])
+    sessions = [n["sessions"] for n in st["nodes"] if n["state"] != "dead"]
+    assert len(sessions) == 3, st["nodes"]
+    return sessions, len(st["sessions"])
 
 
 def test_disconnect_cancels_the_generation_on_the_stages(server: str, cluster3: LocalCluster) -> None:

@@ -5,6 +5,8 @@ from typing import Any
 
 from dair.serve.service import Metrics
 
+SERVING = ("ready", "busy")  # stage states in which its range is covered
+
 
 def _label(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -62,7 +64,7 @@ def render(m: Metrics, stats: dict[str, Any] | None) -> str:
         if isinstance(n, (int, float)):
             t.metric("dair_bus_errors_total", "counter", "errors and refusals counted by the bus, by code", n,
                      {"code": code})
-    per_stage = [("dair_stage_up", "gauge", "1 when the stage is ready", None),
+    per_stage = [("dair_stage_up", "gauge", "1 when the stage serves its layers (ready or busy computing)", None),
                  ("dair_stage_rss_bytes", "gauge", "resident memory of the stage process", "rss"),
                  ("dair_stage_cpu_percent", "gauge", "CPU use of the stage process", "cpu"),
                  ("dair_stage_sessions", "gauge", "sessions (KV caches) the stage holds", "sessions"),
@@ -78,7 +80,7 @@ def render(m: Metrics, stats: dict[str, Any] | None) -> str:
         for node in nodes:
             labels = {"node": node.get("node", ""), "name": node.get("name", ""),
                       "layers": f"{node.get('first')}-{node.get('last')}", "state": node.get("state", "")}
-            value = (1 if node.get("state") == "ready" else 0) if key is None else node.get(key)
+            value = (1 if node.get("state") in SERVING else 0) if key is None else node.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 t.metric(name, kind, help_, value, labels)
     return "\n".join(t.lines) + "\n"
