@@ -85,14 +85,28 @@ def test_chat_equals_the_bus_template_answer(client, cluster3: LocalCluster) -> 
     assert r.usage.completion_tokens == len(done["ids"]) - (done["stop"] == "eos")
 
 
-def test_greedy_chat_matches_llama_cpp(client, tokenizer) -> None:
-    """llama.cpp's greedy answer to the same question in the same template (tests/data/chat.ref.json)."""
+def test_greedy_chat_follows_llama_cpp(client, tokenizer) -> None:
+    """llama.cpp's greedy answer to the same question in the same template (tests/data/chat.ref.json):
+    the same prompt tokens, and the same answer token for token up to the first near-tie of the
+    reference's logits (top-2 within 0.75, the reference data's rule), where Q4_1 rounding may pick
+    the other one; there the answer must pick one of the tied tokens."""
     ref = json.loads((Path(__file__).parent / "data" / "chat.ref.json").read_text())
     msgs = [{"role": "user", "content": ref["question"]}]
-    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=len(ref["ids"]))
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=len(ref["ids"]),
+                                       logprobs=True)
     assert r.usage.prompt_tokens == len(ref["prompt_ids"])
-    assert r.usage.completion_tokens == len(ref["ids"])
-    assert r.choices[0].message.content == tokenizer.decode(ref["ids"])
+    got = [e.token for e in r.choices[0].logprobs.content]
+    compared = 0
+    for j, (want, top5) in enumerate(zip(ref["ids"], ref["top5"], strict=False)):
+        tied = [tokenizer.decode([t]) for t, v in top5 if top5[0][1] - v < 0.75]
+        if len(tied) > 1:
+            assert got[j] in tied, (j, got[j], tied)
+            if got[j] != tokenizer.decode([want]):
+                break
+        else:
+            assert got[j] == tokenizer.decode([want]), (j, got[:j + 1], tokenizer.decode(ref["ids"][:j + 1]))
+        compared += 1
+    assert compared >= 5
 
 
 def test_streamed_chat_equals_non_streamed(client) -> None:
