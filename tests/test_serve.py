@@ -401,3 +401,40 @@ def test_non_loopback_listen_without_key_is_refused(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_dair_up_http_starts_the_api_with_the_cluster(default_model: Path, tmp_path: Path) -> None:
+    import signal
+
+    from dair.bus.local import free_port_pair
+
+    port, http_port = free_port_pair(), free_port_pair()
+    url = f"http://127.0.0.1:{http_port}"
+    out = open(tmp_path / "up.out", "w")  # noqa: SIM115 - closed below
+    env = {k: v for k, v in os.environ.items() if k != "DAIR_API_KEY"}
+    proc = subprocess.Popen(_command("dair", "dair.cli") + [
+        "up", "--stages", "1", "--port", str(port), "--threads", "1", "--model", str(default_model),
+        "--http", f"127.0.0.1:{http_port}", "--log", str(tmp_path / "cluster.log")],
+        stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "HTTP API and web page on" not in (tmp_path / "up.out").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "up.out").read_text()
+            time.sleep(0.3)
+        assert f"on {url}/" in (tmp_path / "up.out").read_text()
+        assert httpx.get(url + "/health", timeout=10).json()["ready"] is True
+        r = httpx.post(url + "/v1/completions", timeout=120, json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        out.close()
+    # Stopping the cluster stops its API too.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=1)
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < deadline, "dair serve outlived its cluster"
+        time.sleep(0.3)
