@@ -30,7 +30,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     # A union's failing branch adds its type name to the location; the parameter is what precedes it.
-    loc = [x for x in loc if not x[:1].isupper() and x not in ("str", "list[str]", "list[int]", "int")]
+    loc = [x for x in loc if not x[:1].isupper() and "[" not in x and x not in ("str", "int", "float", "bool")]
     param = ".".join(loc) or None
     if err.get("type") == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
