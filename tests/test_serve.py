@@ -21,7 +21,7 @@ import httpx
 import pytest
 from serve_fixtures import KEY, MODEL, serve_process
 
-from dair.bus.client import BusClient
+from dair.bus.client import BusClient, BusTimeout
 from dair.bus.local import LocalCluster, _command
 
 openai = pytest.importorskip("openai", reason="the openai package is in the [test] extra")
@@ -351,19 +351,22 @@ def test_missing_layer_range_is_503_with_retry_after(default_model: Path, tmp_pa
         log.close()
 
 
-def test_busy_is_429_and_a_bus_restart_is_survived(default_model: Path, tmp_path: Path) -> None:
-    """One stage holding every layer, a bus allowing one session per client: a second request while
-    one streams is refused with 429 + Retry-After; then the bus is restarted mid-stream and the
-    stream goes on (a pause) with the tokens an uninterrupted run gives."""
+def test_busy_is_429_and_bus_restart_and_failover_are_pauses(default_model: Path, tmp_path: Path) -> None:
+    """One stage holding every layer and a standby, a bus allowing one session per client: a second
+    request while one streams is refused with 429 + Retry-After; then the bus is restarted
+    mid-stream, and in a second stream the stage is killed (the standby takes its range): both
+    streams go on after a pause with the tokens an uninterrupted run gives."""
     from cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
 
     cfg = tmp_path / "config.toml"
     cfg.write_text(TEST_CONFIG.replace("[bus]\n", "[bus]\nmax_sessions_per_client = 1\n"))
     c = start_cluster(default_model, [(0, 29)], tmp_path, config=cfg)
+    c.add_standby()
     auth = {"Authorization": f"Bearer {KEY}"}
     prompt, n = "The history of the Roman Empire began", 48
     try:
         want = _generate_cli(c.addr, prompt, n)["text"]
+        _wait_status(c.addr, lambda st: any(nd["state"] == "standby" for nd in st["nodes"]))
         with serve_process(c.addr, default_model, tmp_path) as url:
             body = {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
             with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=120) as r:
@@ -387,8 +390,43 @@ def test_busy_is_429_and_a_bus_restart_is_survived(default_model: Path, tmp_path
             assert "".join(ch["choices"][0]["text"] for ch in chunks) == want
             metrics = httpx.get(url + "/metrics", headers=auth).text
             assert "dair_requests_resumed_total 1" in metrics.splitlines(), "the restart was not mid-stream"
+            # Failover: the stages registered again with the new bus, the standby as a standby.
+            _wait_status(c.addr, lambda st: st["ready"] and any(nd["state"] == "standby" for nd in st["nodes"]))
+            stage = c.stages[0]
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth, timeout=120) as r:
+                lines = r.iter_lines()
+                events = []
+                while len(events) < 4:
+                    line = next(lines)
+                    if line.startswith("data: "):
+                        events.append(line)
+                stage.kill()
+                events += [ln for ln in lines if ln.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+            assert all("error" not in ch for ch in chunks), chunks[-1]
+            assert "".join(ch["choices"][0]["text"] for ch in chunks) == want
+            st = _wait_status(c.addr, lambda st: st["ready"])
+            serving = [(nd["name"], nd["first"], nd["last"]) for nd in st["nodes"] if nd["state"] in ("ready", "busy")]
+            assert serving == [("stage1", 0, 29)], "the standby (stage1) should hold the killed stage0's range"
+            assert "dair_requests_resumed_total 1" in httpx.get(url + "/metrics", headers=auth).text.splitlines()
     finally:
         stop_cluster(c)
+
+
+def _wait_status(addr: str, cond, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            with BusClient(addr, timeout=2) as bc:
+                st = bc.status()
+        except BusTimeout:
+            continue
+        if cond(st):
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met: {st}")
 
 
 def test_non_loopback_listen_without_key_is_refused(tmp_path: Path) -> None:
