@@ -104,3 +104,30 @@ def test_listen_addresses() -> None:
     check_listen("0.0.0.0", None, True)
     with pytest.raises(DairError, match="refusing to listen on 0.0.0.0"):
         check_listen("0.0.0.0", None, False)
+
+
+def test_routes_auth_and_error_shapes_in_process() -> None:
+    """The app's routing and error shapes (no bus needed for these routes)."""
+    from fastapi.testclient import TestClient
+
+    from dair.serve.app import create_app
+    from dair.serve.service import Service
+
+    svc = Service(bus=None, tokenizer=None, model_info={"file": "m.gguf", "name": "M", "max_context": 64})
+    c = TestClient(create_app(svc, api_key="k"))
+    auth = {"Authorization": "Bearer k"}
+    assert c.get("/v1/models", headers=auth).json()["data"][0]["id"] == "m"
+    assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert c.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
+    assert c.get("/api/tags").json() == {"error": "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'"}
+    missing = c.get("/v1/nothing", headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert c.get("/v1/chat/completions", headers=auth).status_code == 405
+    bad = c.post("/v1/chat/completions", headers=auth, json={"model": "m", "messages": [{"role": "user", "content": 5}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages.0.content", bad.json()
+    wrong_model = c.post("/v1/chat/completions", headers=auth, json={"model": "x", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert wrong_model.status_code == 404 and wrong_model.json()["error"]["param"] == "model"
+    assert c.get("/", headers={}).status_code == 200  # the page itself is public; its API calls are not
+    counted = dict(svc.metrics.requests)
+    assert counted[("/v1/models", 401)] == 2 and counted[("/v1/models", 200)] == 1
