@@ -44,6 +44,7 @@ class AsyncBus:
         security.apply_client_keys(self.sock, keys)
         self.sock.connect(addr)
         self.heartbeat_s = int(defaults("bus")["heartbeat_interval_ms"]) / 1000.0
+        self.liveness = int(defaults("bus")["heartbeat_liveness"])
         self.welcome: dict[str, Any] | None = None
         self.boot: str | None = None
         self.last_heard = 0.0  # monotonic time of the bus's last message
@@ -81,7 +82,14 @@ class AsyncBus:
             self.welcome = w
             if isinstance(w.get("heartbeat_ms"), int) and w["heartbeat_ms"] > 0:
                 self.heartbeat_s = w["heartbeat_ms"] / 1000.0
+            if isinstance(w.get("liveness"), int) and w["liveness"] > 0:
+                self.liveness = w["liveness"]
             return w
+
+    def silent(self) -> bool:
+        """Whether the bus has not answered for a heartbeat timeout (it is down or unreachable):
+        a new request would only wait, so callers refuse it at once instead."""
+        return time.monotonic() - self.last_heard > self.heartbeat_s * self.liveness
 
     # --- plumbing -----------------------------------------------------------------------------
     async def _read(self) -> None:

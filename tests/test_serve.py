@@ -346,6 +346,17 @@ def test_missing_layer_range_is_503_with_retry_after(default_model: Path, tmp_pa
             assert h.status_code == 503 and not h.json()["ready"]
             o = httpx.post(url + "/api/chat", headers=auth, timeout=60, json={"model": MODEL, "messages": QUESTION})
             assert o.status_code == 503 and "not covered" in o.json()["error"]
+            # The bus gone: once it has been silent for a heartbeat timeout (0.5 s x 6 here), a
+            # request is refused at once rather than left waiting for it.
+            cluster.bus.kill()
+            cluster.bus.wait()
+            time.sleep(4)
+            t0 = time.monotonic()
+            gone = httpx.post(url + "/v1/chat/completions", headers=auth, timeout=60,
+                              json={"model": MODEL, "messages": QUESTION})
+            assert time.monotonic() - t0 < 2
+            assert gone.status_code == 503 and gone.json()["error"]["code"] == "bus_unreachable", gone.text
+            assert int(gone.headers["retry-after"]) > 0
     finally:
         cluster.stop()
         log.close()

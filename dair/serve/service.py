@@ -115,6 +115,9 @@ class Service:
                      result: Result) -> AsyncIterator[str]:
         """Text pieces as they are generated; `result` is filled in as the stream goes and is
         complete when it ends. Errors before the first piece are raised as APIError."""
+        if self.bus.silent():
+            raise unreachable(f"no answer from the bus at {self.bus.addr} for "
+                              f"{time.monotonic() - self.bus.last_heard:.0f}s (is dair-bus running?)")
         matcher = StopMatcher(stops)
         m = self.metrics
         t0 = time.perf_counter()
