@@ -53,6 +53,7 @@ class AsyncBus:
         self._queues: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self._welcomes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self, timeout: float | None = None) -> dict[str, Any]:
@@ -228,6 +229,8 @@ class AsyncBus:
             self._queues.pop(req, None)
             # Shielded: a cancelled consumer must still free the session on the stages.
             task = asyncio.ensure_future(self.close_session(sid))
+            self._closing.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._closing.discard)
             if not finished:
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(task)
