@@ -446,6 +446,15 @@ def test_non_loopback_listen_without_key_is_refused(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "refusing to listen on 0.0.0.0" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    import socket
+
+    with socket.socket() as taken:  # a port in use: one line too, before the bus is even asked
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = _dair("serve", "--bus", "tcp://127.0.0.1:1", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                  timeout=60)
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr and "in use" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -99,26 +100,41 @@ async def _serve(bus_addr: str, keys: Any, host: str, port: int, api_key: str | 
     from dair.serve.app import create_app
     from dair.serve.service import Service
 
+    # Bound here, before anything else, so that a port in use is one clear error (uvicorn would
+    # log it and call sys.exit inside the event loop).
+    sock = _bind(host, port)
     bus = AsyncBus(bus_addr, keys=keys, name="serve")
     try:
         welcome = await bus.start(timeout)
         tok = load_tokenizer(welcome["model"], model)
         service = Service(bus, tok, welcome["model"])
-        config = uvicorn.Config(create_app(service, api_key), host=host, port=port, log_level="warning",
-                                lifespan="off", timeout_graceful_shutdown=3)
+        config = uvicorn.Config(create_app(service, api_key), log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=3)
         server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
-        if server.started:
-            shown = f"[{host}]" if ":" in host else host
-            print(f"dair serve: http://{shown}:{port}/ (model {service.model_id}, bus {bus_addr}"
-                  + (", API key required" if api_key else "") + ")", file=sys.stderr, flush=True)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"dair serve: http://{shown}:{port}/ (model {service.model_id}, bus {bus_addr}"
+              + (", API key required" if api_key else "") + ")", file=sys.stderr, flush=True)
         await task
-        if not server.started:
-            raise DairError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     finally:
         await bus.close()
+        sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise DairError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 def spawn_for_cluster(cluster: Any, listen: str, model_path: str, keys_dir: str | None, say: Any,
