@@ -77,7 +77,7 @@ PACKAGES = _packages()
 setup(
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"dair.tui": ["*.tcss"], "dair.ops": ["*.h", "*.pxd"]},
+    package_data={"dair.tui": ["*.tcss"], "dair.ops": ["*.h", "*.pxd"], "dair.serve": ["static/*"]},
     ext_modules=_extensions(),
     cmdclass={"build_py": BuildPyWithConfig},
 )

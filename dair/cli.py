@@ -11,7 +11,7 @@ import sys
 from dair import __version__
 from dair.errors import DairError
 
-COMMANDS = ["model", "tokenize", "generate", "chat", "score", "bench", "up", "status", "plan", "keys"]
+COMMANDS = ["model", "tokenize", "generate", "chat", "score", "bench", "up", "status", "plan", "keys", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

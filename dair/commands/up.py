@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="with --generate: continue the text, no chat template")
     p.add_argument("-n", "--max-tokens", type=int, default=None, help="with --generate: most tokens")
     p.add_argument("--temperature", type=float, default=None, help="with --generate: 0 = greedy")
+    p.add_argument("--http", metavar="HOST:PORT", default=None,
+                   help="also serve the OpenAI/Ollama HTTP API and web page there (dair serve; key: $DAIR_API_KEY)")
     p.add_argument("--tui", action="store_true", help="open the dashboard (dair-tui) on the new cluster")
     p.add_argument("--log", default=None, help="file for the children's output (default: the terminal, "
                    "or a temporary file with --generate / --tui)")
@@ -158,6 +160,10 @@ def handle(args: argparse.Namespace) -> int:
         sup.watch()
         say(f"dair up: ready in {time.monotonic() - t0:.1f}s — try: dair generate --bus {cluster.addr}"
             + (f" --keys {args.keys}" if args.keys else "") + " 'Hello'")
+        if args.http:
+            from dair.commands.serve import spawn_for_cluster
+
+            spawn_for_cluster(cluster, args.http, path, args.keys, say)
         if args.generate is not None:
             return _generate_once(cluster.addr, args, cluster.client_keys())
         if args.tui:

@@ -1,0 +1,222 @@
+"""What every endpoint shares: prompts to token ids, one generation over the bus with stop
+strings and token counts, logprobs from the bus's `score`, and the figures /metrics shows.
+
+The API's dialects (OpenAI, Ollama) only differ in how they spell requests and answers.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dair.bus import protocol as P
+from dair.bus.aclient import AsyncBus
+from dair.bus.client import BusError, BusTimeout
+from dair.serve.errors import APIError, from_bus, unreachable
+from dair.serve.stops import StopMatcher
+
+FINISH = {"eos": "stop", "length": "length", "cancel": "stop"}
+
+
+@dataclass
+class Result:
+    """A finished generation: the text shown, why it ended, and its token counts."""
+    text: str = ""
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ids: list[int] = field(default_factory=list)  # the completion's tokens (those of `text`)
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class Metrics:
+    """Counters of this server, for /metrics."""
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    active: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_sum_s: float = 0.0
+    ttft_count: int = 0
+    decode_s: float = 0.0
+    resumed: int = 0  # requests resubmitted after a bus restart
+    started: float = field(default_factory=time.time)
+
+    def count(self, route: str, status: int) -> None:
+        self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+
+
+class Service:
+    def __init__(self, bus: AsyncBus, tokenizer: Any, model_info: dict[str, Any]) -> None:
+        self.bus = bus
+        self.tok = tokenizer
+        self.model = model_info
+        # The file's name (without .gguf/.m) makes an id without spaces, as Ollama's names need.
+        file = str(model_info.get("file") or "")
+        self.model_id = os.path.splitext(file)[0] or str(model_info.get("name") or "dair")
+        self.max_context = int(model_info.get("max_context") or model_info.get("context_length") or 2048)
+        self.metrics = Metrics()
+
+    # --- prompts --------------------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        """Requests name a model; the cluster serves one (any spelling of it is accepted)."""
+        base = name.split(":")[0].lower()
+        known = {self.model_id, str(self.model.get("file", "")), str(self.model.get("name", "")), "dair"}
+        if base not in {k.lower() for k in known} and name.lower() not in {k.lower() for k in known}:
+            raise APIError(404, f"The model '{name}' does not exist; this server has '{self.model_id}'",
+                           param="model", code="model_not_found")
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The model's chat template over `messages`, as the bus renders it for `generate`."""
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as e:  # a template's own raise_exception (e.g. roles out of order)
+            raise APIError(400, f"chat template: {e}", param="messages") from None
+        return self.tok.encode(text)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        ids = self.tok.encode(prompt)
+        if not ids and self.tok.bos_id is not None:
+            ids = [self.tok.bos_id]  # as `dair generate` does for an empty prompt
+        return ids
+
+    def check_ids(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
+        if bad:
+            raise APIError(400, f"token id(s) {bad[:5]} outside the vocabulary of {self.tok.vocab_size}",
+                           param="prompt")
+        if not ids:
+            raise APIError(400, "empty prompt", param="prompt")
+
+    def limit(self, ids: list[int], requested: int | None) -> int:
+        """Tokens to generate: as asked, else up to the context (OpenAI's and Ollama's default)."""
+        room = self.max_context - len(ids)
+        if room <= 0:
+            raise APIError(400, f"prompt of {len(ids)} tokens does not fit the maximum context of "
+                           f"{self.max_context} tokens", param="messages", code="context_length_exceeded")
+        return room if requested is None or requested < 0 else min(requested, room)
+
+    @staticmethod
+    def params(**given: Any) -> dict[str, Any]:
+        """Sampling settings for the bus (unset ones take the bus's config defaults). A seed is
+        always fixed here, so that a request resumed after a bus restart draws the same tokens."""
+        p = {k: v for k, v in given.items() if v is not None}
+        p.setdefault("seed", secrets.randbelow(2**31))
+        return p
+
+    # --- generation -----------------------------------------------------------------------------
+    async def stream(self, ids: list[int], params: dict[str, Any], max_tokens: int, stops: list[str],
+                     result: Result) -> AsyncIterator[str]:
+        """Text pieces as they are generated; `result` is filled in as the stream goes and is
+        complete when it ends. Errors before the first piece are raised as APIError."""
+        if self.bus.silent():
+            raise unreachable(f"no answer from the bus at {self.bus.addr} for "
+                              f"{time.monotonic() - self.bus.last_heard:.0f}s (is dair-bus running?)")
+        matcher = StopMatcher(stops)
+        m = self.metrics
+        t0 = time.perf_counter()
+        result.prompt_tokens = len(ids)
+        m.active += 1
+        m.prompt_tokens += len(ids)
+        try:
+            async with contextlib.aclosing(self.bus.generate(ids, params, max_tokens)) as events:
+                async for ev in events:
+                    if ev["type"] != P.TOKEN:
+                        m.resumed += bool(ev.get("resumed_at"))
+                        result.finish_reason = FINISH.get(ev["stop"], "stop")
+                        tail = matcher.flush()
+                        if tail:
+                            result.text += tail
+                            yield tail
+                        break
+                    if not result.ids:
+                        result.ttft_s = time.perf_counter() - t0
+                        m.ttft_sum_s += result.ttft_s
+                        m.ttft_count += 1
+                    result.ids.append(int(ev["id"]))
+                    result.completion_tokens += 1
+                    m.completion_tokens += 1
+                    out = matcher.feed(ev["text"])
+                    if out:
+                        result.text += out
+                        yield out
+                    if matcher.stopped:
+                        result.finish_reason = "stop"
+                        break  # closing the bus's stream closes its session: the stages stop
+        except BusError as e:
+            raise from_bus(e.code, str(e)) from None
+        except BusTimeout as e:
+            raise unreachable(str(e)) from None
+        finally:
+            m.active -= 1
+            result.total_s = time.perf_counter() - t0
+            m.decode_s += max(0.0, result.total_s - result.ttft_s)
+
+    async def complete(self, ids: list[int], params: dict[str, Any], max_tokens: int,
+                       stops: list[str]) -> Result:
+        result = Result()
+        async for _ in self.stream(ids, params, max_tokens, stops, result):
+            pass
+        return result
+
+    async def logprobs(self, prompt_ids: list[int], gen_ids: list[int], top_n: int) -> list[dict[str, Any]]:
+        """Per generated token: its log-probability and the `top_n` most likely alternatives, from
+        the bus's teacher-forced `score` of prompt + answer (the numbers `dair score` prints).
+
+        The stages return logits of the top k ids and the log-probability of the next id; the
+        row's log-sum-exp follows from the chosen id's pair, so alternatives are exact whenever
+        the chosen id is among the k (always when greedy; k = 40 covers the default top_k)."""
+        if not gen_ids:
+            return []
+        k = max(40, top_n) if top_n else 1
+        try:
+            positions = await self.bus.score(list(prompt_ids) + list(gen_ids), top_k=k, timeout=300.0)
+        except BusError as e:
+            raise from_bus(e.code, str(e)) from None
+        except BusTimeout as e:
+            raise unreachable(str(e)) from None
+        out = []
+        for j, tid in enumerate(gen_ids):
+            pos = positions[len(prompt_ids) + j - 1]
+            lp = float(pos["logprob_next"])
+            top: list[tuple[int, float]] = []
+            if top_n:
+                logits = {int(i): float(v) for i, v in pos["top"]}
+                if tid in logits:
+                    lse = logits[tid] - lp
+                    top = [(int(i), float(v) - lse) for i, v in pos["top"][:top_n]]
+            out.append({"id": tid, "logprob": lp, "top": top})
+        return out
+
+    def content_ids(self, r: Result) -> list[int]:
+        """The tokens of `r.text`: without the one(s) that made a stop string, which the text omits."""
+        if self.tok.decode(r.ids) == r.text:
+            return list(r.ids)
+        n = len(r.ids)
+        while n and len(self.tok.decode(r.ids[:n])) > len(r.text):
+            n -= 1
+        return r.ids[:n]
+
+    def token_text(self, tid: int) -> str:
+        return self.tok.decode([tid])
+
+    def token_bytes(self, tid: int) -> list[int]:
+        return list(self.tok.token_bytes(tid))
+
+    # --- cluster --------------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        try:
+            return await self.bus.status(timeout=3.0)
+        except BusTimeout as e:
+            raise unreachable(str(e)) from None
+
+
+def finite(x: float) -> float:
+    """JSON has no infinities: a log-probability of -inf (an impossible token) is sent as a large negative."""
+    return x if math.isfinite(x) else -9999.0
