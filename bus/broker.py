@@ -21,8 +21,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
-from dair.bus.registry import DEAD, LOADING, STANDBY, Node, Registry, fmt_span
+from dair.bus.registry import DEAD, LIVE_STATES, LOADING, STANDBY, Node, Registry, fmt_span
 from dair.bus.sessions import Request, Session, common_prefix
+from dair.model import digests
 from dair.tokenizer import StreamDecoder
 
 # Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
@@ -75,6 +76,8 @@ class Broker:
         self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
         self.registry = Registry(model.config.n_layers)
+        # A stage's range serves only if its bytes match ours (digests of every tensor it uses).
+        self.gate_bytes = digests.RangeGate(model)
         self.sessions: dict[str, Session] = {}
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
@@ -537,6 +540,10 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
             return
+        if not standby and (refusal := self.gate_bytes.admit(ident, h["first"], h["last"], h.get("digests"), where,
+                                                             self.registry.nodes)):
+            self.refuse_bytes(ident, refusal)
+            return
         for old in list(self.registry.nodes.values()):  # a dead stage's row goes once its range is retaken
             if old.state == DEAD and not (h["last"] < old.first or h["first"] > old.last):
                 self.registry.remove(old.ident)
@@ -573,8 +580,24 @@ class Broker:
             self.resume_paused()
         self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
 
+    def refuse_bytes(self, ident: bytes, refusal: str) -> None:
+        self.log(f"refused: {refusal}")
+        self.reply_error(ident, P.E_FINGERPRINT, refusal, fatal=True)
+
     def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
+        if self.gate_bytes.refused(ident):
+            return  # told to exit; its last beats change nothing
+        if h.get("state") in LIVE_STATES and node.first >= 0 and (verdict := self.gate_bytes.beat(
+                ident, node.first, node.last, h, f"stage {node.name} (pid {node.pid} on {node.host})",
+                self.registry.nodes)) != "ok":
+            h = {k: v for k, v in h.items() if k != "state"}  # not serving (yet): it stays loading
+            if verdict != "wait":
+                self.refuse_bytes(ident, verdict)
+                node.state = DEAD  # its range goes to the next free standby
+                self.plan_due = time.monotonic() if node.place else self.plan_due
+                self.cover_gaps()
+                return
         if node.state == DEAD and not self.registry.conflicts(node.first, node.last, ignore=ident):
             self.log(f"stage {node.name} is back")
         stale = h.get("state") == STANDBY and node.first >= 0  # sent before it read its ASSIGN
