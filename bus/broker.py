@@ -77,7 +77,7 @@ class Broker:
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
         self.registry = Registry(model.config.n_layers)
         # A stage's range serves only if its bytes match ours (digests of every tensor it uses).
-        self.gate_bytes = digests.RangeGate(model)
+        self.gate_bytes = digests.RangeGate(model).start()
         self.sessions: dict[str, Session] = {}
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
@@ -540,10 +540,14 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
             return
-        if not standby and (refusal := self.gate_bytes.admit(ident, h["first"], h["last"], h.get("digests"), where,
-                                                             self.registry.nodes)):
-            self.refuse_bytes(ident, refusal)
-            return
+        if not standby:
+            verdict, why = self.gate_bytes.admit(ident, h["first"], h["last"], h.get("digests"), where,
+                                                 self.registry.nodes)
+            if verdict == "wait":  # not fatal: the stage registers again after a heartbeat timeout
+                raise P.ProtocolError(P.E_BUSY, why)
+            if verdict == "refused":
+                self.refuse_bytes(ident, why)
+                return
         for old in list(self.registry.nodes.values()):  # a dead stage's row goes once its range is retaken
             if old.state == DEAD and not (h["last"] < old.first or h["first"] > old.last):
                 self.registry.remove(old.ident)
@@ -590,10 +594,10 @@ class Broker:
             return  # told to exit; its last beats change nothing
         if h.get("state") in LIVE_STATES and node.first >= 0 and (verdict := self.gate_bytes.beat(
                 ident, node.first, node.last, h, f"stage {node.name} (pid {node.pid} on {node.host})",
-                self.registry.nodes)) != "ok":
+                self.registry.nodes))[0] != "ok":
             h = {k: v for k, v in h.items() if k != "state"}  # not serving (yet): it stays loading
-            if verdict != "wait":
-                self.refuse_bytes(ident, verdict)
+            if verdict[0] == "refused":
+                self.refuse_bytes(ident, verdict[1])
                 node.state = DEAD  # its range goes to the next free standby
                 self.plan_due = time.monotonic() if node.place else self.plan_due
                 self.cover_gaps()

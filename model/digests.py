@@ -109,28 +109,35 @@ class FileDigests:
         self._load()
 
     # -- queries -----------------------------------------------------------------------------
-    def for_range(self, first: int, last: int) -> dict[str, str]:
+    def for_range(self, first: int, last: int, report: _Report | None = None) -> dict[str, str]:
         """{tensor name: digest} of every tensor layers first..last use (range_tensor_names)."""
-        return self.get(range_tensor_names(self.model, first, last))
+        return self.get(range_tensor_names(self.model, first, last), report)
 
-    def get(self, names: Iterable[str]) -> dict[str, str]:
+    def ready(self, first: int, last: int) -> bool:
+        """Are that range's digests known (without hashing anything)?"""
+        return all(n in self.digests for n in range_tensor_names(self.model, first, last))
+
+    def missing_bytes(self, first: int, last: int) -> int:
+        return sum(self.model.tensors[n].nbytes for n in range_tensor_names(self.model, first, last)
+                   if n not in self.digests)
+
+    def get(self, names: Iterable[str], report: _Report | None = None) -> dict[str, str]:
         names = list(names)
         with self._lock:
             missing = [n for n in names if n not in self.digests]
             if missing:
-                self._compute(missing)
+                self._compute(missing, report)
                 self._save()
             return {n: self.digests[n] for n in names}
 
     def warm(self) -> None:
-        """Every tensor's digest, layer by layer (the bus, in a background thread, at start)."""
+        """Every tensor's digest, layer by layer."""
         n = self.model.config.n_layers
         for i in range(n):
             self.for_range(i, i)
-        self.for_range(0, n - 1)
 
     # -- hashing -------------------------------------------------------------------------------
-    def _compute(self, names: list[str]) -> None:
+    def _compute(self, names: list[str], report: _Report | None = None) -> None:
         # A tied head is the embedding's bytes under a second name: hash each span once.
         known = {(self.model.tensors[n].offset, self.model.tensors[n].nbytes): d for n, d in self.digests.items()}
         spans: dict[tuple[int, int], list[str]] = {}
@@ -140,15 +147,17 @@ class FileDigests:
                 self.digests[name] = known[(t.offset, t.nbytes)]
                 continue
             spans.setdefault((t.offset, t.nbytes), []).append(name)
-        total = sum(nb for _, nb in spans)
-        report = _Report(self.progress, self.path.name, total)
+        own = report is None  # else a caller's, spanning several calls (the bus's whole file)
+        if report is None:
+            report = _Report(self.progress, self.path.name, sum(nb for _, nb in spans))
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         try:
             self._hash_spans(spans, view, report)
         except OSError as e:
             raise ModelFormatError(self.path, f"cannot read it to hash its tensors ({e.strerror or e})") from None
-        report.done()
+        if own:
+            report.done()
 
     def _hash_spans(self, spans: dict[tuple[int, int], list[str]], view: memoryview, report: _Report) -> None:
         fd = os.open(self.path, os.O_RDONLY)
@@ -287,46 +296,104 @@ class RangeGate:
     """The bus's side: which stage connections have shown the bytes of the range they serve.
 
     A stage registering with layers shows its digests in `register`; one given a range later (a
-    standby, a placed stage) in the heartbeats that follow loading it. Until then its range
-    does not serve. The bus's own digests are hashed in a background thread from the start,
-    and on demand for a range asked for before that thread reached it.
+    standby, a placed stage) in the heartbeats that follow loading it. Until they match, its
+    range does not serve. The bus's own digests are hashed by a background thread, the ranges
+    stages ask for first, then the rest of the file, so that its event loop never hashes: a
+    range not hashed yet is answered "wait" (after waiting up to `wait_s` for it), and the stage
+    asks again.
     """
 
-    REFUSED = "refused"
-
-    def __init__(self, model: Any, progress: str | None = "dair-bus", warm: bool = True) -> None:
-        self.digests = FileDigests(model, progress=progress)
+    def __init__(self, model: Any, progress: str | None = "dair-bus", cache: Path | None = None,
+                 wait_s: float = 0.5) -> None:
+        self.digests = FileDigests(model, cache=cache)
+        self.progress = progress
+        self.wait_s = wait_s
         self.admitted: dict[bytes, tuple[int, int] | str] = {}
-        self.warm_error: str | None = None
-        if warm:
-            threading.Thread(target=self._warm, name="dair-digests", daemon=True).start()
+        # Digests a stage sent in a heartbeat for a range we had not hashed yet: (first, last, map).
+        self.offered: dict[bytes, tuple[int, int, Mapping[str, Any]]] = {}
+        self.error: str | None = None
+        self._requests: list[tuple[int, int]] = []
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
 
-    def _warm(self) -> None:
+    def start(self) -> RangeGate:
+        self._worker = threading.Thread(target=self._work, name="dair-digests", daemon=True)
+        self._worker.start()
+        return self
+
+    def _work(self) -> None:
+        n = self.digests.model.config.n_layers
+        todo = [i for i in range(n) if not self.digests.ready(i, i)]
+        total = sum(self.digests.missing_bytes(i, i) for i in todo)
+        report = _Report(self.progress, self.digests.path.name, total)
         try:
-            self.digests.warm()
+            while True:
+                with self._cv:
+                    want = next((r for r in self._requests if not self.digests.ready(*r)), None)
+                    self._requests = [r for r in self._requests if not self.digests.ready(*r)]
+                if want is None:
+                    layer = next((i for i in range(n) if not self.digests.ready(i, i)), None)
+                    if layer is None:
+                        break
+                    want = (layer, layer)
+                for i in range(want[0], want[1] + 1):  # a layer at a time: a request waits for one at most
+                    self.digests.for_range(i, i, report)
+                    with self._cv:
+                        self._cv.notify_all()
         except Exception as e:  # the checks hash on demand instead, and fail with the reason
-            self.warm_error = str(e)
+            self.error = str(e)
+        report.done()
+        with self._cv:
+            self._cv.notify_all()
+
+    def _ready(self, first: int, last: int) -> bool:
+        if self.digests.ready(first, last):
+            return True
+        if self._worker is None or not self._worker.is_alive():
+            if self._worker is None:
+                return False
+            self.digests.for_range(first, last)  # the worker failed: hash here, raising its error
+            return True
+        with self._cv:
+            if (first, last) in self._requests:
+                return False  # asked already: the bus loop waits for a range once, not at every beat
+            self._requests.append((first, last))
+            self._cv.wait_for(lambda: self.digests.ready(first, last), timeout=self.wait_s)
+        return self.digests.ready(first, last)
+
+    def _waiting(self, first: int, last: int) -> str:
+        span = f"layer {first}" if first == last else f"layers {first}-{last}"
+        left = self.digests.missing_bytes(first, last)
+        return (f"the bus is still hashing its model file {self.digests.path.name} ({left / 1e9:.1f} GB of "
+                f"{span} to go); this stage registers again in a moment")
 
     def admit(self, ident: bytes, first: int, last: int, theirs: Any, who: str,
-              known: Iterable[bytes] = ()) -> str | None:
-        """None and remembered when the digests match; else the refusal (and ident is refused)."""
+              known: Iterable[bytes] = ()) -> tuple[str, str]:
+        """("ok", ""), ("wait", why) when our digests of the range are not ready yet, or
+        ("refused", the one-line refusal); ok and refused are remembered for this connection."""
+        if not self._ready(first, last):
+            return "wait", self._waiting(first, last)
         refusal = check_range(self.digests, first, last, theirs, who)
         keep = set(known)
-        self.admitted = {i: r for i, r in self.admitted.items() if i in keep}
-        self.admitted[ident] = (first, last) if refusal is None else self.REFUSED
-        return refusal
+        self.admitted = {i: r for i, r in self.admitted.items() if i in keep or i == ident}
+        self.offered = {i: o for i, o in self.offered.items() if i in keep}
+        self.admitted[ident] = (first, last) if refusal is None else "refused"
+        return ("ok", "") if refusal is None else ("refused", refusal)
 
     def refused(self, ident: bytes) -> bool:
-        return self.admitted.get(ident) == self.REFUSED
+        return self.admitted.get(ident) == "refused"
 
     def beat(self, ident: bytes, first: int, last: int, h: Mapping[str, Any], who: str,
-             known: Iterable[bytes] = ()) -> str | None:
-        """For a heartbeat claiming a live state for first..last: "ok", "wait" (it has not shown
-        that range's digests yet: a beat from before it loaded it, or before its ASSIGN), or the
-        refusal."""
+             known: Iterable[bytes] = ()) -> tuple[str, str]:
+        """For a heartbeat claiming a live state for first..last: as `admit`, with "wait" also
+        while the stage has not sent that range's digests (a beat from before it loaded the
+        range, or from before its ASSIGN)."""
         if self.admitted.get(ident) == (first, last):
-            return "ok"
+            return "ok", ""
         st = h.get("stats") or {}
-        if "digests" not in h or (st.get("first"), st.get("last")) != (first, last):
-            return "wait"
-        return self.admit(ident, first, last, h["digests"], who, known) or "ok"
+        if "digests" in h and (st.get("first"), st.get("last")) == (first, last):
+            self.offered[ident] = (first, last, h["digests"])
+        offer = self.offered.get(ident)
+        if offer is None or offer[:2] != (first, last):
+            return "wait", "no digests for this range yet"
+        return self.admit(ident, first, last, offer[2], who, known)

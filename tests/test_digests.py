@@ -270,3 +270,27 @@ def test_dllama_files_have_digests_too(tmp_path):
     raw = Path(m_path).read_bytes()
     for name, t in m.tensors.items():
         assert d[name] == xxhash.xxh3_128(raw[t.offset:t.offset + t.nbytes]).hexdigest(), name
+
+
+def test_the_gate_waits_for_its_own_hash_then_admits_or_refuses(copies, tmp_path):
+    """The bus's side, without the bus: a range it has not hashed yet is "wait" (its loop never
+    hashes), then matching digests are admitted and others refused; a heartbeat counts only with
+    digests for the very range the bus assigned (stats first/last)."""
+    from dair.model.digests import RangeGate
+
+    gate = RangeGate(open_model(copies["clean"]), progress=None, cache=tmp_path / "bus", wait_s=0.0)
+    good = FileDigests(open_model(copies["clean"]), cache=tmp_path / "good").for_range(10, 19)
+    bad = FileDigests(open_model(copies["bad"]), cache=tmp_path / "bad").for_range(10, 19)
+    verdict, why = gate.admit(b"a", 10, 19, good, "stage a")
+    assert verdict == "wait" and "still hashing" in why
+    gate.start()._worker.join(120)
+    assert gate.admit(b"a", 10, 19, good, "stage a") == ("ok", "")
+    verdict, why = gate.admit(b"b", 10, 19, bad, "stage b")
+    assert verdict == "refused" and f"{CORRUPT_TENSOR} (layer 15)" in why and gate.refused(b"b")
+    beat = {"state": "ready", "stats": {"first": 10, "last": 19}}
+    assert gate.beat(b"c", 10, 19, beat, "stage c")[0] == "wait"
+    assert gate.beat(b"c", 10, 19, {**beat, "stats": {"first": 0, "last": 9}, "digests": good}, "c")[0] == "wait"
+    assert gate.beat(b"c", 10, 19, {**beat, "digests": good}, "stage c") == ("ok", "")
+    assert gate.beat(b"c", 10, 19, beat, "stage c") == ("ok", "")  # later beats carry none
+    assert gate.beat(b"c", 20, 29, beat, "stage c")[0] == "wait"  # moved: the new range needs its own
+    assert gate.beat(b"d", 10, 19, {**beat, "digests": bad}, "stage d")[0] == "refused"
