@@ -59,7 +59,8 @@ def range_tensor_names(model: Any, first: int, last: int) -> list[str]:
     """Names of the tensors layers first..last read: their own, the shared ones, the embedding if
     the range starts at layer 0, the final norm and output matrix if it ends at the last layer."""
     n = model.config.n_layers
-    names = [name for name in model.tensors if name.startswith(tuple(f"blk.{i}." for i in range(first, last + 1)))]
+    names = [name for name in model.tensors
+             if name.startswith("blk.") and first <= int(name.split(".", 2)[1]) <= last]
     names += [s for s in SHARED_TENSORS if s in model.tensors]
     if first == 0:
         names.append("token_embd.weight")

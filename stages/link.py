@@ -177,6 +177,7 @@ class Link:
         self._stopping.set()
 
     def run(self) -> int:
+        self.range_digests(self.compute.first, self.compute.last)  # hashed (or cached) before connecting
         with self._lock:
             self._connect()  # registers first, so that its RSS is the process without its weights
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
