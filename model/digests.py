@@ -7,9 +7,9 @@ copy, a disk error, an edit in place) is refused by tensor and layer instead of 
 Hash: xxHash's XXH3-128 (PyPI `xxhash`). It is not cryptographic, and does not need to be: a
 stage reports its own digests, so a hostile stage could lie whatever the hash; what they catch
 is accidental damage, where 128 bits make a collision negligible. Against BLAKE3 (`blake3`,
-single-threaded, the only fair use on a stage that computes) it hashes twice as fast on the same
-CPU (5.2 vs 2.6 GB/s here, `python benchmarks/bench_digests.py`), and both release the GIL, so
-a stage's heartbeats keep flowing while it hashes.
+single-threaded, the only fair use on a stage that computes) it hashes 2.0-2.7x as fast on the
+same CPU (`python benchmarks/bench_digests.py`), and both release the GIL, so a stage's
+heartbeats keep flowing while it hashes.
 
 Bytes are read with pread into one reused buffer, never through the model's memory map: hashing
 a range leaves no page of the file mapped in the process (its RSS stays its own layers'), and
