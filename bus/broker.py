@@ -21,10 +21,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
-from dair.bus.registry import DEAD, LOADING, STANDBY, Node, Registry, fmt_span
+from dair.bus.registry import DEAD, LIVE_STATES, LOADING, STANDBY, Node, Registry, fmt_span
 from dair.bus.requests import Requests
 from dair.bus.sessions import Session
 from dair.bus.trust import RefusalBudget, Refused, check_entries
+from dair.model import digests
 
 # Wait this long after a stage to be placed registers before planning, and at most
 # PLAN_WAIT_S for the registered budgets to hold the whole model (then plan anyway: they stream).
@@ -60,6 +61,8 @@ class Broker:
         self.max_frame = int(bus["max_frame_bytes"])
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
         self.registry = Registry(model.config.n_layers)
+        # A stage's range serves only if its bytes match ours (digests of every tensor it uses).
+        self.gate_bytes = digests.RangeGate(model).start()
         self.counters: dict[str, int] = {}
         self.inflight: dict[int, tuple[bytes, float]] = {}
         self.client_seen: dict[bytes, float] = {}
@@ -526,6 +529,14 @@ class Broker:
             self.log(f"refused: {msg}")
             self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
             return
+        if not standby:
+            verdict, why = self.gate_bytes.admit(ident, h["first"], h["last"], h.get("digests"), where,
+                                                 self.registry.nodes)
+            if verdict == "wait":  # not fatal: the stage registers again after a heartbeat timeout
+                raise P.ProtocolError(P.E_BUSY, why)
+            if verdict == "refused":
+                self.refuse_bytes(ident, why)
+                return
         if prev is not None:  # the same stage, which lost its old connection: that entry goes
             self.registry.remove(prev.ident)
         for old in gone:
@@ -576,8 +587,24 @@ class Broker:
                 return n
         return None
 
+    def refuse_bytes(self, ident: bytes, refusal: str) -> None:
+        self.log(f"refused: {refusal}")
+        self.reply_error(ident, P.E_FINGERPRINT, refusal, fatal=True)
+
     def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
+        if self.gate_bytes.refused(ident):
+            return  # told to exit; its last beats change nothing
+        if h.get("state") in LIVE_STATES and node.first >= 0 and (verdict := self.gate_bytes.beat(
+                ident, node.first, node.last, h, f"stage {node.name} (pid {node.pid} on {node.host})",
+                self.registry.nodes))[0] != "ok":
+            h = {k: v for k, v in h.items() if k != "state"}  # not serving (yet): it stays loading
+            if verdict[0] == "refused":
+                self.refuse_bytes(ident, verdict[1])
+                node.state = DEAD  # its range goes to the next free standby
+                self.plan_due = time.monotonic() if node.place else self.plan_due
+                self.cover_gaps()
+                return
         if node.state == DEAD and not self.registry.conflicts(node.first, node.last, ignore=ident):
             self.log(f"stage {node.name} is back")
         stale = h.get("state") == STANDBY and node.first >= 0  # sent before it read its ASSIGN

@@ -85,12 +85,16 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False),
                "standby": (_BOOL, False),
                "resume": (_STR, False),
-               "place": (_BOOL, False), "speed": (_NUM, False)},
+               "place": (_BOOL, False), "speed": (_NUM, False),
+               # {tensor name: xxh3_128 hex} of every tensor its range uses (model/digests.py).
+               "digests": (_MAP, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
              "heartbeat_ms": (_INT, True), "liveness": (_INT, True),
              "resume": (_STR, False)},
     HEARTBEAT: {"t": (_NUM, True), "state": (_STR, False), "stats": (_MAP, False), "boot": (_STR, False),
-                "sids": (_LIST, False)},
+                "sids": (_LIST, False),
+                # A stage that loaded a range the bus assigned: that range's digests, as in register.
+                "digests": (_MAP, False)},
     OPEN: {"sid": (_STR, True)},
     CLOSE: {"sid": (_STR, True)},
     ACT: {"layer": (_INT, True), "dtype": (_STR, True), "shape": (_LIST, True),

@@ -22,9 +22,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
+from dair.model.digests import FileDigests
 from dair.stages.compute import Compute
 
 ZERO_COPY_MIN = 1 << 16
+# Heartbeats that carry a newly assigned range's digests: the bus admits the range on the first
+# that arrives; the rest cover one lost to a full queue.
+DIGEST_BEATS = 3
 
 
 class StageRefused(Exception):
@@ -70,6 +74,18 @@ class Link:
         # Given by the bus in ASSIGN over our connection: presented when we register again on a
         # new one, it proves we are the stage that held our range (see Broker.previous_connection).
         self.resume = ""
+        # The bus admits a range only if these match its own file's bytes (model/digests.py).
+        self.digests = FileDigests(model, progress="dair-stage")
+        self._range_digests: tuple[int, int, dict[str, str]] | None = None
+        self._digest_beats = 0
+
+    def range_digests(self, first: int, last: int) -> dict[str, str]:
+        """Digests of the tensors layers first..last use ({} for a standby), hashed once."""
+        if first < 0:
+            return {}
+        if self._range_digests is None or self._range_digests[:2] != (first, last):
+            self._range_digests = (first, last, self.digests.for_range(first, last))
+        return self._range_digests[2]
 
     # --- socket (callers hold self._lock) ------------------------------------------------------
     def _connect(self) -> None:
@@ -103,6 +119,7 @@ class Link:
                     "threads": self.compute.threads, "wire": self.compute.wire,
                     "state": self.compute.state, "max_ram": int(self.compute.max_ram or 0),
                     **({"resume": self.resume} if self.resume else {}),
+                    "digests": self.range_digests(self.compute.first, self.compute.last),
                     **({"place": True, "speed": float(self.speed)} if self.place
                        else {"standby": True} if self.compute.first < 0 else {})})
 
@@ -153,7 +170,13 @@ class Link:
     def _beat_locked(self) -> None:
         """Send a heartbeat (the caller holds self._lock)."""
         self._beat_due.clear()
-        self._send({"type": P.HEARTBEAT, "t": time.time(), "state": self._shown_state(), "stats": self.stats()})
+        header = {"type": P.HEARTBEAT, "t": time.time(), "state": self._shown_state(), "stats": self.stats()}
+        c, rd = self.compute, self._range_digests
+        if self._digest_beats > 0 and c.state == "ready" and rd is not None and rd[:2] == (c.first, c.last):
+            # A range the bus assigned after registration: it serves it only once these match.
+            self._digest_beats -= 1
+            header["digests"] = rd[2]
+        self._send(header)
 
     def _heartbeats(self) -> None:
         while not self._stopping.wait(self.heartbeat_s):
@@ -174,6 +197,7 @@ class Link:
         self._stopping.set()
 
     def run(self) -> int:
+        self.range_digests(self.compute.first, self.compute.last)  # hashed (or cached) before connecting
         with self._lock:
             self._connect()  # registers first, so that its RSS is the process without its weights
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
@@ -309,6 +333,10 @@ class Link:
                 self.compute.outbox.append(P.encode(P.error(
                     P.E_LAYER, f"assign {header['first']}-{header['last']} is outside the model")))
                 return None
+            if not standby and (header["first"], header["last"]) != (self.compute.first, self.compute.last):
+                # Hashed before the range loads, so the heartbeat that says "ready" can carry them.
+                self.range_digests(header["first"], header["last"])
+                self._digest_beats = DIGEST_BEATS
         return header, buffers
 
 

@@ -86,6 +86,9 @@ def test_dequantize_matches_gguf_package(smol, smol_reader, name):
 
 
 def test_fingerprint_is_stable_and_sensitive(tmp_path, smol):
+    """The fingerprint is the header and tensor table; tensor bytes are the digests' (test_digests.py)."""
+    from dair.model.digests import FileDigests
+
     p = write_tiny_gguf(tmp_path / "a.gguf")
     fp = open_model(p).fingerprint
     assert len(fp) == 64 and fp == open_model(p).fingerprint
@@ -97,7 +100,12 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path, smol):
         b = f.read(1)
         f.seek(t.offset + 5)
         f.write(bytes([b[0] ^ 0xFF]))
-    assert open_model(q).fingerprint != fp
+    assert open_model(q).fingerprint == fp
+    a_digests = FileDigests(open_model(p), cache=tmp_path / "c").for_range(1, 1)
+    b_digests = FileDigests(open_model(q), cache=tmp_path / "c").for_range(1, 1)
+    assert [n for n in a_digests if a_digests[n] != b_digests[n]] == ["blk.1.attn_v.weight"]
+    # Another header (one more layer), same generator: another fingerprint.
+    assert open_model(write_tiny_gguf(tmp_path / "c.gguf", n_layers=TINY["n_layers"] + 1)).fingerprint != fp
     assert smol.fingerprint != fp
 
 
