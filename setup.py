@@ -53,6 +53,8 @@ def _extensions() -> list[Extension]:
                 [str(pyx.relative_to(HERE))],
                 include_dirs=[numpy.get_include(), "ops"],
                 extra_compile_args=_module_cflags(pyx.stem),
+                # rebuild when a kernel header changes (cythonize only tracks what a .pyx names)
+                depends=sorted(str(h.relative_to(HERE)) for h in (HERE / "ops").glob("*.h")),
                 extra_link_args=["-fopenmp"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             )

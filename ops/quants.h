@@ -27,12 +27,12 @@
 
 static const dair_vdot_fn dair_vdot_table[DAIR_NTYPES][3] = {
     [DAIR_Q5_0] = {dair_vec_dot_q5_0_ref, DAIR_K2(dair_vec_dot_q5_0_avx2), DAIR_K5(dair_vec_dot_q5_0_avx512)},
-    [DAIR_Q5_1] = {dair_vec_dot_q5_1_ref, DAIR_K2(dair_vec_dot_q5_1_avx2), NULL},
-    [DAIR_IQ4_NL] = {dair_vec_dot_iq4_nl_ref, DAIR_K2(dair_vec_dot_iq4_nl_avx2), NULL},
-    [DAIR_Q2_K] = {dair_vec_dot_q2_k_ref, DAIR_K2(dair_vec_dot_q2_k_avx2), NULL},
-    [DAIR_Q3_K] = {dair_vec_dot_q3_k_ref, DAIR_K2(dair_vec_dot_q3_k_avx2), NULL},
-    [DAIR_Q5_K] = {dair_vec_dot_q5_k_ref, DAIR_K2(dair_vec_dot_q5_k_avx2), NULL},
-    [DAIR_IQ4_XS] = {dair_vec_dot_iq4_xs_ref, DAIR_K2(dair_vec_dot_iq4_xs_avx2), NULL},
+    [DAIR_Q5_1] = {dair_vec_dot_q5_1_ref, DAIR_K2(dair_vec_dot_q5_1_avx2), DAIR_K5(dair_vec_dot_q5_1_avx512)},
+    [DAIR_IQ4_NL] = {dair_vec_dot_iq4_nl_ref, DAIR_K2(dair_vec_dot_iq4_nl_avx2), DAIR_K5(dair_vec_dot_iq4_nl_avx512)},
+    [DAIR_Q2_K] = {dair_vec_dot_q2_k_ref, DAIR_K2(dair_vec_dot_q2_k_avx2), DAIR_K5(dair_vec_dot_q2_k_avx512)},
+    [DAIR_Q3_K] = {dair_vec_dot_q3_k_ref, DAIR_K2(dair_vec_dot_q3_k_avx2), DAIR_K5(dair_vec_dot_q3_k_avx512)},
+    [DAIR_Q5_K] = {dair_vec_dot_q5_k_ref, DAIR_K2(dair_vec_dot_q5_k_avx2), DAIR_K5(dair_vec_dot_q5_k_avx512)},
+    [DAIR_IQ4_XS] = {dair_vec_dot_iq4_xs_ref, DAIR_K2(dair_vec_dot_iq4_xs_avx2), DAIR_K5(dair_vec_dot_iq4_xs_avx512)},
 };
 
 /* Types whose products go through dair_vdot_table (the others have their own loops in qdot.h). */

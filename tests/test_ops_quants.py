@@ -13,13 +13,17 @@ which kernel actually serves each type in that family (a family without a kernel
 falls back to the next one down, and the test says so in its assertion message).
 """
 
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from dair.model import qtypes
-from dair.ops import threads
+from dair.ops import matmul, threads
 from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, kernel_table, set_kernels
 
 NEW = ["Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q5_K", "IQ4_XS"]
@@ -211,8 +215,26 @@ def test_kernel_table():
     assert table["F32"] == table["BF16"] == "float"
     assert all(v in KERNELS + ("float",) for v in table.values())
     assert set(kernel_table("scalar").values()) <= {"scalar", "float"}
-    # Q5_0 has kernels in every family
+    # every new 8-bit type has a kernel of its own in every family
     for k in KERNELS:
-        assert kernel_table(k)["Q5_0"] == k
+        assert {t: kernel_table(k)[t] for t in NEW} == {t: k for t in NEW}
     with pytest.raises(ValueError, match="kernels"):
         kernel_table("gpu")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils) to read the build")
+def test_only_avx512_kernels_hold_avx512_instructions():
+    """The AVX2 and plain-C families must run on AVX2-only CPUs: no EVEX-encoded instruction
+    (zmm, mask or ymm16-31 registers) outside the functions of the AVX-512 family."""
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", matmul.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    evex = re.compile(r"zmm|%k[0-7]|[xy]mm(1[6-9]|2\d|3[01])\b")
+    fn, found = None, set()
+    for line in dis.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:", line)
+        if m:
+            fn = m.group(1)
+        elif fn and evex.search(line):
+            found.add(fn)
+    allowed = re.compile(r"avx512|512|dair_img_|_wide")
+    assert found and not {f for f in found if not allowed.search(f)}, sorted(found)
