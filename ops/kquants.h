@@ -11,6 +11,8 @@
 #ifndef DAIR_KQUANTS_H
 #define DAIR_KQUANTS_H
 
+#include "qdot.h" /* the activations, prefetch and AVX2 helpers these kernels build on */
+
 /* ---- Q8_K activations ---------------------------------------------------- */
 
 #if defined(DAIR_BUILD_AVX512)

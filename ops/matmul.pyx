@@ -16,6 +16,8 @@ Block layouts are stated in blocks.h; BLOCK_LAYOUTS below is read from it.
 """
 include "_common.pxi"
 
+import os
+
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -98,6 +100,11 @@ cdef double _CHUNK_BYTES = 32 * 1024.0
 _FAMILIES = ("scalar", "avx2", "avx512")
 _ALIASES = {"image": "avx512", "block": "avx2"}  # the families' former names
 cdef int _best = dair_cpu_family()
+# DAIR_KERNELS=avx2 (or scalar) caps the families, e.g. to run a whole test suite as an AVX2-only
+# CPU would; a family this CPU cannot run is never selected.
+_cap = _ALIASES.get(os.environ.get("DAIR_KERNELS", ""), os.environ.get("DAIR_KERNELS", ""))
+if _cap in _FAMILIES:
+    _best = min(_best, _FAMILIES.index(_cap))
 dair_set_family(_best)
 cdef bint _use_img = dair_img_available() != 0 and _best == DAIR_FAM_AVX512
 

@@ -28,6 +28,8 @@
 #ifndef DAIR_QIMG_H
 #define DAIR_QIMG_H
 
+#include "qdot.h" /* the activations, prefetch and AVX2 helpers these kernels build on */
+
 static void *dair_alloc64(size_t n) {
     void *p = NULL;
     if (posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64))

@@ -13,9 +13,11 @@ which kernel actually serves each type in that family (a family without a kernel
 falls back to the next one down, and the test says so in its assertion message).
 """
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -238,3 +240,29 @@ def test_only_avx512_kernels_hold_avx512_instructions():
             found.add(fn)
     allowed = re.compile(r"avx512|512|dair_img_|_wide")
     assert found and not {f for f in found if not allowed.search(f)}, sorted(found)
+
+
+def test_families_follow_the_cpu():
+    """AVX-512 kernels are offered exactly where the CPU has the instructions they use."""
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags")
+    has512 = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512dq"} <= flags
+    assert ("avx512" in KERNELS) == has512, (KERNELS, sorted(f for f in flags if f.startswith("avx")))
+    assert ("avx2" in KERNELS) == ({"avx2", "fma", "f16c"} <= flags)
+
+
+def test_kernels_can_be_capped_for_a_whole_run():
+    code = ("from dair.ops.matmul import KERNELS, get_kernels, kernel_table; "
+            "print(','.join(KERNELS), get_kernels(), kernel_table()['Q5_K'])")
+    for cap in ("avx2", "scalar"):
+        if cap not in KERNELS:
+            continue
+        env = dict(os.environ, DAIR_KERNELS=cap)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        fams = KERNELS[KERNELS.index(cap):]
+        assert out.stdout.split() == [",".join(fams), cap, cap]
