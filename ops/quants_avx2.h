@@ -49,15 +49,16 @@ static float dair_vec_dot_q5_0_avx2(const uint8_t *w, int nb, const int8_t *q, c
                                     const int32_t *isum) {
     (void)s;
     __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
     for (int b = 0; b < nb; b++) {
         const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
-        __m256i p = dair_mul_u8s8_avx2(dair_q5_codes_avx2(x->qh, x->qs),
-                                       _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
-        /* the -16 term on one lane keeps the block's integer sum exact */
-        p = _mm256_sub_epi32(p, _mm256_setr_epi32(16 * isum[b], 0, 0, 0, 0, 0, 0, 0));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(p), acc);
+        const __m256i p = dair_mul_u8s8_avx2(dair_q5_codes_avx2(x->qh, x->qs),
+                                             _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
+        const float f = _cvtsh_ss(dair_load_u16(&x->d)) * d[b];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(p), acc);
+        corr += f * (float)(16 * isum[b]); /* the codes' - 16 */
     }
-    return dair_hsum8_avx2(acc);
+    return dair_hsum8_avx2(acc) - corr;
 }
 
 static float dair_vec_dot_q5_1_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,

@@ -23,21 +23,20 @@ static float dair_vec_dot_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q,
                                       const int32_t *isum) {
     (void)s;
     __m512 acc = _mm512_setzero_ps();
+    float corr = 0.0f;
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const dair_block_q5_0 *x0 = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
         const dair_block_q5_0 *x1 = x0 + 1;
         const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(dair_q5_codes_avx512(x0->qh, x0->qs)),
                                              dair_q5_codes_avx512(x1->qh, x1->qs), 1);
-        /* lane 0 of each half starts at the block's -16 sum(q) */
-        const __m512i corr = _mm512_setr_epi32(-16 * isum[b], 0, 0, 0, 0, 0, 0, 0, -16 * isum[b + 1], 0, 0, 0, 0, 0,
-                                               0, 0);
-        const __m512i p = _mm512_dpbusd_epi32(corr, c, _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
-        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x0->d)) * d[b]),
-                                             _mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x1->d)) * d[b + 1]), 1);
-        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
+                                              _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
+        const float f0 = _cvtsh_ss(dair_load_u16(&x0->d)) * d[b], f1 = _cvtsh_ss(dair_load_u16(&x1->d)) * d[b + 1];
+        acc = _mm512_fmadd_ps(_mm512_insertf32x8(_mm512_set1_ps(f0), _mm256_set1_ps(f1), 1), _mm512_cvtepi32_ps(p), acc);
+        corr += f0 * (float)(16 * isum[b]) + f1 * (float)(16 * isum[b + 1]); /* the codes' - 16 */
     }
-    float r = _mm512_reduce_add_ps(acc);
+    float r = _mm512_reduce_add_ps(acc) - corr;
     for (; b < nb; b++) {
         const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
         __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), dair_q5_codes_avx512(x->qh, x->qs),
@@ -121,17 +120,21 @@ static float dair_vec_dot_iq4_nl_avx512(const uint8_t *w, int nb, const int8_t *
     return r;
 }
 
-/* K-quants, 64 values per zmm: VPDPBUSD of the unsigned codes with the activation gives 16
- * int32 lanes of 4 values each; lane l of zmm z lies in sub-block (64 z + 4 l) / L, whose scale
- * VPERMD picks from the block's scales (as int32). Exact integer sums, as llama.cpp's. */
-DAIR_INLINE __m512i dair_kq_scale_idx(int z, int L) {
-    const __m512i l = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(64 * z), _mm512_slli_epi32(l, 2)), L == 16 ? 4 : 5);
+/* K-quants, 64 values per zmm: u8 x s8 pair products of the unsigned codes with the activation
+ * (VPMADDUBSW; codes <= 31 cannot saturate int16), then VPDPWSSD with each pair's sub-block scale
+ * as int16 adds them into int32 lanes: the integer sum per super-block exactly as llama.cpp's,
+ * then one float FMA per super-block. Pair lane i of zmm z holds values 64 z + 2 i, + 1, in
+ * sub-block (64 z + 2 i) / L, whose scale VPERMW picks out of the block's sixteen. */
+DAIR_INLINE __m512i dair_kq_idx16(int z, int L) {
+    const __m512i i = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12,
+                                       11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return _mm512_srli_epi16(_mm512_add_epi16(_mm512_set1_epi16((short)(64 * z)), _mm512_slli_epi16(i, 1)),
+                             L == 16 ? 4 : 5);
 }
 
-DAIR_INLINE __m512i dair_kq64_avx512(__m512i acc, __m512i u, const int8_t *y, __m512i sc, __m512i idx) {
-    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512((const void *)y));
-    return _mm512_add_epi32(acc, _mm512_mullo_epi32(p, _mm512_permutexvar_epi32(idx, sc)));
+DAIR_INLINE __m512i dair_kq64_avx512(__m512i acc, __m512i u, const int8_t *y, __m512i sc16, int z, int L) {
+    const __m512i p = _mm512_maddubs_epi16(u, _mm512_loadu_si512((const void *)y));
+    return _mm512_dpwssd_epi32(acc, p, _mm512_permutexvar_epi16(dair_kq_idx16(z, L), sc16));
 }
 
 /* The 2-bit fields (qs[32h + l] >> 2j) & 3 for j = j0 (low 256 bits) and j0 + 1 (high). */
@@ -147,53 +150,53 @@ DAIR_INLINE __mmask64 dair_bits64_avx512(__m512i bytes2, int b0) {
     return _mm512_test_epi8_mask(bytes2, bit);
 }
 
+DAIR_INLINE __m512i dair_bsums_avx512(const int32_t *bsums) { return _mm512_loadu_si512((const void *)bsums); }
+
 static float dair_vec_dot_q2_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *bsums) {
     (void)s;
-    float acc = 0.0f;
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q2_K *x = (const dair_block_q2_K *)(w + (size_t)b * sizeof(dair_block_q2_K));
         const int8_t *y = q + (size_t)b * DAIR_QKK;
         const __m128i raw = _mm_loadu_si128((const __m128i *)x->scales);
-        const __m512i sc = _mm512_cvtepu8_epi32(_mm_and_si128(raw, _mm_set1_epi8(0x0F)));
+        const __m512i sc16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
         const __m512i mn = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F)));
         __m512i sumi = _mm512_setzero_si512();
         for (int z = 0; z < 4; z++)
-            sumi = dair_kq64_avx512(sumi, dair_crumbs64_avx512(x->qs + 32 * (z / 2), 2 * (z % 2)), y + 64 * z, sc,
-                                    dair_kq_scale_idx(z, 16));
-        const int summs = _mm512_reduce_add_epi32(
-            _mm512_mullo_epi32(mn, _mm512_loadu_si512((const void *)(bsums + (size_t)b * 16))));
-        const float dall = d[b] * _cvtsh_ss(dair_load_u16(&x->d)), dmin = d[b] * _cvtsh_ss(dair_load_u16(&x->dmin));
-        acc += dall * (float)_mm512_reduce_add_epi32(sumi) - dmin * (float)summs;
+            sumi = dair_kq64_avx512(sumi, dair_crumbs64_avx512(x->qs + 32 * (z / 2), 2 * (z % 2)), y + 64 * z, sc16, z, 16);
+        const __m512i summs = _mm512_mullo_epi32(mn, dair_bsums_avx512(bsums + (size_t)b * 16));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d[b] * _cvtsh_ss(dair_load_u16(&x->d))), acc);
+        accm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summs), _mm512_set1_ps(d[b] * _cvtsh_ss(dair_load_u16(&x->dmin))),
+                               accm);
     }
-    return acc;
+    return _mm512_reduce_add_ps(_mm512_sub_ps(acc, accm));
 }
 
 static float dair_vec_dot_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *bsums) {
     (void)s;
-    float acc = 0.0f;
+    __m512 acc = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q3_K *x = (const dair_block_q3_K *)(w + (size_t)b * sizeof(dair_block_q3_K));
         const int8_t *y = q + (size_t)b * DAIR_QKK;
         int8_t sc8[16];
         dair_q3k_scales(x->scales, sc8);
-        const __m512i sc = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc8)),
-                                            _mm512_set1_epi32(32));
+        const __m256i s16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc8)),
+                                             _mm256_set1_epi16(32));
         const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask));
-        __m512i sumi = _mm512_setzero_si512();
+        /* codes are u - 4: start from - 4 sum_k sc[k] bsums[k] */
+        __m512i sumi = _mm512_mullo_epi32(_mm512_cvtepi16_epi32(_mm256_slli_epi16(s16, 2)),
+                                          _mm512_sub_epi32(_mm512_setzero_si512(), dair_bsums_avx512(bsums + (size_t)b * 16)));
         for (int z = 0; z < 4; z++) {
             const int h = z / 2, j0 = 2 * (z % 2);
             __m512i u = dair_crumbs64_avx512(x->qs + 32 * h, j0);
             u = _mm512_mask_add_epi8(u, dair_bits64_avx512(hm, 4 * h + j0), u, _mm512_set1_epi8(4));
-            sumi = dair_kq64_avx512(sumi, u, y + 64 * z, sc, dair_kq_scale_idx(z, 16));
+            sumi = dair_kq64_avx512(sumi, u, y + 64 * z, _mm512_zextsi256_si512(s16), z, 16);
         }
-        /* codes are u - 4 */
-        const int corr = _mm512_reduce_add_epi32(
-            _mm512_mullo_epi32(sc, _mm512_loadu_si512((const void *)(bsums + (size_t)b * 16))));
-        acc += (_cvtsh_ss(dair_load_u16(&x->d)) * d[b]) * (float)(_mm512_reduce_add_epi32(sumi) - 4 * corr);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), acc);
     }
-    return acc;
+    return _mm512_reduce_add_ps(acc);
 }
 
 static float dair_vec_dot_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
@@ -201,58 +204,70 @@ static float dair_vec_dot_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q,
     (void)s;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    float acc = 0.0f;
+    /* bsums k and k+1 summed per sub-block of 32: lanes 2j, 2j+1 -> j */
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q5_K *x = (const dair_block_q5_K *)(w + (size_t)b * sizeof(dair_block_q5_K));
         const int8_t *y = q + (size_t)b * DAIR_QKK;
-        const int32_t *bs = bsums + (size_t)b * 16;
-        uint8_t sc8[16], m8[8];
+        uint8_t sc8[16], m8[16];
         dair_q4k_scales(x->scales, sc8, m8);
-        const __m512i sc = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc8));
+        const __m512i sc16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc8)));
+        const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m8));
         const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
         __m512i sumi = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
             const __m512i r = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * c)));
             __m512i u = _mm512_and_si512(_mm512_srlv_epi16(r, sh), m4);
             u = _mm512_mask_add_epi8(u, dair_bits64_avx512(qh, 2 * c), u, _mm512_set1_epi8(16));
-            sumi = dair_kq64_avx512(sumi, u, y + 64 * c, sc, dair_kq_scale_idx(c, 32));
+            sumi = dair_kq64_avx512(sumi, u, y + 64 * c, sc16, c, 32);
         }
-        int summ = 0;
-        for (int j = 0; j < 8; j++)
-            summ += m8[j] * (bs[2 * j] + bs[2 * j + 1]);
-        acc += _cvtsh_ss(dair_load_u16(&x->d)) * d[b] * (float)_mm512_reduce_add_epi32(sumi) -
-               _cvtsh_ss(dair_load_u16(&x->dmin)) * d[b] * (float)summ;
+        const __m512i bs = dair_bsums_avx512(bsums + (size_t)b * 16);
+        const __m512i b32 = _mm512_add_epi32(_mm512_permutexvar_epi32(even, bs), _mm512_permutexvar_epi32(odd, bs));
+        const __m512i summ = _mm512_maskz_mullo_epi32(0x00FF, mn, b32);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), acc);
+        accm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->dmin)) * d[b]),
+                               accm);
     }
-    return acc;
+    return _mm512_reduce_add_ps(_mm512_sub_ps(acc, accm));
 }
 
+/* IQ4_XS codes are signed up to 127: products as |c| x (q with c's sign), which fit int16
+ * pairs (2 * 127 * 127), then VPDPWSSD with the sub-block scale. */
 static float dair_vec_dot_iq4_xs_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                         const int32_t *bsums) {
     (void)s, (void)bsums;
     const __m512i table = dair_iq4_table_avx512();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    float acc = 0.0f;
+    const __m256i sh_l = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), sh_h = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    __m512 acc = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_iq4_xs *x = (const dair_block_iq4_xs *)(w + (size_t)b * sizeof(dair_block_iq4_xs));
         const int8_t *y = q + (size_t)b * DAIR_QKK;
-        int32_t sc32[16];
-        for (int sb = 0; sb < 8; sb++)
-            sc32[sb] = dair_iq4xs_scale(x, sb);
-        const __m512i sc = _mm512_loadu_si512((const void *)sc32); /* lanes 8-15 unused */
+        uint32_t sl;
+        memcpy(&sl, x->scales_l, 4);
+        /* sc[s] = (nibble s of scales_l | 2-bit field s of scales_h << 4) - 32 */
+        const __m256i lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)sl), sh_l), _mm256_set1_epi32(15));
+        const __m256i hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(dair_load_u16(&x->scales_h)), sh_h),
+                                            _mm256_set1_epi32(3));
+        const __m256i sc32 = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+        const __m512i sc16 = _mm512_zextsi128_si512(_mm256_cvtepi32_epi16(sc32));
         __m512i sumi = _mm512_setzero_si512();
         for (int z = 0; z < 4; z++) {
             /* sub-blocks 2z, 2z+1: bytes 0-15 and 16-31 of qs + 32z, low nibbles before high */
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * z));
             const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m4)),
                                                   _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), 1);
-            const __m512i nib = _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
-            const __m512i p = dair_dot_s8s8_avx512(_mm512_shuffle_epi8(table, nib),
-                                                   _mm512_loadu_si512((const void *)(y + 64 * z)));
-            sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(p, _mm512_permutexvar_epi32(dair_kq_scale_idx(z, 32), sc)));
+            const __m512i c = _mm512_shuffle_epi8(table, _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0)));
+            const __m512i yv = _mm512_loadu_si512((const void *)(y + 64 * z));
+            const __m512i ys = _mm512_mask_sub_epi8(yv, _mm512_movepi8_mask(c), _mm512_setzero_si512(), yv);
+            const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(c), ys);
+            sumi = _mm512_dpwssd_epi32(sumi, p, _mm512_permutexvar_epi16(dair_kq_idx16(z, 32), sc16));
         }
-        acc += (_cvtsh_ss(dair_load_u16(&x->d)) * d[b]) * (float)_mm512_reduce_add_epi32(sumi);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), acc);
     }
-    return acc;
+    return _mm512_reduce_add_ps(acc);
 }
 
 DAIR_AVX512_END
