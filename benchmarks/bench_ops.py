@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, kernel_table, set_kernels, simd_name
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, kernel_table, set_kernels, simd_name
 
 # (name, rows, cols, qtype): one layer of SmolLM2-135M, then the tied output head.
 LAYER = [
@@ -156,7 +156,7 @@ def bench_sweep(rng, thread_counts, n_tokens):
         )
 
 
-def bench_types(rng, qtypes, n_prefill, rows=4096, cols=4096, rounds=5):
+def bench_types(rng, qtypes, n_prefill, rounds, rows=4096, cols=4096):
     """One rows x cols matrix per type, 1 thread: matrix-vector us and GB/s, best of `rounds`
     interleaved rounds (so a noisy neighbour hits every type alike), and the ratio to Q4_0 measured
     in the same rounds. Weights stay cache-warm or not depending on the machine's L3; all types are
@@ -167,12 +167,12 @@ def bench_types(rng, qtypes, n_prefill, rows=4096, cols=4096, rounds=5):
     x = rng.standard_normal((1, cols)).astype(np.float32)
     xp = rng.standard_normal((n_prefill, cols)).astype(np.float32)
     ws = {qt: random_weight(rng, qt, rows, cols) for qt in qtypes}
-    table = kernel_table()
+    table = kernel_table(get_kernels())
     best = {qt: float("inf") for qt in qtypes}
     best_p = {qt: float("inf") for qt in qtypes}
     for _ in range(rounds):
         for qt, w in ws.items():
-            best[qt] = min(best[qt], time_call(lambda w=w: w.matmul(x), min_time=0.1, repeats=2))
+            best[qt] = min(best[qt], time_call(lambda w=w: w.matmul(x), min_time=0.04, repeats=2))
             if n_prefill > 1:
                 best_p[qt] = min(best_p[qt], time_call(lambda w=w: w.matmul(xp), min_time=0.05, repeats=1))
     print(f"\n{rows} x {cols} matrix-vector product, 1 thread, best of {rounds} interleaved rounds")
@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=30, help="decode-sweep steps")
     ap.add_argument("--quick", action="store_true", help="skip the prefill product of the output head")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --types (best of)")
     ap.add_argument("--kernels", default=KERNELS[0], help=f"comma-separated families of {KERNELS}")
     ap.add_argument("--types", default="", help="only a 4096 x 4096 product per type, e.g. Q4_0,Q4_K,Q6_K, "
                     "or 'all'")
@@ -210,7 +211,7 @@ def main() -> None:
             print(f"\n==== quantized kernels: {k} ====")
             rng = np.random.default_rng(0)
             if types:
-                bench_types(rng, types, args.prefill)
+                bench_types(rng, types, args.prefill, args.rounds)
                 continue
             if not args.sweep_only:
                 bench_shapes(rng, thread_counts, args.prefill, args.quick)
