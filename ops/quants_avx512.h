@@ -19,6 +19,29 @@ DAIR_INLINE __m256i dair_q5_codes_avx512(const uint8_t *qh4, const uint8_t *qs) 
     return _mm256_or_si256(nib, _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10)));
 }
 
+/* Nibbles of two 32-value blocks (16 bytes each) in value order: low, high of block 0, then of 1. */
+DAIR_INLINE __m512i dair_nibbles64_avx512(const uint8_t *qs0, const uint8_t *qs1) {
+    const __m256i v = _mm256_loadu2_m128i((const __m128i *)qs1, (const __m128i *)qs0);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                                          _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+    return _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+/* Q5 codes of two blocks: the nibbles plus 16 where the block's qh bit is set. */
+DAIR_INLINE __m512i dair_q5_codes64_avx512(const uint8_t *qs0, const uint8_t *qh0, const uint8_t *qs1,
+                                           const uint8_t *qh1) {
+    uint32_t h0, h1;
+    memcpy(&h0, qh0, 4);
+    memcpy(&h1, qh1, 4);
+    const __m512i nib = dair_nibbles64_avx512(qs0, qs1);
+    return _mm512_mask_add_epi8(nib, (__mmask64)h0 | (__mmask64)h1 << 32, nib, _mm512_set1_epi8(0x10));
+}
+
+DAIR_INLINE __m512 dair_two_scales_avx512(float f0, float f1) {
+    return _mm512_insertf32x8(_mm512_set1_ps(f0), _mm256_set1_ps(f1), 1);
+}
+
 static float dair_vec_dot_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *isum) {
     (void)s;
@@ -28,12 +51,11 @@ static float dair_vec_dot_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q,
     for (; b + 2 <= nb; b += 2) {
         const dair_block_q5_0 *x0 = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
         const dair_block_q5_0 *x1 = x0 + 1;
-        const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(dair_q5_codes_avx512(x0->qh, x0->qs)),
-                                             dair_q5_codes_avx512(x1->qh, x1->qs), 1);
+        const __m512i c = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
         const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
                                               _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
         const float f0 = _cvtsh_ss(dair_load_u16(&x0->d)) * d[b], f1 = _cvtsh_ss(dair_load_u16(&x1->d)) * d[b + 1];
-        acc = _mm512_fmadd_ps(_mm512_insertf32x8(_mm512_set1_ps(f0), _mm256_set1_ps(f1), 1), _mm512_cvtepi32_ps(p), acc);
+        acc = _mm512_fmadd_ps(dair_two_scales_avx512(f0, f1), _mm512_cvtepi32_ps(p), acc);
         corr += f0 * (float)(16 * isum[b]) + f1 * (float)(16 * isum[b + 1]); /* the codes' - 16 */
     }
     float r = _mm512_reduce_add_ps(acc) - corr;
@@ -56,8 +78,7 @@ static float dair_vec_dot_q5_1_avx512(const uint8_t *w, int nb, const int8_t *q,
     for (; b + 2 <= nb; b += 2) {
         const dair_block_q5_1 *x0 = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
         const dair_block_q5_1 *x1 = x0 + 1;
-        const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(dair_q5_codes_avx512(x0->qh, x0->qs)),
-                                             dair_q5_codes_avx512(x1->qh, x1->qs), 1);
+        const __m512i c = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
         const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
                                               _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
         const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x0->d)) * d[b]),
@@ -102,8 +123,7 @@ static float dair_vec_dot_iq4_nl_avx512(const uint8_t *w, int nb, const int8_t *
     for (; b + 2 <= nb; b += 2) {
         const dair_block_iq4_nl *x0 = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
         const dair_block_iq4_nl *x1 = x0 + 1;
-        const __m512i nib = _mm512_inserti64x4(_mm512_castsi256_si512(dair_nibbles32_avx512(x0->qs)),
-                                               dair_nibbles32_avx512(x1->qs), 1);
+        const __m512i nib = dair_nibbles64_avx512(x0->qs, x1->qs);
         const __m512i p = dair_dot_s8s8_avx512(_mm512_shuffle_epi8(table, nib),
                                                _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
         const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x0->d)) * d[b]),
@@ -137,11 +157,12 @@ DAIR_INLINE __m512i dair_kq64_avx512(__m512i acc, __m512i u, const int8_t *y, __
     return _mm512_dpwssd_epi32(acc, p, _mm512_permutexvar_epi16(dair_kq_idx16(z, L), sc16));
 }
 
-/* The 2-bit fields (qs[32h + l] >> 2j) & 3 for j = j0 (low 256 bits) and j0 + 1 (high). */
+/* The 2-bit fields (qs[32h + l] >> 2j) & 3 for j = j0 (low 256 bits) and j0 + 1 (high): shifts of
+ * the ymm and one insert (VPSRLVW would cost more shuffle-port work). */
 DAIR_INLINE __m512i dair_crumbs64_avx512(const uint8_t *qs32, int j0) {
-    const __m512i r = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs32));
-    const __m512i sh = _mm512_inserti64x4(_mm512_set1_epi16((short)(2 * j0)), _mm256_set1_epi16((short)(2 * j0 + 2)), 1);
-    return _mm512_and_si512(_mm512_srlv_epi16(r, sh), _mm512_set1_epi8(3));
+    const __m256i r = _mm256_loadu_si256((const __m256i *)qs32), m3 = _mm256_set1_epi8(3);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(r, 2 * j0), m3)),
+                              _mm256_and_si256(_mm256_srli_epi16(r, 2 * j0 + 2), m3), 1);
 }
 
 /* byte mask of bit b0 (low 256 bits) and b0 + 1 (high) of 32 bytes repeated */
@@ -173,6 +194,27 @@ static float dair_vec_dot_q2_k_avx512(const uint8_t *w, int nb, const int8_t *q,
     return _mm512_reduce_add_ps(_mm512_sub_ps(acc, accm));
 }
 
+/* dair_q3k_scales in registers (a store and a wider reload would stall store forwarding). */
+DAIR_INLINE __m128i dair_q3k_scales_avx512(const uint8_t *s) {
+    uint32_t a0, a1, t;
+    memcpy(&a0, s, 4);
+    memcpy(&a1, s + 4, 4);
+    memcpy(&t, s + 8, 4);
+    return _mm_setr_epi32((int)((a0 & 0x0F0F0F0Fu) | ((t & 0x03030303u) << 4)),
+                          (int)((a1 & 0x0F0F0F0Fu) | (((t >> 2) & 0x03030303u) << 4)),
+                          (int)(((a0 >> 4) & 0x0F0F0F0Fu) | (((t >> 4) & 0x03030303u) << 4)),
+                          (int)(((a1 >> 4) & 0x0F0F0F0Fu) | (((t >> 6) & 0x03030303u) << 4)));
+}
+
+/* Q4_K/Q5_K's eight 6-bit scales and mins as two 64-bit words of bytes (see dair_q4k_scales). */
+DAIR_INLINE void dair_q4k_scales_avx512(const uint8_t *s, uint64_t *sc, uint64_t *m) {
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    *sc = (uint64_t)(u[0] & 0x3F3F3F3Fu) | (uint64_t)((u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4)) << 32;
+    *m = (uint64_t)(u[1] & 0x3F3F3F3Fu) | (uint64_t)(((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4))
+                                              << 32;
+}
+
 static float dair_vec_dot_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *bsums) {
     (void)s;
@@ -180,9 +222,7 @@ static float dair_vec_dot_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q,
     for (int b = 0; b < nb; b++) {
         const dair_block_q3_K *x = (const dair_block_q3_K *)(w + (size_t)b * sizeof(dair_block_q3_K));
         const int8_t *y = q + (size_t)b * DAIR_QKK;
-        int8_t sc8[16];
-        dair_q3k_scales(x->scales, sc8);
-        const __m256i s16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc8)),
+        const __m256i s16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(dair_q3k_scales_avx512(x->scales)),
                                              _mm256_set1_epi16(32));
         const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask));
         /* codes are u - 4: start from - 4 sum_k sc[k] bsums[k] */
@@ -202,8 +242,7 @@ static float dair_vec_dot_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q,
 static float dair_vec_dot_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *bsums) {
     (void)s;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i sh = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
     /* bsums k and k+1 summed per sub-block of 32: lanes 2j, 2j+1 -> j */
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -211,15 +250,16 @@ static float dair_vec_dot_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q,
     for (int b = 0; b < nb; b++) {
         const dair_block_q5_K *x = (const dair_block_q5_K *)(w + (size_t)b * sizeof(dair_block_q5_K));
         const int8_t *y = q + (size_t)b * DAIR_QKK;
-        uint8_t sc8[16], m8[16];
-        dair_q4k_scales(x->scales, sc8, m8);
-        const __m512i sc16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc8)));
-        const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m8));
+        uint64_t scw, mw;
+        dair_q4k_scales_avx512(x->scales, &scw, &mw);
+        const __m512i sc16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scw)));
+        const __m512i mn = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mw));
         const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
         __m512i sumi = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
-            const __m512i r = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * c)));
-            __m512i u = _mm512_and_si512(_mm512_srlv_epi16(r, sh), m4);
+            const __m256i r = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * c));
+            __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r, m4)),
+                                           _mm256_and_si256(_mm256_srli_epi16(r, 4), m4), 1);
             u = _mm512_mask_add_epi8(u, dair_bits64_avx512(qh, 2 * c), u, _mm512_set1_epi8(16));
             sumi = dair_kq64_avx512(sumi, u, y + 64 * c, sc16, c, 32);
         }
