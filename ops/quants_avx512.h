@@ -38,27 +38,31 @@ DAIR_INLINE __m512i dair_q5_codes64_avx512(const uint8_t *qs0, const uint8_t *qh
     return _mm512_mask_add_epi8(nib, (__mmask64)h0 | (__mmask64)h1 << 32, nib, _mm512_set1_epi8(0x10));
 }
 
-DAIR_INLINE __m512 dair_two_scales_avx512(float f0, float f1) {
-    return _mm512_insertf32x8(_mm512_set1_ps(f0), _mm256_set1_ps(f1), 1);
+/* [a0 x 8, a1 x 8] * [b0 x 8, b1 x 8] from two fp16 (a) and two consecutive floats (b). */
+DAIR_INLINE __m512 dair_two_scales_f16_avx512(uint16_t a0, uint16_t a1, const float *b) {
+    const __m128 a = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)a0 | (uint32_t)a1 << 16)));
+    const __m128 f = _mm_mul_ps(a, _mm_castpd_ps(_mm_load_sd((const double *)b)));
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
 }
 
 static float dair_vec_dot_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *isum) {
     (void)s;
     __m512 acc = _mm512_setzero_ps();
-    float corr = 0.0f;
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const dair_block_q5_0 *x0 = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
         const dair_block_q5_0 *x1 = x0 + 1;
         const __m512i c = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
-                                              _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
-        const float f0 = _cvtsh_ss(dair_load_u16(&x0->d)) * d[b], f1 = _cvtsh_ss(dair_load_u16(&x1->d)) * d[b + 1];
-        acc = _mm512_fmadd_ps(dair_two_scales_avx512(f0, f1), _mm512_cvtepi32_ps(p), acc);
-        corr += f0 * (float)(16 * isum[b]) + f1 * (float)(16 * isum[b + 1]); /* the codes' - 16 */
+        const __m512i y = _mm512_loadu_si512((const void *)(q + (size_t)b * 32));
+        /* codes - 16: sum(c q) - 16 sum(q), both by VPDPBUSD in the same lanes */
+        const __m512i p = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, y),
+                                           _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(16), y));
+        acc = _mm512_fmadd_ps(dair_two_scales_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d), d + b),
+                              _mm512_cvtepi32_ps(p), acc);
     }
-    float r = _mm512_reduce_add_ps(acc) - corr;
+    float r = _mm512_reduce_add_ps(acc);
     for (; b < nb; b++) {
         const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
         __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), dair_q5_codes_avx512(x->qh, x->qs),
@@ -73,7 +77,7 @@ static float dair_vec_dot_q5_1_avx512(const uint8_t *w, int nb, const int8_t *q,
                                       const int32_t *isum) {
     (void)isum;
     __m512 acc = _mm512_setzero_ps();
-    float summ = 0.0f;
+    __m128 summ = _mm_setzero_ps();
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const dair_block_q5_1 *x0 = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
@@ -81,12 +85,13 @@ static float dair_vec_dot_q5_1_avx512(const uint8_t *w, int nb, const int8_t *q,
         const __m512i c = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
         const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
                                               _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
-        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x0->d)) * d[b]),
-                                             _mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x1->d)) * d[b + 1]), 1);
-        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
-        summ += _cvtsh_ss(dair_load_u16(&x0->m)) * s[b] + _cvtsh_ss(dair_load_u16(&x1->m)) * s[b + 1];
+        acc = _mm512_fmadd_ps(dair_two_scales_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d), d + b),
+                              _mm512_cvtepi32_ps(p), acc);
+        const __m128 m = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)dair_load_u16(&x0->m) |
+                                                              (uint32_t)dair_load_u16(&x1->m) << 16)));
+        summ = _mm_fmadd_ps(m, _mm_castpd_ps(_mm_load_sd((const double *)(s + b))), summ);
     }
-    float r = _mm512_reduce_add_ps(acc) + summ;
+    float r = _mm512_reduce_add_ps(acc) + _mm_cvtss_f32(summ) + _mm_cvtss_f32(_mm_movehdup_ps(summ));
     for (; b < nb; b++) {
         const dair_block_q5_1 *x = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), dair_q5_codes_avx512(x->qh, x->qs),
@@ -126,9 +131,8 @@ static float dair_vec_dot_iq4_nl_avx512(const uint8_t *w, int nb, const int8_t *
         const __m512i nib = dair_nibbles64_avx512(x0->qs, x1->qs);
         const __m512i p = dair_dot_s8s8_avx512(_mm512_shuffle_epi8(table, nib),
                                                _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
-        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x0->d)) * d[b]),
-                                             _mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x1->d)) * d[b + 1]), 1);
-        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+        acc = _mm512_fmadd_ps(dair_two_scales_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d), d + b),
+                              _mm512_cvtepi32_ps(p), acc);
     }
     float r = _mm512_reduce_add_ps(acc);
     for (; b < nb; b++) { /* the last odd block: the upper half of the zmm is zero */
