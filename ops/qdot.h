@@ -153,6 +153,17 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
             dst[j] = dair_fp16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
         break;
     }
+    case DAIR_BF16: {
+        int j = 0;
+#if defined(DAIR_HAVE_AVX2)
+        for (; j + 8 <= cols; j += 8)
+            _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))), 16)));
+#endif
+        for (; j < cols; j++)
+            dst[j] = dair_bf16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
+        break;
+    }
     case DAIR_Q8_0:
         for (int b = 0; b < nb; b++) {
             const dair_block_q8_0 *blk = (const dair_block_q8_0 *)(src + (size_t)b * sizeof(dair_block_q8_0));
