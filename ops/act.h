@@ -22,4 +22,10 @@ typedef struct {
 typedef float (*dair_vdot_fn)(const uint8_t *wrow, int nb, const int8_t *q, const float *d, const float *s,
                               const int32_t *isum);
 
+/* The same against four consecutive activation rows (row i at q + i * cols, d + i * nb,
+ * s + i * nb, isum + i * nb * per-block sums), results in res[0..3]: a weight block is unpacked
+ * once for the four (prefill). */
+typedef void (*dair_vdot4_fn)(const uint8_t *wrow, int nb, const int8_t *q, const float *d, const float *s,
+                              const int32_t *isum, float res[4]);
+
 #endif

@@ -35,6 +35,11 @@ static const dair_vdot_fn dair_vdot_table[DAIR_NTYPES][3] = {
     [DAIR_IQ4_XS] = {dair_vec_dot_iq4_xs_ref, DAIR_K2(dair_vec_dot_iq4_xs_avx2), DAIR_K5(dair_vec_dot_iq4_xs_avx512)},
 };
 
+/* Four-row kernels where a family has one (NULL: four calls of the one-row kernel). */
+static const dair_vdot4_fn dair_vdot4_table[DAIR_NTYPES][3] = {
+    [DAIR_Q5_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q5_k_avx512)},
+};
+
 /* Types whose products go through dair_vdot_table (the others have their own loops in qdot.h). */
 static inline int dair_in_vdot_table(int qtype) {
     return qtype >= 0 && qtype < DAIR_NTYPES && dair_vdot_table[qtype][DAIR_FAM_SCALAR] != NULL;
@@ -68,7 +73,9 @@ static void dair_dequant_row_table(const uint8_t *src, int qtype, int cols, floa
 /* rows [r0, r1) x all n activation rows; a row (a few KB) stays in L1 across them. */
 static void dair_mm_vdot(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
                          size_t ldo) {
-    const dair_vdot_fn dot = dair_vdot_table[qtype][dair_kernel_family(qtype, dair_selected_family())];
+    const int fam = dair_kernel_family(qtype, dair_selected_family());
+    const dair_vdot_fn dot = dair_vdot_table[qtype][fam];
+    const dair_vdot4_fn dot4 = dair_vdot4_table[qtype][fam];
     const int n = a->n, nb = a->nb, per = dair_uses_q8k(qtype) ? 16 : 1;
     const uint8_t *end = w + (size_t)r1 * rb;
     const size_t pf_dist = 4096; /* weights stream from memory: see DAIR_PF_DIST in qdot.h */
@@ -84,7 +91,17 @@ static void dair_mm_vdot(const uint8_t *w, size_t rb, int qtype, int r0, int r1,
             for (size_t o = 0; o < rb && pf + o < end; o += 64)
                 __builtin_prefetch(pf + o, 0, 3);
         }
-        for (int i = 0; i < n; i++)
+        int i = 0;
+        if (dot4 != NULL) {
+            float res[4];
+            for (; i + 4 <= n; i += 4) {
+                dot4(wr, nb, a->q + (size_t)i * a->cols, a->d + (size_t)i * nb, a->s + (size_t)i * nb,
+                     a->isum + (size_t)i * nb * per, res);
+                for (int c = 0; c < 4; c++)
+                    out[(size_t)(i + c) * ldo + r] = res[c];
+            }
+        }
+        for (; i < n; i++)
             out[(size_t)i * ldo + r] = dot(wr, nb, a->q + (size_t)i * a->cols, a->d + (size_t)i * nb,
                                            a->s + (size_t)i * nb, a->isum + (size_t)i * nb * per);
     }

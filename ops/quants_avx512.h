@@ -243,38 +243,63 @@ static float dair_vec_dot_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q,
     return _mm512_reduce_add_ps(acc);
 }
 
-static float dair_vec_dot_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
-                                      const int32_t *bsums) {
-    (void)s;
+/* Q5_K against C activation rows (C constant at each call site; row c at q + c * 256 nb, d + c nb,
+ * bsums + 16 c nb): the codes and scales of a super-block are unpacked once for all of them. */
+DAIR_INLINE void dair_q5k_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const int32_t *bsums,
+                                      int C, float *res) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     /* bsums k and k+1 summed per sub-block of 32: lanes 2j, 2j+1 -> j */
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+    __m512 acc[4], accm[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = accm[c] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q5_K *x = (const dair_block_q5_K *)(w + (size_t)b * sizeof(dair_block_q5_K));
-        const int8_t *y = q + (size_t)b * DAIR_QKK;
         uint64_t scw, mw;
         dair_q4k_scales_avx512(x->scales, &scw, &mw);
         const __m512i sc16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_cvtsi64_si128((long long)scw)));
         const __m512i mn = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mw));
         const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            const __m256i r = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * c));
-            __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r, m4)),
-                                           _mm256_and_si256(_mm256_srli_epi16(r, 4), m4), 1);
-            u = _mm512_mask_add_epi8(u, dair_bits64_avx512(qh, 2 * c), u, _mm512_set1_epi8(16));
-            sumi = dair_kq64_avx512(sumi, u, y + 64 * c, sc16, c, 32);
+        __m512i u[4], sc[4];
+        for (int z = 0; z < 4; z++) {
+            const __m256i r = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * z));
+            u[z] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r, m4)),
+                                      _mm256_and_si256(_mm256_srli_epi16(r, 4), m4), 1);
+            u[z] = _mm512_mask_add_epi8(u[z], dair_bits64_avx512(qh, 2 * z), u[z], _mm512_set1_epi8(16));
+            sc[z] = _mm512_permutexvar_epi16(dair_kq_idx16(z, 32), sc16);
         }
-        const __m512i bs = dair_bsums_avx512(bsums + (size_t)b * 16);
-        const __m512i b32 = _mm512_add_epi32(_mm512_permutexvar_epi32(even, bs), _mm512_permutexvar_epi32(odd, bs));
-        const __m512i summ = _mm512_maskz_mullo_epi32(0x00FF, mn, b32);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), acc);
-        accm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->dmin)) * d[b]),
-                               accm);
+        const float dw = _cvtsh_ss(dair_load_u16(&x->d)), dm = _cvtsh_ss(dair_load_u16(&x->dmin));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const int8_t *y = q + rb * DAIR_QKK;
+            __m512i sumi = _mm512_setzero_si512();
+            for (int z = 0; z < 4; z++)
+                sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(u[z], _mm512_loadu_si512((const void *)(y + 64 * z))),
+                                           sc[z]);
+            const __m512i bs = dair_bsums_avx512(bsums + rb * 16);
+            const __m512i b32 = _mm512_add_epi32(_mm512_permutexvar_epi32(even, bs), _mm512_permutexvar_epi32(odd, bs));
+            const __m512i summ = _mm512_maskz_mullo_epi32(0x00FF, mn, b32);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dw * d[rb]), acc[c]);
+            accm[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_set1_ps(dm * d[rb]), accm[c]);
+        }
     }
-    return _mm512_reduce_add_ps(_mm512_sub_ps(acc, accm));
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[c], accm[c]));
+}
+
+static float dair_vec_dot_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums) {
+    (void)s;
+    float r;
+    dair_q5k_rows_avx512(w, nb, q, d, bsums, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums, float res[4]) {
+    (void)s;
+    dair_q5k_rows_avx512(w, nb, q, d, bsums, 4, res);
 }
 
 /* IQ4_XS codes are signed up to 127: products as |c| x (q with c's sign), which fit int16
