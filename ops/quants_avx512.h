@@ -177,25 +177,51 @@ DAIR_INLINE __mmask64 dair_bits64_avx512(__m512i bytes2, int b0) {
 
 DAIR_INLINE __m512i dair_bsums_avx512(const int32_t *bsums) { return _mm512_loadu_si512((const void *)bsums); }
 
-static float dair_vec_dot_q2_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
-                                      const int32_t *bsums) {
-    (void)s;
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+/* Q2_K against C activation rows (as dair_q5k_rows_avx512 below). */
+DAIR_INLINE void dair_q2k_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const int32_t *bsums,
+                                      int C, float *res) {
+    __m512 acc[4], accm[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = accm[c] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q2_K *x = (const dair_block_q2_K *)(w + (size_t)b * sizeof(dair_block_q2_K));
-        const int8_t *y = q + (size_t)b * DAIR_QKK;
         const __m128i raw = _mm_loadu_si128((const __m128i *)x->scales);
         const __m512i sc16 = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
         const __m512i mn = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F)));
-        __m512i sumi = _mm512_setzero_si512();
-        for (int z = 0; z < 4; z++)
-            sumi = dair_kq64_avx512(sumi, dair_crumbs64_avx512(x->qs + 32 * (z / 2), 2 * (z % 2)), y + 64 * z, sc16, z, 16);
-        const __m512i summs = _mm512_mullo_epi32(mn, dair_bsums_avx512(bsums + (size_t)b * 16));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d[b] * _cvtsh_ss(dair_load_u16(&x->d))), acc);
-        accm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summs), _mm512_set1_ps(d[b] * _cvtsh_ss(dair_load_u16(&x->dmin))),
-                               accm);
+        __m512i u[4], sc[4];
+        for (int z = 0; z < 4; z++) {
+            u[z] = dair_crumbs64_avx512(x->qs + 32 * (z / 2), 2 * (z % 2));
+            sc[z] = _mm512_permutexvar_epi16(dair_kq_idx16(z, 16), sc16);
+        }
+        const float dw = _cvtsh_ss(dair_load_u16(&x->d)), dm = _cvtsh_ss(dair_load_u16(&x->dmin));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const int8_t *y = q + rb * DAIR_QKK;
+            __m512i sumi = _mm512_setzero_si512();
+            for (int z = 0; z < 4; z++)
+                sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(u[z], _mm512_loadu_si512((const void *)(y + 64 * z))),
+                                           sc[z]);
+            const __m512i summs = _mm512_mullo_epi32(mn, dair_bsums_avx512(bsums + rb * 16));
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(d[rb] * dw), acc[c]);
+            accm[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(summs), _mm512_set1_ps(d[rb] * dm), accm[c]);
+        }
     }
-    return _mm512_reduce_add_ps(_mm512_sub_ps(acc, accm));
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(_mm512_sub_ps(acc[c], accm[c]));
+}
+
+static float dair_vec_dot_q2_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums) {
+    (void)s;
+    float r;
+    dair_q2k_rows_avx512(w, nb, q, d, bsums, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_q2_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums, float res[4]) {
+    (void)s;
+    dair_q2k_rows_avx512(w, nb, q, d, bsums, 4, res);
 }
 
 /* dair_q3k_scales in registers (a store and a wider reload would stall store forwarding). */
@@ -219,28 +245,53 @@ DAIR_INLINE void dair_q4k_scales_avx512(const uint8_t *s, uint64_t *sc, uint64_t
                                               << 32;
 }
 
+/* Q3_K against C activation rows (as dair_q5k_rows_avx512 below). */
+DAIR_INLINE void dair_q3k_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const int32_t *bsums,
+                                      int C, float *res) {
+    __m512 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q3_K *x = (const dair_block_q3_K *)(w + (size_t)b * sizeof(dair_block_q3_K));
+        const __m256i s16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(dair_q3k_scales_avx512(x->scales)),
+                                             _mm256_set1_epi16(32));
+        const __m512i m4s = _mm512_cvtepi16_epi32(_mm256_slli_epi16(s16, 2)); /* 4 sc[k] */
+        const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask));
+        __m512i u[4], sc[4];
+        for (int z = 0; z < 4; z++) {
+            const int h = z / 2, j0 = 2 * (z % 2);
+            u[z] = dair_crumbs64_avx512(x->qs + 32 * h, j0);
+            u[z] = _mm512_mask_add_epi8(u[z], dair_bits64_avx512(hm, 4 * h + j0), u[z], _mm512_set1_epi8(4));
+            sc[z] = _mm512_permutexvar_epi16(dair_kq_idx16(z, 16), _mm512_zextsi256_si512(s16));
+        }
+        const float dw = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const int8_t *y = q + rb * DAIR_QKK;
+            /* codes are u - 4: start from - 4 sum_k sc[k] bsums[k] */
+            __m512i sumi = _mm512_mullo_epi32(m4s, _mm512_sub_epi32(_mm512_setzero_si512(), dair_bsums_avx512(bsums + rb * 16)));
+            for (int z = 0; z < 4; z++)
+                sumi = _mm512_dpwssd_epi32(sumi, _mm512_maddubs_epi16(u[z], _mm512_loadu_si512((const void *)(y + 64 * z))),
+                                           sc[z]);
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(dw * d[rb]), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(acc[c]);
+}
+
 static float dair_vec_dot_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *bsums) {
     (void)s;
-    __m512 acc = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const dair_block_q3_K *x = (const dair_block_q3_K *)(w + (size_t)b * sizeof(dair_block_q3_K));
-        const int8_t *y = q + (size_t)b * DAIR_QKK;
-        const __m256i s16 = _mm256_sub_epi16(_mm256_cvtepi8_epi16(dair_q3k_scales_avx512(x->scales)),
-                                             _mm256_set1_epi16(32));
-        const __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->hmask));
-        /* codes are u - 4: start from - 4 sum_k sc[k] bsums[k] */
-        __m512i sumi = _mm512_mullo_epi32(_mm512_cvtepi16_epi32(_mm256_slli_epi16(s16, 2)),
-                                          _mm512_sub_epi32(_mm512_setzero_si512(), dair_bsums_avx512(bsums + (size_t)b * 16)));
-        for (int z = 0; z < 4; z++) {
-            const int h = z / 2, j0 = 2 * (z % 2);
-            __m512i u = dair_crumbs64_avx512(x->qs + 32 * h, j0);
-            u = _mm512_mask_add_epi8(u, dair_bits64_avx512(hm, 4 * h + j0), u, _mm512_set1_epi8(4));
-            sumi = dair_kq64_avx512(sumi, u, y + 64 * z, _mm512_zextsi256_si512(s16), z, 16);
-        }
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+    float r;
+    dair_q3k_rows_avx512(w, nb, q, d, bsums, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_q3_k_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums, float res[4]) {
+    (void)s;
+    dair_q3k_rows_avx512(w, nb, q, d, bsums, 4, res);
 }
 
 /* Q5_K against C activation rows (C constant at each call site; row c at q + c * 256 nb, d + c nb,
