@@ -20,12 +20,27 @@ def _cflags() -> list[str]:
     if os.environ.get("DAIR_CFLAGS"):
         return os.environ["DAIR_CFLAGS"].split()
     flags = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only", "-Wno-unused-function"]
-    if sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "AMD64"):
+    if sys.platform.startswith("linux") and _is_x86():
         # Native code for the machine that builds it (each node builds its own copy).
         # AMX tiles are never emitted: they trap on some hosts that advertise them.
         flags += ["-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
     elif os.uname().machine in ("aarch64", "arm64"):
         flags += ["-mcpu=native"]
+    return flags
+
+
+def _is_x86() -> bool:
+    return os.uname().machine in ("x86_64", "AMD64")
+
+
+def _module_cflags(stem: str) -> list[str]:
+    flags = _cflags()
+    if stem == "matmul" and _is_x86() and not os.environ.get("DAIR_CFLAGS"):
+        # The quantized kernels: the build machine's ISA minus AVX-512 (and the VEX AVX-VNNI that
+        # comes with it), so plain-C and AVX2 code holds no AVX-512 instruction and an AVX-512
+        # machine tests the AVX2 family too; AVX-512 kernels are enabled per function
+        # (ops/cpu.h) and chosen at run time by cpuid.
+        flags += ["-mno-avx512f", "-mno-avxvnni"]
     return flags
 
 
@@ -37,7 +52,9 @@ def _extensions() -> list[Extension]:
                 f"dair.ops.{pyx.stem}",
                 [str(pyx.relative_to(HERE))],
                 include_dirs=[numpy.get_include(), "ops"],
-                extra_compile_args=_cflags(),
+                extra_compile_args=_module_cflags(pyx.stem),
+                # rebuild when a kernel header changes (cythonize only tracks what a .pyx names)
+                depends=sorted(str(h.relative_to(HERE)) for h in (HERE / "ops").glob("*.h")),
                 extra_link_args=["-fopenmp"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             )

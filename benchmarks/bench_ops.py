@@ -1,7 +1,12 @@
 """Micro-benchmark of dair.ops matrix products on SmolLM2-135M's shapes.
 
-    python benchmarks/bench_ops.py [--threads 1,2] [--prefill 128] [--quick] [--kernels image,block]
-    python benchmarks/bench_ops.py --types Q4_0,Q4_K,Q6_K [--kernels image,block,scalar] [--prefill 128]
+    python benchmarks/bench_ops.py [--threads 1,2] [--prefill 128] [--quick] [--kernels avx512,avx2]
+    python benchmarks/bench_ops.py --types Q4_0,Q4_K,Q6_K [--kernels avx512,avx2,scalar] [--prefill 128]
+    python benchmarks/bench_ops.py --types all     # every weight type, each against Q4_0
+
+Every run first prints the dispatch table: which kernel family serves each weight type on this
+CPU (dair.ops.matmul.kernel_table). With --types, a 4096 x 4096 matrix-vector product per type,
+timed in interleaved rounds, and its time relative to Q4_0's in the same run.
 
 Per shape: microseconds per call and GB/s of weight bytes read, for the
 matrix-vector product (n=1, decode) and an n-row product (prefill), against
@@ -26,7 +31,7 @@ import time
 import numpy as np
 
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, set_kernels, simd_name
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, kernel_table, set_kernels, simd_name
 
 # (name, rows, cols, qtype): one layer of SmolLM2-135M, then the tied output head.
 LAYER = [
@@ -42,24 +47,37 @@ HEAD = ("output", 49152, 576, "Q8_0")
 N_LAYERS = 30
 
 
+# Byte offsets of the fp16 scales in each type's block: set to small values so products stay finite.
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0],
+              "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
+ALL_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
+             "F16", "BF16", "F32"]
+
+
 def random_weight(rng: np.random.Generator, qtype: str, rows: int, cols: int) -> Weight:
     """Random but valid blocks, written directly (quantizing 28M values in numpy would take long)."""
+    if qtype in ("F32", "F16", "BF16"):
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        raw = x.astype(np.float16).view(np.uint8) if qtype == "F16" else x.view(np.uint8)
+        if qtype == "BF16":
+            raw = np.ascontiguousarray(x.view(np.uint16)[:, 1::2]).view(np.uint8)  # high halves (little-endian)
+        return Weight(np.ascontiguousarray(raw).reshape(-1), qtype, rows, cols)
     bv, bb = BLOCK_LAYOUTS[qtype]
     nb = cols // bv
     raw = rng.integers(0, 256, size=(rows, nb, bb), dtype=np.uint8)
-    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
-        raw[..., 0:2] = np.full((rows, nb, 1), 0.01, np.float16).view(np.uint8)
-    if qtype == "Q4_1":
-        raw[..., 2:4] = np.full((rows, nb, 1), -0.08, np.float16).view(np.uint8)
-    if qtype == "Q4_K":  # d, dmin
-        raw[..., 0:4] = np.full((rows, nb, 2), 0.001, np.float16).view(np.uint8)
-    if qtype == "Q6_K":
-        raw[..., 208:210] = np.full((rows, nb, 1), 0.001, np.float16).view(np.uint8)
-    if qtype == "F16":
-        raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
-    if qtype == "F32":
-        raw = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    for off in F16_FIELDS[qtype]:
+        raw[..., off:off + 2] = np.full((rows, nb, 1), 0.001, np.float16).view(np.uint8)
     return Weight(np.ascontiguousarray(raw).reshape(-1), qtype, rows, cols)
+
+
+def print_dispatch_table() -> None:
+    """Which kernel family runs each weight type's products, for each family this CPU offers."""
+    tables = {k: kernel_table(k) for k in KERNELS}
+    print(f"dispatch table (rows: weight type; columns: selected family; cell: kernel that runs), "
+          f"CPU best: {simd_name()}")
+    print(f"  {'type':<7}" + "".join(f"{k:>9}" for k in KERNELS))
+    for qt in tables[KERNELS[0]]:
+        print(f"  {qt:<7}" + "".join(f"{tables[k][qt]:>9}" for k in KERNELS))
 
 
 def dequantized(w: Weight) -> np.ndarray:
@@ -138,22 +156,36 @@ def bench_sweep(rng, thread_counts, n_tokens):
         )
 
 
-def bench_types(rng, qtypes, n_prefill, rows=4096, cols=4096):
-    """One rows x cols matrix per type, 1 thread: matrix-vector us and GB/s (weights fit in L3 or not,
-    depending on the machine; all types are measured the same way), then an n_prefill-row product
-    (its time per activation row includes quantizing the activations)."""
+def bench_types(rng, qtypes, n_prefill, rounds, rows=4096, cols=4096):
+    """One rows x cols matrix per type, 1 thread: matrix-vector us and GB/s, best of `rounds`
+    interleaved rounds (so a noisy neighbour hits every type alike), and the ratio to Q4_0 measured
+    in the same rounds. Weights stay cache-warm or not depending on the machine's L3; all types are
+    measured the same way. With n_prefill > 1, an n_prefill-row product as well."""
     threads.set_num_threads(1)
+    if "Q4_0" not in qtypes:
+        qtypes = ["Q4_0", *qtypes]
     x = rng.standard_normal((1, cols)).astype(np.float32)
     xp = rng.standard_normal((n_prefill, cols)).astype(np.float32)
-    print(f"\n{rows} x {cols} matrix-vector product, 1 thread")
-    for qt in qtypes:
-        w = random_weight(rng, qt, rows, cols)
-        for act_q8 in (True, False):
-            t = time_call(lambda w=w, a=act_q8: w.matmul(x, act_q8=a))
-            print(f"  {qt:5s} act_q8={act_q8!s:5s} {t * 1e6:9.1f} us  {w.nbytes / t / 1e9:6.1f} GB/s")
+    ws = {qt: random_weight(rng, qt, rows, cols) for qt in qtypes}
+    table = kernel_table(get_kernels())
+    best = {qt: float("inf") for qt in qtypes}
+    best_p = {qt: float("inf") for qt in qtypes}
+    for _ in range(rounds):
+        for qt, w in ws.items():
+            best[qt] = min(best[qt], time_call(lambda w=w: w.matmul(x), min_time=0.04, repeats=2))
+            if n_prefill > 1:
+                best_p[qt] = min(best_p[qt], time_call(lambda w=w: w.matmul(xp), min_time=0.05, repeats=1))
+    print(f"\n{rows} x {cols} matrix-vector product, 1 thread, best of {rounds} interleaved rounds")
+    head = f"  {'type':<7}{'kernel':>8}{'MB':>8}{'us':>10}{'GB/s':>7}{'x Q4_0':>8}"
+    if n_prefill > 1:
+        head += f"{f'n={n_prefill} us/row':>16}{'x Q4_0':>8}"
+    print(head)
+    for qt, w in ws.items():
+        line = (f"  {qt:<7}{table[qt]:>8}{w.nbytes / 1e6:8.2f}{best[qt] * 1e6:10.1f}{w.nbytes / best[qt] / 1e9:7.1f}"
+                f"{best[qt] / best['Q4_0']:8.2f}")
         if n_prefill > 1:
-            t = time_call(lambda w=w: w.matmul(xp), min_time=0.3, repeats=3)
-            print(f"  {qt:5s} n={n_prefill:<4d}      {t * 1e6:9.1f} us  {t * 1e6 / n_prefill:6.1f} us per row")
+            line += f"{best_p[qt] * 1e6 / n_prefill:16.1f}{best_p[qt] / best_p['Q4_0']:8.2f}"
+        print(line)
 
 
 def main() -> None:
@@ -163,19 +195,23 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=30, help="decode-sweep steps")
     ap.add_argument("--quick", action="store_true", help="skip the prefill product of the output head")
     ap.add_argument("--sweep-only", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --types (best of)")
     ap.add_argument("--kernels", default=KERNELS[0], help=f"comma-separated families of {KERNELS}")
-    ap.add_argument("--types", default="", help="only a 4096 x 4096 product per type, e.g. Q4_0,Q4_K,Q6_K")
+    ap.add_argument("--types", default="", help="only a 4096 x 4096 product per type, e.g. Q4_0,Q4_K,Q6_K, "
+                    "or 'all'")
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print_dispatch_table()
+    types = ALL_TYPES if args.types == "all" else [t for t in args.types.split(",") if t]
     old, old_k = threads.get_num_threads(), KERNELS[0]
     try:
         for k in args.kernels.split(","):
             set_kernels(k)
             print(f"\n==== quantized kernels: {k} ====")
             rng = np.random.default_rng(0)
-            if args.types:
-                bench_types(rng, args.types.split(","), args.prefill)
+            if types:
+                bench_types(rng, types, args.prefill, args.rounds)
                 continue
             if not args.sweep_only:
                 bench_shapes(rng, thread_counts, args.prefill, args.quick)

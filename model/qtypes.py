@@ -52,8 +52,16 @@ QTYPES: dict[str, QType] = {
         QType("Q4_0", 32, 18, 2),
         QType("Q4_1", 32, 20, 3),
         QType("Q8_0", 32, 34, 8),
+        QType("Q5_0", 32, 22, 6),
+        QType("Q5_1", 32, 24, 7),
+        QType("Q2_K", 256, 84, 10),
+        QType("Q3_K", 256, 110, 11),
         QType("Q4_K", 256, 144, 12),
+        QType("Q5_K", 256, 176, 13),
         QType("Q6_K", 256, 210, 14),
+        QType("IQ4_NL", 32, 18, 20),
+        QType("IQ4_XS", 256, 136, 23),
+        QType("BF16", 1, 2, 30),
     )
 }
 BY_GGML_ID: dict[int, QType] = {q.ggml_id: q for q in QTYPES.values()}
@@ -85,6 +93,8 @@ def dequantize(qtype: str, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
         return raw.view(np.float32).reshape(shape).copy()
     if qtype == "F16":
         return raw.view(np.float16).astype(np.float32).reshape(shape)
+    if qtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
     q = QTYPES[qtype]
     blocks = raw.reshape(-1, q.block_bytes)
     if qtype == "Q8_0":
@@ -104,6 +114,9 @@ def dequantize(qtype: str, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarra
         out = _dequantize_q4_k(blocks)
     elif qtype == "Q6_K":
         out = _dequantize_q6_k(blocks)
+    elif qtype in DECOMPOSE:
+        p = decompose(qtype, blocks)
+        out = p.d * p.sc * p.codes - p.dmin * p.m  # (n, subs, per-sub)
     else:  # pragma: no cover - QTYPES and this function must list the same types
         raise ValueError(f"no dequantizer for {qtype}")
     return out.reshape(shape)
@@ -116,6 +129,11 @@ def quantize(qtype: str, x: np.ndarray) -> np.ndarray:
         return x.view(np.uint8).copy()
     if qtype == "F16":
         return x.astype(np.float16).view(np.uint8).copy()
+    if qtype == "BF16":  # ggml_compute_fp32_to_bf16: round to nearest even, NaN stays quiet NaN
+        u = x.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        r = np.where(np.isnan(x), ((u >> 16) | 64).astype(np.uint16), r)
+        return r.view(np.uint8).copy()
     q = QTYPES[qtype]
     if x.size % q.block_values:
         raise ValueError(f"{x.size} values is not a whole number of {qtype} blocks")
@@ -240,3 +258,135 @@ def _quantize_q6_k(b: np.ndarray) -> np.ndarray:
     out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
     out[:, 208:210] = d.view(np.uint8)
     return out
+
+
+# ---- every block as d * sc * codes - dmin * m -------------------------------------------------
+#
+# The types below (and Q4_K, Q6_K again) decode as x = (d * sc[s]) * codes[s, l] - dmin * m[s] per
+# sub-block s of L values: d, dmin float per block, sc and m small integers per sub-block, codes
+# small integers. That is also how llama.cpp's integer dot products see them (integer sums of
+# codes times 8-bit activations per sub-block, scaled by sc, then by d), so tests emulate its
+# kernels from these parts. Layouts (byte offsets in a block):
+#
+#   Q5_0   32 / 22   d[0:2] qh[2:6] qs[6:22]       code j = (qs[j] & 15 | bit j of qh << 4) - 16,
+#                                                  code j+16 = (qs[j] >> 4 | bit j+16 of qh << 4) - 16
+#   Q5_1   32 / 24   d m qh[4:8] qs[8:24]          codes as Q5_0 without - 16; x = d * code + m
+#   IQ4_NL 32 / 18   d qs[2:18]                    code = IQ4_VALUES[nibble], nibbles as Q4_0
+#   Q2_K  256 / 84   scales[0:16] qs[16:80] d dmin 16 subs of 16: sc = scales & 15, m = scales >> 4,
+#                                                  value 128h + 32j + l: (qs[32h + l] >> 2j) & 3
+#   Q3_K  256 / 110  hmask[0:32] qs[32:96] scales[96:108] d
+#                                                  16 subs of 16, sc = 6-bit scale - 32 (packed below),
+#                                                  value 128h + 32j + l: (qs[32h + l] >> 2j) & 3,
+#                                                  minus 4 unless bit 4h + j of hmask[l] is set
+#   Q5_K  256 / 176  d dmin scales[4:16] qh[16:48] qs[48:176]
+#                                                  8 subs of 32, scales as Q4_K, nibbles as Q4_K,
+#                                                  plus 16 if bit s of qh[l] (value 32s + l)
+#   IQ4_XS 256 / 136 d scales_h[2:4] scales_l[4:8] qs[8:136]
+#                                                  8 subs of 32: sc = (scales_l[s/2] >> 4(s%2) & 15
+#                                                  | (scales_h >> 2s & 3) << 4) - 32; qs[16s + j]:
+#                                                  low nibble value 32s + j, high 32s + 16 + j,
+#                                                  code = IQ4_VALUES[nibble]
+#   BF16   1 / 2     the high half of a float32
+
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A block row decomposed: d, dmin (n, 1, 1); sc, m (n, S, 1); codes (n, S, L); all float32
+    holding exact small integers except d and dmin."""
+    d: np.ndarray
+    dmin: np.ndarray
+    sc: np.ndarray
+    m: np.ndarray
+    codes: np.ndarray
+
+
+def _f(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float32)
+
+
+def _bits(words: np.ndarray, nbits: int) -> np.ndarray:
+    """(n, nbits) 0/1 from little-endian bit strings (n, nbits / 8 bytes)."""
+    return np.unpackbits(words, axis=1, bitorder="little")[:, :nbits]
+
+
+def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    nib = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.int32)
+    return nib | (_bits(qh, 32).astype(np.int32) << 4)
+
+
+def _k_scales6(s: np.ndarray) -> np.ndarray:
+    """Q3_K's sixteen 6-bit scales from its 12 packed bytes (n, 12), unsigned (subtract 32)."""
+    s = s.astype(np.int32)
+    lo, hi = s[:, 0:8], s[:, 8:12]
+    out = np.empty((s.shape[0], 16), np.int32)
+    out[:, 0:4] = (lo[:, 0:4] & 15) | ((hi & 3) << 4)
+    out[:, 4:8] = (lo[:, 4:8] & 15) | (((hi >> 2) & 3) << 4)
+    out[:, 8:12] = (lo[:, 0:4] >> 4) | (((hi >> 4) & 3) << 4)
+    out[:, 12:16] = (lo[:, 4:8] >> 4) | (((hi >> 6) & 3) << 4)
+    return out
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K's 2-bit fields (n, 256) in value order from qs (n, 64)."""
+    q = qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return (q & 3).reshape(-1, 256).astype(np.int32)
+
+
+def decompose(qtype: str, blocks: np.ndarray) -> Parts:
+    """The parts of `blocks` (n, block_bytes uint8) of a 32-value or K-quant type."""
+    n = blocks.shape[0]
+    zero = np.zeros((n, 1, 1), np.float32)
+    one = np.ones((n, 1, 1), np.float32)
+
+    def d_at(off: int) -> np.ndarray:
+        return _f16(blocks, off).reshape(n, 1, 1)
+
+    if qtype == "Q5_0":
+        codes = _q5_codes(blocks[:, 2:6], blocks[:, 6:22]) - 16
+        return Parts(d_at(0), zero, one, zero, _f(codes).reshape(n, 1, 32))
+    if qtype == "Q5_1":
+        codes = _q5_codes(blocks[:, 4:8], blocks[:, 8:24])
+        return Parts(d_at(0), -d_at(2), one, one, _f(codes).reshape(n, 1, 32))
+    if qtype == "IQ4_NL":
+        qs = blocks[:, 2:18]
+        codes = IQ4_VALUES[np.concatenate([qs & 15, qs >> 4], axis=1)]
+        return Parts(d_at(0), zero, one, zero, _f(codes).reshape(n, 1, 32))
+    if qtype == "Q2_K":
+        sc = blocks[:, 0:16]
+        return Parts(d_at(80), d_at(82), _f(sc & 15)[..., None], _f(sc >> 4)[..., None],
+                     _f(_crumbs(blocks[:, 16:80])).reshape(n, 16, 16))
+    if qtype == "Q3_K":
+        low = _crumbs(blocks[:, 32:96]).reshape(n, 2, 4, 32)
+        hm = np.unpackbits(blocks[:, 0:32, None], axis=2, bitorder="little")  # (n, l, bit)
+        high = hm.transpose(0, 2, 1).reshape(n, 2, 4, 32).astype(np.int32)
+        codes = low - 4 * (1 - high)
+        sc = _k_scales6(blocks[:, 96:108]) - 32
+        return Parts(d_at(108), zero, _f(sc)[..., None], np.zeros((n, 16, 1), np.float32),
+                     _f(codes).reshape(n, 16, 16))
+    if qtype in ("Q4_K", "Q5_K"):
+        sc, m = q4_k_scales(blocks[:, 4:16])
+        if qtype == "Q4_K":
+            codes = q4_k_nibbles(blocks[:, 16:144]).astype(np.int32)
+        else:
+            hb = np.unpackbits(blocks[:, 16:48, None], axis=2, bitorder="little").transpose(0, 2, 1)
+            codes = q4_k_nibbles(blocks[:, 48:176]).astype(np.int32) + 16 * hb.reshape(n, 256)
+        return Parts(d_at(0), d_at(2), _f(sc)[..., None], _f(m)[..., None], _f(codes).reshape(n, 8, 32))
+    if qtype == "Q6_K":
+        codes = q6_k_values(blocks[:, :128], blocks[:, 128:192]).astype(np.int32) - 32
+        sc = blocks[:, 192:208].view(np.int8)
+        return Parts(d_at(208), zero, _f(sc)[..., None], np.zeros((n, 16, 1), np.float32),
+                     _f(codes).reshape(n, 16, 16))
+    if qtype == "IQ4_XS":
+        sh = blocks[:, 2:4].copy().view(np.uint16).astype(np.int32)  # (n, 1)
+        sl = blocks[:, 4:8].astype(np.int32)
+        s = np.arange(8)
+        ls = ((sl[:, s // 2] >> (4 * (s % 2))) & 15) | (((sh >> (2 * s)) & 3) << 4)
+        qs = blocks[:, 8:136].reshape(n, 8, 16)
+        codes = IQ4_VALUES[np.concatenate([qs & 15, qs >> 4], axis=2)]
+        return Parts(d_at(0), zero, _f(ls - 32)[..., None], np.zeros((n, 8, 1), np.float32), _f(codes))
+    raise ValueError(f"no block decomposition for {qtype}")
+
+
+DECOMPOSE = ("Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q5_K", "IQ4_XS")

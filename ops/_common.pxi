@@ -48,20 +48,8 @@ cdef inline int _no_overlap(object a, object b, str an, str bn) except -1:
     return 0
 
 
-# Named so that cythonize rebuilds every module when any kernel header changes
-# (it tracks only headers a .pyx names, not the ones they include).
-cdef extern from "blocks.h":
-    pass
-cdef extern from "qdot.h":
-    pass
-cdef extern from "qimg.h":
-    pass
-cdef extern from "kquants.h":
-    pass
-cdef extern from "vmath.h":
-    pass
-cdef extern from "attn.h":
-    pass
+# Each module names the kernel headers it uses itself (setup.py makes every header a build
+# dependency), so a module compiles only the kernels it calls.
 
 cdef extern from "pool.h" nogil:
     ctypedef void (*dair_task_fn)(void* ctx, int chunk) noexcept nogil

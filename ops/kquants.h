@@ -11,9 +11,12 @@
 #ifndef DAIR_KQUANTS_H
 #define DAIR_KQUANTS_H
 
+#include "qdot.h" /* the activations, prefetch and AVX2 helpers these kernels build on */
+
 /* ---- Q8_K activations ---------------------------------------------------- */
 
-#if defined(DAIR_HAVE_AVX512VNNI)
+#if defined(DAIR_BUILD_AVX512)
+DAIR_AVX512_BEGIN
 /* One super-block of quantize_row_q8_K_ref below, bit for bit: the first value of largest
  * magnitude sets the scale, the same float product rounded half to even. q4k_order stores
  * the 32-byte chunks in the order 0 2 1 3 4 6 5 7 (see dair_quantize_q8k_wide). Returns
@@ -65,6 +68,13 @@ static __m512i dair_q8k_block512(const float *xb, int8_t *qb, float *d, int q4k_
     static const int32_t q4k[16] = {0, 4, 1, 5, 8, 12, 9, 13, 2, 6, 3, 7, 10, 14, 11, 15};
     return _mm512_permutexvar_epi32(_mm512_loadu_si512((const void *)(q4k_order ? q4k : nat)), r);
 }
+
+static void dair_quantize_q8k_row512(const float *x, int nb, int8_t *q, float *d, int32_t *bsums) {
+    for (int b = 0; b < nb; b++)
+        _mm512_storeu_si512((void *)(bsums + (size_t)b * 16),
+                            dair_q8k_block512(x + (size_t)b * DAIR_QKK, q + (size_t)b * DAIR_QKK, d + b, 0));
+}
+DAIR_AVX512_END
 #endif
 
 /* quantize_row_q8_K_ref: the value of largest magnitude (first one, with its
@@ -72,11 +82,9 @@ static __m512i dair_q8k_block512(const float *xb, int8_t *qb, float *d, int q4k_
  * half to even. bsums are kept as int32 for the kernels. */
 static void dair_quantize_q8k_row(const float *x, int cols, int8_t *q, float *d, int32_t *bsums) {
     int nb = cols / DAIR_QKK;
-#if defined(DAIR_HAVE_AVX512VNNI)
-    if (dair_simd_enabled) {
-        for (int b = 0; b < nb; b++)
-            _mm512_storeu_si512((void *)(bsums + (size_t)b * 16),
-                                dair_q8k_block512(x + (size_t)b * DAIR_QKK, q + (size_t)b * DAIR_QKK, d + b, 0));
+#if defined(DAIR_BUILD_AVX512)
+    if (dair_use_avx512) {
+        dair_quantize_q8k_row512(x, nb, q, d, bsums);
         return;
     }
 #endif
@@ -329,7 +337,8 @@ static float dair_dot_q6k_avx2(const uint8_t *wrow, int nb, const int8_t *q, con
 
 /* ---- dot products with Q8_K: AVX-512 VNNI ("image" family) --------------- */
 
-#if defined(DAIR_HAVE_AVX512VNNI)
+#if defined(DAIR_BUILD_AVX512)
+DAIR_AVX512_BEGIN
 
 /* The activation row is laid out once per call for these kernels (dair_quantize_q8k_wide):
  *  - Q4_K: in each super-block the 32-byte chunks go in the order 0 2 1 3 4 6 5 7, so that a
@@ -512,6 +521,7 @@ static void dair_mm_qk_wide(const uint8_t *w, size_t rb, int qtype, int r0, int 
     }
 }
 
+DAIR_AVX512_END
 #else /* stubs so callers compile; dair_img_available() says not to use them */
 
 static void dair_quantize_q8k_wide(const float *x, int cols, int qtype, int8_t *q, float *d, int32_t *isum) {

@@ -8,12 +8,15 @@
 llama.cpp does and sums integer block dot products (the fast path, and what
 llama.cpp's logits are made of); `act_q8=False` dequantizes each weight block
 to float and does a float dot product (exact up to float32 summation order).
-F32/F16 weights always use float x. Q4_K/Q6_K weights (cols a multiple of 256)
-quantize x to llama.cpp's Q8_K (per 256 values: float scale, 16 sums) instead.
+F32/F16/BF16 weights always use float x. K-quant and IQ4_XS weights (cols a multiple of 256)
+quantize x to llama.cpp's Q8_K (per 256 values: float scale, 16 sums) instead; Q5_1 uses Q8_1
+(as Q4_1), Q5_0 and IQ4_NL Q8_0. kernel_table() says which kernel family runs each type here.
 
 Block layouts are stated in blocks.h; BLOCK_LAYOUTS below is read from it.
 """
 include "_common.pxi"
+
+import os
 
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -39,13 +42,23 @@ cdef extern from "qdot.h" nogil:
         DAIR_Q4_1
         DAIR_Q4_K
         DAIR_Q6_K
+        DAIR_NTYPES
         DAIR_QK
         DAIR_QKK
+        DAIR_FAM_SCALAR
+        DAIR_FAM_AVX2
+        DAIR_FAM_AVX512
     const int* dair_block_values
     const int* dair_block_bytes
     int dair_simd_enabled
+    int dair_use_avx512
     const char* dair_simd_name()
-    int dair_simd_compiled()
+    int dair_cpu_family()
+    void dair_set_family(int fam)
+    int dair_kernel_family(int qtype, int family)
+    int dair_in_vdot_table(int qtype)
+    int dair_uses_q8k(int qtype)
+    int dair_is_quantized(int qtype)
     void dair_quantize_act_row(const float* x, int cols, int qtype, int8_t* q, float* d, float* s,
                                int32_t* isum)
     void dair_quantize_q8k_row(const float* x, int cols, int8_t* q, float* d, int32_t* bsums)
@@ -67,7 +80,10 @@ cdef extern from "qdot.h" nogil:
     void dair_mm_qk_wide(const uint8_t* w, size_t rb, int qtype, int r0, int r1, const dair_act* a, float* out,
                          size_t ldo)
 
-_QT_NAMES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+# In the order of blocks.h's enum.
+_QT_NAMES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K",
+             "Q5_K", "IQ4_XS", "BF16")
+assert len(_QT_NAMES) == DAIR_NTYPES
 _QT_CODES = {name: i for i, name in enumerate(_QT_NAMES)}
 
 #: qtype -> (values per block, bytes per block), from the C structs in blocks.h.
@@ -78,37 +94,45 @@ BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name i
 cdef double _CHUNK_BYTES = 32 * 1024.0
 
 
-# Use the AVX-512 "image" kernels (qimg.h; for K-quants the AVX-512 ones of kquants.h) when built
-# with them; off = per-block kernels.
-cdef bint _use_img = dair_img_available() != 0
+# Kernel families, best first: "avx512" (AVX-512 VNNI; for Q8_0/Q4_0/Q4_1 the "image" kernels of
+# qimg.h), "avx2" (AVX2 + FMA + F16C, no AVX-512 instruction) and "scalar" (plain C). One build
+# holds all of them; cpu.h says at run time which this CPU can run.
+_FAMILIES = ("scalar", "avx2", "avx512")
+_ALIASES = {"image": "avx512", "block": "avx2"}  # the families' former names
+cdef int _best = dair_cpu_family()
+# DAIR_KERNELS=avx2 (or scalar) caps the families, e.g. to run a whole test suite as an AVX2-only
+# CPU would; a family this CPU cannot run is never selected.
+_cap = _ALIASES.get(os.environ.get("DAIR_KERNELS", ""), os.environ.get("DAIR_KERNELS", ""))
+if _cap in _FAMILIES:
+    _best = min(_best, _FAMILIES.index(_cap))
+dair_set_family(_best)
+cdef bint _use_img = dair_img_available() != 0 and _best == DAIR_FAM_AVX512
 
-#: Quantized-kernel families this build can run, best first.
-KERNELS = tuple(k for k, ok in (("image", dair_img_available()), ("block", dair_simd_compiled()),
-                                ("scalar", 1)) if ok)
+#: Quantized-kernel families this CPU can run with this build, best first.
+KERNELS = tuple(_FAMILIES[f] for f in range(_best, -1, -1))
 
 
 def simd_name() -> str:
-    """Instruction set of the quantized kernels in this build ("avx512vnni", "avx2" or "scalar")."""
-    return dair_simd_name().decode() if dair_simd_enabled else "scalar"
+    """Instruction set of the best quantized kernels on this CPU ("avx512vnni", "avx2" or "scalar")."""
+    return dair_simd_name().decode()
 
 
 def get_kernels() -> str:
-    """The quantized-kernel family in use: "image" (AVX-512 VNNI), "block" (AVX2 / VNNI-256) or "scalar"."""
-    if not dair_simd_enabled or not dair_simd_compiled():
-        return "scalar"
-    return "image" if _use_img else "block"
+    """The quantized-kernel family in use: "avx512", "avx2" or "scalar"."""
+    return "avx512" if dair_use_avx512 else "avx2" if dair_simd_enabled else "scalar"
 
 
 def set_kernels(str name) -> str:
     """Select a kernel family from KERNELS (tests and benchmarks compare them); returns the previous one.
 
     Not thread-safe: only for tests and benchmarks."""
-    global dair_simd_enabled, _use_img
+    global _use_img
+    name = _ALIASES.get(name, name)
     if name not in KERNELS:
-        raise ValueError(f"kernels {name!r} not available in this build (have {', '.join(KERNELS)})")
+        raise ValueError(f"kernels {name!r} not available on this CPU (have {', '.join(KERNELS)})")
     old = get_kernels()
-    dair_simd_enabled = 0 if name == "scalar" else 1
-    _use_img = name == "image"
+    dair_set_family(_FAMILIES.index(name))
+    _use_img = name == "avx512" and dair_img_available() != 0
     return old
 
 
@@ -117,6 +141,25 @@ def set_simd(bint enabled) -> bool:
     old = get_kernels() != "scalar"
     set_kernels(KERNELS[0] if enabled else "scalar")
     return old
+
+
+def kernel_table(family=None) -> dict:
+    """For every weight type, the kernel family that runs its products when `family` (default: the
+    best on this CPU) is selected: "avx512", "avx2" or "scalar" for 8-bit activation products, or
+    "float" for types multiplied in float32 (F32, F16, BF16)."""
+    name = _ALIASES.get(family, family) if family else KERNELS[0]
+    if name not in KERNELS:
+        raise ValueError(f"kernels {family!r} not available on this CPU (have {', '.join(KERNELS)})")
+    fam = _FAMILIES.index(name)
+    table = {}
+    for qt, name in enumerate(_QT_NAMES):
+        if not dair_is_quantized(qt):
+            table[name] = "float"
+        elif dair_in_vdot_table(qt):
+            table[name] = _FAMILIES[dair_kernel_family(qt, fam)]
+        else:  # qdot.h / kquants.h / qimg.h cover every family for their types
+            table[name] = _FAMILIES[fam]
+    return table
 
 
 ctypedef struct _Job:
@@ -180,7 +223,7 @@ cdef void _prep_chunk(void* p, int c) noexcept nogil:
     for i in range(c * j.per, min((c + 1) * j.per, j.n)):
         qo = <size_t>i * j.cols
         bo = <size_t>i * a.nb
-        if j.qt >= DAIR_Q4_K:
+        if dair_uses_q8k(j.qt):
             if j.kw:
                 dair_quantize_q8k_wide(j.x + qo, j.cols, j.qt, a.q + qo, a.d + bo, a.isum + bo * 16)
             else:
@@ -210,7 +253,7 @@ cdef size_t _NEXT_PREFETCH = 4096
 
 
 cdef class Weight:
-    """A rows x cols weight matrix in one of F32, F16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K (see blocks.h)."""
+    """A rows x cols weight matrix in one of the types of _QT_NAMES (layouts: blocks.h)."""
 
     cdef readonly object raw
     cdef readonly int rows
@@ -296,7 +339,7 @@ cdef class Weight:
             prev.next_len = min(self.row_bytes * self.rows, _NEXT_PREFETCH)
         _last_weight = <void*>self
         with nogil:
-            if act_q8 and self.qt >= DAIR_Q8_0:
+            if act_q8 and dair_is_quantized(self.qt):
                 rc = self._mm_q8(xp, <int>n, op)
             else:
                 rc = self._mm_float(xp, <int>n, op)
@@ -337,12 +380,12 @@ cdef class Weight:
         cdef _Job j
         cdef dair_act act
         self._job(&j, x, n, out)
-        cdef bint kq = self.qt >= DAIR_Q4_K
+        cdef bint kq = dair_uses_q8k(self.qt)
         cdef int nb = self.cols // (DAIR_QKK if kq else DAIR_QK)
         # per block: d, s, and isum (K-quants: 16 sums, s unused)
         cdef size_t per_block = 4 * (2 + (16 if kq else 1))
-        j.img = self.has_img and _use_img and dair_simd_enabled
-        j.kw = kq and _use_img and dair_simd_enabled and dair_img_available()
+        j.img = self.has_img and _use_img
+        j.kw = (self.qt == DAIR_Q4_K or self.qt == DAIR_Q6_K) and _use_img
         act.n = n
         act.cols = self.cols
         act.nb = nb

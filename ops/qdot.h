@@ -18,20 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "act.h"
 #include "blocks.h"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define DAIR_HAVE_AVX2 1
-#include <immintrin.h>
-#endif
-#if defined(DAIR_HAVE_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512VNNI__)
-#define DAIR_HAVE_AVX512VNNI 1
-#endif
-
-#define DAIR_INLINE static inline __attribute__((always_inline))
-
-static int dair_simd_enabled __attribute__((unused)) = 1;
+#include "cpu.h"
+#include "quants.h"
 
 /* Bytes ahead that matrix-vector kernels prefetch: a product streams weights that are not
  * in cache, the hardware prefetchers restart at every 4 KB page, and each 64 bytes cost
@@ -47,14 +37,10 @@ static inline void dair_prefetch_bytes(const void *p, size_t n) {
         __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
+/* The instruction set of the best kernels this build runs on this CPU. */
 static const char *dair_simd_name(void) {
-#if defined(DAIR_HAVE_AVX512VNNI)
-    return "avx512vnni";
-#elif defined(DAIR_HAVE_AVX2)
-    return "avx2";
-#else
-    return "scalar";
-#endif
+    static const char *const names[3] = {"scalar", "avx2", "avx512vnni"};
+    return names[dair_cpu_family()];
 }
 
 static int dair_simd_compiled(void) {
@@ -67,19 +53,23 @@ static int dair_simd_compiled(void) {
 
 /* ---- quantized activations ---------------------------------------------- */
 
-/* One quantized activation matrix: n rows of cols int8 values, plus per block
- * the scale d (rounded through fp16 as llama.cpp stores it) and s, whose meaning
- * depends on the weight type it is made for:
- *   Q4_1: fp16(d_unrounded * sum(q))   (llama.cpp's Q8_1 "s")
- *   Q4_0: d * sum(q), lets Q4_0 reuse the Q4_1 kernel with m = -8 d
- *   Q8_0: unused. */
-typedef struct {
-    int n, cols, nb;
-    int8_t *q;
-    float *d;
-    float *s;
-    int32_t *isum; /* sum(q) per block */
-} dair_act;
+#if defined(DAIR_BUILD_AVX512)
+DAIR_AVX512_BEGIN
+/* 32 values to int8 as the scalar loop below does; returns amax, *sum = sum(q). */
+static float dair_q8_block_avx512(const float *xb, int8_t *qb, int *sum) {
+    __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    __m512 vid = _mm512_set1_ps(id);
+    __m512i i0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512i i1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128((__m128i *)qb, _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128((__m128i *)(qb + 16), _mm512_cvtepi32_epi8(i1));
+    *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    return amax;
+}
+DAIR_AVX512_END
+#endif
 
 /* llama.cpp's runtime (AVX) quantize_row_q8_0/q8_1: id = 127/amax, round half
  * to even. Differs from the _ref versions only at exact .5 ties. */
@@ -91,18 +81,9 @@ static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q
         int8_t *qb = q + (size_t)b * DAIR_QK;
         float amax = 0.0f;
         int sum = 0;
-#if defined(DAIR_HAVE_AVX512VNNI)
-        if (dair_simd_enabled) {
-            __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-            amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-            float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-            __m512 vid = _mm512_set1_ps(id);
-            __m512i i0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m512i i1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm_storeu_si128((__m128i *)qb, _mm512_cvtepi32_epi8(i0));
-            _mm_storeu_si128((__m128i *)(qb + 16), _mm512_cvtepi32_epi8(i1));
-            sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-        } else
+#if defined(DAIR_BUILD_AVX512)
+        if (dair_use_avx512) {
+            amax = dair_q8_block_avx512(xb, qb, &sum);        } else
 #endif
         {
             for (int j = 0; j < DAIR_QK; j++) {
@@ -120,7 +101,7 @@ static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q
         float dr = dair_fp16_to_fp32(dair_fp32_to_fp16(dd));
         d[b] = dr;
         isum[b] = sum;
-        if (qtype == DAIR_Q4_1)
+        if (qtype == DAIR_Q4_1 || qtype == DAIR_Q5_1)
             s[b] = dair_fp16_to_fp32(dair_fp32_to_fp16(dd * (float)sum));
         else if (qtype == DAIR_Q4_0)
             s[b] = dr * (float)sum;
@@ -172,6 +153,17 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
             dst[j] = dair_fp16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
         break;
     }
+    case DAIR_BF16: {
+        int j = 0;
+#if defined(DAIR_HAVE_AVX2)
+        for (; j + 8 <= cols; j += 8)
+            _mm256_storeu_ps(dst + j, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))), 16)));
+#endif
+        for (; j < cols; j++)
+            dst[j] = dair_bf16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
+        break;
+    }
     case DAIR_Q8_0:
         for (int b = 0; b < nb; b++) {
             const dair_block_q8_0 *blk = (const dair_block_q8_0 *)(src + (size_t)b * sizeof(dair_block_q8_0));
@@ -221,6 +213,9 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
         break;
     case DAIR_Q6_K:
         dair_dequant_q6k(src, cols, dst);
+        break;
+    default:
+        dair_dequant_row_table(src, qtype, cols, dst);
         break;
     }
 }
@@ -307,7 +302,7 @@ static float dair_vec_dot_q_scalar(const uint8_t *wrow, int qtype, int nb, const
 
 /* sum over groups of 4 of u8 * s8 into int32 lanes */
 DAIR_INLINE __m256i dair_dot_u8s8(__m256i u, __m256i s) {
-#if defined(DAIR_HAVE_AVX512VNNI)
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) /* modules built with AVX-512 on */
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -422,6 +417,10 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
     const int n = a->n;
     if (qtype == DAIR_Q4_K || qtype == DAIR_Q6_K) {
         dair_mm_qk(w, rb, qtype, r0, r1, a, out, ldo);
+        return;
+    }
+    if (dair_in_vdot_table(qtype)) {
+        dair_mm_vdot(w, rb, qtype, r0, r1, a, out, ldo);
         return;
     }
 #if defined(DAIR_HAVE_AVX2)

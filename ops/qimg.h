@@ -28,7 +28,16 @@
 #ifndef DAIR_QIMG_H
 #define DAIR_QIMG_H
 
-#if defined(DAIR_HAVE_AVX512VNNI)
+#include "qdot.h" /* the activations, prefetch and AVX2 helpers these kernels build on */
+
+static void *dair_alloc64(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64))
+        return NULL;
+    return p;
+}
+
+#if defined(DAIR_BUILD_AVX512)
 
 /* Per-(qtype, cols) tables, built once per Weight. */
 typedef struct {
@@ -50,13 +59,7 @@ static void dair_img_free(dair_img *L) {
     L->c128 = NULL;
 }
 
-static void *dair_alloc64(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64))
-        return NULL;
-    return p;
-}
-
+DAIR_AVX512_BEGIN
 static size_t dair_img_qoff(int qtype) { return qtype == DAIR_Q4_1 ? 4 : 2; }
 static size_t dair_img_bs(int qtype) {
     return qtype == DAIR_Q4_1 ? sizeof(dair_block_q4_1)
@@ -283,7 +286,9 @@ static void dair_img_mm(const uint8_t *w, const dair_img *L, int r0, int r1, con
     }
 }
 
-static int dair_img_available(void) { return 1; }
+DAIR_AVX512_END
+
+static int dair_img_available(void) { return dair_cpu_family() == DAIR_FAM_AVX512; }
 
 #else /* no AVX-512 VNNI: stubs so callers compile; dair_img_available() says not to use them */
 
@@ -307,12 +312,5 @@ static void dair_img_mm(const uint8_t *w, const dair_img *L, int r0, int r1, con
                         int n, float *out, size_t ldo) {
     (void)w, (void)L, (void)r0, (void)r1, (void)img, (void)istride, (void)n, (void)out, (void)ldo;
 }
-static void *dair_alloc64(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64))
-        return NULL;
-    return p;
-}
-
-#endif /* DAIR_HAVE_AVX512VNNI */
+#endif /* DAIR_BUILD_AVX512 */
 #endif

@@ -172,7 +172,7 @@ def test_unsupported_architecture(tmp_path, arch):
     assert repr(arch) in msg and "not supported" in msg
 
 
-@pytest.mark.parametrize("gtype", ["Q5_K", "BF16", "Q2_K"])
+@pytest.mark.parametrize("gtype", ["IQ2_XXS", "IQ3_S", "TQ2_0"])
 def test_unsupported_tensor_type(tmp_path, gtype):
     over = {"blk.1.ffn_down.weight": gguf.GGMLQuantizationType[gtype]}
     msg = _err(write_tiny_gguf(tmp_path / "k.gguf", override_type=over, hidden_dim=256))

@@ -96,7 +96,7 @@ def rng():
 
 @pytest.fixture(params=KERNELS)
 def kernels(request):
-    """Every quantized-kernel family of this build: "image" (AVX-512 VNNI), "block" (AVX2), "scalar"."""
+    """Every quantized-kernel family of this build: "avx512" (AVX-512 VNNI), "avx2" (AVX2, no AVX-512 instruction), "scalar"."""
     old = set_kernels(request.param)
     yield request.param
     set_kernels(old)
@@ -282,7 +282,7 @@ def test_weight_rejects_bad_raw(rng):
     with pytest.raises(ValueError, match="divisible"):
         Weight(raw, "Q4_1", 8, 48)
     with pytest.raises(ValueError, match="qtype"):
-        Weight(raw, "Q5_K", 8, 64)
+        Weight(raw, "IQ2_XXS", 8, 64)
     with pytest.raises(ValueError, match="uint8"):
         Weight(raw.view(np.int8), "Q4_1", 8, 64)
     with pytest.raises(ValueError, match="contiguous"):

@@ -172,7 +172,7 @@ def test_every_family_has_k_quant_kernels():
     family loops above and below compare three distinct implementations there."""
     assert KERNELS[-1] == "scalar"
     if simd_name() == "avx512vnni":
-        assert KERNELS[:2] == ("image", "block")
+        assert KERNELS[:2] == ("avx512", "avx2")
 
 
 @pytest.mark.parametrize("qtype", KQ)

@@ -1,0 +1,231 @@
+/* AVX2 kernels (no AVX-512 instruction) of the types in quants_ref.h, the way llama.cpp's
+ * ggml-cpu/arch/x86/quants.c computes them: codes unpacked to bytes, u8 x s8 pair products
+ * (maddubs; no int16 saturation for these ranges), then per-block scales. Integer sums are the
+ * reference's exactly; only the float summation order differs. */
+#ifndef DAIR_QUANTS_AVX2_H
+#define DAIR_QUANTS_AVX2_H
+
+#include "quants_ref.h"
+#include "cpu.h"
+
+#if defined(DAIR_HAVE_AVX2)
+
+DAIR_INLINE float dair_hsum8_avx2(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* sum of u8 x s8 over groups of 4 bytes, as int32 lanes */
+DAIR_INLINE __m256i dair_mul_u8s8_avx2(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* 0xFF in byte j where bit j of the 32-bit word is set (llama.cpp's bytes_from_bits_32). */
+DAIR_INLINE __m256i dair_bytes_from_bits_avx2(uint32_t bits) {
+    const __m256i shuf = _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL,
+                                            0x0303030303030303LL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* 32 nibbles in value order: low nibbles (values 0-15), high nibbles (16-31). */
+DAIR_INLINE __m256i dair_nibbles32_avx2(const uint8_t *qs) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
+DAIR_INLINE __m256i dair_q5_codes_avx2(const uint8_t *qh4, const uint8_t *qs) {
+    uint32_t qh;
+    memcpy(&qh, qh4, 4);
+    return _mm256_or_si256(dair_nibbles32_avx2(qs),
+                           _mm256_and_si256(dair_bytes_from_bits_avx2(qh), _mm256_set1_epi8(0x10)));
+}
+
+/* Q5_0 = unsigned 5-bit codes - 16: sum(code * q) - 16 * sum(q), sum(q) from the activation. */
+static float dair_vec_dot_q5_0_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *isum) {
+    (void)s;
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
+        const __m256i p = dair_mul_u8s8_avx2(dair_q5_codes_avx2(x->qh, x->qs),
+                                             _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
+        const float f = _cvtsh_ss(dair_load_u16(&x->d)) * d[b];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(p), acc);
+        corr += f * (float)(16 * isum[b]); /* the codes' - 16 */
+    }
+    return dair_hsum8_avx2(acc) - corr;
+}
+
+static float dair_vec_dot_q5_1_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *isum) {
+    (void)isum;
+    __m256 acc = _mm256_setzero_ps();
+    float summ = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q5_1 *x = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
+        const __m256i p = dair_mul_u8s8_avx2(dair_q5_codes_avx2(x->qh, x->qs),
+                                             _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(p), acc);
+        summ += _cvtsh_ss(dair_load_u16(&x->m)) * s[b];
+    }
+    return dair_hsum8_avx2(acc) + summ;
+}
+
+DAIR_INLINE __m256i dair_iq4_table_avx2(void) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)dair_iq4_values));
+}
+
+/* signed codes x signed activations: |c| (u8) against q with c's sign (s8), as llama.cpp does */
+DAIR_INLINE __m256i dair_mul_s8s8_16_avx2(__m256i c, __m256i y) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(y, c));
+}
+
+static float dair_vec_dot_iq4_nl_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *isum) {
+    (void)s, (void)isum;
+    const __m256i table = dair_iq4_table_avx2();
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_iq4_nl *x = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
+        const __m256i c = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs));
+        const __m256i p = _mm256_madd_epi16(
+            dair_mul_s8s8_16_avx2(c, _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32))), _mm256_set1_epi16(1));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(p), acc);
+    }
+    return dair_hsum8_avx2(acc);
+}
+
+DAIR_INLINE int dair_hsum_i32_avx2(__m256i v) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    return _mm_cvtsi128_si32(h);
+}
+
+/* 32 unsigned codes (u8, small enough for maddubs) against 32 activations; values 0-15 take
+ * scale lo, 16-31 scale hi (the same for 32-value sub-blocks): int32 lanes */
+DAIR_INLINE __m256i dair_kq32_avx2(__m256i u, const int8_t *q, int lo, int hi) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)q)),
+                             _mm256_set_m128i(_mm_set1_epi16((short)hi), _mm_set1_epi16((short)lo)));
+}
+
+static float dair_vec_dot_q2_k_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *bsums) {
+    (void)s;
+    const __m256i m3 = _mm256_set1_epi8(3);
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q2_K *x = (const dair_block_q2_K *)(w + (size_t)b * sizeof(dair_block_q2_K));
+        const int8_t *y = q + (size_t)b * DAIR_QKK;
+        const int32_t *bs = bsums + (size_t)b * 16;
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                const int k = 8 * h + 2 * j;
+                const __m256i u = _mm256_and_si256(_mm256_srli_epi16(raw, 2 * j), m3);
+                sumi = _mm256_add_epi32(sumi, dair_kq32_avx2(u, y + 128 * h + 32 * j, x->scales[k] & 15,
+                                                             x->scales[k + 1] & 15));
+            }
+        }
+        int summs = 0;
+        for (int k = 0; k < 16; k++)
+            summs += (x->scales[k] >> 4) * bs[k];
+        const float dall = d[b] * _cvtsh_ss(dair_load_u16(&x->d)), dmin = d[b] * _cvtsh_ss(dair_load_u16(&x->dmin));
+        acc += dall * (float)dair_hsum_i32_avx2(sumi) - dmin * (float)summs;
+    }
+    return acc;
+}
+
+/* Q3_K codes - 4 .. 3 as unsigned 0 .. 7 (low two bits | high bit << 2); the - 4 comes back as
+ * - 4 sum_k sc[k] bsums[k]. */
+static float dair_vec_dot_q3_k_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *bsums) {
+    (void)s;
+    const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4);
+    float acc = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q3_K *x = (const dair_block_q3_K *)(w + (size_t)b * sizeof(dair_block_q3_K));
+        const int8_t *y = q + (size_t)b * DAIR_QKK;
+        const int32_t *bs = bsums + (size_t)b * 16;
+        int8_t sc[16];
+        dair_q3k_scales(x->scales, sc);
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)x->hmask);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                const int k = 8 * h + 2 * j;
+                const __m256i bit = _mm256_set1_epi8((char)(1 << (4 * h + j)));
+                const __m256i hb = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), four);
+                const __m256i u = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 2 * j), m3), hb);
+                sumi = _mm256_add_epi32(sumi, dair_kq32_avx2(u, y + 128 * h + 32 * j, sc[k] - 32, sc[k + 1] - 32));
+            }
+        }
+        int corr = 0;
+        for (int k = 0; k < 16; k++)
+            corr += (sc[k] - 32) * bs[k];
+        acc += (_cvtsh_ss(dair_load_u16(&x->d)) * d[b]) * (float)(dair_hsum_i32_avx2(sumi) - 4 * corr);
+    }
+    return acc;
+}
+
+static float dair_vec_dot_q5_k_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *bsums) {
+    (void)s;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(0x10);
+    __m256 acc = _mm256_setzero_ps();
+    float accm = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q5_K *x = (const dair_block_q5_K *)(w + (size_t)b * sizeof(dair_block_q5_K));
+        const int8_t *y = q + (size_t)b * DAIR_QKK;
+        const int32_t *bs = bsums + (size_t)b * 16;
+        uint8_t sc[8], m[8];
+        dair_q4k_scales(x->scales, sc, m);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)x->qh);
+        __m256i sumi = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * c));
+            const __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(raw, m4),
+                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), b16));
+            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
+                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), b16));
+            sumi = _mm256_add_epi32(sumi, dair_kq32_avx2(u0, y + 64 * c, sc[2 * c], sc[2 * c]));
+            sumi = _mm256_add_epi32(sumi, dair_kq32_avx2(u1, y + 64 * c + 32, sc[2 * c + 1], sc[2 * c + 1]));
+        }
+        int summ = 0;
+        for (int j = 0; j < 8; j++)
+            summ += m[j] * (bs[2 * j] + bs[2 * j + 1]);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(sumi), acc);
+        accm += _cvtsh_ss(dair_load_u16(&x->dmin)) * d[b] * (float)summ;
+    }
+    return dair_hsum8_avx2(acc) - accm;
+}
+
+static float dair_vec_dot_iq4_xs_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums) {
+    (void)s, (void)bsums;
+    const __m256i table = dair_iq4_table_avx2();
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_iq4_xs *x = (const dair_block_iq4_xs *)(w + (size_t)b * sizeof(dair_block_iq4_xs));
+        const int8_t *y = q + (size_t)b * DAIR_QKK;
+        __m256i sumi = _mm256_setzero_si256();
+        for (int sb = 0; sb < 8; sb++) {
+            const __m256i c = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs + 16 * sb));
+            const __m256i p16 = dair_mul_s8s8_16_avx2(c, _mm256_loadu_si256((const __m256i *)(y + 32 * sb)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_set1_epi16((short)dair_iq4xs_scale(x, sb))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    return dair_hsum8_avx2(acc);
+}
+
+#endif
+#endif
