@@ -21,6 +21,7 @@
 #include "act.h"
 #include "blocks.h"
 #include "cpu.h"
+#include "neon_quants.h"
 #include "quants.h"
 
 /* Bytes ahead that matrix-vector kernels prefetch: a product streams weights that are not
@@ -39,7 +40,11 @@ static inline void dair_prefetch_bytes(const void *p, size_t n) {
 
 /* The instruction set of the best kernels this build runs on this CPU. */
 static const char *dair_simd_name(void) {
+#if defined(DAIR_HAVE_NEON)
+    static const char *const names[3] = {"scalar", DAIR_NEON_NAME, "?"};
+#else
     static const char *const names[3] = {"scalar", "avx2", "avx512vnni"};
+#endif
     return names[dair_cpu_family()];
 }
 
@@ -415,6 +420,12 @@ static void dair_mm_qk(const uint8_t *w, size_t rb, int qtype, int r0, int r1, c
 static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
                       size_t ldo) {
     const int n = a->n;
+#if defined(DAIR_HAVE_NEON)
+    if (dair_simd_enabled && dair_neon_kernel(qtype)) {
+        dair_mm_neon(w, rb, qtype, r0, r1, a, out, ldo);
+        return;
+    }
+#endif
     if (qtype == DAIR_Q4_K || qtype == DAIR_Q6_K) {
         dair_mm_qk(w, rb, qtype, r0, r1, a, out, ldo);
         return;
