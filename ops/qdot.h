@@ -21,6 +21,7 @@
 #include "act.h"
 #include "blocks.h"
 #include "cpu.h"
+#include "neon_float.h"
 #include "neon_quants.h"
 #include "quants.h"
 
@@ -153,6 +154,9 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
 #if defined(DAIR_HAVE_AVX2)
         for (; j + 8 <= cols; j += 8)
             _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))));
+#elif defined(DAIR_HAVE_NEON)
+        dair_neon_f16_row(src, cols, dst);
+        j = cols;
 #endif
         for (; j < cols; j++)
             dst[j] = dair_fp16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
@@ -247,6 +251,8 @@ static inline float dair_dot_f32(const float *a, const float *b, int n) {
     for (; j < n; j++)
         r += a[j] * b[j];
     return r;
+#elif defined(DAIR_HAVE_NEON)
+    return dair_neon_dot_f32(a, b, n);
 #else
     float r = 0.0f;
     for (int j = 0; j < n; j++)
