@@ -33,14 +33,31 @@ def _is_x86() -> bool:
     return os.uname().machine in ("x86_64", "AMD64")
 
 
+def _cc_accepts(flag: str) -> bool:
+    """Whether the C compiler takes `flag` (older GCCs do not know -mno-avxvnni)."""
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "t.c"
+        src.write_text("int main(void) { return 0; }\n")
+        try:
+            return subprocess.run([*cc, flag, "-c", str(src), "-o", str(Path(tmp) / "t.o")],
+                                  capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+
 def _module_cflags(stem: str) -> list[str]:
     flags = _cflags()
-    if stem == "matmul" and _is_x86() and not os.environ.get("DAIR_CFLAGS"):
+    if stem == "matmul" and _is_x86():
         # The quantized kernels: the build machine's ISA minus AVX-512 (and the VEX AVX-VNNI that
         # comes with it), so plain-C and AVX2 code holds no AVX-512 instruction and an AVX-512
         # machine tests the AVX2 family too; AVX-512 kernels are enabled per function
-        # (ops/cpu.h) and chosen at run time by cpuid.
-        flags += ["-mno-avx512f", "-mno-avxvnni"]
+        # (ops/cpu.h) and chosen at run time by cpuid. Also under DAIR_CFLAGS: these only remove.
+        flags += [f for f in ("-mno-avx512f", "-mno-avxvnni") if _cc_accepts(f)]
     return flags
 
 

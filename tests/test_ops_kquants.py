@@ -14,6 +14,8 @@ Error bounds:
   vec_dot_q{4,6}_K_q8_K (integer sums exact, float64 accumulation) to 1e-4 relative.
 """
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -171,7 +173,7 @@ def test_every_family_has_k_quant_kernels():
     """The "image" family (AVX-512 VNNI builds) runs K-quants on kernels of its own, so the
     family loops above and below compare three distinct implementations there."""
     assert KERNELS[-1] == "scalar"
-    if simd_name() == "avx512vnni":
+    if simd_name() == "avx512vnni" and not os.environ.get("DAIR_KERNELS"):  # no cap on the families
         assert KERNELS[:2] == ("avx512", "avx2")
 
 
