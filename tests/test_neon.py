@@ -106,3 +106,19 @@ def test_matmul_extension_compiles_for_aarch64_with_neon_kernels(tmp_path):
     if shutil.which(OBJDUMP):
         dis = subprocess.run([OBJDUMP, "-d", str(obj)], capture_output=True, text=True, timeout=120).stdout
         assert "\tsdot\t" in dis
+
+
+def test_each_header_compiles_alone_for_aarch64(tmp_path):
+    """As tests/test_ops_headers.py does for x86: no x86 intrinsic outside its guards, on both ARM targets."""
+    procs = {}
+    for variant, march in MARCHES.items():
+        for h in sorted(p.name for p in OPS.glob("*.h")):
+            src = tmp_path / f"{h}.{variant}.c"
+            src.write_text(f'#include "{h}"\n')
+            procs[h, variant] = subprocess.Popen(
+                [CC, f"-march={march}", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused-function", f"-I{OPS}",
+                 f"-I{sysconfig.get_paths()['include']}", str(src)], stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)
+    out = {key: p.communicate()[0].strip().splitlines()[:3] for key, p in procs.items()}
+    failed = {key: lines for key, lines in out.items() if procs[key].returncode}
+    assert not failed, failed
