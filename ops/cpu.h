@@ -14,6 +14,9 @@
 #define DAIR_HAVE_AVX2 1
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define DAIR_HAVE_NEON 1 /* ops/neon_quants.h */
+#endif
 
 /* AVX-512 code is built wherever AVX2 code is and the compiler takes per-function targets. */
 #if defined(DAIR_HAVE_AVX2) && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 8)
@@ -32,9 +35,14 @@
 
 #define DAIR_INLINE static inline __attribute__((always_inline))
 
-enum { DAIR_FAM_SCALAR = 0, DAIR_FAM_AVX2 = 1, DAIR_FAM_AVX512 = 2 };
+/* On ARM, NEON takes AVX2's slot (a build holds one or the other; slot 2 stays empty there). */
+enum { DAIR_FAM_SCALAR = 0, DAIR_FAM_AVX2 = 1, DAIR_FAM_AVX512 = 2, DAIR_FAM_NEON = 1 };
 
+#if defined(DAIR_HAVE_NEON)
+static const char *const dair_family_names[3] __attribute__((unused)) = {"scalar", "neon", "avx512"};
+#else
 static const char *const dair_family_names[3] __attribute__((unused)) = {"scalar", "avx2", "avx512"};
+#endif
 
 /* The best family this build can run on this CPU. */
 static int dair_cpu_family(void) {
@@ -48,13 +56,15 @@ static int dair_cpu_family(void) {
 #endif
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return DAIR_FAM_AVX2;
+#elif defined(DAIR_HAVE_NEON)
+    return DAIR_FAM_NEON; /* every aarch64 core has NEON */
 #endif
     return DAIR_FAM_SCALAR;
 }
 
 /* The family in use (set_kernels); each module has its own copy, matmul is the one that counts.
  * dair_simd_enabled / dair_use_avx512 are the two tests the kernels make. */
-#if defined(DAIR_HAVE_AVX2)
+#if defined(DAIR_HAVE_AVX2) || defined(DAIR_HAVE_NEON)
 static int dair_simd_enabled __attribute__((unused)) = 1;
 #else
 static int dair_simd_enabled __attribute__((unused)) = 0;

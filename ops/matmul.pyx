@@ -56,6 +56,7 @@ cdef extern from "qdot.h" nogil:
     int dair_cpu_family()
     void dair_set_family(int fam)
     int dair_kernel_family(int qtype, int family)
+    const char* dair_family_names[3]
     int dair_in_vdot_table(int qtype)
     int dair_uses_q8k(int qtype)
     int dair_is_quantized(int qtype)
@@ -97,7 +98,8 @@ cdef double _CHUNK_BYTES = 32 * 1024.0
 # Kernel families, best first: "avx512" (AVX-512 VNNI; for Q8_0/Q4_0/Q4_1 the "image" kernels of
 # qimg.h), "avx2" (AVX2 + FMA + F16C, no AVX-512 instruction) and "scalar" (plain C). One build
 # holds all of them; cpu.h says at run time which this CPU can run.
-_FAMILIES = ("scalar", "avx2", "avx512")
+# On ARM "neon" (ops/neon_quants.h) takes "avx2"'s slot: the names come from cpu.h.
+_FAMILIES = tuple(dair_family_names[i].decode() for i in range(3))
 _ALIASES = {"image": "avx512", "block": "avx2"}  # the families' former names
 cdef int _best = dair_cpu_family()
 # DAIR_KERNELS=avx2 (or scalar) caps the families, e.g. to run a whole test suite as an AVX2-only
@@ -119,7 +121,7 @@ def simd_name() -> str:
 
 def get_kernels() -> str:
     """The quantized-kernel family in use: "avx512", "avx2" or "scalar"."""
-    return "avx512" if dair_use_avx512 else "avx2" if dair_simd_enabled else "scalar"
+    return _FAMILIES[DAIR_FAM_AVX512 if dair_use_avx512 else DAIR_FAM_AVX2 if dair_simd_enabled else DAIR_FAM_SCALAR]
 
 
 def set_kernels(str name) -> str:

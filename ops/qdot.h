@@ -21,6 +21,8 @@
 #include "act.h"
 #include "blocks.h"
 #include "cpu.h"
+#include "neon_float.h"
+#include "neon_quants.h"
 #include "quants.h"
 
 /* Bytes ahead that matrix-vector kernels prefetch: a product streams weights that are not
@@ -39,7 +41,11 @@ static inline void dair_prefetch_bytes(const void *p, size_t n) {
 
 /* The instruction set of the best kernels this build runs on this CPU. */
 static const char *dair_simd_name(void) {
+#if defined(DAIR_HAVE_NEON)
+    static const char *const names[3] = {"scalar", DAIR_NEON_NAME, "?"};
+#else
     static const char *const names[3] = {"scalar", "avx2", "avx512vnni"};
+#endif
     return names[dair_cpu_family()];
 }
 
@@ -148,6 +154,9 @@ static void dair_dequant_row(const uint8_t *src, int qtype, int cols, float *dst
 #if defined(DAIR_HAVE_AVX2)
         for (; j + 8 <= cols; j += 8)
             _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))));
+#elif defined(DAIR_HAVE_NEON)
+        dair_neon_f16_row(src, cols, dst);
+        j = cols;
 #endif
         for (; j < cols; j++)
             dst[j] = dair_fp16_to_fp32(dair_load_u16(src + 2 * (size_t)j));
@@ -242,6 +251,8 @@ static inline float dair_dot_f32(const float *a, const float *b, int n) {
     for (; j < n; j++)
         r += a[j] * b[j];
     return r;
+#elif defined(DAIR_HAVE_NEON)
+    return dair_neon_dot_f32(a, b, n);
 #else
     float r = 0.0f;
     for (int j = 0; j < n; j++)
@@ -415,6 +426,12 @@ static void dair_mm_qk(const uint8_t *w, size_t rb, int qtype, int r0, int r1, c
 static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, const dair_act *a, float *out,
                       size_t ldo) {
     const int n = a->n;
+#if defined(DAIR_HAVE_NEON)
+    if (dair_simd_enabled && dair_neon_kernel(qtype)) {
+        dair_mm_neon(w, rb, qtype, r0, r1, a, out, ldo);
+        return;
+    }
+#endif
     if (qtype == DAIR_Q4_K || qtype == DAIR_Q6_K) {
         dair_mm_qk(w, rb, qtype, r0, r1, a, out, ldo);
         return;

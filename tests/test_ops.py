@@ -108,7 +108,7 @@ def test_block_layouts_agree_with_gguf():
 
 
 def test_simd_name_and_kernels():
-    assert simd_name() in ("avx512vnni", "avx2", "scalar")
+    assert simd_name() in ("avx512vnni", "avx2", "neon+dotprod", "neon", "scalar")
     assert get_kernels() == KERNELS[0] and KERNELS[-1] == "scalar"
     with pytest.raises(ValueError, match="kernels"):
         set_kernels("gpu")
