@@ -162,6 +162,7 @@ class GGUFHeader:
         self.path = Path(path)
         self.values: dict[str, Any] = {}
         self.lazy: dict[str, LazyArray] = {}
+        self._order: list[str] = []  # every key, in file order
         self.tensors: list[TensorInfo] = []
         self.decoded: set[str] = set()
         try:
@@ -199,10 +200,12 @@ class GGUFHeader:
         cur = _Cursor(fd, self.file_size, order)
         cur.pos = 24
         self.values.update({"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv})
+        self._order += list(self.values)
         for _ in range(n_kv):
             key = cur.string()
             if key in self.values or key in self.lazy:
                 raise _Bad(f"duplicate metadata key {key}")
+            self._order.append(key)
             vtype = cur.unpack(cur.u32)
             if vtype == ARRAY:
                 item_type, count = cur.unpack(cur.u32), cur.unpack(cur.u64)
@@ -264,7 +267,8 @@ class GGUFHeader:
 
     # -- access -----------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return [*self.values, *self.lazy]
+        """Every metadata key, lazy or not, in file order."""
+        return list(self._order)
 
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value; a lazy array is read from the file and decoded now (not kept)."""

@@ -128,9 +128,11 @@ def synth_tensors(s: Shape, qtype: str, seed: int) -> Iterator[tuple[str, np.nda
 
 
 def write_synth(path: str | Path, shape: str = "tiny", qtype: str = "Q4_0", n_layers: int | None = None,
-                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
+                seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                vocab_size: int | None = None) -> Path:
     """Write a synthetic GGUF of a named shape; returns its path. `n_layers` overrides the
-    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths)."""
+    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths), `vocab_size`
+    its vocabulary (a tiny model with a 262k vocabulary measures opening big-vocabulary files)."""
     import gguf
 
     if shape not in SHAPES:
@@ -143,6 +145,8 @@ def write_synth(path: str | Path, shape: str = "tiny", qtype: str = "Q4_0", n_la
         if n_layers < 1:
             raise DairError(f"--layers {n_layers}: a model needs at least one layer")
         s = Shape(**{**s.__dict__, "n_layers": n_layers})
+    if vocab_size is not None:
+        s = Shape(**{**s.__dict__, "vocab_size": vocab_size})
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"dair synthetic {shape} {qtype}")
