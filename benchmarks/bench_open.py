@@ -44,6 +44,12 @@ elif what == "header":
     t1 = time.perf_counter()
     h = GGUFHeader(path)
     t = time.perf_counter()
+elif what == "tokenizer":
+    from dair.tokenizer import load_tokenizer
+    t1 = time.perf_counter()
+    tok = load_tokenizer(path)  # what the bus and the CLI do: header, vocabulary, encoder
+    t = time.perf_counter()
+    out["vocab"] = tok.vocab_size
 else:
     from dair.errors import ModelFormatError
     from dair.model import open_model
@@ -54,18 +60,12 @@ else:
         print(json.dumps({"refused": e.what}))
         raise SystemExit(0)
     t = time.perf_counter()
-    if what == "tokenizer":
-        from dair.tokenizer import load_tokenizer
-        t1 = time.perf_counter()
-        tok = load_tokenizer(mf)
-        t = time.perf_counter()
-        out["vocab"] = tok.vocab_size
 out.update(call_s=t - t1, process_s=time.perf_counter() - t0, hwm=hwm())
 print(json.dumps(out))
 """
 
 KINDS = [("import", "import dair, numpy, zmq"), ("gguf", "gguf package GGUFReader"),
-         ("header", "dair GGUFHeader"), ("open", "dair open_model()"), ("tokenizer", "dair load_tokenizer()")]
+         ("header", "dair GGUFHeader"), ("open", "dair open_model()"), ("tokenizer", "dair load_tokenizer(path)")]
 
 
 def _run(kind: str, path: str) -> dict:

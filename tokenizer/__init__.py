@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from dair.errors import DairError, ModelFormatError
-from dair.tokenizer.core import StreamDecoder, Tokenizer
+from dair.tokenizer.core import StreamDecoder, Tokenizer, describe_vocab
 from dair.tokenizer.vocab import NORMAL, Vocab
 
-__all__ = ["load_tokenizer", "Tokenizer", "StreamDecoder", "Vocab", "vocab_from_gguf"]
+__all__ = ["load_tokenizer", "load_vocab", "describe_tokenizer", "Tokenizer", "StreamDecoder", "Vocab",
+           "vocab_from_gguf"]
 
 
 def vocab_from_gguf(mf: Any) -> Vocab:
@@ -70,28 +71,38 @@ def _is_gguf(path: Path) -> bool:
 
 def load_tokenizer(model: Any) -> Tokenizer:
     """The tokenizer of a model: an open ModelFile, or a path to a GGUF, `.m` or `.t` file."""
+    return Tokenizer(load_vocab(model))
+
+
+def describe_tokenizer(model: Any) -> dict[str, Any]:
+    """What `Tokenizer.describe()` says, from the vocabulary alone (no encoder is built)."""
+    return describe_vocab(load_vocab(model))
+
+
+def load_vocab(model: Any) -> Vocab:
+    """The vocabulary of an open ModelFile, or of a GGUF, `.m` or `.t` file by path."""
     if isinstance(model, (str, Path)):
         path = Path(model)
         if path.suffix == ".t":
             from dair.tokenizer.dllama_t import read_t
 
-            return Tokenizer(read_t(path))
-        from dair.model import open_model
-
+            return read_t(path)
         if _is_gguf(path):  # the text side needs the header only, not the tensors
             from dair.model.gguf_header import GGUFHeader
 
-            return Tokenizer(vocab_from_gguf(GGUFHeader(path)))
+            return vocab_from_gguf(GGUFHeader(path))
+        from dair.model import open_model
+
         with open_model(path) as mf:
-            return load_tokenizer(mf)
+            return load_vocab(mf)
     fmt = getattr(model, "format", None)
     if fmt == "gguf":
-        return Tokenizer(vocab_from_gguf(model))
+        return vocab_from_gguf(model)
     if fmt == "dllama":
         from dair.tokenizer.dllama_t import read_t
 
         t_path = Path(model.path).with_suffix(".t")
         if not t_path.is_file():
             raise DairError(f"{model.path}: no tokenizer next to it (expected {t_path})")
-        return Tokenizer(read_t(t_path))
+        return read_t(t_path)
     raise DairError(f"cannot load a tokenizer from {model!r}")

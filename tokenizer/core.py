@@ -94,6 +94,33 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
     return tok
 
 
+def eos_ids(vocab: Vocab) -> tuple[int, ...]:
+    """The ids that end a generation: eos, the metadata's end-of-turn ids, and the special
+    tokens named like an end of turn."""
+    out: list[int] = []
+    if vocab.eos_id is not None:
+        out.append(vocab.eos_id)
+    out += vocab.eot_ids
+    tokens = vocab.tokens
+    index = {tokens[i]: i for i, t in enumerate(vocab.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+    out += [index[name] for name in END_OF_TURN if name in index]
+    return tuple(dict.fromkeys(i for i in out if 0 <= i < len(vocab)))
+
+
+def describe_vocab(v: Vocab) -> dict[str, Any]:
+    bos = v.bos_id
+    return {
+        "kind": v.kind,
+        "pre": v.pre if v.kind == "gpt2" else None,
+        "vocab_size": len(v),
+        "n_special": sum(1 for t in v.token_types if t in (CONTROL, USER_DEFINED)),
+        "bos": [bos, v.tokens[bos]] if bos is not None else None,
+        "add_bos": bool(v.add_bos and bos is not None),
+        "eos": [[i, v.tokens[i]] for i in eos_ids(v)],
+        "chat_template": bool(v.chat_template),
+    }
+
+
 class Tokenizer:
     """Text ↔ ids for one model, plus its special tokens and chat template."""
 
@@ -105,21 +132,11 @@ class Tokenizer:
         self._hf_plain: Any = None  # built on first parse_special=False call
         self.bos_id: int | None = vocab.bos_id
         self.add_bos = bool(vocab.add_bos and vocab.bos_id is not None)
-        self.eos_ids: tuple[int, ...] = self._eos_ids()
+        self.eos_ids: tuple[int, ...] = eos_ids(vocab)
         self._pieces = self._piece_bytes()
         self.chat_template: str | None = vocab.chat_template
 
     # -- special tokens ---------------------------------------------------------------------
-    def _eos_ids(self) -> tuple[int, ...]:
-        out: list[int] = []
-        if self.vocab.eos_id is not None:
-            out.append(self.vocab.eos_id)
-        out += self.vocab.eot_ids
-        tokens = self.vocab.tokens
-        index = {tokens[i]: i for i, t in enumerate(self.vocab.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
-        out += [index[name] for name in END_OF_TURN if name in index]
-        return tuple(dict.fromkeys(i for i in out if 0 <= i < self.vocab_size))
-
     @property
     def eos_id(self) -> int | None:
         return self.eos_ids[0] if self.eos_ids else None
@@ -131,17 +148,7 @@ class Tokenizer:
         return self.vocab.is_special(i)
 
     def describe(self) -> dict[str, Any]:
-        v = self.vocab
-        return {
-            "kind": v.kind,
-            "pre": v.pre if v.kind == "gpt2" else None,
-            "vocab_size": self.vocab_size,
-            "n_special": sum(1 for t in v.token_types if t in (CONTROL, USER_DEFINED)),
-            "bos": [self.bos_id, v.tokens[self.bos_id]] if self.bos_id is not None else None,
-            "add_bos": self.add_bos,
-            "eos": [[i, v.tokens[i]] for i in self.eos_ids],
-            "chat_template": bool(self.chat_template),
-        }
+        return describe_vocab(self.vocab)
 
     # -- encode -----------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = True, add_bos: bool | None = None) -> list[int]:
