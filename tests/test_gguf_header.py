@@ -7,6 +7,7 @@ tokenizer array and map no page of the header.
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def _strict_equal(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+@functools.lru_cache(maxsize=4)  # the gguf package takes seconds over the default model's vocabulary
 def _reference(path: Path) -> tuple[dict, list, int]:
     r = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items()}
