@@ -113,3 +113,34 @@ def test_vectorised_spm_merges_equal_the_plain_loop():
     want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
     assert len(got[0]) > 1000 and any("\x00" in t for t in pieces)
     assert got == ([x for _, x, _ in want], [y for _, _, y in want])
+
+
+def test_spm_merges_cache_round_trips_and_survives_damage(tmp_path, monkeypatch):
+    from dair.tokenizer import spm_merges as mod
+    from dair.tokenizer.spm_merges import CACHE_MIN_PIECES, _splits_loop, spm_merges
+
+    rng = np.random.default_rng(6)
+    letters = "abcdefgh▁"
+    pieces: dict[str, int] = {}
+    while len(pieces) < CACHE_MIN_PIECES:
+        pieces.setdefault("".join(letters[j] for j in rng.integers(0, len(letters), int(rng.integers(1, 7)))),
+                          len(pieces))
+    scores = rng.standard_normal(len(pieces)).tolist()
+    u, a, b = _splits_loop(pieces, pieces)
+    want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
+    want = ([x for _, x, _ in want], [y for _, _, y in want])
+    assert spm_merges(pieces, scores, cache=tmp_path) == want  # searched, then stored
+    (stored,) = tmp_path.glob("spm-merges-*.npz")
+    search = mod._search
+
+    def no_search(*_):
+        raise AssertionError("searched although the cache holds this vocabulary")
+
+    monkeypatch.setattr(mod, "_search", no_search)
+    assert spm_merges(pieces, scores, cache=tmp_path) == want  # read back, not searched
+    monkeypatch.setattr(mod, "_search", search)
+    stored.write_bytes(stored.read_bytes()[:-100] + b"\0" * 100)  # damaged: searched again
+    assert spm_merges(pieces, scores, cache=tmp_path) == want
+    other = scores[:-1] + [scores[-1] + 1.0]  # another vocabulary: another file
+    spm_merges(pieces, other, cache=tmp_path)
+    assert len(list(tmp_path.glob("spm-merges-*.npz"))) == 2

@@ -45,13 +45,14 @@ _IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falco
 def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
     highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
+    from dair.model.fetch import cache_dir
     from dair.tokenizer.spm_merges import spm_merges
 
     tokens = vocab.tokens
     ids = {t: i for i, t, typ in zip(range(len(tokens)), tokens, vocab.token_types, strict=True)
            if typ != CONTROL and typ != BYTE}
     scores = vocab.scores or [0.0] * len(tokens)
-    lefts, rights = spm_merges(ids, scores)
+    lefts, rights = spm_merges(ids, scores, cache=cache_dir() / "tokenizers")
     return [(tokens[a], tokens[b]) for a, b in zip(lefts, rights, strict=True)]
 
 

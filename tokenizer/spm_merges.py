@@ -6,20 +6,85 @@ vocabulary, ranked by the union's score, does the same (HF's SentencePieceExtrac
 so). For Gemma 3's 262k pieces that is 1.5M splits: a Python loop over them takes seconds, so
 the splits are found with vectorised rolling hashes, one column of characters at a time, and
 every pair found is then checked as strings (a hash collision falls back to the plain loop).
+Big vocabularies keep their merges in the cache directory, keyed by a digest of the pieces,
+their ids and scores, so that the next load of the same vocabulary skips the search.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+import zipfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication by it is a bijection mod 2^64
 
 
-def spm_merges(pieces: dict[str, int], scores: Sequence[float]) -> tuple[list[int], list[int]]:
+CACHE_MIN_PIECES = 32768  # smaller vocabularies take well under a second: not worth a file
+_CACHE_VERSION = b"dair-spm-merges-1"
+
+
+def spm_merges(pieces: dict[str, int], scores: Sequence[float],
+               cache: Path | None = None) -> tuple[list[int], list[int]]:
     """(left ids, right ids) of every split of every piece in `pieces` (text → id) whose two
     halves are pieces too, ordered by the union's score (highest first), then left id, then
-    right id."""
+    right id. `cache`: a directory to keep them in (vocabularies of CACHE_MIN_PIECES or more)."""
+    path = None
+    if cache is not None and len(pieces) >= CACHE_MIN_PIECES:
+        path = cache / f"spm-merges-{_vocab_digest(pieces, scores)}.npz"
+        hit = _load(path)
+        if hit is not None:
+            return hit
+    lefts, rights = _search(pieces, scores)
+    if path is not None:
+        _store(path, lefts, rights)
+    return lefts, rights
+
+
+def _vocab_digest(pieces: dict[str, int], scores: Sequence[float]) -> str:
+    h = hashlib.sha256(_CACHE_VERSION)
+    h.update(np.fromiter(map(len, pieces), np.int64, len(pieces)).tobytes())
+    h.update("".join(pieces).encode("utf-8", "surrogatepass"))
+    h.update(np.fromiter(pieces.values(), np.int64, len(pieces)).tobytes())
+    h.update(np.asarray(scores, dtype=np.float64).tobytes())
+    return h.hexdigest()[:40]
+
+
+def _check(lefts: np.ndarray, rights: np.ndarray) -> bytes:
+    return hashlib.sha256(lefts.tobytes() + rights.tobytes()).digest()
+
+
+def _load(path: Path) -> tuple[list[int], list[int]] | None:
+    """The cached merges, or None if absent or damaged (then they are searched again)."""
+    try:
+        with np.load(path) as z:
+            lefts, rights, check = z["lefts"], z["rights"], z["check"].tobytes()
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if lefts.shape != rights.shape or check != _check(lefts, rights):
+        return None
+    return lefts.tolist(), rights.tolist()
+
+
+def _store(path: Path, lefts: list[int], rights: list[int]) -> None:
+    a, b = np.asarray(lefts, np.int32), np.asarray(rights, np.int32)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError:
+        return  # a read-only cache costs the next load the search, nothing else
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, lefts=a, rights=b, check=np.frombuffer(_check(a, b), np.uint8))
+        os.replace(tmp, path)  # whole or not at all, even with loads running beside us
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _search(pieces: dict[str, int], scores: Sequence[float]) -> tuple[list[int], list[int]]:
     found = _splits_vectorised(pieces)
     if found is None:
         found = _splits_loop(pieces, pieces)
