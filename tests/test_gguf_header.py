@@ -101,7 +101,7 @@ def _strict_equal(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-@functools.lru_cache(maxsize=4)  # the gguf package takes seconds over the default model's vocabulary
+@functools.lru_cache(maxsize=16)  # the gguf package takes seconds over the default model's vocabulary
 def _reference(path: Path) -> tuple[dict, list, int]:
     r = gguf.GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items()}
