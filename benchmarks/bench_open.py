@@ -172,7 +172,7 @@ def main() -> None:
     if not synth.exists():
         from dair.model.synth import write_synth
 
-        write_synth(synth, "tiny", "q4_0", n_layers=2, vocab_size=262144)
+        write_synth(synth, "tiny-v262k", "q4_0")
     files = [("default model (SmolLM2-135M, 49k vocab)", a.model),
              ("synthetic tiny, 262k vocab", str(synth))]
     gemma = gemma_file(a.gemma, tmp)

@@ -10,7 +10,7 @@ import numpy as np
 
 from dair.errors import ModelFormatError
 from dair.model import qtypes
-from dair.model.base import LAYER_NAMES, ModelFile, Tensor, read_only_map
+from dair.model.base import LAYER_NAMES, ModelFile, Tensor
 from dair.model.config import ModelConfig
 from dair.model.gguf_header import GGUFHeader
 
@@ -19,16 +19,21 @@ from dair.model.gguf_header import GGUFHeader
 LLAMA_ARCHS = ("llama", "mistral")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _GLOBAL_TENSORS = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
+_LARGE_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                 "tokenizer.ggml.merges"}
+
+
 class GGUFModel(ModelFile):
     format = "gguf"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        reader = GGUFHeader(self.path)
+        reader = GGUFHeader(self.path, lazy_keys=_LARGE_ARRAYS)
         self._header = reader
         self.metadata = dict(reader.values)  # the big tokenizer arrays stay in the file: see get()
         self.arch = self._arch()
-        self._map = read_only_map(self.path).view(np.ndarray)
+        # A plain ndarray view: numpy's memmap subclass makes every slice slower.
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)
         self.tensors = self._tensor_views(reader)
         self.config = self._config()
         self._validate()

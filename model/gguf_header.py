@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,9 @@ GGML_TYPES = {
     35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0",
 }
 
-# The tokenizer's arrays, and any other array at least LAZY_MIN_ITEMS long, are stepped over and
-# decoded only when asked for. Every other value (hyper-parameters, token ids, the chat template,
-# short per-layer arrays) is decoded at open.
-TOKENIZER_ARRAYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
-                              "tokenizer.ggml.merges"})
+# Arrays at least LAZY_MIN_ITEMS long (and those the caller names) are stepped over and decoded
+# only when asked for. Every other value (hyper-parameters, token ids, the chat template, short
+# per-layer arrays) is decoded at open.
 LAZY_MIN_ITEMS = 1024
 # A length field beyond this is garbage, not a big file.
 _MAX_SANE = 1 << 40
@@ -154,14 +153,15 @@ class GGUFHeader:
 
     `values` holds every metadata key, in file order, as plain Python (str, int, float, bool,
     list), including the gguf package's pseudo-keys GGUF.version, GGUF.tensor_count and
-    GGUF.kv_count, except the tokenizer arrays and any array of LAZY_MIN_ITEMS or more, which are
-    in `lazy` and come out of `get()`. `decoded` names the lazy arrays decoded so far: what a stage never should.
+    GGUF.kv_count, except the arrays named in `lazy_keys` and any array of LAZY_MIN_ITEMS or more,
+    which are in `lazy` and come out of `get()`. `decoded` names the lazy arrays decoded so far: what a stage never should.
     """
 
     format = "gguf"  # what dair.tokenizer.load_tokenizer asks of a model file
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, lazy_keys: Collection[str] = ()) -> None:
         self.path = Path(path)
+        self.lazy_keys = frozenset(lazy_keys)
         self.values: dict[str, Any] = {}
         self.lazy: dict[str, LazyArray] = {}
         self._order: list[str] = []  # every key, in file order
@@ -211,7 +211,7 @@ class GGUFHeader:
             vtype = cur.unpack(cur.u32)
             if vtype == ARRAY:
                 item_type, count = cur.unpack(cur.u32), cur.unpack(cur.u64)
-                if (count >= LAZY_MIN_ITEMS or key in TOKENIZER_ARRAYS) and item_type in (STRING, *_SCALAR):
+                if (count >= LAZY_MIN_ITEMS or key in self.lazy_keys) and item_type in (STRING, *_SCALAR):
                     start = cur.pos
                     self._skip_array(cur, item_type, count)
                     self.lazy[key] = LazyArray(item_type, count, start, cur.pos - start)

@@ -40,6 +40,7 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     "tiny": Shape(256, 768, 4, 8, 4, 512, 2048, 10000.0),
+    "tiny-v262k": Shape(256, 768, 2, 8, 4, 262144, 2048, 10000.0),  # Gemma 3's vocabulary size: opening it
     "llama-7b": Shape(4096, 11008, 32, 32, 32, 32000, 4096, 10000.0),  # Llama 2 7B
     "llama-8b": Shape(4096, 14336, 32, 32, 8, 128256, 8192, 500000.0),  # Llama 3 8B
     "llama-13b": Shape(5120, 13824, 40, 40, 40, 32000, 4096, 10000.0),  # Llama 2 13B
@@ -128,11 +129,9 @@ def synth_tensors(s: Shape, qtype: str, seed: int) -> Iterator[tuple[str, np.nda
 
 
 def write_synth(path: str | Path, shape: str = "tiny", qtype: str = "Q4_0", n_layers: int | None = None,
-                seed: int = 0, progress: Callable[[int, int], None] | None = None,
-                vocab_size: int | None = None) -> Path:
+                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a synthetic GGUF of a named shape; returns its path. `n_layers` overrides the
-    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths), `vocab_size`
-    its vocabulary (a tiny model with a 262k vocabulary measures opening big-vocabulary files)."""
+    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths)."""
     import gguf
 
     if shape not in SHAPES:
@@ -145,8 +144,6 @@ def write_synth(path: str | Path, shape: str = "tiny", qtype: str = "Q4_0", n_la
         if n_layers < 1:
             raise DairError(f"--layers {n_layers}: a model needs at least one layer")
         s = Shape(**{**s.__dict__, "n_layers": n_layers})
-    if vocab_size is not None:
-        s = Shape(**{**s.__dict__, "vocab_size": vocab_size})
     path = Path(path)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"dair synthetic {shape} {qtype}")

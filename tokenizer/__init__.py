@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dair.errors import DairError, ModelFormatError
-from dair.tokenizer.core import StreamDecoder, Tokenizer, describe_vocab
+from dair.tokenizer.core import StreamDecoder, Tokenizer
 from dair.tokenizer.vocab import NORMAL, Vocab
 
 __all__ = ["load_tokenizer", "load_vocab", "describe_tokenizer", "Tokenizer", "StreamDecoder", "Vocab",
@@ -76,6 +76,8 @@ def load_tokenizer(model: Any) -> Tokenizer:
 
 def describe_tokenizer(model: Any) -> dict[str, Any]:
     """What `Tokenizer.describe()` says, from the vocabulary alone (no encoder is built)."""
+    from dair.tokenizer.core import describe_vocab
+
     return describe_vocab(load_vocab(model))
 
 

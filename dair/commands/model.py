@@ -40,8 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--shape", default="tiny", help="llama-7b, llama-8b, llama-13b or tiny (default)")
     s.add_argument("--type", choices=["q4_0", "q8_0"], default="q4_0", help="weight type (default q4_0)")
     s.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
-    s.add_argument("--vocab", type=int, default=None,
-                   help="vocabulary size (default: the shape's; e.g. 262144 for a Gemma-3-size tokenizer)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_synth)
 
@@ -182,6 +180,5 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from dair.model.synth import synth_cli_progress, write_synth
 
     progress = synth_cli_progress() if sys.stderr.isatty() else None
-    print(write_synth(args.output, args.shape, args.type, n_layers=args.layers, vocab_size=args.vocab,
-                      seed=args.seed, progress=progress))
+    print(write_synth(args.output, args.shape, args.type, n_layers=args.layers, seed=args.seed, progress=progress))
     return 0
