@@ -151,8 +151,9 @@ def main() -> None:
     overhead = meta["hwm"]
     print(f"model {model}; budget {a.budget}; {a.tokens} decode tokens per run")
     print(f"fixed overhead (peak RSS of a process that only opens the model): {overhead / 2**20:.1f} MiB, of which "
-          f"{meta['open_map_rss'] / 2**20:.1f} MiB are model pages the reader touched (header, tokenizer, fingerprint "
-          f"samples; the engine unmaps them) and {meta['base_rss'] / 2**20:.1f} MiB the process itself")
+          f"{meta['open_map_rss'] / 2**20:.1f} MiB are model pages opening mapped (the header is read without "
+          f"mapping it; what the fingerprint reads of the weights, if anything; the engine unmaps them) and "
+          f"{meta['base_rss'] / 2**20:.1f} MiB the process itself")
     print("peakRSS = VmHWM; -ovh = minus that overhead; MB/tok = weight bytes streamed per token; "
           "read MB/s = while reading; storage = bytes fetched from storage (/proc/self/io); "
           "wait = share of decode time waiting for the disk")

@@ -41,19 +41,27 @@ class LocalBackend:
                  quiet: bool = False) -> None:
         from dair.engine.forward import RangeEngine
         from dair.model import open_model
-        from dair.tokenizer import load_tokenizer
 
         path = resolve_model_path(str(model_path) if model_path else None)
         t0 = time.perf_counter()
         if not quiet:
             print(f"loading {path} ...", file=sys.stderr, flush=True)
         self.model = open_model(path)
-        self.tokenizer = load_tokenizer(self.model)
+        self._tokenizer: Any = None
         self.n_layers = self.model.config.n_layers
         self.engine = RangeEngine(self.model, 0, self.n_layers - 1, threads=threads, act_q8=act_q8)
         self._ids = itertools.count()
         if not quiet:
             print(f"loaded {self.n_layers} layers in {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
+
+    @property
+    def tokenizer(self) -> Any:
+        """Loaded on first use, from the metadata arrays: only what handles text needs it."""
+        if self._tokenizer is None:
+            from dair.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model)
+        return self._tokenizer
 
     def _prefill(self, sid: str, ids: list[int], all_logits: bool) -> np.ndarray:
         eng, outs = self.engine, []

@@ -1,4 +1,5 @@
-"""GGUF model files (llama.cpp's format), parsed by the `gguf` package over a read-only map."""
+"""GGUF model files (llama.cpp's format): the header read by dair.model.gguf_header, tensors over a
+read-only map."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ from dair.errors import ModelFormatError
 from dair.model import qtypes
 from dair.model.base import LAYER_NAMES, ModelFile, Tensor
 from dair.model.config import ModelConfig
+from dair.model.gguf_header import GGUFHeader
 
 # Architectures whose GGUF uses exactly the llama tensor set (mistral-style models are
 # written as "llama" by llama.cpp's converter; "mistral" is accepted for other writers).
@@ -21,95 +23,35 @@ _LARGE_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.gg
                  "tokenizer.ggml.merges"}
 
 
-class _Truncated(Exception):
-    def __init__(self, end: int, size: int) -> None:
-        super().__init__(f"truncated: data runs to byte {end} but the file has {size} bytes")
-
-
-def _reader(path: Path) -> Any:
-    from gguf import GGUFReader
-
-    class Reader(GGUFReader):
-        # A plain ndarray view of the memmap: the stock reader slices it ~10^6 times while
-        # parsing the vocabulary, and numpy's memmap subclass hooks make that 4x slower.
-        @property
-        def data(self) -> np.ndarray:
-            return self._plain
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._plain = value.view(np.ndarray)
-
-        # The stock reader turns a short file into an obscure numpy reshape error; name it.
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-            end = int(offset) + np.dtype(dtype).itemsize * int(count)
-            if end > len(self.data):
-                if end > 1 << 40:  # no real file is that big: a length field is garbage
-                    raise ModelFormatError(path,
-                                           f"corrupt header: a length field points to byte {end}")
-                raise _Truncated(end, len(self.data))
-            return super()._get(offset, dtype, count, override_order)
-
-    return Reader(path, "r")
-
-
-def _field_value(field: Any) -> Any:
-    """A GGUF metadata value as plain Python (str, int, float, bool or list)."""
-    from gguf import GGUFValueType
-
-    if field.types and field.types[0] == GGUFValueType.ARRAY:
-        if len(field.types) > 1 and field.types[-1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if field.types and field.types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    value = field.parts[field.data[0]].tolist()[0]
-    if field.types and field.types[0] == GGUFValueType.BOOL:
-        return bool(value)
-    return value
-
-
 class GGUFModel(ModelFile):
     format = "gguf"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            reader = _reader(self.path)
-        except _Truncated as e:
-            raise ModelFormatError(self.path, str(e)) from None
-        except ModelFormatError:
-            raise
-        except FileNotFoundError:
-            raise ModelFormatError(self.path, "no such file") from None
-        except Exception as e:  # the gguf package raises bare ValueError/IndexError/struct errors
-            raise ModelFormatError(self.path, f"not a readable GGUF file ({_one_line(e)})") from None
-        self._reader = reader
-        self._map = np.asarray(reader.data)
-        self._fields = reader.fields
-        try:
-            self.metadata = {k: _field_value(f) for k, f in reader.fields.items() if k not in _LARGE_ARRAYS}
-        except Exception as e:
-            raise ModelFormatError(self.path, f"unreadable metadata ({_one_line(e)})") from None
+        reader = GGUFHeader(self.path, lazy_keys=_LARGE_ARRAYS)
+        self._header = reader
+        self.metadata = dict(reader.values)  # the big tokenizer arrays stay in the file: see get()
         self.arch = self._arch()
+        # A plain ndarray view: numpy's memmap subclass makes every slice slower.
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)
         self.tensors = self._tensor_views(reader)
         self.config = self._config()
         self._validate()
         self._header_end = min((t.offset for t in self.tensors.values()), default=len(self._map))
-        self.fingerprint = self._compute_fingerprint(self._map[: self._header_end])
+        # Hashed from a positioned read, not the map: the header's pages (the vocabulary) are
+        # never mapped into a stage.
+        header = np.frombuffer(reader.read_bytes(0, self._header_end), np.uint8)
+        self.fingerprint = self._compute_fingerprint(header)
 
     # -- metadata ---------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
-        """A metadata value, including the large tokenizer arrays (decoded on demand)."""
+        """A metadata value, including the large tokenizer arrays (read and decoded on demand,
+        not kept: only the tokenizer asks for them, once)."""
         if key in self.metadata:
             return self.metadata[key]
-        field = self._fields.get(key) if self._fields is not None else None
-        if field is None:
+        if self._header is None:
             return default
-        try:
-            return _field_value(field)
-        except Exception as e:
-            raise ModelFormatError(self.path, f"unreadable metadata {key} ({_one_line(e)})") from None
+        return self._header.get(key, default)
 
     def _require(self, key: str) -> Any:
         if key not in self.metadata:
@@ -200,10 +142,5 @@ class GGUFModel(ModelFile):
 
     def close(self) -> None:
         super().close()
-        self._reader = None
-        self._fields = None
+        self._header = None
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -40,6 +40,7 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     "tiny": Shape(256, 768, 4, 8, 4, 512, 2048, 10000.0),
+    "tiny-v262k": Shape(256, 768, 2, 8, 4, 262144, 2048, 10000.0),  # Gemma 3's vocabulary size: opening it
     "llama-7b": Shape(4096, 11008, 32, 32, 32, 32000, 4096, 10000.0),  # Llama 2 7B
     "llama-8b": Shape(4096, 14336, 32, 32, 8, 128256, 8192, 500000.0),  # Llama 3 8B
     "llama-13b": Shape(5120, 13824, 40, 40, 40, 32000, 4096, 10000.0),  # Llama 2 13B

@@ -2,6 +2,7 @@
 plain-Python transcription of llama.cpp's SPM algorithm."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tiny_models import write_tiny_gguf
 
@@ -92,3 +93,54 @@ def test_unsupported_tokenizer_model(tmp_path):
     p = write_tiny_gguf(tmp_path / "x.gguf", tokenizer={"model": "t5", "tokens": ["a"] * 96})
     with pytest.raises(DairError, match="'t5' is not supported"):
         load_tokenizer(p)
+
+
+def test_vectorised_spm_merges_equal_the_plain_loop():
+    """The hashed search for splits (tokenizer/spm_merges.py) against its definition, on pieces
+    that test its edges: duplicates in the vocabulary, NULs (numpy strings drop trailing ones),
+    characters beyond the BMP, ties in score, pieces of one character."""
+    from dair.tokenizer.spm_merges import _splits_loop, spm_merges
+
+    rng = np.random.default_rng(5)
+    alphabet = ["a", "b", "▁", "é", "日", "\U0001f600", "\x00"]
+    pieces: dict[str, int] = {}
+    for i in range(3000):
+        n = int(rng.integers(1, 7))
+        pieces.setdefault("".join(alphabet[j] for j in rng.integers(0, len(alphabet), n)), i)
+    scores = np.round(rng.standard_normal(3000), 1).tolist()  # rounded: many ties
+    got = spm_merges(pieces, scores)
+    u, a, b = _splits_loop(pieces, pieces)
+    want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
+    assert len(got[0]) > 1000 and any("\x00" in t for t in pieces)
+    assert got == ([x for _, x, _ in want], [y for _, _, y in want])
+
+
+def test_spm_merges_cache_round_trips_and_survives_damage(tmp_path, monkeypatch):
+    from dair.tokenizer import spm_merges as mod
+    from dair.tokenizer.spm_merges import CACHE_MIN_PIECES, _splits_loop, spm_merges
+
+    rng = np.random.default_rng(6)
+    letters = "abcdefgh▁"
+    pieces: dict[str, int] = {}
+    while len(pieces) < CACHE_MIN_PIECES:
+        pieces.setdefault("".join(letters[j] for j in rng.integers(0, len(letters), int(rng.integers(1, 7)))),
+                          len(pieces))
+    scores = rng.standard_normal(len(pieces)).tolist()
+    u, a, b = _splits_loop(pieces, pieces)
+    want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
+    want = ([x for _, x, _ in want], [y for _, _, y in want])
+    assert spm_merges(pieces, scores, cache=tmp_path) == want  # searched, then stored
+    (stored,) = tmp_path.glob("spm-merges-*.npz")
+    search = mod._search
+
+    def no_search(*_):
+        raise AssertionError("searched although the cache holds this vocabulary")
+
+    monkeypatch.setattr(mod, "_search", no_search)
+    assert spm_merges(pieces, scores, cache=tmp_path) == want  # read back, not searched
+    monkeypatch.setattr(mod, "_search", search)
+    stored.write_bytes(stored.read_bytes()[:-100] + b"\0" * 100)  # damaged: searched again
+    assert spm_merges(pieces, scores, cache=tmp_path) == want
+    other = scores[:-1] + [scores[-1] + 1.0]  # another vocabulary: another file
+    spm_merges(pieces, other, cache=tmp_path)
+    assert len(list(tmp_path.glob("spm-merges-*.npz"))) == 2

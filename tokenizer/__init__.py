@@ -12,7 +12,8 @@ from dair.errors import DairError, ModelFormatError
 from dair.tokenizer.core import StreamDecoder, Tokenizer
 from dair.tokenizer.vocab import NORMAL, Vocab
 
-__all__ = ["load_tokenizer", "Tokenizer", "StreamDecoder", "Vocab", "vocab_from_gguf"]
+__all__ = ["load_tokenizer", "load_vocab", "describe_tokenizer", "Tokenizer", "StreamDecoder", "Vocab",
+           "vocab_from_gguf"]
 
 
 def vocab_from_gguf(mf: Any) -> Vocab:
@@ -30,12 +31,11 @@ def vocab_from_gguf(mf: Any) -> Vocab:
         raise ModelFormatError(mf.path, "tokenizer arrays (tokens, token_type, scores) differ in length")
     pairs = None
     if merges is not None:
-        pairs = []
-        for m in merges:
-            left, sep, right = m.partition(" ")
-            if not sep:
-                raise ModelFormatError(mf.path, f"malformed BPE merge {m!r}")
-            pairs.append((left, right))
+        split = [m.partition(" ") for m in merges]
+        bad = next((m for m, (_, sep, _) in zip(merges, split, strict=True) if not sep), None)
+        if bad is not None:
+            raise ModelFormatError(mf.path, f"malformed BPE merge {bad!r}")
+        pairs = [(left, right) for left, _, right in split]
     if kind == "gpt2" and pairs is None:
         raise ModelFormatError(mf.path, "gpt2 tokenizer without tokenizer.ggml.merges")
     eot = [mf.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
@@ -43,8 +43,8 @@ def vocab_from_gguf(mf: Any) -> Vocab:
     return Vocab(
         kind=str(kind),
         tokens=list(tokens),
-        token_types=[int(t) for t in types],
-        scores=[float(s) for s in scores] if scores is not None else None,
+        token_types=[int(t) for t in types] if not _all_of(types, int) else types,
+        scores=[float(s) for s in scores] if scores is not None and not _all_of(scores, float) else scores,
         merges=pairs,
         bos_id=mf.get("tokenizer.ggml.bos_token_id"),
         eos_id=mf.get("tokenizer.ggml.eos_token_id"),
@@ -57,26 +57,54 @@ def vocab_from_gguf(mf: Any) -> Vocab:
     )
 
 
+def _all_of(values: list[Any], kind: type) -> bool:
+    """All already of `kind` (what the GGUF reader gives): no per-element conversion needed."""
+    return all(type(x) is kind for x in values)
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def load_tokenizer(model: Any) -> Tokenizer:
     """The tokenizer of a model: an open ModelFile, or a path to a GGUF, `.m` or `.t` file."""
+    return Tokenizer(load_vocab(model))
+
+
+def describe_tokenizer(model: Any) -> dict[str, Any]:
+    """What `Tokenizer.describe()` says, from the vocabulary alone (no encoder is built)."""
+    from dair.tokenizer.core import describe_vocab
+
+    return describe_vocab(load_vocab(model))
+
+
+def load_vocab(model: Any) -> Vocab:
+    """The vocabulary of an open ModelFile, or of a GGUF, `.m` or `.t` file by path."""
     if isinstance(model, (str, Path)):
         path = Path(model)
         if path.suffix == ".t":
             from dair.tokenizer.dllama_t import read_t
 
-            return Tokenizer(read_t(path))
+            return read_t(path)
+        if _is_gguf(path):  # the text side needs the header only, not the tensors
+            from dair.model.gguf_header import GGUFHeader
+
+            return vocab_from_gguf(GGUFHeader(path))
         from dair.model import open_model
 
         with open_model(path) as mf:
-            return load_tokenizer(mf)
+            return load_vocab(mf)
     fmt = getattr(model, "format", None)
     if fmt == "gguf":
-        return Tokenizer(vocab_from_gguf(model))
+        return vocab_from_gguf(model)
     if fmt == "dllama":
         from dair.tokenizer.dllama_t import read_t
 
         t_path = Path(model.path).with_suffix(".t")
         if not t_path.is_file():
             raise DairError(f"{model.path}: no tokenizer next to it (expected {t_path})")
-        return Tokenizer(read_t(t_path))
+        return read_t(t_path)
     raise DairError(f"cannot load a tokenizer from {model!r}")

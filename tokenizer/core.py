@@ -45,24 +45,23 @@ _IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falco
 def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
     highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
-    ids = {t: i for i, t in enumerate(vocab.tokens) if vocab.token_types[i] not in (CONTROL, BYTE)}
-    scores = vocab.scores or [0.0] * len(vocab.tokens)
-    merges: list[tuple[float, int, int, str, str]] = []
-    for piece, i in ids.items():
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in ids and right in ids:
-                merges.append((-scores[i], ids[left], ids[right], left, right))
-    merges.sort()
-    return [(m[3], m[4]) for m in merges]
+    from dair.model.fetch import cache_dir
+    from dair.tokenizer.spm_merges import spm_merges
+
+    tokens = vocab.tokens
+    ids = {t: i for i, t, typ in zip(range(len(tokens)), tokens, vocab.token_types, strict=True)
+           if typ != CONTROL and typ != BYTE}
+    scores = vocab.scores or [0.0] * len(tokens)
+    lefts, rights = spm_merges(ids, scores, cache=cache_dir() / "tokenizers")
+    return [(tokens[a], tokens[b]) for a, b in zip(lefts, rights, strict=True)]
 
 
 def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    token_ids: dict[str, int] = {}
-    for i, t in enumerate(vocab.tokens):
-        token_ids.setdefault(t, i)  # duplicates are unreachable by encoding; first id wins
+    # Duplicates are unreachable by encoding; the first id wins (built from the end, in C).
+    n = len(vocab.tokens)
+    token_ids = dict(zip(reversed(vocab.tokens), range(n - 1, -1, -1), strict=True))
     if vocab.kind == "gpt2":
         if vocab.pre not in PRE_REGEXES:
             raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
@@ -96,6 +95,33 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
     return tok
 
 
+def eos_ids(vocab: Vocab) -> tuple[int, ...]:
+    """The ids that end a generation: eos, the metadata's end-of-turn ids, and the special
+    tokens named like an end of turn."""
+    out: list[int] = []
+    if vocab.eos_id is not None:
+        out.append(vocab.eos_id)
+    out += vocab.eot_ids
+    tokens = vocab.tokens
+    index = {tokens[i]: i for i, t in enumerate(vocab.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+    out += [index[name] for name in END_OF_TURN if name in index]
+    return tuple(dict.fromkeys(i for i in out if 0 <= i < len(vocab)))
+
+
+def describe_vocab(v: Vocab) -> dict[str, Any]:
+    bos = v.bos_id
+    return {
+        "kind": v.kind,
+        "pre": v.pre if v.kind == "gpt2" else None,
+        "vocab_size": len(v),
+        "n_special": sum(1 for t in v.token_types if t in (CONTROL, USER_DEFINED)),
+        "bos": [bos, v.tokens[bos]] if bos is not None else None,
+        "add_bos": bool(v.add_bos and bos is not None),
+        "eos": [[i, v.tokens[i]] for i in eos_ids(v)],
+        "chat_template": bool(v.chat_template),
+    }
+
+
 class Tokenizer:
     """Text ↔ ids for one model, plus its special tokens and chat template."""
 
@@ -107,20 +133,11 @@ class Tokenizer:
         self._hf_plain: Any = None  # built on first parse_special=False call
         self.bos_id: int | None = vocab.bos_id
         self.add_bos = bool(vocab.add_bos and vocab.bos_id is not None)
-        self.eos_ids: tuple[int, ...] = self._eos_ids()
+        self.eos_ids: tuple[int, ...] = eos_ids(vocab)
         self._pieces = self._piece_bytes()
         self.chat_template: str | None = vocab.chat_template
 
     # -- special tokens ---------------------------------------------------------------------
-    def _eos_ids(self) -> tuple[int, ...]:
-        out: list[int] = []
-        if self.vocab.eos_id is not None:
-            out.append(self.vocab.eos_id)
-        out += self.vocab.eot_ids
-        index = {t: i for i, t in enumerate(self.vocab.tokens) if self.vocab.is_special(i)}
-        out += [index[name] for name in END_OF_TURN if name in index]
-        return tuple(dict.fromkeys(i for i in out if 0 <= i < self.vocab_size))
-
     @property
     def eos_id(self) -> int | None:
         return self.eos_ids[0] if self.eos_ids else None
@@ -132,17 +149,7 @@ class Tokenizer:
         return self.vocab.is_special(i)
 
     def describe(self) -> dict[str, Any]:
-        v = self.vocab
-        return {
-            "kind": v.kind,
-            "pre": v.pre if v.kind == "gpt2" else None,
-            "vocab_size": self.vocab_size,
-            "n_special": sum(1 for t in v.token_types if t in (CONTROL, USER_DEFINED)),
-            "bos": [self.bos_id, v.tokens[self.bos_id]] if self.bos_id is not None else None,
-            "add_bos": self.add_bos,
-            "eos": [[i, v.tokens[i]] for i in self.eos_ids],
-            "chat_template": bool(self.chat_template),
-        }
+        return describe_vocab(self.vocab)
 
     # -- encode -----------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = True, add_bos: bool | None = None) -> list[int]:
@@ -163,12 +170,16 @@ class Tokenizer:
         v = self.vocab
         out: list[bytes] = []
         if v.kind == "gpt2":
-            u2b = unicode_to_byte()
+            # str.translate does the per-character work in C: stand-ins to the bytes they stand
+            # for (as latin-1 characters), and a second table that deletes them all, to tell
+            # tokens made only of stand-ins from the others (spelled as plain UTF-8).
+            to_byte = {ord(c): b for c, b in unicode_to_byte().items()}
+            strip = dict.fromkeys(to_byte)
             for t, typ in zip(v.tokens, v.token_types, strict=True):
-                if typ in (CONTROL, USER_DEFINED, UNKNOWN) or any(c not in u2b for c in t):
+                if typ in (CONTROL, USER_DEFINED, UNKNOWN) or t.translate(strip):
                     out.append(t.encode("utf-8"))
                 else:
-                    out.append(bytes(u2b[c] for c in t))
+                    out.append(t.translate(to_byte).encode("latin-1"))
         else:
             for t, typ in zip(v.tokens, v.token_types, strict=True):
                 if typ == BYTE and len(t) == 6 and t.startswith("<0x"):

@@ -101,10 +101,9 @@ def model_info(mf: Any) -> dict[str, Any]:
         "fingerprint": mf.fingerprint,
     }
     try:
-        from dair.tokenizer import load_tokenizer
+        from dair.tokenizer import describe_tokenizer
 
-        tok = load_tokenizer(mf)
-        info["tokenizer"] = tok.describe()
+        info["tokenizer"] = describe_tokenizer(mf)  # the vocabulary only: no encoder built
     except (DairError, ImportError) as e:
         info["tokenizer"] = {"error": str(e)}
     return info
