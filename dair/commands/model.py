@@ -61,15 +61,15 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 def model_info(mf: Any) -> dict[str, Any]:
     """Everything `dair model info` shows, as a JSON-ready dict."""
-    from dair.model.base import LAYER_NAMES
+    from dair.model.arch import LAYER_TENSORS
 
     c = mf.config
     unique = {id(t): t for t in mf.tensors.values()}.values()
     layer_bytes = [mf.layer_byte_range(i)[1] - mf.layer_byte_range(i)[0] for i in range(c.n_layers)]
     layer_types: Counter[str] = Counter()
     if c.n_layers:
-        for short in LAYER_NAMES:
-            layer_types[short] = mf.layer_tensors(0)[short].qtype
+        for field, t in mf.layer_tensors(0).items():
+            layer_types[LAYER_TENSORS[field].removesuffix(".weight")] = t.qtype
     info: dict[str, Any] = {
         "path": str(mf.path),
         "format": mf.format,
@@ -88,6 +88,11 @@ def model_info(mf: Any) -> dict[str, Any]:
         "rope_scaling": c.rope_scaling,
         "rms_eps": c.rms_eps,
         "tied_embeddings": c.tied_embeddings,
+        "rope_style": c.rope_style,
+        "experts": {"count": c.n_experts, "used": c.n_experts_used, "hidden_dim": c.expert_hidden_dim}
+        if c.n_experts else None,
+        "sliding_window": {"window": c.sliding_window, "pattern": c.swa_pattern, "rope_theta": c.rope_theta_swa}
+        if c.sliding_window else None,
         "tensor_types": dict(sorted(Counter(t.qtype for t in unique).items())),
         "layer_tensor_types": dict(layer_types),
         "bytes_per_layer": {"min": min(layer_bytes, default=0), "max": max(layer_bytes, default=0),
@@ -140,6 +145,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"rope          theta {info['rope_theta']:g}, dim {info['rope_dim']}, "
         f"scaling {json.dumps(rs) if rs else 'none'}",
         f"rms eps       {info['rms_eps']:g}",
+    ]
+    if info["experts"]:
+        x = info["experts"]
+        lines.append(f"experts       {x['count']}, {x['used']} per token, FFN {x['hidden_dim']} each")
+    if info["sliding_window"]:
+        w = info["sliding_window"]
+        lines.append(f"sliding       window {w['window']} on {w['pattern'] - 1} of every {w['pattern']} layers, "
+                     f"rope theta {w['rope_theta']:g}")
+    lines += [
         "tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
         "layer types   " + " ".join(f"{k}={v}" for k, v in info["layer_tensor_types"].items()),
         f"per layer     {_fmt_bytes(info['bytes_per_layer']['max'])}"
