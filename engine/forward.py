@@ -29,6 +29,16 @@ from dair.ops.threads import set_num_threads
 Segment = tuple[str, np.ndarray]  # (session id, int32 positions of its rows in x)
 
 
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def _neox_order(head_dim: int, rope_dim: int) -> np.ndarray:
     """Head-dim order that puts each NEOX pair (i, i + rope_dim/2) side by side."""
     half = rope_dim // 2
@@ -145,32 +155,59 @@ class RangeEngine:
             self.output = self.embedding if tied else _weight(model.output)
         self.sessions: dict[str, SessionCache] = {}
         self.experts_run = 0  # expert FFNs computed (each chosen expert once per layer and batch)
+        self.tokens_run = 0  # rows through run_layers
+        moe = [j for j, w in enumerate(self.layers) if w.router is not None]
+        expert_spans = [sp for j in moe for e in range(cfg.n_experts) for sp in self._expert_spans(j, e)]
+        reserve = max((sum(b - a for a, b in self._expert_spans(j, e)) for j in moe for e in range(cfg.n_experts)),
+                      default=0)
         self.residency = Residency(model, self._units(), max_ram, method=residency, drop_cache=drop_cache,
-                                   rebuild=self._rebuild)
+                                   rebuild=self._rebuild, expert_spans=expert_spans, expert_reserve=reserve)
+        self.moe_layers = len(moe)
         self._streaming = self.residency.mode == "streaming"
 
     def _units(self) -> list[Unit]:
+        """A unit per layer (for an MoE layer: all but its experts) and the head, for Residency."""
         def unit(key: int | str, tensors: list) -> Unit:
-            addrs = [(_addr(t.raw), t.nbytes) for t in tensors]
-            return Unit(key, min(a for a, _ in addrs), max(a + n for a, n in addrs),
-                        min(t.offset for t in tensors), tensors)
+            spans = _merge([(_addr(t.raw), _addr(t.raw) + t.nbytes) for t in tensors])
+            return Unit(key, spans[0][0], spans[-1][1], min(t.offset for t in tensors), tensors, spans=spans)
 
-        units = [unit(j, list(self.model.layer_tensors(self.first + j).values())) for j in range(len(self.layers))]
+        units = []
+        for j in range(len(self.layers)):
+            t = self.model.layer_tensors(self.first + j)
+            units.append(unit(j, [v for f, v in t.items() if f not in EXPERTS]))
         if self.has_head:
             units.append(unit("head", [self.model.output]))
         return units
+
+    def _expert_spans(self, j: int, e: int) -> list[tuple[int, int]]:
+        """Map ranges of expert e's three matrices in layer first + j."""
+        out = []
+        for m in (self.layers[j].gate_exps, self.layers[j].up_exps, self.layers[j].down_exps):
+            a = _addr(m[e].raw)
+            out.append((a, a + m[e].nbytes))
+        return out
 
     def _rebuild(self, u: Unit, raw_of: Any) -> Any:
         """Weights of unit u over a read buffer (pread residency)."""
         if u.key == "head":
             return _weight(self.model.output, raw_of(self.model.output))
         t, w = self.model.layer_tensors(self.first + int(u.key)), self.layers[int(u.key)]
-        return replace(w, **{f: _load(f, tensor, raw_of(tensor)) for f, tensor in t.items() if f not in VECTORS})
+        # Experts stay on the map: they stream one by one (_each_expert), not with the unit.
+        return replace(w, **{f: _load(f, tensor, raw_of(tensor)) for f, tensor in t.items()
+                             if f not in VECTORS and f not in EXPERTS})
 
     def stats(self) -> dict[str, Any]:
         """Residency figures: mode ("resident" | "streaming"), resident_bytes, disk_read_bytes,
-        disk_read_mb_s, disk_wait_fraction (of the time spent in run_layers/head), ..."""
-        return self.residency.stats()
+        disk_read_mb_s, disk_wait_fraction (of the time spent in run_layers/head), ...; with MoE
+        layers, experts computed per token (over the range's MoE layers) and disk bytes per token."""
+        st = self.residency.stats()
+        tokens = max(self.tokens_run, 1)
+        st["tokens"] = self.tokens_run
+        st["disk_bytes_per_token"] = st["disk_read_bytes"] / tokens if self.tokens_run else 0.0
+        if self.moe_layers:
+            st.update(moe_layers=self.moe_layers, experts_per_layer=self.cfg.n_experts,
+                      experts_run=self.experts_run, experts_per_token=self.experts_run / tokens)
+        return st
 
     def close(self) -> None:
         """Stop the prefetch thread (streaming mode); the engine is unusable afterwards."""
@@ -234,6 +271,7 @@ class RangeEngine:
             if self._streaming:
                 res.release(j)
         res.busy_s += time.perf_counter() - t0
+        self.tokens_run += n
         for cache, pos, _ in spans:
             cache.length = max(cache.length, int(pos[-1]) + 1)
         return x
@@ -319,21 +357,25 @@ class RangeEngine:
             weight /= weight.sum(axis=1, keepdims=True)
         if c.expert_weights_scale:
             weight *= np.float32(c.expert_weights_scale)
-        chosen = np.unique(top)
-        self._experts_in(j, chosen)
         out = np.zeros_like(h)
-        for e in chosen:
+        for e in self._each_expert(j, np.unique(top)):
             rows, slot = np.nonzero(top == e)
             y = self._ffn(w.gate_exps[e], w.up_exps[e], w.down_exps[e], np.ascontiguousarray(h[rows]))
             out[rows] += y * weight[rows, slot][:, None]
-        self._experts_out(j, chosen)
         return out
 
-    def _experts_in(self, j: int, chosen: np.ndarray) -> None:
-        self.experts_run += len(chosen)
-
-    def _experts_out(self, j: int, chosen: np.ndarray) -> None:
-        pass
+    def _each_expert(self, j: int, chosen: np.ndarray):
+        """The chosen experts one by one; under a RAM budget each is read from disk just before its
+        turn and dropped after (AirLLM's per-expert streaming: only the chosen experts' bytes)."""
+        for e in chosen:
+            self.experts_run += 1
+            if self._streaming:
+                spans = self._expert_spans(j, int(e))
+                self.residency.experts(spans)
+                yield int(e)
+                self.residency.drop(spans)
+            else:
+                yield int(e)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         if not self.has_head:
