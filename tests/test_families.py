@@ -18,8 +18,8 @@ from cluster_fixtures import start_cluster, stop_cluster
 from dair.model import qtypes
 
 ARCH = Path(__file__).resolve().parent / "data" / "arch"
-FILES = ["qwen2.F16", "qwen2.Q4_K_M", "qwen3.F16", "qwen3.Q4_K_M",
-         "llama-moe.Q8_0", "llama-moe.Q4_K_M", "qwen3moe.Q8_0", "qwen3moe.Q4_K_M"]
+# One file per family, within the repository's size budget (the README lists the others' figures).
+FILES = ["qwen2.Q4_K_M", "qwen3.F16", "llama-moe.Q8_0", "qwen3moe.Q8_0"]
 TOL = {"F16": 0.1}
 QUANT_TOL, LEAD, VOCAB = 0.75, 0.5, 512
 
