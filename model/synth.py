@@ -175,18 +175,19 @@ def synth_tensors(s: Shape, qtype: str, seed: int) -> Iterator[tuple[str, np.nda
             yield name, _quant_blocks(rng, qt, shape, std)  # type: ignore[arg-type]
 
 
-def write_synth(path: str | Path, shape: str = "tiny", qtype: str = "Q4_0", n_layers: int | None = None,
+def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_0", n_layers: int | None = None,
                 seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a synthetic GGUF of a named shape; returns its path. `n_layers` overrides the
     shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths)."""
     import gguf
 
-    if shape not in SHAPES:
+    if not isinstance(shape, Shape) and shape not in SHAPES:
         raise DairError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")
     qtype = qtype.upper()
     if qtype not in _QUANT:
         raise DairError(f"synthetic weights of type {qtype!r}: expected q4_0 or q8_0")
-    s = SHAPES[shape]
+    s = shape if isinstance(shape, Shape) else SHAPES[shape]
+    shape = f"{s.arch} {s.dim}" if isinstance(shape, Shape) else shape
     if n_layers is not None:
         if n_layers < 1:
             raise DairError(f"--layers {n_layers}: a model needs at least one layer")
