@@ -85,8 +85,14 @@ class NumpyModel:
         out[..., i1] = x0 * sin + x1 * cos
         return out
 
+    def rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows idx of a matrix, dequantizing only those (a 262144-row embedding is 671 MB as float32)."""
+        t = self._tensors[name]
+        cols = int(t.shape[0])
+        return dequantize(np.asarray(t.data)[idx], t.tensor_type).astype(np.float32).reshape(len(idx), cols)
+
     def embed(self, ids: list[int]) -> np.ndarray:
-        x = self.w("token_embd.weight")[np.asarray(ids)]
+        x = self.rows("token_embd.weight", np.asarray(ids))
         return x * np.float32(math.sqrt(self.dim)) if self.gemma else x
 
     def sliding(self, i: int) -> bool:
@@ -154,8 +160,11 @@ class NumpyModel:
         return x.astype(np.float32)
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        out = self.w("output.weight") if "output.weight" in self._tensors else self.w("token_embd.weight")
-        return self.rmsnorm(x, self.w("output_norm.weight")) @ out.T
+        name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
+        h = self.rmsnorm(x, self.w("output_norm.weight"))
+        vocab, step = int(self._tensors[name].shape[1]), 16384
+        return np.concatenate([h @ self.rows(name, np.arange(a, min(a + step, vocab))).T
+                               for a in range(0, vocab, step)], axis=1)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.head(self.layers(self.embed(ids), 0, self.n_layers - 1))

@@ -85,3 +85,35 @@ def test_chat_uses_the_gemma_template_and_stops_at_end_of_turn(gemma):
     assert tok.encode(text) == REF["prompts"]["chat"]["prompt_ids"]
     eot = tok.encode("<end_of_turn>", add_bos=False)
     assert len(eot) == 1 and eot[0] in tok.eos_ids
+
+
+def test_past_the_sliding_window_matches_numpy_reference(gemma, gemma_path):
+    """A prompt longer than the 512-token window: dair (float32 activations) against the numpy
+    reference at the last positions, where the 15 sliding layers see only the last 512 keys.
+    dair without the window is far off there: the check can tell."""
+    from dataclasses import replace
+
+    from numpy_reference import NumpyModel
+
+    from dair.engine.forward import RangeEngine
+
+    text = " ".join(f"Item {i}: the {['red', 'green', 'blue'][i % 3]} box holds {i * 7 % 23} stones." for i in range(60))
+    ids = gemma.tokenizer.encode(text)[:560]
+    assert len(ids) == 560 and gemma.engine.cfg.sliding_window == 512
+    ref = NumpyModel(str(gemma_path))
+    x = ref.embed(ids)
+    want = ref.head(ref.layers(x, 0, ref.n_layers - 1)[-4:])
+
+    def last_logits(window: bool) -> np.ndarray:
+        eng = RangeEngine(gemma.model, 0, gemma.n_layers - 1, act_q8=False)
+        if not window:
+            eng.cfg = replace(eng.cfg, sliding_window=0)
+        eng.open_session("w")
+        return eng.head(eng.run_layers(eng.embed(np.array(ids, np.int32)),
+                                       [("w", np.arange(len(ids), dtype=np.int32))])[-4:])
+
+    got = last_logits(True)
+    err = float(np.abs(got - want).max())
+    print(f"560-token prompt, last 4 positions: worst logit gap to numpy {err:.4f}")
+    assert err < 0.05 and (got.argmax(1) == want.argmax(1)).all(), err
+    assert float(np.abs(last_logits(False) - want).max()) > 20 * max(err, 0.01)
