@@ -87,6 +87,7 @@ def test_chat_uses_the_gemma_template_and_stops_at_end_of_turn(gemma):
     assert len(eot) == 1 and eot[0] in tok.eos_ids
 
 
+@pytest.mark.slow
 def test_past_the_sliding_window_matches_numpy_reference(gemma, gemma_path):
     """A prompt longer than the 512-token window: dair (float32 activations) against the numpy
     reference at the last positions, where the 15 sliding layers see only the last 512 keys.
