@@ -29,10 +29,11 @@ from dair.ops.threads import set_num_threads
 Segment = tuple[str, np.ndarray]  # (session id, int32 positions of its rows in x)
 
 
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _merge(spans: list[tuple[int, int]], gap: int = 4096) -> list[tuple[int, int]]:
+    """Sorted, with ranges less than `gap` apart (alignment padding between tensors) joined."""
     out: list[tuple[int, int]] = []
     for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
+        if out and a <= out[-1][1] + gap:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
             out.append((a, b))
