@@ -7,6 +7,7 @@
 Every run first prints the dispatch table: which kernel family serves each weight type on this
 CPU (dair.ops.matmul.kernel_table). With --types, a 4096 x 4096 matrix-vector product per type,
 timed in interleaved rounds, and its time relative to Q4_0's in the same run.
+    python benchmarks/bench_ops.py --families [--threads 1,2]   # each family's layer vs llama's
 
 Per shape: microseconds per call and GB/s of weight bytes read, for the
 matrix-vector product (n=1, decode) and an n-row product (prefill), against
@@ -188,6 +189,61 @@ def bench_types(rng, qtypes, n_prefill, rounds, rows=4096, cols=4096):
         print(line)
 
 
+def bench_families(thread_counts, n_tokens):
+    """One decode step of each family's layer (RangeEngine over a synthetic 2-layer file of the
+    same widths), against llama's layer measured in the same run: what the family's extra steps
+    cost (q/k/v biases, q/k norms and the NEOX reorder, GELU, post-norms, the MoE router and
+    its chosen experts)."""
+    import tempfile
+    from dataclasses import replace
+
+    from dair.engine.forward import RangeEngine
+    from dair.model import open_model
+    from dair.model.synth import Shape, write_synth
+
+    # 8 layers: ~100 MB of dense weights, more than the caches, so every family reads from memory.
+    # The MoE shapes' chosen experts add up to the dense FFN's width (the same bytes per token).
+    base = Shape(1024, 2816, 8, 16, 4, 512, 4096, 1e6, 1e-6)
+    shapes = {
+        "llama": base,
+        "qwen2": replace(base, arch="qwen2"),
+        "qwen3": replace(base, arch="qwen3"),
+        "gemma3": replace(base, arch="gemma3", sliding_window=512),
+        "mixtral 2 of 8": replace(base, n_experts=8, n_experts_used=2, expert_hidden_dim=1408),
+        "qwen3moe 4 of 16": replace(base, arch="qwen3moe", n_experts=16, n_experts_used=4, expert_hidden_dim=704),
+    }
+    print(f"\n-- family layers: decode step per layer, dim {base.dim}, FFN {base.hidden_dim}, Q8_0; "
+          f"best of {n_tokens} steps, families interleaved --")
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {}
+        for name, shp in shapes.items():
+            mf = open_model(write_synth(f"{tmp}/{name.split()[0]}.gguf", shp, "q8_0", seed=1))
+            engines[name] = RangeEngine(mf, 0, shp.n_layers - 1)
+        for t in thread_counts:
+            threads.set_num_threads(t)
+            best = dict.fromkeys(engines, float("inf"))
+            for eng in engines.values():
+                eng.open_session("b")
+            for p in range(n_tokens + 3):  # 3 warm-up steps fault the weights in
+                for name, eng in engines.items():
+                    x = eng.embed(np.array([1 + p], np.int32))
+                    t0 = time.perf_counter()
+                    eng.run_layers(x, [("b", np.array([p], np.int32))])
+                    if p >= 3:
+                        best[name] = min(best[name], (time.perf_counter() - t0) / eng.n_layers)
+            for name, eng in engines.items():
+                eng.close_session("b")
+                shp, w = shapes[name], eng.layers[0]
+                mb = w.nbytes() / 1e6
+                if w.router is not None:  # only the chosen experts' bytes are read per token
+                    mb = (w.nbytes() - sum(m.nbytes for m in w.gate_exps + w.up_exps + w.down_exps)
+                          * (1 - shp.n_experts_used / shp.n_experts)) / 1e6
+                print(f"t={t}: {name:<17} {best[name] * 1e6:8.1f} us/layer ({best[name] / best['llama']:4.2f}x llama), "
+                      f"{mb:6.2f} MB read per token")
+        for eng in engines.values():
+            eng.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
@@ -199,6 +255,7 @@ def main() -> None:
     ap.add_argument("--kernels", default=KERNELS[0], help=f"comma-separated families of {KERNELS}")
     ap.add_argument("--types", default="", help="only a 4096 x 4096 product per type, e.g. Q4_0,Q4_K,Q6_K, "
                     "or 'all'")
+    ap.add_argument("--families", action="store_true", help="only the family layers (qwen, gemma3, MoE)")
     args = ap.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
@@ -213,9 +270,12 @@ def main() -> None:
             if types:
                 bench_types(rng, types, args.prefill, args.rounds)
                 continue
-            if not args.sweep_only:
-                bench_shapes(rng, thread_counts, args.prefill, args.quick)
-            bench_sweep(rng, thread_counts, args.tokens)
+            if not args.families:
+                if not args.sweep_only:
+                    bench_shapes(rng, thread_counts, args.prefill, args.quick)
+                bench_sweep(rng, thread_counts, args.tokens)
+        if not args.types and not args.sweep_only:
+            bench_families(thread_counts, args.tokens)
     finally:
         threads.set_num_threads(old)
         set_kernels(old_k)

@@ -129,6 +129,11 @@ class Node:
             "disk_read_mb_s": float(self.stage_stats.get("disk_read_mb_s", 0.0) or 0.0),
             "storage_read_bytes": int(self.stage_stats.get("storage_read_bytes", 0) or 0),
             "disk_wait_fraction": float(self.stage_stats.get("disk_wait_fraction", 0.0) or 0.0),
+            "disk_bytes_per_token": float(self.stage_stats.get("disk_bytes_per_token", 0.0) or 0.0),
+            # Mixture-of-experts ranges: experts computed per token over the range's MoE layers.
+            "moe_layers": int(self.stage_stats.get("moe_layers", 0) or 0),
+            "experts_per_layer": int(self.stage_stats.get("experts_per_layer", 0) or 0),
+            "experts_per_token": float(self.stage_stats.get("experts_per_token", 0.0) or 0.0),
         }
 
 

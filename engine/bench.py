@@ -33,8 +33,12 @@ def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens
         r = backend.generate(prompt, greedy, gen_tokens, set())  # no stop ids: always gen_tokens
         pre.append(r["timings"]["prefill_tok_s"])
         dec.append(r["timings"]["decode_tok_s"])
-    return {"engine": "dair", "threads": threads, "prefill_tok_s": statistics.median(pre),
-            "decode_tok_s": statistics.median(dec)}
+    out = {"engine": "dair", "threads": threads, "prefill_tok_s": statistics.median(pre),
+           "decode_tok_s": statistics.median(dec), "arch": backend.model.config.arch}
+    st = backend.engine.stats()
+    if "experts_per_token" in st:  # MoE: experts computed per token over all layers (prefill included)
+        out["experts_per_token"] = round(st["experts_per_token"], 2)
+    return out
 
 
 def measure_llama_cpp(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int) -> dict:

@@ -6,6 +6,7 @@ plain code over the kernels in dair.ops, in the spirit of llama2.c's run.c.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -17,6 +18,7 @@ from dair.engine.kvcache import SessionCache
 from dair.engine.residency import Residency, Unit, _addr
 from dair.engine.rope import inv_freq
 from dair.errors import DairError
+from dair.model.arch import EXPERTS, VECTORS, is_sliding
 from dair.ops.activation import silu_mul
 from dair.ops.attention import attention
 from dair.ops.matmul import Weight
@@ -27,6 +29,24 @@ from dair.ops.threads import set_num_threads
 Segment = tuple[str, np.ndarray]  # (session id, int32 positions of its rows in x)
 
 
+def _merge(spans: list[tuple[int, int]], gap: int = 4096) -> list[tuple[int, int]]:
+    """Sorted, with ranges less than `gap` apart (alignment padding between tensors) joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1] + gap:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _neox_order(head_dim: int, rope_dim: int) -> np.ndarray:
+    """Head-dim order that puts each NEOX pair (i, i + rope_dim/2) side by side."""
+    half = rope_dim // 2
+    pairs = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)
+    return np.concatenate([pairs, np.arange(rope_dim, head_dim)]).astype(np.intp)
+
+
 def _weight(t, raw: np.ndarray | None = None) -> Weight:
     return Weight(t.raw if raw is None else raw, t.qtype, t.shape[0], t.shape[1])
 
@@ -35,30 +55,69 @@ def _vector(t) -> np.ndarray:
     return np.ascontiguousarray(t.dequantize().reshape(-1), dtype=np.float32)
 
 
+def _experts(t, raw: np.ndarray | None = None) -> list[Weight]:
+    """One Weight per expert over the 3-D tensor [n_experts, rows, cols] (views, no copy)."""
+    raw = t.raw if raw is None else raw
+    e, rows, cols = t.shape
+    per = t.nbytes // e
+    return [Weight(raw[i * per:(i + 1) * per], t.qtype, rows, cols) for i in range(e)]
+
+
 @dataclass
 class LayerWeights:
+    """One layer's weights by the fields of dair.model.arch.LAYER_TENSORS; a family's optional
+    tensors (biases, q/k norms, post-norms) are None where it has none, and an MoE layer has
+    router + experts instead of w_gate/w_up/w_down."""
+
     attn_norm: np.ndarray
-    q: Weight
-    k: Weight
-    v: Weight
-    o: Weight
+    wq: Weight
+    wk: Weight
+    wv: Weight
+    wo: Weight
     ffn_norm: np.ndarray
-    gate: Weight
-    up: Weight
-    down: Weight
+    bq: np.ndarray | None = None
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
+    attn_post_norm: np.ndarray | None = None
+    ffn_post_norm: np.ndarray | None = None
+    w_gate: Weight | None = None
+    w_up: Weight | None = None
+    w_down: Weight | None = None
+    router: Weight | None = None
+    gate_exps: list[Weight] | None = None
+    up_exps: list[Weight] | None = None
+    down_exps: list[Weight] | None = None
 
     @classmethod
     def load(cls, model, i: int) -> LayerWeights:
-        t = model.layer_tensors(i)
-        return cls(
-            attn_norm=_vector(t["attn_norm"]), q=_weight(t["attn_q"]), k=_weight(t["attn_k"]),
-            v=_weight(t["attn_v"]), o=_weight(t["attn_output"]), ffn_norm=_vector(t["ffn_norm"]),
-            gate=_weight(t["ffn_gate"]), up=_weight(t["ffn_up"]), down=_weight(t["ffn_down"]),
-        )
+        return cls(**{f: _load(f, t) for f, t in model.layer_tensors(i).items()})
 
     def nbytes(self) -> int:
-        mats = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        return sum(m.nbytes for m in mats) + self.attn_norm.nbytes + self.ffn_norm.nbytes
+        total = 0
+        for v in vars(self).values():
+            if isinstance(v, list):
+                total += sum(m.nbytes for m in v)
+            elif v is not None:
+                total += v.nbytes
+        return total
+
+
+def _load(field: str, t, raw: np.ndarray | None = None) -> Any:
+    if field in VECTORS:
+        return _vector(t)
+    if field in EXPERTS:
+        return _experts(t, raw)
+    return _weight(t, raw)
+
+
+def gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """g = gelu(g) * u in place, GELU with llama.cpp's tanh approximation."""
+    t = np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * g * (np.float32(1.0) + np.float32(0.044715) * g * g))
+    g *= np.float32(0.5) * (np.float32(1.0) + t)
+    g *= u
+    return g
 
 
 class RangeEngine:
@@ -83,6 +142,10 @@ class RangeEngine:
         self.max_context = min(max_context or cfg.context_length, cfg.context_length)
         set_num_threads(threads)
         self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        # Sliding-window layers (gemma3) have their own base and no long-context scaling.
+        self.inv_freq_swa = inv_freq(cfg.rope_dim, cfg.rope_theta_swa) if cfg.sliding_window else self.inv_freq
+        self.rope_perm = _neox_order(self.head_dim, cfg.rope_dim) if cfg.rope_style == "neox" else None
+        self.attn_scale = cfg.attn_scale or None
         self.layers = [LayerWeights.load(model, i) for i in range(first, last + 1)]
         self.has_embedding = first == 0
         self.has_head = last == cfg.n_layers - 1
@@ -92,34 +155,60 @@ class RangeEngine:
             tied = self.embedding is not None and model.output is model.embedding
             self.output = self.embedding if tied else _weight(model.output)
         self.sessions: dict[str, SessionCache] = {}
+        self.experts_run = 0  # expert FFNs computed (each chosen expert once per layer and batch)
+        self.tokens_run = 0  # rows through run_layers
+        moe = [j for j, w in enumerate(self.layers) if w.router is not None]
+        expert_spans = [sp for j in moe for e in range(cfg.n_experts) for sp in self._expert_spans(j, e)]
+        reserve = max((sum(b - a for a, b in self._expert_spans(j, e)) for j in moe for e in range(cfg.n_experts)),
+                      default=0)
         self.residency = Residency(model, self._units(), max_ram, method=residency, drop_cache=drop_cache,
-                                   rebuild=self._rebuild)
+                                   rebuild=self._rebuild, expert_spans=expert_spans, expert_reserve=reserve)
+        self.moe_layers = len(moe)
         self._streaming = self.residency.mode == "streaming"
 
     def _units(self) -> list[Unit]:
+        """A unit per layer (for an MoE layer: all but its experts) and the head, for Residency."""
         def unit(key: int | str, tensors: list) -> Unit:
-            addrs = [(_addr(t.raw), t.nbytes) for t in tensors]
-            return Unit(key, min(a for a, _ in addrs), max(a + n for a, n in addrs),
-                        min(t.offset for t in tensors), tensors)
+            spans = _merge([(_addr(t.raw), _addr(t.raw) + t.nbytes) for t in tensors])
+            return Unit(key, spans[0][0], spans[-1][1], min(t.offset for t in tensors), tensors, spans=spans)
 
-        units = [unit(j, list(self.model.layer_tensors(self.first + j).values())) for j in range(len(self.layers))]
+        units = []
+        for j in range(len(self.layers)):
+            t = self.model.layer_tensors(self.first + j)
+            units.append(unit(j, [v for f, v in t.items() if f not in EXPERTS]))
         if self.has_head:
             units.append(unit("head", [self.model.output]))
         return units
+
+    def _expert_spans(self, j: int, e: int) -> list[tuple[int, int]]:
+        """Map ranges of expert e's three matrices in layer first + j."""
+        out = []
+        for m in (self.layers[j].gate_exps, self.layers[j].up_exps, self.layers[j].down_exps):
+            a = _addr(m[e].raw)
+            out.append((a, a + m[e].nbytes))
+        return out
 
     def _rebuild(self, u: Unit, raw_of: Any) -> Any:
         """Weights of unit u over a read buffer (pread residency)."""
         if u.key == "head":
             return _weight(self.model.output, raw_of(self.model.output))
         t, w = self.model.layer_tensors(self.first + int(u.key)), self.layers[int(u.key)]
-        return replace(w, **{f: _weight(t[name], raw_of(t[name])) for f, name in (
-            ("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"), ("o", "attn_output"),
-            ("gate", "ffn_gate"), ("up", "ffn_up"), ("down", "ffn_down"))})
+        # Experts stay on the map: they stream one by one (_each_expert), not with the unit.
+        return replace(w, **{f: _load(f, tensor, raw_of(tensor)) for f, tensor in t.items()
+                             if f not in VECTORS and f not in EXPERTS})
 
     def stats(self) -> dict[str, Any]:
         """Residency figures: mode ("resident" | "streaming"), resident_bytes, disk_read_bytes,
-        disk_read_mb_s, disk_wait_fraction (of the time spent in run_layers/head), ..."""
-        return self.residency.stats()
+        disk_read_mb_s, disk_wait_fraction (of the time spent in run_layers/head), ...; with MoE
+        layers, experts computed per token (over the range's MoE layers) and disk bytes per token."""
+        st = self.residency.stats()
+        tokens = max(self.tokens_run, 1)
+        st["tokens"] = self.tokens_run
+        st["disk_bytes_per_token"] = st["disk_read_bytes"] / tokens if self.tokens_run else 0.0
+        if self.moe_layers:
+            st.update(moe_layers=self.moe_layers, experts_per_layer=self.cfg.n_experts,
+                      experts_run=self.experts_run, experts_per_token=self.experts_run / tokens)
+        return st
 
     def close(self) -> None:
         """Stop the prefetch thread (streaming mode); the engine is unusable afterwards."""
@@ -147,6 +236,8 @@ class RangeEngine:
         if self.embedding is None:
             raise DairError(f"layers {self.first}-{self.last} do not include layer 0: no embedding here")
         x = self.embedding.get_rows(np.ascontiguousarray(ids, dtype=np.int32))
+        if self.cfg.embed_scale != 1.0:
+            x *= np.float32(self.cfg.embed_scale)
         if self._streaming and not (self.has_head and self.residency.units[-1].pinned
                                     and self.output is self.embedding):
             # The rows read stay mapped otherwise, and over a long chat add up to the whole table.
@@ -181,29 +272,111 @@ class RangeEngine:
             if self._streaming:
                 res.release(j)
         res.busy_s += time.perf_counter() - t0
+        self.tokens_run += n
         for cache, pos, _ in spans:
             cache.length = max(cache.length, int(pos[-1]) + 1)
         return x
 
     def _layer(self, j: int, w: LayerWeights, x: np.ndarray, spans, all_pos: np.ndarray) -> None:
-        n, q8 = x.shape[0], self.act_q8
-        h = rmsnorm(x, w.attn_norm, self.cfg.rms_eps)
-        q = w.q.matmul(h, act_q8=q8).reshape(n, self.n_heads, self.head_dim)
-        k = w.k.matmul(h, act_q8=q8).reshape(n, self.n_kv, self.head_dim)
-        v = w.v.matmul(h, act_q8=q8).reshape(n, self.n_kv, self.head_dim)
-        rope_inplace(q, all_pos, self.inv_freq)
-        rope_inplace(k, all_pos, self.inv_freq)
+        """x[n, dim] += attention(x); x += ffn(x), for layer first + j (one row per token)."""
+        c, n = self.cfg, x.shape[0]
+        H, KV, hd = self.n_heads, self.n_kv, self.head_dim
+        # q, k, v: [n, heads, hd] from the normed stream (+ bias: qwen2; per-head RMSNorm: qwen3, gemma3)
+        h = rmsnorm(x, w.attn_norm, c.rms_eps)
+        q = self._project(w.wq, w.bq, h).reshape(n, H, hd)
+        k = self._project(w.wk, w.bk, h).reshape(n, KV, hd)
+        v = self._project(w.wv, w.bv, h).reshape(n, KV, hd)
+        if w.q_norm is not None:
+            q = rmsnorm(q.reshape(n * H, hd), w.q_norm, c.rms_eps).reshape(n, H, hd)
+            k = rmsnorm(k.reshape(n * KV, hd), w.k_norm, c.rms_eps).reshape(n, KV, hd)
+        sliding = is_sliding(c, self.first + j)
+        q, k = self._rotate(q, all_pos, sliding), self._rotate(k, all_pos, sliding)
+        # attention over each session's cache: att [n, H, hd]
         att = np.empty_like(q)
         for cache, pos, rows in spans:
             kc, vc = cache.k[j], cache.v[j]
             kc[pos[0]: pos[-1] + 1] = k[rows]
             vc[pos[0]: pos[-1] + 1] = v[rows]
-            attention(q[rows], kc, vc, pos, out=att[rows])
-        x += w.o.matmul(att.reshape(n, self.dim), act_q8=q8)
-        h = rmsnorm(x, w.ffn_norm, self.cfg.rms_eps)
-        g = w.gate.matmul(h, act_q8=q8)
-        silu_mul(g, w.up.matmul(h, act_q8=q8))
-        x += w.down.matmul(g, act_q8=q8)
+            self._attend(q[rows], kc, vc, pos, att[rows], c.sliding_window if sliding else 0)
+        a = w.wo.matmul(att.reshape(n, H * hd), act_q8=self.act_q8)  # [n, dim]
+        if w.attn_post_norm is not None:
+            a = rmsnorm(a, w.attn_post_norm, c.rms_eps, out=a)
+        x += a
+        # feed-forward: dense, or the routed experts; [n, dim]
+        h = rmsnorm(x, w.ffn_norm, c.rms_eps)
+        f = self._moe(j, w, h) if w.router is not None else self._ffn(w.w_gate, w.w_up, w.w_down, h)
+        if w.ffn_post_norm is not None:
+            f = rmsnorm(f, w.ffn_post_norm, c.rms_eps, out=f)
+        x += f
+
+    def _project(self, m: Weight, bias: np.ndarray | None, h: np.ndarray) -> np.ndarray:
+        y = m.matmul(h, act_q8=self.act_q8)
+        if bias is not None:
+            y += bias
+        return y
+
+    def _rotate(self, t: np.ndarray, pos: np.ndarray, sliding: bool) -> np.ndarray:
+        # NEOX rotates dims (i, i + rope_dim/2); the kernel rotates adjacent pairs. Reordering the
+        # head dims so that each NEOX pair is adjacent is the same rotation; q and k get the same
+        # order, which q.k does not see (and v, the only thing attention outputs, keeps its own).
+        if self.rope_perm is not None:
+            t = np.ascontiguousarray(np.take(t, self.rope_perm, axis=2))
+        rope_inplace(t, pos, self.inv_freq_swa if sliding else self.inv_freq)
+        return t
+
+    def _attend(self, q, kc, vc, pos: np.ndarray, out: np.ndarray, window: int) -> None:
+        """out = softmax(q.k * scale) v over the cache; with a window, a query at position p sees
+        keys p-window+1..p only (llama.cpp's standard sliding window)."""
+        near = int(np.searchsorted(pos, window)) if window else len(pos)  # rows with p < window
+        if near:
+            attention(q[:near], kc, vc, pos[:near], out=out[:near], scale=self.attn_scale)
+        for r in range(near, len(pos)):  # each row's window starts at its own place
+            s = int(pos[r]) - window + 1
+            attention(q[r:r + 1], kc[s:], vc[s:], pos[r:r + 1] - s, out=out[r:r + 1], scale=self.attn_scale)
+
+    def _ffn(self, gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:
+        """down(act(gate h) * up h): [n, dim] -> [n, hidden] -> [n, dim]."""
+        g = gate.matmul(h, act_q8=self.act_q8)
+        u = up.matmul(h, act_q8=self.act_q8)
+        if self.cfg.ffn_act == "silu":
+            silu_mul(g, u)
+        else:
+            gelu_tanh_mul(g, u)
+        return down.matmul(g, act_q8=self.act_q8)
+
+    def _moe(self, j: int, w: LayerWeights, h: np.ndarray) -> np.ndarray:
+        """Mixture of experts: each row goes through its top-k experts by router softmax, weighted
+        by those probabilities (renormalised to sum 1 where the family does). Each chosen expert
+        runs once, over the rows routed to it."""
+        c = self.cfg
+        logits = w.router.matmul(h, act_q8=self.act_q8)  # [n, n_experts]
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        top = np.argsort(-p, axis=1, kind="stable")[:, :c.n_experts_used]  # [n, used]
+        weight = np.take_along_axis(p, top, axis=1)
+        if c.moe_norm_weights:
+            weight /= weight.sum(axis=1, keepdims=True)
+        if c.expert_weights_scale:
+            weight *= np.float32(c.expert_weights_scale)
+        out = np.zeros_like(h)
+        for e in self._each_expert(j, np.unique(top)):
+            rows, slot = np.nonzero(top == e)
+            y = self._ffn(w.gate_exps[e], w.up_exps[e], w.down_exps[e], np.ascontiguousarray(h[rows]))
+            out[rows] += y * weight[rows, slot][:, None]
+        return out
+
+    def _each_expert(self, j: int, chosen: np.ndarray):
+        """The chosen experts one by one; under a RAM budget each is read from disk just before its
+        turn and dropped after (AirLLM's per-expert streaming: only the chosen experts' bytes)."""
+        for e in chosen:
+            self.experts_run += 1
+            if self._streaming:
+                spans = self._expert_spans(j, int(e))
+                self.residency.experts(spans)
+                yield int(e)
+                self.residency.drop(spans)
+            else:
+                yield int(e)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         if not self.has_head:

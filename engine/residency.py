@@ -112,15 +112,22 @@ class Unit:
     end: int
     file_offset: int
     tensors: list[Any]  # the model's Tensor objects
+    # The map ranges it covers when not all of start..end (an MoE layer without its experts,
+    # which are brought in one by one as the router picks them: Residency.experts).
+    spans: list[tuple[int, int]] = field(default_factory=list)
     pinned: bool = False
     state: str = "out"  # out | loading | in
     slot: int = -1  # pread method: which buffer holds it
     weights: Any = None  # pread method: weights over the buffer
     ready: threading.Event = field(default_factory=threading.Event)
 
+    def __post_init__(self) -> None:
+        if not self.spans:
+            self.spans = [(self.start, self.end)]
+
     @property
     def nbytes(self) -> int:
-        return self.end - self.start
+        return sum(b - a for a, b in self.spans)
 
 
 class Residency:
@@ -133,13 +140,18 @@ class Residency:
     """
 
     def __init__(self, model: Any, units: list[Unit], max_ram: int | None, method: str = "mmap",
-                 drop_cache: bool = False, rebuild: Any = None) -> None:
+                 drop_cache: bool = False, rebuild: Any = None, expert_spans: list[tuple[int, int]] | None = None,
+                 expert_reserve: int = 0) -> None:
+        """expert_spans: map ranges of the range's MoE experts (in no unit: streamed one expert at a
+        time as the router picks them); expert_reserve: the most expert bytes held at once."""
         if method not in ("mmap", "pread"):
             raise DairError(f"residency method {method!r}: expected mmap or pread")
         self.model, self.units, self.budget = model, units, max_ram
         self.method, self.drop_cache = method, drop_cache
         self._rebuild = rebuild  # (unit, raw_of(tensor)) -> weights over the buffer
-        self.range_bytes = sum(u.nbytes for u in units)
+        self.expert_spans = list(expert_spans or [])
+        self.range_bytes = sum(u.nbytes for u in units) + sum(b - a for a, b in self.expert_spans)
+        self.expert_reserve = expert_reserve
         self.mode = "resident" if max_ram is None or self.range_bytes <= max_ram else "streaming"
         self.depth = 0
         self.error: Exception | None = None
@@ -150,6 +162,8 @@ class Residency:
         self._held: set[int] = set()  # streamed units mapped / in a buffer now
         # statistics
         self.disk_read_bytes = 0
+        self.experts_read = 0  # expert FFNs brought in from disk (streaming mode)
+        self.expert_bytes_read = 0
         self.read_s = 0.0
         self.wait_s = 0.0
         self.busy_s = 0.0
@@ -159,11 +173,14 @@ class Residency:
             for u in units:
                 u.pinned, u.state = True, "in"
                 u.ready.set()
-                _madvise(u.start, u.end, MADV_WILLNEED, outward=True)
+                for a, b in u.spans:
+                    _madvise(a, b, MADV_WILLNEED, outward=True)
+            for a, b in self.expert_spans:
+                _madvise(a, b, MADV_WILLNEED, outward=True)
             return
         self._plan()
         self._fd = os.open(str(model.path), os.O_RDONLY)
-        if method == "pread":
+        if method == "pread" and self._streamed:
             size = max(u.end - u.start + PAGE for u in units if not u.pinned)
             self._slots = [_aligned(size) for _ in range(2)]
         for u in units:
@@ -171,6 +188,8 @@ class Residency:
                 self._populate(u)
                 u.state = "in"
                 u.ready.set()
+        if not self._streamed:  # everything but the experts is pinned: they alone stream
+            return
         self._worker = threading.Thread(target=_worker_loop, args=(weakref.ref(self),), daemon=True,
                                         name="dair-prefetch")
         self._worker.start()
@@ -184,7 +203,7 @@ class Residency:
         if m is None or not len(self.units):
             return
         lo, hi = _addr(m), _addr(m) + m.nbytes
-        keep = sorted((u.start, u.end) for u in self.units)
+        keep = sorted([span for u in self.units for span in u.spans] + self.expert_spans)
         pos = lo
         for a, b in keep:
             _madvise(pos, a, MADV_DONTNEED, outward=False)
@@ -193,7 +212,7 @@ class Residency:
 
     # -- planning --------------------------------------------------------------------------
     def _plan(self) -> None:
-        budget = int(self.budget or 0)
+        budget = int(self.budget or 0) - self.expert_reserve
         biggest = max(self.units, key=lambda u: u.nbytes)
         if budget < biggest.nbytes:
             what = "the head" if biggest.key == "head" else f"layer {biggest.key}"
@@ -253,11 +272,38 @@ class Residency:
             self._held.discard(idx)
             u.weights = None
         if self.method == "mmap":
-            _madvise(u.start, u.end, MADV_DONTNEED, outward=False)
+            for a, b in u.spans:
+                _madvise(a, b, MADV_DONTNEED, outward=False)
         if self.drop_cache:
-            os.posix_fadvise(self._fd, u.file_offset, u.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self._fd, u.file_offset, u.end - u.start, os.POSIX_FADV_DONTNEED)
         if not self.depth:
             self._request(self._next[idx])
+
+    def experts(self, spans: list[tuple[int, int]]) -> None:
+        """Bring one expert's matrices (map ranges) in now, before the compute thread uses them;
+        `drop(spans)` after. Streaming mode only: a resident range has them mapped already."""
+        if self.mode != "streaming":
+            return
+        t0 = time.perf_counter()
+        for a, b in spans:
+            if _madvise(a, b, MADV_POPULATE_READ, outward=True):
+                _madvise(a, b, MADV_WILLNEED, outward=True)  # older kernels: the compute faults the rest
+        dt = time.perf_counter() - t0
+        n = sum(b - a for a, b in spans)
+        self.read_s += dt
+        self.wait_s += dt  # the compute thread waited for it
+        self.disk_read_bytes += n
+        self.expert_bytes_read += n
+        self.experts_read += 1
+
+    def drop(self, spans: list[tuple[int, int]]) -> None:
+        if self.mode != "streaming":
+            return
+        base = _addr(self.model._map)
+        for a, b in spans:
+            _madvise(a, b, MADV_DONTNEED, outward=False)
+            if self.drop_cache:
+                os.posix_fadvise(self._fd, a - base, b - a, os.POSIX_FADV_DONTNEED)
 
     def release_span(self, raw: np.ndarray) -> None:
         """Drop the pages of a tensor touched outside the stream (the embedding rows of a token)."""
@@ -283,22 +329,24 @@ class Residency:
             lo = u.file_offset - (u.start - u.start // PAGE * PAGE)
             n = u.end - u.start // PAGE * PAGE
             view = memoryview(slot)[:n]
-            got = 0
-            while got < n:
-                r = os.preadv(self._fd, [view[got:]], lo + got)
-                if r <= 0:
-                    raise DairError(f"{self.model.path}: short read at byte {lo + got}")
-                got += r
             base = u.start // PAGE * PAGE
+            for a, b in u.spans:  # each span at its own place in the buffer
+                got, lo_a, n_a = 0, lo + (a - base), b - a
+                while got < n_a:
+                    r = os.preadv(self._fd, [view[a - base + got:b - base]], lo_a + got)
+                    if r <= 0:
+                        raise DairError(f"{self.model.path}: short read at byte {lo_a + got}")
+                    got += r
 
             def raw_of(t: Any) -> np.ndarray:
                 a = _addr(t.raw) - base
                 return slot[a:a + t.nbytes]
 
             u.weights = self._rebuild(u, raw_of)
-        elif _madvise(u.start, u.end, MADV_POPULATE_READ, outward=True):
+        elif any(_madvise(a, b, MADV_POPULATE_READ, outward=True) for a, b in u.spans):
             # Older kernels: ask for readahead, then touch one byte per page.
-            _madvise(u.start, u.end, MADV_WILLNEED, outward=True)
+            for a, b in u.spans:
+                _madvise(a, b, MADV_WILLNEED, outward=True)
             for t in u.tensors:
                 int(np.add.reduce(t.raw[::PAGE], dtype=np.uint64))
         if self.drop_cache and self.method == "pread":
@@ -341,6 +389,8 @@ class Residency:
             "prefetch": self.depth > 0,
             "method": self.method,
             "disk_read_bytes": self.disk_read_bytes,
+            "experts_read": self.experts_read,
+            "expert_bytes_read": self.expert_bytes_read,
             "disk_read_mb_s": self.disk_read_bytes / 1e6 / self.read_s if self.read_s else 0.0,
             "storage_read_bytes": storage_read_bytes() - self._io0,
             "disk_wait_s": self.wait_s,

@@ -10,8 +10,10 @@ import numpy as np
 
 from dair.errors import ModelFormatError
 from dair.model import qtypes
+from dair.model.arch import LAYER_TENSORS, layer_fields
 from dair.model.config import ModelConfig
 
+# The llama block's tensors by GGUF short name (the distributed-llama format has exactly these).
 LAYER_NAMES = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -66,8 +68,10 @@ class ModelFile:
             raise IndexError(f"layer {i} out of range 0..{self.config.n_layers - 1}")
 
     def layer_tensors(self, i: int) -> dict[str, Tensor]:
+        """Layer i's tensors by LayerWeights field (dair.model.arch.LAYER_TENSORS), those present."""
         self._check_layer(i)
-        return {short: self.tensors[f"blk.{i}.{short}.weight"] for short in LAYER_NAMES}
+        p = f"blk.{i}."
+        return {f: self.tensors[p + name] for f, name in LAYER_TENSORS.items() if p + name in self.tensors}
 
     def layer_byte_range(self, i: int) -> tuple[int, int]:
         """(start, end) file offsets spanning all of layer i's tensors."""
@@ -94,32 +98,38 @@ class ModelFile:
 
     # -- shared checks ----------------------------------------------------------------------
     def _validate(self) -> None:
-        """Every tensor the llama forward pass needs, with the shapes the config implies."""
+        """Every tensor the family's forward pass needs, with the shapes the config implies, and
+        no layer tensor it would ignore."""
         c = self.config
-        q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        q_rows, kv_rows, hd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.head_dim
+        e, eff = c.n_experts, c.expert_hidden_dim
+        shapes: dict[str, tuple[int, ...]] = {
+            "attn_norm": (c.dim,), "ffn_norm": (c.dim,), "attn_post_norm": (c.dim,), "ffn_post_norm": (c.dim,),
+            "wq": (q_rows, c.dim), "wk": (kv_rows, c.dim), "wv": (kv_rows, c.dim), "wo": (c.dim, q_rows),
+            "bq": (q_rows,), "bk": (kv_rows,), "bv": (kv_rows,), "q_norm": (hd,), "k_norm": (hd,),
+            "w_gate": (c.hidden_dim, c.dim), "w_up": (c.hidden_dim, c.dim), "w_down": (c.dim, c.hidden_dim),
+            "router": (e, c.dim), "gate_exps": (e, eff, c.dim), "up_exps": (e, eff, c.dim),
+            "down_exps": (e, c.dim, eff),
+        }
         want: dict[str, tuple[int, ...]] = {
             "token_embd.weight": (c.vocab_size, c.dim),
             "output_norm.weight": (c.dim,),
             "output.weight": (c.vocab_size, c.dim),
         }
+        fields = layer_fields(c)
         for i in range(c.n_layers):
-            want.update({
-                f"blk.{i}.attn_norm.weight": (c.dim,),
-                f"blk.{i}.attn_q.weight": (q_rows, c.dim),
-                f"blk.{i}.attn_k.weight": (kv_rows, c.dim),
-                f"blk.{i}.attn_v.weight": (kv_rows, c.dim),
-                f"blk.{i}.attn_output.weight": (c.dim, q_rows),
-                f"blk.{i}.ffn_norm.weight": (c.dim,),
-                f"blk.{i}.ffn_gate.weight": (c.hidden_dim, c.dim),
-                f"blk.{i}.ffn_up.weight": (c.hidden_dim, c.dim),
-                f"blk.{i}.ffn_down.weight": (c.dim, c.hidden_dim),
-            })
+            want.update({f"blk.{i}.{LAYER_TENSORS[f]}": shapes[f] for f in fields})
         for name, shape in want.items():
             t = self.tensors.get(name)
             if t is None:
-                raise ModelFormatError(self.path, f"missing tensor {name}")
+                raise ModelFormatError(self.path, f"missing tensor {name} (architecture {c.arch!r}"
+                                       f"{', mixture of experts' if c.n_experts else ''})")
             if tuple(t.shape) != shape:
                 raise ModelFormatError(self.path, f"{name} has shape {tuple(t.shape)}, expected {shape}")
+        for name in self.tensors:
+            if name.startswith("blk.") and name not in want:
+                raise ModelFormatError(self.path, f"unexpected tensor {name}: architecture {c.arch!r} as dair "
+                                       "runs it has no such tensor")
 
     def _compute_fingerprint(self, header: np.ndarray) -> str:
         """sha256 of the header bytes and the tensor table: the file's identity for quick checks.

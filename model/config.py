@@ -7,7 +7,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama" (also mistral-style models that use the llama tensor set)
+    arch: str  # a key of dair.model.arch.FAMILIES: llama, mistral, qwen2, qwen3, qwen3moe, gemma3
     dim: int
     hidden_dim: int  # FFN width
     n_layers: int
@@ -24,6 +24,19 @@ class ModelConfig:
     # "low_freq_factor": ..., "high_freq_factor": ...}; llama3 GGUFs carry the per-frequency
     # factors as the tensor named in "freq_factors_tensor" instead.
     rope_scaling: dict[str, Any] | None = field(default=None)
+    # What the family changes in the llama block (resolved once by dair.model.arch.resolve).
+    rope_style: str = "norm"  # "norm": rotate adjacent pairs; "neox": rotate the halves of a head
+    ffn_act: str = "silu"  # gate activation: "silu" | "gelu_tanh"
+    n_experts: int = 0  # mixture of experts when > 0
+    n_experts_used: int = 0  # experts each token is routed to
+    expert_hidden_dim: int = 0  # FFN width of one expert
+    moe_norm_weights: bool = True  # the chosen experts' router weights renormalised to sum 1
+    expert_weights_scale: float = 0.0  # then multiplied by this, when not 0
+    embed_scale: float = 1.0  # embeddings multiplied by this (gemma: sqrt(dim))
+    attn_scale: float = 0.0  # q.k multiplier; 0 = 1/sqrt(head_dim)
+    sliding_window: int = 0  # keys visible to a sliding layer (its own position included); 0 = none
+    swa_pattern: int = 0  # of every swa_pattern layers the last is global, the others sliding
+    rope_theta_swa: float = 0.0  # rotary base of the sliding layers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dair.errors import DairError
 from dair.model import open_model, qtypes
+from dair.model.arch import LAYER_FIELDS
 from dair.model.base import ModelFile, Tensor
 from dair.model.dllama_file import (
     _LAYER_ORDER,
@@ -82,13 +83,17 @@ def convert_gguf_to_dllama(src: str | Path, dst: str | Path, weight_type: str = 
         if mf.format != "gguf":
             raise DairError(f"{src}: convert reads GGUF files; this one is {mf.format}")
         c = mf.config
+        if c.arch not in ("llama", "mistral") or c.n_experts:
+            raise DairError(f"{src}: convert writes dense llama models; this one is {c.arch}"
+                            f"{' with experts' if c.n_experts else ''}")
         if c.dim % 32 or c.hidden_dim % 32 or (c.n_heads * c.head_dim) % 32:
             if wq in ("Q4_0", "Q8_0"):
                 raise DairError(f"{src}: dimensions are not multiples of 32, use --type f32 or f16")
         plan: list[tuple[Tensor, str]] = [(mf.embedding, "F32")]
         for i in range(c.n_layers):
             lt = mf.layer_tensors(i)
-            plan += [(lt[short], wq if weighted else "F32") for short, _, weighted in _LAYER_ORDER]
+            plan += [(lt[LAYER_FIELDS[short + ".weight"]], wq if weighted else "F32")
+                     for short, _, weighted in _LAYER_ORDER]
         plan += [(mf.output_norm, "F32"), (mf.output, wq)]
         tmp = dst.with_name(dst.name + ".part")
         try:

@@ -9,16 +9,13 @@ from typing import Any
 import numpy as np
 
 from dair.errors import ModelFormatError
+from dair.model import arch as families
 from dair.model import qtypes
-from dair.model.base import LAYER_NAMES, ModelFile, Tensor
+from dair.model.base import ModelFile, Tensor
 from dair.model.config import ModelConfig
 from dair.model.gguf_header import GGUFHeader
 
-# Architectures whose GGUF uses exactly the llama tensor set (mistral-style models are
-# written as "llama" by llama.cpp's converter; "mistral" is accepted for other writers).
-LLAMA_ARCHS = ("llama", "mistral")
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
-_GLOBAL_TENSORS = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LARGE_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                  "tokenizer.ggml.merges"}
 
@@ -60,9 +57,9 @@ class GGUFModel(ModelFile):
 
     def _arch(self) -> str:
         arch = self._require("general.architecture")
-        if arch not in LLAMA_ARCHS:
-            raise ModelFormatError(self.path, f"architecture {arch!r} is not supported (dair runs llama-family "
-                                   f"models: {', '.join(LLAMA_ARCHS)})")
+        if arch not in families.FAMILIES:
+            raise ModelFormatError(self.path, f"architecture {arch!r} is not supported (dair runs "
+                                   f"{', '.join(families.FAMILIES)})")
         return str(arch)
 
     def _config(self) -> ModelConfig:
@@ -71,6 +68,10 @@ class GGUFModel(ModelFile):
         n_heads = int(self._require(f"{a}.attention.head_count"))
         n_kv = int(self.metadata.get(f"{a}.attention.head_count_kv", n_heads))
         head_dim = int(self.metadata.get(f"{a}.attention.key_length", dim // max(n_heads, 1)))
+        v_dim = int(self.metadata.get(f"{a}.attention.value_length", head_dim))
+        if v_dim != head_dim:
+            raise ModelFormatError(self.path, f"value_length {v_dim} != key_length {head_dim} is not supported")
+        n_layers = int(self._require(f"{a}.block_count"))
         embd = self.tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFormatError(self.path, "missing tensor token_embd.weight")
@@ -88,7 +89,7 @@ class GGUFModel(ModelFile):
             arch=a,
             dim=dim,
             hidden_dim=int(self._require(f"{a}.feed_forward_length")),
-            n_layers=int(self._require(f"{a}.block_count")),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
@@ -99,6 +100,7 @@ class GGUFModel(ModelFile):
             rms_eps=float(self.metadata.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             tied_embeddings=self._tied,
             rope_scaling=scaling,
+            **families.resolve(a, self.metadata, dim, n_heads, head_dim, n_layers),
         )
         if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
             raise ModelFormatError(self.path, f"{n_heads} heads / {n_kv} KV heads is not a valid grouping")
@@ -116,11 +118,11 @@ class GGUFModel(ModelFile):
                 raise ModelFormatError(self.path, f"{name} has type {type_name}, not supported yet")
             m = _BLOCK_RE.match(name)
             if m:
-                if m.group(2) not in LAYER_NAMES:
-                    raise ModelFormatError(self.path, f"unexpected tensor {name}: not part of the llama "
-                                           f"tensor set (architecture {self.arch!r} variant not supported)")
-            elif name not in _GLOBAL_TENSORS:
-                raise ModelFormatError(self.path, f"unexpected tensor {name}: not part of the llama tensor set")
+                if m.group(2) not in families.LAYER_FIELDS:
+                    raise ModelFormatError(self.path, f"unexpected tensor {name}: not a tensor dair knows "
+                                           f"(architecture {self.arch!r} variant not supported)")
+            elif name not in families.GLOBAL_TENSORS:
+                raise ModelFormatError(self.path, f"unexpected tensor {name}: not a tensor dair knows")
             shape = tuple(int(n) for n in reversed([int(x) for x in rt.shape]))
             while len(shape) > 1 and shape[0] == 1:  # ggml pads ne with 1s; numpy order puts them first
                 shape = shape[1:]

