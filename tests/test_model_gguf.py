@@ -224,6 +224,12 @@ def test_cli_info_json(default_model, capsys):
     assert info["tokenizer"]["eos"][0] == [2, "<|im_end|>"] and info["tokenizer"]["chat_template"]
     assert info["embedding_bytes"] == 30081024 and info["head_bytes"] == 0
     assert len(info["fingerprint"]) == 64
+    # the kernel column follows the build's own dispatch table, per type present
+    from dair.ops.matmul import KERNELS, kernel_table
+
+    assert info["kernels"]["families"] == list(KERNELS)
+    assert info["kernels"]["by_type"] == {qt: kernel_table()[qt] for qt in ("F32", "Q4_1", "Q8_0")}
+    assert info["kernels"]["by_type"]["F32"] == "float"
 
 
 def test_cli_info_text(default_model, capsys):
@@ -232,3 +238,4 @@ def test_cli_info_text(default_model, capsys):
     assert main(["model", "info", str(default_model)]) == 0
     out = capsys.readouterr().out
     assert "9 query / 3 KV" in out and "tied to the embedding" in out and "fingerprint" in out
+    assert "kernels       on this CPU" in out and "Q4_1 " in out

@@ -98,6 +98,7 @@ def model_info(mf: Any) -> dict[str, Any]:
         "sliding_window": {"window": c.sliding_window, "pattern": c.swa_pattern, "rope_theta": c.rope_theta_swa}
         if c.sliding_window else None,
         "tensor_types": dict(sorted(Counter(t.qtype for t in unique).items())),
+        "kernels": _kernels_for(Counter(t.qtype for t in unique)),
         "layer_tensor_types": dict(layer_types),
         "bytes_per_layer": {"min": min(layer_bytes, default=0), "max": max(layer_bytes, default=0),
                             "total": sum(layer_bytes)},
@@ -116,6 +117,23 @@ def model_info(mf: Any) -> dict[str, Any]:
     except (DairError, ImportError) as e:
         info["tokenizer"] = {"error": str(e)}
     return info
+
+
+def _kernels_for(qtypes: Counter[str]) -> dict[str, Any]:
+    """Which kernel family multiplies each tensor type present, on this CPU with this build."""
+    from dair.ops.matmul import KERNELS, kernel_table, simd_name
+
+    table = kernel_table()
+    return {"cpu": simd_name(), "families": list(KERNELS),
+            "by_type": {qt: table.get(qt, "none") for qt in sorted(qtypes)}}
+
+
+def _kernel_note(family: str, best: str) -> str:
+    if family == "float":
+        return "float32 products"
+    if family == "scalar" and best != "scalar":
+        return "plain C only (no SIMD kernel for this type here)"
+    return f"{family} kernel" if family != "none" else "no kernel"
 
 
 def _fmt_bytes(n: int) -> str:
@@ -158,6 +176,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                      f"rope theta {w['rope_theta']:g}")
     lines += [
         "tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
+        f"kernels       on this CPU ({info['kernels']['cpu']}): " + ", ".join(
+            f"{k} {_kernel_note(f, info['kernels']['families'][0])}" for k, f in info["kernels"]["by_type"].items()),
         "layer types   " + " ".join(f"{k}={v}" for k, v in info["layer_tensor_types"].items()),
         f"per layer     {_fmt_bytes(info['bytes_per_layer']['max'])}"
         f" (all layers {_fmt_bytes(info['bytes_per_layer']['total'])})",
