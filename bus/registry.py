@@ -99,6 +99,11 @@ class Node:
             "disk_read_mb_s": float(self.stage_stats.get("disk_read_mb_s", 0.0) or 0.0),
             "storage_read_bytes": int(self.stage_stats.get("storage_read_bytes", 0) or 0),
             "disk_wait_fraction": float(self.stage_stats.get("disk_wait_fraction", 0.0) or 0.0),
+            # The KV cache (issue 16), as the stage's engine reports it.
+            "kv_type": str(self.stage_stats.get("kv_type", "")),
+            "kv_bytes": int(self.stage_stats.get("kv_bytes", 0) or 0),
+            "kv_bytes_per_token": int(self.stage_stats.get("kv_bytes_per_token", 0) or 0),
+            "max_context": int(self.stage_stats.get("max_context", 0) or 0),
         }
 
 

@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from dair.engine.kvcache import SessionCache
+from dair.engine.kvcache import SessionCache, plan_kv
 from dair.engine.residency import Residency, Unit, _addr
 from dair.engine.rope import inv_freq
 from dair.errors import DairError
 from dair.ops.activation import silu_mul
-from dair.ops.attention import attention
 from dair.ops.matmul import Weight
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
@@ -70,7 +69,7 @@ class RangeEngine:
 
     def __init__(self, model, first: int, last: int, threads: int = 0, act_q8: bool = True,
                  max_context: int = 0, max_ram: int | None = None, residency: str = "mmap",
-                 drop_cache: bool = False, kv_f16: bool = True) -> None:
+                 drop_cache: bool = False, kv_f16: bool = True, kv_type: str | None = None) -> None:
         cfg = model.config
         if not (0 <= first <= last < cfg.n_layers):
             raise DairError(f"{model.path}: layer range {first}-{last} does not fit a model of "
@@ -79,8 +78,8 @@ class RangeEngine:
         self.first, self.last, self.n_layers = first, last, cfg.n_layers
         self.dim, self.vocab_size = cfg.dim, cfg.vocab_size
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.act_q8, self.kv_f16 = act_q8, kv_f16
-        self.max_context = min(max_context or cfg.context_length, cfg.context_length)
+        self.act_q8 = act_q8
+        self.kv_type = kv_type or ("f16" if kv_f16 else "f32")
         set_num_threads(threads)
         self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         self.layers = [LayerWeights.load(model, i) for i in range(first, last + 1)]
@@ -92,7 +91,11 @@ class RangeEngine:
             tied = self.embedding is not None and model.output is model.embedding
             self.output = self.embedding if tied else _weight(model.output)
         self.sessions: dict[str, SessionCache] = {}
-        self.residency = Residency(model, self._units(), max_ram, method=residency, drop_cache=drop_cache,
+        units, self.max_ram = self._units(), max_ram
+        # The budget holds the KV cache of one full-length session too (engine/kvcache.py).
+        self.kv_bytes_per_token, self.max_context, self.context_set_by, weights_budget = plan_kv(
+            cfg, self.kv_type, len(self.layers), max_context, max_ram, [u.nbytes for u in units])
+        self.residency = Residency(model, units, weights_budget, method=residency, drop_cache=drop_cache,
                                    rebuild=self._rebuild)
         self._streaming = self.residency.mode == "streaming"
 
@@ -121,6 +124,14 @@ class RangeEngine:
         disk_read_mb_s, disk_wait_fraction (of the time spent in run_layers/head), ..."""
         return self.residency.stats()
 
+    def kv_stats(self) -> dict[str, Any]:
+        """The KV cache: type, bytes held by all sessions, bytes per token (all owned layers),
+        the longest context and what set it."""
+        return {"kv_type": self.kv_type, "kv_bytes": sum(c.nbytes() for c in self.sessions.values()),
+                "max_ram": int(self.max_ram or 0),  # the whole budget: weights and KV cache
+                "kv_bytes_per_token": self.kv_bytes_per_token, "max_context": self.max_context,
+                "context_set_by": self.context_set_by}
+
     def close(self) -> None:
         """Stop the prefetch thread (streaming mode); the engine is unusable afterwards."""
         self.residency.close()
@@ -128,7 +139,7 @@ class RangeEngine:
     # -- sessions ------------------------------------------------------------------------
     def open_session(self, sid: str) -> None:
         self.sessions[sid] = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.max_context,
-                                          np.float16 if self.kv_f16 else np.float32)
+                                          self.kv_type)
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)
@@ -195,10 +206,7 @@ class RangeEngine:
         rope_inplace(k, all_pos, self.inv_freq)
         att = np.empty_like(q)
         for cache, pos, rows in spans:
-            kc, vc = cache.k[j], cache.v[j]
-            kc[pos[0]: pos[-1] + 1] = k[rows]
-            vc[pos[0]: pos[-1] + 1] = v[rows]
-            attention(q[rows], kc, vc, pos, out=att[rows])
+            cache.attend(j, q[rows], k[rows], v[rows], pos, att[rows])
         x += w.o.matmul(att.reshape(n, self.dim), act_q8=q8)
         h = rmsnorm(x, w.ffn_norm, self.cfg.rms_eps)
         g = w.gate.matmul(h, act_q8=q8)

@@ -21,6 +21,7 @@
 #define DAIR_ATTN_H
 
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -453,6 +454,159 @@ static void dair_attn_values_rows(const dair_attn_args *a, int kvh, int t0, int 
     }
 }
 
+/* The same two passes reading f32 or f16 rows straight from the cache (no tile copy): per
+ * block of rows one head at a time, so the group's later heads find the rows in L1. */
+#if DAIR_ATTN_HAVE_AVX512
+static inline __m512 dair_attn_ld16(const uint8_t *p, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+}
+
+static void dair_attn_direct512(const dair_attn_args *a, const float *q, int kvh, int t0, int t1, float *sc,
+                                float *acc, float *m, float *l) {
+    const int G = a->G, hd = a->hd, nv = hd / 16, len = t1 - t0, f16 = a->kind == DAIR_KV_F16;
+    const size_t esz = f16 ? 2 : 4, rb = a->row_bytes;
+    const uint8_t *kb = a->k + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
+    const uint8_t *vb = a->v + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
+    const __m512 vs = _mm512_set1_ps(a->scale);
+    for (int t = 0; t < len; t += 16) {
+        int nr = len - t < 16 ? len - t : 16;
+        for (int r = 0; r < nr; r++)
+            for (size_t o = 0; o < a->head_bytes; o += 64)
+                __builtin_prefetch(kb + (size_t)(t + r + 32) * rb + o, 0, 3);
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + (size_t)g * hd;
+            __m512 part[16];
+            for (int r = 0; r < 16; r++) {
+                __m512 s = _mm512_setzero_ps();
+                if (r < nr) {
+                    const uint8_t *kr = kb + (size_t)(t + r) * rb;
+                    for (int j = 0; j < nv; j++)
+                        s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), dair_attn_ld16(kr + 16 * j * esz, f16), s);
+                }
+                part[r] = s;
+            }
+            _mm512_mask_storeu_ps(sc + (size_t)g * len + t, (__mmask16)((1u << nr) - 1),
+                                  _mm512_mul_ps(dair_reduce16x16(part), vs));
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *s = sc + (size_t)g * len, mx = -INFINITY;
+        for (int t = 0; t < len; t++)
+            mx = s[t] > mx ? s[t] : mx;
+        m[g] = mx;
+        l[g] = dair_exp_sub_sum(s, mx, (size_t)len);
+    }
+    for (int b0 = 0; b0 < len; b0 += 32) {
+        int nr = len - b0 < 32 ? len - b0 : 32;
+        for (int r = 0; r < nr; r++)
+            for (size_t o = 0; o < a->head_bytes; o += 64)
+                __builtin_prefetch(vb + (size_t)(b0 + r + 32) * rb + o, 0, 3);
+        for (int g = 0; g < G; g++) {
+            const float *pg = sc + (size_t)g * len + b0;
+            float *o = acc + (size_t)g * hd;
+            for (int j0 = 0; j0 < nv; j0 += 4) {
+                int nj = nv - j0 < 4 ? nv - j0 : 4;
+                __m512 o0 = _mm512_loadu_ps(o + 16 * j0), o1 = o0, o2 = o0, o3 = o0;
+                if (nj > 1) o1 = _mm512_loadu_ps(o + 16 * j0 + 16);
+                if (nj > 2) o2 = _mm512_loadu_ps(o + 16 * j0 + 32);
+                if (nj > 3) o3 = _mm512_loadu_ps(o + 16 * j0 + 48);
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *vr = vb + (size_t)(b0 + r) * rb + 16 * (size_t)j0 * esz;
+                    __m512 pp = _mm512_set1_ps(pg[r]);
+                    o0 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr, f16), o0);
+                    if (nj > 1) o1 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr + 16 * esz, f16), o1);
+                    if (nj > 2) o2 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr + 32 * esz, f16), o2);
+                    if (nj > 3) o3 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr + 48 * esz, f16), o3);
+                }
+                _mm512_storeu_ps(o + 16 * j0, o0);
+                if (nj > 1) _mm512_storeu_ps(o + 16 * j0 + 16, o1);
+                if (nj > 2) _mm512_storeu_ps(o + 16 * j0 + 32, o2);
+                if (nj > 3) _mm512_storeu_ps(o + 16 * j0 + 48, o3);
+            }
+        }
+    }
+}
+#endif
+
+#if DAIR_ATTN_HAVE_AVX2
+static inline __m256 dair_attn_ld8(const uint8_t *p, int f16) {
+    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
+
+static void dair_attn_direct256(const dair_attn_args *a, const float *q, int kvh, int t0, int t1, float *sc,
+                                float *acc, float *m, float *l) {
+    const int G = a->G, hd = a->hd, nv = hd / 8, len = t1 - t0, f16 = a->kind == DAIR_KV_F16;
+    const size_t esz = f16 ? 2 : 4, rb = a->row_bytes;
+    const uint8_t *kb = a->k + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
+    const uint8_t *vb = a->v + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
+    const __m256 vs = _mm256_set1_ps(a->scale);
+    for (int t = 0; t < len; t += 8) {
+        int nr = len - t < 8 ? len - t : 8;
+        for (int r = 0; r < nr; r++)
+            for (size_t o = 0; o < a->head_bytes; o += 64)
+                __builtin_prefetch(kb + (size_t)(t + r + 32) * rb + o, 0, 3);
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + (size_t)g * hd;
+            __m256 part[8];
+            for (int r = 0; r < 8; r++) {
+                __m256 s = _mm256_setzero_ps();
+                if (r < nr) {
+                    const uint8_t *kr = kb + (size_t)(t + r) * rb;
+                    for (int j = 0; j < nv; j++)
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), dair_attn_ld8(kr + 8 * j * esz, f16), s);
+                }
+                part[r] = s;
+            }
+            __m256 r8 = _mm256_mul_ps(dair_reduce8x8(part), vs);
+            float *dst = sc + (size_t)g * len + t;
+            if (nr == 8) {
+                _mm256_storeu_ps(dst, r8);
+            } else {
+                float tmp8[8];
+                _mm256_storeu_ps(tmp8, r8);
+                memcpy(dst, tmp8, sizeof(float) * (size_t)nr);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *s = sc + (size_t)g * len, mx = -INFINITY;
+        for (int t = 0; t < len; t++)
+            mx = s[t] > mx ? s[t] : mx;
+        m[g] = mx;
+        l[g] = dair_attn_exp_sum(s, mx, len, DAIR_ATTN_AVX2);
+    }
+    for (int b0 = 0; b0 < len; b0 += 32) {
+        int nr = len - b0 < 32 ? len - b0 : 32;
+        for (int r = 0; r < nr; r++)
+            for (size_t o = 0; o < a->head_bytes; o += 64)
+                __builtin_prefetch(vb + (size_t)(b0 + r + 32) * rb + o, 0, 3);
+        for (int g = 0; g < G; g++) {
+            const float *pg = sc + (size_t)g * len + b0;
+            float *o = acc + (size_t)g * hd;
+            for (int j0 = 0; j0 < nv; j0 += 4) {
+                int nj = nv - j0 < 4 ? nv - j0 : 4;
+                __m256 o0 = _mm256_loadu_ps(o + 8 * j0), o1 = o0, o2 = o0, o3 = o0;
+                if (nj > 1) o1 = _mm256_loadu_ps(o + 8 * j0 + 8);
+                if (nj > 2) o2 = _mm256_loadu_ps(o + 8 * j0 + 16);
+                if (nj > 3) o3 = _mm256_loadu_ps(o + 8 * j0 + 24);
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *vr = vb + (size_t)(b0 + r) * rb + 8 * (size_t)j0 * esz;
+                    __m256 pp = _mm256_set1_ps(pg[r]);
+                    o0 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr, f16), o0);
+                    if (nj > 1) o1 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr + 8 * esz, f16), o1);
+                    if (nj > 2) o2 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr + 16 * esz, f16), o2);
+                    if (nj > 3) o3 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr + 24 * esz, f16), o3);
+                }
+                _mm256_storeu_ps(o + 8 * j0, o0);
+                if (nj > 1) _mm256_storeu_ps(o + 8 * j0 + 8, o1);
+                if (nj > 2) _mm256_storeu_ps(o + 8 * j0 + 16, o2);
+                if (nj > 3) _mm256_storeu_ps(o + 8 * j0 + 24, o3);
+            }
+        }
+    }
+}
+#endif
+
 /* part = [G] max, [G] sum, [G][hd] unnormalised output. sc: G * DAIR_ATTN_SPAN floats;
  * kt: DAIR_ATTN_BC * hd floats. */
 static void dair_attn_task_rows(const dair_attn_args *a, int i, int kvh, int t0, int t1, float *part, float *sc,
@@ -460,6 +614,22 @@ static void dair_attn_task_rows(const dair_attn_args *a, int i, int kvh, int t0,
     const int G = a->G, hd = a->hd, len = t1 - t0;
     const float *q = a->q + ((size_t)i * a->H + (size_t)kvh * G) * hd;
     float *m = part, *l = part + G, *acc = part + 2 * G;
+    if (a->kind != DAIR_KV_Q8_0) {
+#if DAIR_ATTN_HAVE_AVX512
+        if (a->isa == DAIR_ATTN_AVX512 && hd % 16 == 0) {
+            memset(acc, 0, sizeof(float) * (size_t)G * hd);
+            dair_attn_direct512(a, q, kvh, t0, t1, sc, acc, m, l);
+            return;
+        }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+        if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0) {
+            memset(acc, 0, sizeof(float) * (size_t)G * hd);
+            dair_attn_direct256(a, q, kvh, t0, t1, sc, acc, m, l);
+            return;
+        }
+#endif
+    }
     dair_attn_scores_rows(a, q, kvh, t0, t1, sc, kt);
     for (int g = 0; g < G; g++) {
         float *s = sc + (size_t)g * len, mx = -INFINITY;
@@ -737,6 +907,37 @@ static void dair_attn_merge(const dair_attn_plan *p) {
     }
 }
 
+/* Scratch kept between calls: a fresh allocation of this size is an mmap whose pages fault
+ * in on every call, which cost more than a decode step's attention itself. A concurrent call
+ * (another Python thread) allocates its own. */
+static pthread_mutex_t dair_attn_scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+static float *dair_attn_scratch_buf = NULL;
+static size_t dair_attn_scratch_n = 0;
+
+static float *dair_attn_scratch_get(size_t n, int *cached) {
+    *cached = 0;
+    if (pthread_mutex_trylock(&dair_attn_scratch_lock) != 0)
+        return (float *)malloc(sizeof(float) * n);
+    if (dair_attn_scratch_n < n) {
+        free(dair_attn_scratch_buf);
+        dair_attn_scratch_buf = (float *)malloc(sizeof(float) * n);
+        dair_attn_scratch_n = dair_attn_scratch_buf != NULL ? n : 0;
+    }
+    if (dair_attn_scratch_buf == NULL) {
+        pthread_mutex_unlock(&dair_attn_scratch_lock);
+        return NULL;
+    }
+    *cached = 1;
+    return dair_attn_scratch_buf;
+}
+
+static void dair_attn_scratch_put(float *p, int cached) {
+    if (cached)
+        pthread_mutex_unlock(&dair_attn_scratch_lock);
+    else
+        free(p);
+}
+
 /* Returns 0, or -1 when out of memory for the scratch. */
 static int dair_attention(const dair_attn_args *a) {
     dair_attn_plan p;
@@ -774,19 +975,17 @@ static int dair_attention(const dair_attn_args *a) {
     if (want > p.ntask)
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
-    p.scratch = (float *)malloc(sizeof(float) * p.per * (size_t)p.nch);
-    if (p.scheme == DAIR_ATTN_SCHEME_ROWS)
-        p.parts = (float *)malloc(sizeof(float) * p.part_size * (size_t)p.ntask);
-    if (p.scratch == NULL || (p.scheme == DAIR_ATTN_SCHEME_ROWS && p.parts == NULL)) {
-        free(p.scratch);
-        free(p.parts);
+    /* partial results of the rows scheme after the chunks' scratch */
+    size_t nparts = p.scheme == DAIR_ATTN_SCHEME_ROWS ? p.part_size * (size_t)p.ntask : 0;
+    int cached;
+    p.scratch = dair_attn_scratch_get(p.per * (size_t)p.nch + nparts, &cached);
+    if (p.scratch == NULL)
         return -1;
-    }
+    p.parts = p.scratch + p.per * (size_t)p.nch;
     dair_parallel_for(p.nch, dair_attn_chunk, &p);
     if (p.scheme == DAIR_ATTN_SCHEME_ROWS)
         dair_attn_merge(&p);
-    free(p.scratch);
-    free(p.parts);
+    dair_attn_scratch_put(p.scratch, cached);
     return 0;
 }
 
