@@ -71,6 +71,8 @@ class Broker:
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
         ctx_len = int(model.config.context_length)
         self.max_context = min(int(bus["max_context"]) or ctx_len, ctx_len)
+        self.context_set_by = (f"max_context = {self.max_context} (config)" if self.max_context < ctx_len
+                               else f"the model's context_length {ctx_len}")
         self.sampling = {k: v for k, v in cfg["sampling"].items() if k in PARAM_KEYS}
         self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
@@ -171,6 +173,17 @@ class Broker:
         self._q += 1
         return self._q
 
+    def context_limit(self) -> tuple[int, str]:
+        """The longest context a session may reach and what sets it: the config and the model
+        (self.max_context), or the smallest a live stage reports (its RAM budget's KV cache)."""
+        limit, why = self.max_context, self.context_set_by
+        for n in self.registry.live():
+            got = int(n.stage_stats.get("max_context", 0) or 0)
+            if 0 < got < limit:
+                limit = got
+                why = f"stage {n.name} (layers {n.first}-{n.last}): {n.stage_stats.get('context_set_by', '')}"
+        return limit, why
+
     def model_info(self) -> dict[str, Any]:
         c = self.model.config
         title = str(getattr(self.model, "metadata", {}).get("general.name", "") or "")
@@ -178,7 +191,7 @@ class Broker:
                 "name": title or os.path.basename(str(self.model.path)),
                 "fingerprint": self.model.fingerprint, "n_layers": c.n_layers, "dim": c.dim,
                 "vocab_size": c.vocab_size, "context_length": c.context_length,
-                "max_context": self.max_context, "eos_ids": sorted(self.eos_ids),
+                "max_context": self.context_limit()[0], "eos_ids": sorted(self.eos_ids),
                 "bos_id": getattr(self.tok, "bos_id", None)}
 
     # --- loop ---------------------------------------------------------------------------------
@@ -782,9 +795,10 @@ class Broker:
             raise P.ProtocolError(P.E_BAD_FIELD, f"token id beyond the vocabulary ({vocab})")
         if not ids:
             raise P.ProtocolError(P.E_BAD_FIELD, "empty prompt")
-        if len(ids) >= self.max_context:
+        limit, why = self.context_limit()
+        if len(ids) >= limit:
             raise P.ProtocolError(P.E_CONTEXT, f"prompt of {len(ids)} tokens does not fit the maximum "
-                                  f"context of {self.max_context} tokens")
+                                  f"context of {limit} tokens, set by {why}")
         return ids
 
     def check_pending(self, ident: bytes) -> None:
@@ -838,7 +852,7 @@ class Broker:
         if req.stream:
             self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
                                    "text": piece})
-        if len(req.generated) >= req.max_tokens or pos + 1 >= self.max_context:
+        if len(req.generated) >= req.max_tokens or pos + 1 >= self.context_limit()[0]:
             self.finish(s, "length")
             return None
         return self.make_step(s, pos, [tok], "sample")

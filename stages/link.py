@@ -34,7 +34,7 @@ class Link:
                  wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
                  max_batch: int, lz4_min_bytes: int, max_ram: int | None = None,
                  keys: security.PeerKeys | None = None, place: bool = False, speed: float = 1.0,
-                 max_queued_acts: int = 256, kv_type: str = "f16") -> None:
+                 max_queued_acts: int = 256, kv_type: str = "f16", max_context: int = 0) -> None:
         self.bus_addr = bus_addr
         self.keys = keys
         # Started without --layers: the bus places it by its budget and speed (issue 6).
@@ -56,7 +56,7 @@ class Link:
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
         self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes, max_ram,
-                               kv_type=kv_type)
+                               kv_type=kv_type, max_context=max_context)
         if first < 0:
             self.compute.state = "standby"
         self.dealer: zmq.Socket | None = None

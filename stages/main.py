@@ -91,7 +91,8 @@ def _main(args: argparse.Namespace) -> int:
         max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
         max_queued_acts=int(stage_cfg.get("max_queued_acts", 256)),
         max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")),
-        keys=keys, place=place, speed=args.speed or 1.0, kv_type=args.kv_type or stage_cfg.get("kv_type", "f16"))
+        keys=keys, place=place, speed=args.speed or 1.0, kv_type=args.kv_type or stage_cfg.get("kv_type", "f16"),
+        max_context=int(bus_cfg.get("max_context", 0) or 0))
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
     signal.signal(signal.SIGTERM, lambda *_: link.stop())
     return link.run()
