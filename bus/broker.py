@@ -459,7 +459,7 @@ class Broker:
         if self._unit_bytes is None:
             from dair.engine.placement import model_unit_bytes
 
-            self._unit_bytes = model_unit_bytes(self.model)
+            self._unit_bytes = model_unit_bytes(self.model, kv_tokens=self.max_context)
         layer_bytes, head_bytes = self._unit_bytes
         span, head = layer_bytes[a:b + 1], head_bytes if b == n_layers - 1 else 0
         need = max([*span, head])
