@@ -183,7 +183,7 @@ class Broker:
                 "name": title or os.path.basename(str(self.model.path)),
                 "fingerprint": self.model.fingerprint, "n_layers": c.n_layers, "dim": c.dim,
                 "vocab_size": c.vocab_size, "context_length": c.context_length,
-                "max_context": self.req.max_context, "eos_ids": sorted(self.req.eos_ids),
+                "max_context": self.req.context_limit()[0], "eos_ids": sorted(self.req.eos_ids),
                 "bos_id": getattr(self.tok, "bos_id", None)}
 
     # --- loop ---------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ class Broker:
         if self._unit_bytes is None:
             from dair.engine.placement import model_unit_bytes
 
-            self._unit_bytes = model_unit_bytes(self.model)
+            self._unit_bytes = model_unit_bytes(self.model, kv_tokens=self.req.max_context)
         layer_bytes, head_bytes = self._unit_bytes
         span, head = layer_bytes[a:b + 1], head_bytes if b == n_layers - 1 else 0
         need = max([*span, head])

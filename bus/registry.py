@@ -134,6 +134,11 @@ class Node:
             "moe_layers": int(self.stage_stats.get("moe_layers", 0) or 0),
             "experts_per_layer": int(self.stage_stats.get("experts_per_layer", 0) or 0),
             "experts_per_token": float(self.stage_stats.get("experts_per_token", 0.0) or 0.0),
+            # The KV cache (issue 16), as the stage's engine reports it.
+            "kv_type": str(self.stage_stats.get("kv_type", "")),
+            "kv_bytes": int(self.stage_stats.get("kv_bytes", 0) or 0),
+            "kv_bytes_per_token": int(self.stage_stats.get("kv_bytes_per_token", 0) or 0),
+            "max_context": int(self.stage_stats.get("max_context", 0) or 0),
         }
 
 

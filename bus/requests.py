@@ -55,6 +55,8 @@ class Requests:
         self.max_pending = int(bus.get("max_pending_per_client", 16))
         ctx_len = int(model.config.context_length)
         self.max_context = min(int(bus["max_context"]) or ctx_len, ctx_len)
+        self.context_set_by = (f"max_context = {self.max_context} (config)" if self.max_context < ctx_len
+                               else f"the model's context_length {ctx_len}")
         self.sampling = {k: v for k, v in cfg["sampling"].items() if k in PARAM_KEYS}
         self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
@@ -64,6 +66,17 @@ class Requests:
         self.held_until = 0.0
         self.tokens_total = 0
         self._q = 0
+
+    def context_limit(self) -> tuple[int, str]:
+        """The longest context a session may reach and what sets it: the config and the model
+        (self.max_context), or the smallest a live stage reports (its RAM budget's KV cache)."""
+        limit, why = self.max_context, self.context_set_by
+        for n in self.registry.live():
+            got = int(n.stage_stats.get("max_context", 0) or 0)
+            if 0 < got < limit:
+                limit = got
+                why = f"stage {n.name} (layers {n.first}-{n.last}): {n.stage_stats.get('context_set_by', '')}"
+        return limit, why
 
     def expire_idle(self, now: float, silence: float, client_seen: dict[bytes, float]) -> None:
         """Close the sessions of clients silent for `silence`, and sessions unused for
@@ -239,9 +252,10 @@ class Requests:
             raise P.ProtocolError(P.E_BAD_FIELD, f"token id beyond the vocabulary ({vocab})")
         if not ids:
             raise P.ProtocolError(P.E_BAD_FIELD, "empty prompt")
-        if len(ids) >= self.max_context:
+        limit, why = self.context_limit()
+        if len(ids) >= limit:
             raise P.ProtocolError(P.E_CONTEXT, f"prompt of {len(ids)} tokens does not fit the maximum "
-                                  f"context of {self.max_context} tokens")
+                                  f"context of {limit} tokens, set by {why}")
         return ids
 
     def check_pending(self, ident: bytes) -> None:
@@ -298,7 +312,7 @@ class Requests:
         if req.stream:
             self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
                                    "text": piece})
-        if len(req.generated) >= req.max_tokens or pos + 1 >= self.max_context:
+        if len(req.generated) >= req.max_tokens or pos + 1 >= self.context_limit()[0]:
             self.finish(s, "length")
             return None
         return self.make_step(s, pos, [tok], "sample")

@@ -38,7 +38,8 @@ class LocalBackend:
     """The whole model in this process: one RangeEngine over layers 0..L-1."""
 
     def __init__(self, model_path: str | Path | None = None, threads: int = 0, act_q8: bool = True,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, kv_type: str | None = None, max_context: int | None = None) -> None:
+        from dair.config import load_config
         from dair.engine.forward import RangeEngine
         from dair.model import open_model
 
@@ -49,7 +50,12 @@ class LocalBackend:
         self.model = open_model(path)
         self._tokenizer: Any = None
         self.n_layers = self.model.config.n_layers
-        self.engine = RangeEngine(self.model, 0, self.n_layers - 1, threads=threads, act_q8=act_q8)
+        # The same context rule and KV cache default as a cluster's stages (config.toml).
+        cfg = load_config()
+        self.engine = RangeEngine(self.model, 0, self.n_layers - 1, threads=threads, act_q8=act_q8,
+                                  kv_type=kv_type or cfg["stage"].get("kv_type", "f16"),
+                                  max_context=int(cfg["bus"]["max_context"] if max_context is None else max_context))
+        self.on_prefill: Callable[[int, int], None] | None = None  # (tokens done, total) per chunk
         self._ids = itertools.count()
         if not quiet:
             print(f"loaded {self.n_layers} layers in {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
@@ -70,6 +76,8 @@ class LocalBackend:
             pos = np.arange(start, start + chunk.size, dtype=np.int32)
             x = eng.run_layers(eng.embed(chunk), [(sid, pos)])
             outs.append(eng.head(x if all_logits else x[-1:]))
+            if self.on_prefill is not None:
+                self.on_prefill(start + chunk.size, len(ids))
         return np.concatenate(outs) if all_logits else outs[-1]
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
@@ -78,7 +86,8 @@ class LocalBackend:
             raise DairError("empty prompt: give at least one token")
         limit = self.engine.max_context
         if len(prompt_ids) >= limit:
-            raise DairError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {limit}")
+            raise DairError(f"prompt of {len(prompt_ids)} tokens does not fit the maximum context of {limit} "
+                            f"tokens, set by {self.engine.context_set_by}")
         max_tokens = min(max_tokens, limit - len(prompt_ids))
         sid = f"local-{next(self._ids)}"
         self.engine.open_session(sid)
@@ -122,7 +131,8 @@ class LocalBackend:
         if not ids:
             raise DairError("nothing to score: give at least one token")
         if len(ids) > self.engine.max_context:
-            raise DairError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}")
+            raise DairError(f"{len(ids)} tokens do not fit the maximum context of {self.engine.max_context} "
+                            f"tokens, set by {self.engine.context_set_by}")
         sid = f"local-{next(self._ids)}"
         self.engine.open_session(sid)
         try:

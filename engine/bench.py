@@ -20,20 +20,29 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int) -> dict:
+def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int,
+                 depth: int = 0, kv_type: str | None = None) -> dict:
+    """Prefill of prompt_tokens, and decode of gen_tokens after a prompt of `depth` tokens
+    (0: after the prompt_tokens one), as llama-bench's -p N and -n G -d D."""
     from dair.backend import LocalBackend
     from dair.engine.sampling import SamplingParams
 
-    backend = LocalBackend(model, threads=threads, quiet=True)
+    # The context these runs need, capped (and refused beyond) by the model's own.
+    need = max(prompt_tokens, depth) + gen_tokens + 1
+    backend = LocalBackend(model, threads=threads, quiet=True, kv_type=kv_type, max_context=need)
     prompt = bench_prompt(backend.tokenizer, prompt_tokens)
+    deep = bench_prompt(backend.tokenizer, depth) if depth else None
     greedy = SamplingParams(temperature=0.0)
     backend.generate(prompt[:8], greedy, 4, set())  # warm caches and thread pools
     pre, dec = [], []
     for _ in range(runs):
-        r = backend.generate(prompt, greedy, gen_tokens, set())  # no stop ids: always gen_tokens
+        r = backend.generate(prompt, greedy, 1 if deep else gen_tokens, set())  # no stop ids: always gen_tokens
         pre.append(r["timings"]["prefill_tok_s"])
+        if deep:
+            r = backend.generate(deep, greedy, gen_tokens, set())
         dec.append(r["timings"]["decode_tok_s"])
-    out = {"engine": "dair", "threads": threads, "prefill_tok_s": statistics.median(pre),
+    out = {"engine": "dair", "threads": threads, "prompt_tokens": prompt_tokens, "depth": depth or prompt_tokens,
+           "kv_type": backend.engine.kv_type, "prefill_tok_s": statistics.median(pre),
            "decode_tok_s": statistics.median(dec), "arch": backend.model.config.arch}
     st = backend.engine.stats()
     if "experts_per_token" in st:  # MoE: experts computed per token over all layers (prefill included)
@@ -78,9 +87,13 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=0, help="decode after this many tokens of context (dair only)")
+    ap.add_argument("--kv-type", choices=["f16", "f32", "q8_0"], default=None, help="dair's KV cache")
     a = ap.parse_args()
-    fn = measure_dair if a.engine == "dair" else measure_llama_cpp
-    out = fn(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs)
+    if a.engine == "dair":
+        out = measure_dair(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs, a.depth, a.kv_type)
+    else:
+        out = measure_llama_cpp(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
     return 0

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from dair.engine.kvcache import SessionCache
+from dair.engine.kvcache import SessionCache, plan_kv
 from dair.engine.residency import Residency, Unit, _addr
 from dair.engine.rope import inv_freq
 from dair.errors import DairError
 from dair.model.arch import EXPERTS, VECTORS, is_sliding
 from dair.ops.activation import silu_mul
-from dair.ops.attention import attention
 from dair.ops.matmul import Weight
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
@@ -129,7 +128,7 @@ class RangeEngine:
 
     def __init__(self, model, first: int, last: int, threads: int = 0, act_q8: bool = True,
                  max_context: int = 0, max_ram: int | None = None, residency: str = "mmap",
-                 drop_cache: bool = False, kv_f16: bool = True) -> None:
+                 drop_cache: bool = False, kv_f16: bool = True, kv_type: str | None = None) -> None:
         cfg = model.config
         if not (0 <= first <= last < cfg.n_layers):
             raise DairError(f"{model.path}: layer range {first}-{last} does not fit a model of "
@@ -138,8 +137,8 @@ class RangeEngine:
         self.first, self.last, self.n_layers = first, last, cfg.n_layers
         self.dim, self.vocab_size = cfg.dim, cfg.vocab_size
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.act_q8, self.kv_f16 = act_q8, kv_f16
-        self.max_context = min(max_context or cfg.context_length, cfg.context_length)
+        self.act_q8 = act_q8
+        self.kv_type = kv_type or ("f16" if kv_f16 else "f32")
         set_num_threads(threads)
         self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
         # Sliding-window layers (gemma3) have their own base and no long-context scaling.
@@ -161,7 +160,11 @@ class RangeEngine:
         expert_spans = [sp for j in moe for e in range(cfg.n_experts) for sp in self._expert_spans(j, e)]
         reserve = max((sum(b - a for a, b in self._expert_spans(j, e)) for j in moe for e in range(cfg.n_experts)),
                       default=0)
-        self.residency = Residency(model, self._units(), max_ram, method=residency, drop_cache=drop_cache,
+        units, self.max_ram = self._units(), max_ram
+        # The budget holds the KV cache of one full-length session too (engine/kvcache.py).
+        self.kv_bytes_per_token, self.max_context, self.context_set_by, weights_budget = plan_kv(
+            cfg, self.kv_type, len(self.layers), max_context, max_ram, [u.nbytes for u in units])
+        self.residency = Residency(model, units, weights_budget, method=residency, drop_cache=drop_cache,
                                    rebuild=self._rebuild, expert_spans=expert_spans, expert_reserve=reserve)
         self.moe_layers = len(moe)
         self._streaming = self.residency.mode == "streaming"
@@ -210,6 +213,14 @@ class RangeEngine:
                       experts_run=self.experts_run, experts_per_token=self.experts_run / tokens)
         return st
 
+    def kv_stats(self) -> dict[str, Any]:
+        """The KV cache: type, bytes held by all sessions, bytes per token (all owned layers),
+        the longest context and what set it."""
+        return {"kv_type": self.kv_type, "kv_bytes": sum(c.nbytes() for c in self.sessions.values()),
+                "max_ram": int(self.max_ram or 0),  # the whole budget: weights and KV cache
+                "kv_bytes_per_token": self.kv_bytes_per_token, "max_context": self.max_context,
+                "context_set_by": self.context_set_by}
+
     def close(self) -> None:
         """Stop the prefetch thread (streaming mode); the engine is unusable afterwards."""
         self.residency.close()
@@ -217,7 +228,7 @@ class RangeEngine:
     # -- sessions ------------------------------------------------------------------------
     def open_session(self, sid: str) -> None:
         self.sessions[sid] = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.max_context,
-                                          np.float16 if self.kv_f16 else np.float32)
+                                          self.kv_type)
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)
@@ -294,10 +305,8 @@ class RangeEngine:
         # attention over each session's cache: att [n, H, hd]
         att = np.empty_like(q)
         for cache, pos, rows in spans:
-            kc, vc = cache.k[j], cache.v[j]
-            kc[pos[0]: pos[-1] + 1] = k[rows]
-            vc[pos[0]: pos[-1] + 1] = v[rows]
-            self._attend(q[rows], kc, vc, pos, att[rows], c.sliding_window if sliding else 0)
+            cache.attend(j, q[rows], k[rows], v[rows], pos, att[rows], scale=self.attn_scale,
+                         window=c.sliding_window if sliding else 0)
         a = w.wo.matmul(att.reshape(n, H * hd), act_q8=self.act_q8)  # [n, dim]
         if w.attn_post_norm is not None:
             a = rmsnorm(a, w.attn_post_norm, c.rms_eps, out=a)
@@ -323,16 +332,6 @@ class RangeEngine:
             t = np.ascontiguousarray(np.take(t, self.rope_perm, axis=2))
         rope_inplace(t, pos, self.inv_freq_swa if sliding else self.inv_freq)
         return t
-
-    def _attend(self, q, kc, vc, pos: np.ndarray, out: np.ndarray, window: int) -> None:
-        """out = softmax(q.k * scale) v over the cache; with a window, a query at position p sees
-        keys p-window+1..p only (llama.cpp's standard sliding window)."""
-        near = int(np.searchsorted(pos, window)) if window else len(pos)  # rows with p < window
-        if near:
-            attention(q[:near], kc, vc, pos[:near], out=out[:near], scale=self.attn_scale)
-        for r in range(near, len(pos)):  # each row's window starts at its own place
-            s = int(pos[r]) - window + 1
-            attention(q[r:r + 1], kc[s:], vc[s:], pos[r:r + 1] - s, out=out[r:r + 1], scale=self.attn_scale)
 
     def _ffn(self, gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:
         """down(act(gate h) * up h): [n, dim] -> [n, hidden] -> [n, dim]."""

@@ -1,6 +1,6 @@
 """Capacity-aware placement: contiguous layer ranges in proportion to each node's capacity.
 
-A node's capacity is its RAM budget for weights (bytes; None = unlimited) times an optional
+A node's capacity is its RAM budget for weights and KV cache (bytes; None = unlimited) times an optional
 measured speed (tokens/s or any relative figure; 1.0 when unknown). Layer bytes, not layer
 counts, are what gets shared out, and the head (final norm + output matrix) is counted with the
 last layer since the last stage must hold it. Used by `dair plan` and by the bus for stages
@@ -40,10 +40,26 @@ class Placement:
         return dict(asdict(self), layers=self.layers)
 
 
-def model_unit_bytes(model: Any) -> tuple[list[int], int]:
-    """(bytes of each layer, bytes of the head) of an open model file."""
+def kv_reserve(model: Any, kv_type: str | None = None, kv_tokens: int | None = None) -> tuple[int, int, str]:
+    """(KV cache bytes per layer of one full-length session, its context, its type): what a stage
+    holds per layer beside the weights. Defaults: config [stage] kv_type and [bus] max_context
+    (0 = the model's own), never beyond the model's context_length."""
+    from dair.config import load_config
+    from dair.engine.kvcache import check_kv_type, kv_bytes_per_token
+
+    c, cfg = model.config, load_config()
+    kv_type = check_kv_type(kv_type or cfg["stage"].get("kv_type", "f16"), c.head_dim)
+    tokens = int(cfg["bus"]["max_context"]) if kv_tokens is None else kv_tokens
+    tokens = min(tokens or c.context_length, c.context_length)
+    return tokens * kv_bytes_per_token(kv_type, c.n_kv_heads, c.head_dim), tokens, kv_type
+
+
+def model_unit_bytes(model: Any, kv_type: str | None = None, kv_tokens: int | None = None) -> tuple[list[int], int]:
+    """(bytes of each layer: weights and the KV cache of one full-length session (kv_reserve),
+    bytes of the head) of an open model file."""
     c = model.config
-    layers = [b - a for a, b in (model.layer_byte_range(i) for i in range(c.n_layers))]
+    kv = kv_reserve(model, kv_type, kv_tokens)[0]
+    layers = [b - a + kv for a, b in (model.layer_byte_range(i) for i in range(c.n_layers))]
     return layers, model.output.nbytes + model.output_norm.nbytes
 
 

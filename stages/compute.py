@@ -28,8 +28,10 @@ class StageSession:
 
 class Compute:
     def __init__(self, model: Any, first: int, last: int, threads: int, wire_dtype: str, max_batch: int,
-                 lz4_min_bytes: int, max_ram: int | None = None) -> None:
+                 lz4_min_bytes: int, max_ram: int | None = None, kv_type: str = "f16",
+                 max_context: int = 0) -> None:
         self.model = model
+        self.kv_type, self.max_context = kv_type, max_context
         self.max_ram = max_ram
         self.first, self.last = first, last
         self.n_layers = model.config.n_layers
@@ -81,7 +83,8 @@ class Compute:
                 self.engine.close_session(sid)
             self.engine.close()  # stops its prefetch thread (streaming mode)
         self.sessions.clear()
-        self.engine = RangeEngine(self.model, first, last, threads=self.threads, max_ram=self.max_ram)
+        self.engine = RangeEngine(self.model, first, last, threads=self.threads, max_ram=self.max_ram,
+                                  kv_type=self.kv_type, max_context=self.max_context)
         self.first, self.last = first, last
         self.state = "ready"
 

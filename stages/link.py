@@ -40,7 +40,7 @@ class Link:
                  wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
                  max_batch: int, lz4_min_bytes: int, max_ram: int | None = None,
                  keys: security.PeerKeys | None = None, place: bool = False, speed: float = 1.0,
-                 max_queued_acts: int = 256) -> None:
+                 max_queued_acts: int = 256, kv_type: str = "f16", max_context: int = 0) -> None:
         self.bus_addr = bus_addr
         self.keys = keys
         # Started without --layers: the bus places it by its budget and speed (issue 6).
@@ -61,7 +61,8 @@ class Link:
         self.node = ""
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
-        self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes, max_ram)
+        self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes, max_ram,
+                               kv_type=kv_type, max_context=max_context)
         if first < 0:
             self.compute.state = "standby"
         self.dealer: zmq.Socket | None = None
@@ -149,7 +150,7 @@ class Link:
                 "batched_segments": c.batched_segments, "max_batch": c.max_batch_seen,
                 "compute_s": round(c.compute_s, 4), "first": c.first, "last": c.last,
                 "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0,
-                **_residency_stats(eng)}
+                **_residency_stats(eng), **_kv_stats(eng)}
 
     def _shown_state(self) -> str:
         """What the dashboard shows: a ready stage is "busy" if it computed since the last
@@ -338,6 +339,13 @@ class Link:
                 self.range_digests(header["first"], header["last"])
                 self._digest_beats = DIGEST_BEATS
         return header, buffers
+
+
+def _kv_stats(eng: Any) -> dict[str, Any]:
+    """The KV cache (issue 16): its type, bytes held now and per token, the context limit."""
+    if eng is None or not hasattr(eng, "kv_stats"):
+        return {}
+    return eng.kv_stats()
 
 
 def _residency_stats(eng: Any) -> dict[str, Any]:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus", default=None, help="bus address (default: config [bus] bind)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (0 = one per core)")
     p.add_argument("--wire", choices=["q8_0", "f16", "f32"], default=None, help="activation format sent")
+    p.add_argument("--kv-type", choices=["f16", "f32", "q8_0"], default=None,
+                   help="KV cache precision (default: config [stage] kv_type)")
     p.add_argument("--name", default=None, help="node name shown in stats")
     p.add_argument("--config", default=None, help="config file (same shape as config.toml)")
     p.add_argument("--max-ram", default=None, metavar="SIZE",
@@ -89,7 +91,8 @@ def _main(args: argparse.Namespace) -> int:
         max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
         max_queued_acts=int(stage_cfg.get("max_queued_acts", 256)),
         max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")),
-        keys=keys, place=place, speed=args.speed or 1.0)
+        keys=keys, place=place, speed=args.speed or 1.0, kv_type=args.kv_type or stage_cfg.get("kv_type", "f16"),
+        max_context=int(bus_cfg.get("max_context", 0) or 0))
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
     signal.signal(signal.SIGTERM, lambda *_: link.stop())
     return link.run()

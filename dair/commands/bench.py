@@ -1,10 +1,12 @@
 """`dair bench`: prefill and decode tokens/s and peak RSS on the default model, beside llama.cpp
-(when llama-cpp-python is installed) measured in the same run."""
+measured in the same run: llama-cpp-python when installed, or a `llama-bench` binary
+(`--llama-bench PATH`, its `-p N` and `-n G -d D` tests)."""
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,11 +17,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="prefill/decode tokens/s and peak RSS, with llama.cpp as the in-run baseline")
     p.add_argument("--model", metavar="PATH")
     p.add_argument("--threads", type=int, action="append", help="thread count (repeatable; default: 1 and 2)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill this many tokens (llama-bench -p N)")
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--depth", type=int, default=0, metavar="N",
+                   help="decode after N tokens of context (llama-bench -d N); default: after the prompt")
+    p.add_argument("--kv-type", choices=["f16", "f32", "q8_0"], default=None,
+                   help="dair's KV cache (default: config [stage] kv_type)")
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (median is reported)")
-    p.add_argument("--baseline", choices=["auto", "llama.cpp", "none"], default="auto",
-                   help="auto: llama.cpp if llama-cpp-python is installed")
+    p.add_argument("--baseline", choices=["auto", "llama.cpp", "llama-bench", "none"], default="auto",
+                   help="auto: llama-bench if --llama-bench is given or on PATH, else llama-cpp-python if installed")
+    p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=handle)
 
@@ -27,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(engine: str, args: argparse.Namespace, threads: int) -> dict:
     cmd = [sys.executable, "-m", "dair.engine.bench", "--engine", engine, "--threads", str(threads),
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--runs", str(args.runs)]
+    if engine == "dair":
+        cmd += ["--depth", str(args.depth)] + (["--kv-type", args.kv_type] if args.kv_type else [])
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -36,37 +45,71 @@ def _run(engine: str, args: argparse.Namespace, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _run_llama_bench(binary: str, args: argparse.Namespace, threads: int) -> dict:
+    """llama-bench's pp N at depth 0 and tg G at depth D (its own repetitions and mean)."""
+    from dair.model.fetch import resolve_model_path
+
+    depth = args.depth or args.prompt_tokens
+    cmd = [binary, "-m", str(resolve_model_path(args.model)), "-t", str(threads), "-p", str(args.prompt_tokens),
+           "-n", str(args.gen_tokens), "-d", f"0,{depth}", "-r", str(args.runs), "-o", "json"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise DairError(f"{binary}: cannot run llama-bench: {e}") from None
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DairError(f"{binary} failed: {last}")
+    try:
+        tests = json.loads(proc.stdout)
+        pp = next(t for t in tests if t["n_prompt"] == args.prompt_tokens and t["n_gen"] == 0 and t["n_depth"] == 0)
+        tg = next(t for t in tests if t["n_gen"] == args.gen_tokens and t["n_prompt"] == 0 and t["n_depth"] == depth)
+    except (ValueError, KeyError, StopIteration, TypeError):
+        raise DairError(f"{binary}: output is not llama-bench's JSON with pp{args.prompt_tokens} and "
+                        f"tg{args.gen_tokens} @ d{depth}") from None
+    return {"engine": "llama-bench", "threads": threads, "prompt_tokens": args.prompt_tokens, "depth": depth,
+            "prefill_tok_s": float(pp["avg_ts"]), "decode_tok_s": float(tg["avg_ts"]), "peak_rss_mb": 0.0}
+
+
 def handle(args: argparse.Namespace) -> int:
     threads = args.threads or [1, 2]
-    baseline = args.baseline
+    baseline, binary = args.baseline, args.llama_bench
     if baseline == "auto":
-        baseline = "llama.cpp" if importlib.util.find_spec("llama_cpp") else "none"
+        binary = binary or shutil.which("llama-bench")
+        baseline = ("llama-bench" if binary else
+                    "llama.cpp" if importlib.util.find_spec("llama_cpp") and not args.depth else "none")
+    if baseline == "llama-bench" and not binary:
+        raise DairError("--baseline llama-bench needs --llama-bench PATH (or llama-bench on PATH)")
+    if baseline == "llama.cpp" and args.depth:
+        raise DairError("--depth is measured against llama-bench (--llama-bench PATH), not llama-cpp-python")
     rows = []
     for t in threads:
         if not args.json:
             print(f"measuring {t} thread(s) ...", file=sys.stderr, flush=True)
         row = {"threads": t, "dair": _run("dair", args, t)}
-        if baseline == "llama.cpp":
-            ref = _run("llama.cpp", args, t)
-            row["llama.cpp"] = ref
+        if baseline != "none":
+            ref = _run_llama_bench(binary, args, t) if baseline == "llama-bench" else _run("llama.cpp", args, t)
+            row[ref["engine"]] = ref
             row["decode_ratio"] = row["dair"]["decode_tok_s"] / ref["decode_tok_s"]
             row["prefill_ratio"] = row["dair"]["prefill_tok_s"] / ref["prefill_tok_s"]
         rows.append(row)
+    depth = args.depth or args.prompt_tokens
     if args.json:
-        flat = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": rows}
+        flat = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "depth": depth, "runs": rows}
         # top-level keys describe the last (largest by default) thread count
         flat.update({k: rows[-1]["dair"][k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")})
         print(json.dumps(flat))
         return 0
-    print(f"{'threads':>7} {'engine':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
+    print(f"prefill of {args.prompt_tokens} tokens; decode of {args.gen_tokens} after {depth} tokens of context; "
+          f"dair KV cache {rows[-1]['dair'].get('kv_type', '?')}")
+    print(f"{'threads':>7} {'engine':>11} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
     for row in rows:
-        for eng in ("dair", "llama.cpp"):
+        for eng in ("dair", "llama.cpp", "llama-bench"):
             if eng in row:
                 r = row[eng]
-                print(f"{row['threads']:>7} {eng:>10} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
-                      f"{r['peak_rss_mb']:>12.0f}")
+                rss = f"{r['peak_rss_mb']:>12.0f}" if r.get("peak_rss_mb") else f"{'-':>12}"
+                print(f"{row['threads']:>7} {eng:>11} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {rss}")
         if "decode_ratio" in row:
-            print(f"{'':>7} {'ratio':>10} {row['prefill_ratio']:>13.2f}x {row['decode_ratio']:>12.2f}x")
+            print(f"{'':>7} {'ratio':>11} {row['prefill_ratio']:>13.2f}x {row['decode_ratio']:>12.2f}x")
     first = rows[0]["dair"]
     if "arch" in first:
         moe = (f", {first['experts_per_token']} experts computed per token over all layers (a prefill batch "

@@ -80,7 +80,7 @@ def _nodes_from_bus(args: argparse.Namespace) -> list[Any]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from dair.engine.placement import model_unit_bytes, place
+    from dair.engine.placement import kv_reserve, model_unit_bytes, place
     from dair.engine.residency import format_size
     from dair.model import open_model
     from dair.model.fetch import resolve_model_path
@@ -89,6 +89,7 @@ def handle(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     with open_model(path) as mf:
         layer_bytes, head_bytes = model_unit_bytes(mf)
+        kv, kv_tokens, kv_type = kv_reserve(mf)
         n_layers = mf.config.n_layers
     plan = place(layer_bytes, nodes, head_bytes)
     if args.json:
@@ -96,7 +97,8 @@ def handle(args: argparse.Namespace) -> int:
                           "head_bytes": head_bytes, "stages": [p.to_dict() for p in plan]}, indent=2))
         return 0
     total = sum(layer_bytes) + head_bytes
-    print(f"model {path} ({n_layers} layers, {format_size(total)} of layer + head weights)")
+    print(f"model {path} ({n_layers} layers, {format_size(total)} of weights and KV cache: a {kv_type} "
+          f"cache of {kv // max(kv_tokens, 1)} bytes per token per layer for {kv_tokens} tokens)")
     print(f"{'node':14} {'budget':>10} {'speed':>6} {'layers':>8} {'n':>3} {'weights':>10} {'share':>6}  mode")
     for p in plan:
         budget = "unlimited" if p.budget is None else format_size(p.budget)

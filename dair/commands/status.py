@@ -20,6 +20,13 @@ def _mb(n: int | None) -> str:
     return f"{(n or 0) / 2**20:.0f}M"
 
 
+def _kv(n: dict) -> str:
+    """'f16 12M 23K/t': the stage's KV cache type, bytes held, bytes per token of its layers."""
+    if not n.get("kv_type"):
+        return "-"
+    return f"{n['kv_type']} {_mb(n.get('kv_bytes'))} {(n.get('kv_bytes_per_token') or 0) / 1024:.0f}K/t"
+
+
 def handle(args: argparse.Namespace) -> int:
     from dair.bus.client import BusClient
     from dair.commands.common import keys_from_args
@@ -38,14 +45,14 @@ def handle(args: argparse.Namespace) -> int:
     m = st["model"]
     print(f"bus {addr}: model {m['name']} ({m['n_layers']} layers), ready: {'yes' if st['ready'] else 'no'}")
     print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss/budget':>11} {'mode':9} {'cpu%':>5} "
-          f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6}")
+          f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6} {'kv cache':>13}")
     for n in st["nodes"]:
         hop = "-" if n["hop_ms_p50"] is None else f"{n['hop_ms_p50']:.1f}/{n['hop_ms_p95']:.1f}"
         ram = _mb(n["rss"]) + ("/" + _mb(n["max_ram"]) if n.get("max_ram") else "")
         layers = f"{n['first']:>3}-{n['last']:<3}" if n["first"] >= 0 else f"{'-':>7}"
         print(f"{n['node']:5} {n['name'][:14]:14} {layers} {n['state']:9} {n['pid']:>7} "
               f"{ram:>11} {n.get('mode') or '-':9} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
-              f"{n['heartbeat_age_s']:>6.1f}")
+              f"{n['heartbeat_age_s']:>6.1f} {_kv(n):>13}")
     for n in st["nodes"]:
         if n.get("moe_layers"):
             print(f"{n['node']}: experts {n['experts_per_token']:.1f} per token over {n['moe_layers']} MoE layers "

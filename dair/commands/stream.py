@@ -51,9 +51,19 @@ class TextStream:
         self._shown = max(self._shown, upto)
 
 
+PROGRESS_MIN_TOKENS = 1024  # prompts at least this long show prefill progress on stderr
+
+
+def _prefill_progress(done: int, total: int) -> None:
+    end = "\n" if done >= total else ""
+    print(f"\r[prefill {done}/{total} tokens]", end=end, file=sys.stderr, flush=True)
+
+
 def run_generation(backend: Backend, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
                    stops: list[str], out: TextIO | str | None = STDOUT) -> tuple[dict, str]:
     stream = TextStream(backend.tokenizer, stops, out)
+    if hasattr(backend, "on_prefill"):  # in-process; a cluster's prefill is pipelined by the bus
+        backend.on_prefill = _prefill_progress if len(prompt_ids) >= PROGRESS_MIN_TOKENS else None
     result = backend.generate(prompt_ids, params, max_tokens, set(backend.tokenizer.eos_ids), stream.feed)
     if stream.stopped:
         result["stop"] = "stop_string"

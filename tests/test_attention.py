@@ -1,0 +1,134 @@
+"""Attention kernels (ops/attn.h) against a plain-numpy float64 softmax(QK^T)V, every path this
+build has (AVX-512, AVX2, plain C), every cache type (f32, f16, Q8_0 blocks made and read by the
+`gguf` package), at long lengths (several key tiles and decode spans) and odd sizes.
+
+Bound: the cache's own values are the reference's inputs (Q8_0 dequantized by gguf), so the only
+error is float32 arithmetic: |out - ref| <= 1e-4 * |ref| + 2e-5.
+"""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from dair.ops import threads
+from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa
+
+KINDS = ["f32", "f16", "q8_0"]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1616)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    old = set_isa(request.param)
+    yield request.param
+    set_isa(old)
+
+
+def make_cache(rng, kind, cap, KV, hd):
+    """(cache array for the kernel, float64 values the reference sees)."""
+    x = rng.standard_normal((cap, KV, hd)).astype(np.float32)
+    if kind == "f32":
+        return x, x.astype(np.float64)
+    if kind == "f16":
+        h = x.astype(np.float16)
+        return h, h.astype(np.float64)
+    raw = np.ascontiguousarray(quantize(x.reshape(-1, hd), GGMLQuantizationType.Q8_0)).view(np.uint8)
+    vals = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(cap, KV, hd)
+    return raw.reshape(cap, KV, q8_0_row_bytes(hd)), vals.astype(np.float64)
+
+
+def reference(q, k, v, pos, scale):
+    n, H, hd = q.shape
+    G = H // k.shape[1]
+    out = np.zeros((n, H, hd))
+    later = np.arange(k.shape[0])[None, :] > pos[:, None]
+    for h in range(H):
+        s = q[:, h].astype(np.float64) @ k[:, h // G].T * scale
+        s[later] = -np.inf
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // G]
+    return out
+
+
+def check(rng, kind, H, KV, hd, pos, scale=None):
+    pos = np.asarray(pos, np.int32)
+    cap = int(pos.max()) + 3
+    q = rng.standard_normal((pos.size, H, hd)).astype(np.float32) * 2  # peaky softmaxes too
+    kc, kref = make_cache(rng, kind, cap, KV, hd)
+    vc, vref = make_cache(rng, kind, cap, KV, hd)
+    out = attention(q, kc, vc, pos, scale=scale)
+    ref = reference(q, kref, vref, pos, 1 / np.sqrt(hd) if scale is None else scale)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5, err_msg=f"{get_isa()} {kind}")
+    return q, kc, vc, pos
+
+
+# Decode: one or a few query rows (the "rows" scheme: key spans of 256 merged at the end).
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("H,KV,hd,pos", [
+    (9, 3, 64, [0]),
+    (9, 3, 64, [4099]),             # 17 spans, the last one partial
+    (16, 2, 128, [255, 256]),       # a span boundary
+    (8, 8, 32, [10, 600, 300]),     # rows of different lengths: some have empty spans
+    (7, 1, 64, [1030]),             # a group of 7 heads on one kv head
+])
+def test_decode(rng, isa, kind, H, KV, hd, pos):
+    check(rng, kind, H, KV, hd, pos)
+
+
+# Prefill: many query rows (the "lanes" scheme: tiles of 64 keys, online softmax).
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("H,KV,hd,start,n", [
+    (9, 3, 64, 1750, 300),          # 2,050 keys: 33 tiles, the causal edge inside tiles
+    (9, 3, 64, 0, 129),             # from position 0: the mask everywhere on the diagonal
+    (16, 2, 128, 300, 37),
+    (7, 1, 32, 63, 5),              # 35 query lanes: one full vector and a few spare lanes
+    (4, 2, 20, 3, 65),              # head_dim not a multiple of the vector width
+    (3, 1, 8, 0, 17),
+])
+def test_prefill(rng, isa, kind, H, KV, hd, start, n):
+    if kind == "q8_0" and hd % 32:
+        pytest.skip("Q8_0 blocks need head_dim % 32 == 0")
+    check(rng, kind, H, KV, hd, np.arange(start, start + n))
+
+
+def test_scale_and_out(rng, isa):
+    q, kc, vc, pos = check(rng, "f16", 9, 3, 64, np.arange(40, 80), scale=0.3)
+    out = np.empty_like(q)
+    assert attention(q, kc, vc, pos, out=out, scale=0.3) is out
+    np.testing.assert_array_equal(out, attention(q, kc, vc, pos, scale=0.3))
+
+
+@pytest.mark.parametrize("n", [1, 200])
+def test_threads_agree(rng, isa, n):
+    """The work split does not depend on the thread count, so results are bit-identical."""
+    pos = np.arange(2100 - n, 2100, dtype=np.int32)
+    q = rng.standard_normal((n, 9, 64)).astype(np.float32)
+    kc, _ = make_cache(rng, "f16", 2100, 3, 64)
+    vc, _ = make_cache(rng, "f16", 2100, 3, 64)
+    old = threads.get_num_threads()
+    try:
+        threads.set_num_threads(1)
+        a = attention(q, kc, vc, pos)
+        threads.set_num_threads(2)
+        b = attention(q, kc, vc, pos)
+    finally:
+        threads.set_num_threads(old)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rejects_bad_cache():
+    q = np.zeros((2, 4, 64), np.float32)
+    pos = np.array([3, 4], np.int32)
+    with pytest.raises(ValueError, match="Q8_0 bytes per head"):
+        attention(q, np.zeros((5, 2, 64), np.uint8), np.zeros((5, 2, 64), np.uint8), pos)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        attention(np.zeros((2, 4, 20), np.float32), np.zeros((5, 2, 20), np.uint8),
+                  np.zeros((5, 2, 20), np.uint8), pos)
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q, np.zeros((5, 2, 64), np.int8), np.zeros((5, 2, 64), np.int8), pos)
+    with pytest.raises(ValueError, match="not available"):
+        set_isa("neon" if "neon" not in ISAS else "sse")
