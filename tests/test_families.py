@@ -166,7 +166,12 @@ def test_moe_streaming_reads_only_the_chosen_experts(method, tight):
     if tight:  # one layer's other weights, the head and one expert: the layers stream too
         budget = max(b - a for a, b in (mf.layer_byte_range(i) for i in range(c.n_layers))) - c.n_experts * expert
         budget = max(budget, mf.output.nbytes) + expert
-    eng = RangeEngine(mf, 0, c.n_layers - 1, max_ram=budget, residency=method)
+    # The budget holds one full-length session's KV cache too (engine/kvcache.py): a short one.
+    from dair.engine.kvcache import kv_bytes_per_token
+
+    ctx = 64
+    budget += ctx * c.n_layers * kv_bytes_per_token("f16", c.n_kv_heads, c.head_dim)
+    eng = RangeEngine(mf, 0, c.n_layers - 1, max_ram=budget, residency=method, max_context=ctx)
     try:
         st = eng.stats()
         assert st["mode"] == "streaming" and (st["streamed_units"] > 0) == tight
