@@ -16,7 +16,7 @@ import numpy as np
 
 from dair.engine.kvcache import SessionCache, plan_kv
 from dair.engine.residency import Residency, Unit, _addr
-from dair.engine.rope import inv_freq
+from dair.engine.rope import inv_freq, magnitude
 from dair.errors import DairError
 from dair.model.arch import EXPERTS, VECTORS, is_sliding
 from dair.ops.activation import silu_mul
@@ -140,7 +140,10 @@ class RangeEngine:
         self.act_q8 = act_q8
         self.kv_type = kv_type or ("f16" if kv_f16 else "f32")
         set_num_threads(threads)
-        self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+        ff_name = (cfg.rope_scaling or {}).get("freq_factors_tensor")
+        ff = _vector(model.tensors[ff_name]) if ff_name else None
+        self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, ff)
+        self.rope_mscale = magnitude(cfg.rope_scaling)
         # Sliding-window layers (gemma3) have their own base and no long-context scaling.
         self.inv_freq_swa = inv_freq(cfg.rope_dim, cfg.rope_theta_swa) if cfg.sliding_window else self.inv_freq
         self.rope_perm = _neox_order(self.head_dim, cfg.rope_dim) if cfg.rope_style == "neox" else None
@@ -330,7 +333,7 @@ class RangeEngine:
         # order, which q.k does not see (and v, the only thing attention outputs, keeps its own).
         if self.rope_perm is not None:
             t = np.ascontiguousarray(np.take(t, self.rope_perm, axis=2))
-        rope_inplace(t, pos, self.inv_freq_swa if sliding else self.inv_freq)
+        rope_inplace(t, pos, self.inv_freq_swa if sliding else self.inv_freq, 1.0 if sliding else self.rope_mscale)
         return t
 
     def _ffn(self, gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# The rope.scaling.type values of a GGUF that dair computes (as llama.cpp does); others are refused.
+ROPE_SCALING_TYPES = ("none", "linear", "yarn")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -20,9 +23,10 @@ class ModelConfig:
     rope_dim: int  # rotated dimensions per head (== head_dim for llama)
     rms_eps: float
     tied_embeddings: bool
-    # None, or {"type": "linear"|"yarn"|"llama3", "factor": ..., "original_context_length": ...,
-    # "low_freq_factor": ..., "high_freq_factor": ...}; llama3 GGUFs carry the per-frequency
-    # factors as the tensor named in "freq_factors_tensor" instead.
+    # None, or {"type": "none"|"linear"|"yarn"|"llama3", "factor": ..., and as the type has them:
+    # "attn_factor", "original_context_length", "ext_factor", "beta_fast", "beta_slow" (yarn),
+    # "low_freq_factor", "high_freq_factor" (llama3 of .m files)}; llama3 GGUFs carry their
+    # per-pair factors as the tensor named in "freq_factors_tensor". dair.engine.rope applies it.
     rope_scaling: dict[str, Any] | None = field(default=None)
     # What the family changes in the llama block (resolved once by dair.model.arch.resolve).
     rope_style: str = "norm"  # "norm": rotate adjacent pairs; "neox": rotate the halves of a head

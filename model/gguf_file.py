@@ -12,7 +12,7 @@ from dair.errors import ModelFormatError
 from dair.model import arch as families
 from dair.model import qtypes
 from dair.model.base import ModelFile, Tensor
-from dair.model.config import ModelConfig
+from dair.model.config import ROPE_SCALING_TYPES, ModelConfig
 from dair.model.gguf_header import GGUFHeader
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -76,15 +76,7 @@ class GGUFModel(ModelFile):
         if embd is None:
             raise ModelFormatError(self.path, "missing tensor token_embd.weight")
         vocab = int(self.metadata.get(f"{a}.vocab_size", embd.shape[0]))
-        scaling = None
-        stype = self.metadata.get(f"{a}.rope.scaling.type")
-        if stype and stype != "none":
-            scaling = {"type": stype, "factor": float(self.metadata.get(f"{a}.rope.scaling.factor", 1.0))}
-            orig = self.metadata.get(f"{a}.rope.scaling.original_context_length")
-            if orig:
-                scaling["original_context_length"] = int(orig)
-        if "rope_freqs.weight" in self.tensors:
-            scaling = dict(scaling or {}, type="llama3", freq_factors_tensor="rope_freqs.weight")
+        scaling = self._rope_scaling(a, head_dim)
         cfg = ModelConfig(
             arch=a,
             dim=dim,
@@ -105,6 +97,43 @@ class GGUFModel(ModelFile):
         if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
             raise ModelFormatError(self.path, f"{n_heads} heads / {n_kv} KV heads is not a valid grouping")
         return cfg
+
+    def _rope_scaling(self, a: str, head_dim: int) -> dict[str, Any] | None:
+        """rope.scaling.* as llama.cpp reads it: a factor with no type is linear (the old
+        rope.scale_linear key too); llama3 files carry their factors as rope_freqs.weight."""
+        md = self.metadata
+        factor = float(md.get(f"{a}.rope.scaling.factor", md.get(f"{a}.rope.scale_linear", 0.0)) or 1.0)
+        stype = str(md.get(f"{a}.rope.scaling.type", "linear" if factor != 1.0 else "none"))
+        if stype not in ROPE_SCALING_TYPES:
+            raise ModelFormatError(self.path, f"rope scaling type {stype!r} is not supported (dair runs "
+                                   f"{', '.join(ROPE_SCALING_TYPES)})")
+        if factor <= 0:
+            raise ModelFormatError(self.path, f"rope.scaling.factor {factor} is not a positive number")
+        scaling: dict[str, Any] = {"type": stype, "factor": 1.0 if stype == "none" else factor}
+        attn = md.get(f"{a}.rope.scaling.attn_factor")
+        if attn is not None:
+            scaling["attn_factor"] = float(attn)
+        if stype == "yarn":
+            if float(md.get(f"{a}.rope.scaling.yarn_log_multiplier", 0.0)):
+                # DeepSeek's MLA temperature rule; no family dair runs uses it.
+                raise ModelFormatError(self.path, "rope.scaling.yarn_log_multiplier (DeepSeek-style YaRN) "
+                                       "is not supported")
+            orig = md.get(f"{a}.rope.scaling.original_context_length") or md.get(f"{a}.context_length", 2048)
+            scaling["original_context_length"] = int(orig)
+            for key, name in (("yarn_ext_factor", "ext_factor"), ("yarn_beta_fast", "beta_fast"),
+                              ("yarn_beta_slow", "beta_slow")):
+                if f"{a}.rope.scaling.{key}" in md:
+                    scaling[name] = float(md[f"{a}.rope.scaling.{key}"])
+        ff = self.tensors.get("rope_freqs.weight")
+        if ff is not None:
+            want = int(md.get(f"{a}.rope.dimension_count", head_dim)) // 2
+            if ff.n_values != want:
+                raise ModelFormatError(self.path, f"rope_freqs.weight has {ff.n_values} values, the rope "
+                                       f"needs {want} (one per rotated pair)")
+            scaling["freq_factors_tensor"] = "rope_freqs.weight"
+        if stype == "none" and "attn_factor" not in scaling and ff is None:
+            return None
+        return scaling
 
     # -- tensors ----------------------------------------------------------------------------
     def _tensor_views(self, reader: Any) -> dict[str, Tensor]:

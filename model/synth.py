@@ -43,6 +43,10 @@ class Shape:
     n_experts_used: int = 0
     expert_hidden_dim: int = 0
     sliding_window: int = 0  # gemma3
+    # Long-context rotary: (key under {arch}.rope.scaling., value) pairs written as they are
+    # (str, int as uint32, float as float32), e.g. (("type", "yarn"), ("factor", 4.0)).
+    rope_scaling: tuple[tuple[str, str | int | float], ...] = ()
+    rope_freqs: bool = False  # a llama3-style rope_freqs.weight tensor (per-pair divisors)
 
     @property
     def head_dim(self) -> int:
@@ -141,6 +145,8 @@ def _tensor_plan(s: Shape, qtype: str) -> list[tuple[str, tuple[int, ...], str, 
                 # The router in F32, as llama.cpp's quantizer leaves it.
                 plan.append((f"blk.{i}.{LAYER_TENSORS[f]}", shp, "F32_MAT" if f == "router" else qtype,
                              shp[-1] ** -0.5))
+    if s.rope_freqs:
+        plan.append(("rope_freqs.weight", (hd // 2,), "ROPE_FREQS", 0.0))
     plan += [("output_norm.weight", (s.dim,), "F32", 1.0)]
     if s.arch != "gemma3":  # gemma3 ties the output to the embedding
         plan += [("output.weight", (s.vocab_size, s.dim), qtype, s.dim ** -0.5)]
@@ -166,7 +172,11 @@ def _quant_blocks(rng: np.random.Generator, qtype: str, shape: tuple[int, int], 
 def synth_tensors(s: Shape, qtype: str, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     rng = np.random.Generator(np.random.SFC64(seed))
     for name, shape, qt, std in _tensor_plan(s, qtype):
-        if qt == "F32" and s.arch == "llama" and not s.n_experts:
+        if qt == "ROPE_FREQS":
+            # llama3's shape: high frequencies kept (1), low ones slowed (8), a ramp between.
+            ramp = np.clip(np.linspace(-0.5, 1.5, shape[0]), 0.0, 1.0)
+            yield name, (1.0 + 7.0 * ramp).astype(np.float32)
+        elif qt == "F32" and s.arch == "llama" and not s.n_experts:
             yield name, np.ones(shape, np.float32)  # the scale shapes, as they always were
         elif qt == "F32":
             yield name, (std + 0.1 * rng.standard_normal(shape)).astype(np.float32)
@@ -215,6 +225,9 @@ def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_
         w.add_expert_feed_forward_length(s.expert_hidden_dim)
     if s.sliding_window:
         w.add_sliding_window(s.sliding_window)
+    for key, value in s.rope_scaling:
+        add = w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32
+        add(f"{s.arch}.rope.scaling.{key}", value)
     w.add_file_type({"Q4_0": 2, "Q8_0": 7}[qtype])
     tokens, types, merges = synth_vocab(s.vocab_size)
     w.add_tokenizer_model("gpt2")
@@ -229,7 +242,7 @@ def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_
     qt_enum = gguf.GGMLQuantizationType
     total = 0
     for name, shp, qt, _ in plan:
-        if qt in ("F32", "F32_MAT"):
+        if qt in ("F32", "F32_MAT", "ROPE_FREQS"):
             nbytes = int(np.prod(shp)) * 4
             w.add_tensor_info(name, shp, np.dtype(np.float32), nbytes)
         else:

@@ -2,8 +2,9 @@
 """Rotary position embedding, llama.cpp's "normal" mode (GGUF llama convention).
 
 Pairs (x[2i], x[2i+1]) of every head are rotated by pos * inv_freq[i] for
-i < len(inv_freq); dims past 2 * len(inv_freq) are left alone. The caller
-computes inv_freq (base, llama3 scaling and so on are its business).
+i < len(inv_freq), and scaled by `mscale` (YaRN's magnitude, 1 otherwise); dims past
+2 * len(inv_freq) are left alone, unscaled, as in ggml. The caller computes inv_freq and
+mscale (base, llama3/linear/YaRN scaling are its business: dair.engine.rope).
 """
 include "_common.pxi"
 
@@ -12,14 +13,14 @@ from libc.stdlib cimport free, malloc
 
 
 cdef inline void _rope_token(float* x, Py_ssize_t heads, Py_ssize_t hd, float pos, const float* inv_freq,
-                             Py_ssize_t half, float* cs) noexcept nogil:
+                             Py_ssize_t half, float mscale, float* cs) noexcept nogil:
     # cos/sin once per token, shared by all heads.
     cdef Py_ssize_t i, h
     cdef float th, a, b, c, s
     for i in range(half):
         th = pos * inv_freq[i]
-        cs[2 * i] = cosf(th)
-        cs[2 * i + 1] = sinf(th)
+        cs[2 * i] = cosf(th) * mscale
+        cs[2 * i + 1] = sinf(th) * mscale
     cdef float* xh
     for h in range(heads):
         xh = x + h * hd
@@ -37,6 +38,7 @@ ctypedef struct _Job:
     const int32_t* pos
     const float* inv_freq
     float* cs
+    float mscale
     Py_ssize_t n, heads, hd, half, per
 
 
@@ -45,11 +47,12 @@ cdef void _rope_chunk(void* p, int c) noexcept nogil:
     cdef Py_ssize_t i
     cdef float* cs = j.cs + c * (2 * j.half + 1)
     for i in range(c * j.per, min((c + 1) * j.per, j.n)):
-        _rope_token(j.x + i * j.heads * j.hd, j.heads, j.hd, <float>j.pos[i], j.inv_freq, j.half, cs)
+        _rope_token(j.x + i * j.heads * j.hd, j.heads, j.hd, <float>j.pos[i], j.inv_freq, j.half, j.mscale, cs)
 
 
-def rope_inplace(x, positions, inv_freq):
-    """Rotate x[n, heads, head_dim] in place; positions int32[n]; inv_freq float32[rope_dim // 2]."""
+def rope_inplace(x, positions, inv_freq, float mscale=1.0):
+    """Rotate x[n, heads, head_dim] in place; positions int32[n]; inv_freq float32[rope_dim // 2];
+    the rotated dims are also multiplied by mscale."""
     _check(x, "x", cnp.NPY_FLOAT32, 3, True)
     _check(positions, "positions", cnp.NPY_INT32, 1, False)
     _check(inv_freq, "inv_freq", cnp.NPY_FLOAT32, 1, False)
@@ -70,6 +73,7 @@ def rope_inplace(x, positions, inv_freq):
     j.heads = heads
     j.hd = hd
     j.half = half
+    j.mscale = mscale
     cdef int nch = _chunks(<double>n * heads * hd * 8.0, 32 * 1024.0, <int>n)
     j.per = (n + nch - 1) // nch
     # cos/sin of one token per chunk, allocated up front so no chunk can fail alone.

@@ -52,6 +52,7 @@ class NumpyModel:
         else:
             self.q_scale = 1.0 / math.sqrt(self.hd)
         self._tensors = {t.name: t for t in r.tensors}
+        self._rope_scaling(meta, a)
 
     @cache  # noqa: B019 - one model per test session
     def w(self, name: str) -> np.ndarray:
@@ -69,12 +70,48 @@ class NumpyModel:
     def rmsnorm(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + self.eps).astype(np.float32) * g
 
-    def rope(self, x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
-        """Rotate pair i of each head by pos * theta^(-2i/hd): pairs (2i, 2i+1) for llama,
+    def _rope_scaling(self, meta: dict, a: str) -> None:
+        """rope.scaling.* from the file, with llama.cpp's defaults (a factor alone is linear)."""
+        factor = float(meta.get(f"{a}.rope.scaling.factor", meta.get(f"{a}.rope.scale_linear", 0.0)) or 1.0)
+        self.scaling = meta.get(f"{a}.rope.scaling.type", "linear" if factor != 1.0 else "none")
+        self.freq_scale = 1.0 if self.scaling == "none" else 1.0 / factor
+        self.attn_factor = float(meta.get(f"{a}.rope.scaling.attn_factor", 1.0))
+        self.ext_factor = float(meta.get(f"{a}.rope.scaling.yarn_ext_factor", 1.0 if self.scaling == "yarn" else 0.0))
+        self.beta_fast = float(meta.get(f"{a}.rope.scaling.yarn_beta_fast", 32.0))
+        self.beta_slow = float(meta.get(f"{a}.rope.scaling.yarn_beta_slow", 1.0))
+        self.orig_ctx = int(meta.get(f"{a}.rope.scaling.original_context_length", meta.get(f"{a}.context_length")))
+        self.freq_factors = (self.w("rope_freqs.weight").astype(np.float64).reshape(-1)
+                             if "rope_freqs.weight" in self._tensors else np.ones(self.hd // 2))
+
+    def angles(self, pos: np.ndarray, theta: float, scaled: bool = True) -> tuple[np.ndarray, float]:
+        """(angle of each pair at each position [n, hd/2], magnitude of cos and sin), from the
+        YaRN paper's recipe as ggml evaluates it: the extrapolated angle pos * theta^(-2i/hd) / ff_i,
+        the interpolated one freq_scale times that; pairs below the correction range keep the
+        first, above it the second, a linear ramp between; magnitude 1 + 0.1 ln(1/freq_scale)."""
+        i = np.arange(self.hd // 2, dtype=np.float64)
+        extrap = pos[:, None].astype(np.float64) * theta ** (-2.0 * i / self.hd)[None, :]
+        if not scaled:
+            return extrap, 1.0
+        extrap = extrap / self.freq_factors[None, :]
+        interp = self.freq_scale * extrap
+        mag = self.attn_factor
+        if self.ext_factor == 0.0:
+            return interp, mag
+
+        def corr(n_rot: float) -> float:  # the pair index that turns n_rot times over orig_ctx
+            return self.hd * math.log(self.orig_ctx / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+        low = max(0.0, math.floor(corr(self.beta_fast)))
+        high = min(self.hd - 1.0, math.ceil(corr(self.beta_slow)))
+        keep = (1.0 - np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)) * self.ext_factor
+        if self.freq_scale < 1.0:
+            mag *= 1.0 + 0.1 * math.log(1.0 / self.freq_scale)
+        return interp * (1.0 - keep) + extrap * keep, mag
+
+    def rope(self, x: np.ndarray, pos: np.ndarray, theta: float, scaled: bool = True) -> np.ndarray:
+        """Rotate pair i of each head by its angle (see `angles`): pairs (2i, 2i+1) for llama,
         (i, i + hd/2) for the neox families."""
-        inv = theta ** (-np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
-        ang = pos[:, None].astype(np.float64) * inv[None, :]
-        cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        ang, mag = self.angles(pos, theta, scaled)
+        cos, sin = mag * np.cos(ang)[:, None, :], mag * np.sin(ang)[:, None, :]
         if self.neox:
             i0, i1 = np.arange(self.hd // 2), np.arange(self.hd // 2) + self.hd // 2
         else:
@@ -125,8 +162,9 @@ class NumpyModel:
         causal = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
         group = self.n_heads // self.n_kv
         for i in range(first, last + 1):
-            mask, theta = causal, self.theta
+            mask, theta, scaled = causal, self.theta, True
             if self.sliding(i):
+                scaled = False  # gemma3's sliding layers: their own base, no long-context scaling
                 too_old = pos[:, None] - pos[None, :] >= self.window
                 mask = np.where(too_old, -np.inf, causal).astype(np.float32)
                 theta = 10000.0
@@ -138,7 +176,7 @@ class NumpyModel:
             if self.has(f"blk.{i}.attn_q_norm.weight"):
                 q = self.rmsnorm(q, self.layer_w(i, "attn_q_norm.weight"))
                 k = self.rmsnorm(k, self.layer_w(i, "attn_k_norm.weight"))
-            q, k = self.rope(q, pos, theta), self.rope(k, pos, theta)
+            q, k = self.rope(q, pos, theta, scaled), self.rope(k, pos, theta, scaled)
             att = np.empty_like(q)
             for hh in range(self.n_heads):
                 kv = hh // group
