@@ -31,6 +31,8 @@ CASES = {
                                               ("yarn_beta_slow", 2.0))),
     "llama3-freqs": replace(TINY, rope_freqs=True),
     "qwen3-yarn": replace(SHAPES["tiny-qwen3"], rope_scaling=YARN),  # NEOX pairs, head_dim 64
+    # Gemma 3 4B+ files: linear 8 on the global layers; the sliding ones keep base 1e4, unscaled
+    "gemma3-linear": replace(SHAPES["tiny-gemma3"], rope_scaling=(("type", "linear"), ("factor", 8.0))),
 }
 # Past the original context of 4096, up to the model's own (factor 8: 32k).
 FAR = np.array([0, 1, 17, 4095, 4096, 9000, 20000, 32767], np.int32)
@@ -75,7 +77,7 @@ def test_rotation_matches_reference_past_the_original_context(name, files):
     assert float(np.abs(got - ref.rope(x, FAR, ref.theta)).max()) > 0.2 * float(np.abs(want).max())
 
 
-@pytest.mark.parametrize("name", ["linear", "yarn-tuned", "llama3-freqs", "qwen3-yarn"])
+@pytest.mark.parametrize("name", ["linear", "yarn-tuned", "llama3-freqs", "qwen3-yarn", "gemma3-linear"])
 def test_forward_matches_reference_past_the_original_context(name, files):
     """Prefill 12 tokens, decode to 28 through the KV cache, original context 16: logits within
     float32 noise of the reference (float32 activations, as tests/test_families.py)."""
