@@ -142,3 +142,30 @@ def test_unsupported_scaling_is_refused_by_name_at_open(extra, match, files, cap
     assert main(["model", "info", str(path)]) != 0
     err = capsys.readouterr().err.strip()
     assert match in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_stages_apply_the_scaling_as_one_process_does(files, cluster_config, tmp_path):
+    """Each stage opens the file and rotates its own layers: through 2 stage processes (f32
+    wire) the scores of a sequence past the original context are those of one process."""
+    from cluster_fixtures import start_cluster, stop_cluster
+
+    from dair.backend import LocalBackend
+    from dair.bus.client import BusBackend
+
+    shape = replace(CASES["yarn-tuned"], rope_scaling=tuple(
+        (k, 16 if k == "original_context_length" else v) for k, v in CASES["yarn-tuned"].rope_scaling))
+    path = files("yarn-cluster", shape)
+    ids = [int(t) for t in np.random.default_rng(4).integers(1, 512, 40)]
+    local = LocalBackend(path, quiet=True).score(ids, 512)["positions"]
+    c = start_cluster(path, [(0, 0), (1, 1)], tmp_path, wire="f32", config=cluster_config)
+    backend = BusBackend(c.addr, timeout=120)
+    try:
+        remote = backend.score(ids, 512)["positions"]
+    finally:
+        backend.close()
+        stop_cluster(c)
+    assert len(remote) == len(local)
+    for p, (a, b) in enumerate(zip(local, remote, strict=True)):
+        la, lb = dict(map(tuple, a["top"])), dict(map(tuple, b["top"]))
+        gap = max(abs(la[t] - lb[t]) for t in la)
+        assert gap < 1e-3, f"position {p}: {gap}"
