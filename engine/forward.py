@@ -144,6 +144,7 @@ class RangeEngine:
         ff = _vector(model.tensors[ff_name]) if ff_name else None
         self.inv_freq = inv_freq(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, ff)
         self.rope_mscale = magnitude(cfg.rope_scaling)
+        self.rope_mscale_swa = magnitude(cfg.rope_scaling, sliding=True)
         # Sliding-window layers (gemma3) have their own base and no long-context scaling.
         self.inv_freq_swa = inv_freq(cfg.rope_dim, cfg.rope_theta_swa) if cfg.sliding_window else self.inv_freq
         self.rope_perm = _neox_order(self.head_dim, cfg.rope_dim) if cfg.rope_style == "neox" else None
@@ -333,7 +334,7 @@ class RangeEngine:
         # order, which q.k does not see (and v, the only thing attention outputs, keeps its own).
         if self.rope_perm is not None:
             t = np.ascontiguousarray(np.take(t, self.rope_perm, axis=2))
-        rope_inplace(t, pos, self.inv_freq_swa if sliding else self.inv_freq, 1.0 if sliding else self.rope_mscale)
+        rope_inplace(t, pos, self.inv_freq_swa if sliding else self.inv_freq, self.rope_mscale_swa if sliding else self.rope_mscale)
         return t
 
     def _ffn(self, gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:

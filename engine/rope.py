@@ -61,12 +61,15 @@ def inv_freq(rope_dim: int, theta: float, scaling: dict[str, Any] | None = None,
     return freqs.astype(np.float32)
 
 
-def magnitude(scaling: dict[str, Any] | None) -> float:
+def magnitude(scaling: dict[str, Any] | None, sliding: bool = False) -> float:
     """What cos and sin are multiplied by: the file's attn_factor, times YaRN's 1 + 0.1 ln(factor)
-    (so q.k over the rotated dims grows by its square, the temperature YaRN was trained with)."""
+    (so q.k over the rotated dims grows by its square, the temperature YaRN was trained with).
+    Sliding-window layers (gemma3) rotate unscaled but, as in llama.cpp, keep the attn_factor."""
     if not scaling:
         return 1.0
     m = float(scaling.get("attn_factor", 1.0))
+    if sliding:
+        return m
     factor = float(scaling.get("factor", 1.0))
     if scaling.get("type") == "yarn" and float(scaling.get("ext_factor", 1.0)) != 0.0 and factor > 1.0:
         m *= 1.0 + 0.1 * math.log(factor)

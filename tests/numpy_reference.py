@@ -90,8 +90,8 @@ class NumpyModel:
         first, above it the second, a linear ramp between; magnitude 1 + 0.1 ln(1/freq_scale)."""
         i = np.arange(self.hd // 2, dtype=np.float64)
         extrap = pos[:, None].astype(np.float64) * theta ** (-2.0 * i / self.hd)[None, :]
-        if not scaled:
-            return extrap, 1.0
+        if not scaled:  # llama.cpp still applies the file's attn_factor
+            return extrap, self.attn_factor
         extrap = extrap / self.freq_factors[None, :]
         interp = self.freq_scale * extrap
         mag = self.attn_factor

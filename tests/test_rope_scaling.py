@@ -32,7 +32,9 @@ CASES = {
     "llama3-freqs": replace(TINY, rope_freqs=True),
     "qwen3-yarn": replace(SHAPES["tiny-qwen3"], rope_scaling=YARN),  # NEOX pairs, head_dim 64
     # Gemma 3 4B+ files: linear 8 on the global layers; the sliding ones keep base 1e4, unscaled
-    "gemma3-linear": replace(SHAPES["tiny-gemma3"], rope_scaling=(("type", "linear"), ("factor", 8.0))),
+    # (attn_factor, which llama.cpp applies to every layer, added to see that it reaches both)
+    "gemma3-linear": replace(SHAPES["tiny-gemma3"], rope_scaling=(("type", "linear"), ("factor", 8.0),
+                                                                           ("attn_factor", 0.9))),
 }
 # Past the original context of 4096, up to the model's own (factor 8: 32k).
 FAR = np.array([0, 1, 17, 4095, 4096, 9000, 20000, 32767], np.int32)
