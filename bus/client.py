@@ -102,9 +102,19 @@ class BusClient:
         if "req" not in header and header["type"] in P.SCHEMAS and "req" in P.SCHEMAS[header["type"]]:
             self._req += 1
             header = {**header, "req": self._req}
-        with self._lock:
-            self.sock.send_multipart(P.encode(header))
+        self._send_frames(P.encode(header), time.monotonic() + self.timeout)
         return header.get("req", 0)
+
+    def _send_frames(self, frames: list[Any], deadline: float) -> None:
+        """Send without blocking past the deadline: a DEALER with no live connection (a bus that
+        never completed the CURVE handshake with us, say) blocks a plain send forever."""
+        while True:
+            with self._lock:  # short polls: the heartbeat thread takes the lock between them
+                if self.sock.poll(max(0.0, min(0.05, deadline - time.monotonic())) * 1000, zmq.POLLOUT):
+                    self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+                    return
+            if time.monotonic() >= deadline:
+                raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}")
 
     def _recv_one(self, timeout: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -154,9 +164,8 @@ class BusClient:
 
     # --- requests -----------------------------------------------------------------------------
     def hello(self, timeout: float | None = None) -> dict[str, Any]:
-        with self._lock:
-            self.sock.send_multipart(P.encode({"type": P.HELLO, "name": self.name}))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._send_frames(P.encode({"type": P.HELLO, "name": self.name}), deadline)
         while True:
             h = self._recv_one(deadline - time.monotonic())
             if h is None:
