@@ -33,6 +33,7 @@ cdef extern from "attn.h" nogil:
         int n, H, KV, G, hd
         float scale
         int isa
+        int lanes
     int dair_attention(const dair_attn_args* a)
 
 _ISA_CODES = {"avx512": DAIR_ATTN_AVX512, "avx2": DAIR_ATTN_AVX2, "c": DAIR_ATTN_C}
@@ -42,6 +43,17 @@ ISAS = tuple(name for name, ok in (("avx512", DAIR_ATTN_HAVE_AVX512), ("avx2", D
                                     ("c", 1)) if ok)
 
 cdef int _isa = _ISA_CODES[ISAS[0]]
+# The query-lanes prefill scheme: off, so that a row's result never depends on its batch (see attn.h).
+cdef bint _lanes = False
+
+
+def set_prefill_lanes(bint on) -> bool:
+    """Allow the faster query-lanes prefill scheme, whose rows differ in the last bits from the
+    same rows decoded one at a time (benchmarks only); returns the previous setting."""
+    global _lanes
+    old = _lanes
+    _lanes = on
+    return old
 
 
 def get_isa() -> str:
@@ -131,6 +143,7 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None):
     a.hd = <int>hd
     a.scale = <float>(1.0 / sqrt(<double>hd)) if scale is None else <float>scale
     a.isa = _isa
+    a.lanes = _lanes
     cdef int rc
     with nogil:
         rc = dair_attention(&a)

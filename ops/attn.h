@@ -60,6 +60,8 @@ typedef struct {
     int n, H, KV, G, hd;
     float scale;
     int isa;            /* DAIR_ATTN_*, already checked to be compiled in */
+    int lanes;          /* allow the query-lanes prefill scheme (faster, but a row's bits then
+                           depend on its batch: see dair_attention) */
 } dair_attn_args;
 
 static inline float dair_attn_h2f(uint16_t h) {
@@ -869,6 +871,8 @@ static void dair_attn_chunk(void *ctx, int c) {
             dair_attn_task_rows(a, i, kvh, t0, t1, part, scr, scr + (size_t)a->G * DAIR_ATTN_SPAN);
         } else {
             int nblk = (a->n * a->G + p->R - 1) / p->R, kvh = task / nblk, blk = task % nblk;
+            (void)kvh;
+            (void)blk; /* unused where neither SIMD path is compiled in */
 #if DAIR_ATTN_HAVE_AVX512
             if (a->isa == DAIR_ATTN_AVX512)
                 dair_attn_task_lanes512(a, kvh, blk * p->R, scr);
@@ -965,7 +969,13 @@ static int dair_attention(const dair_attn_args *a) {
         p.scheme = DAIR_ATTN_SCHEME_C;
         p.ntask = a->n * a->KV;
         p.per = (size_t)a->G * (maxpos + 1) + a->hd + 16;
-    } else if (a->n * a->G < VLq) {
+    } else if (!a->lanes || a->n * a->G < VLq) {
+        /* Each row on its own, in spans fixed by absolute position and merged in order: a row's
+         * result is then bit-identical whether it is decoded alone or prefilled in a batch of any
+         * size, on any thread count. Replaying a session's history after a failover or a bus
+         * restart (one prefill) must give the tokens its decode steps gave, so this is the default;
+         * the lanes scheme below (one query per SIMD lane) is faster for long prompts but sums in
+         * another order. */
         p.scheme = DAIR_ATTN_SCHEME_ROWS;
         p.nspan = maxpos / DAIR_ATTN_SPAN + 1;
         p.ntask = a->n * a->KV * p.nspan;

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from dair.ops import threads
-from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa
+from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa, set_prefill_lanes
 
 KINDS = ["f32", "f16", "q8_0"]
 
@@ -79,7 +79,15 @@ def test_decode(rng, isa, kind, H, KV, hd, pos):
     check(rng, kind, H, KV, hd, pos)
 
 
-# Prefill: many query rows (the "lanes" scheme: tiles of 64 keys, online softmax).
+# Prefill: many query rows: by default each row as in decode ("rows"), or (benchmarks) the
+# "lanes" scheme: tiles of 64 keys, online softmax, one query per SIMD lane.
+@pytest.fixture(params=["rows", "lanes"])
+def scheme(request):
+    old = set_prefill_lanes(request.param == "lanes")
+    yield request.param
+    set_prefill_lanes(old)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H,KV,hd,start,n", [
     (9, 3, 64, 1750, 300),          # 2,050 keys: 33 tiles, the causal edge inside tiles
@@ -89,7 +97,7 @@ def test_decode(rng, isa, kind, H, KV, hd, pos):
     (4, 2, 20, 3, 65),              # head_dim not a multiple of the vector width
     (3, 1, 8, 0, 17),
 ])
-def test_prefill(rng, isa, kind, H, KV, hd, start, n):
+def test_prefill(rng, isa, scheme, kind, H, KV, hd, start, n):
     if kind == "q8_0" and hd % 32:
         pytest.skip("Q8_0 blocks need head_dim % 32 == 0")
     check(rng, kind, H, KV, hd, np.arange(start, start + n))
@@ -132,3 +140,18 @@ def test_rejects_bad_cache():
         attention(q, np.zeros((5, 2, 64), np.int8), np.zeros((5, 2, 64), np.int8), pos)
     with pytest.raises(ValueError, match="not available"):
         set_isa("neon" if "neon" not in ISAS else "sse")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind):
+    """Bit for bit: replaying a session's history in one prefill (failover, bus restart) must give
+    the logits its decode steps gave, or greedy tokens part after a replay."""
+    n, start = 300, 1800
+    pos = np.arange(start, start + n, dtype=np.int32)
+    q = rng.standard_normal((n, 9, 64)).astype(np.float32)
+    kc, _ = make_cache(rng, kind, start + n, 3, 64)
+    vc, _ = make_cache(rng, kind, start + n, 3, 64)
+    batch = attention(q, kc, vc, pos)
+    for chunk in (1, 7, 256):
+        parts = [attention(q[i:i + chunk], kc, vc, pos[i:i + chunk]) for i in range(0, n, chunk)]
+        np.testing.assert_array_equal(np.concatenate(parts), batch, err_msg=f"{isa} {kind} chunks of {chunk}")
