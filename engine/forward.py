@@ -167,7 +167,7 @@ class RangeEngine:
         units, self.max_ram = self._units(), max_ram
         # The budget holds the KV cache of one full-length session too (engine/kvcache.py).
         self.kv_bytes_per_token, self.max_context, self.context_set_by, weights_budget = plan_kv(
-            cfg, self.kv_type, len(self.layers), max_context, max_ram, [u.nbytes for u in units])
+            cfg, self.kv_type, len(self.layers), max_context, max_ram, [u.nbytes for u in units], reserve)
         self.residency = Residency(model, units, weights_budget, method=residency, drop_cache=drop_cache,
                                    rebuild=self._rebuild, expert_spans=expert_spans, expert_reserve=reserve)
         self.moe_layers = len(moe)

@@ -126,10 +126,11 @@ def streaming_window(unit_bytes: list[int]) -> int:
 
 
 def plan_kv(cfg, kv_type: str, n_layers: int, max_context: int, max_ram: int | None,
-            unit_bytes: list[int]) -> tuple[int, int, str, int | None]:
+            unit_bytes: list[int], reserve: int = 0) -> tuple[int, int, str, int | None]:
     """For an engine of n_layers of a model (cfg: its ModelConfig): (bytes of KV per token for
-    these layers, max_context, what set it, the budget left for weights)."""
+    these layers, max_context, what set it, the budget left for weights). reserve: weight bytes
+    held beside the streamed units (an MoE range's chosen experts)."""
     per_token = kv_bytes_per_token(check_kv_type(kv_type, cfg.head_dim), cfg.n_kv_heads, cfg.head_dim) * n_layers
     limit, why, weights = context_limit(cfg.context_length, max_context, per_token, max_ram,
-                                        streaming_window(unit_bytes))
+                                        streaming_window(unit_bytes) + reserve)
     return per_token, limit, why, weights
