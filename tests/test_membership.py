@@ -218,3 +218,34 @@ def test_placement_on_join_and_leave(bus, file_digests):
     assert (fast.first, fast.last, fast.state) == (0, 24, LOADING)
     assert b"slow" not in m.registry.nodes
     assert w.to(b"fast", P.ASSIGN)[0]["first"] == 0
+
+
+def test_a_closed_connection_is_a_death_after_one_heartbeat_interval(bus, file_digests):
+    m, w = bus
+    _register(m, file_digests, b"s0", 0, 14)
+    _register(m, file_digests, b"s1", 15, 29)
+    _register(m, file_digests, b"sb", standby=True)
+    m.connected(b"s0", 7)
+    m.connected(b"s1", 8)
+    now = time.monotonic()
+    for n in m.registry.nodes.values():
+        n.last_seen = now
+    m.on_disconnect(8)
+    m.heartbeat(now + 0.5 * m.hb_s, now)  # within the interval it may still register again
+    assert m.registry.get(b"s1").live
+    m.connected(b"s1", 9)  # it did, over a new socket: alive, nothing moves
+    m.heartbeat(now + 1.5 * m.hb_s, now)
+    assert m.registry.get(b"s1").live and m.registry.get(b"sb").state == STANDBY
+    m.on_disconnect(7)
+    m.heartbeat(now + 3.0 * m.hb_s, now)  # well within the silence timeout: the close decides
+    assert m.registry.get(b"s0") is None and m.registry.get(b"sb").first == 0
+
+
+def test_registrations_beyond_max_stages_are_busy_not_fatal(bus, file_digests):
+    m, w = bus
+    m.max_stages = 2
+    _register(m, file_digests, b"s0", 0, 14)
+    _register(m, file_digests, b"s1", 15, 29)
+    with pytest.raises(P.ProtocolError) as e:
+        _register(m, file_digests, b"sb", standby=True)
+    assert e.value.code == P.E_BUSY and b"sb" not in m.registry.nodes
