@@ -1,15 +1,15 @@
-"""dair-bus's event loop: sockets, dispatch, the stages' membership, routing, heartbeats, stats.
+"""dair-bus's event loop: sockets, dispatch, routing, heartbeats, stats.
 
 One thread, one ROUTER for stages and clients, one PUB for stats. It never touches activation
 values: it reads each message's header, forwards the same frames (zero-copy) to the stage that
 owns the next layer, and hands token results to the requests' rules (bus/requests.py), which
-turn them into the next decode step.
+turn them into the next decode step. The stages' registrations, heartbeats and deaths go to the
+membership's rules (bus/membership.py).
 """
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 import time
 import traceback
@@ -21,20 +21,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
-from dair.bus.registry import DEAD, LIVE_STATES, LOADING, STANDBY, Node, Registry, fmt_span
+from dair.bus.membership import Membership
+from dair.bus.registry import Node, Registry, fmt_span
 from dair.bus.requests import Requests
 from dair.bus.sessions import Session
 from dair.bus.trust import RefusalBudget, Refused, check_entries
 from dair.model import digests
-
-# Wait this long after a stage to be placed registers before planning, and at most
-# PLAN_WAIT_S for the registered budgets to hold the whole model (then plan anyway: they stream).
-PLAN_SETTLE_S = 0.5
-PLAN_WAIT_S = 10.0
-
-
-def _fmt_budget(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n else "unlimited"
 
 
 def _nbytes(frames: list[Any]) -> int:
@@ -56,7 +48,6 @@ class Broker:
         # has lost every session, so a client waiting for tokens can give up at once.
         self.boot = uuid.uuid4().hex[:12]
         self.stats_s = bus["stats_interval_ms"] / 1000.0
-        self.max_stages = int(bus.get("max_stages", 64))
         self.max_queued = int(bus.get("max_queued_msgs", 1000))
         self.max_frame = int(bus["max_frame_bytes"])
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
@@ -76,12 +67,9 @@ class Broker:
         self.req = Requests(cfg, model, tokenizer, self.registry, send=self.send, tell=self.tell,
                             route=self.forward, busy_at=self.busy_at, count=self.count, log=self.log)
         self.sessions: dict[str, Session] = self.req.sessions  # the same dict: the requests own it
+        self.members = Membership(cfg, model, self.registry, self.req, self.gate_bytes, send=self.send,
+                                  reply_error=self.reply_error, count=self.count, log=self.log)
         self._running = True
-        # Placement of stages started without --layers (replan): when to plan next (0 = no plan
-        # pending), and since when budgets too small for the model have been waiting for more.
-        self.plan_due = 0.0
-        self.plan_waiting_since = 0.0
-        self._unit_bytes: tuple[list[int], int] | None = None
         self.ctx = zmq.Context.instance()
         # keys: (bus secret key path, {role: allowed-keys dir}); the ZAP handler must run on the
         # sockets' context before they bind, or libzmq would admit any client key.
@@ -156,11 +144,6 @@ class Broker:
         self.count(code)
         self.send(ident, P.error(code, msg, **extra))
 
-    def send_assign(self, n: Node) -> None:
-        self.send(n.ident, {"type": P.ASSIGN, "node": n.node, "first": n.first, "last": n.last,
-                            "heartbeat_ms": int(self.hb_s * 1000), "liveness": self.liveness,
-                            "resume": n.resume})
-
     def busy_at(self, ident: bytes) -> bool:
         """Is a step at this stage right now (sent less than a second ago, not back yet)?"""
         now = time.perf_counter()
@@ -209,13 +192,13 @@ class Broker:
                     self.on_frames(frames)
                     self.flush()
                 while self.router_mon is not None and self.router_mon.poll(0):
-                    self.on_disconnect(int(recv_monitor_message(self.router_mon)["value"]))
+                    self.members.on_disconnect(int(recv_monitor_message(self.router_mon)["value"]))
             else:
                 self.caught_up = time.monotonic()
             now = time.monotonic()
-            if self.plan_due and now >= self.plan_due:
-                self.plan_due = 0.0
-                self.replan()
+            if self.members.plan_due and now >= self.members.plan_due:
+                self.members.plan_due = 0.0
+                self.members.replan()
             if self.req.held and now >= self.req.held_until:
                 self.req.release_held()
             if now >= next_hb:
@@ -242,84 +225,15 @@ class Broker:
             except Exception as e:  # a bad key file must not take the bus down
                 self.log(f"cannot reload allowed keys: {e}")
 
-    def on_disconnect(self, fd: int) -> None:
-        for node in self.registry.nodes.values():
-            if node.fd == fd and fd >= 0 and node.state != DEAD:
-                node.fd = -1
-                node.dropped_at = time.monotonic()
-
     def heartbeat(self, now: float) -> None:
-        for node in list(self.registry.nodes.values()):
-            # A stage whose connection closed and that has not registered again with a new one
-            # (which replaces this entry) within a heartbeat interval is gone: its process died.
-            if node.dropped_at and now - node.dropped_at > self.hb_s and node.state != DEAD:
-                node.state = DEAD
-                self.count("stages_declared_dead")
-                what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
-                self.log(f"stage {node.name} ({what}) closed its connection: declared dead")
-                self.stage_lost(node)
-                if any(n.place for n in self.registry.nodes.values()):
-                    self.plan_due = now
-        for node in self.registry.expire(now, self.hb_s * self.liveness, self.caught_up):
-            self.count("stages_declared_dead")
-            what = fmt_span(node.first, node.last) if node.first >= 0 else "standby"
-            self.log(f"stage {node.name} ({what}) silent for {now - node.last_seen:.1f}s: declared dead")
-            self.stage_lost(node)
-            if any(n.place for n in self.registry.nodes.values()):
-                self.plan_due = now  # the placed stages share the layers again
-        # The sessions the bus holds: a stage closes any other it has (one whose `close` it
-        # missed while it was cut off or declared dead), so that no KV cache outlives its session.
-        beat = {"type": P.HEARTBEAT, "t": time.time(), "sids": list(self.sessions)}
-        for node in self.registry.nodes.values():
-            if node.state != DEAD:
-                self.send(node.ident, beat)
+        self.members.heartbeat(now, self.caught_up)
         self.budget.prune(now)
         silence = self.hb_s * self.liveness
-        self.req.check_paused(now, 4 * silence, self._covering())
+        self.req.check_paused(now, 4 * silence, self.members.covering())
         self.req.expire_idle(now, silence, self.client_seen)
         for ident, seen in list(self.client_seen.items()):
             if now - seen > silence and not any(s.client == ident for s in self.sessions.values()):
                 del self.client_seen[ident]
-
-    # --- failover -----------------------------------------------------------------------------
-    def stage_lost(self, dead: Node) -> None:
-        """A stage died: every session's KV in its range is gone. Running requests pause until a
-        standby has loaded the range, then replay their history (`resume_paused`); without a
-        standby they end with `not_ready` and the sessions wait for a stage to cover the range."""
-        if dead.first < 0:
-            return  # a standby (or a stage still to be placed) held no KV: nothing to replay
-        self.req.forget_kv()
-        self.cover_gaps()
-        replan = any(n.place and n.state != DEAD for n in self.registry.nodes.values())  # placed stages move
-        if any(s.paused for s in self.sessions.values()) and not self._covering() and not self.registry.ready() \
-                and not replan:
-            self.req.fail_paused(P.E_NOT_READY, f"stage {dead.name} ({fmt_span(dead.first, dead.last)}) died and "
-                             f"no standby stage is free; the session resumes (send the request again) "
-                             f"once a stage covers {fmt_span(dead.first, dead.last)}")
-
-    def _covering(self) -> bool:
-        """Is a stage loading a range right now (a standby that was assigned one)?"""
-        return any(n.state not in (DEAD, STANDBY) and not n.live and n.first >= 0
-                   for n in self.registry.nodes.values())
-
-    def cover_gaps(self) -> None:
-        """Give each dead stage's uncovered range to a free standby, which loads it from its disk."""
-        for dead in [n for n in self.registry.nodes.values() if n.state == DEAD and n.first >= 0]:
-            if self.registry.conflicts(dead.first, dead.last):
-                continue  # someone took (part of) it already
-            free = self.registry.standbys()
-            if not free:
-                return
-            sb = free[0]
-            self.registry.remove(dead.ident)  # the dead stage's row goes once its range is retaken
-            sb.first, sb.last, sb.state = dead.first, dead.last, LOADING
-            self.log(f"assigning {fmt_span(dead.first, dead.last)} of dead {dead.name} to standby {sb.name}")
-            self.send_assign(sb)
-            self.open_sessions(sb)  # after ASSIGN: the stage builds its engine first
-
-    def open_sessions(self, node: Node) -> None:
-        for s in self.sessions.values():
-            self.send(node.ident, {"type": P.OPEN, "sid": s.sid})
 
     def on_frames(self, frames: list[Any]) -> None:
         ident = bytes(frames[0].buffer)
@@ -379,8 +293,7 @@ class Broker:
                 fd = -1
         try:
             self.dispatch(ident, node, header, buffers, body)
-            if fd >= 0 and (registered := self.registry.get(ident)) is not None:
-                registered.fd, registered.dropped_at = fd, 0.0  # (re)connected: alive
+            self.members.connected(ident, fd)
         except P.ProtocolError as e:
             self.count("bad_frames")
             self.budget.charge(ident, 1, now)
@@ -409,214 +322,14 @@ class Broker:
         if handler is not None:
             handler(ident, h)
 
-    # --- placement (stages registered without --layers) --------------------------------------
-    def replan(self) -> None:
-        """Place the stages registered without --layers over the layers that no stage with explicit
-        layers holds, in proportion to their announced budget x speed (engine.placement.place),
-        and send ASSIGN to those whose range changes. Running requests pause and replay once the
-        pipeline is whole again, as after a failover."""
-        from dair.engine.placement import NodeCapacity, place
-        from dair.errors import DairError
-
-        now = time.monotonic()
-        for n in [n for n in self.registry.nodes.values() if n.place and n.state == DEAD]:
-            self.registry.remove(n.ident)
-        placed = sorted((n for n in self.registry.nodes.values() if n.place),
-                        key=lambda n: int(n.node[1:]) if n.node[1:].isdigit() else 0)
-        if not placed:
-            return
-        n_layers = self.registry.n_layers
-        held = [False] * n_layers
-        for n in self.registry.live():
-            if not n.place:
-                for i in range(n.first, n.last + 1):
-                    held[i] = True
-        free = [i for i in range(n_layers) if not held[i]]
-        if not free:
-            return
-        a, b = free[0], free[-1]
-        if b - a + 1 != len(free):
-            self.log("cannot place stages: the layers free of explicit stages are not one contiguous range")
-            return
-        if self._unit_bytes is None:
-            from dair.engine.placement import model_unit_bytes
-
-            self._unit_bytes = model_unit_bytes(self.model, kv_tokens=self.req.max_context)
-        layer_bytes, head_bytes = self._unit_bytes
-        span, head = layer_bytes[a:b + 1], head_bytes if b == n_layers - 1 else 0
-        need = max([*span, head])
-        for n in [n for n in placed if n.max_ram and n.max_ram < need]:
-            msg = (f"stage {n.name}: budget {_fmt_budget(n.max_ram)} cannot hold even one unit of "
-                   f"the layers to place ({_fmt_budget(need)}); give it at least that (--max-ram)")
-            self.log(f"refused: {msg}")
-            self.reply_error(n.ident, P.E_LAYER, msg, fatal=True)
-            self.registry.remove(n.ident)
-            placed.remove(n)
-        placed = placed[:len(span)]
-        if not placed:
-            return
-        budgets = [n.max_ram or None for n in placed]
-        if None not in budgets and sum(budgets) < sum(span) + head:  # type: ignore[arg-type]
-            # Too little RAM registered for the whole range to be resident: wait a while for more
-            # stages, then place anyway (they stream their layers from disk).
-            self.plan_waiting_since = self.plan_waiting_since or now
-            if now - self.plan_waiting_since < PLAN_WAIT_S:
-                self.plan_due = self.plan_waiting_since + PLAN_WAIT_S
-                return
-        self.plan_waiting_since = 0.0
-        try:
-            plan = place(span, [NodeCapacity(n.node, n.max_ram or None, n.speed) for n in placed], head)
-        except DairError as e:
-            self.log(f"cannot place stages: {e}")
-            return
-        by_name = {n.node: n for n in placed}
-        moved = []
-        for p in plan:
-            n = by_name[p.name]
-            first, last = p.first + a, p.last + a
-            if (n.first, n.last) == (first, last):
-                continue
-            n.first, n.last, n.state = first, last, LOADING
-            moved.append(n)
-            self.send_assign(n)
-            self.open_sessions(n)  # after ASSIGN: the stage builds its engine first
-        if not moved:
-            return
-        self.log("placed: " + ", ".join(f"{by_name[p.name].name} {fmt_span(p.first + a, p.last + a)} ({p.mode})"
-                                        for p in plan))
-        self.req.forget_kv()  # moved ranges hold no KV
-
     # --- stages -------------------------------------------------------------------------------
     def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
-        n_layers = self.registry.n_layers
-        where = f"stage {h['name']} (pid {h['pid']} on {h['host']})"
-        if h["fingerprint"] != self.model.fingerprint:
-            msg = (f"{where} has a different model file (fingerprint {h['fingerprint'][:16]}), "
-                   f"the bus serves {self.model.path} (fingerprint {self.model.fingerprint[:16]})")
-            self.log(f"refused: {msg}")
-            self.reply_error(ident, P.E_FINGERPRINT, msg, fatal=True)
-            return
-        if node is None and sum(1 for n in self.registry.nodes.values() if n.state != DEAD) >= self.max_stages:
-            # Not fatal: a real stage retries after a heartbeat timeout, when a slot may be free.
-            raise P.ProtocolError(P.E_BUSY, f"the bus has {self.max_stages} stages registered (max_stages)")
         user = (security.peer_user(body[0]) or "") if self.gate is not None else ""
-        prev = self.previous_connection(ident, h, user)
-        place = bool(h.get("place"))  # started without --layers: the bus places it (replan)
-        if place and h["first"] >= 0 and (not h["last"] < n_layers or [
-                c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c is not prev]):
-            h = {**h, "first": -1, "last": -1}  # its old range (before a bus restart) is taken: re-place it
-        standby = bool(h.get("standby")) or (place and h["first"] < 0)
-        if standby:  # no layers until the bus assigns a dead stage's range (cover_gaps)
-            h = {**h, "first": -1, "last": -1, "state": STANDBY}
-        elif not 0 <= h["first"] <= h["last"] < n_layers:
-            msg = f"{where} asks for layers {h['first']}-{h['last']}; the model has layers 0-{n_layers - 1}"
-            self.log(f"refused: {msg}")
-            self.reply_error(ident, P.E_LAYER, msg, fatal=True)
-            return
-        # A peer's identity is its connection, never the name, pid or host it announces: the
-        # range of a live stage goes only to that stage on a new connection (`prev`), or once the
-        # owner's connection has closed (its death is established). Checked before anything goes.
-        clash = [c for c in self.registry.conflicts(h["first"], h["last"], ignore=ident) if c is not prev]
-        gone = [c for c in clash if c.dropped_at]
-        clash = [c for c in clash if not c.dropped_at]
-        if not place and any(c.place for c in clash):
-            # Explicit layers win over placed ones: the placed stages move (replan).
-            clash = [c for c in clash if not c.place]
-            self.plan_due = time.monotonic()
-        if clash:
-            owners = ", ".join(f"{c.name} ({fmt_span(c.first, c.last)})" for c in clash)
-            msg = f"{where} asks for layers {h['first']}-{h['last']}, already owned by {owners}"
-            self.log(f"refused: {msg}")
-            self.reply_error(ident, P.E_OVERLAP, msg, fatal=True)
-            return
-        if not standby:
-            verdict, why = self.gate_bytes.admit(ident, h["first"], h["last"], h.get("digests"), where,
-                                                 self.registry.nodes)
-            if verdict == "wait":  # not fatal: the stage registers again after a heartbeat timeout
-                raise P.ProtocolError(P.E_BUSY, why)
-            if verdict == "refused":
-                self.refuse_bytes(ident, why)
-                return
-        if prev is not None:  # the same stage, which lost its old connection: that entry goes
-            self.registry.remove(prev.ident)
-        for old in gone:
-            old.state = DEAD
-            self.count("stages_declared_dead")
-            self.log(f"stage {old.name} ({fmt_span(old.first, old.last)}) closed its connection: declared dead")
-        for old in list(self.registry.nodes.values()):  # a dead stage's row goes once its range is retaken
-            if old.state == DEAD and not (h["last"] < old.first or h["first"] > old.last):
-                self.registry.remove(old.ident)
-        same = node if node is not None else prev
-        name = same.node if same is not None else self.registry.new_name()
-        new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
-                   last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
-                   rss_at_register=h["rss"], max_ram=h.get("max_ram", 0), user=user,
-                   place=place, speed=float(h.get("speed", 1.0) or 1.0),
-                   resume=same.resume if same is not None else secrets.token_hex(16))
-        self.registry.add(new)
-        self.send_assign(new)
-        if standby:
-            if place:
-                # Stages started together register within moments of each other: one plan for
-                # all of them rather than a reload per arrival.
-                self.plan_due = time.monotonic() + PLAN_SETTLE_S
-                self.log(f"registered {h['name']} as {name}: to be placed (budget "
-                         f"{_fmt_budget(new.max_ram)}, speed {new.speed:g})")
-                return
-            self.log(f"registered {h['name']} as {name}: standby")
-            self.cover_gaps()
-            return
-        # A stage that joins late holds no KV: open every session on it and replay from history.
-        # That includes running requests (a stage whose connection dropped registers again, and
-        # the steps in flight were lost with the connection): they replay once the pipeline is whole.
-        self.open_sessions(new)
-        self.req.forget_kv()
-        if self.registry.ready() and h["state"] == "ready" and any(s.paused for s in self.sessions.values()):
-            self.req.resume_paused()
-        self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
-
-    def previous_connection(self, ident: bytes, h: dict[str, Any], user: str) -> Node | None:
-        """The entry of the stage registering here if it registered before on another connection:
-        it proves that by the `resume` token the bus gave it over that connection only (and, with
-        keys, by the same key). Nothing a stage says about itself (name, pid, host) counts."""
-        token = h.get("resume")
-        if not token:
-            return None
-        for n in self.registry.nodes.values():
-            if n.ident != ident and n.resume and secrets.compare_digest(n.resume, token) and n.user == user:
-                return n
-        return None
-
-    def refuse_bytes(self, ident: bytes, refusal: str) -> None:
-        self.log(f"refused: {refusal}")
-        self.reply_error(ident, P.E_FINGERPRINT, refusal, fatal=True)
+        self.members.on_register(ident, node, h, user)
 
     def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
-        if self.gate_bytes.refused(ident):
-            return  # told to exit; its last beats change nothing
-        if h.get("state") in LIVE_STATES and node.first >= 0 and (verdict := self.gate_bytes.beat(
-                ident, node.first, node.last, h, f"stage {node.name} (pid {node.pid} on {node.host})",
-                self.registry.nodes))[0] != "ok":
-            h = {k: v for k, v in h.items() if k != "state"}  # not serving (yet): it stays loading
-            if verdict[0] == "refused":
-                self.refuse_bytes(ident, verdict[1])
-                node.state = DEAD  # its range goes to the next free standby
-                self.plan_due = time.monotonic() if node.place else self.plan_due
-                self.cover_gaps()
-                return
-        if node.state == DEAD and not self.registry.conflicts(node.first, node.last, ignore=ident):
-            self.log(f"stage {node.name} is back")
-        stale = h.get("state") == STANDBY and node.first >= 0  # sent before it read its ASSIGN
-        if "state" in h and not stale and (node.state != DEAD or not self.registry.conflicts(
-                node.first, node.last, ignore=ident)):
-            node.state = h["state"]
-        st = h.get("stats") or {}
-        node.stage_stats = st
-        node.rss = int(st.get("rss", node.rss) or 0)
-        node.cpu = float(st.get("cpu", node.cpu) or 0.0)
-        if node.live and any(s.paused for s in self.sessions.values()) and self.registry.ready():
-            self.req.resume_paused()
+        self.members.on_heartbeat(ident, node, h)
 
     def on_stage_error(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         self.count(f"stage_{h['code']}")

@@ -73,7 +73,7 @@ class Link:
         self._dropped = False
         self._beat_due = threading.Event()
         # Given by the bus in ASSIGN over our connection: presented when we register again on a
-        # new one, it proves we are the stage that held our range (see Broker.previous_connection).
+        # new one, it proves we are the stage that held our range (see Membership.previous_connection).
         self.resume = ""
         # The bus admits a range only if these match its own file's bytes (model/digests.py).
         self.digests = FileDigests(model, progress="dair-stage")
