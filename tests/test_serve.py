@@ -164,6 +164,82 @@ def test_stop_strings_are_honoured(client, cluster3: LocalCluster) -> None:
     assert streamed == full[:cut - 2]
 
 
+def test_streamed_logprobs_are_on_each_tokens_chunk_and_equal_dair_score(client, cluster3: LocalCluster,
+                                                                       tokenizer) -> None:
+    """Sampled (not greedy), so the chosen token is not simply the top one: each streamed chunk's
+    entries are the model's log-probabilities of its own tokens, as a teacher-forced `dair score`
+    of prompt + answer (another request, prefilled in one pass) computes them."""
+    n, seed = 8, 1234
+    content, texts, usage = [], [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0.9, seed=seed,
+                                                max_tokens=n, stream=True, logprobs=True, top_logprobs=3,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                assert c.logprobs is not None and c.logprobs.content, "a content chunk without its logprobs"
+                # The chunk's tokens are the chunk's text (plain ASCII here: nothing held back).
+                assert "".join(e.token for e in c.logprobs.content) == c.delta.content
+            if c.logprobs is not None:
+                content += c.logprobs.content
+            texts.append(c.delta.content or "")
+    assert usage is not None and len(content) == usage.completion_tokens == n
+    with BusClient(cluster3.addr, timeout=120) as bc:
+        gen = [ev for ev in bc.generate(messages=QUESTION, params={"temperature": 0.9, "seed": seed},
+                                        max_tokens=n)][-1]["ids"]
+    assert [e.token for e in content] == [tokenizer.decode([i]) for i in gen]
+    assert "".join(texts) == tokenizer.decode(gen)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True))
+    ids = prompt_ids + gen
+    s = _dair("score", "--bus", cluster3.addr, "--ids", ",".join(map(str, ids)), "--top", "40", "--json")
+    assert s.returncode == 0, s.stderr
+    positions = json.loads(s.stdout)["positions"]
+    not_top = 0
+    for j, entry in enumerate(content):
+        pos = positions[len(prompt_ids) + j - 1]
+        # Generated step by step (decode rows, the KV cache) vs one prefill: float rounding only.
+        assert math.isclose(entry.logprob, pos["logprob_next"], abs_tol=2e-3), (j, entry.logprob, pos)
+        logits = dict((int(i), v) for i, v in pos["top"])
+        lse = logits[gen[j]] - pos["logprob_next"]  # top_k 40 sampling: the chosen id is in the top 40
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i, _ in pos["top"][:3]]
+        for t, (_, logit) in zip(entry.top_logprobs, pos["top"][:3], strict=True):
+            assert math.isclose(t.logprob, logit - lse, abs_tol=2e-3)
+        not_top += pos["top"][0][0] != gen[j]
+    assert not_top, "the test wants at least one sampled token that is not the most likely"
+
+
+def test_streamed_completion_logprobs_count_the_token_that_completes_a_stop(client) -> None:
+    """A stop string ending inside a token: that token is counted in completion_tokens, so it has
+    its logprobs entry too (streamed and not), and text_offset runs over the tokens' text."""
+    prompt = "One, two, three, four,"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    cut = full.index(",", 3)
+    stop = full[cut - 2:cut + 2]  # ends after the space that begins the next word's token
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == full[:cut - 2]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    joined = "".join(lp.tokens)
+    assert joined.startswith(r.choices[0].text) and stop in joined and not joined.endswith(stop)  # mid-token
+    assert stop not in "".join(lp.tokens[:-1])  # the last token is the one that completed it
+    assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(lp.tokens))]
+    tokens, logprobs, offsets, text, usage = [], [], [], [], None
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                           logprobs=2, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text.append(c.text)
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                logprobs += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert "".join(text) == r.choices[0].text
+    assert tokens == lp.tokens and offsets == lp.text_offset and usage.completion_tokens == len(tokens)
+    assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(logprobs, lp.token_logprobs, strict=True))
+
+
 def test_concurrent_streams_get_the_answers_they_get_alone(server: str) -> None:
     prompts = [f"List {k} animals:" for k in ("three", "four", "five", "six")] * 2
 
