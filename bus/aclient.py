@@ -203,7 +203,8 @@ class AsyncBus:
         raise BusError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(problems))
 
     async def _stream_once(self, ids: list[int], params: dict[str, Any], max_tokens: int,
-                           stop_ids: list[int] | None, token_timeout: float) -> AsyncIterator[dict[str, Any]]:
+                           stop_ids: list[int] | None, token_timeout: float,
+                           logprobs: int | None) -> AsyncIterator[dict[str, Any]]:
         """One `generate` in a session of its own; the session is closed however the stream ends,
         so a consumer that stops iterating (an HTTP client gone) frees the stages' KV caches."""
         sid = await self.open_session(params)
@@ -214,6 +215,8 @@ class AsyncBus:
                                  "params": params, "max_tokens": max_tokens, "stream": True}
             if stop_ids is not None:
                 h["stop_ids"] = list(stop_ids)
+            if logprobs is not None:
+                h["logprobs"] = logprobs
             await self._send(h)
             while True:
                 ev = await self._next(req, token_timeout)
@@ -237,8 +240,9 @@ class AsyncBus:
 
     async def generate(self, ids: list[int], params: dict[str, Any], max_tokens: int,
                        stop_ids: list[int] | None = None, resume_timeout: float = 60.0,
-                       token_timeout: float = 300.0) -> AsyncIterator[dict[str, Any]]:
-        """`token` events, then one `done` whose `ids` are all the tokens generated.
+                       token_timeout: float = 300.0, logprobs: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """`token` events, then one `done` whose `ids` are all the tokens generated. With
+        `logprobs` (0..20) each `token` carries its `lp` and the `logprobs` likeliest `top` ids.
 
         A request lost to a bus restart is sent again once the pipeline is ready, with the tokens
         received so far appended to the prompt: sampling depends only on (seed, position), so
@@ -251,7 +255,8 @@ class AsyncBus:
             before = list(got)
             try:
                 async with contextlib.aclosing(self._stream_once(
-                        list(ids) + before, params, max_tokens - len(before), stop_ids, token_timeout)) as events:
+                        list(ids) + before, params, max_tokens - len(before), stop_ids, token_timeout,
+                        logprobs)) as events:
                     async for ev in events:
                         if ev["type"] == P.TOKEN:
                             got.append(int(ev["id"]))

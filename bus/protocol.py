@@ -68,6 +68,9 @@ E_BUS_RESTARTED = "bus_restarted"
 DTYPES = ("f32", "f16", "q8_0")
 WIRE_DTYPES = DTYPES
 OUT_KINDS = ("sample", "score", "none")
+# Alternatives a `sample` step may ask for with its token (`k`), as OpenAI's top_logprobs allows;
+# `score` steps (a whole prompt's rows) may ask for up to 1000.
+MAX_SAMPLE_K = 20
 
 _INT = (int,)
 _NUM = (int, float)
@@ -107,9 +110,10 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
               "liveness": (_INT, False), "stats_interval_ms": (_INT, False), "boot": (_STR, False)},
     GENERATE: {"req": (_INT, True), "sid": (_STR, False), "ids": (_LIST, False),
                "text": (_STR, False), "messages": (_LIST, False), "params": (_MAP, False),
-               "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False)},
+               "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False),
+               "logprobs": (_INT, False)},
     TOKEN: {"req": (_INT, True), "sid": (_STR, True), "id": (_INT, True), "pos": (_INT, True),
-            "text": (_STR, True)},
+            "text": (_STR, True), "lp": (_NUM, False), "top": (_LIST, False)},
     DONE: {"req": (_INT, True), "sid": (_STR, True), "stop": (_STR, True), "ids": (_LIST, True),
            "text": (_STR, True), "n_prompt": (_INT, True), "timings": (_MAP, True)},
     CANCEL: {"sid": (_STR, True)},
@@ -259,6 +263,8 @@ def validate(header: dict[str, Any]) -> None:
         for k, v in (header.get("params") or {}).items():
             if not isinstance(k, str) or not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise ProtocolError(E_BAD_FIELD, f"{mtype}: sampling setting {k!r} must be a number")
+        if mtype == GENERATE and not 0 <= header.get("logprobs", 0) <= MAX_SAMPLE_K:
+            raise ProtocolError(E_BAD_FIELD, f"generate: 'logprobs' must be in 0..{MAX_SAMPLE_K}")
         if mtype == GENERATE and sum(k in header for k in ("ids", "text", "messages")) != 1:
             raise ProtocolError(E_MISSING, "generate: give exactly one of 'ids', 'text', 'messages'")
         if mtype == SCORE and sum(k in header for k in ("ids", "text")) != 1:
@@ -292,8 +298,10 @@ def _validate_act(h: dict[str, Any]) -> None:
         _validate_ids(ACT, s["ids"])
         if s.get("out", "none") not in OUT_KINDS:
             raise ProtocolError(E_BAD_FIELD, f"act: segment 'out' must be one of {OUT_KINDS}")
-        if "k" in s and (not isinstance(s["k"], int) or not 0 < s["k"] <= 1000):
+        if "k" in s and (not isinstance(s["k"], int) or isinstance(s["k"], bool) or not 0 < s["k"] <= 1000):
             raise ProtocolError(E_BAD_FIELD, "act: segment 'k' must be in 1..1000")
+        if s.get("out") == "sample" and s.get("k", 0) > MAX_SAMPLE_K:
+            raise ProtocolError(E_BAD_FIELD, f"act: a sample segment's 'k' must be in 1..{MAX_SAMPLE_K}")
         if "nx" in s and (not isinstance(s["nx"], int) or isinstance(s["nx"], bool) or not 0 <= s["nx"] < 1 << 31):
             raise ProtocolError(E_BAD_FIELD, "act: segment 'nx' must be a token id")
         if "p" in s and not isinstance(s["p"], dict):

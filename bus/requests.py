@@ -115,7 +115,7 @@ class Requests:
                 req.positions = []
                 self.send_prompt(s, 0, s.history, "score", k=req.top_k)
             else:
-                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params))
+                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params), **self.sample_k(req))
 
     def check_paused(self, now: float, limit: float, covering: bool) -> None:
         """A request paused for `limit` with no stage loading the missing range (a re-plan that
@@ -285,12 +285,12 @@ class Requests:
         s.kv_len = keep
         s.last_active = time.monotonic()
         s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
-                        stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids),
+                        stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids), logprobs=h.get("logprobs"),
                         n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
         if max_tokens <= 0:
             self.finish(s, "length")
             return
-        self.send_prompt(s, keep, ids, "sample", p=dict(s.params))
+        self.send_prompt(s, keep, ids, "sample", p=dict(s.params), **self.sample_k(s.req))
 
     def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
         req = s.req
@@ -308,14 +308,38 @@ class Requests:
         if tok in req.stop_ids:  # kept in ids (as the in-process engine does), never streamed
             self.finish(s, "eos")
             return None
+        logprobs = self.result_logprobs(req, r)
         piece = req.text.feed(tok) if req.text is not None else ""
         if req.stream:
             self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
-                                   "text": piece})
+                                   "text": piece, **logprobs})
         if len(req.generated) >= req.max_tokens or pos + 1 >= self.context_limit()[0]:
             self.finish(s, "length")
             return None
-        return self.make_step(s, pos, [tok], "sample")
+        return self.make_step(s, pos, [tok], "sample", **self.sample_k(req))
+
+    @staticmethod
+    def sample_k(req: Request) -> dict[str, int]:
+        """A request asking for logprobs has every sample step carry `k` (at least 1: the
+        sampled token's own log-probability comes with any k)."""
+        return {} if req.logprobs is None else {"k": max(1, req.logprobs)}
+
+    def result_logprobs(self, req: Request, r: dict[str, Any]) -> dict[str, Any]:
+        """The `lp` and `top` of a stage's sample result, checked (a stage is trusted only to
+        compute them, not to send anything it likes): ValueError if malformed."""
+        if req.logprobs is None:
+            return {}
+        lp, top = r["lp"], r["top"]
+        vocab = self.model.config.vocab_size
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+        if not number(lp) or not isinstance(top, list) or len(top) > max(1, req.logprobs) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
+                and 0 <= e[0] < vocab and number(e[1]) for e in top):
+            raise ValueError("'lp' must be a number and 'top' at most k [id, logprob] pairs")
+        return {"lp": float(lp), "top": [[e[0], float(e[1])] for e in top[:req.logprobs]]}
 
     def timings(self, req: Request) -> dict[str, float]:
         end = time.perf_counter()

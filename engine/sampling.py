@@ -114,3 +114,13 @@ def top_logits(logits: np.ndarray, k: int, targets: np.ndarray | None = None
         lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True))).reshape(-1)
         logprobs = (logits[np.arange(len(targets)), targets] - lse).astype(np.float32)
     return top, logprobs
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` and the k most likely ids with theirs, from raw logits
+    (before repeat penalty and temperature: the model's own distribution, as `score` gives it)."""
+    row = np.asarray(logits, dtype=np.float32).reshape(1, -1)
+    top, lp = top_logits(row, k, np.array([token], dtype=np.int64))
+    assert lp is not None
+    lse = float(row[0, token]) - float(lp[0])
+    return float(lp[0]), [(i, v - lse) for i, v in top[0]]

@@ -240,7 +240,7 @@ class Compute:
         return False
 
     def _head(self, y: np.ndarray, segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from dair.engine.sampling import SamplingParams, sample_token, top_logits
+        from dair.engine.sampling import SamplingParams, sample_token, token_logprobs, top_logits
 
         results: list[dict[str, Any]] = []
         rows, offset = [], 0
@@ -260,8 +260,12 @@ class Compute:
                 params = st.params if st.params is not None else SamplingParams()
                 pos = s["pos"] + n
                 tok = int(sample_token(logits[r], params, st.history, pos))
+                res = {"sid": sid, "q": s["q"], "pos": pos, "id": tok}
+                if "k" in s:  # the sampled token's log-probability and the k likeliest ids' (OpenAI's logprobs)
+                    lp, top = token_logprobs(logits[r], tok, int(s["k"]))
+                    res["lp"], res["top"] = lp, [[i, v] for i, v in top]
                 r += 1
-                results.append({"sid": sid, "q": s["q"], "pos": pos, "id": tok})
+                results.append(res)
             elif out == "score":
                 lg = self.engine.head(y[offset:offset + n])
                 nx = s.get("nx")

@@ -139,3 +139,54 @@ def test_decode_steps_wait_for_a_group_at_the_last_stage(model_file, tokenizer):
     [batch] = w.routed
     assert sorted((s["sid"], s["ids"][0]) for s in batch) == sorted([(a["sid"], 7), (b["sid"], 8)])
     assert not r.held
+
+
+def test_logprobs_ride_on_every_sample_step_and_are_checked(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 3, "stop_ids": [],
+                         "logprobs": 2})
+    [seg] = w.routed.pop()
+    assert seg["k"] == 2
+    s = r.sessions[seg["sid"]]
+    s.qs.pop(seg["q"])
+    top = [[42, -0.1], [7, -2.5]]
+    nxt = r.on_token(s, {"sid": s.sid, "q": seg["q"], "pos": 3, "id": 42, "lp": -0.1, "top": top})
+    assert nxt["k"] == 2  # decode steps ask too, not only the prompt's
+    [tok] = w.of_type(P.TOKEN)
+    assert (tok["lp"], tok["top"]) == (-0.1, top)
+    P.validate({"v": 1, **tok})
+    # A stage is trusted to compute the numbers, not to send more alternatives than asked or ids
+    # beyond the vocabulary; the broker turns ValueError/KeyError into bad_field for the request.
+    s.qs.pop(nxt["q"])
+    for bad in ({"lp": -1.0, "top": top * 2}, {"lp": -1.0, "top": [[1 << 30, -1.0]]},
+                {"lp": float("nan"), "top": []}, {"lp": "x", "top": []}, {"top": []}):
+        with pytest.raises((ValueError, KeyError)):
+            r.on_token(s, {"sid": s.sid, "q": nxt["q"], "pos": 4, "id": 5, **bad})
+    # Without logprobs no step carries k and tokens carry none.
+    r2, w2 = _requests(model_file, tokenizer)
+    r2.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 2, "stop_ids": []})
+    [seg] = w2.routed.pop()
+    assert "k" not in seg
+    # logprobs 0 (the token's own only) still asks the stage for k=1 and sends no alternatives.
+    r3, w3 = _requests(model_file, tokenizer)
+    r3.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 2, "stop_ids": [],
+                          "logprobs": 0})
+    [seg] = w3.routed.pop()
+    assert seg["k"] == 1
+    s = r3.sessions[seg["sid"]]
+    s.qs.pop(seg["q"])
+    r3.on_token(s, {"sid": s.sid, "q": seg["q"], "pos": 3, "id": 42, "lp": -0.1, "top": [[42, -0.1]]})
+    assert w3.of_type(P.TOKEN)[0]["top"] == []
+
+
+def test_generate_logprobs_and_sample_k_are_bounded():
+    for bad in (21, -1, True):
+        with pytest.raises(P.ProtocolError):
+            P.validate({"v": 1, "type": P.GENERATE, "req": 1, "ids": [1], "logprobs": bad})
+    seg = {"sid": "s", "pos": 0, "ids": [1], "q": 1, "out": "sample"}
+    act = {"v": 1, "type": P.ACT, "layer": 0, "dtype": "ids", "shape": [1]}
+    P.validate({**act, "segs": [{**seg, "k": 20}]})
+    P.validate({**act, "segs": [{**seg, "out": "score", "k": 500}]})
+    with pytest.raises(P.ProtocolError) as e:
+        P.validate({**act, "segs": [{**seg, "k": 21}]})
+    assert "1..20" in str(e.value)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from serve_fixtures import KEY, MODEL, serve_process
 
@@ -51,6 +52,42 @@ def tokenizer(default_model: Path):
     from dair.tokenizer import load_tokenizer
 
     return load_tokenizer(open_model(default_model))
+
+
+def _decode_logprobs(model_file, prompt_ids: list[int], gen: list[int]) -> list[np.ndarray]:
+    """Per generated token, log-softmax of the logits it was sampled from, computed here as the
+    stages compute them (one prefill of the prompt, then one decode step per token; the config's
+    KV cache type) with the in-process engine and numpy's log-softmax.
+
+    Not `dair score`'s: score prefills prompt + answer in one pass, and rows computed in another
+    order differ by ~1e-6, which the Q8 rounding of activations (and the f16 KV cache) can flip
+    into a whole quantization step: 0.01-0.15 in a logprob within a few tokens of this model. Only
+    the first token's row is computed the same way by both, and is compared with score below."""
+    from dair.config import defaults
+    from dair.engine.forward import RangeEngine
+
+    eng = RangeEngine(model_file, 0, model_file.config.n_layers - 1, threads=1,
+                      kv_type=defaults("stage").get("kv_type", "f16"))
+    eng.open_session("ref")
+    rows, pos, chunk = [], 0, list(prompt_ids)
+    for tok in gen:
+        y = eng.run_layers(eng.embed(np.array(chunk, dtype=np.int32)),
+                           [("ref", np.arange(pos, pos + len(chunk), dtype=np.int32))])
+        z = eng.head(y[-1:])[0].astype(np.float64)
+        rows.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
+        pos, chunk = pos + len(chunk), [tok]
+    eng.close()
+    return rows
+
+
+def _check_entries(content, rows: list[np.ndarray], gen: list[int], tokenizer, top_n: int) -> None:
+    for j, (entry, row) in enumerate(zip(content, rows, strict=True)):
+        assert math.isclose(entry.logprob, row[gen[j]], abs_tol=1e-4), (j, entry.logprob, row[gen[j]])
+        best = np.argsort(-row, kind="stable")[:top_n]
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([int(i)]) for i in best], j
+        for t, i in zip(entry.top_logprobs, best, strict=True):
+            assert math.isclose(t.logprob, row[i], abs_tol=1e-4)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
 
 
 def _generate_cli(bus: str, prompt: str, n: int) -> dict:
@@ -125,7 +162,8 @@ def test_streamed_chat_equals_non_streamed(client) -> None:
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_logprobs_equal_dair_score(client, cluster3: LocalCluster, tokenizer) -> None:
+def test_logprobs_are_those_the_tokens_were_sampled_from(client, cluster3: LocalCluster, tokenizer,
+                                                         model_file) -> None:
     r = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=6,
                                        logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
@@ -134,21 +172,16 @@ def test_logprobs_equal_dair_score(client, cluster3: LocalCluster, tokenizer) ->
     with BusClient(cluster3.addr, timeout=120) as bc:
         gen = [ev for ev in bc.generate(messages=QUESTION, params={"temperature": 0}, max_tokens=6)][-1]["ids"]
     assert [e.token for e in content] == [tokenizer.decode([i]) for i in gen]
-    ids = prompt_ids + gen
-    s = _dair("score", "--bus", cluster3.addr, "--ids", ",".join(map(str, ids)), "--top", "5", "--json")
+    _check_entries(content, _decode_logprobs(model_file, prompt_ids, gen), gen, tokenizer, 3)
+    # The first token's row is the prompt's last, computed alike by `dair score` of prompt + answer.
+    s = _dair("score", "--bus", cluster3.addr, "--ids", ",".join(map(str, prompt_ids + gen)), "--top", "5", "--json")
     assert s.returncode == 0, s.stderr
-    positions = json.loads(s.stdout)["positions"]
-    for j, entry in enumerate(content):
-        pos = positions[len(prompt_ids) + j - 1]
-        assert math.isclose(entry.logprob, pos["logprob_next"], abs_tol=1e-5)
-        # Greedy: the chosen token is the most likely one, and the alternatives are the score's
-        # top logits shifted by the row's log-sum-exp.
-        assert pos["top"][0][0] == ids[len(prompt_ids) + j]
-        lse = pos["top"][0][1] - pos["logprob_next"]
-        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i, _ in pos["top"][:3]]
-        for t, (_, logit) in zip(entry.top_logprobs, pos["top"][:3], strict=True):
-            assert math.isclose(t.logprob, logit - lse, abs_tol=1e-4)
-        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    pos = json.loads(s.stdout)["positions"][len(prompt_ids) - 1]
+    assert math.isclose(content[0].logprob, pos["logprob_next"], abs_tol=1e-5)
+    lse = pos["top"][0][1] - pos["logprob_next"]  # greedy: the chosen id is the top one
+    assert pos["top"][0][0] == gen[0]
+    for t, (_, logit) in zip(content[0].top_logprobs, pos["top"][:3], strict=True):
+        assert math.isclose(t.logprob, logit - lse, abs_tol=1e-4)
 
 
 def test_stop_strings_are_honoured(client, cluster3: LocalCluster) -> None:
@@ -162,6 +195,68 @@ def test_stop_strings_are_honoured(client, cluster3: LocalCluster) -> None:
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop, stream=True) if c.choices)
     assert streamed == full[:cut - 2]
+
+
+def test_streamed_logprobs_are_on_each_tokens_chunk(client, cluster3: LocalCluster, tokenizer, model_file) -> None:
+    """Sampled (not greedy), so the chosen token is not simply the top one: each streamed chunk
+    carries the log-probabilities of its own tokens, those of the distribution each was drawn from."""
+    n, seed = 8, 1234
+    content, texts, usage = [], [], None
+    for chunk in client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0.9, seed=seed,
+                                                max_tokens=n, stream=True, logprobs=True, top_logprobs=3,
+                                                stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                assert c.logprobs is not None and c.logprobs.content, "a content chunk without its logprobs"
+                # The chunk's tokens are the chunk's text (plain ASCII here: nothing held back).
+                assert "".join(e.token for e in c.logprobs.content) == c.delta.content
+            if c.logprobs is not None:
+                content += c.logprobs.content
+            texts.append(c.delta.content or "")
+    assert usage is not None and len(content) == usage.completion_tokens == n
+    with BusClient(cluster3.addr, timeout=120) as bc:
+        gen = [ev for ev in bc.generate(messages=QUESTION, params={"temperature": 0.9, "seed": seed},
+                                        max_tokens=n)][-1]["ids"]
+    assert [e.token for e in content] == [tokenizer.decode([i]) for i in gen]
+    assert "".join(texts) == tokenizer.decode(gen)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True))
+    rows = _decode_logprobs(model_file, prompt_ids, gen)
+    _check_entries(content, rows, gen, tokenizer, 3)
+    assert any(int(np.argmax(row)) != g for row, g in zip(rows, gen, strict=True)), \
+        "the test wants at least one sampled token that is not the most likely"
+
+
+def test_streamed_completion_logprobs_count_the_token_that_completes_a_stop(client) -> None:
+    """A stop string ending inside a token: that token is counted in completion_tokens, so it has
+    its logprobs entry too (streamed and not), and text_offset runs over the tokens' text."""
+    prompt = "One, two, three, four,"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    cut = full.index(",", 3)
+    stop = full[cut - 2:cut + 2]  # ends after the space that begins the next word's token
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == full[:cut - 2]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    joined = "".join(lp.tokens)
+    assert joined.startswith(r.choices[0].text) and stop in joined and not joined.endswith(stop)  # mid-token
+    assert stop not in "".join(lp.tokens[:-1])  # the last token is the one that completed it
+    assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(lp.tokens))]
+    tokens, logprobs, offsets, text, usage = [], [], [], [], None
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                           logprobs=2, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text.append(c.text)
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                logprobs += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert "".join(text) == r.choices[0].text
+    assert tokens == lp.tokens and offsets == lp.text_offset and usage.completion_tokens == len(tokens)
+    assert all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(logprobs, lp.token_logprobs, strict=True))
 
 
 def test_concurrent_streams_get_the_answers_they_get_alone(server: str) -> None:

@@ -46,7 +46,6 @@ def test_schema_refusals_name_the_parameter() -> None:
     for extra, param in [({"n": 2}, "n"), ({"tools": [{}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
                          ({"response_format": {"type": "json_object"}}, "response_format"),
                          ({"frequency_penalty": 1.0}, "frequency_penalty"),
-                         ({"stream": True, "logprobs": True}, "logprobs"),
                          ({"top_logprobs": 2}, "top_logprobs"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")]:
         req = ChatCompletionRequest(**base, **extra)
         with pytest.raises(APIError) as e:

@@ -45,22 +45,28 @@ def router(svc: Service) -> APIRouter:
         max_tokens = svc.limit(ids, body.token_limit())
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": cid, "created": created, "model": svc.model_id, "system_fingerprint": _fingerprint(svc)}
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
         if not body.stream:
-            r = await svc.complete(ids, params, max_tokens, stops)
+            r = await svc.complete(ids, params, max_tokens, stops, top_n)
             choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": r.text},
                                       "logprobs": None, "finish_reason": r.finish_reason}
-            if body.logprobs:
-                choice["logprobs"] = {"content": await _chat_logprobs(svc, ids, svc.content_ids(r), body.top_logprobs or 0),
-                                      "refusal": None}
+            if top_n is not None:
+                choice["logprobs"] = {"content": _chat_logprobs(svc, r.logprobs), "refusal": None}
             return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(r)}
 
         result = Result()
-        pieces = await primed(svc.stream(ids, params, max_tokens, stops, result))
+        pieces = await primed(svc.stream(ids, params, max_tokens, stops, result, top_n))
         usage_chunks = bool(body.stream_options and body.stream_options.include_usage)
+        sent = 0  # entries of result.logprobs already on a chunk
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None, with_logprobs: bool = False) -> str:
+            nonlocal sent
+            lp = None
+            if with_logprobs and top_n is not None:
+                lp = {"content": _chat_logprobs(svc, result.logprobs[sent:]), "refusal": None}
+                sent = len(result.logprobs)
             c: dict[str, Any] = {**head, "object": "chat.completion.chunk",
-                                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                                 "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
             if usage_chunks:
                 c["usage"] = None
             return sse(c)
@@ -69,11 +75,13 @@ def router(svc: Service) -> APIRouter:
             yield chunk({"role": "assistant", "content": ""}, None)
             try:
                 async for piece in pieces:
-                    yield chunk({"content": piece}, None)
+                    yield chunk({"content": piece}, None, with_logprobs=True)
             except APIError as e:
                 yield sse(e.openai_body())
                 yield SSE_DONE
                 return
+            if sent < len(result.logprobs):  # tokens whose text a stop string swallowed
+                yield chunk({"content": ""}, None, with_logprobs=True)
             yield chunk({}, result.finish_reason)
             if usage_chunks:
                 yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(result)})
@@ -98,18 +106,26 @@ def router(svc: Service) -> APIRouter:
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": cid, "object": "text_completion", "created": created, "model": svc.model_id,
                 "system_fingerprint": _fingerprint(svc)}
+        top_n = body.logprobs
         if not body.stream:
-            r = await svc.complete(ids, params, max_tokens, stops)
-            lp = await _completion_logprobs(svc, ids, svc.content_ids(r), body.logprobs) if body.logprobs is not None else None
+            r = await svc.complete(ids, params, max_tokens, stops, top_n)
+            lp = _completion_logprobs(svc, r.logprobs, top_n, 0) if top_n is not None else None
             return {**head, "choices": [{"text": r.text, "index": 0, "logprobs": lp, "finish_reason": r.finish_reason}],
                     "usage": _usage(r)}
 
         result = Result()
-        pieces = await primed(svc.stream(ids, params, max_tokens, stops, result))
+        pieces = await primed(svc.stream(ids, params, max_tokens, stops, result, top_n))
         usage_chunks = bool(body.stream_options and body.stream_options.include_usage)
+        sent, at = 0, 0  # entries of result.logprobs already on a chunk; their text's length
 
-        def chunk(text: str, finish: str | None) -> str:
-            c: dict[str, Any] = {**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+        def chunk(text: str, finish: str | None, with_logprobs: bool = False) -> str:
+            nonlocal sent, at
+            lp = None
+            if with_logprobs and top_n is not None:
+                lp = _completion_logprobs(svc, result.logprobs[sent:], top_n, at)
+                sent = len(result.logprobs)
+                at += sum(len(t) for t in lp["tokens"])
+            c: dict[str, Any] = {**head, "choices": [{"text": text, "index": 0, "logprobs": lp,
                                                       "finish_reason": finish}]}
             if usage_chunks:
                 c["usage"] = None
@@ -118,11 +134,13 @@ def router(svc: Service) -> APIRouter:
         async def events() -> AsyncIterator[str]:
             try:
                 async for piece in pieces:
-                    yield chunk(piece, None)
+                    yield chunk(piece, None, with_logprobs=True)
             except APIError as e:
                 yield sse(e.openai_body())
                 yield SSE_DONE
                 return
+            if sent < len(result.logprobs):  # tokens whose text a stop string swallowed
+                yield chunk("", None, with_logprobs=True)
             yield chunk("", result.finish_reason)
             if usage_chunks:
                 yield sse({**head, "choices": [], "usage": _usage(result)})
@@ -137,24 +155,20 @@ def _fingerprint(svc: Service) -> str:
     return "dair-" + str(svc.model.get("fingerprint", ""))[:12]
 
 
-async def _chat_logprobs(svc: Service, prompt: list[int], gen: list[int], top_n: int) -> list[dict[str, Any]]:
-    out = []
-    for e in await svc.logprobs(prompt, gen, top_n):
-        out.append({"token": svc.token_text(e["id"]), "logprob": finite(e["logprob"]),
-                    "bytes": svc.token_bytes(e["id"]),
-                    "top_logprobs": [{"token": svc.token_text(i), "logprob": finite(v), "bytes": svc.token_bytes(i)}
-                                     for i, v in e["top"]]})
-    return out
+def _chat_logprobs(svc: Service, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"token": svc.token_text(e["id"]), "logprob": finite(e["logprob"]), "bytes": svc.token_bytes(e["id"]),
+             "top_logprobs": [{"token": svc.token_text(i), "logprob": finite(v), "bytes": svc.token_bytes(i)}
+                              for i, v in e["top"]]}
+            for e in entries]
 
 
-async def _completion_logprobs(svc: Service, prompt: list[int], gen: list[int], top_n: int) -> dict[str, Any]:
-    entries = await svc.logprobs(prompt, gen, top_n)
+def _completion_logprobs(svc: Service, entries: list[dict[str, Any]], top_n: int, at: int) -> dict[str, Any]:
+    """OpenAI's legacy logprobs shape; `at` is the text offset of the first entry's token."""
     tokens = [svc.token_text(e["id"]) for e in entries]
-    offsets, at = [], 0
+    offsets = []
     for t in tokens:
         offsets.append(at)
         at += len(t)
     return {"tokens": tokens, "token_logprobs": [finite(e["logprob"]) for e in entries],
             "top_logprobs": [{svc.token_text(i): finite(v) for i, v in e["top"]} for e in entries] if top_n else None,
             "text_offset": offsets}
-

@@ -106,8 +106,6 @@ class ChatCompletionRequest(_Sampling):
             raise unsupported("service_tier")
         if self.top_logprobs and not self.logprobs:
             raise unsupported("top_logprobs", "needs logprobs: true")
-        if self.logprobs and self.stream:
-            raise unsupported("logprobs", "not available with stream: true (dair scores the answer once it is complete)")
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -130,8 +128,6 @@ class CompletionRequest(_Sampling):
             raise unsupported("suffix")
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
             raise unsupported("prompt", "one prompt per request (a list of one string, or of token ids)")
-        if self.logprobs is not None and self.stream:
-            raise unsupported("logprobs", "not available with stream: true (dair scores the answer once it is complete)")
 
 
 # --- Ollama -----------------------------------------------------------------------------------

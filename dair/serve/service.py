@@ -1,5 +1,5 @@
 """What every endpoint shares: prompts to token ids, one generation over the bus with stop
-strings and token counts, logprobs from the bus's `score`, and the figures /metrics shows.
+strings and token counts, each token's logprobs from the last stage, and the figures /metrics shows.
 
 The API's dialects (OpenAI, Ollama) only differ in how they spell requests and answers.
 """
@@ -30,7 +30,9 @@ class Result:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    ids: list[int] = field(default_factory=list)  # the completion's tokens (those of `text`)
+    ids: list[int] = field(default_factory=list)  # the completion's tokens (completion_tokens of them)
+    # With logprobs asked for: per token of `ids`, {"id", "logprob", "top": [(id, logprob), ...]}.
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
     ttft_s: float = 0.0
     total_s: float = 0.0
 
@@ -112,9 +114,15 @@ class Service:
 
     # --- generation -----------------------------------------------------------------------------
     async def stream(self, ids: list[int], params: dict[str, Any], max_tokens: int, stops: list[str],
-                     result: Result) -> AsyncIterator[str]:
+                     result: Result, logprobs: int | None = None) -> AsyncIterator[str]:
         """Text pieces as they are generated; `result` is filled in as the stream goes and is
-        complete when it ends. Errors before the first piece are raised as APIError."""
+        complete when it ends. Errors before the first piece are raised as APIError.
+
+        With `logprobs` (the alternatives wanted, 0..20) every token's entry is in
+        `result.logprobs` before the piece its text is part of is yielded, so a consumer that
+        takes the entries new since its last piece puts each on its token's own chunk. A token
+        whose text is held back (a possible stop string, a partial character) rides with the
+        next piece; the token that completes a stop string is counted and has its entry too."""
         if self.bus.silent():
             raise unreachable(f"no answer from the bus at {self.bus.addr} for "
                               f"{time.monotonic() - self.bus.last_heard:.0f}s (is dair-bus running?)")
@@ -125,7 +133,8 @@ class Service:
         m.active += 1
         m.prompt_tokens += len(ids)
         try:
-            async with contextlib.aclosing(self.bus.generate(ids, params, max_tokens)) as events:
+            async with contextlib.aclosing(self.bus.generate(ids, params, max_tokens,
+                                                             logprobs=logprobs)) as events:
                 async for ev in events:
                     if ev["type"] != P.TOKEN:
                         m.resumed += bool(ev.get("resumed_at"))
@@ -140,6 +149,9 @@ class Service:
                         m.ttft_sum_s += result.ttft_s
                         m.ttft_count += 1
                     result.ids.append(int(ev["id"]))
+                    if logprobs is not None:
+                        result.logprobs.append({"id": int(ev["id"]), "logprob": float(ev["lp"]),
+                                                "top": [(int(i), float(v)) for i, v in ev.get("top", [])]})
                     result.completion_tokens += 1
                     m.completion_tokens += 1
                     out = matcher.feed(ev["text"])
@@ -159,49 +171,11 @@ class Service:
             m.decode_s += max(0.0, result.total_s - result.ttft_s)
 
     async def complete(self, ids: list[int], params: dict[str, Any], max_tokens: int,
-                       stops: list[str]) -> Result:
+                       stops: list[str], logprobs: int | None = None) -> Result:
         result = Result()
-        async for _ in self.stream(ids, params, max_tokens, stops, result):
+        async for _ in self.stream(ids, params, max_tokens, stops, result, logprobs):
             pass
         return result
-
-    async def logprobs(self, prompt_ids: list[int], gen_ids: list[int], top_n: int) -> list[dict[str, Any]]:
-        """Per generated token: its log-probability and the `top_n` most likely alternatives, from
-        the bus's teacher-forced `score` of prompt + answer (the numbers `dair score` prints).
-
-        The stages return logits of the top k ids and the log-probability of the next id; the
-        row's log-sum-exp follows from the chosen id's pair, so alternatives are exact whenever
-        the chosen id is among the k (always when greedy; k = 40 covers the default top_k)."""
-        if not gen_ids:
-            return []
-        k = max(40, top_n) if top_n else 1
-        try:
-            positions = await self.bus.score(list(prompt_ids) + list(gen_ids), top_k=k, timeout=300.0)
-        except BusError as e:
-            raise from_bus(e.code, str(e)) from None
-        except BusTimeout as e:
-            raise unreachable(str(e)) from None
-        out = []
-        for j, tid in enumerate(gen_ids):
-            pos = positions[len(prompt_ids) + j - 1]
-            lp = float(pos["logprob_next"])
-            top: list[tuple[int, float]] = []
-            if top_n:
-                logits = {int(i): float(v) for i, v in pos["top"]}
-                if tid in logits:
-                    lse = logits[tid] - lp
-                    top = [(int(i), float(v) - lse) for i, v in pos["top"][:top_n]]
-            out.append({"id": tid, "logprob": lp, "top": top})
-        return out
-
-    def content_ids(self, r: Result) -> list[int]:
-        """The tokens of `r.text`: without the one(s) that made a stop string, which the text omits."""
-        if self.tok.decode(r.ids) == r.text:
-            return list(r.ids)
-        n = len(r.ids)
-        while n and len(self.tok.decode(r.ids[:n])) > len(r.text):
-            n -= 1
-        return r.ids[:n]
 
     def token_text(self, tid: int) -> str:
         return self.tok.decode([tid])
