@@ -7,6 +7,7 @@ never shows replacement characters for a half-received character.
 from __future__ import annotations
 
 import codecs
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,15 +46,16 @@ _IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falco
 def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
     highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
-    from dair.model.fetch import cache_dir
-    from dair.tokenizer.spm_merges import spm_merges
+    import numpy as np
 
-    tokens = vocab.tokens
-    ids = {t: i for i, t, typ in zip(range(len(tokens)), tokens, vocab.token_types, strict=True)
-           if typ != CONTROL and typ != BYTE}
-    scores = vocab.scores or [0.0] * len(tokens)
-    lefts, rights = spm_merges(ids, scores, cache=cache_dir() / "tokenizers")
-    return [(tokens[a], tokens[b]) for a, b in zip(lefts, rights, strict=True)]
+    from dair.model.fetch import cache_dir
+    from dair.tokenizer.spm_merges import vocab_merges
+
+    lefts, rights = vocab_merges(vocab.tokens, vocab.token_types, vocab.scores, (CONTROL, BYTE),
+                                 cache=cache_dir() / "tokenizers")
+    # Half a million pairs: gathered by numpy and zipped in C, not by a Python loop.
+    pieces = np.array(vocab.tokens, dtype=object)
+    return list(zip(pieces[lefts].tolist(), pieces[rights].tolist(), strict=True))
 
 
 def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
@@ -130,7 +132,9 @@ class Tokenizer:
         self.kind = vocab.kind
         self.vocab_size = len(vocab)
         self._hf = _build_hf(vocab, encode_special=False)
-        self._hf_plain: Any = None  # built on first parse_special=False call
+        # One encoder serves both parse_special modes (building a second one for Gemma 3's 262k
+        # pieces costs seconds); the lock keeps the mode switch and the encode together.
+        self._hf_lock = threading.Lock()
         self.bos_id: int | None = vocab.bos_id
         self.add_bos = bool(vocab.add_bos and vocab.bos_id is not None)
         self.eos_ids: tuple[int, ...] = eos_ids(vocab)
@@ -154,13 +158,11 @@ class Tokenizer:
     # -- encode -----------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`. `add_bos` None follows the model's metadata (add_bos_token)."""
-        if parse_special:
-            hf = self._hf
-        else:
-            if self._hf_plain is None:
-                self._hf_plain = _build_hf(self.vocab, encode_special=True)
-            hf = self._hf_plain
-        ids = hf.encode(text, add_special_tokens=False).ids if text else []
+        ids: list[int] = []
+        if text:
+            with self._hf_lock:
+                self._hf.encode_special_tokens = not parse_special
+                ids = self._hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
