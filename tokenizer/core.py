@@ -58,15 +58,22 @@ def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     return list(zip(pieces[lefts].tolist(), pieces[rights].tolist(), strict=True))
 
 
+def _check_supported(vocab: Vocab) -> None:
+    if vocab.kind == "gpt2" and vocab.pre not in PRE_REGEXES:
+        raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
+    if vocab.kind not in ("gpt2", "llama"):
+        raise DairError(f"{vocab.source}: tokenizer model {vocab.kind!r} is not supported "
+                        "(dair reads gpt2 byte-level BPE and llama SentencePiece vocabularies)")
+
+
 def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
+    _check_supported(vocab)
     # Duplicates are unreachable by encoding; the first id wins (built from the end, in C).
     n = len(vocab.tokens)
     token_ids = dict(zip(reversed(vocab.tokens), range(n - 1, -1, -1), strict=True))
     if vocab.kind == "gpt2":
-        if vocab.pre not in PRE_REGEXES:
-            raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
         merges = vocab.merges if vocab.merges is not None else []
         model = models.BPE(vocab=token_ids, merges=list(merges), fuse_unk=False,
                            ignore_merges=vocab.pre in _IGNORE_MERGES)
@@ -74,16 +81,13 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[vocab.pre]]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif vocab.kind == "llama":
+    else:  # "llama"
         unk = next((vocab.tokens[i] for i, t in enumerate(vocab.token_types) if t == UNKNOWN), None)
         model = models.BPE(vocab=token_ids, merges=_sentencepiece_merges(vocab), unk_token=unk,
                            fuse_unk=True, byte_fallback=True)
         tok = Tokenizer(model)
         steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
         tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    else:
-        raise DairError(f"{vocab.source}: tokenizer model {vocab.kind!r} is not supported "
-                        "(dair reads gpt2 byte-level BPE and llama SentencePiece vocabularies)")
     # Control tokens are parsed only when asked (llama.cpp's parse_special); user-defined tokens
     # always are, as in llama.cpp.
     added = []
@@ -127,11 +131,23 @@ def describe_vocab(v: Vocab) -> dict[str, Any]:
 class Tokenizer:
     """Text ↔ ids for one model, plus its special tokens and chat template."""
 
-    def __init__(self, vocab: Vocab) -> None:
+    def __init__(self, vocab: Vocab, background: bool = False) -> None:
+        """`background`: build the encoder in a thread and return at once; the first encode()
+        waits for it. For a process that has other waiting to do meanwhile (the bus, while its
+        stages start): the build holds the GIL inside `tokenizers`, so it overlaps waiting, not
+        Python work."""
+        _check_supported(vocab)  # refused here, not later in the thread
         self.vocab = vocab
         self.kind = vocab.kind
         self.vocab_size = len(vocab)
-        self._hf = _build_hf(vocab, encode_special=False)
+        self._hf_built: Any = None
+        self._hf_error: BaseException | None = None
+        self._hf_thread: threading.Thread | None = None
+        if background:
+            self._hf_thread = threading.Thread(target=self._build, name="dair-tokenizer-build", daemon=True)
+            self._hf_thread.start()
+        else:
+            self._build()
         # One encoder serves both parse_special modes (building a second one for Gemma 3's 262k
         # pieces costs seconds); the lock keeps the mode switch and the encode together.
         self._hf_lock = threading.Lock()
@@ -140,6 +156,20 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = eos_ids(vocab)
         self._pieces = self._piece_bytes()
         self.chat_template: str | None = vocab.chat_template
+
+    def _build(self) -> None:
+        try:
+            self._hf_built = _build_hf(self.vocab, encode_special=False)
+        except BaseException as e:  # re-raised by the encode() that waits for it
+            self._hf_error = e
+
+    @property
+    def _hf(self) -> Any:
+        if self._hf_thread is not None:
+            self._hf_thread.join()
+        if self._hf_error is not None:
+            raise self._hf_error
+        return self._hf_built
 
     # -- special tokens ---------------------------------------------------------------------
     @property
