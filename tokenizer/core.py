@@ -143,11 +143,6 @@ class Tokenizer:
         self._hf_built: Any = None
         self._hf_error: BaseException | None = None
         self._hf_thread: threading.Thread | None = None
-        if background:
-            self._hf_thread = threading.Thread(target=self._build, name="dair-tokenizer-build", daemon=True)
-            self._hf_thread.start()
-        else:
-            self._build()
         # One encoder serves both parse_special modes (building a second one for Gemma 3's 262k
         # pieces costs seconds); the lock keeps the mode switch and the encode together.
         self._hf_lock = threading.Lock()
@@ -156,6 +151,12 @@ class Tokenizer:
         self.eos_ids: tuple[int, ...] = eos_ids(vocab)
         self._pieces = self._piece_bytes()
         self.chat_template: str | None = vocab.chat_template
+        # Last: the thread holds the GIL for most of its build, which would stall the rest here.
+        if background:
+            self._hf_thread = threading.Thread(target=self._build, name="dair-tokenizer-build", daemon=True)
+            self._hf_thread.start()
+        else:
+            self._build()
 
     def _build(self) -> None:
         try:
