@@ -184,13 +184,17 @@ def _splits_vectorised(pieces: dict[str, int]) -> tuple[np.ndarray, np.ndarray, 
             rows, left = rows[hit], left[hit]
             suffix = full[rows] - prefix[rows] * powers[lens[rows] - k]
             right, hit = lookup(suffix)
-            us.append(rows[hit])
-            lefts.append(left[hit])
-            rights.append(right[hit])
+            rows, left, right = rows[hit], left[hit], right[hit]
+            # Hashes find candidates; the characters decide, compared as arrays (zero-padded
+            # rows, no NUL inside a piece). A collision's false pair sends us to the loop.
+            if not ((lens[left] == k).all() and (lens[right] == lens[rows] - k).all()
+                    and (codes[left, :k] == codes[rows, :k]).all()
+                    and (codes[right, :width - k] == codes[rows, k:]).all()):
+                return None
+            us.append(rows)
+            lefts.append(left)
+            rights.append(right)
     u, a, b = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (us, lefts, rights))
-    # Hashes find candidates; strings decide (a collision's false pair sends us to the loop).
-    if not all(keys[x] + keys[y] == keys[z] for z, x, y in zip(u.tolist(), a.tolist(), b.tolist(), strict=True)):
-        return None
     u, a, b = ids[u], ids[a], ids[b]
     if with_nul:
         nu, na, nb = _splits_loop(pieces, with_nul)
