@@ -58,6 +58,13 @@ def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     return list(zip(pieces[lefts].tolist(), pieces[rights].tolist(), strict=True))
 
 
+def _ids_of_types(vocab: Vocab, *types: int) -> list[int]:
+    """Ids of the tokens of these types, in order (numpy: no Python loop over the vocabulary)."""
+    import numpy as np
+
+    return np.flatnonzero(np.isin(np.asarray(vocab.token_types, np.int64), types)).tolist()
+
+
 def _check_supported(vocab: Vocab) -> None:
     if vocab.kind == "gpt2" and vocab.pre not in PRE_REGEXES:
         raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
@@ -82,7 +89,7 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:  # "llama"
-        unk = next((vocab.tokens[i] for i, t in enumerate(vocab.token_types) if t == UNKNOWN), None)
+        unk = next((vocab.tokens[i] for i in _ids_of_types(vocab, UNKNOWN)), None)
         model = models.BPE(vocab=token_ids, merges=_sentencepiece_merges(vocab), unk_token=unk,
                            fuse_unk=True, byte_fallback=True)
         tok = Tokenizer(model)
@@ -91,8 +98,9 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
     # Control tokens are parsed only when asked (llama.cpp's parse_special); user-defined tokens
     # always are, as in llama.cpp.
     added = []
-    for i, t in enumerate(vocab.token_types):
-        if t in (CONTROL, USER_DEFINED) and token_ids.get(vocab.tokens[i]) == i and vocab.tokens[i]:
+    for i in _ids_of_types(vocab, CONTROL, USER_DEFINED):
+        t = vocab.token_types[i]
+        if token_ids.get(vocab.tokens[i]) == i and vocab.tokens[i]:
             added.append(AddedToken(vocab.tokens[i], special=(t == CONTROL), normalized=False,
                                     lstrip=False, rstrip=False, single_word=False))
     tok.add_special_tokens([a for a in added if a.special])
@@ -109,7 +117,7 @@ def eos_ids(vocab: Vocab) -> tuple[int, ...]:
         out.append(vocab.eos_id)
     out += vocab.eot_ids
     tokens = vocab.tokens
-    index = {tokens[i]: i for i, t in enumerate(vocab.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+    index = {tokens[i]: i for i in _ids_of_types(vocab, CONTROL, USER_DEFINED, UNKNOWN)}
     out += [index[name] for name in END_OF_TURN if name in index]
     return tuple(dict.fromkeys(i for i in out if 0 <= i < len(vocab)))
 
