@@ -69,7 +69,7 @@ def _main(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise DairError(f"{path}: model file not found (run `dair model fetch`)")
     model = open_model(path)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, background=True)  # built while the bus binds and stages join
     try:
         broker = Broker(cfg, model, tokenizer, bind, keys=keys)
     except zmq.ZMQError as e:

@@ -144,3 +144,56 @@ def test_spm_merges_cache_round_trips_and_survives_damage(tmp_path, monkeypatch)
     other = scores[:-1] + [scores[-1] + 1.0]  # another vocabulary: another file
     spm_merges(pieces, other, cache=tmp_path)
     assert len(list(tmp_path.glob("spm-merges-*.npz"))) == 2
+
+
+def test_cached_merges_give_the_ids_of_a_fresh_search_and_damage_is_rebuilt(tmp_path, monkeypatch):
+    """A vocabulary big enough for the merges cache (tokenizer/spm_merges.py): the encoder built
+    from cached merges, in the background or not, encodes as the one that searched them, and as
+    llama.cpp's algorithm; a damaged cache file is searched again and rewritten whole."""
+    from dair.tokenizer import Tokenizer, Vocab
+    from dair.tokenizer import spm_merges as mod
+
+    rng = np.random.default_rng(7)
+    letters = "abcdefgh▁é日本"
+    head = ["<unk>", "<s>", "</s>", "<start_of_turn>"] + [f"<0x{b:02X}>" for b in range(256)] + ["<mask>"]
+    seen = set(head)
+    pieces = []
+    while len(head) + len(pieces) < mod.CACHE_MIN_PIECES + 100:
+        p = "".join(letters[j] for j in rng.integers(0, len(letters), int(rng.integers(1, 7))))
+        if p not in seen:
+            seen.add(p)
+            pieces.append(p)
+    tokens = head + pieces
+    types = [2, 3, 3, 3] + [6] * 256 + [4] + [1] * len(pieces)
+    scores = [0.0] * len(head) + rng.permutation(len(pieces)).astype(float).tolist()  # distinct
+    vocab = Vocab(kind="llama", tokens=tokens, token_types=types, scores=scores, bos_id=1, eos_id=2,
+                  add_bos=True)
+    monkeypatch.setenv("DAIR_HOME", str(tmp_path))
+    searches = []
+    search = mod._search
+    monkeypatch.setattr(mod, "_search", lambda *a: searches.append(1) or search(*a))
+    texts = ["abc dé  日本", "  leading and   runs\t of\n\nspace ", "hg▁ab<start_of_turn>cd<mask>e",
+             "fé日 ccc</s>", "日本日本 ééé", "x€y", ""]
+
+    fresh = Tokenizer(vocab)
+    want = {t: fresh.encode(t) for t in texts}
+    want_plain = {t: fresh.encode(t, parse_special=False) for t in texts}
+    (stored,) = (tmp_path / "tokenizers").glob("spm-vocab-merges-*.npz")
+    assert len(searches) == 1
+    for background in (False, True):
+        cached = Tokenizer(vocab, background=background)
+        assert {t: cached.encode(t) for t in texts} == want
+        assert {t: cached.encode(t, parse_special=False) for t in texts} == want_plain
+    assert len(searches) == 1  # both read the cache
+    for t in texts:
+        if "<" not in t:
+            assert want[t] == reference_spm(t, tokens, scores, add_bos=True)
+    assert want["hg▁ab<start_of_turn>cd<mask>e"].count(3) == 1 and 3 not in want_plain["hg▁ab<start_of_turn>cd<mask>e"]
+
+    for n, damage in enumerate((lambda b: b[:-100] + b"\0" * 100,  # cut short
+                                lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])):
+        stored.write_bytes(damage(stored.read_bytes()))  # damaged: searched again
+        assert {t: Tokenizer(vocab).encode(t) for t in texts} == want
+        assert len(searches) == 2 + n
+        assert {t: Tokenizer(vocab).encode(t) for t in texts} == want  # rewritten whole: read back
+        assert len(searches) == 2 + n

@@ -70,9 +70,10 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load_tokenizer(model: Any) -> Tokenizer:
-    """The tokenizer of a model: an open ModelFile, or a path to a GGUF, `.m` or `.t` file."""
-    return Tokenizer(load_vocab(model))
+def load_tokenizer(model: Any, background: bool = False) -> Tokenizer:
+    """The tokenizer of a model: an open ModelFile, or a path to a GGUF, `.m` or `.t` file.
+    `background`: the encoder is built in a thread, the first encode() waits for it."""
+    return Tokenizer(load_vocab(model), background=background)
 
 
 def describe_tokenizer(model: Any) -> dict[str, Any]:

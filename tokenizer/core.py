@@ -7,6 +7,7 @@ never shows replacement characters for a half-received character.
 from __future__ import annotations
 
 import codecs
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,26 +46,41 @@ _IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falco
 def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
     highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
-    from dair.model.fetch import cache_dir
-    from dair.tokenizer.spm_merges import spm_merges
+    import numpy as np
 
-    tokens = vocab.tokens
-    ids = {t: i for i, t, typ in zip(range(len(tokens)), tokens, vocab.token_types, strict=True)
-           if typ != CONTROL and typ != BYTE}
-    scores = vocab.scores or [0.0] * len(tokens)
-    lefts, rights = spm_merges(ids, scores, cache=cache_dir() / "tokenizers")
-    return [(tokens[a], tokens[b]) for a, b in zip(lefts, rights, strict=True)]
+    from dair.model.fetch import cache_dir
+    from dair.tokenizer.spm_merges import vocab_merges
+
+    lefts, rights = vocab_merges(vocab.tokens, vocab.token_types, vocab.scores, (CONTROL, BYTE),
+                                 cache=cache_dir() / "tokenizers")
+    # Half a million pairs: gathered by numpy and zipped in C, not by a Python loop.
+    pieces = np.array(vocab.tokens, dtype=object)
+    return list(zip(pieces[lefts].tolist(), pieces[rights].tolist(), strict=True))
+
+
+def _ids_of_types(vocab: Vocab, *types: int) -> list[int]:
+    """Ids of the tokens of these types, in order (numpy: no Python loop over the vocabulary)."""
+    import numpy as np
+
+    return np.flatnonzero(np.isin(np.asarray(vocab.token_types, np.int64), types)).tolist()
+
+
+def _check_supported(vocab: Vocab) -> None:
+    if vocab.kind == "gpt2" and vocab.pre not in PRE_REGEXES:
+        raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
+    if vocab.kind not in ("gpt2", "llama"):
+        raise DairError(f"{vocab.source}: tokenizer model {vocab.kind!r} is not supported "
+                        "(dair reads gpt2 byte-level BPE and llama SentencePiece vocabularies)")
 
 
 def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
+    _check_supported(vocab)
     # Duplicates are unreachable by encoding; the first id wins (built from the end, in C).
     n = len(vocab.tokens)
     token_ids = dict(zip(reversed(vocab.tokens), range(n - 1, -1, -1), strict=True))
     if vocab.kind == "gpt2":
-        if vocab.pre not in PRE_REGEXES:
-            raise DairError(f"{vocab.source}: tokenizer pre-type {vocab.pre!r} is not supported")
         merges = vocab.merges if vocab.merges is not None else []
         model = models.BPE(vocab=token_ids, merges=list(merges), fuse_unk=False,
                            ignore_merges=vocab.pre in _IGNORE_MERGES)
@@ -72,21 +88,19 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[vocab.pre]]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif vocab.kind == "llama":
-        unk = next((vocab.tokens[i] for i, t in enumerate(vocab.token_types) if t == UNKNOWN), None)
+    else:  # "llama"
+        unk = next((vocab.tokens[i] for i in _ids_of_types(vocab, UNKNOWN)), None)
         model = models.BPE(vocab=token_ids, merges=_sentencepiece_merges(vocab), unk_token=unk,
                            fuse_unk=True, byte_fallback=True)
         tok = Tokenizer(model)
         steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
         tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    else:
-        raise DairError(f"{vocab.source}: tokenizer model {vocab.kind!r} is not supported "
-                        "(dair reads gpt2 byte-level BPE and llama SentencePiece vocabularies)")
     # Control tokens are parsed only when asked (llama.cpp's parse_special); user-defined tokens
     # always are, as in llama.cpp.
     added = []
-    for i, t in enumerate(vocab.token_types):
-        if t in (CONTROL, USER_DEFINED) and token_ids.get(vocab.tokens[i]) == i and vocab.tokens[i]:
+    for i in _ids_of_types(vocab, CONTROL, USER_DEFINED):
+        t = vocab.token_types[i]
+        if token_ids.get(vocab.tokens[i]) == i and vocab.tokens[i]:
             added.append(AddedToken(vocab.tokens[i], special=(t == CONTROL), normalized=False,
                                     lstrip=False, rstrip=False, single_word=False))
     tok.add_special_tokens([a for a in added if a.special])
@@ -103,7 +117,7 @@ def eos_ids(vocab: Vocab) -> tuple[int, ...]:
         out.append(vocab.eos_id)
     out += vocab.eot_ids
     tokens = vocab.tokens
-    index = {tokens[i]: i for i, t in enumerate(vocab.token_types) if t in (CONTROL, USER_DEFINED, UNKNOWN)}
+    index = {tokens[i]: i for i in _ids_of_types(vocab, CONTROL, USER_DEFINED, UNKNOWN)}
     out += [index[name] for name in END_OF_TURN if name in index]
     return tuple(dict.fromkeys(i for i in out if 0 <= i < len(vocab)))
 
@@ -125,17 +139,46 @@ def describe_vocab(v: Vocab) -> dict[str, Any]:
 class Tokenizer:
     """Text ↔ ids for one model, plus its special tokens and chat template."""
 
-    def __init__(self, vocab: Vocab) -> None:
+    def __init__(self, vocab: Vocab, background: bool = False) -> None:
+        """`background`: build the encoder in a thread and return at once; the first encode()
+        waits for it. For a process that has other waiting to do meanwhile (the bus, while its
+        stages start): the build holds the GIL inside `tokenizers`, so it overlaps waiting, not
+        Python work."""
+        _check_supported(vocab)  # refused here, not later in the thread
         self.vocab = vocab
         self.kind = vocab.kind
         self.vocab_size = len(vocab)
-        self._hf = _build_hf(vocab, encode_special=False)
-        self._hf_plain: Any = None  # built on first parse_special=False call
+        self._hf_built: Any = None
+        self._hf_error: BaseException | None = None
+        self._hf_thread: threading.Thread | None = None
+        # One encoder serves both parse_special modes (building a second one for Gemma 3's 262k
+        # pieces costs seconds); the lock keeps the mode switch and the encode together.
+        self._hf_lock = threading.Lock()
         self.bos_id: int | None = vocab.bos_id
         self.add_bos = bool(vocab.add_bos and vocab.bos_id is not None)
         self.eos_ids: tuple[int, ...] = eos_ids(vocab)
         self._pieces = self._piece_bytes()
         self.chat_template: str | None = vocab.chat_template
+        # Last: the thread holds the GIL for most of its build, which would stall the rest here.
+        if background:
+            self._hf_thread = threading.Thread(target=self._build, name="dair-tokenizer-build", daemon=True)
+            self._hf_thread.start()
+        else:
+            self._build()
+
+    def _build(self) -> None:
+        try:
+            self._hf_built = _build_hf(self.vocab, encode_special=False)
+        except BaseException as e:  # re-raised by the encode() that waits for it
+            self._hf_error = e
+
+    @property
+    def _hf(self) -> Any:
+        if self._hf_thread is not None:
+            self._hf_thread.join()
+        if self._hf_error is not None:
+            raise self._hf_error
+        return self._hf_built
 
     # -- special tokens ---------------------------------------------------------------------
     @property
@@ -154,13 +197,11 @@ class Tokenizer:
     # -- encode -----------------------------------------------------------------------------
     def encode(self, text: str, parse_special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`. `add_bos` None follows the model's metadata (add_bos_token)."""
-        if parse_special:
-            hf = self._hf
-        else:
-            if self._hf_plain is None:
-                self._hf_plain = _build_hf(self.vocab, encode_special=True)
-            hf = self._hf_plain
-        ids = hf.encode(text, add_special_tokens=False).ids if text else []
+        ids: list[int] = []
+        if text:
+            with self._hf_lock:
+                self._hf.encode_special_tokens = not parse_special
+                ids = self._hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids

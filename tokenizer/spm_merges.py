@@ -8,6 +8,8 @@ the splits are found with vectorised rolling hashes, one column of characters at
 every pair found is then checked as strings (a hash collision falls back to the plain loop).
 Big vocabularies keep their merges in the cache directory, keyed by a digest of the pieces,
 their ids and scores, so that the next load of the same vocabulary skips the search.
+`vocab_merges` keys them by the vocabulary arrays as the model file states them instead, so
+that a cache hit costs no Python loop over the pieces at all.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import hashlib
 import os
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,36 @@ _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication by it is a bijectio
 
 CACHE_MIN_PIECES = 32768  # smaller vocabularies take well under a second: not worth a file
 _CACHE_VERSION = b"dair-spm-merges-1"
+_VOCAB_CACHE_VERSION = b"dair-spm-vocab-merges-1"
+
+
+def vocab_merges(tokens: Sequence[str], types: Sequence[int], scores: Sequence[float] | None,
+                 skip_types: Collection[int], cache: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`spm_merges` of the pieces of `tokens` whose type is not in `skip_types` (the last id of a
+    duplicate stands for it), as int64 arrays of token ids. The cache key is a digest of the arrays
+    themselves: the dict of pieces is built only when the merges are searched."""
+    scores = scores if scores is not None else [0.0] * len(tokens)
+    path = None
+    if cache is not None and len(tokens) >= CACHE_MIN_PIECES:
+        h = hashlib.sha256(_VOCAB_CACHE_VERSION)
+        h.update(np.fromiter(map(len, tokens), np.int64, len(tokens)).tobytes())
+        h.update("".join(tokens).encode("utf-8", "surrogatepass"))
+        h.update(np.asarray(types, np.int64).tobytes())
+        h.update(np.asarray(sorted(skip_types), np.int64).tobytes())
+        h.update(np.asarray(scores, np.float64).tobytes())
+        path = cache / f"spm-vocab-merges-{h.hexdigest()[:40]}.npz"
+        hit = _load_arrays(path)
+        if hit is not None:
+            return hit
+    skip = set(skip_types)
+    pieces: dict[str, int] = {}
+    for i, (t, typ) in enumerate(zip(tokens, types, strict=True)):
+        if typ not in skip:
+            pieces[t] = i
+    lefts, rights = _search(pieces, scores)
+    if path is not None:
+        _store(path, lefts, rights)
+    return np.asarray(lefts, np.int64), np.asarray(rights, np.int64)
 
 
 def spm_merges(pieces: dict[str, int], scores: Sequence[float],
@@ -58,15 +90,20 @@ def _check(lefts: np.ndarray, rights: np.ndarray) -> bytes:
 
 
 def _load(path: Path) -> tuple[list[int], list[int]] | None:
+    hit = _load_arrays(path)
+    return None if hit is None else (hit[0].tolist(), hit[1].tolist())
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """The cached merges, or None if absent or damaged (then they are searched again)."""
     try:
         with np.load(path) as z:
             lefts, rights, check = z["lefts"], z["rights"], z["check"].tobytes()
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
-    if lefts.shape != rights.shape or check != _check(lefts, rights):
+    if lefts.shape != rights.shape or lefts.dtype != np.int32 or check != _check(lefts, rights):
         return None
-    return lefts.tolist(), rights.tolist()
+    return lefts.astype(np.int64), rights.astype(np.int64)
 
 
 def _store(path: Path, lefts: list[int], rights: list[int]) -> None:
@@ -147,13 +184,17 @@ def _splits_vectorised(pieces: dict[str, int]) -> tuple[np.ndarray, np.ndarray, 
             rows, left = rows[hit], left[hit]
             suffix = full[rows] - prefix[rows] * powers[lens[rows] - k]
             right, hit = lookup(suffix)
-            us.append(rows[hit])
-            lefts.append(left[hit])
-            rights.append(right[hit])
+            rows, left, right = rows[hit], left[hit], right[hit]
+            # Hashes find candidates; the characters decide, compared as arrays (zero-padded
+            # rows, no NUL inside a piece). A collision's false pair sends us to the loop.
+            if not ((lens[left] == k).all() and (lens[right] == lens[rows] - k).all()
+                    and (codes[left, :k] == codes[rows, :k]).all()
+                    and (codes[right, :width - k] == codes[rows, k:]).all()):
+                return None
+            us.append(rows)
+            lefts.append(left)
+            rights.append(right)
     u, a, b = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (us, lefts, rights))
-    # Hashes find candidates; strings decide (a collision's false pair sends us to the loop).
-    if not all(keys[x] + keys[y] == keys[z] for z, x, y in zip(u.tolist(), a.tolist(), b.tolist(), strict=True)):
-        return None
     u, a, b = ids[u], ids[a], ids[b]
     if with_nul:
         nu, na, nb = _splits_loop(pieces, with_nul)
