@@ -173,15 +173,19 @@ def test_logprobs_are_those_the_tokens_were_sampled_from(client, cluster3: Local
         gen = [ev for ev in bc.generate(messages=QUESTION, params={"temperature": 0}, max_tokens=6)][-1]["ids"]
     assert [e.token for e in content] == [tokenizer.decode([i]) for i in gen]
     _check_entries(content, _decode_logprobs(model_file, prompt_ids, gen), gen, tokenizer, 3)
-    # The first token's row is the prompt's last, computed alike by `dair score` of prompt + answer.
+    # Every token's row equals `dair score` of prompt + answer: attention computes a row alike
+    # whether it is decoded alone or prefilled in a batch (ops/attn.h), so teacher forcing and
+    # decoding see the same logits.
     s = _dair("score", "--bus", cluster3.addr, "--ids", ",".join(map(str, prompt_ids + gen)), "--top", "5", "--json")
     assert s.returncode == 0, s.stderr
-    pos = json.loads(s.stdout)["positions"][len(prompt_ids) - 1]
-    assert math.isclose(content[0].logprob, pos["logprob_next"], abs_tol=1e-5)
-    lse = pos["top"][0][1] - pos["logprob_next"]  # greedy: the chosen id is the top one
-    assert pos["top"][0][0] == gen[0]
-    for t, (_, logit) in zip(content[0].top_logprobs, pos["top"][:3], strict=True):
-        assert math.isclose(t.logprob, logit - lse, abs_tol=1e-4)
+    positions = json.loads(s.stdout)["positions"]
+    for k, entry in enumerate(content):
+        pos = positions[len(prompt_ids) - 1 + k]
+        assert math.isclose(entry.logprob, pos["logprob_next"], abs_tol=1e-5), k
+        lse = pos["top"][0][1] - pos["logprob_next"]  # greedy: the chosen id is the top one
+        assert pos["top"][0][0] == gen[k]
+        for t, (_, logit) in zip(entry.top_logprobs, pos["top"][:3], strict=True):
+            assert math.isclose(t.logprob, logit - lse, abs_tol=1e-4), k
 
 
 def test_stop_strings_are_honoured(client, cluster3: LocalCluster) -> None:
