@@ -23,31 +23,6 @@ from dair.errors import DairError
 _PR_SET_PDEATHSIG = 1
 
 
-def parse_split(text: str) -> list[tuple[int, int]]:
-    """'0-9,10-19,20-29' -> [(0, 9), (10, 19), (20, 29)]."""
-    out = []
-    for part in text.split(","):
-        a, _, b = part.strip().partition("-")
-        try:
-            first, last = int(a), int(b or a)
-        except ValueError:
-            raise DairError(f"--split {text!r}: expected ranges like 0-9,10-19") from None
-        out.append((first, last))
-    return out
-
-
-def even_split(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
-    if not 1 <= n_stages <= n_layers:
-        raise DairError(f"--stages {n_stages}: the model has {n_layers} layers")
-    base, extra = divmod(n_layers, n_stages)
-    out, start = [], 0
-    for i in range(n_stages):
-        size = base + (1 if i < extra else 0)
-        out.append((start, start + size - 1))
-        start += size
-    return out
-
-
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port p such that p and p + 1 (the stats port) are both free right now."""
     for _ in range(100):
