@@ -285,25 +285,7 @@ class BusBackend:
     def tokenizer(self) -> Any:
         """The model's tokenizer, from a local copy of the bus's model file (same fingerprint)."""
         if self._tokenizer is None:
-            from dair.model import open_model
-            from dair.tokenizer import load_tokenizer
-
-            candidates = [self._model_path, self.model_info.get("path")]
-            try:
-                from dair.model.fetch import default_model_path
-
-                candidates.append(str(default_model_path()))
-            except DairError:
-                pass
-            for path in candidates:
-                if path and os.path.exists(path):
-                    mf = open_model(path)
-                    if mf.fingerprint == self.model_info["fingerprint"]:
-                        self._tokenizer = load_tokenizer(mf)
-                        break
-            else:
-                raise DairError(f"no local copy of the bus's model {self.model_info.get('name')} "
-                                "(give --model PATH of the same file)")
+            self._tokenizer = local_tokenizer(self.model_info, self._model_path)
         return self._tokenizer
 
     def generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
@@ -503,3 +485,25 @@ class AsyncBusClient:
             if task is not None:
                 task.cancel()
         self.sock.close(linger=0)
+
+
+def local_tokenizer(model_info: dict[str, Any], explicit: str | None = None) -> Any:
+    """The tokenizer of a local file with the bus's fingerprint (every node has the model file):
+    `explicit` (--model), else the bus's own path, else the default model."""
+    from dair.model import open_model
+    from dair.model.fetch import default_model_path
+    from dair.tokenizer import load_tokenizer
+
+    candidates = [explicit, model_info.get("path")]
+    try:
+        candidates.append(str(default_model_path()))
+    except DairError:
+        pass
+    for path in candidates:
+        if path and os.path.exists(path):
+            mf = open_model(path)
+            if mf.fingerprint == model_info.get("fingerprint"):
+                return load_tokenizer(mf)
+            if path == explicit:
+                raise DairError(f"{path}: not the bus's model {model_info.get('name')} (fingerprints differ)")
+    raise DairError(f"no local copy of the bus's model {model_info.get('name')} (give --model PATH of the same file)")

@@ -56,24 +56,10 @@ def check_listen(host: str, api_key: str | None, insecure: bool) -> None:
 
 
 def load_tokenizer(model_info: dict[str, Any], explicit: str | None) -> Any:
-    """The tokenizer of a local file with the bus's fingerprint (every node has the model file)."""
-    from dair.model import open_model
-    from dair.model.fetch import default_model_path
-    from dair.tokenizer import load_tokenizer as load
+    """The tokenizer of a local file with the bus's fingerprint (bus/client.py local_tokenizer)."""
+    from dair.bus.client import local_tokenizer
 
-    candidates = [explicit, model_info.get("path")]
-    try:
-        candidates.append(str(default_model_path()))
-    except DairError:
-        pass
-    for path in candidates:
-        if path and os.path.exists(path):
-            mf = open_model(path)
-            if mf.fingerprint == model_info.get("fingerprint"):
-                return load(mf)
-            if path == explicit:
-                raise DairError(f"{path}: not the bus's model {model_info.get('name')} (fingerprints differ)")
-    raise DairError(f"no local copy of the bus's model {model_info.get('name')} (give --model PATH of the same file)")
+    return local_tokenizer(model_info, explicit)
 
 
 def handle(args: argparse.Namespace) -> int:
