@@ -1,6 +1,7 @@
 """`dair bench`: prefill and decode tokens/s and peak RSS on the default model, beside llama.cpp
-measured in the same run: llama-cpp-python when installed, or a `llama-bench` binary
-(`--llama-bench PATH`, its `-p N` and `-n G -d D` tests)."""
+measured in the same run: its own `llama-bench` (`--llama-bench PATH`, on PATH, or the build that
+benchmarks/build_llama_bench.py caches, AVX2-only when DAIR_KERNELS=avx2), else llama-cpp-python
+when installed; the output says which."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+from dair.commands.llamabench import cached_binary, isa_for_dair_run
 from dair.errors import DairError
 
 
@@ -25,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dair's KV cache (default: config [stage] kv_type)")
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (median is reported)")
     p.add_argument("--baseline", choices=["auto", "llama.cpp", "llama-bench", "none"], default="auto",
-                   help="auto: llama-bench if --llama-bench is given or on PATH, else llama-cpp-python if installed")
+                   help="auto: llama-bench if given, on PATH or built by benchmarks/build_llama_bench.py, "
+                        "else llama-cpp-python if installed")
     p.add_argument("--llama-bench", metavar="PATH", default=None, help="llama.cpp's llama-bench binary")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=handle)
@@ -70,15 +73,31 @@ def _run_llama_bench(binary: str, args: argparse.Namespace, threads: int) -> dic
             "prefill_tok_s": float(pp["avg_ts"]), "decode_tok_s": float(tg["avg_ts"]), "peak_rss_mb": 0.0}
 
 
+def _thread_scaling(rows: list[dict]) -> dict[str, tuple[int, int, float, float]]:
+    """Per engine: (fewest threads, most threads, prefill ratio, decode ratio) between those two runs."""
+    if len(rows) < 2:
+        return {}
+    lo, hi = min(rows, key=lambda r: r["threads"]), max(rows, key=lambda r: r["threads"])
+    out = {}
+    for eng in ("dair", "llama.cpp", "llama-bench"):
+        if eng in lo and eng in hi and lo is not hi:
+            out[eng] = (lo["threads"], hi["threads"], hi[eng]["prefill_tok_s"] / lo[eng]["prefill_tok_s"],
+                        hi[eng]["decode_tok_s"] / lo[eng]["decode_tok_s"])
+    return out
+
+
 def handle(args: argparse.Namespace) -> int:
     threads = args.threads or [1, 2]
     baseline, binary = args.baseline, args.llama_bench
+    if baseline in ("auto", "llama-bench") and not binary:
+        cached = cached_binary(isa_for_dair_run())
+        binary = shutil.which("llama-bench") or (str(cached) if cached.exists() else None)
     if baseline == "auto":
-        binary = binary or shutil.which("llama-bench")
         baseline = ("llama-bench" if binary else
                     "llama.cpp" if importlib.util.find_spec("llama_cpp") and not args.depth else "none")
     if baseline == "llama-bench" and not binary:
-        raise DairError("--baseline llama-bench needs --llama-bench PATH (or llama-bench on PATH)")
+        raise DairError("--baseline llama-bench needs --llama-bench PATH, llama-bench on PATH, or a build by "
+                        f"`python benchmarks/build_llama_bench.py --isa {isa_for_dair_run()}`")
     if baseline == "llama.cpp" and args.depth:
         raise DairError("--depth is measured against llama-bench (--llama-bench PATH), not llama-cpp-python")
     rows = []
@@ -93,14 +112,18 @@ def handle(args: argparse.Namespace) -> int:
             row["prefill_ratio"] = row["dair"]["prefill_tok_s"] / ref["prefill_tok_s"]
         rows.append(row)
     depth = args.depth or args.prompt_tokens
+    label = {"llama-bench": f"llama.cpp's llama-bench ({binary})", "llama.cpp": "llama.cpp through llama-cpp-python",
+             "none": "no baseline"}[baseline]
+    scaling = _thread_scaling(rows)
     if args.json:
-        flat = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "depth": depth, "runs": rows}
+        flat = {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "depth": depth, "runs": rows,
+                "baseline": label, "thread_scaling": scaling}
         # top-level keys describe the last (largest by default) thread count
         flat.update({k: rows[-1]["dair"][k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")})
         print(json.dumps(flat))
         return 0
     print(f"prefill of {args.prompt_tokens} tokens; decode of {args.gen_tokens} after {depth} tokens of context; "
-          f"dair KV cache {rows[-1]['dair'].get('kv_type', '?')}")
+          f"dair KV cache {rows[-1]['dair'].get('kv_type', '?')}; baseline: {label}")
     print(f"{'threads':>7} {'engine':>11} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
     for row in rows:
         for eng in ("dair", "llama.cpp", "llama-bench"):
@@ -110,6 +133,8 @@ def handle(args: argparse.Namespace) -> int:
                 print(f"{row['threads']:>7} {eng:>11} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {rss}")
         if "decode_ratio" in row:
             print(f"{'':>7} {'ratio':>11} {row['prefill_ratio']:>13.2f}x {row['decode_ratio']:>12.2f}x")
+    for eng, (lo, hi, pre, dec) in scaling.items():
+        print(f"{eng}: {hi} threads vs {lo}: prefill {pre:.2f}x, decode {dec:.2f}x")
     first = rows[0]["dair"]
     if "arch" in first:
         moe = (f", {first['experts_per_token']} experts computed per token over all layers (a prefill batch "
