@@ -89,14 +89,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--depth", type=int, default=0, help="decode after this many tokens of context (dair only)")
     ap.add_argument("--kv-type", choices=["f16", "f32", "q8_0"], default=None, help="dair's KV cache")
-    ap.add_argument("--prefill-lanes", action="store_true",
-                    help="dair: the query-lanes attention prefill (faster; rows then differ in the last bits "
-                         "from decode, see ops/attn.h) instead of the default row-exact one")
     a = ap.parse_args()
-    if a.prefill_lanes:
-        from dair.ops.attention import set_prefill_lanes
-
-        set_prefill_lanes(True)
     if a.engine == "dair":
         out = measure_dair(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs, a.depth, a.kv_type)
     else:

@@ -87,12 +87,7 @@ class SessionCache:
         kc, vc = self.k[j], self.v[j]
         self._store(kc[a:b], k)
         self._store(vc[a:b], v)
-        near = int(np.searchsorted(pos, window)) if window else len(pos)  # rows with p < window
-        if near:
-            attention(q[:near], kc, vc, pos[:near], out=out[:near], scale=scale)
-        for r in range(near, len(pos)):  # each row's window starts at its own place
-            s = int(pos[r]) - window + 1
-            attention(q[r:r + 1], kc[s:], vc[s:], pos[r:r + 1] - s, out=out[r:r + 1], scale=scale)
+        attention(q, kc, vc, pos, out=out, scale=scale, window=window)
 
 
 def context_limit(model_context: int, configured: int, kv_per_token: int, max_ram: int | None,

@@ -1,12 +1,15 @@
 # cython: language_level=3
 """Causal grouped-query attention of new queries against a KV cache (kernels: attn.h).
 
-Query i attends to cache rows 0..positions[i] inclusive (the caller has already written this
-step's keys and values there); query head h reads kv head h // (n_heads // n_kv). The cache is
-float32, float16, or uint8 rows of GGUF Q8_0 blocks (34 bytes per 32 values, as llama.cpp's
-`-ctk q8_0 -ctv q8_0`). Prefill runs in tiles with an online softmax, decode in key spans
-spread over the threads; both read each cached key and value once per kv head.
+Query i attends to cache rows 0..positions[i] inclusive, or with a sliding window w the last w
+of them (the caller has already written this step's keys and values there); query head h reads
+kv head h // (n_heads // n_kv). The cache is float32, float16, or uint8 rows of GGUF Q8_0 blocks
+(34 bytes per 32 values, as llama.cpp's `-ctk q8_0 -ctv q8_0`). Keys are taken in spans of 256
+positions merged as in flash-decoding; a row's result is the same bit for bit whether it is
+decoded alone or prefilled in a batch, and prefill converts each cached tile once for 8 rows.
 """
+import os
+
 include "_common.pxi"
 
 from libc.math cimport sqrt
@@ -31,9 +34,9 @@ cdef extern from "attn.h" nogil:
         size_t row_bytes
         size_t head_bytes
         int n, H, KV, G, hd
+        int window
         float scale
         int isa
-        int lanes
     int dair_attention(const dair_attn_args* a)
 
 _ISA_CODES = {"avx512": DAIR_ATTN_AVX512, "avx2": DAIR_ATTN_AVX2, "c": DAIR_ATTN_C}
@@ -42,18 +45,13 @@ _ISA_CODES = {"avx512": DAIR_ATTN_AVX512, "avx2": DAIR_ATTN_AVX2, "c": DAIR_ATTN
 ISAS = tuple(name for name, ok in (("avx512", DAIR_ATTN_HAVE_AVX512), ("avx2", DAIR_ATTN_HAVE_AVX2),
                                     ("c", 1)) if ok)
 
+# DAIR_KERNELS=avx2 (or scalar) caps attention as it caps the quantized kernels (dair.ops.matmul):
+# a run then computes as an AVX2-only (or plain-C) host would.
+_CAP = {"avx512": "avx512", "image": "avx512", "avx2": "avx2", "block": "avx2", "scalar": "c"}.get(
+    os.environ.get("DAIR_KERNELS", ""))
+if _CAP in ISAS:
+    ISAS = ISAS[ISAS.index(_CAP):]
 cdef int _isa = _ISA_CODES[ISAS[0]]
-# The query-lanes prefill scheme: off, so that a row's result never depends on its batch (see attn.h).
-cdef bint _lanes = False
-
-
-def set_prefill_lanes(bint on) -> bool:
-    """Allow the faster query-lanes prefill scheme, whose rows differ in the last bits from the
-    same rows decoded one at a time (benchmarks only); returns the previous setting."""
-    global _lanes
-    old = _lanes
-    _lanes = on
-    return old
 
 
 def get_isa() -> str:
@@ -80,10 +78,10 @@ def q8_0_row_bytes(Py_ssize_t hd) -> int:
     return hd // 32 * 34
 
 
-def attention(q, k_cache, v_cache, positions, out=None, scale=None):
+def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0):
     """q float32[n, n_heads, hd]; k_cache, v_cache float32|float16[cap, n_kv, hd] or
-    uint8[cap, n_kv, hd // 32 * 34] (Q8_0 blocks); positions int32[n].
-    Returns out float32[n, n_heads, hd]."""
+    uint8[cap, n_kv, hd // 32 * 34] (Q8_0 blocks); positions int32[n]; window > 0: query i sees
+    positions positions[i] - window + 1 .. positions[i] only. Returns out float32[n, n_heads, hd]."""
     _check(q, "q", cnp.NPY_FLOAT32, 3, False)
     _check(positions, "positions", cnp.NPY_INT32, 1, False)
     if not cnp.PyArray_Check(k_cache) or not cnp.PyArray_Check(v_cache):
@@ -105,6 +103,8 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None):
         raise ValueError(f"n_heads {H} is not a multiple of n_kv {KV}")
     if _dim(positions, 0) != n:
         raise ValueError(f"positions: expected shape ({n},), got {positions.shape}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
     if cap >= 2 ** 24:
         raise ValueError(f"cache of {cap} positions: at most 2^24 (positions are compared as float32)")
     cdef const int32_t* pp = <const int32_t*>_data(positions)
@@ -142,8 +142,8 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None):
     a.G = <int>(H // KV)
     a.hd = <int>hd
     a.scale = <float>(1.0 / sqrt(<double>hd)) if scale is None else <float>scale
+    a.window = window
     a.isa = _isa
-    a.lanes = _lanes
     cdef int rc
     with nogil:
         rc = dair_attention(&a)

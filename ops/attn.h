@@ -2,20 +2,26 @@
  *
  * Cache rows are positions; a row holds the n_kv heads of hd values each, stored as
  * f32, f16 or GGUF Q8_0 blocks (fp16 scale + 32 int8, 34 bytes per 32 values, as llama.cpp's
- * -ctk q8_0). Query row i attends to positions 0..pos[i].
+ * -ctk q8_0). Query row i attends to positions lo..pos[i], lo = 0 or, with a sliding window w,
+ * pos[i] - w + 1 (gemma3's local layers).
  *
- * Two schemes, both reading every cached key and value once per kv head per call:
- *  - "rows" (decode: few query rows). Keys are split into spans; a task is one (row, kv head,
- *    span) with the G query heads of that kv head together, so each cached row is converted
- *    once and dotted with G queries. Spans keep both threads busy on one token; their partial
- *    softmaxes (max, sum, weighted values) are merged at the end (flash-decoding).
- *  - "lanes" (prefill). A task is one kv head and R = 2 vectors' worth of (row, head) query
- *    pairs, one query per SIMD lane. Keys and values come in tiles of DAIR_ATTN_BC positions,
- *    converted to f32 once per tile and used by all R queries; the softmax is online
- *    (FlashAttention): a running max, sum and output per lane, rescaled as tiles arrive. With
- *    queries in lanes the max, the sum and the rescaling are vertical vector operations and
- *    the causal mask is one compare against each lane's position.
- * The plain-C path is the reference: per (row, kv head), scores of all G heads, then softmax.
+ * One arithmetic for every row, whatever the batch: keys are cut into spans of DAIR_ATTN_SPAN
+ * positions fixed by absolute position; per (row, kv head, span) the G query heads of that kv
+ * head get the span's scores (q.k summed down the SIMD lanes, then across them by one fixed
+ * tree), their max, exp and sum, and the probability-weighted values (summed key by key in
+ * position order); the spans' partial softmaxes are merged in span order (flash-decoding). A
+ * row's result is therefore bit-identical decoded alone or prefilled in a batch of any size, on
+ * any thread count, which makes a replay of a session's history (failover, bus restart) give the
+ * tokens its decode steps gave. The batch only changes how the work is shared:
+ *  - decode (few rows): a task is one (row, kv head, span), so both threads work on one token;
+ *    the partials are merged after all tasks.
+ *  - prefill: a task is DAIR_ATTN_ROWS consecutive rows and one kv head, over all their spans;
+ *    each tile of DAIR_ATTN_KB cached keys (then values) is converted to f32 once and used by
+ *    all the rows' G heads, and the rows' partials are merged inside the task.
+ * Keys and values are read once per kv head per task. The per-row primitives (dots, pv, the
+ * exp-sum, the merge) are each one non-inlined function, so decode and prefill run the same
+ * instructions on a row. The plain-C path is the reference: per (row, kv head), all scores,
+ * then one softmax.
  */
 #ifndef DAIR_ATTN_H
 #define DAIR_ATTN_H
@@ -46,8 +52,12 @@ enum { DAIR_ATTN_C = 0, DAIR_ATTN_AVX2 = 1, DAIR_ATTN_AVX512 = 2 };
 #define DAIR_ATTN_HAVE_AVX512 0
 #endif
 
-#define DAIR_ATTN_BC 64    /* key positions per tile (lanes scheme) */
-#define DAIR_ATTN_SPAN 256 /* key positions per task (rows scheme) */
+#define DAIR_ATTN_SPAN 256 /* key positions per partial softmax (fixed: it defines the arithmetic) */
+#define DAIR_ATTN_KB 64    /* key positions converted to f32 at a time */
+#define DAIR_ATTN_ROWS 8   /* query rows per prefill task */
+
+#define DAIR_ATTN_NOINLINE __attribute__((noinline))
+#define DAIR_ATTN_INLINE static inline __attribute__((always_inline))
 
 typedef struct {
     const float *q;     /* [n][H][hd] */
@@ -58,10 +68,9 @@ typedef struct {
     size_t row_bytes;   /* bytes of one cache position (all kv heads) */
     size_t head_bytes;  /* bytes of one kv head's hd values */
     int n, H, KV, G, hd;
+    int window;         /* > 0: row i sees positions pos[i] - window + 1 .. pos[i] */
     float scale;
     int isa;            /* DAIR_ATTN_*, already checked to be compiled in */
-    int lanes;          /* allow the query-lanes prefill scheme (faster, but a row's bits then
-                           depend on its batch: see dair_attention) */
 } dair_attn_args;
 
 static inline float dair_attn_h2f(uint16_t h) {
@@ -203,12 +212,13 @@ static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh
  * Plain C reference: task = (row i, kv head). sc holds G * (pos + 1) scores, tmp hd floats.
  */
 static void dair_attn_task_c(const dair_attn_args *a, int i, int kvh, float *sc, float *tmp) {
-    const int G = a->G, hd = a->hd, npos = a->pos[i] + 1;
+    const int G = a->G, hd = a->hd, p = a->pos[i];
+    const int lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0, npos = p + 1 - lo;
     const float *q = a->q + ((size_t)i * a->H + (size_t)kvh * G) * hd;
     float *out = a->out + ((size_t)i * a->H + (size_t)kvh * G) * hd;
     const size_t off = (size_t)kvh * a->head_bytes;
     for (int t = 0; t < npos; t++) {
-        dair_attn_row_c(a->k + (size_t)t * a->row_bytes + off, a->kind, hd, tmp);
+        dair_attn_row_c(a->k + (size_t)(lo + t) * a->row_bytes + off, a->kind, hd, tmp);
         for (int g = 0; g < G; g++) {
             float s = 0.0f;
             for (int j = 0; j < hd; j++)
@@ -229,18 +239,17 @@ static void dair_attn_task_c(const dair_attn_args *a, int i, int kvh, float *sc,
     }
     memset(out, 0, sizeof(float) * (size_t)G * hd);
     for (int t = 0; t < npos; t++) {
-        dair_attn_row_c(a->v + (size_t)t * a->row_bytes + off, a->kind, hd, tmp);
+        dair_attn_row_c(a->v + (size_t)(lo + t) * a->row_bytes + off, a->kind, hd, tmp);
         for (int g = 0; g < G; g++) {
-            float p = sc[(size_t)g * npos + t];
+            float pr = sc[(size_t)g * npos + t];
             for (int j = 0; j < hd; j++)
-                out[(size_t)g * hd + j] += p * tmp[j];
+                out[(size_t)g * hd + j] += pr * tmp[j];
         }
     }
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Rows scheme (decode). Task = (row i, kv head, span [t0, t1)); its result is partial: per
- * head the span's max m, sum l and unnormalised output acc[hd], merged by dair_attn_merge.
+ * Per-row primitives of the SIMD paths (see the top of this file: one function each).
  */
 #if DAIR_ATTN_HAVE_AVX512
 /* r[i] = sum of the 16 lanes of v[i], a transpose-and-add tree */
@@ -289,7 +298,7 @@ static inline __m256 dair_attn_exp256(__m256 x) {
 #endif
 
 /* s[t] = exp(s[t] - mx), returns the sum */
-static float dair_attn_exp_sum(float *s, float mx, int len, int isa) {
+static DAIR_ATTN_NOINLINE float dair_attn_exp_sum(float *s, float mx, int len, int isa) {
 #if DAIR_ATTN_HAVE_AVX512
     if (isa == DAIR_ATTN_AVX512)
         return dair_exp_sub_sum(s, mx, (size_t)len);
@@ -317,541 +326,413 @@ static float dair_attn_exp_sum(float *s, float mx, int len, int isa) {
     return sum;
 }
 
-/* Scores of the G heads of q against rows [t0, t1): sc[g * len + (t - t0)], scaled. kt is a
- * scratch tile of DAIR_ATTN_BC rows. */
-static void dair_attn_scores_rows(const dair_attn_args *a, const float *q, int kvh, int t0, int t1, float *sc,
-                                  float *kt) {
-    const int G = a->G, hd = a->hd, len = t1 - t0;
-    for (int b0 = t0; b0 < t1; b0 += DAIR_ATTN_BC) {
-        int nt = t1 - b0 < DAIR_ATTN_BC ? t1 - b0 : DAIR_ATTN_BC;
-        int ntp = (nt + 15) & ~15;
-        dair_attn_tile(a->k, a, kvh, b0, nt, ntp, kt);
-        for (int g = 0; g < G; g++) {
-            const float *qg = q + (size_t)g * hd;
-            float *s = sc + (size_t)g * len + (b0 - t0);
-            int t = 0;
-#if DAIR_ATTN_HAVE_AVX512
-            if (a->isa == DAIR_ATTN_AVX512 && hd % 16 == 0) {
-                const __m512 vs = _mm512_set1_ps(a->scale);
-                for (; t < nt; t += 16) {
-                    __m512 part[16];
-                    for (int r = 0; r < 16; r++) {
-                        const float *kr = kt + (size_t)(t + r) * hd;
-                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(kr));
-                        for (int j = 16; j < hd; j += 16)
-                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + j), _mm512_loadu_ps(kr + j), acc);
-                        part[r] = acc;
-                    }
-                    int m = nt - t < 16 ? nt - t : 16;
-                    _mm512_mask_storeu_ps(s + t, (__mmask16)((1u << m) - 1), _mm512_mul_ps(dair_reduce16x16(part), vs));
-                }
-                continue;
-            }
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-            if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0) {
-                const __m256 vs = _mm256_set1_ps(a->scale);
-                for (; t < nt; t += 8) {
-                    __m256 part[8];
-                    for (int r = 0; r < 8; r++) {
-                        const float *kr = kt + (size_t)(t + r) * hd;
-                        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kr));
-                        for (int j = 8; j < hd; j += 8)
-                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + j), _mm256_loadu_ps(kr + j), acc);
-                        part[r] = acc;
-                    }
-                    __m256 r8 = _mm256_mul_ps(dair_reduce8x8(part), vs);
-                    if (nt - t >= 8) {
-                        _mm256_storeu_ps(s + t, r8);
-                    } else {
-                        float tmp8[8];
-                        _mm256_storeu_ps(tmp8, r8);
-                        memcpy(s + t, tmp8, sizeof(float) * (size_t)(nt - t));
-                    }
-                }
-                continue;
-            }
-#endif
-            for (; t < nt; t++) {
-                const float *kr = kt + (size_t)t * hd;
-                float acc = 0.0f;
-                for (int j = 0; j < hd; j++)
-                    acc += qg[j] * kr[j];
-                s[t] = acc * a->scale;
-            }
-        }
-    }
-}
 
-/* acc[g][:] += sum over rows of p[g][t] * v[t] (rows [t0, t1)) */
-static void dair_attn_values_rows(const dair_attn_args *a, int kvh, int t0, int t1, const float *p, float *acc,
-                                  float *vt) {
-    const int G = a->G, hd = a->hd, len = t1 - t0;
-    for (int b0 = t0; b0 < t1; b0 += DAIR_ATTN_BC) {
-        int nt = t1 - b0 < DAIR_ATTN_BC ? t1 - b0 : DAIR_ATTN_BC;
-        dair_attn_tile(a->v, a, kvh, b0, nt, nt, vt);
-        for (int g = 0; g < G; g++) {
-            const float *pg = p + (size_t)g * len + (b0 - t0);
-            float *o = acc + (size_t)g * hd;
-            int j = 0;
+/* s[t] = (q . kt[t]) * scale for t < nt; kt: nt rows of hd floats. */
 #if DAIR_ATTN_HAVE_AVX512
-            if (a->isa == DAIR_ATTN_AVX512) {
-                for (; j + 64 <= hd; j += 64) {
-                    __m512 o0 = _mm512_loadu_ps(o + j), o1 = _mm512_loadu_ps(o + j + 16);
-                    __m512 o2 = _mm512_loadu_ps(o + j + 32), o3 = _mm512_loadu_ps(o + j + 48);
-                    for (int t = 0; t < nt; t++) {
-                        const float *vr = vt + (size_t)t * hd + j;
-                        __m512 pp = _mm512_set1_ps(pg[t]);
-                        o0 = _mm512_fmadd_ps(pp, _mm512_loadu_ps(vr), o0);
-                        o1 = _mm512_fmadd_ps(pp, _mm512_loadu_ps(vr + 16), o1);
-                        o2 = _mm512_fmadd_ps(pp, _mm512_loadu_ps(vr + 32), o2);
-                        o3 = _mm512_fmadd_ps(pp, _mm512_loadu_ps(vr + 48), o3);
-                    }
-                    _mm512_storeu_ps(o + j, o0);
-                    _mm512_storeu_ps(o + j + 16, o1);
-                    _mm512_storeu_ps(o + j + 32, o2);
-                    _mm512_storeu_ps(o + j + 48, o3);
-                }
-                for (; j + 16 <= hd; j += 16) {
-                    __m512 o0 = _mm512_loadu_ps(o + j);
-                    for (int t = 0; t < nt; t++)
-                        o0 = _mm512_fmadd_ps(_mm512_set1_ps(pg[t]), _mm512_loadu_ps(vt + (size_t)t * hd + j), o0);
-                    _mm512_storeu_ps(o + j, o0);
-                }
-            }
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-            if (a->isa == DAIR_ATTN_AVX2) {
-                for (; j + 32 <= hd; j += 32) {
-                    __m256 o0 = _mm256_loadu_ps(o + j), o1 = _mm256_loadu_ps(o + j + 8);
-                    __m256 o2 = _mm256_loadu_ps(o + j + 16), o3 = _mm256_loadu_ps(o + j + 24);
-                    for (int t = 0; t < nt; t++) {
-                        const float *vr = vt + (size_t)t * hd + j;
-                        __m256 pp = _mm256_set1_ps(pg[t]);
-                        o0 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(vr), o0);
-                        o1 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(vr + 8), o1);
-                        o2 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(vr + 16), o2);
-                        o3 = _mm256_fmadd_ps(pp, _mm256_loadu_ps(vr + 24), o3);
-                    }
-                    _mm256_storeu_ps(o + j, o0);
-                    _mm256_storeu_ps(o + j + 8, o1);
-                    _mm256_storeu_ps(o + j + 16, o2);
-                    _mm256_storeu_ps(o + j + 24, o3);
-                }
-                for (; j + 8 <= hd; j += 8) {
-                    __m256 o0 = _mm256_loadu_ps(o + j);
-                    for (int t = 0; t < nt; t++)
-                        o0 = _mm256_fmadd_ps(_mm256_set1_ps(pg[t]), _mm256_loadu_ps(vt + (size_t)t * hd + j), o0);
-                    _mm256_storeu_ps(o + j, o0);
-                }
-            }
-#endif
-            for (; j < hd; j++) {
-                float s = o[j];
-                for (int t = 0; t < nt; t++)
-                    s += pg[t] * vt[(size_t)t * hd + j];
-                o[j] = s;
-            }
+DAIR_ATTN_INLINE void dair_attn_dots512(const float *q, const float *kt, int nt, int hd, int nv, float scale,
+                                        float *s) {
+    __m512 qv[16];
+    const int held = nv <= 16;
+    for (int j = 0; held && j < nv; j++)
+        qv[j] = _mm512_loadu_ps(q + 16 * j);
+#define DAIR_Q512(j) (held ? qv[(j) & 15] : _mm512_loadu_ps(q + 16 * (j)))
+    const __m512 vs = _mm512_set1_ps(scale);
+    int t = 0;
+    for (; t + 16 <= nt; t += 16) {
+        __m512 part[16];
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; r++) {
+            const float *kr = kt + (size_t)(t + r) * hd;
+            __m512 acc = _mm512_mul_ps(DAIR_Q512(0), _mm512_loadu_ps(kr));
+            for (int j = 1; j < nv; j++)
+                acc = _mm512_fmadd_ps(DAIR_Q512(j), _mm512_loadu_ps(kr + 16 * j), acc);
+            part[r] = acc;
         }
+        _mm512_storeu_ps(s + t, _mm512_mul_ps(dair_reduce16x16(part), vs));
     }
-}
-
-/* The same two passes reading f32 or f16 rows straight from the cache (no tile copy): per
- * block of rows one head at a time, so the group's later heads find the rows in L1. */
-#if DAIR_ATTN_HAVE_AVX512
-static inline __m512 dair_attn_ld16(const uint8_t *p, int f16) {
-    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
-}
-
-static void dair_attn_direct512(const dair_attn_args *a, const float *q, int kvh, int t0, int t1, float *sc,
-                                float *acc, float *m, float *l) {
-    const int G = a->G, hd = a->hd, nv = hd / 16, len = t1 - t0, f16 = a->kind == DAIR_KV_F16;
-    const size_t esz = f16 ? 2 : 4, rb = a->row_bytes;
-    const uint8_t *kb = a->k + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
-    const uint8_t *vb = a->v + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
-    const __m512 vs = _mm512_set1_ps(a->scale);
-    for (int t = 0; t < len; t += 16) {
-        int nr = len - t < 16 ? len - t : 16;
-        for (int r = 0; r < nr; r++)
-            for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(kb + (size_t)(t + r + 32) * rb + o, 0, 3);
-        for (int g = 0; g < G; g++) {
-            const float *qg = q + (size_t)g * hd;
-            __m512 part[16];
-            for (int r = 0; r < 16; r++) {
-                __m512 s = _mm512_setzero_ps();
-                if (r < nr) {
-                    const uint8_t *kr = kb + (size_t)(t + r) * rb;
-                    for (int j = 0; j < nv; j++)
-                        s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), dair_attn_ld16(kr + 16 * j * esz, f16), s);
-                }
-                part[r] = s;
+    if (t < nt) {
+        const int m = nt - t;
+        __m512 part[16];
+        for (int r = 0; r < 16; r++) {
+            __m512 acc = _mm512_setzero_ps();
+            if (r < m) {
+                const float *kr = kt + (size_t)(t + r) * hd;
+                acc = _mm512_mul_ps(DAIR_Q512(0), _mm512_loadu_ps(kr));
+                for (int j = 1; j < nv; j++)
+                    acc = _mm512_fmadd_ps(DAIR_Q512(j), _mm512_loadu_ps(kr + 16 * j), acc);
             }
-            _mm512_mask_storeu_ps(sc + (size_t)g * len + t, (__mmask16)((1u << nr) - 1),
-                                  _mm512_mul_ps(dair_reduce16x16(part), vs));
+            part[r] = acc;
         }
+        _mm512_mask_storeu_ps(s + t, (__mmask16)((1u << m) - 1), _mm512_mul_ps(dair_reduce16x16(part), vs));
     }
-    for (int g = 0; g < G; g++) {
-        float *s = sc + (size_t)g * len, mx = -INFINITY;
-        for (int t = 0; t < len; t++)
-            mx = s[t] > mx ? s[t] : mx;
-        m[g] = mx;
-        l[g] = dair_exp_sub_sum(s, mx, (size_t)len);
-    }
-    for (int b0 = 0; b0 < len; b0 += 32) {
-        int nr = len - b0 < 32 ? len - b0 : 32;
-        for (int r = 0; r < nr; r++)
-            for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(vb + (size_t)(b0 + r + 32) * rb + o, 0, 3);
-        for (int g = 0; g < G; g++) {
-            const float *pg = sc + (size_t)g * len + b0;
-            float *o = acc + (size_t)g * hd;
-            for (int j0 = 0; j0 < nv; j0 += 4) {
-                int nj = nv - j0 < 4 ? nv - j0 : 4;
-                __m512 o0 = _mm512_loadu_ps(o + 16 * j0), o1 = o0, o2 = o0, o3 = o0;
-                if (nj > 1) o1 = _mm512_loadu_ps(o + 16 * j0 + 16);
-                if (nj > 2) o2 = _mm512_loadu_ps(o + 16 * j0 + 32);
-                if (nj > 3) o3 = _mm512_loadu_ps(o + 16 * j0 + 48);
-                for (int r = 0; r < nr; r++) {
-                    const uint8_t *vr = vb + (size_t)(b0 + r) * rb + 16 * (size_t)j0 * esz;
-                    __m512 pp = _mm512_set1_ps(pg[r]);
-                    o0 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr, f16), o0);
-                    if (nj > 1) o1 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr + 16 * esz, f16), o1);
-                    if (nj > 2) o2 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr + 32 * esz, f16), o2);
-                    if (nj > 3) o3 = _mm512_fmadd_ps(pp, dair_attn_ld16(vr + 48 * esz, f16), o3);
-                }
-                _mm512_storeu_ps(o + 16 * j0, o0);
-                if (nj > 1) _mm512_storeu_ps(o + 16 * j0 + 16, o1);
-                if (nj > 2) _mm512_storeu_ps(o + 16 * j0 + 32, o2);
-                if (nj > 3) _mm512_storeu_ps(o + 16 * j0 + 48, o3);
-            }
-        }
-    }
+#undef DAIR_Q512
 }
 #endif
 
 #if DAIR_ATTN_HAVE_AVX2
-static inline __m256 dair_attn_ld8(const uint8_t *p, int f16) {
-    return f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
-}
-
-static void dair_attn_direct256(const dair_attn_args *a, const float *q, int kvh, int t0, int t1, float *sc,
-                                float *acc, float *m, float *l) {
-    const int G = a->G, hd = a->hd, nv = hd / 8, len = t1 - t0, f16 = a->kind == DAIR_KV_F16;
-    const size_t esz = f16 ? 2 : 4, rb = a->row_bytes;
-    const uint8_t *kb = a->k + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
-    const uint8_t *vb = a->v + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
-    const __m256 vs = _mm256_set1_ps(a->scale);
-    for (int t = 0; t < len; t += 8) {
-        int nr = len - t < 8 ? len - t : 8;
-        for (int r = 0; r < nr; r++)
-            for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(kb + (size_t)(t + r + 32) * rb + o, 0, 3);
-        for (int g = 0; g < G; g++) {
-            const float *qg = q + (size_t)g * hd;
-            __m256 part[8];
+DAIR_ATTN_INLINE void dair_attn_dots256(const float *q, const float *kt, int nt, int hd, int nv, float scale,
+                                        float *s) {
+    __m256 qv[16];
+    const int held = nv <= 16;
+    for (int j = 0; held && j < nv; j++)
+        qv[j] = _mm256_loadu_ps(q + 8 * j);
+#define DAIR_Q256(j) (held ? qv[(j) & 15] : _mm256_loadu_ps(q + 8 * (j)))
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int t = 0; t < nt; t += 8) {
+        const int m = nt - t < 8 ? nt - t : 8;
+        __m256 part[8];
+        if (m == 8) {
+#pragma GCC unroll 8
             for (int r = 0; r < 8; r++) {
-                __m256 s = _mm256_setzero_ps();
-                if (r < nr) {
-                    const uint8_t *kr = kb + (size_t)(t + r) * rb;
-                    for (int j = 0; j < nv; j++)
-                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), dair_attn_ld8(kr + 8 * j * esz, f16), s);
-                }
-                part[r] = s;
+                const float *kr = kt + (size_t)(t + r) * hd;
+                __m256 acc = _mm256_mul_ps(DAIR_Q256(0), _mm256_loadu_ps(kr));
+                for (int j = 1; j < nv; j++)
+                    acc = _mm256_fmadd_ps(DAIR_Q256(j), _mm256_loadu_ps(kr + 8 * j), acc);
+                part[r] = acc;
             }
-            __m256 r8 = _mm256_mul_ps(dair_reduce8x8(part), vs);
-            float *dst = sc + (size_t)g * len + t;
-            if (nr == 8) {
-                _mm256_storeu_ps(dst, r8);
-            } else {
-                float tmp8[8];
-                _mm256_storeu_ps(tmp8, r8);
-                memcpy(dst, tmp8, sizeof(float) * (size_t)nr);
+            _mm256_storeu_ps(s + t, _mm256_mul_ps(dair_reduce8x8(part), vs));
+            continue;
+        }
+        for (int r = 0; r < 8; r++) {
+            __m256 acc = _mm256_setzero_ps();
+            if (r < m) {
+                const float *kr = kt + (size_t)(t + r) * hd;
+                acc = _mm256_mul_ps(DAIR_Q256(0), _mm256_loadu_ps(kr));
+                for (int j = 1; j < nv; j++)
+                    acc = _mm256_fmadd_ps(DAIR_Q256(j), _mm256_loadu_ps(kr + 8 * j), acc);
             }
+            part[r] = acc;
+        }
+        float tmp8[8];
+        _mm256_storeu_ps(tmp8, _mm256_mul_ps(dair_reduce8x8(part), vs));
+        memcpy(s + t, tmp8, sizeof(float) * (size_t)m);
+    }
+#undef DAIR_Q256
+}
+#endif
+
+static DAIR_ATTN_NOINLINE void dair_attn_dots(const float *q, const float *kt, int nt, int hd, float scale, float *s,
+                                              int isa) {
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512 && hd % 16 == 0) {
+        if (hd == 64)
+            dair_attn_dots512(q, kt, nt, 64, 4, scale, s);
+        else if (hd == 128)
+            dair_attn_dots512(q, kt, nt, 128, 8, scale, s);
+        else if (hd == 256)
+            dair_attn_dots512(q, kt, nt, 256, 16, scale, s);
+        else
+            dair_attn_dots512(q, kt, nt, hd, hd / 16, scale, s);
+        return;
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (isa == DAIR_ATTN_AVX2 && hd % 8 == 0) {
+        if (hd == 64)
+            dair_attn_dots256(q, kt, nt, 64, 8, scale, s);
+        else if (hd == 128)
+            dair_attn_dots256(q, kt, nt, 128, 16, scale, s);
+        else
+            dair_attn_dots256(q, kt, nt, hd, hd / 8, scale, s);
+        return;
+    }
+#endif
+    (void)isa;
+    for (int t = 0; t < nt; t++) {
+        const float *kr = kt + (size_t)t * hd;
+        float acc = 0.0f;
+        for (int j = 0; j < hd; j++)
+            acc += q[j] * kr[j];
+        s[t] = acc * scale;
+    }
+}
+
+/* acc[g][d] += sum_t p[g * ps + t] * vt[t][d] for the G heads, t = 0..nt-1 in order (one
+ * multiply-add per key and dim, so how keys are grouped into calls does not change a bit).
+ * Heads go three at a time over DB vectors of dims, each value vector loaded once for them. */
+#if DAIR_ATTN_HAVE_AVX512
+DAIR_ATTN_INLINE void dair_attn_pv512(const float *vt, int nt, int hd, const float *p, size_t ps, float *acc, int ng,
+                                      int nb, int d0) {
+    __m512 o[3][4];
+    for (int g = 0; g < ng; g++)
+        for (int b = 0; b < nb; b++)
+            o[g][b] = _mm512_loadu_ps(acc + (size_t)g * hd + d0 + 16 * b);
+    for (int t = 0; t < nt; t++) {
+        const float *vr = vt + (size_t)t * hd + d0;
+        __m512 v[4];
+        for (int b = 0; b < nb; b++)
+            v[b] = _mm512_loadu_ps(vr + 16 * b);
+        for (int g = 0; g < ng; g++) {
+            __m512 pp = _mm512_set1_ps(p[(size_t)g * ps + t]);
+            for (int b = 0; b < nb; b++)
+                o[g][b] = _mm512_fmadd_ps(pp, v[b], o[g][b]);
         }
     }
-    for (int g = 0; g < G; g++) {
-        float *s = sc + (size_t)g * len, mx = -INFINITY;
-        for (int t = 0; t < len; t++)
-            mx = s[t] > mx ? s[t] : mx;
-        m[g] = mx;
-        l[g] = dair_attn_exp_sum(s, mx, len, DAIR_ATTN_AVX2);
+    for (int g = 0; g < ng; g++)
+        for (int b = 0; b < nb; b++)
+            _mm512_storeu_ps(acc + (size_t)g * hd + d0 + 16 * b, o[g][b]);
+}
+#endif
+
+#if DAIR_ATTN_HAVE_AVX2
+DAIR_ATTN_INLINE void dair_attn_pv256(const float *vt, int nt, int hd, const float *p, size_t ps, float *acc, int ng,
+                                      int nb, int d0) {
+    __m256 o[3][4];
+    for (int g = 0; g < ng; g++)
+        for (int b = 0; b < nb; b++)
+            o[g][b] = _mm256_loadu_ps(acc + (size_t)g * hd + d0 + 8 * b);
+    for (int t = 0; t < nt; t++) {
+        const float *vr = vt + (size_t)t * hd + d0;
+        __m256 v[4];
+        for (int b = 0; b < nb; b++)
+            v[b] = _mm256_loadu_ps(vr + 8 * b);
+        for (int g = 0; g < ng; g++) {
+            __m256 pp = _mm256_set1_ps(p[(size_t)g * ps + t]);
+            for (int b = 0; b < nb; b++)
+                o[g][b] = _mm256_fmadd_ps(pp, v[b], o[g][b]);
+        }
     }
-    for (int b0 = 0; b0 < len; b0 += 32) {
-        int nr = len - b0 < 32 ? len - b0 : 32;
-        for (int r = 0; r < nr; r++)
-            for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(vb + (size_t)(b0 + r + 32) * rb + o, 0, 3);
+    for (int g = 0; g < ng; g++)
+        for (int b = 0; b < nb; b++)
+            _mm256_storeu_ps(acc + (size_t)g * hd + d0 + 8 * b, o[g][b]);
+}
+#endif
+
+#define DAIR_ATTN_PV_GROUPS(FN, VL)                                                                          \
+    for (int g0 = 0; g0 < G; g0 += 3) {                                                                      \
+        const int ng = G - g0 < 3 ? G - g0 : 3;                                                              \
+        const float *pg = p + (size_t)g0 * ps;                                                               \
+        float *ag = acc + (size_t)g0 * hd;                                                                   \
+        int d0 = 0;                                                                                          \
+        for (; d0 + 4 * (VL) <= hd; d0 += 4 * (VL)) {                                                        \
+            if (ng == 3)                                                                                     \
+                FN(vt, nt, hd, pg, ps, ag, 3, 4, d0);                                                        \
+            else if (ng == 2)                                                                                \
+                FN(vt, nt, hd, pg, ps, ag, 2, 4, d0);                                                        \
+            else                                                                                             \
+                FN(vt, nt, hd, pg, ps, ag, 1, 4, d0);                                                        \
+        }                                                                                                    \
+        for (; d0 < hd; d0 += (VL)) {                                                                        \
+            if (ng == 3)                                                                                     \
+                FN(vt, nt, hd, pg, ps, ag, 3, 1, d0);                                                        \
+            else if (ng == 2)                                                                                \
+                FN(vt, nt, hd, pg, ps, ag, 2, 1, d0);                                                        \
+            else                                                                                             \
+                FN(vt, nt, hd, pg, ps, ag, 1, 1, d0);                                                        \
+        }                                                                                                    \
+    }
+
+static DAIR_ATTN_NOINLINE void dair_attn_pv(const float *vt, int nt, int hd, const float *p, size_t ps, float *acc,
+                                            int G, int isa) {
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512 && hd % 16 == 0) {
+        DAIR_ATTN_PV_GROUPS(dair_attn_pv512, 16)
+        return;
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (isa == DAIR_ATTN_AVX2 && hd % 8 == 0) {
+        DAIR_ATTN_PV_GROUPS(dair_attn_pv256, 8)
+        return;
+    }
+#endif
+    (void)isa;
+    for (int g = 0; g < G; g++)
+        for (int d = 0; d < hd; d++) {
+            float s = acc[(size_t)g * hd + d];
+            for (int t = 0; t < nt; t++)
+                s = fmaf(p[(size_t)g * ps + t], vt[(size_t)t * hd + d], s);
+            acc[(size_t)g * hd + d] = s;
+        }
+}
+
+/* max of s[0..len) (exact in any order) */
+static float dair_attn_max(const float *s, int len, int isa) {
+    float mx = -INFINITY;
+    int t = 0;
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512 && len >= 16) {
+        __m512 m = _mm512_loadu_ps(s);
+        for (t = 16; t + 16 <= len; t += 16)
+            m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
+        mx = _mm512_reduce_max_ps(m);
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (isa == DAIR_ATTN_AVX2 && len >= 8) {
+        __m256 m = _mm256_loadu_ps(s);
+        for (t = 8; t + 8 <= len; t += 8)
+            m = _mm256_max_ps(m, _mm256_loadu_ps(s + t));
+        float tmp[8];
+        _mm256_storeu_ps(tmp, m);
+        for (int j = 0; j < 8; j++)
+            mx = tmp[j] > mx ? tmp[j] : mx;
+    }
+#endif
+    (void)isa;
+    for (; t < len; t++)
+        mx = s[t] > mx ? s[t] : mx;
+    return mx;
+}
+
+/* Keys [b, e) of span t0 that row r sees, relative to t0 (empty when e <= b). */
+static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *b, int *e) {
+    const int p = a->pos[r], lo = a->window > 0 ? p - a->window + 1 : 0;
+    *b = lo > t0 ? lo - t0 : 0;
+    *e = p + 1 - t0 < DAIR_ATTN_SPAN ? p + 1 - t0 : DAIR_ATTN_SPAN;
+}
+
+/* The partial softmaxes of rows [r0, r1) over span s of kv head kvh: row r's goes to
+ * dst + (r - r0) * rstride as [G] max, [G] sum, [G][hd] unnormalised output, or part[0] = -inf
+ * when the row sees no key of the span. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd. */
+static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
+                                               size_t rstride, float *sc, float *kt) {
+    const int G = a->G, hd = a->hd, t0 = s * DAIR_ATTN_SPAN;
+    int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
+    for (int r = r0; r < r1; r++) {
+        int b, e;
+        dair_attn_range(a, r, t0, &b, &e);
+        if (e > b) {
+            lo = b < lo ? b : lo;
+            hi = e > hi ? e : hi;
+        }
+    }
+    for (int kb = lo - lo % DAIR_ATTN_KB; kb < hi; kb += DAIR_ATTN_KB) {
+        const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
+        dair_attn_tile(a->k, a, kvh, t0 + kb, nt, nt, kt);
+        for (int r = r0; r < r1; r++) {
+            int b, e;
+            dair_attn_range(a, r, t0, &b, &e);
+            const int x = b > kb ? b : kb, y = e < kb + nt ? e : kb + nt;
+            if (y <= x)
+                continue;
+            const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
+            float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN;
+            for (int g = 0; g < G; g++)
+                dair_attn_dots(q + (size_t)g * hd, kt + (size_t)(x - kb) * hd, y - x, hd, a->scale,
+                               sr + (size_t)g * DAIR_ATTN_SPAN + x, a->isa);
+        }
+    }
+    for (int r = r0; r < r1; r++) {
+        int b, e;
+        dair_attn_range(a, r, t0, &b, &e);
+        float *part = dst + (size_t)(r - r0) * rstride;
+        if (e <= b) {
+            part[0] = -INFINITY;
+            continue;
+        }
+        float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN;
         for (int g = 0; g < G; g++) {
-            const float *pg = sc + (size_t)g * len + b0;
-            float *o = acc + (size_t)g * hd;
-            for (int j0 = 0; j0 < nv; j0 += 4) {
-                int nj = nv - j0 < 4 ? nv - j0 : 4;
-                __m256 o0 = _mm256_loadu_ps(o + 8 * j0), o1 = o0, o2 = o0, o3 = o0;
-                if (nj > 1) o1 = _mm256_loadu_ps(o + 8 * j0 + 8);
-                if (nj > 2) o2 = _mm256_loadu_ps(o + 8 * j0 + 16);
-                if (nj > 3) o3 = _mm256_loadu_ps(o + 8 * j0 + 24);
-                for (int r = 0; r < nr; r++) {
-                    const uint8_t *vr = vb + (size_t)(b0 + r) * rb + 8 * (size_t)j0 * esz;
-                    __m256 pp = _mm256_set1_ps(pg[r]);
-                    o0 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr, f16), o0);
-                    if (nj > 1) o1 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr + 8 * esz, f16), o1);
-                    if (nj > 2) o2 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr + 16 * esz, f16), o2);
-                    if (nj > 3) o3 = _mm256_fmadd_ps(pp, dair_attn_ld8(vr + 24 * esz, f16), o3);
-                }
-                _mm256_storeu_ps(o + 8 * j0, o0);
-                if (nj > 1) _mm256_storeu_ps(o + 8 * j0 + 8, o1);
-                if (nj > 2) _mm256_storeu_ps(o + 8 * j0 + 16, o2);
-                if (nj > 3) _mm256_storeu_ps(o + 8 * j0 + 24, o3);
-            }
+            float *sg = sr + (size_t)g * DAIR_ATTN_SPAN, mx = dair_attn_max(sg + b, e - b, a->isa);
+            part[g] = mx;
+            part[G + g] = dair_attn_exp_sum(sg + b, mx, e - b, a->isa);
+        }
+        memset(part + 2 * G, 0, sizeof(float) * (size_t)G * hd);
+    }
+    for (int kb = lo - lo % DAIR_ATTN_KB; kb < hi; kb += DAIR_ATTN_KB) {
+        const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
+        dair_attn_tile(a->v, a, kvh, t0 + kb, nt, nt, kt);
+        for (int r = r0; r < r1; r++) {
+            int b, e;
+            dair_attn_range(a, r, t0, &b, &e);
+            const int x = b > kb ? b : kb, y = e < kb + nt ? e : kb + nt;
+            if (y <= x)
+                continue;
+            dair_attn_pv(kt + (size_t)(x - kb) * hd, y - x, hd,
+                         sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN + x, DAIR_ATTN_SPAN,
+                         dst + (size_t)(r - r0) * rstride + 2 * G, G, a->isa);
         }
     }
 }
-#endif
 
-/* part = [G] max, [G] sum, [G][hd] unnormalised output. sc: G * DAIR_ATTN_SPAN floats;
- * kt: DAIR_ATTN_BC * hd floats. */
-static void dair_attn_task_rows(const dair_attn_args *a, int i, int kvh, int t0, int t1, float *part, float *sc,
-                                float *kt) {
-    const int G = a->G, hd = a->hd, len = t1 - t0;
-    const float *q = a->q + ((size_t)i * a->H + (size_t)kvh * G) * hd;
-    float *m = part, *l = part + G, *acc = part + 2 * G;
-    if (a->kind != DAIR_KV_Q8_0) {
-#if DAIR_ATTN_HAVE_AVX512
-        if (a->isa == DAIR_ATTN_AVX512 && hd % 16 == 0) {
-            memset(acc, 0, sizeof(float) * (size_t)G * hd);
-            dair_attn_direct512(a, q, kvh, t0, t1, sc, acc, m, l);
-            return;
-        }
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-        if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0) {
-            memset(acc, 0, sizeof(float) * (size_t)G * hd);
-            dair_attn_direct256(a, q, kvh, t0, t1, sc, acc, m, l);
-            return;
-        }
-#endif
-    }
-    dair_attn_scores_rows(a, q, kvh, t0, t1, sc, kt);
+/* out[G][hd] of one (row, kv head) from its spans' partials (parts + s * sstride, s < nspan):
+ * out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, in span order. */
+static DAIR_ATTN_NOINLINE void dair_attn_merge_one(const float *parts, size_t sstride, int nspan, int G, int hd,
+                                                   float *out) {
     for (int g = 0; g < G; g++) {
-        float *s = sc + (size_t)g * len, mx = -INFINITY;
-        for (int t = 0; t < len; t++)
-            mx = s[t] > mx ? s[t] : mx;
-        m[g] = mx;
-        l[g] = dair_attn_exp_sum(s, mx, len, a->isa);
+        float M = -INFINITY, L = 0.0f;
+        for (int s = 0; s < nspan; s++) {
+            const float *part = parts + sstride * (size_t)s;
+            if (part[0] != -INFINITY && part[g] > M)
+                M = part[g];
+        }
+        float *o = out + (size_t)g * hd;
+        memset(o, 0, sizeof(float) * (size_t)hd);
+        for (int s = 0; s < nspan; s++) {
+            const float *part = parts + sstride * (size_t)s;
+            if (part[0] == -INFINITY)
+                continue;
+            float w = expf(part[g] - M);
+            L += w * part[G + g];
+            const float *acc = part + 2 * G + (size_t)g * hd;
+            for (int j = 0; j < hd; j++)
+                o[j] += w * acc[j];
+        }
+        float inv = 1.0f / L;
+        for (int j = 0; j < hd; j++)
+            o[j] *= inv;
     }
-    memset(acc, 0, sizeof(float) * (size_t)G * hd);
-    dair_attn_values_rows(a, kvh, t0, t1, sc, acc, kt);
 }
-
-/* ---------------------------------------------------------------------------------------------
- * Lanes scheme (prefill), written once over a small vector vocabulary and instantiated per ISA.
- * Scratch per task (floats): QT hd*R, OT hd*R, S BC*R, K and V tiles BC*hd each, 4*R.
- */
-#define DAIR_ATTN_DB 8 /* output dims per register block in the P.V update */
-
-#define DAIR_ATTN_LANES_BODY                                                                                        \
-    const int G = a->G, hd = a->hd, nq = a->n * G;                                                                \
-    float *QT = scr, *OT = QT + (size_t)hd * R, *S = OT + (size_t)hd * R, *KT = S + (size_t)DAIR_ATTN_BC * R;    \
-    float *VT = KT + (size_t)DAIR_ATTN_BC * hd, *posf = VT + (size_t)DAIR_ATTN_BC * hd, *M = posf + R;            \
-    float *L = M + R, *AL = L + R;                                                                                \
-    int rowof[R], headof[R], valid = 0, minpos = 0x7fffffff, maxpos = -1;                                         \
-    for (int r = 0; r < R; r++) {                                                                                 \
-        int idx = q0 + r < nq ? q0 + r : nq - 1; /* spare lanes repeat the last query */                           \
-        if (q0 + r < nq)                                                                                          \
-            valid = r + 1;                                                                                        \
-        rowof[r] = idx / G;                                                                                       \
-        headof[r] = kvh * G + idx % G;                                                                            \
-        int p = a->pos[rowof[r]];                                                                                 \
-        posf[r] = (float)p;                                                                                       \
-        minpos = p < minpos ? p : minpos;                                                                         \
-        maxpos = p > maxpos ? p : maxpos;                                                                         \
-        const float *qr = a->q + ((size_t)rowof[r] * a->H + headof[r]) * hd;                                      \
-        for (int d = 0; d < hd; d++)                                                                              \
-            QT[(size_t)d * R + r] = qr[d] * a->scale;                                                             \
-    }                                                                                                             \
-    memset(OT, 0, sizeof(float) * (size_t)hd * R);                                                                \
-    for (int r = 0; r < R; r++) {                                                                                 \
-        M[r] = -INFINITY;                                                                                         \
-        L[r] = 0.0f;                                                                                              \
-    }                                                                                                             \
-    VT_ const VT_ninf = VSET1(-INFINITY), VT_zero = VSET1(0.0f);                                                  \
-    for (int t0 = 0; t0 <= maxpos; t0 += DAIR_ATTN_BC) {                                                          \
-        int nt = maxpos + 1 - t0 < DAIR_ATTN_BC ? maxpos + 1 - t0 : DAIR_ATTN_BC;                                 \
-        int ntp = (nt + 3) & ~3;                                                                                  \
-        dair_attn_tile(a->k, a, kvh, t0, nt, ntp, KT);                                                            \
-        dair_attn_tile(a->v, a, kvh, t0, nt, ntp, VT);                                                            \
-        /* S[t][r] = K[t] . q_r, four keys at a time against both lane vectors */                                 \
-        for (int t = 0; t < ntp; t += 4) {                                                                        \
-            VT_ s00 = VT_zero, s01 = VT_zero, s10 = VT_zero, s11 = VT_zero;                                       \
-            VT_ s20 = VT_zero, s21 = VT_zero, s30 = VT_zero, s31 = VT_zero;                                       \
-            const float *k0 = KT + (size_t)t * hd, *k1 = k0 + hd, *k2 = k1 + hd, *k3 = k2 + hd;                    \
-            for (int d = 0; d < hd; d++) {                                                                        \
-                VT_ qa = VLOAD(QT + (size_t)d * R), qb = VLOAD(QT + (size_t)d * R + VL);                          \
-                VT_ b0 = VSET1(k0[d]), b1 = VSET1(k1[d]), b2 = VSET1(k2[d]), b3 = VSET1(k3[d]);                   \
-                s00 = VFMA(b0, qa, s00);                                                                          \
-                s01 = VFMA(b0, qb, s01);                                                                          \
-                s10 = VFMA(b1, qa, s10);                                                                          \
-                s11 = VFMA(b1, qb, s11);                                                                          \
-                s20 = VFMA(b2, qa, s20);                                                                          \
-                s21 = VFMA(b2, qb, s21);                                                                          \
-                s30 = VFMA(b3, qa, s30);                                                                          \
-                s31 = VFMA(b3, qb, s31);                                                                          \
-            }                                                                                                     \
-            VSTORE(S + (size_t)t * R, s00);                                                                       \
-            VSTORE(S + (size_t)t * R + VL, s01);                                                                  \
-            VSTORE(S + (size_t)(t + 1) * R, s10);                                                                 \
-            VSTORE(S + (size_t)(t + 1) * R + VL, s11);                                                            \
-            VSTORE(S + (size_t)(t + 2) * R, s20);                                                                 \
-            VSTORE(S + (size_t)(t + 2) * R + VL, s21);                                                            \
-            VSTORE(S + (size_t)(t + 3) * R, s30);                                                                 \
-            VSTORE(S + (size_t)(t + 3) * R + VL, s31);                                                            \
-        }                                                                                                         \
-        const int masked = t0 + ntp - 1 > minpos;                                                                 \
-        for (int w = 0; w < 2; w++) {                                                                             \
-            VT_ pv = VLOAD(posf + w * VL), mold = VLOAD(M + w * VL), mx = mold;                                   \
-            for (int t = 0; t < ntp; t++) {                                                                       \
-                VT_ s = VLOAD(S + (size_t)t * R + w * VL);                                                        \
-                if (masked)                                                                                       \
-                    s = VSEL_GT(VSET1((float)(t0 + t)), pv, VT_ninf, s);                                          \
-                mx = VMAX(mx, s);                                                                                 \
-            }                                                                                                     \
-            VT_ alpha = VEXP(VSUB(mold, mx)), sum = VT_zero;                                                      \
-            for (int t = 0; t < ntp; t++) {                                                                       \
-                VT_ p = VEXP(VSUB(VLOAD(S + (size_t)t * R + w * VL), mx));                                        \
-                if (masked)                                                                                       \
-                    p = VSEL_GT(VSET1((float)(t0 + t)), pv, VT_zero, p);                                          \
-                sum = VADD(sum, p);                                                                               \
-                VSTORE(S + (size_t)t * R + w * VL, p);                                                            \
-            }                                                                                                     \
-            VSTORE(M + w * VL, mx);                                                                               \
-            VSTORE(L + w * VL, VFMA(VLOAD(L + w * VL), alpha, sum));                                              \
-            VSTORE(AL + w * VL, alpha);                                                                           \
-        }                                                                                                         \
-        /* OT[d][r] = OT[d][r] * alpha[r] + sum_t V[t][d] * P[t][r], DAIR_ATTN_DB dims at a time */              \
-        VT_ al0 = VLOAD(AL), al1 = VLOAD(AL + VL);                                                                \
-        int d0 = 0;                                                                                               \
-        for (; d0 + DAIR_ATTN_DB <= hd; d0 += DAIR_ATTN_DB) {                                                     \
-            VT_ o[DAIR_ATTN_DB][2];                                                                               \
-            for (int u = 0; u < DAIR_ATTN_DB; u++) {                                                              \
-                o[u][0] = VMUL(VLOAD(OT + (size_t)(d0 + u) * R), al0);                                            \
-                o[u][1] = VMUL(VLOAD(OT + (size_t)(d0 + u) * R + VL), al1);                                       \
-            }                                                                                                     \
-            for (int t = 0; t < ntp; t++) {                                                                       \
-                VT_ p0 = VLOAD(S + (size_t)t * R), p1 = VLOAD(S + (size_t)t * R + VL);                            \
-                const float *vr = VT + (size_t)t * hd + d0;                                                       \
-                for (int u = 0; u < DAIR_ATTN_DB; u++) {                                                          \
-                    VT_ b = VSET1(vr[u]);                                                                         \
-                    o[u][0] = VFMA(b, p0, o[u][0]);                                                               \
-                    o[u][1] = VFMA(b, p1, o[u][1]);                                                               \
-                }                                                                                                 \
-            }                                                                                                     \
-            for (int u = 0; u < DAIR_ATTN_DB; u++) {                                                              \
-                VSTORE(OT + (size_t)(d0 + u) * R, o[u][0]);                                                       \
-                VSTORE(OT + (size_t)(d0 + u) * R + VL, o[u][1]);                                                  \
-            }                                                                                                     \
-        }                                                                                                         \
-        for (; d0 < hd; d0++) {                                                                                   \
-            VT_ o0 = VMUL(VLOAD(OT + (size_t)d0 * R), al0), o1 = VMUL(VLOAD(OT + (size_t)d0 * R + VL), al1);      \
-            for (int t = 0; t < ntp; t++) {                                                                       \
-                VT_ b = VSET1(VT[(size_t)t * hd + d0]);                                                           \
-                o0 = VFMA(b, VLOAD(S + (size_t)t * R), o0);                                                       \
-                o1 = VFMA(b, VLOAD(S + (size_t)t * R + VL), o1);                                                  \
-            }                                                                                                     \
-            VSTORE(OT + (size_t)d0 * R, o0);                                                                      \
-            VSTORE(OT + (size_t)d0 * R + VL, o1);                                                                 \
-        }                                                                                                         \
-    }                                                                                                             \
-    for (int r = 0; r < valid; r++) {                                                                             \
-        float inv = 1.0f / L[r];                                                                                  \
-        float *o = a->out + ((size_t)rowof[r] * a->H + headof[r]) * hd;                                           \
-        for (int d = 0; d < hd; d++)                                                                              \
-            o[d] = OT[(size_t)d * R + r] * inv;                                                                   \
-    }
-
-#if DAIR_ATTN_HAVE_AVX512
-#define R 32
-#define VL 16
-#define VT_ __m512
-#define VSET1 _mm512_set1_ps
-#define VLOAD _mm512_loadu_ps
-#define VSTORE _mm512_storeu_ps
-#define VFMA _mm512_fmadd_ps
-#define VMUL _mm512_mul_ps
-#define VADD _mm512_add_ps
-#define VSUB _mm512_sub_ps
-#define VMAX _mm512_max_ps
-#define VEXP dair_exp512
-#define VSEL_GT(a, b, x, y) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((a), (b), _CMP_GT_OQ), (y), (x))
-static void dair_attn_task_lanes512(const dair_attn_args *a, int kvh, int q0, float *scr) { DAIR_ATTN_LANES_BODY }
-#undef R
-#undef VL
-#undef VT_
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VFMA
-#undef VMUL
-#undef VADD
-#undef VSUB
-#undef VMAX
-#undef VEXP
-#undef VSEL_GT
-#endif
-
-#if DAIR_ATTN_HAVE_AVX2
-#define R 16
-#define VL 8
-#define VT_ __m256
-#define VSET1 _mm256_set1_ps
-#define VLOAD _mm256_loadu_ps
-#define VSTORE _mm256_storeu_ps
-#define VFMA _mm256_fmadd_ps
-#define VMUL _mm256_mul_ps
-#define VADD _mm256_add_ps
-#define VSUB _mm256_sub_ps
-#define VMAX _mm256_max_ps
-#define VEXP dair_attn_exp256
-#define VSEL_GT(a, b, x, y) _mm256_blendv_ps((y), (x), _mm256_cmp_ps((a), (b), _CMP_GT_OQ))
-static void dair_attn_task_lanes256(const dair_attn_args *a, int kvh, int q0, float *scr) { DAIR_ATTN_LANES_BODY }
-#undef R
-#undef VL
-#undef VT_
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VFMA
-#undef VMUL
-#undef VADD
-#undef VSUB
-#undef VMAX
-#undef VEXP
-#undef VSEL_GT
-#endif
 
 /* ---------------------------------------------------------------------------------------------
  * Planning and dispatch.
  */
-enum { DAIR_ATTN_SCHEME_C = 0, DAIR_ATTN_SCHEME_ROWS = 1, DAIR_ATTN_SCHEME_LANES = 2 };
+enum { DAIR_ATTN_SCHEME_C = 0, DAIR_ATTN_SCHEME_DECODE = 1, DAIR_ATTN_SCHEME_PREFILL = 2 };
 
 typedef struct {
     const dair_attn_args *a;
-    int scheme, nch, ntask, R;
-    int nspan;        /* rows scheme: spans per (row, kv head) (the longest row's) */
+    int scheme, nch, ntask;
+    int nspan;        /* spans per row (the longest row's) */
     size_t per;       /* scratch floats per chunk */
-    size_t part_size; /* rows scheme: floats of one partial result */
+    size_t part_size; /* floats of one partial result: G * (2 + hd) */
     float *scratch, *parts;
 } dair_attn_plan;
 
-static void dair_attn_chunk(void *ctx, int c) {
-    dair_attn_plan *p = (dair_attn_plan *)ctx;
+/* Flush subnormals to zero while attention runs: far from the maximum, softmax weights (e^-87
+ * and below) are subnormal, and a multiply-add touching one can take a microcode assist of ~100
+ * cycles on x86; Python processes run without FTZ/DAZ. Every step of a row (its spans and their
+ * merge) runs under this mode, so the flushing is part of the one arithmetic. */
+static inline unsigned int dair_attn_ftz_on(void) {
 #if defined(__SSE__)
-    /* Flush subnormals to zero while this chunk runs: far from the maximum, softmax weights
-     * (e^-87 and below) are subnormal, and a multiply-add touching one can take a microcode
-     * assist of ~100 cycles on x86; Python processes run without FTZ/DAZ. */
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);
+    return csr;
+#else
+    return 0;
 #endif
+}
+
+static inline void dair_attn_ftz_off(unsigned int csr) {
+#if defined(__SSE__)
+    _mm_setcsr(csr);
+#else
+    (void)csr;
+#endif
+}
+
+/* Prefill task: rows [r0, r1), kv head kvh, all their spans, merged into out. */
+static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int kvh, float *scr) {
+    const dair_attn_args *a = p->a;
+    int s0 = p->nspan, s1 = 0;
+    for (int r = r0; r < r1; r++) {
+        const int pr = a->pos[r], lo = a->window > 0 && pr - a->window + 1 > 0 ? pr - a->window + 1 : 0;
+        s0 = lo / DAIR_ATTN_SPAN < s0 ? lo / DAIR_ATTN_SPAN : s0;
+        s1 = pr / DAIR_ATTN_SPAN + 1 > s1 ? pr / DAIR_ATTN_SPAN + 1 : s1;
+    }
+    const int ns = s1 - s0;
+    const size_t ps = p->part_size, rstride = ps * (size_t)ns;
+    float *parts = scr, *sc = parts + rstride * (size_t)(r1 - r0);
+    float *kt = sc + (size_t)(r1 - r0) * a->G * DAIR_ATTN_SPAN;
+    for (int s = s0; s < s1; s++)
+        dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, sc, kt);
+    for (int r = r0; r < r1; r++)
+        dair_attn_merge_one(parts + rstride * (size_t)(r - r0), ps, ns, a->G, a->hd,
+                            a->out + ((size_t)r * a->H + (size_t)kvh * a->G) * a->hd);
+}
+
+static void dair_attn_chunk(void *ctx, int c) {
+    dair_attn_plan *p = (dair_attn_plan *)ctx;
+    const unsigned int csr = dair_attn_ftz_on();
     const dair_attn_args *a = p->a;
     float *scr = p->scratch + p->per * (size_t)c;
     /* tasks c, c + nch, ...: causal rows grow with position, so contiguous blocks would be unbalanced */
@@ -859,66 +740,17 @@ static void dair_attn_chunk(void *ctx, int c) {
         if (p->scheme == DAIR_ATTN_SCHEME_C) {
             int i = task / a->KV, kvh = task % a->KV;
             dair_attn_task_c(a, i, kvh, scr, scr + (size_t)a->G * (a->pos[i] + 1));
-        } else if (p->scheme == DAIR_ATTN_SCHEME_ROWS) {
+        } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
             int s = task % p->nspan, rk = task / p->nspan, i = rk / a->KV, kvh = rk % a->KV;
-            int npos = a->pos[i] + 1, t0 = s * DAIR_ATTN_SPAN;
-            float *part = p->parts + p->part_size * (size_t)task;
-            if (t0 >= npos) {
-                part[0] = -INFINITY; /* an empty span (a shorter row than the longest) */
-                continue;
-            }
-            int t1 = t0 + DAIR_ATTN_SPAN < npos ? t0 + DAIR_ATTN_SPAN : npos;
-            dair_attn_task_rows(a, i, kvh, t0, t1, part, scr, scr + (size_t)a->G * DAIR_ATTN_SPAN);
+            dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * (size_t)task, 0, scr,
+                            scr + (size_t)a->G * DAIR_ATTN_SPAN);
         } else {
-            int nblk = (a->n * a->G + p->R - 1) / p->R, kvh = task / nblk, blk = task % nblk;
-            (void)kvh;
-            (void)blk; /* unused where neither SIMD path is compiled in */
-#if DAIR_ATTN_HAVE_AVX512
-            if (a->isa == DAIR_ATTN_AVX512)
-                dair_attn_task_lanes512(a, kvh, blk * p->R, scr);
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-            if (a->isa == DAIR_ATTN_AVX2)
-                dair_attn_task_lanes256(a, kvh, blk * p->R, scr);
-#endif
+            int blk = task / a->KV, kvh = task % a->KV, r0 = blk * DAIR_ATTN_ROWS;
+            int r1 = r0 + DAIR_ATTN_ROWS < a->n ? r0 + DAIR_ATTN_ROWS : a->n;
+            dair_attn_task_prefill(p, r0, r1, kvh, scr);
         }
     }
-#if defined(__SSE__)
-    _mm_setcsr(csr);
-#endif
-}
-
-/* The spans of each (row, kv head) into out: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s */
-static void dair_attn_merge(const dair_attn_plan *p) {
-    const dair_attn_args *a = p->a;
-    const int G = a->G, hd = a->hd;
-    for (int rk = 0; rk < a->n * a->KV; rk++) {
-        int i = rk / a->KV, kvh = rk % a->KV;
-        float *out = a->out + ((size_t)i * a->H + (size_t)kvh * G) * hd;
-        for (int g = 0; g < G; g++) {
-            float M = -INFINITY, L = 0.0f;
-            for (int s = 0; s < p->nspan; s++) {
-                const float *part = p->parts + p->part_size * (size_t)(rk * p->nspan + s);
-                if (part[0] != -INFINITY && part[g] > M)
-                    M = part[g];
-            }
-            float *o = out + (size_t)g * hd;
-            memset(o, 0, sizeof(float) * (size_t)hd);
-            for (int s = 0; s < p->nspan; s++) {
-                const float *part = p->parts + p->part_size * (size_t)(rk * p->nspan + s);
-                if (part[0] == -INFINITY)
-                    continue;
-                float w = expf(part[g] - M);
-                L += w * part[G + g];
-                const float *acc = part + 2 * G + (size_t)g * hd;
-                for (int j = 0; j < hd; j++)
-                    o[j] += w * acc[j];
-            }
-            float inv = 1.0f / L;
-            for (int j = 0; j < hd; j++)
-                o[j] *= inv;
-        }
-    }
+    dair_attn_ftz_off(csr);
 }
 
 /* Scratch kept between calls: a fresh allocation of this size is an mmap whose pages fault
@@ -960,33 +792,29 @@ static int dair_attention(const dair_attn_args *a) {
     int maxpos = 0;
     double work = 0.0;
     for (int i = 0; i < a->n; i++) {
-        maxpos = a->pos[i] > maxpos ? a->pos[i] : maxpos;
-        work += a->pos[i] + 1.0;
+        const int pr = a->pos[i];
+        maxpos = pr > maxpos ? pr : maxpos;
+        work += a->window > 0 && pr + 1 > a->window ? a->window : pr + 1.0;
     }
     const int nt = dair_pool_threads();
-    const int VLq = a->isa == DAIR_ATTN_AVX512 ? 16 : 8;
+    const int nblk = (a->n + DAIR_ATTN_ROWS - 1) / DAIR_ATTN_ROWS;
+    p.nspan = maxpos / DAIR_ATTN_SPAN + 1;
+    p.part_size = (size_t)a->G * (2 + a->hd);
     if (a->isa == DAIR_ATTN_C) {
         p.scheme = DAIR_ATTN_SCHEME_C;
         p.ntask = a->n * a->KV;
         p.per = (size_t)a->G * (maxpos + 1) + a->hd + 16;
-    } else if (!a->lanes || a->n * a->G < VLq) {
-        /* Each row on its own, in spans fixed by absolute position and merged in order: a row's
-         * result is then bit-identical whether it is decoded alone or prefilled in a batch of any
-         * size, on any thread count. Replaying a session's history after a failover or a bus
-         * restart (one prefill) must give the tokens its decode steps gave, so this is the default;
-         * the lanes scheme below (one query per SIMD lane) is faster for long prompts but sums in
-         * another order. */
-        p.scheme = DAIR_ATTN_SCHEME_ROWS;
-        p.nspan = maxpos / DAIR_ATTN_SPAN + 1;
+    } else if (nblk * a->KV < (nt > 2 ? 2 * nt : 4)) {
+        /* too few prefill tasks to keep the threads busy: split each row's keys instead (the
+         * same arithmetic; only the sharing of tiles between rows is lost) */
+        p.scheme = DAIR_ATTN_SCHEME_DECODE;
         p.ntask = a->n * a->KV * p.nspan;
-        p.part_size = (size_t)a->G * (2 + a->hd);
-        p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)DAIR_ATTN_BC * a->hd + 16;
+        p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)DAIR_ATTN_KB * a->hd + 16;
     } else {
-        p.scheme = DAIR_ATTN_SCHEME_LANES;
-        p.R = 2 * VLq;
-        p.ntask = a->KV * ((a->n * a->G + p.R - 1) / p.R);
-        p.per = (size_t)a->hd * p.R * 2 + (size_t)DAIR_ATTN_BC * p.R + (size_t)DAIR_ATTN_BC * a->hd * 2 +
-                5 * (size_t)p.R + 16;
+        p.scheme = DAIR_ATTN_SCHEME_PREFILL;
+        p.ntask = nblk * a->KV;
+        p.per = (size_t)DAIR_ATTN_ROWS * (p.part_size * (size_t)p.nspan + (size_t)a->G * DAIR_ATTN_SPAN) +
+                (size_t)DAIR_ATTN_KB * a->hd + 16;
     }
     /* a chunk should be worth ~32k multiply-adds: claiming one costs ~0.1 us */
     double want = nt <= 1 ? 1.0 : work * a->H * a->hd * 2.0 / 32768.0;
@@ -995,16 +823,21 @@ static int dair_attention(const dair_attn_args *a) {
     if (want > p.ntask)
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
-    /* partial results of the rows scheme after the chunks' scratch */
-    size_t nparts = p.scheme == DAIR_ATTN_SCHEME_ROWS ? p.part_size * (size_t)p.ntask : 0;
+    /* partial results of the decode scheme after the chunks' scratch */
+    size_t nparts = p.scheme == DAIR_ATTN_SCHEME_DECODE ? p.part_size * (size_t)p.ntask : 0;
     int cached;
     p.scratch = dair_attn_scratch_get(p.per * (size_t)p.nch + nparts, &cached);
     if (p.scratch == NULL)
         return -1;
     p.parts = p.scratch + p.per * (size_t)p.nch;
     dair_parallel_for(p.nch, dair_attn_chunk, &p);
-    if (p.scheme == DAIR_ATTN_SCHEME_ROWS)
-        dair_attn_merge(&p);
+    if (p.scheme == DAIR_ATTN_SCHEME_DECODE) {
+        const unsigned int csr = dair_attn_ftz_on();
+        for (int rk = 0; rk < a->n * a->KV; rk++)
+            dair_attn_merge_one(p.parts + p.part_size * (size_t)rk * p.nspan, p.part_size, p.nspan, a->G, a->hd,
+                                a->out + (size_t)rk * a->G * a->hd);
+        dair_attn_ftz_off(csr);
+    }
     dair_attn_scratch_put(p.scratch, cached);
     return 0;
 }

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from dair.ops import threads
-from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa, set_prefill_lanes
+from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa
 
 KINDS = ["f32", "f16", "q8_0"]
 
@@ -41,27 +41,30 @@ def make_cache(rng, kind, cap, KV, hd):
     return raw.reshape(cap, KV, q8_0_row_bytes(hd)), vals.astype(np.float64)
 
 
-def reference(q, k, v, pos, scale):
+def reference(q, k, v, pos, scale, window=0):
     n, H, hd = q.shape
     G = H // k.shape[1]
     out = np.zeros((n, H, hd))
-    later = np.arange(k.shape[0])[None, :] > pos[:, None]
+    t = np.arange(k.shape[0])[None, :]
+    hidden = t > pos[:, None]
+    if window:
+        hidden |= t <= pos[:, None] - window
     for h in range(H):
         s = q[:, h].astype(np.float64) @ k[:, h // G].T * scale
-        s[later] = -np.inf
+        s[hidden] = -np.inf
         p = np.exp(s - s.max(axis=1, keepdims=True))
         out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // G]
     return out
 
 
-def check(rng, kind, H, KV, hd, pos, scale=None):
+def check(rng, kind, H, KV, hd, pos, scale=None, window=0):
     pos = np.asarray(pos, np.int32)
     cap = int(pos.max()) + 3
     q = rng.standard_normal((pos.size, H, hd)).astype(np.float32) * 2  # peaky softmaxes too
     kc, kref = make_cache(rng, kind, cap, KV, hd)
     vc, vref = make_cache(rng, kind, cap, KV, hd)
-    out = attention(q, kc, vc, pos, scale=scale)
-    ref = reference(q, kref, vref, pos, 1 / np.sqrt(hd) if scale is None else scale)
+    out = attention(q, kc, vc, pos, scale=scale, window=window)
+    ref = reference(q, kref, vref, pos, 1 / np.sqrt(hd) if scale is None else scale, window)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5, err_msg=f"{get_isa()} {kind}")
     return q, kc, vc, pos
 
@@ -79,28 +82,32 @@ def test_decode(rng, isa, kind, H, KV, hd, pos):
     check(rng, kind, H, KV, hd, pos)
 
 
-# Prefill: many query rows: by default each row as in decode ("rows"), or (benchmarks) the
-# "lanes" scheme: tiles of 64 keys, online softmax, one query per SIMD lane.
-@pytest.fixture(params=["rows", "lanes"])
-def scheme(request):
-    old = set_prefill_lanes(request.param == "lanes")
-    yield request.param
-    set_prefill_lanes(old)
-
-
+# Prefill: many query rows, 8 to a task, each tile of keys converted once for all of them.
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H,KV,hd,start,n", [
     (9, 3, 64, 1750, 300),          # 2,050 keys: 33 tiles, the causal edge inside tiles
     (9, 3, 64, 0, 129),             # from position 0: the mask everywhere on the diagonal
     (16, 2, 128, 300, 37),
-    (7, 1, 32, 63, 5),              # 35 query lanes: one full vector and a few spare lanes
+    (7, 1, 32, 63, 5),              # 5 rows: fewer than one prefill task holds
     (4, 2, 20, 3, 65),              # head_dim not a multiple of the vector width
     (3, 1, 8, 0, 17),
 ])
-def test_prefill(rng, isa, scheme, kind, H, KV, hd, start, n):
+def test_prefill(rng, isa, kind, H, KV, hd, start, n):
     if kind == "q8_0" and hd % 32:
         pytest.skip("Q8_0 blocks need head_dim % 32 == 0")
     check(rng, kind, H, KV, hd, np.arange(start, start + n))
+
+
+# Sliding window (gemma3's local layers): a row sees its last `window` positions only.
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("H,KV,hd,start,n,window", [
+    (4, 1, 64, 0, 700, 512),        # rows before and past the window, in one batch
+    (4, 1, 64, 1500, 40, 512),      # all past it: the first span of each row is partial
+    (9, 3, 64, 2000, 1, 300),       # decode: a window that is not a multiple of the span
+    (8, 4, 32, 250, 20, 1),         # a window of one: the row's own key only
+])
+def test_window(rng, isa, kind, H, KV, hd, start, n, window):
+    check(rng, kind, H, KV, hd, np.arange(start, start + n), window=window)
 
 
 def test_scale_and_out(rng, isa):
@@ -140,18 +147,31 @@ def test_rejects_bad_cache():
         attention(q, np.zeros((5, 2, 64), np.int8), np.zeros((5, 2, 64), np.int8), pos)
     with pytest.raises(ValueError, match="not available"):
         set_isa("neon" if "neon" not in ISAS else "sse")
+    with pytest.raises(ValueError, match="window"):
+        attention(q, np.zeros((5, 2, 64), np.float32), np.zeros((5, 2, 64), np.float32), pos, window=-1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind):
+@pytest.mark.parametrize("H,KV,hd,start,n,window", [
+    (9, 3, 64, 1800, 300, 0),       # the default model's shape, across span boundaries
+    (9, 3, 64, 0, 1100, 0),         # from position 0: rows reach 1 to 5 spans
+    (7, 1, 96, 250, 45, 0),         # odd group, head_dim not a power of two, a span edge inside
+    (4, 2, 32, 3990, 130, 0),       # 17 spans
+    (4, 1, 64, 400, 300, 512),      # sliding window: rows before and past it
+])
+def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind, H, KV, hd, start, n, window):
     """Bit for bit: replaying a session's history in one prefill (failover, bus restart) must give
-    the logits its decode steps gave, or greedy tokens part after a replay."""
-    n, start = 300, 1800
+    the logits its decode steps gave, or greedy tokens part after a replay. Each row is also
+    checked against the float64 reference, so agreement is not agreement in error."""
     pos = np.arange(start, start + n, dtype=np.int32)
-    q = rng.standard_normal((n, 9, 64)).astype(np.float32)
-    kc, _ = make_cache(rng, kind, start + n, 3, 64)
-    vc, _ = make_cache(rng, kind, start + n, 3, 64)
-    batch = attention(q, kc, vc, pos)
-    for chunk in (1, 7, 256):
-        parts = [attention(q[i:i + chunk], kc, vc, pos[i:i + chunk]) for i in range(0, n, chunk)]
+    q = rng.standard_normal((n, H, hd)).astype(np.float32) * 2
+    kc, kref = make_cache(rng, kind, start + n, KV, hd)
+    vc, vref = make_cache(rng, kind, start + n, KV, hd)
+    batch = attention(q, kc, vc, pos, window=window)
+    np.testing.assert_allclose(batch, reference(q, kref, vref, pos, 1 / np.sqrt(hd), window), rtol=1e-4, atol=2e-5)
+    for chunk in (1, 7, 8, 9, 256):
+        parts = [attention(q[i:i + chunk], kc, vc, pos[i:i + chunk], window=window) for i in range(0, n, chunk)]
         np.testing.assert_array_equal(np.concatenate(parts), batch, err_msg=f"{isa} {kind} chunks of {chunk}")
+    # rows in any order, and a row's batch sharing nothing else with it
+    order = rng.permutation(n)
+    np.testing.assert_array_equal(attention(q[order], kc, vc, pos[order], window=window), batch[order])
