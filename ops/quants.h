@@ -37,6 +37,10 @@ static const dair_vdot_fn dair_vdot_table[DAIR_NTYPES][3] = {
 
 /* Four-row kernels where a family has one (NULL: four calls of the one-row kernel). */
 static const dair_vdot4_fn dair_vdot4_table[DAIR_NTYPES][3] = {
+    [DAIR_Q5_0] = {NULL, DAIR_K2(dair_vec_dot4_q5_0_avx2), DAIR_K5(dair_vec_dot4_q5_0_avx512)},
+    [DAIR_Q5_1] = {NULL, DAIR_K2(dair_vec_dot4_q5_1_avx2), DAIR_K5(dair_vec_dot4_q5_1_avx512)},
+    [DAIR_IQ4_NL] = {NULL, DAIR_K2(dair_vec_dot4_iq4_nl_avx2), DAIR_K5(dair_vec_dot4_iq4_nl_avx512)},
+    [DAIR_IQ4_XS] = {NULL, DAIR_K2(dair_vec_dot4_iq4_xs_avx2), DAIR_K5(dair_vec_dot4_iq4_xs_avx512)},
     [DAIR_Q2_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q2_k_avx512)},
     [DAIR_Q3_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q3_k_avx512)},
     [DAIR_Q5_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q5_k_avx512)},

@@ -44,36 +44,86 @@ DAIR_INLINE __m256i dair_q5_codes_avx2(const uint8_t *qh4, const uint8_t *qs) {
                            _mm256_and_si256(dair_bytes_from_bits_avx2(qh), _mm256_set1_epi8(0x10)));
 }
 
+/* The 32-value types against C activation rows (C constant at each call site: 1 for decode, 4
+ * for prefill; row c at q + 32 c nb, d + c nb, s + c nb, isum + c nb): a block's codes are
+ * unpacked once for all C rows, and each row's arithmetic is the same whatever C. */
+
 /* Q5_0 = unsigned 5-bit codes - 16: sum(code * q) - 16 * sum(q), sum(q) from the activation. */
+DAIR_INLINE void dair_q5_0_rows_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const int32_t *isum,
+                                     int C, float *res) {
+    const size_t cols = (size_t)nb * 32;
+    __m256 acc[4];
+    float corr[4];
+    for (int c = 0; c < C; c++) {
+        acc[c] = _mm256_setzero_ps();
+        corr[c] = 0.0f;
+    }
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
+        const __m256i u = dair_q5_codes_avx2(x->qh, x->qs);
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const __m256i p = dair_mul_u8s8_avx2(u, _mm256_loadu_si256((const __m256i *)(q + c * cols + (size_t)b * 32)));
+            const float f = wd * d[rb];
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(p), acc[c]);
+            corr[c] += f * (float)(16 * isum[rb]); /* the codes' - 16 */
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum8_avx2(acc[c]) - corr[c];
+}
+
 static float dair_vec_dot_q5_0_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                     const int32_t *isum) {
     (void)s;
-    __m256 acc = _mm256_setzero_ps();
-    float corr = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
-        const __m256i p = dair_mul_u8s8_avx2(dair_q5_codes_avx2(x->qh, x->qs),
-                                             _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
-        const float f = _cvtsh_ss(dair_load_u16(&x->d)) * d[b];
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(f), _mm256_cvtepi32_ps(p), acc);
-        corr += f * (float)(16 * isum[b]); /* the codes' - 16 */
+    float r;
+    dair_q5_0_rows_avx2(w, nb, q, d, isum, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_q5_0_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *isum, float res[4]) {
+    (void)s;
+    dair_q5_0_rows_avx2(w, nb, q, d, isum, 4, res);
+}
+
+DAIR_INLINE void dair_q5_1_rows_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                     int C, float *res) {
+    const size_t cols = (size_t)nb * 32;
+    __m256 acc[4];
+    float summ[4];
+    for (int c = 0; c < C; c++) {
+        acc[c] = _mm256_setzero_ps();
+        summ[c] = 0.0f;
     }
-    return dair_hsum8_avx2(acc) - corr;
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q5_1 *x = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
+        const __m256i u = dair_q5_codes_avx2(x->qh, x->qs);
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d)), m = _cvtsh_ss(dair_load_u16(&x->m));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const __m256i p = dair_mul_u8s8_avx2(u, _mm256_loadu_si256((const __m256i *)(q + c * cols + (size_t)b * 32)));
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(wd * d[rb]), _mm256_cvtepi32_ps(p), acc[c]);
+            summ[c] += m * s[rb];
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum8_avx2(acc[c]) + summ[c];
 }
 
 static float dair_vec_dot_q5_1_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                     const int32_t *isum) {
     (void)isum;
-    __m256 acc = _mm256_setzero_ps();
-    float summ = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const dair_block_q5_1 *x = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
-        const __m256i p = dair_mul_u8s8_avx2(dair_q5_codes_avx2(x->qh, x->qs),
-                                             _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(p), acc);
-        summ += _cvtsh_ss(dair_load_u16(&x->m)) * s[b];
-    }
-    return dair_hsum8_avx2(acc) + summ;
+    float r;
+    dair_q5_1_rows_avx2(w, nb, q, d, s, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_q5_1_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *isum, float res[4]) {
+    (void)isum;
+    dair_q5_1_rows_avx2(w, nb, q, d, s, 4, res);
 }
 
 DAIR_INLINE __m256i dair_iq4_table_avx2(void) {
@@ -85,19 +135,39 @@ DAIR_INLINE __m256i dair_mul_s8s8_16_avx2(__m256i c, __m256i y) {
     return _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(y, c));
 }
 
+DAIR_INLINE void dair_iq4_nl_rows_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, int C, float *res) {
+    const size_t cols = (size_t)nb * 32;
+    const __m256i table = dair_iq4_table_avx2();
+    __m256 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_iq4_nl *x = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
+        const __m256i cv = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs));
+        const __m256i ac = _mm256_sign_epi8(cv, cv);
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(q + c * cols + (size_t)b * 32));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ac, _mm256_sign_epi8(y, cv)), _mm256_set1_epi16(1));
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(wd * d[(size_t)c * nb + b]), _mm256_cvtepi32_ps(p), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum8_avx2(acc[c]);
+}
+
 static float dair_vec_dot_iq4_nl_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *isum) {
     (void)s, (void)isum;
-    const __m256i table = dair_iq4_table_avx2();
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const dair_block_iq4_nl *x = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
-        const __m256i c = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs));
-        const __m256i p = _mm256_madd_epi16(
-            dair_mul_s8s8_16_avx2(c, _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32))), _mm256_set1_epi16(1));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(p), acc);
-    }
-    return dair_hsum8_avx2(acc);
+    float r;
+    dair_iq4_nl_rows_avx2(w, nb, q, d, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_iq4_nl_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *isum, float res[4]) {
+    (void)s, (void)isum;
+    dair_iq4_nl_rows_avx2(w, nb, q, d, 4, res);
 }
 
 DAIR_INLINE int dair_hsum_i32_avx2(__m256i v) {
@@ -208,23 +278,46 @@ static float dair_vec_dot_q5_k_avx2(const uint8_t *w, int nb, const int8_t *q, c
     return dair_hsum8_avx2(acc) - accm;
 }
 
+/* IQ4_XS against C activation rows (row c at q + 256 c nb, d + c nb), as the 32-value types. */
+DAIR_INLINE void dair_iq4_xs_rows_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, int C, float *res) {
+    const __m256i table = dair_iq4_table_avx2();
+    __m256 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_iq4_xs *x = (const dair_block_iq4_xs *)(w + (size_t)b * sizeof(dair_block_iq4_xs));
+        __m256i sumi[4];
+        for (int c = 0; c < C; c++)
+            sumi[c] = _mm256_setzero_si256();
+        for (int sb = 0; sb < 8; sb++) {
+            const __m256i cv = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs + 16 * sb));
+            const __m256i ac = _mm256_sign_epi8(cv, cv);
+            const __m256i sc = _mm256_set1_epi16((short)dair_iq4xs_scale(x, sb));
+            for (int c = 0; c < C; c++) {
+                const __m256i y = _mm256_loadu_si256((const __m256i *)(q + ((size_t)c * nb + b) * DAIR_QKK + 32 * sb));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_madd_epi16(_mm256_maddubs_epi16(ac, _mm256_sign_epi8(y, cv)), sc));
+            }
+        }
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++)
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(wd * d[(size_t)c * nb + b]), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum8_avx2(acc[c]);
+}
+
 static float dair_vec_dot_iq4_xs_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *bsums) {
     (void)s, (void)bsums;
-    const __m256i table = dair_iq4_table_avx2();
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const dair_block_iq4_xs *x = (const dair_block_iq4_xs *)(w + (size_t)b * sizeof(dair_block_iq4_xs));
-        const int8_t *y = q + (size_t)b * DAIR_QKK;
-        __m256i sumi = _mm256_setzero_si256();
-        for (int sb = 0; sb < 8; sb++) {
-            const __m256i c = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs + 16 * sb));
-            const __m256i p16 = dair_mul_s8s8_16_avx2(c, _mm256_loadu_si256((const __m256i *)(y + 32 * sb)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p16, _mm256_set1_epi16((short)dair_iq4xs_scale(x, sb))));
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(sumi), acc);
-    }
-    return dair_hsum8_avx2(acc);
+    float r;
+    dair_iq4_xs_rows_avx2(w, nb, q, d, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_iq4_xs_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *bsums, float res[4]) {
+    (void)s, (void)bsums;
+    dair_iq4_xs_rows_avx2(w, nb, q, d, 4, res);
 }
 
 #endif

@@ -38,74 +38,132 @@ DAIR_INLINE __m512i dair_q5_codes64_avx512(const uint8_t *qs0, const uint8_t *qh
     return _mm512_mask_add_epi8(nib, (__mmask64)h0 | (__mmask64)h1 << 32, nib, _mm512_set1_epi8(0x10));
 }
 
-/* [a0 x 8, a1 x 8] * [b0 x 8, b1 x 8] from two fp16 (a) and two consecutive floats (b). */
-DAIR_INLINE __m512 dair_two_scales_f16_avx512(uint16_t a0, uint16_t a1, const float *b) {
-    const __m128 a = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)a0 | (uint32_t)a1 << 16)));
+/* [a0 x 8, a1 x 8] * [b0 x 8, b1 x 8] from two weight scales as floats (lanes 0, 1 of a) and two
+ * consecutive activation scales (b). */
+DAIR_INLINE __m512 dair_two_scales_avx512(__m128 a, const float *b) {
     const __m128 f = _mm_mul_ps(a, _mm_castpd_ps(_mm_load_sd((const double *)b)));
     const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
 }
 
-static float dair_vec_dot_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
-                                      const int32_t *isum) {
-    (void)s;
-    __m512 acc = _mm512_setzero_ps();
+/* Two fp16 fields as floats in lanes 0 and 1. */
+DAIR_INLINE __m128 dair_two_f16_avx512(uint16_t a0, uint16_t a1) {
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)a0 | (uint32_t)a1 << 16)));
+}
+
+/* The 32-value types against C activation rows (C constant at each call site: 1 for decode, 4
+ * for prefill; row c at q + 32 c nb, d + c nb, s + c nb, isum + c nb). Two blocks are unpacked
+ * per zmm once for all C rows; each row's arithmetic is the same whatever C, so a prefill row
+ * gets the decode result bit for bit. */
+DAIR_INLINE void dair_q5_0_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const int32_t *isum,
+                                       int C, float *res) {
+    const size_t cols = (size_t)nb * 32;
+    const __m512i k16 = _mm512_set1_epi8(16);
+    __m512 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm512_setzero_ps();
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const dair_block_q5_0 *x0 = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
         const dair_block_q5_0 *x1 = x0 + 1;
-        const __m512i c = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
-        const __m512i y = _mm512_loadu_si512((const void *)(q + (size_t)b * 32));
-        /* codes - 16: sum(c q) - 16 sum(q), both by VPDPBUSD in the same lanes */
-        const __m512i p = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c, y),
-                                           _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(16), y));
-        acc = _mm512_fmadd_ps(dair_two_scales_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d), d + b),
-                              _mm512_cvtepi32_ps(p), acc);
+        const __m512i u = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
+        const __m128 wd = dair_two_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d));
+        for (int c = 0; c < C; c++) {
+            const __m512i y = _mm512_loadu_si512((const void *)(q + c * cols + (size_t)b * 32));
+            /* codes - 16: sum(c q) - 16 sum(q), both by VPDPBUSD in the same lanes */
+            const __m512i p = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y),
+                                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), k16, y));
+            acc[c] = _mm512_fmadd_ps(dair_two_scales_avx512(wd, d + (size_t)c * nb + b), _mm512_cvtepi32_ps(p), acc[c]);
+        }
     }
-    float r = _mm512_reduce_add_ps(acc);
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(acc[c]);
     for (; b < nb; b++) {
         const dair_block_q5_0 *x = (const dair_block_q5_0 *)(w + (size_t)b * sizeof(dair_block_q5_0));
-        __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), dair_q5_codes_avx512(x->qh, x->qs),
-                                        _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
-        const int sumi = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(p)) - 16 * isum[b];
-        r += _cvtsh_ss(dair_load_u16(&x->d)) * d[b] * (float)sumi;
+        const __m256i u = dair_q5_codes_avx512(x->qh, x->qs);
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u,
+                                                  _mm256_loadu_si256((const __m256i *)(q + rb * 32)));
+            const int sumi = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(p)) - 16 * isum[rb];
+            res[c] += wd * d[rb] * (float)sumi;
+        }
     }
+}
+
+static float dair_vec_dot_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *isum) {
+    (void)s;
+    float r;
+    dair_q5_0_rows_avx512(w, nb, q, d, isum, 1, &r);
     return r;
+}
+
+static void dair_vec_dot4_q5_0_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *isum, float res[4]) {
+    (void)s;
+    dair_q5_0_rows_avx512(w, nb, q, d, isum, 4, res);
+}
+
+DAIR_INLINE void dair_q5_1_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                       int C, float *res) {
+    const size_t cols = (size_t)nb * 32;
+    __m512 acc[4];
+    __m128 summ[4];
+    for (int c = 0; c < C; c++) {
+        acc[c] = _mm512_setzero_ps();
+        summ[c] = _mm_setzero_ps();
+    }
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const dair_block_q5_1 *x0 = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
+        const dair_block_q5_1 *x1 = x0 + 1;
+        const __m512i u = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
+        const __m128 wd = dair_two_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d));
+        const __m128 m = dair_two_f16_avx512(dair_load_u16(&x0->m), dair_load_u16(&x1->m));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u,
+                                                  _mm512_loadu_si512((const void *)(q + c * cols + (size_t)b * 32)));
+            acc[c] = _mm512_fmadd_ps(dair_two_scales_avx512(wd, d + rb), _mm512_cvtepi32_ps(p), acc[c]);
+            summ[c] = _mm_fmadd_ps(m, _mm_castpd_ps(_mm_load_sd((const double *)(s + rb))), summ[c]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(acc[c]) + _mm_cvtss_f32(summ[c]) + _mm_cvtss_f32(_mm_movehdup_ps(summ[c]));
+    for (; b < nb; b++) {
+        const dair_block_q5_1 *x = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
+        const __m256i u = dair_q5_codes_avx512(x->qh, x->qs);
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d)), m = _cvtsh_ss(dair_load_u16(&x->m));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u,
+                                                  _mm256_loadu_si256((const __m256i *)(q + rb * 32)));
+            res[c] += wd * d[rb] * (float)_mm512_reduce_add_epi32(_mm512_zextsi256_si512(p)) + m * s[rb];
+        }
+    }
 }
 
 static float dair_vec_dot_q5_1_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                       const int32_t *isum) {
     (void)isum;
-    __m512 acc = _mm512_setzero_ps();
-    __m128 summ = _mm_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const dair_block_q5_1 *x0 = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
-        const dair_block_q5_1 *x1 = x0 + 1;
-        const __m512i c = dair_q5_codes64_avx512(x0->qs, x0->qh, x1->qs, x1->qh);
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c,
-                                              _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
-        acc = _mm512_fmadd_ps(dair_two_scales_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d), d + b),
-                              _mm512_cvtepi32_ps(p), acc);
-        const __m128 m = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)dair_load_u16(&x0->m) |
-                                                              (uint32_t)dair_load_u16(&x1->m) << 16)));
-        summ = _mm_fmadd_ps(m, _mm_castpd_ps(_mm_load_sd((const double *)(s + b))), summ);
-    }
-    float r = _mm512_reduce_add_ps(acc) + _mm_cvtss_f32(summ) + _mm_cvtss_f32(_mm_movehdup_ps(summ));
-    for (; b < nb; b++) {
-        const dair_block_q5_1 *x = (const dair_block_q5_1 *)(w + (size_t)b * sizeof(dair_block_q5_1));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), dair_q5_codes_avx512(x->qh, x->qs),
-                                              _mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
-        r += _cvtsh_ss(dair_load_u16(&x->d)) * d[b] * (float)_mm512_reduce_add_epi32(_mm512_zextsi256_si512(p)) +
-             _cvtsh_ss(dair_load_u16(&x->m)) * s[b];
-    }
+    float r;
+    dair_q5_1_rows_avx512(w, nb, q, d, s, 1, &r);
     return r;
 }
 
-/* Signed codes against signed activations with VPDPBUSD: (c + 128) . q - 128 sum(q), exactly. */
-DAIR_INLINE __m512i dair_dot_s8s8_avx512(__m512i c, __m512i y) {
+static void dair_vec_dot4_q5_1_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                      const int32_t *isum, float res[4]) {
+    (void)isum;
+    dair_q5_1_rows_avx512(w, nb, q, d, s, 4, res);
+}
+
+/* Signed codes against signed activations with VPDPBUSD: (c + 128) . q - 128 sum(q), exactly.
+ * `cu` is c + 128 (c ^ 0x80), formed once per weight block. */
+DAIR_INLINE __m512i dair_dot_s8s8_avx512(__m512i cu, __m512i y) {
     const __m512i k128 = _mm512_set1_epi8((char)0x80);
-    return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(c, k128), y),
+    return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), cu, y),
                             _mm512_dpbusd_epi32(_mm512_setzero_si512(), k128, y));
 }
 
@@ -119,29 +177,52 @@ DAIR_INLINE __m256i dair_nibbles32_avx512(const uint8_t *qs) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
 }
 
-static float dair_vec_dot_iq4_nl_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
-                                        const int32_t *isum) {
-    (void)s, (void)isum;
-    const __m512i table = dair_iq4_table_avx512();
-    __m512 acc = _mm512_setzero_ps();
+DAIR_INLINE void dair_iq4_nl_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, int C,
+                                         float *res) {
+    const size_t cols = (size_t)nb * 32;
+    /* the code table + 128: unsigned codes for VPDPBUSD straight out of the shuffle */
+    const __m512i table_u = _mm512_xor_si512(dair_iq4_table_avx512(), _mm512_set1_epi8((char)0x80));
+    __m512 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm512_setzero_ps();
     int b = 0;
     for (; b + 2 <= nb; b += 2) {
         const dair_block_iq4_nl *x0 = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
         const dair_block_iq4_nl *x1 = x0 + 1;
-        const __m512i nib = dair_nibbles64_avx512(x0->qs, x1->qs);
-        const __m512i p = dair_dot_s8s8_avx512(_mm512_shuffle_epi8(table, nib),
-                                               _mm512_loadu_si512((const void *)(q + (size_t)b * 32)));
-        acc = _mm512_fmadd_ps(dair_two_scales_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d), d + b),
-                              _mm512_cvtepi32_ps(p), acc);
+        const __m512i u = _mm512_shuffle_epi8(table_u, dair_nibbles64_avx512(x0->qs, x1->qs));
+        const __m128 wd = dair_two_f16_avx512(dair_load_u16(&x0->d), dair_load_u16(&x1->d));
+        for (int c = 0; c < C; c++) {
+            const __m512i p = dair_dot_s8s8_avx512(u, _mm512_loadu_si512((const void *)(q + c * cols + (size_t)b * 32)));
+            acc[c] = _mm512_fmadd_ps(dair_two_scales_avx512(wd, d + (size_t)c * nb + b), _mm512_cvtepi32_ps(p), acc[c]);
+        }
     }
-    float r = _mm512_reduce_add_ps(acc);
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(acc[c]);
     for (; b < nb; b++) { /* the last odd block: the upper half of the zmm is zero */
         const dair_block_iq4_nl *x = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
-        const __m512i c = _mm512_shuffle_epi8(table, _mm512_zextsi256_si512(dair_nibbles32_avx512(x->qs)));
-        const __m512i y = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(q + (size_t)b * 32)));
-        r += _cvtsh_ss(dair_load_u16(&x->d)) * d[b] * (float)_mm512_reduce_add_epi32(dair_dot_s8s8_avx512(c, y));
+        const __m512i u = _mm512_shuffle_epi8(table_u, _mm512_zextsi256_si512(dair_nibbles32_avx512(x->qs)));
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++) {
+            const size_t rb = (size_t)c * nb + b;
+            const __m512i y = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(q + rb * 32)));
+            /* zero activations in the upper half: their (code + 128) terms vanish too */
+            res[c] += wd * d[rb] * (float)_mm512_reduce_add_epi32(dair_dot_s8s8_avx512(u, y));
+        }
     }
+}
+
+static float dair_vec_dot_iq4_nl_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                        const int32_t *isum) {
+    (void)s, (void)isum;
+    float r;
+    dair_iq4_nl_rows_avx512(w, nb, q, d, 1, &r);
     return r;
+}
+
+static void dair_vec_dot4_iq4_nl_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                        const int32_t *isum, float res[4]) {
+    (void)s, (void)isum;
+    dair_iq4_nl_rows_avx512(w, nb, q, d, 4, res);
 }
 
 /* K-quants, 64 values per zmm: u8 x s8 pair products of the unsigned codes with the activation
@@ -354,17 +435,18 @@ static void dair_vec_dot4_q5_k_avx512(const uint8_t *w, int nb, const int8_t *q,
 }
 
 /* IQ4_XS codes are signed up to 127: products as |c| x (q with c's sign), which fit int16
- * pairs (2 * 127 * 127), then VPDPWSSD with the sub-block scale. */
-static float dair_vec_dot_iq4_xs_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
-                                        const int32_t *bsums) {
-    (void)s, (void)bsums;
+ * pairs (2 * 127 * 127), then VPDPWSSD with the sub-block scale. Against C activation rows (row c
+ * at q + 256 c nb, d + c nb), as the 32-value types above. */
+DAIR_INLINE void dair_iq4_xs_rows_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, int C,
+                                         float *res) {
     const __m512i table = dair_iq4_table_avx512();
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i sh_l = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), sh_h = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_iq4_xs *x = (const dair_block_iq4_xs *)(w + (size_t)b * sizeof(dair_block_iq4_xs));
-        const int8_t *y = q + (size_t)b * DAIR_QKK;
         uint32_t sl;
         memcpy(&sl, x->scales_l, 4);
         /* sc[s] = (nibble s of scales_l | 2-bit field s of scales_h << 4) - 32 */
@@ -373,21 +455,44 @@ static float dair_vec_dot_iq4_xs_avx512(const uint8_t *w, int nb, const int8_t *
                                             _mm256_set1_epi32(3));
         const __m256i sc32 = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
         const __m512i sc16 = _mm512_zextsi128_si512(_mm256_cvtepi32_epi16(sc32));
-        __m512i sumi = _mm512_setzero_si512();
+        __m512i sumi[4];
+        for (int c = 0; c < C; c++)
+            sumi[c] = _mm512_setzero_si512();
         for (int z = 0; z < 4; z++) {
             /* sub-blocks 2z, 2z+1: bytes 0-15 and 16-31 of qs + 32z, low nibbles before high */
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * z));
             const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, m4)),
                                                   _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), 1);
-            const __m512i c = _mm512_shuffle_epi8(table, _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0)));
-            const __m512i yv = _mm512_loadu_si512((const void *)(y + 64 * z));
-            const __m512i ys = _mm512_mask_sub_epi8(yv, _mm512_movepi8_mask(c), _mm512_setzero_si512(), yv);
-            const __m512i p = _mm512_maddubs_epi16(_mm512_abs_epi8(c), ys);
-            sumi = _mm512_dpwssd_epi32(sumi, p, _mm512_permutexvar_epi16(dair_kq_idx16(z, 32), sc16));
+            const __m512i cv = _mm512_shuffle_epi8(table, _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0)));
+            const __mmask64 neg = _mm512_movepi8_mask(cv);
+            const __m512i ac = _mm512_abs_epi8(cv);
+            const __m512i sc = _mm512_permutexvar_epi16(dair_kq_idx16(z, 32), sc16);
+            for (int c = 0; c < C; c++) {
+                const __m512i yv = _mm512_loadu_si512((const void *)(q + ((size_t)c * nb + b) * DAIR_QKK + 64 * z));
+                const __m512i ys = _mm512_mask_sub_epi8(yv, neg, _mm512_setzero_si512(), yv);
+                sumi[c] = _mm512_dpwssd_epi32(sumi[c], _mm512_maddubs_epi16(ac, ys), sc);
+            }
         }
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi), _mm512_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), acc);
+        const float wd = _cvtsh_ss(dair_load_u16(&x->d));
+        for (int c = 0; c < C; c++)
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[c]), _mm512_set1_ps(wd * d[(size_t)c * nb + b]), acc[c]);
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int c = 0; c < C; c++)
+        res[c] = _mm512_reduce_add_ps(acc[c]);
+}
+
+static float dair_vec_dot_iq4_xs_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                        const int32_t *bsums) {
+    (void)s, (void)bsums;
+    float r;
+    dair_iq4_xs_rows_avx512(w, nb, q, d, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_iq4_xs_avx512(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                        const int32_t *bsums, float res[4]) {
+    (void)s, (void)bsums;
+    dair_iq4_xs_rows_avx512(w, nb, q, d, 4, res);
 }
 
 DAIR_AVX512_END

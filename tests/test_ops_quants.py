@@ -192,6 +192,23 @@ def test_matmul_q8_path_is_llama_cpps(rng, qtype, rows, blocks, ties, kernels):
         assert np.all(err <= 1e-5), f"{qtype} on the {ran} kernel (family {kernels}): rel err {err.max():.3g}"
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("blocks", [1, 2, 5])
+def test_prefill_rows_are_the_decode_rows(rng, qtype, blocks, ties, kernels):
+    """These types' prefill kernels (four activation rows per unpacked weight block) give each row
+    exactly what the one-row decode kernel gives it, at odd block counts (the odd-block tail of the
+    two-blocks-per-zmm loop) and on rounding ties; and both agree with llama.cpp's maths."""
+    cols = blocks * block_values(qtype)
+    w, raw, wd = random_weight(rng, qtype, 19, cols)
+    x = activations(rng, 11, cols, ties)  # 4 + 4 rows through the prefill kernel, 3 through decode
+    y = w.matmul(x)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(y[i], w.matmul(x[i:i + 1])[0], err_msg=f"{qtype} {kernels} row {i}")
+    err = np.abs(y - emulate(x, raw, qtype, 19, cols)) / (np.abs(x) @ np.abs(wd).T + 1e-6)
+    assert np.all(err <= 1e-5), f"{qtype} on {kernel_table(kernels)[qtype]}: rel err {err.max():.3g}"
+
+
 @pytest.mark.parametrize("qtype", NEW)
 def test_threads_and_chunks_agree(rng, qtype):
     """Rows split in chunks over 2 threads give the 1-thread result exactly, in every family."""
