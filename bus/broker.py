@@ -41,14 +41,14 @@ class Broker:
         self.model = model
         self.tok = tokenizer
         self.bind = bind
-        self.stats_bind = P.stats_address(bind)
+        self.stats_bind = P.stats_address(bind, connect=False)
         self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
         self.liveness = int(bus["heartbeat_liveness"])
         # Told to clients (welcome, heartbeat replies): a new value means a restarted bus, which
         # has lost every session, so a client waiting for tokens can give up at once.
         self.boot = uuid.uuid4().hex[:12]
         self.stats_s = bus["stats_interval_ms"] / 1000.0
-        self.max_queued = int(bus.get("max_queued_msgs", 1000))
+        self.max_queued = int(bus["max_queued_msgs"])
         self.max_frame = int(bus["max_frame_bytes"])
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
         self.registry = Registry(model.config.n_layers)
@@ -206,7 +206,7 @@ class Broker:
                 next_hb = now + self.hb_s
             self.flush()
             if now >= next_stats:
-                self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": "stats", **self.stats()}, (), 0)[0]])
+                self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": P.STATS, **self.stats()}, (), 0)[0]])
                 next_stats = now + self.stats_s
         if self.router_mon is not None:
             self.router.disable_monitor()
@@ -469,7 +469,7 @@ class Broker:
         now = time.monotonic()
         nodes = sorted(self.registry.nodes.values(), key=lambda n: (n.first, n.name))
         return {"ready": self.registry.ready(), "problems": self.registry.problems(),
-                "n_layers": self.registry.n_layers, "nodes": [n.to_stats(now) for n in nodes],
+                "n_layers": self.registry.n_layers, "nodes": [n.to_stats(now).to_wire() for n in nodes],
                 "sessions": [s.to_stats() for s in self.sessions.values()], "model": self.model_info(),
                 "totals": {"tokens": self.req.tokens_total, "act_bytes": self.act_bytes, "act_rows": self.act_rows,
                            "bytes_per_token_hop": self.act_bytes / self.act_rows if self.act_rows else 0.0},
