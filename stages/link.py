@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -18,7 +19,6 @@ from typing import Any
 
 import psutil
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
@@ -303,7 +303,7 @@ class Link:
             if self._beat_due.is_set():
                 self._beat_locked()
             while self._monitor is not None and self._monitor.poll(0):
-                if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                if _monitor_event(self._monitor) == zmq.EVENT_DISCONNECTED:
                     self._dropped = True
             # Short polls: the heartbeat thread takes the lock between them.
             if not self.dealer.poll(20):
@@ -361,6 +361,13 @@ class Link:
                 self.range_digests(header["first"], header["last"])
                 self._digest_beats = DIGEST_BEATS
         return header, buffers
+
+
+def _monitor_event(mon: zmq.Socket) -> int:
+    """The event number of a message on a socket monitor (frame 0: 16-bit event, 32-bit value).
+    Read here rather than with zmq.utils.monitor, which imports asyncio into every stage."""
+    frames = mon.recv_multipart()
+    return struct.unpack_from("=H", frames[0])[0] if frames and len(frames[0]) >= 2 else 0
 
 
 def _kv_stats(eng: Any) -> dict[str, Any]:
