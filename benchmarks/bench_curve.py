@@ -19,7 +19,8 @@ from pathlib import Path
 
 import zmq
 
-from dair.security import Gatekeeper, client_socket_setup, generate_keys, server_socket_setup
+from dair.gatekeeper import Gatekeeper, server_socket_setup
+from dair.security import client_socket_setup, generate_keys
 
 SIZES = {"q8_0 decode (612 B)": 612, "f32 decode (2304 B)": 2304, "f32 prefill chunk (590 KB)": 256 * 576 * 4}
 

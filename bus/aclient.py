@@ -1,159 +1,251 @@
-"""An asyncio client of the bus for long-running servers (`dair serve`): many requests at once
-over one DEALER, each in a session of its own, resumed across a bus restart.
+"""The asyncio face of the bus client, for long-running programs (`dair serve`, the TUI): many
+requests at once over one DEALER, answers routed to per-request queues by `req`, the bus's
+published stats followed, and the connection held across the bus going away.
 
-Unlike `dair.bus.client.AsyncBusClient` (the TUI's, one user), this client is shared by every
-HTTP request of a server: answers are routed to per-request queues by `req`, a request whose
-bus process restarted is failed at once with `bus_restarted` (the heartbeat answers carry the
-bus's `boot` id), and `generate` resubmits such a request with the tokens streamed so far, as
-`BusBackend` does for the CLI (docs/protocol.md, "Bus restart").
+One task (`_connection`) owns the sockets. It says hello, heartbeats, reads both sockets and
+files what it reads. When the bus has been silent for `stale_after_s` it drops both sockets, fails
+every outstanding request with `disconnected`, and starts over with new ones, waiting longer for
+a welcome on each further attempt (Paranoid Pirate: bus/backoff.py, config.toml's [reconnect]).
+A heartbeat answer from a new bus process (`boot`) fails the outstanding requests with
+`bus_restarted`. `generate` resubmits a request lost either way with the tokens streamed so far,
+as `BusBackend` does for the CLI (docs/protocol.md, "Bus restart").
+
+The plumbing it shares with the blocking face (bus/client.py) is bus/connection.py's.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 
 from dair import security
 from dair.bus import protocol as P
-from dair.bus.client import NO_ANSWER_HINT, BusError, BusTimeout
+from dair.bus.backoff import Backoff
+from dair.bus.connection import (
+    NO_ANSWER_HINT,
+    RESUMABLE,
+    BusError,
+    BusTimeout,
+    ClientCore,
+    Resume,
+    decode_stats,
+    open_dealer,
+    open_subscriber,
+)
 
-# Codes after which a request can be sent again unchanged once the pipeline is whole.
-RESUMABLE = frozenset({P.E_BUS_RESTARTED, P.E_UNKNOWN_SESSION})
+__all__ = ["RESUMABLE", "AsyncBusClient"]
+
+# Connection states, as `on_state` hears them.
+CONNECTING = "connecting"
+CONNECTED = "connected"
+RECONNECTING = "reconnecting"
 
 
-class AsyncBus:
-    """One connection to the bus, shared by concurrent tasks of one event loop."""
+class AsyncBusClient:
+    """One connection to the bus, shared by the tasks of one event loop.
 
-    def __init__(self, addr: str, keys: security.PeerKeys | None = None, name: str = "serve",
-                 timeout: float = 30.0) -> None:
-        from dair.config import defaults
+    Callbacks (all optional, called on the loop): `on_state(state, attempt)` when the connection
+    changes; `on_welcome(welcome, restarted)` for each welcome (`restarted`: a new bus process, whose
+    sessions are not ours); `on_stats(stats, now)` for each published stats map; `on_orphan(header)`
+    for an error that answers no request we wait on."""
 
+    def __init__(self, addr: str, keys: security.PeerKeys | None = None, name: str = "client",
+                 timeout: float = 30.0, identity: Callable[[], bytes] | None = None,
+                 follow_stats: bool = True, cfg: dict[str, Any] | None = None) -> None:
         self.addr = addr
         self.keys = keys
         self.name = name
         self.timeout = timeout
+        self.cfg = cfg
+        self.core = ClientCore(addr, name, cfg)
+        self.backoff = Backoff.from_config(cfg)
         self.ctx = zmq.asyncio.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        security.apply_client_keys(self.sock, keys)
-        self.sock.connect(addr)
-        self.heartbeat_s = int(defaults("bus")["heartbeat_interval_ms"]) / 1000.0
-        self.liveness = int(defaults("bus")["heartbeat_liveness"])
-        self.welcome: dict[str, Any] | None = None
-        self.boot: str | None = None
-        self.last_heard = 0.0  # monotonic time of the bus's last message
+        self._identity = identity
+        self.follow_stats = follow_stats
         self.latest_stats: dict[str, Any] | None = None
-        self._req = 0
+        self.state = CONNECTING
+        self.on_state: Callable[[str, int], None] | None = None
+        self.on_welcome: Callable[[dict[str, Any], bool], None] | None = None
+        self.on_stats: Callable[[dict[str, Any], float], None] | None = None
+        self.on_orphan: Callable[[dict[str, Any]], None] | None = None
+        self._sock: zmq.asyncio.Socket | None = None
         self._queues: dict[int, asyncio.Queue[dict[str, Any]]] = {}
-        self._welcomes: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._welcomed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._stats_followers: list[asyncio.Queue[dict[str, Any]]] = []
 
     # --- lifecycle ----------------------------------------------------------------------------
-    async def start(self, timeout: float | None = None) -> dict[str, Any]:
-        """Start the reader, heartbeats and stats tasks; returns the bus's welcome."""
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeats()),
-                       asyncio.create_task(self._follow_stats())]
-        return await self.hello(timeout)
+    @property
+    def welcome(self) -> dict[str, Any] | None:
+        return self.core.welcome
 
-    async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self.sock.close(linger=0)
+    @property
+    def connected(self) -> bool:
+        return self.state == CONNECTED
 
-    async def hello(self, timeout: float | None = None) -> dict[str, Any]:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            await self.sock.send_multipart(P.encode({"type": P.HELLO, "name": self.name}))
-            try:
-                w = await asyncio.wait_for(self._welcomes.get(), min(2.0, max(0.1, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
-                if time.monotonic() >= deadline:
-                    raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}") from None
-                continue
-            self.welcome = w
-            if isinstance(w.get("heartbeat_ms"), int) and w["heartbeat_ms"] > 0:
-                self.heartbeat_s = w["heartbeat_ms"] / 1000.0
-            if isinstance(w.get("liveness"), int) and w["liveness"] > 0:
-                self.liveness = w["liveness"]
-            return w
+    @property
+    def last_heard(self) -> float:
+        return self.core.last_heard
 
     def silent(self) -> bool:
         """Whether the bus has not answered for a heartbeat timeout (it is down or unreachable):
         a new request would only wait, so callers refuse it at once instead."""
-        return time.monotonic() - self.last_heard > self.heartbeat_s * self.liveness
+        return self.core.silent()
 
-    # --- plumbing -----------------------------------------------------------------------------
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                h, _ = P.decode(frames)
-            except P.ProtocolError:
-                continue  # the bus never sends garbage; a stray frame must not stop the reader
-            self.last_heard = time.monotonic()
-            if h["type"] in (P.HEARTBEAT, P.WELCOME):
-                self._on_boot(h.get("boot"))
-                if h["type"] == P.WELCOME:
-                    self._welcomes.put_nowait(h)
-                continue
-            q = self._queues.get(h.get("req")) if isinstance(h.get("req"), int) else None
-            if q is not None:
-                q.put_nowait(h)
-            # An answer nobody waits for (a request given up on) is dropped.
+    def run(self) -> asyncio.Task[None]:
+        """Start holding the connection (in a task of the running loop); idempotent."""
+        if self._task is None:
+            self._welcomed = asyncio.Event()
+            self._task = asyncio.ensure_future(self._connection())
+        return self._task
 
-    def _on_boot(self, boot: Any) -> None:
-        if not isinstance(boot, str):
-            return
-        if self.boot is not None and boot != self.boot:
-            # A new bus process: every request we have outstanding died with the old one.
-            for req, q in self._queues.items():
-                q.put_nowait(P.error(P.E_BUS_RESTARTED, f"the bus at {self.addr} restarted and lost this "
-                                     "request", req=req))
-        self.boot = boot
+    async def start(self, timeout: float | None = None) -> dict[str, Any]:
+        """Start the connection and wait for the bus's welcome."""
+        self.run()
+        return await self.hello(timeout)
 
-    async def _heartbeats(self) -> None:
-        # The bus closes the sessions of a client silent for heartbeat_ms x liveness.
-        while True:
-            with contextlib.suppress(zmq.ZMQError):
-                await self.sock.send_multipart(P.encode({"type": P.HEARTBEAT, "t": time.time()}), flags=zmq.NOBLOCK)
-            await asyncio.sleep(self.heartbeat_s)
+    async def hello(self, timeout: float | None = None) -> dict[str, Any]:
+        """The welcome of the bus on the current connection (waits for one)."""
+        self.run()
+        assert self._welcomed is not None
+        try:
+            await asyncio.wait_for(self._welcomed.wait(), self.timeout if timeout is None else timeout)
+        except asyncio.TimeoutError:
+            raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}") from None
+        assert self.core.welcome is not None
+        return self.core.welcome
 
-    async def _follow_stats(self) -> None:
-        """Keep the bus's latest published stats (for /metrics and the web page)."""
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        security.apply_client_keys(sub, self.keys)
-        sub.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
-        sub.connect(P.stats_address(self.addr))
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    # --- the connection -----------------------------------------------------------------------
+    def _set_state(self, state: str, attempt: int = 0) -> None:
+        self.state = state
+        if self.on_state is not None:
+            self.on_state(state, attempt)
+
+    async def _connection(self) -> None:
+        attempt, ever = 0, False
         try:
             while True:
-                frames = await sub.recv_multipart()
-                if len(frames) != 2:
-                    continue
-                with contextlib.suppress(Exception):
-                    st = msgpack.unpackb(frames[1], raw=False)
-                    if isinstance(st, dict):
-                        self.latest_stats = st
+                attempt += 1
+                self._set_state(RECONNECTING if ever else CONNECTING, attempt)
+                welcomed = await self._connect_once(self.backoff.next())
+                ever = ever or welcomed
+                self._fail_all(P.E_DISCONNECTED)
+                if welcomed:
+                    attempt = 0  # a fresh outage: count again from the start
+                    self.backoff.reset()
         finally:
-            sub.close(linger=0)
+            self._sock = None
 
+    async def _connect_once(self, patience: float) -> bool:
+        """One socket: hello, then pump until the bus has been silent too long (or, before any
+        welcome, for `patience`). True if the bus welcomed us on it."""
+        sock = open_dealer(self.ctx, self.addr, self.keys,
+                           identity=self._identity() if self._identity is not None else None, cfg=self.cfg)
+        sub: zmq.asyncio.Socket | None = None
+        self.core.new_connection()
+        assert self._welcomed is not None
+        self._welcomed.clear()
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        opened = time.monotonic()
+        welcomed = False
+        try:
+            self._sock = sock
+            await sock.send_multipart(self.core.hello())
+            next_beat = time.monotonic() + self.core.heartbeat_s
+            while True:
+                wait_s = max(0.0, next_beat - time.monotonic())
+                if not welcomed:
+                    wait_s = min(wait_s, max(0.0, opened + patience - time.monotonic()))
+                events = dict(await poller.poll(timeout=max(1, int(1000 * wait_s))))
+                now = time.monotonic()
+                if sock in events:
+                    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        heard = self.core.receive(await sock.recv_multipart())
+                        if heard is None:
+                            continue
+                        if heard.kind == "welcome":
+                            if sub is None and self.follow_stats:
+                                sub = open_subscriber(self.ctx, P.stats_address(
+                                    self.addr, heard.header.get("stats_port")), self.keys, self.cfg)
+                                poller.register(sub, zmq.POLLIN)
+                            if not welcomed:
+                                welcomed = True
+                                self._welcomed.set()
+                                self._set_state(CONNECTED)
+                            if self.on_welcome is not None:
+                                self.on_welcome(heard.header, heard.restarted)
+                        if heard.restarted:
+                            self._fail_all(P.E_BUS_RESTARTED)
+                            if heard.kind == "beat":
+                                await self._send(self.core.hello())  # the new bus's welcome
+                        if heard.kind == "reply":
+                            self._file(heard.header)
+                if sub is not None and sub in events:
+                    while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        st = decode_stats(await sub.recv_multipart())
+                        if st is not None:
+                            self.core.last_heard = now
+                            self._on_stats(st, now)
+                if now >= next_beat:
+                    await self._send(self.core.beat())
+                    next_beat = now + self.core.heartbeat_s
+                if welcomed and now - self.core.last_heard > self.core.stale_after_s:
+                    return True
+                if not welcomed and now - opened > patience:
+                    return False
+        finally:
+            self._sock = None
+            sock.close(linger=0)
+            if sub is not None:
+                sub.close(linger=0)
+
+    def _file(self, h: dict[str, Any]) -> None:
+        req = h.get("req")
+        q = self._queues.get(req) if isinstance(req, int) else None
+        if q is not None:
+            q.put_nowait(h)
+        elif h["type"] == P.ERROR and req is None and self.on_orphan is not None:
+            self.on_orphan(h)
+        # An answer nobody waits for (a request given up on) is dropped.
+
+    def _fail_all(self, code: str) -> None:
+        for req, q in self._queues.items():
+            q.put_nowait(self.core.lost(req, code))
+
+    def _on_stats(self, st: dict[str, Any], now: float) -> None:
+        self.latest_stats = st
+        for q in self._stats_followers:
+            q.put_nowait(st)
+        if self.on_stats is not None:
+            self.on_stats(st, now)
+
+    async def _send(self, frames: list[Any]) -> None:
+        if self._sock is None:
+            raise BusError(P.E_DISCONNECTED, f"not connected to the bus at {self.addr}")
+        with contextlib.suppress(zmq.Again):
+            # A DEALER queues far below its high-water mark; a full queue loses this message,
+            # which its request's timeout reports.
+            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK)
+
+    # --- requests: plumbing ---------------------------------------------------------------------
     def _open_req(self) -> int:
-        self._req += 1
-        self._queues[self._req] = asyncio.Queue()
-        return self._req
-
-    async def _send(self, header: dict[str, Any]) -> None:
-        await self.sock.send_multipart(P.encode(header))
+        req = self.core.next_req()
+        self._queues[req] = asyncio.Queue()
+        return req
 
     async def _next(self, req: int, timeout: float) -> dict[str, Any]:
         try:
@@ -161,11 +253,15 @@ class AsyncBus:
         except asyncio.TimeoutError:
             raise BusTimeout(f"no answer from the bus at {self.addr} within {timeout:.0f}s{NO_ANSWER_HINT}") from None
 
+    async def send(self, header: dict[str, Any]) -> None:
+        """Send a message that expects no answer (cancel, a session_close without req)."""
+        await self._send(P.encode(header))
+
     async def call(self, header: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send a request and await its one answer (an `error` raises BusError)."""
         req = self._open_req()
         try:
-            await self._send({**header, "req": req})
+            await self._send(P.encode({**header, "req": req}))
             reply = await self._next(req, self.timeout if timeout is None else timeout)
         finally:
             self._queues.pop(req, None)
@@ -173,17 +269,37 @@ class AsyncBus:
             raise BusError(reply["code"], reply["msg"])
         return reply
 
+    async def stream(self, header: dict[str, Any], timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Send a `generate` (fields as in protocol.md) and yield its `token` events, then its
+        `done`; an `error` raises BusError."""
+        req = self._open_req()
+        wait = self.timeout if timeout is None else timeout
+        try:
+            await self._send(P.encode({"type": P.GENERATE, **header, "req": req}))
+            while True:
+                ev = await self._next(req, wait)
+                if ev["type"] == P.ERROR:
+                    raise BusError(ev["code"], ev["msg"])
+                yield ev
+                if ev["type"] == P.DONE:
+                    return
+        finally:
+            self._queues.pop(req, None)
+
     # --- requests -----------------------------------------------------------------------------
     async def status(self, timeout: float | None = None) -> dict[str, Any]:
         return await self.call({"type": P.STATUS}, timeout)
 
-    async def open_session(self, params: dict[str, Any] | None = None) -> str:
-        return (await self.call({"type": P.SESSION_OPEN, **({"params": params} if params else {})}))["sid"]
+    async def open_session(self, params: dict[str, Any] | None = None, timeout: float | None = None) -> str:
+        return (await self.call({"type": P.SESSION_OPEN, **({"params": params} if params else {})}, timeout))["sid"]
 
     async def close_session(self, sid: str) -> None:
         """Free the session on every stage (a request still running in it is cancelled)."""
         with contextlib.suppress(BusError, BusTimeout):
             await self.call({"type": P.SESSION_CLOSE, "sid": sid}, timeout=5.0)
+
+    async def cancel(self, sid: str) -> None:
+        await self.send({"type": P.CANCEL, "sid": sid})
 
     async def score(self, ids: list[int], top_k: int, timeout: float | None = None) -> list[dict[str, Any]]:
         return (await self.call({"type": P.SCORE, "ids": list(ids), "top_k": top_k}, timeout))["positions"]
@@ -191,16 +307,29 @@ class AsyncBus:
     async def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         problems: list[str] = []
+        backoff = Backoff.from_config(self.cfg)
         while time.monotonic() < deadline:
             try:
                 st = await self.status(timeout=1.0)
                 if st["ready"]:
                     return
                 problems = st.get("problems", [])
-            except BusTimeout:
-                pass
-            await asyncio.sleep(0.2)
+                backoff.reset()
+                await asyncio.sleep(0.2)
+            except (BusTimeout, BusError):
+                # No bus, or no connection to it yet: back off while it is away.
+                await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
         raise BusError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(problems))
+
+    async def stats(self) -> AsyncIterator[dict[str, Any]]:
+        """The bus's published stats maps, as they arrive."""
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._stats_followers.append(q)
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._stats_followers.remove(q)
 
     async def _stream_once(self, ids: list[int], params: dict[str, Any], max_tokens: int,
                            stop_ids: list[int] | None, token_timeout: float,
@@ -208,28 +337,23 @@ class AsyncBus:
         """One `generate` in a session of its own; the session is closed however the stream ends,
         so a consumer that stops iterating (an HTTP client gone) frees the stages' KV caches."""
         sid = await self.open_session(params)
-        req = self._open_req()
         finished = False
         try:
-            h: dict[str, Any] = {"type": P.GENERATE, "req": req, "sid": sid, "ids": list(ids),
-                                 "params": params, "max_tokens": max_tokens, "stream": True}
+            h: dict[str, Any] = {"sid": sid, "ids": list(ids), "params": params, "max_tokens": max_tokens,
+                                 "stream": True}
             if stop_ids is not None:
                 h["stop_ids"] = list(stop_ids)
             if logprobs is not None:
                 h["logprobs"] = logprobs
-            await self._send(h)
-            while True:
-                ev = await self._next(req, token_timeout)
-                if ev["type"] == P.ERROR:
+            async with contextlib.aclosing(self.stream(h, token_timeout)) as events:
+                try:
+                    async for ev in events:
+                        finished = ev["type"] == P.DONE
+                        yield ev
+                except BusError:
                     finished = True
-                    raise BusError(ev["code"], ev["msg"])
-                if ev["type"] == P.DONE:
-                    finished = True
-                yield ev
-                if finished:
-                    return
+                    raise
         finally:
-            self._queues.pop(req, None)
             # Shielded: a cancelled consumer must still free the session on the stages.
             task = asyncio.ensure_future(self.close_session(sid))
             self._closing.add(task)  # the loop keeps only a weak reference to a task
@@ -244,28 +368,26 @@ class AsyncBus:
         """`token` events, then one `done` whose `ids` are all the tokens generated. With
         `logprobs` (0..20) each `token` carries its `lp` and the `logprobs` likeliest `top` ids.
 
-        A request lost to a bus restart is sent again once the pipeline is ready, with the tokens
-        received so far appended to the prompt: sampling depends only on (seed, position), so
-        the caller sees the tokens of an uninterrupted run, none twice. `params` should carry a
-        seed for that to hold when sampling."""
-        got: list[int] = []
+        A request lost to a bus restart (or a dropped connection, or a lost session) is sent
+        again once the pipeline is ready, with the tokens received so far appended to the prompt
+        (connection.Resume): the caller sees the tokens of an uninterrupted run, none twice.
+        `params` should carry a seed for that to hold when sampling."""
+        run = Resume(ids, max_tokens, resume_timeout)
         n_prompt = len(ids)
-        deadline = time.monotonic() + resume_timeout
         while True:
-            before = list(got)
+            prompt, left = run.attempt()
             try:
                 async with contextlib.aclosing(self._stream_once(
-                        list(ids) + before, params, max_tokens - len(before), stop_ids, token_timeout,
-                        logprobs)) as events:
+                        prompt, params, left, stop_ids, token_timeout, logprobs)) as events:
                     async for ev in events:
                         if ev["type"] == P.TOKEN:
-                            got.append(int(ev["id"]))
+                            run.token(ev["id"])
                             yield ev
                         else:
-                            yield {**ev, "ids": before + list(ev["ids"]), "n_prompt": n_prompt,
-                                   "resumed_at": len(before) if before else None}
+                            yield {**ev, "ids": run.ids(ev["ids"]), "n_prompt": n_prompt,
+                                   "resumed_at": run.resumed_at}
                             return
             except BusError as e:
-                if e.code not in RESUMABLE or time.monotonic() > deadline:
+                if not run.may_retry(e):
                     raise
-                await self.wait_ready(max(1.0, deadline - time.monotonic()))
+                await self.wait_ready(run.wait_left())

@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from dair import security
+from dair import gatekeeper
 from dair.bus import protocol as P
 from dair.bus.membership import Membership
 from dair.bus.registry import Node, Registry, fmt_span
@@ -41,14 +41,14 @@ class Broker:
         self.model = model
         self.tok = tokenizer
         self.bind = bind
-        self.stats_bind = P.stats_address(bind)
+        self.stats_bind = P.stats_address(bind, connect=False)
         self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
         self.liveness = int(bus["heartbeat_liveness"])
         # Told to clients (welcome, heartbeat replies): a new value means a restarted bus, which
         # has lost every session, so a client waiting for tokens can give up at once.
         self.boot = uuid.uuid4().hex[:12]
         self.stats_s = bus["stats_interval_ms"] / 1000.0
-        self.max_queued = int(bus.get("max_queued_msgs", 1000))
+        self.max_queued = int(bus["max_queued_msgs"])
         self.max_frame = int(bus["max_frame_bytes"])
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
         self.registry = Registry(model.config.n_layers)
@@ -73,9 +73,9 @@ class Broker:
         self.ctx = zmq.Context.instance()
         # keys: (bus secret key path, {role: allowed-keys dir}); the ZAP handler must run on the
         # sockets' context before they bind, or libzmq would admit any client key.
-        self.gate: security.Gatekeeper | None = None
+        self.gate: gatekeeper.Gatekeeper | None = None
         if keys is not None:
-            self.gate = security.Gatekeeper(self.ctx, keys[1], logger=logging.getLogger("dair.security"))
+            self.gate = gatekeeper.Gatekeeper(self.ctx, keys[1], logger=logging.getLogger("dair.security"))
             self.gate.start()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
@@ -94,12 +94,12 @@ class Broker:
         except zmq.ZMQError:
             self.router_mon = None  # heartbeats alone find dead stages
         if keys is not None:
-            security.server_socket_setup(self.router, keys[0])
+            gatekeeper.server_socket_setup(self.router, keys[0])
         self.router.bind(bind)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         if keys is not None:
-            security.server_socket_setup(self.pub, keys[0])
+            gatekeeper.server_socket_setup(self.pub, keys[0])
         self.pub.bind(self.stats_bind)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class Broker:
                 next_hb = now + self.hb_s
             self.flush()
             if now >= next_stats:
-                self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": "stats", **self.stats()}, (), 0)[0]])
+                self.pub.send_multipart([P.STATS_TOPIC, P.encode({"type": P.STATS, **self.stats()}, (), 0)[0]])
                 next_stats = now + self.stats_s
         if self.router_mon is not None:
             self.router.disable_monitor()
@@ -260,16 +260,16 @@ class Broker:
             if self.gate is not None:
                 # Least privilege: a client key cannot join as a stage or inject activations, and
                 # a leaked stage key gives no client's access.
-                role = security.peer_role(frames[1])
+                role = gatekeeper.peer_role(frames[1])
                 if t not in (P.STAGE_TO_BUS if role == "stage" else P.CLIENT_TO_BUS):
                     if role == "stage":
-                        why = (f"forbidden: this key is a stage key ({security.peer_user(frames[1])}); "
+                        why = (f"forbidden: this key is a stage key ({gatekeeper.peer_user(frames[1])}); "
                                f"{t} needs a client key (one in the bus's client keys)")
                     else:
                         why = (f"forbidden: this key is a {role or 'unknown'} key; {t} needs a stage key "
                                "(one in the bus's stage keys)")
                     raise P.ProtocolError(P.E_FORBIDDEN, why)
-                if node is not None and (security.peer_user(frames[1]) or "") != node.user:
+                if node is not None and (gatekeeper.peer_user(frames[1]) or "") != node.user:
                     # The routing id of a stage whose connection closed, reused by another key.
                     raise P.ProtocolError(P.E_FORBIDDEN, "forbidden: this connection's key is not the one "
                                           f"stage {node.name} registered with")
@@ -324,7 +324,7 @@ class Broker:
 
     # --- stages -------------------------------------------------------------------------------
     def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
-        user = (security.peer_user(body[0]) or "") if self.gate is not None else ""
+        user = (gatekeeper.peer_user(body[0]) or "") if self.gate is not None else ""
         self.members.on_register(ident, node, h, user)
 
     def on_stage_heartbeat(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
@@ -469,7 +469,7 @@ class Broker:
         now = time.monotonic()
         nodes = sorted(self.registry.nodes.values(), key=lambda n: (n.first, n.name))
         return {"ready": self.registry.ready(), "problems": self.registry.problems(),
-                "n_layers": self.registry.n_layers, "nodes": [n.to_stats(now) for n in nodes],
+                "n_layers": self.registry.n_layers, "nodes": [n.to_stats(now).to_wire() for n in nodes],
                 "sessions": [s.to_stats() for s in self.sessions.values()], "model": self.model_info(),
                 "totals": {"tokens": self.req.tokens_total, "act_bytes": self.act_bytes, "act_rows": self.act_rows,
                            "bytes_per_token_hop": self.act_bytes / self.act_rows if self.act_rows else 0.0},

@@ -1,10 +1,9 @@
-"""Talking to a dair bus: a request/stream client, a stats subscriber, and BusBackend.
+"""The blocking face of the bus client: `BusClient` (requests and token streams), `StatsSubscriber`
+(the published stats) and `BusBackend` (dair.backend.Backend over a running cluster, so `dair
+generate --bus`, `score --bus` and `chat --bus` behave as the in-process engine does).
 
-`BusClient` is the low-level, synchronous client (one DEALER; answers are matched to requests
-by `req`, so several requests may be outstanding). `StatsSubscriber` follows the bus's PUB
-stats. `AsyncBusClient` offers the same requests to asyncio programs (token streams, stats
-iterator). `BusBackend` implements dair.backend.Backend over a running cluster, so `dair generate
---bus`, `score --bus` and `chat --bus` behave as the in-process engine does.
+The plumbing (sockets, keys, request numbers, the bus's restarts, resubmission) is
+bus/connection.py's, shared with the asyncio face in bus/aclient.py.
 """
 from __future__ import annotations
 
@@ -19,53 +18,63 @@ import zmq
 
 from dair import security
 from dair.bus import protocol as P
+from dair.bus.backoff import Backoff
+from dair.bus.connection import (
+    NO_ANSWER_HINT,
+    BusError,
+    BusTimeout,
+    ClientCore,
+    Resume,
+    decode_stats,
+    open_dealer,
+    open_subscriber,
+)
 from dair.errors import DairError
 
-NO_ANSWER_HINT = " (is `dair-bus` running? if it uses keys, pass --keys or --server-key and --secret-key)"
-
-class BusError(DairError):
-    """An error reply from the bus (`code` is one of protocol.E_*)."""
-
-    def __init__(self, code: str, msg: str) -> None:
-        super().__init__(f"bus: {msg}" if code != P.E_NOT_READY else f"bus: {msg} (is every stage up?)")
-        self.code = code
-
-
-class BusTimeout(DairError):
-    pass
+__all__ = ["NO_ANSWER_HINT", "BusBackend", "BusClient", "BusError", "BusTimeout", "StatsSubscriber",
+           "local_tokenizer"]
 
 
 class BusClient:
+    """One DEALER; answers are matched to requests by `req`, so several may be outstanding."""
+
     def __init__(self, addr: str, timeout: float = 30.0, name: str = "client",
-                 keys: security.PeerKeys | None = None) -> None:
+                 keys: security.PeerKeys | None = None, cfg: dict[str, Any] | None = None) -> None:
         self.addr = addr
         self.timeout = timeout
         self.name = name
         self.keys = keys
+        self.cfg = cfg
+        self.core = ClientCore(addr, name, cfg)
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        security.apply_client_keys(self.sock, keys)
-        self.sock.connect(addr)
-        self._req = 0
+        self.sock = open_dealer(self.ctx, addr, keys, cfg=cfg)
         self._mail: dict[int | None, deque[dict[str, Any]]] = {}
-        self.welcome: dict[str, Any] | None = None
+        self._pending: set[int] = set()  # requests sent and not yet answered in full
         # The bus closes the sessions of a client silent for heartbeat_ms x liveness, so a thread
         # heartbeats while the caller does other things between requests. The socket is shared
         # under this lock (never used by two threads at once).
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        from dair.config import defaults
-
-        self.heartbeat_s = int(defaults("bus")["heartbeat_interval_ms"]) / 1000.0
-        self.boot: str | None = None  # the bus process answering us (see _on_beat)
-        self._lost_upto = 0  # requests up to this number went to a bus that has since restarted
         threading.Thread(target=self._heartbeats, name="bus-client-heartbeat", daemon=True).start()
+
+    @property
+    def welcome(self) -> dict[str, Any] | None:
+        return self.core.welcome
+
+    @property
+    def boot(self) -> str | None:
+        return self.core.boot
 
     def close(self) -> None:
         self._stopping.set()
         with self._lock:
             self.sock.close(linger=0)
+
+    def __enter__(self) -> BusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _heartbeats(self) -> None:
         # The first beat at once: its answer tells us which bus process holds our first request,
@@ -75,35 +84,21 @@ class BusClient:
                 if self._stopping.is_set():
                     return
                 try:
-                    self.sock.send_multipart(P.encode({"type": P.HEARTBEAT, "t": time.time()}), flags=zmq.NOBLOCK)
+                    self.sock.send_multipart(self.core.beat(), flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass  # the bus is unreachable right now: the next beat tries again
-            if self._stopping.wait(self.heartbeat_s):
+            if self._stopping.wait(self.core.heartbeat_s):
                 return
-
-    def _on_beat(self, h: dict[str, Any]) -> None:
-        """A heartbeat answer or welcome: a new `boot` means a new bus process without our sessions."""
-        boot = h.get("boot")
-        if not isinstance(boot, str):
-            return
-        if self.boot is not None and boot != self.boot:
-            self._lost_upto = self._req
-        self.boot = boot
-
-    def __enter__(self) -> BusClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # --- plumbing -----------------------------------------------------------------------------
     def send(self, header: dict[str, Any]) -> int:
-        """Send a request; returns its `req` number (assigned here unless given)."""
-        if "req" not in header and header["type"] in P.SCHEMAS and "req" in P.SCHEMAS[header["type"]]:
-            self._req += 1
-            header = {**header, "req": self._req}
+        """Send a request; returns its `req` number (assigned here unless given; 0: none)."""
+        header = self.core.number(header)
         self._send_frames(P.encode(header), time.monotonic() + self.timeout)
-        return header.get("req", 0)
+        req = header.get("req", 0)
+        if req:
+            self._pending.add(req)
+        return req
 
     def _send_frames(self, frames: list[Any], deadline: float) -> None:
         """Send without blocking past the deadline: a DEALER with no live connection (a bus that
@@ -116,44 +111,47 @@ class BusClient:
             if time.monotonic() >= deadline:
                 raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}")
 
-    def _recv_one(self, timeout: float) -> dict[str, Any] | None:
+    def _pump(self, timeout: float, waiting: int | None) -> bool:
+        """Read what the bus sent within `timeout` into the mailboxes; False if nothing came."""
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             with self._lock:  # short polls: the heartbeat thread takes the lock between them
                 if self.sock.poll(max(0.0, min(0.05, deadline - time.monotonic())) * 1000):
-                    header, _ = P.decode(self.sock.recv_multipart())
-                    if header["type"] != P.HEARTBEAT:
-                        return header
-                    self._on_beat(header)
-                    if self._lost_upto:
-                        return header  # let next() tell a waiting request that the bus restarted
-                    continue
+                    heard = self.core.receive(self.sock.recv_multipart())
+                    if heard is not None:
+                        self._file(heard, waiting)
+                    return True
             if time.monotonic() >= deadline:
-                return None
+                return False
+
+    def _file(self, heard: Any, waiting: int | None) -> None:
+        if heard.restarted:
+            # A new bus process: every request we have outstanding died with the old one.
+            for req in sorted(self._pending):
+                self._mail.setdefault(req, deque()).append(self.core.lost(req))
+        h = heard.header
+        if heard.kind == "welcome":
+            self._mail.setdefault(None, deque()).append(h)
+        if heard.kind != "reply":
+            return
+        key = h.get("req") if isinstance(h.get("req"), int) else None
+        if key is None and h["type"] == P.ERROR and waiting is not None and h.get("code") != P.E_UNKNOWN_SESSION:
+            key = waiting  # an error without a req answers whatever we sent last (a malformed request)
+        self._mail.setdefault(key, deque()).append(h)
 
     def next(self, req: int | None, timeout: float | None = None) -> dict[str, Any]:
         """The next message answering `req` (messages for other requests are kept for later)."""
-        box = self._mail.get(req)
-        if box:
-            return box.popleft()
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         while True:
-            if req is not None and 0 < req <= self._lost_upto:
-                return P.error(P.E_BUS_RESTARTED, f"the bus at {self.addr} restarted and lost this request "
-                               "and its session; send it again (in a new session)", req=req)
-            h = self._recv_one(deadline - time.monotonic())
-            if h is not None and h["type"] == P.HEARTBEAT:
-                continue
-            if h is None:
-                raise BusTimeout(f"no answer from the bus at {self.addr} within "
-                                 f"{self.timeout if timeout is None else timeout:.0f}s{NO_ANSWER_HINT}")
-            key = h.get("req")
-            if key == req:
+            box = self._mail.get(req)
+            if box:
+                h = box.popleft()
+                if req is not None and h["type"] != P.TOKEN:
+                    self._pending.discard(req)  # a request ends with its first answer that is not a token
                 return h
-            if h["type"] == P.ERROR and key is None and req is not None and h.get("code") != P.E_UNKNOWN_SESSION:
-                # An error without a req answers whatever we sent last (e.g. a malformed request).
-                return h
-            self._mail.setdefault(key, deque()).append(h)
+            if not self._pump(deadline - time.monotonic(), req) and time.monotonic() >= deadline:
+                raise BusTimeout(f"no answer from the bus at {self.addr} within {wait:.0f}s{NO_ANSWER_HINT}")
 
     def call(self, header: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         req = self.send(header)
@@ -164,22 +162,23 @@ class BusClient:
 
     # --- requests -----------------------------------------------------------------------------
     def hello(self, timeout: float | None = None) -> dict[str, Any]:
+        """The bus's welcome. The hello is sent again, backing off, while nothing answers."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._send_frames(P.encode({"type": P.HELLO, "name": self.name}), deadline)
+        backoff = Backoff.from_config(self.cfg)
         while True:
-            h = self._recv_one(deadline - time.monotonic())
-            if h is None:
+            self._send_frames(self.core.hello(), deadline)
+            resend = min(deadline, time.monotonic() + backoff.next())
+            while time.monotonic() < resend:
+                self._pump(resend - time.monotonic(), None)
+                for h in self._mail.pop(None, ()):
+                    if h["type"] == P.ERROR:
+                        # The bus answered, and said no (a stage key used by a client, say): say
+                        # that, not that nothing answered.
+                        raise BusError(h["code"], h["msg"])
+                    if h["type"] == P.WELCOME:
+                        return h
+            if time.monotonic() >= deadline:
                 raise BusTimeout(f"no answer from the bus at {self.addr}{NO_ANSWER_HINT}")
-            if h["type"] == P.ERROR and h.get("req") is None:
-                # The bus answered, and said no (a stage key used by a client, say): say that,
-                # not that nothing answered.
-                raise BusError(h["code"], h["msg"])
-            if h["type"] == P.WELCOME:
-                self.welcome = h
-                self._on_beat(h)
-                if isinstance(h.get("heartbeat_ms"), int) and h["heartbeat_ms"] > 0:
-                    self.heartbeat_s = h["heartbeat_ms"] / 1000.0
-                return h
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         return self.call({"type": P.STATUS}, timeout)
@@ -230,16 +229,20 @@ class BusClient:
         return self.call(h, timeout)["positions"]
 
     def wait_ready(self, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
-        """Poll `status` until the pipeline is ready; returns the last status."""
+        """Poll `status` until the pipeline is ready; returns the last status. While the bus does
+        not answer at all, the polls back off ([reconnect])."""
         deadline = time.monotonic() + timeout
+        backoff = Backoff.from_config(self.cfg)
         st: dict[str, Any] = {}
         while time.monotonic() < deadline:
             if alive is not None and not alive():
                 raise DairError("a cluster process exited before the pipeline was ready")
             try:
-                st = self.status(timeout=1.0)
+                st = self.status(timeout=min(1.0, max(0.05, deadline - time.monotonic())))
             except BusTimeout:
+                time.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
                 continue
+            backoff.reset()
             if st["ready"]:
                 return st
             time.sleep(0.1)
@@ -247,22 +250,21 @@ class BusClient:
 
 
 class StatsSubscriber:
-    """The bus's stats as published on its PUB socket (bus port + 1)."""
+    """The bus's stats as published on its PUB socket (protocol.stats_address)."""
 
-    def __init__(self, stats_addr: str, keys: security.PeerKeys | None = None) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        security.apply_client_keys(self.sock, keys)
-        self.sock.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
-        self.sock.connect(stats_addr)
+    def __init__(self, stats_addr: str, keys: security.PeerKeys | None = None,
+                 cfg: dict[str, Any] | None = None) -> None:
+        self.sock = open_subscriber(zmq.Context.instance(), stats_addr, keys, cfg)
 
     def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
-        if not self.sock.poll(timeout * 1000):
-            return None
-        _, frame = self.sock.recv_multipart()
-        import msgpack
-
-        return msgpack.unpackb(frame, raw=False)
+        """The next valid stats message (its `nodes` as bus/stats.py describes), None if none
+        came within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            st = decode_stats(self.sock.recv_multipart())
+            if st is not None:
+                return st
+        return None
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -297,27 +299,25 @@ class BusBackend:
         with the tokens received so far appended to the prompt, once the pipeline is ready again:
         sampling depends only on (seed, position), so the tokens are those of an uninterrupted run
         and none is delivered twice. `resume_timeout` bounds the wait."""
-        got: list[int] = []
+        run = Resume(prompt_ids, max_tokens, self.resume_timeout)
 
         def note(tok: int) -> bool | None:
-            got.append(tok)
+            run.token(tok)
             return on_token(tok) if on_token is not None else None
 
-        deadline = time.monotonic() + self.resume_timeout
         while True:
-            done_before = list(got)
+            ids, left = run.attempt()
             try:
-                r = self._generate(list(prompt_ids) + done_before, params, max_tokens - len(done_before),
-                                   stop_ids, note)
+                r = self._generate(ids, params, left, stop_ids, note)
             except BusError as e:
-                if e.code not in (P.E_UNKNOWN_SESSION, P.E_BUS_RESTARTED) or time.monotonic() > deadline:
+                if not run.may_retry(e):
                     raise
                 self._sid = None  # that session died with the old bus
-                self.client.wait_ready(max(1.0, deadline - time.monotonic()))
+                self.client.wait_ready(run.wait_left())
                 continue
-            r["ids"] = done_before + list(r["ids"])
-            if done_before:
-                r["resumed_at"] = len(done_before)
+            r["ids"] = run.ids(r["ids"])
+            if run.resumed_at is not None:
+                r["resumed_at"] = run.resumed_at
                 r["text"] = self.tokenizer.decode(r["ids"]) if self._tokenizer is not None else r.get("text")
             return r
 
@@ -352,139 +352,6 @@ class BusBackend:
                 pass  # the bus is gone: it dropped the session with itself
             self._sid = None
         self.client.close()
-
-
-class AsyncBusClient:
-    """The same requests for asyncio programs (the TUI): zmq.asyncio sockets, answers matched by
-    `req`, so a token stream and a status request can be awaited from different tasks."""
-
-    def __init__(self, addr: str, timeout: float = 30.0, name: str = "client",
-                 keys: security.PeerKeys | None = None) -> None:
-        import asyncio
-
-        import zmq.asyncio
-
-        self.addr = addr
-        self.timeout = timeout
-        self.name = name
-        self.ctx = zmq.asyncio.Context.instance()
-        self.keys = keys
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        security.apply_client_keys(self.sock, keys)
-        self.sock.connect(addr)
-        self._req = 0
-        self._queues: dict[int | None, asyncio.Queue[dict[str, Any]]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._beater: asyncio.Task[None] | None = None
-        from dair.config import defaults
-
-        self.heartbeat_s = int(defaults("bus")["heartbeat_interval_ms"]) / 1000.0
-
-    def _queue(self, req: int | None) -> Any:
-        import asyncio
-
-        return self._queues.setdefault(req, asyncio.Queue())
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart()
-            try:
-                h, _ = P.decode(frames)
-            except P.ProtocolError:
-                continue
-            if h["type"] == P.HEARTBEAT:
-                continue  # the answer to our own beat
-            if h["type"] == P.WELCOME and isinstance(h.get("heartbeat_ms"), int) and h["heartbeat_ms"] > 0:
-                self.heartbeat_s = h["heartbeat_ms"] / 1000.0
-            await self._queue(h.get("req")).put(h)
-
-    async def _heartbeats(self) -> None:
-        # The bus closes the idle sessions of a client silent for heartbeat_ms x liveness.
-        import asyncio
-
-        while True:
-            await self.sock.send_multipart(P.encode({"type": P.HEARTBEAT, "t": time.time()}))
-            await asyncio.sleep(self.heartbeat_s)
-
-    async def send(self, header: dict[str, Any]) -> int:
-        import asyncio
-
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read())
-            self._beater = asyncio.ensure_future(self._heartbeats())
-        if "req" not in header and "req" in P.SCHEMAS.get(header["type"], {}):
-            self._req += 1
-            header = {**header, "req": self._req}
-        await self.sock.send_multipart(P.encode(header))
-        return header.get("req", 0)
-
-    async def next(self, req: int | None, timeout: float | None = None) -> dict[str, Any]:
-        import asyncio
-
-        try:
-            return await asyncio.wait_for(self._queue(req).get(), self.timeout if timeout is None else timeout)
-        except asyncio.TimeoutError:
-            raise BusTimeout(f"no answer from the bus at {self.addr}") from None
-
-    async def call(self, header: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        reply = await self.next(await self.send(header), timeout)
-        if reply["type"] == P.ERROR:
-            raise BusError(reply["code"], reply["msg"])
-        return reply
-
-    async def hello(self) -> dict[str, Any]:
-        await self.send({"type": P.HELLO, "name": self.name})
-        while True:  # a welcome carries no req
-            h = await self.next(None)
-            if h["type"] == P.WELCOME:
-                return h
-
-    async def status(self) -> dict[str, Any]:
-        return await self.call({"type": P.STATUS})
-
-    async def open_session(self, params: dict[str, Any] | None = None) -> str:
-        return (await self.call({"type": P.SESSION_OPEN, **({"params": params} if params else {})}))["sid"]
-
-    async def close_session(self, sid: str) -> None:
-        await self.call({"type": P.SESSION_CLOSE, "sid": sid})
-
-    async def cancel(self, sid: str) -> None:
-        await self.send({"type": P.CANCEL, "sid": sid})
-
-    async def generate(self, **fields: Any) -> Any:
-        """Async iterator of `token` messages, then `done` (fields as in BusClient.start_generate)."""
-        req = await self.send({"type": P.GENERATE, **{k: v for k, v in fields.items() if v is not None}})
-        while True:
-            h = await self.next(req)
-            if h["type"] == P.ERROR:
-                raise BusError(h["code"], h["msg"])
-            yield h
-            if h["type"] == P.DONE:
-                return
-
-    async def stats(self, stats_addr: str | None = None) -> Any:
-        """Async iterator of the bus's published stats."""
-        import msgpack
-        import zmq.asyncio
-
-        sub = self.ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, P.STATS_TOPIC)
-        security.apply_client_keys(sub, self.keys)
-        sub.connect(stats_addr or P.stats_address(self.addr))
-        try:
-            while True:
-                _, frame = await sub.recv_multipart()
-                yield msgpack.unpackb(frame, raw=False)
-        finally:
-            sub.close(linger=0)
-
-    def close(self) -> None:
-        for task in (self._reader, self._beater):
-            if task is not None:
-                task.cancel()
-        self.sock.close(linger=0)
 
 
 def local_tokenizer(model_info: dict[str, Any], explicit: str | None = None) -> Any:

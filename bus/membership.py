@@ -14,10 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from dair.bus import protocol as P
-from dair.bus.registry import DEAD, LIVE_STATES, LOADING, STANDBY, Node, Registry, fmt_span
+from dair.bus.registry import Node, Registry, fmt_span
 from dair.bus.requests import Requests
 from dair.bus.sessions import Session
+from dair.bus.states import DEAD, LIVE, LOADING, READY, STANDBY
 from dair.model import digests
+from dair.units import format_bytes
 
 # Wait this long after a stage to be placed registers before planning, and at most
 # PLAN_WAIT_S for the registered budgets to hold the whole model (then plan anyway: they stream).
@@ -28,7 +30,7 @@ Send = Callable[[bytes, dict[str, Any]], None]
 
 
 def fmt_budget(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n else "unlimited"
+    return format_bytes(n) if n else "unlimited"
 
 
 class Membership:
@@ -46,7 +48,7 @@ class Membership:
         self.send, self.reply_error, self.count, self.log = send, reply_error, count, log
         self.hb_s = bus["heartbeat_interval_ms"] / 1000.0
         self.liveness = int(bus["heartbeat_liveness"])
-        self.max_stages = int(bus.get("max_stages", 64))
+        self.max_stages = int(bus["max_stages"])
         # Placement of stages started without --layers (replan): when to plan next (0 = no plan
         # pending), and since when budgets too small for the model have been waiting for more.
         self.plan_due = 0.0
@@ -313,7 +315,7 @@ class Membership:
         # the steps in flight were lost with the connection): they replay once the pipeline is whole.
         self.assign(new, new.first, new.last, new.state)
         self.pause_all(f"stage {new.name} joined ({fmt_span(new.first, new.last)})")
-        if self.registry.ready() and h["state"] == "ready" and any(s.paused for s in self.sessions.values()):
+        if self.registry.ready() and h["state"] == READY and any(s.paused for s in self.sessions.values()):
             self.req.resume_paused()
         self.log(f"registered {h['name']} as {name}: {fmt_span(h['first'], h['last'])} ({h['state']})")
 
@@ -337,7 +339,7 @@ class Membership:
         """A registered stage's heartbeat: its state (admitted by its range's bytes) and stats."""
         if self.gate_bytes.refused(ident):
             return  # told to exit; its last beats change nothing
-        if h.get("state") in LIVE_STATES and node.first >= 0 and (verdict := self.gate_bytes.beat(
+        if h.get("state") in LIVE and node.first >= 0 and (verdict := self.gate_bytes.beat(
                 ident, node.first, node.last, h, f"stage {node.name} (pid {node.pid} on {node.host})",
                 self.registry.nodes))[0] != "ok":
             h = {k: v for k, v in h.items() if k != "state"}  # not serving (yet): it stays loading

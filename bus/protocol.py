@@ -38,7 +38,8 @@ SCORE = "score"
 SCORED = "scored"
 STATUS = "status"
 CLUSTER = "cluster"
-# PUB topic.
+# Published on the bus's PUB socket under STATS_TOPIC, every stats_interval_ms.
+STATS = "stats"
 STATS_TOPIC = b"stats"
 
 # Error codes (docs/protocol.md, "Validation").
@@ -64,6 +65,8 @@ E_FORBIDDEN = "forbidden"
 E_REFUSED = "refused"
 # Raised by clients (never sent): the bus answering them is a new process that lost their sessions.
 E_BUS_RESTARTED = "bus_restarted"
+# Raised by clients (never sent): the bus fell silent, so the client dropped its connection.
+E_DISCONNECTED = "disconnected"
 
 DTYPES = ("f32", "f16", "q8_0")
 WIRE_DTYPES = DTYPES
@@ -79,6 +82,12 @@ _LIST = (list, tuple)
 _MAP = (dict,)
 _BOOL = (bool,)
 _ANY = (object,)
+
+# The cluster as the bus sees it (bus/stats.py): the body of `stats` and of `cluster`.
+_CLUSTER_STATE: dict[str, tuple[tuple[type, ...], bool]] = {
+    "ready": (_BOOL, True), "problems": (_LIST, True), "n_layers": (_INT, True), "nodes": (_LIST, True),
+    "sessions": (_LIST, True), "model": (_MAP, True), "totals": (_MAP, True), "counters": (_MAP, True),
+    "t": (_NUM, True)}
 
 # type -> {field: (accepted python types, required)}. "v" and "type" are implied.
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -124,9 +133,8 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     SCORE: {"req": (_INT, True), "top_k": (_INT, True), "ids": (_LIST, False), "text": (_STR, False)},
     SCORED: {"req": (_INT, True), "positions": (_LIST, True)},
     STATUS: {"req": (_INT, True)},
-    CLUSTER: {"req": (_INT, True), "ready": (_BOOL, True), "problems": (_LIST, True),
-              "nodes": (_LIST, True), "sessions": (_LIST, True), "model": (_MAP, True),
-              "counters": (_MAP, True)},
+    CLUSTER: {"req": (_INT, True), **_CLUSTER_STATE},
+    STATS: _CLUSTER_STATE,
 }
 
 # Which peer may send which type to the bus (anything else is `unknown_type` for that peer).
@@ -141,10 +149,23 @@ MAX_HEADER_BYTES = 4 << 20
 MAX_FRAMES = 4
 
 
-def stats_address(bus_addr: str) -> str:
-    """The PUB address of a bus: the same host, port + 1."""
-    host, _, port = bus_addr.rpartition(":")
-    return f"{host}:{int(port) + 1}"
+def stats_address(bus_addr: str, stats_port: int | None = None, connect: bool = True) -> str:
+    """The PUB address of the bus at `bus_addr` (tcp://HOST:PORT): the same host, port
+    `stats_port` (as a welcome states it; default PORT + 1). To connect to (`connect`), a
+    wildcard host means this machine; to bind, it stays a wildcard."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(bus_addr)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "tcp" or port is None:
+        raise ValueError(f"bus address {bus_addr!r} is not tcp://HOST:PORT")
+    host = parts.netloc.rpartition(":")[0]
+    if connect and host.strip("[]") in ("*", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"tcp://{host}:{stats_port or port + 1}"
 
 
 class ProtocolError(Exception):
@@ -253,6 +274,9 @@ def validate(header: dict[str, Any]) -> None:
             raise ProtocolError(E_BAD_FIELD, f"{mtype}: field {name!r} has type {type(value).__name__}")
     if mtype == ACT:
         _validate_act(header)
+    elif mtype in (STATS, CLUSTER):
+        if not all(isinstance(n, dict) for n in header["nodes"]):
+            raise ProtocolError(E_BAD_FIELD, f"{mtype}: each node is a map")
     elif mtype == TOKENS:
         for r in header["results"]:
             if not isinstance(r, dict) or not isinstance(r.get("sid"), str):

@@ -8,15 +8,9 @@ from typing import Any
 
 import numpy as np
 
-# Node states as the TUI shows them.
-LOADING = "loading"
-READY = "ready"
-BUSY = "busy"
-STREAMING = "streaming"
-DEAD = "dead"
-# Registered without layers (dair-stage --standby): waits for the bus to assign a dead stage's range.
-STANDBY = "standby"
-LIVE_STATES = (READY, BUSY, STREAMING)
+from dair.bus.states import DEAD, LIVE, STANDBY
+from dair.bus.stats import NodeStats
+
 # How far back a stage's long silences count towards its timeout (Node.silence_limit).
 GAP_WINDOW_S = 120.0
 
@@ -97,49 +91,41 @@ class Node:
 
     @property
     def live(self) -> bool:
-        return self.state in LIVE_STATES
+        return self.state in LIVE
 
-    def to_stats(self, now: float) -> dict[str, Any]:
+    def to_stats(self, now: float) -> NodeStats:
         def ms(v: float | None) -> float | None:
             return None if v is None else round(v * 1000.0, 3)
 
-        return {
-            "node": self.node, "name": self.name, "host": self.host, "pid": self.pid,
-            "first": self.first, "last": self.last, "state": self.state, "rss": self.rss,
-            "rss_at_register": self.rss_at_register,
+        st = self.stage_stats
+
+        def n(key: str, kind: type = int) -> Any:
+            # What the stage's engine reports in its heartbeats (0 until it has said).
+            v = st.get(key)
+            return kind(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else kind(0)
+
+        return NodeStats(
+            node=self.node, name=self.name, host=self.host, pid=self.pid, first=self.first, last=self.last,
+            state=self.state, rss=self.rss, rss_at_register=self.rss_at_register,
             # The engine's budget once it runs (the heartbeat), else the one announced at register.
-            "max_ram": int(self.stage_stats.get("max_ram") or self.max_ram or 0),
-            "cpu": self.cpu, "threads": self.threads, "wire": self.wire,
-            "msgs_in": self.msgs_in, "msgs_out": self.msgs_out,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "hop_ms_p50": ms(self.hop_s.pct(50)), "hop_ms_p95": ms(self.hop_s.pct(95)),
-            "compute_ms_p50": ms(self.compute_s.pct(50)),
-            "heartbeat_age_s": round(now - self.last_seen, 3),
-            "bad_frames": int(self.stage_stats.get("bad_frames", 0)),
-            "sessions": int(self.stage_stats.get("sessions", 0)),
-            "resident_bytes": int(self.stage_stats.get("resident_bytes", 0)),
-            "batches": int(self.stage_stats.get("batches", 0)),
-            "max_batch": int(self.stage_stats.get("max_batch", 0)),
-            "key": self.user, "place": self.place, "speed": self.speed,
-            "refused": self.refused, "stale": self.stale, "rate_limited": self.rate_limited,
-            # AirLLM residency (issue 6), as the stage's engine reports it.
-            "mode": str(self.stage_stats.get("mode", "")),
-            "range_bytes": int(self.stage_stats.get("range_bytes", 0) or 0),
-            "disk_read_bytes": int(self.stage_stats.get("disk_read_bytes", 0) or 0),
-            "disk_read_mb_s": float(self.stage_stats.get("disk_read_mb_s", 0.0) or 0.0),
-            "storage_read_bytes": int(self.stage_stats.get("storage_read_bytes", 0) or 0),
-            "disk_wait_fraction": float(self.stage_stats.get("disk_wait_fraction", 0.0) or 0.0),
-            "disk_bytes_per_token": float(self.stage_stats.get("disk_bytes_per_token", 0.0) or 0.0),
-            # Mixture-of-experts ranges: experts computed per token over the range's MoE layers.
-            "moe_layers": int(self.stage_stats.get("moe_layers", 0) or 0),
-            "experts_per_layer": int(self.stage_stats.get("experts_per_layer", 0) or 0),
-            "experts_per_token": float(self.stage_stats.get("experts_per_token", 0.0) or 0.0),
-            # The KV cache (issue 16), as the stage's engine reports it.
-            "kv_type": str(self.stage_stats.get("kv_type", "")),
-            "kv_bytes": int(self.stage_stats.get("kv_bytes", 0) or 0),
-            "kv_bytes_per_token": int(self.stage_stats.get("kv_bytes_per_token", 0) or 0),
-            "max_context": int(self.stage_stats.get("max_context", 0) or 0),
-        }
+            max_ram=n("max_ram") or int(self.max_ram or 0),
+            cpu=float(self.cpu), threads=self.threads, wire=self.wire,
+            msgs_in=self.msgs_in, msgs_out=self.msgs_out, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            hop_ms_p50=ms(self.hop_s.pct(50)), hop_ms_p95=ms(self.hop_s.pct(95)),
+            compute_ms_p50=ms(self.compute_s.pct(50)), heartbeat_age_s=round(now - self.last_seen, 3),
+            bad_frames=n("bad_frames"), sessions=n("sessions"), resident_bytes=n("resident_bytes"),
+            batches=n("batches"), max_batch=n("max_batch"),
+            key=self.user, place=self.place, speed=float(self.speed),
+            refused=self.refused, stale=self.stale, rate_limited=self.rate_limited,
+            mode=str(st.get("mode", "")), range_bytes=n("range_bytes"), disk_read_bytes=n("disk_read_bytes"),
+            disk_read_mb_s=n("disk_read_mb_s", float), storage_read_bytes=n("storage_read_bytes"),
+            disk_wait_fraction=n("disk_wait_fraction", float),
+            disk_bytes_per_token=n("disk_bytes_per_token", float),
+            moe_layers=n("moe_layers"), experts_per_layer=n("experts_per_layer"),
+            experts_per_token=n("experts_per_token", float),
+            kv_type=str(st.get("kv_type", "")), kv_bytes=n("kv_bytes"), kv_bytes_per_token=n("kv_bytes_per_token"),
+            max_context=n("max_context"),
+        )
 
 
 def _spans(layers: list[int]) -> list[tuple[int, int]]:

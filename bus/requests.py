@@ -19,12 +19,6 @@ from dair.bus.registry import Node, Registry
 from dair.bus.sessions import Request, Session, common_prefix
 from dair.tokenizer import StreamDecoder
 
-# Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
-# stage 1 start on the next chunk while stage 2 runs this one.
-PREFILL_CHUNK = 256
-# An idle session unused for this long is closed (config [bus] session_idle_timeout_s), so
-# that sessions nobody comes back to do not hold KV caches on the stages forever.
-SESSION_IDLE_S = 600.0
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 # Sampling seeds are 64-bit (engine.sampling); anything else is refused rather than wrapped.
 SEED_RANGE = range(0, 1 << 64)
@@ -49,16 +43,21 @@ class Requests:
         self.send, self.tell, self.route, self.busy_at = send, tell, route, busy_at
         self.count, self.log = count, log
         self.lz4_min = int(cfg["stage"]["lz4_min_bytes"])
-        self.session_idle_s = float(bus.get("session_idle_timeout_s", SESSION_IDLE_S))
+        # An idle session unused for this long is closed, so that sessions nobody comes back to
+        # do not hold KV caches on the stages forever.
+        self.session_idle_s = float(bus["session_idle_timeout_s"])
+        # Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and
+        # lets stage 1 start on the next chunk while stage 2 runs this one.
+        self.prefill_chunk = int(bus["prefill_chunk"])
         self.max_sessions = int(bus["max_sessions"])
         self.max_per_client = int(bus["max_sessions_per_client"])
-        self.max_pending = int(bus.get("max_pending_per_client", 16))
+        self.max_pending = int(bus["max_pending_per_client"])
         ctx_len = int(model.config.context_length)
         self.max_context = min(int(bus["max_context"]) or ctx_len, ctx_len)
         self.context_set_by = (f"max_context = {self.max_context} (config)" if self.max_context < ctx_len
                                else f"the model's context_length {ctx_len}")
         self.sampling = {k: v for k, v in cfg["sampling"].items() if k in PARAM_KEYS}
-        self.default_max_tokens = int(cfg["sampling"].get("max_tokens", 256))
+        self.default_max_tokens = int(cfg["sampling"]["max_tokens"])
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
         self.sessions: dict[str, Session] = {}
         # Decode steps held back for a moment to travel with another group (see hold_or_send).
@@ -169,9 +168,9 @@ class Requests:
         return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
 
     def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
-        """ids[start:] as prefill steps of PREFILL_CHUNK tokens, sent at once (they pipeline)."""
-        for a in range(start, len(ids), PREFILL_CHUNK):
-            b = min(a + PREFILL_CHUNK, len(ids))
+        """ids[start:] as prefill steps of `prefill_chunk` tokens, sent at once (they pipeline)."""
+        for a in range(start, len(ids), self.prefill_chunk):
+            b = min(a + self.prefill_chunk, len(ids))
             final = b == len(ids)
             if out == "score":
                 extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}

@@ -17,8 +17,6 @@ from dair.engine.sampling import SamplingParams, sample_token, top_logits
 from dair.errors import DairError
 from dair.model.fetch import resolve_model_path
 
-PREFILL_CHUNK = 256  # tokens per prefill batch: bounds activation memory on long prompts
-
 OnToken = Callable[[int], "bool | None"]
 
 
@@ -53,8 +51,11 @@ class LocalBackend:
         # The same context rule and KV cache default as a cluster's stages (config.toml).
         cfg = load_config()
         self.engine = RangeEngine(self.model, 0, self.n_layers - 1, threads=threads, act_q8=act_q8,
-                                  kv_type=kv_type or cfg["stage"].get("kv_type", "f16"),
+                                  kv_type=kv_type or cfg["stage"]["kv_type"],
                                   max_context=int(cfg["bus"]["max_context"] if max_context is None else max_context))
+        # Tokens per prefill batch (config [bus] prefill_chunk, as on a cluster): bounds the
+        # activation memory of a long prompt.
+        self.prefill_chunk = int(cfg["bus"]["prefill_chunk"])
         self.on_prefill: Callable[[int, int], None] | None = None  # (tokens done, total) per chunk
         self._ids = itertools.count()
         if not quiet:
@@ -71,8 +72,8 @@ class LocalBackend:
 
     def _prefill(self, sid: str, ids: list[int], all_logits: bool) -> np.ndarray:
         eng, outs = self.engine, []
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = np.asarray(ids[start:start + PREFILL_CHUNK], dtype=np.int32)
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = np.asarray(ids[start:start + self.prefill_chunk], dtype=np.int32)
             pos = np.arange(start, start + chunk.size, dtype=np.int32)
             x = eng.run_layers(eng.embed(chunk), [(sid, pos)])
             outs.append(eng.head(x if all_logits else x[-1:]))

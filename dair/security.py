@@ -1,4 +1,4 @@
-"""CurveZMQ for dair: key pairs, socket set-up, the allowed-keys gate, and the bind check.
+"""CurveZMQ for dair: key pairs, client socket set-up, and the bind check.
 
 The bus is the CURVE *server* on both of its sockets (ROUTER and stats PUB); stages, clients and
 the TUI are CURVE *clients* that know the bus's public key. Each peer has a key pair of its own;
@@ -8,26 +8,23 @@ User-Id (`peer_role(frame)`). How the bus and stages call this: dair/SECURITY-WI
 
 Key files are ZeroMQ's own certificate format (zmq.auth): `NAME.key` holds the public key and
 may be copied anywhere; `NAME.key_secret` holds both keys and stays on its machine (mode 0600).
+
+The server side (the gate, server sockets, `peer_role`) is dair/gatekeeper.py, which only the
+bus imports: a stage or client does not load the authenticator's thread and asyncio machinery.
 """
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import socket
 import stat
 import tempfile
-import threading
-import time
-import weakref
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from dair.errors import DairError
@@ -38,8 +35,6 @@ ROLES = ("stage", "client")
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
 
-log = logging.getLogger("dair.security")
-_running: weakref.WeakSet[Gatekeeper] = weakref.WeakSet()
 
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -222,29 +217,6 @@ def apply_client_keys(sock: zmq.Socket, keys: PeerKeys | None) -> None:
 
 
 # --- sockets --------------------------------------------------------------------------------------
-def server_socket_setup(sock: zmq.Socket, secret_path: str | os.PathLike[str]) -> KeyPair:
-    """Make `sock` a CURVE server with the key pair in secret_path. Call before bind().
-
-    A CURVE server consults the ZAP handler of its context for every peer. Without one libzmq
-    would accept *any* client key, so the socket is set to fail closed (ZAP_ENFORCE_DOMAIN: no
-    handler, no peer) and this refuses outright unless a Gatekeeper already runs on the
-    socket's context, to say so at start-up rather than by silence."""
-    if not any(g.context is sock.context and g.is_alive() for g in list(_running)):
-        raise DairError("start a Gatekeeper on this socket's context before setting up a CURVE "
-                        "server socket (it decides which client keys are admitted)")
-    kp = load_secret(secret_path)
-    sock.curve_secretkey = kp.secret
-    sock.curve_publickey = kp.public
-    sock.curve_server = True
-    sock.zap_domain = ZAP_DOMAIN.encode()
-    try:
-        # Fail closed if the ZAP handler goes away (libzmq >= 4.3; older ones lack the option).
-        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-    except (AttributeError, zmq.ZMQError):
-        pass
-    return kp
-
-
 def client_socket_setup(sock: zmq.Socket, secret_path: str | os.PathLike[str],
                         server_public: str | bytes | os.PathLike[str]) -> KeyPair:
     """Make `sock` a CURVE client of the server whose public key is given. Call before connect()."""
@@ -253,97 +225,6 @@ def client_socket_setup(sock: zmq.Socket, secret_path: str | os.PathLike[str],
     sock.curve_publickey = kp.public
     sock.curve_serverkey = load_public(server_public)
     return kp
-
-
-def peer_user(frame: zmq.Frame) -> str | None:
-    """The ZAP User-Id of a received frame (`role:name` for an admitted CURVE peer), if any.
-    Only frames received with copy=False carry it."""
-    try:
-        return frame.get("User-Id")
-    except (zmq.ZMQError, AttributeError):
-        return None
-
-
-def peer_role(frame: zmq.Frame) -> str | None:
-    """`stage` or `client` for a frame from an admitted peer; None on a socket without CURVE."""
-    user = peer_user(frame)
-    if not user or ":" not in user:
-        return None
-    role = user.split(":", 1)[0]
-    return role if role in ROLES else None
-
-
-# --- the gate -------------------------------------------------------------------------------------
-@dataclass
-class Refusal:
-    t: float
-    address: str
-    key: str  # z85 public key the peer presented
-    reason: str
-
-
-class Gatekeeper(ThreadAuthenticator):
-    """ZAP handler admitting only the public keys found in the allowed-key directories.
-
-    Refusals are logged (logger `dair.security`, WARNING, with the peer's address and key) and
-    counted in `refused`; the most recent ones are kept in `refusals`. Admitted peers get the
-    User-Id `role:name` (name: the key file's stem), which the server reads with `peer_role`.
-    `reload()` rereads the directories (after adding or removing a key file)."""
-
-    def __init__(self, context: zmq.Context, allowed: dict[str, str | os.PathLike[str]],
-                 logger: logging.Logger | None = None) -> None:
-        super().__init__(context, log=logger or log)
-        self.allowed_dirs = dict(allowed)
-        self.keys = load_allowed(self.allowed_dirs)
-        self.refused = 0
-        self.refusals: deque[Refusal] = deque(maxlen=100)
-        self._address = ""
-        self._keys_lock = threading.Lock()
-
-    def start(self) -> None:
-        self.configure_curve_callback(ZAP_DOMAIN, self)
-        super().start()
-        _running.add(self)
-
-    def stop(self) -> None:
-        _running.discard(self)
-        super().stop()
-
-    def __enter__(self) -> Gatekeeper:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def reload(self) -> None:
-        keys = load_allowed(self.allowed_dirs)
-        with self._keys_lock:
-            self.keys = keys
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        # The credentials callback is not told who is asking; remember it for the refusal log.
-        # ZAP requests are handled one at a time on the authenticator's thread.
-        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
-        await super().handle_zap_message(msg)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """Credentials provider (zmq.auth): is this z85 public key allowed?"""
-        with self._keys_lock:
-            ok = key in self.keys
-        if not ok:
-            self.refused += 1
-            k = key.decode("ascii", "replace")
-            self.refusals.append(Refusal(time.time(), self._address, k, "unknown key"))
-            self.log.warning("refused a peer at %s: public key %s is not in the allowed keys (%s)",
-                             self._address or "?", k, ", ".join(f"{r}: {d}" for r, d in self.allowed_dirs.items()))
-        return ok
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        z = z85.encode(client_public_key)
-        with self._keys_lock:
-            role, name = self.keys.get(z, ("?", z.decode("ascii")))
-        return f"{role}:{name}"
 
 
 # --- binding --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dair.errors import DairError
+from dair.units import format_bytes
 
 
 @dataclass
@@ -48,7 +49,7 @@ def kv_reserve(model: Any, kv_type: str | None = None, kv_tokens: int | None = N
     from dair.engine.kvcache import check_kv_type, kv_bytes_per_token
 
     c, cfg = model.config, load_config()
-    kv_type = check_kv_type(kv_type or cfg["stage"].get("kv_type", "f16"), c.head_dim)
+    kv_type = check_kv_type(kv_type or cfg["stage"]["kv_type"], c.head_dim)
     tokens = int(cfg["bus"]["max_context"]) if kv_tokens is None else kv_tokens
     tokens = min(tokens or c.context_length, c.context_length)
     return tokens * kv_bytes_per_token(kv_type, c.n_kv_heads, c.head_dim), tokens, kv_type
@@ -121,4 +122,4 @@ def place(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], head_bytes:
 
 
 def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return format_bytes(n, unit="MiB")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from dair.errors import DairError
+from dair.units import format_bytes
 
 PAGE = mmap.PAGESIZE
 MADV_WILLNEED = 3
@@ -64,14 +65,6 @@ def parse_size(text: str | int | None) -> int | None:
         raise DairError(f"size {text!r}: expected a number with an optional K/M/G/T suffix, e.g. 512M, 2G, 1.5GiB")
     n = int(float(m.group(1)) * _UNIT[m.group(2).lower()])
     return n or None
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _addr(a: np.ndarray) -> int:
@@ -216,8 +209,8 @@ class Residency:
         biggest = max(self.units, key=lambda u: u.nbytes)
         if budget < biggest.nbytes:
             what = "the head" if biggest.key == "head" else f"layer {biggest.key}"
-            raise DairError(f"RAM budget {format_size(budget)} is smaller than one unit of this range: "
-                            f"{what} needs {format_size(biggest.nbytes)} ({biggest.nbytes} bytes)")
+            raise DairError(f"RAM budget {format_bytes(budget)} is smaller than one unit of this range: "
+                            f"{what} needs {format_bytes(biggest.nbytes)} ({biggest.nbytes} bytes)")
         # Pin the biggest units first while what is left still streams within the budget.
         for depth in (1, 0):
             pinned: set[int] = set()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dair.bus import protocol as P
-from dair.bus import wire
+from dair.bus import states, wire
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Compute:
         self.max_batch = max_batch
         self.lz4_min_bytes = lz4_min_bytes
         self.engine: Any = None
-        self.state = "loading"
+        self.state = states.LOADING
         self.sessions: dict[str, StageSession] = {}
         self.counters: dict[str, int] = {}
         self.batches = 0
@@ -64,20 +64,20 @@ class Compute:
     def build(self) -> bool:
         """Build the engine for the current range; False (and `fatal` set) if it cannot."""
         if self.first < 0:  # a standby: no weights touched until the bus assigns a range
-            self.state = "standby"
+            self.state = states.STANDBY
             return True
         try:
             self._build(self.first, self.last)
             return True
         except Exception as e:  # a stage that cannot build its engine must say why and stop
             self.fatal = f"cannot load layers {self.first}-{self.last}: {e}"
-            self.state = "dead"
+            self.state = states.DEAD
             return False
 
     def _build(self, first: int, last: int) -> None:
         from dair.engine.forward import RangeEngine
 
-        self.state = "loading"
+        self.state = states.LOADING
         if self.engine is not None:
             for sid in list(self.sessions):
                 self.engine.close_session(sid)
@@ -86,7 +86,7 @@ class Compute:
         self.engine = RangeEngine(self.model, first, last, threads=self.threads, max_ram=self.max_ram,
                                   kv_type=self.kv_type, max_context=self.max_context)
         self.first, self.last = first, last
-        self.state = "ready"
+        self.state = states.READY
 
     # --- message handling --------------------------------------------------------------------
     def process(self, batch: list[tuple[dict[str, Any], list[Any]]]) -> None:
@@ -139,7 +139,7 @@ class Compute:
                     self._build(header["first"], header["last"])
                 except Exception as e:
                     self.fatal = f"cannot load layers {header['first']}-{header['last']}: {e}"
-                    self.state = "dead"
+                    self.state = states.DEAD
 
     def _check(self, header: dict[str, Any]) -> tuple[str, str] | None:
         if header["layer"] != self.first:

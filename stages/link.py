@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -18,10 +19,13 @@ from typing import Any
 
 import psutil
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
+from dair.bus import states
+from dair.bus.backoff import Backoff, zmq_reconnect_options
+from dair.config import BusConfig, ReconnectConfig, StageConfig
+from dair.engine.residency import parse_size
 from dair.model.digests import FileDigests
 from dair.stages.compute import Compute
 
@@ -36,35 +40,39 @@ class StageRefused(Exception):
 
 
 class Link:
-    def __init__(self, bus_addr: str, name: str, model: Any, first: int, last: int, threads: int,
-                 wire_dtype: str, heartbeat_ms: int, liveness: int, max_frame_bytes: int,
-                 max_batch: int, lz4_min_bytes: int, max_ram: int | None = None,
-                 keys: security.PeerKeys | None = None, place: bool = False, speed: float = 1.0,
-                 max_queued_acts: int = 256, kv_type: str = "f16", max_context: int = 0) -> None:
+    """`bus` and `stage` are config.toml's [bus] and [stage] (flags applied); `reconnect` its
+    [reconnect]: how the stage backs off while the bus is gone."""
+
+    def __init__(self, bus_addr: str, name: str, model: Any, first: int, last: int, bus: BusConfig,
+                 stage: StageConfig, reconnect: ReconnectConfig, keys: security.PeerKeys | None = None,
+                 place: bool = False, speed: float = 1.0) -> None:
         self.bus_addr = bus_addr
         self.keys = keys
-        # Started without --layers: the bus places it by its budget and speed (issue 6).
+        # Started without --layers: the bus places it by its budget and speed.
         self.place = place
         self.speed = speed
         self.name = name
         self.model = model
-        self.heartbeat_s = heartbeat_ms / 1000.0
+        # Until the bus's ASSIGN states its own, config.toml's heartbeat settings.
+        self.heartbeat_s = bus.heartbeat_s
         self._compute_s_seen = 0.0
-        self.liveness = liveness
-        self.max_frame_bytes = max_frame_bytes
-        self.max_batch = max_batch
-        self.max_queued_acts = max_queued_acts
-        self.lz4_min_bytes = lz4_min_bytes
+        self.liveness = bus.heartbeat_liveness
+        self.max_frame_bytes = bus.max_frame_bytes
+        self.max_batch = stage.max_batch
+        self.max_queued_acts = stage.max_queued_acts
+        self.lz4_min_bytes = stage.lz4_min_bytes
+        self.reconnect = reconnect
+        self.backoff = Backoff.from_config(reconnect)
         self.ctx = zmq.Context.instance()
         self.proc = psutil.Process()
         self.proc.cpu_percent(None)
         self.node = ""
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
-        self.compute = Compute(model, first, last, threads, wire_dtype, max_batch, lz4_min_bytes, max_ram,
-                               kv_type=kv_type, max_context=max_context)
+        self.compute = Compute(model, first, last, stage.threads, stage.wire, stage.max_batch, stage.lz4_min_bytes,
+                               parse_size(stage.max_ram), kv_type=stage.kv_type, max_context=bus.max_context)
         if first < 0:
-            self.compute.state = "standby"
+            self.compute.state = states.STANDBY
         self.dealer: zmq.Socket | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -103,6 +111,8 @@ class Link:
         # the bus answers `busy` (max_queued_msgs) instead of our memory growing.
         d.setsockopt(zmq.RCVHWM, self.max_queued_acts)
         d.setsockopt(zmq.LINGER, 0)
+        for opt, value in zmq_reconnect_options(self.reconnect).items():
+            d.setsockopt(opt, value)
         security.apply_client_keys(d, self.keys)  # before connect: CURVE applies to later connects only
         try:
             # A dropped connection loses the messages in flight, and ZeroMQ's silent reconnect
@@ -158,11 +168,11 @@ class Link:
         c = self.compute
         busy = c.compute_s > self._compute_s_seen
         self._compute_s_seen = c.compute_s
-        if c.state != "ready":
+        if c.state != states.READY:
             return c.state
         if busy:
-            return "busy"
-        return "streaming" if _residency_stats(c.engine).get("mode") == "streaming" else "ready"
+            return states.BUSY
+        return states.STREAMING if _residency_stats(c.engine).get("mode") == "streaming" else states.READY
 
     def _heartbeat(self) -> None:
         with self._lock:
@@ -173,7 +183,7 @@ class Link:
         self._beat_due.clear()
         header = {"type": P.HEARTBEAT, "t": time.time(), "state": self._shown_state(), "stats": self.stats()}
         c, rd = self.compute, self._range_digests
-        if self._digest_beats > 0 and c.state == "ready" and rd is not None and rd[:2] == (c.first, c.last):
+        if self._digest_beats > 0 and c.state == states.READY and rd is not None and rd[:2] == (c.first, c.last):
             # A range the bus assigned after registration: it serves it only once these match.
             self._digest_beats -= 1
             header["digests"] = rd[2]
@@ -207,6 +217,9 @@ class Link:
             return 2
         self._heartbeat()  # "ready" at once
         last_heard = time.monotonic()
+        # Silence that makes us reconnect: a heartbeat timeout at first, then the backoff's
+        # delay for each further attempt while the bus stays away (Paranoid Pirate).
+        patience = self.heartbeat_s * self.liveness
         try:
             while not self._stopping.is_set():
                 batch = self._receive()
@@ -219,11 +232,15 @@ class Link:
                     last_heard = now
                     continue
                 if batch is None:
-                    if now - last_heard > self.heartbeat_s * self.liveness:
-                        self._reconnect()
+                    if now - last_heard > patience:
+                        patience = self.backoff.next()
+                        self._reconnect(patience)
                         last_heard = now
                     continue
                 last_heard = now
+                if self.backoff.attempts:
+                    self.backoff.reset()
+                patience = self.heartbeat_s * self.liveness
                 if batch:
                     was = self.compute.state
                     self.compute.process(batch)
@@ -260,15 +277,20 @@ class Link:
             self._monitor.close(linger=0)
         self._monitor = None
 
-    def _reconnect(self) -> None:
-        # Paranoid Pirate: the bus is gone or restarted; start over with a new socket.
-        if not self._lost:
-            print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting", file=sys.stderr, flush=True)
-            if self.keys is not None:
-                # A refused CURVE peer hears nothing at all: say what to check.
-                print(f"dair-stage: no answer: if the bus uses keys, check that this stage's public key "
-                      f"{self.keys.public.decode()} is in its stage_keys, and --server-key is the bus's",
-                      file=sys.stderr, flush=True)
+    def _reconnect(self, patience: float) -> None:
+        # Paranoid Pirate: the bus is gone or restarted; start over with a new socket, and give
+        # it `patience` seconds to answer before the next attempt.
+        b = self.backoff
+        attempt = b.attempts
+        capped = b.ceiling(attempt - 1) >= b.max_s
+        if not capped or b.ceiling(attempt - 2) < b.max_s:  # every attempt until the delay is capped
+            print(f"dair-stage: no word from the bus at {self.bus_addr}; reconnecting (attempt {attempt}, "
+                  f"next in {patience:.2f}s{', the longest wait' if capped else ''})", file=sys.stderr, flush=True)
+        if not self._lost and self.keys is not None:
+            # A refused CURVE peer hears nothing at all: say what to check.
+            print(f"dair-stage: no answer: if the bus uses keys, check that this stage's public key "
+                  f"{self.keys.public.decode()} is in its stage_keys, and --server-key is the bus's",
+                  file=sys.stderr, flush=True)
         self._lost = True
         with self._lock:
             self._connect()
@@ -281,7 +303,7 @@ class Link:
             if self._beat_due.is_set():
                 self._beat_locked()
             while self._monitor is not None and self._monitor.poll(0):
-                if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                if _monitor_event(self._monitor) == zmq.EVENT_DISCONNECTED:
                     self._dropped = True
             # Short polls: the heartbeat thread takes the lock between them.
             if not self.dealer.poll(20):
@@ -339,6 +361,13 @@ class Link:
                 self.range_digests(header["first"], header["last"])
                 self._digest_beats = DIGEST_BEATS
         return header, buffers
+
+
+def _monitor_event(mon: zmq.Socket) -> int:
+    """The event number of a message on a socket monitor (frame 0: 16-bit event, 32-bit value).
+    Read here rather than with zmq.utils.monitor, which imports asyncio into every stage."""
+    frames = mon.recv_multipart()
+    return struct.unpack_from("=H", frames[0])[0] if frames and len(frames[0]) >= 2 else 0
 
 
 def _kv_stats(eng: Any) -> dict[str, Any]:

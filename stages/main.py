@@ -6,8 +6,9 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 
-from dair.config import load_config
+from dair.config import BusConfig, ReconnectConfig, StageConfig, load_config, section
 from dair.errors import DairError
 
 
@@ -75,7 +76,13 @@ def _main(args: argparse.Namespace) -> int:
     n = model.config.n_layers
     if last >= n:
         raise DairError(f"--layers {first}-{last}: {path} has {n} layers (0-{n - 1})")
-    stage_cfg, bus_cfg = cfg["stage"], cfg["bus"]
+    bus_cfg, reconnect = section(BusConfig, cfg), section(ReconnectConfig, cfg)
+    stage_cfg = section(StageConfig, cfg)
+    # Flags win over the config file.
+    stage_cfg = replace(stage_cfg, threads=stage_cfg.threads if args.threads is None else args.threads,
+                        wire=args.wire or stage_cfg.wire, kv_type=args.kv_type or stage_cfg.kv_type,
+                        max_ram=stage_cfg.max_ram if args.max_ram is None else args.max_ram)
+    parse_size(stage_cfg.max_ram)  # a bad --max-ram is an error before anything starts
     from dair import security
 
     keys = security.peer_keys("stage", cfg.get("security") or {}, args.keys, args.secret_key, args.server_key)
@@ -83,16 +90,8 @@ def _main(args: argparse.Namespace) -> int:
         # Whoever runs the bus needs this to allow the stage (a NAME.key in its stage_keys).
         print(f"dair-stage: CURVE on, this stage's public key is {keys.public.decode()}", file=sys.stderr, flush=True)
     name = args.name or f"{socket.gethostname()}:{'standby' if args.standby else 'placed' if place else f'{first}-{last}'}"
-    link = Link(
-        bus_addr=args.bus or bus_cfg["bind"], name=name, model=model, first=first, last=last,
-        threads=stage_cfg["threads"] if args.threads is None else args.threads,
-        wire_dtype=args.wire or stage_cfg["wire"], heartbeat_ms=int(bus_cfg["heartbeat_interval_ms"]),
-        liveness=int(bus_cfg["heartbeat_liveness"]), max_frame_bytes=int(bus_cfg["max_frame_bytes"]),
-        max_batch=int(stage_cfg["max_batch"]), lz4_min_bytes=int(stage_cfg["lz4_min_bytes"]),
-        max_queued_acts=int(stage_cfg.get("max_queued_acts", 256)),
-        max_ram=parse_size(args.max_ram if args.max_ram is not None else stage_cfg.get("max_ram", "")),
-        keys=keys, place=place, speed=args.speed or 1.0, kv_type=args.kv_type or stage_cfg.get("kv_type", "f16"),
-        max_context=int(bus_cfg.get("max_context", 0) or 0))
+    link = Link(bus_addr=args.bus or bus_cfg.bind, name=name, model=model, first=first, last=last, bus=bus_cfg,
+                stage=stage_cfg, reconnect=reconnect, keys=keys, place=place, speed=args.speed or 1.0)
     # SIGTERM ends the loop cleanly (dair up stops its children with it).
     signal.signal(signal.SIGTERM, lambda *_: link.stop())
     return link.run()

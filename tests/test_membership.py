@@ -17,8 +17,9 @@ import pytest
 
 from dair.bus import protocol as P
 from dair.bus.membership import Membership
-from dair.bus.registry import DEAD, LOADING, STANDBY, Registry
+from dair.bus.registry import Registry
 from dair.bus.requests import Requests
+from dair.bus.states import DEAD, LOADING, STANDBY
 from dair.config import load_config
 from dair.model.digests import FileDigests, RangeGate
 

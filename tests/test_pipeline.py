@@ -217,18 +217,18 @@ def test_heartbeats_flow_during_a_long_prefill(cluster3):
 def test_async_client_streams_and_follows_stats(cluster3):
     import asyncio
 
-    from dair.bus.client import AsyncBusClient
+    from dair.bus.aclient import AsyncBusClient
 
     async def main() -> tuple[list[dict], dict, dict]:
         c = AsyncBusClient(cluster3.addr, timeout=60)
         try:
-            welcome = await c.hello()
-            events = [ev async for ev in c.generate(text="The capital of France is", max_tokens=3,
-                                                    params={"temperature": 0})]
+            welcome = await c.start()
+            events = [ev async for ev in c.stream({"text": "The capital of France is", "max_tokens": 3,
+                                                   "params": {"temperature": 0}})]
             stats = await asyncio.wait_for(c.stats().__anext__(), 10)
             return events, welcome, stats
         finally:
-            c.close()
+            await c.close()
 
     events, welcome, stats = asyncio.run(main())
     assert welcome["model"]["n_layers"] == 30 and welcome["heartbeat_ms"] > 0

@@ -13,8 +13,10 @@ import pytest
 
 from dair.bus import protocol as P
 from dair.bus.registry import Node, Registry
-from dair.bus.requests import PREFILL_CHUNK, Requests
-from dair.config import load_config
+from dair.bus.requests import Requests
+from dair.config import defaults, load_config
+
+PREFILL_CHUNK = defaults("bus")["prefill_chunk"]
 
 STAGES = (b"s0", b"s1")
 

@@ -25,8 +25,8 @@ import zmq
 
 from dair.cli import main as dair_main
 from dair.errors import DairError
+from dair.gatekeeper import Gatekeeper, peer_role, peer_user, server_socket_setup
 from dair.security import (
-    Gatekeeper,
     check_bind,
     client_socket_setup,
     generate_keys,
@@ -34,9 +34,6 @@ from dair.security import (
     load_allowed,
     load_public,
     load_secret,
-    peer_role,
-    peer_user,
-    server_socket_setup,
 )
 
 SECRET_TEXT = b"the capital of France is a SECRET-PROMPT-7d1c"

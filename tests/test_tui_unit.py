@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("textual")
 
+from dair.bus.protocol import stats_address  # noqa: E402
 from dair.tui import fmt  # noqa: E402
 from dair.tui.cluster import ClusterModel  # noqa: E402
-from dair.tui.link import stats_address  # noqa: E402
 from dair.tui.widgets.layermap import LayerMap, _ticks, layer_edges  # noqa: E402
 from dair.tui.widgets.nodes import row_cells  # noqa: E402
 from dair.tui.widgets.settings import Settings, parse_settings  # noqa: E402

@@ -36,12 +36,6 @@ from dair.tui.widgets import (
 from dair.tui.widgets.chat import ChatMessage
 
 
-def bus_defaults() -> dict[str, Any]:
-    from dair.config import defaults
-
-    return defaults("bus")
-
-
 class DairApp(App[int]):
     CSS_PATH = Path(__file__).with_name("dair.tcss")
     TITLE = "dair"
@@ -62,13 +56,12 @@ class DairApp(App[int]):
     def __init__(self, bus_addr: str, system: str | None = None, settings: Settings | None = None,
                  keys: Any = None) -> None:
         super().__init__()
-        cfg = bus_defaults()
+        from dair.config import BusConfig, section
+
         self.bus_addr = bus_addr
-        self.heartbeat_ms = int(cfg.get("heartbeat_interval_ms", 500))
-        self.liveness = int(cfg.get("heartbeat_liveness", 6))
-        self.cluster = ClusterModel(dead_after_s=self.heartbeat_ms * self.liveness / 1000.0)
-        self.link = BusLink(self, bus_addr, heartbeat_ms=self.heartbeat_ms, liveness=self.liveness,
-                            stats_interval_ms=int(cfg.get("stats_interval_ms", 1000)), keys=keys)
+        # Until the bus's welcome states its own heartbeat settings, config.toml's.
+        self.cluster = ClusterModel(dead_after_s=section(BusConfig).dead_after_s)
+        self.link = BusLink(self, bus_addr, keys=keys)
         self.settings = settings or Settings.from_config()
         self.system = system
         self.messages: list[dict[str, str]] = self._fresh_messages()

@@ -6,10 +6,12 @@ without a terminal. The bus's field names are those of docs/protocol.md, "Stats"
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-LIVE = ("ready", "busy", "streaming")
+from dair.bus import states
+from dair.bus.stats import NodeStats
+
 MAX_LAYERS = 4096
 
 # Owner colours; red is never one of them because red means dead or uncovered.
@@ -18,36 +20,13 @@ PALETTE = ("#4e9a06", "#3465a4", "#c4a000", "#75507b", "#06989a", "#ce5c00", "#8
 
 
 @dataclass
-class NodeView:
-    node: str
-    name: str
-    host: str
-    pid: int
-    first: int
-    last: int
-    state: str
-    rss: int = 0
-    max_ram: int = 0
-    cpu: float | None = None
-    threads: int = 0
-    wire: str = ""
-    hop_p50: float | None = None
-    hop_p95: float | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
+class NodeView(NodeStats):
+    """A stage as the bus published it (bus/stats.py), with what the dashboard works out: its
+    traffic rates since the last map and its colour."""
+
     rate_in: float | None = None
     rate_out: float | None = None
-    heartbeat_age: float | None = None
-    sessions: int = 0
     colour: str = PALETTE[0]
-
-    @property
-    def dead(self) -> bool:
-        return self.state == "dead"
-
-    @property
-    def live(self) -> bool:
-        return self.state in LIVE
 
 
 @dataclass
@@ -129,37 +108,29 @@ class ClusterModel:
         self.tokens_total = tokens
 
     def _node(self, d: dict[str, Any], t: float) -> NodeView:
-        key = str(d.get("node") or d.get("name") or "?")
-        bytes_in = int(_num(d, "bytes_in", 0) or 0)
-        bytes_out = int(_num(d, "bytes_out", 0) or 0)
+        ns = NodeStats.from_wire(d)
+        if ns.node == "?" and ns.name != "?":
+            ns.node = ns.name
+        if ns.name == "?":
+            ns.name = ns.node
+        key = ns.node
         rate_in = rate_out = None
         prev = self._prev_bytes.get(key)
         if prev is not None and t > prev[0]:
-            rate_in = max(0.0, (bytes_in - prev[1]) / (t - prev[0]))
-            rate_out = max(0.0, (bytes_out - prev[2]) / (t - prev[0]))
-        self._prev_bytes[key] = (t, bytes_in, bytes_out)
-        state = str(d.get("state") or "?")
-        hb = _num(d, "heartbeat_age_s")
-        if state != "dead" and hb is not None and hb > self.dead_after_s:
-            state = "dead"
+            rate_in = max(0.0, (ns.bytes_in - prev[1]) / (t - prev[0]))
+            rate_out = max(0.0, (ns.bytes_out - prev[2]) / (t - prev[0]))
+        self._prev_bytes[key] = (t, ns.bytes_in, ns.bytes_out)
+        hb = ns.heartbeat_age_s
+        if ns.state != states.DEAD and hb is not None and hb > self.dead_after_s:
+            ns.state = states.DEAD
         if key not in self._colours:
             self._colours[key] = PALETTE[len(self._colours) % len(PALETTE)]
-        return NodeView(
-            node=key, name=str(d.get("name") or key), host=str(d.get("host") or "?"),
-            pid=int(_num(d, "pid", 0) or 0), first=int(_num(d, "first", 0) or 0),
-            last=int(_num(d, "last", -1) if _num(d, "last") is not None else -1), state=state,
-            rss=int(_num(d, "rss", 0) or 0),
-            max_ram=int(_num(d, "max_ram", 0) or _num(d, "ram_budget", 0) or 0),
-            cpu=_num(d, "cpu"), threads=int(_num(d, "threads", 0) or 0), wire=str(d.get("wire") or ""),
-            hop_p50=_num(d, "hop_ms_p50"), hop_p95=_num(d, "hop_ms_p95"),
-            bytes_in=bytes_in, bytes_out=bytes_out, rate_in=rate_in, rate_out=rate_out,
-            heartbeat_age=hb, sessions=int(_num(d, "sessions", 0) or 0), colour=self._colours[key],
-        )
+        return NodeView(**asdict(ns), rate_in=rate_in, rate_out=rate_out, colour=self._colours[key])
 
     def layer_cells(self) -> list[LayerCell]:
         """Per layer 0..L-1: its live owner, else a loading owner, else a dead one, else a gap."""
         cells = [LayerCell("gap") for _ in range(self.n_layers)]
-        rank = {"dead": 1, "loading": 2}
+        rank = {states.DEAD: 1, states.LOADING: 2}
         for n in self.nodes:
             kind = "live" if n.live else ("dead" if n.dead else "loading")
             for i in range(max(0, n.first), min(self.n_layers - 1, n.last) + 1):

@@ -1,16 +1,12 @@
 """Short, fixed-width renderings of numbers for the dashboard."""
 from __future__ import annotations
 
+from dair.units import format_bytes
+
 
 def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}T"  # pragma: no cover
+    """'1.5K', '200M': dair.units.format_bytes in its compact form."""
+    return format_bytes(n, compact=True)
 
 
 def rate(n: float | None) -> str:

@@ -137,11 +137,9 @@ def _kernel_note(family: str, best: str) -> str:
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from dair.units import format_bytes
+
+    return format_bytes(n)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -81,9 +81,9 @@ def _nodes_from_bus(args: argparse.Namespace) -> list[Any]:
 
 def handle(args: argparse.Namespace) -> int:
     from dair.engine.placement import kv_reserve, model_unit_bytes, place
-    from dair.engine.residency import format_size
     from dair.model import open_model
     from dair.model.fetch import resolve_model_path
+    from dair.units import format_bytes
 
     nodes = _nodes_from_args(args)
     path = resolve_model_path(args.model)
@@ -97,12 +97,12 @@ def handle(args: argparse.Namespace) -> int:
                           "head_bytes": head_bytes, "stages": [p.to_dict() for p in plan]}, indent=2))
         return 0
     total = sum(layer_bytes) + head_bytes
-    print(f"model {path} ({n_layers} layers, {format_size(total)} of weights and KV cache: a {kv_type} "
+    print(f"model {path} ({n_layers} layers, {format_bytes(total)} of weights and KV cache: a {kv_type} "
           f"cache of {kv // max(kv_tokens, 1)} bytes per token per layer for {kv_tokens} tokens)")
     print(f"{'node':14} {'budget':>10} {'speed':>6} {'layers':>8} {'n':>3} {'weights':>10} {'share':>6}  mode")
     for p in plan:
-        budget = "unlimited" if p.budget is None else format_size(p.budget)
+        budget = "unlimited" if p.budget is None else format_bytes(p.budget)
         print(f"{p.name[:14]:14} {budget:>10} {p.speed:>6.2g} {p.layers:>8} {p.last - p.first + 1:>3} "
-              f"{format_size(p.nbytes):>10} {p.nbytes / total:>6.1%}  {p.mode}")
+              f"{format_bytes(p.nbytes):>10} {p.nbytes / total:>6.1%}  {p.mode}")
     print("split: " + ",".join(p.layers for p in plan))
     return 0

@@ -82,14 +82,14 @@ async def _serve(bus_addr: str, keys: Any, host: str, port: int, api_key: str | 
                  timeout: float) -> None:
     import uvicorn
 
-    from dair.bus.aclient import AsyncBus
+    from dair.bus.aclient import AsyncBusClient
     from dair.serve.app import create_app
     from dair.serve.service import Service
 
     # Bound here, before anything else, so that a port in use is one clear error (uvicorn would
     # log it and call sys.exit inside the event loop).
     sock = _bind(host, port)
-    bus = AsyncBus(bus_addr, keys=keys, name="serve")
+    bus = AsyncBusClient(bus_addr, keys=keys, name="serve")
     try:
         welcome = await bus.start(timeout)
         tok = load_tokenizer(welcome["model"], model)

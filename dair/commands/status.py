@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from dair.bus.stats import NodeStats, nodes_of
+from dair.units import format_bytes
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="show a running cluster: stages, layer ranges, state, ready")
@@ -17,14 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _mb(n: int | None) -> str:
-    return f"{(n or 0) / 2**20:.0f}M"
+    return format_bytes(n or 0, compact=True, unit="MiB", digits=0)
 
 
-def _kv(n: dict) -> str:
+def _kv(n: NodeStats) -> str:
     """'f16 12M 23K/t': the stage's KV cache type, bytes held, bytes per token of its layers."""
-    if not n.get("kv_type"):
+    if not n.kv_type:
         return "-"
-    return f"{n['kv_type']} {_mb(n.get('kv_bytes'))} {(n.get('kv_bytes_per_token') or 0) / 1024:.0f}K/t"
+    return f"{n.kv_type} {_mb(n.kv_bytes)} {format_bytes(n.kv_bytes_per_token, compact=True, unit='KiB', digits=0)}/t"
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -43,21 +46,23 @@ def handle(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2))
         return 0 if st["ready"] else 1
     m = st["model"]
+    nodes = nodes_of(st)
     print(f"bus {addr}: model {m['name']} ({m['n_layers']} layers), ready: {'yes' if st['ready'] else 'no'}")
     print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss/budget':>11} {'mode':9} {'cpu%':>5} "
           f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6} {'kv cache':>13}")
-    for n in st["nodes"]:
-        hop = "-" if n["hop_ms_p50"] is None else f"{n['hop_ms_p50']:.1f}/{n['hop_ms_p95']:.1f}"
-        ram = _mb(n["rss"]) + ("/" + _mb(n["max_ram"]) if n.get("max_ram") else "")
-        layers = f"{n['first']:>3}-{n['last']:<3}" if n["first"] >= 0 else f"{'-':>7}"
-        print(f"{n['node']:5} {n['name'][:14]:14} {layers} {n['state']:9} {n['pid']:>7} "
-              f"{ram:>11} {n.get('mode') or '-':9} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
-              f"{n['heartbeat_age_s']:>6.1f} {_kv(n):>13}")
-    for n in st["nodes"]:
-        if n.get("moe_layers"):
-            print(f"{n['node']}: experts {n['experts_per_token']:.1f} per token over {n['moe_layers']} MoE layers "
-                  f"(of {n['experts_per_layer']} each), disk {n['disk_bytes_per_token'] / 2**20:.2f} MiB per token")
-    keys = sorted({n["key"] for n in st["nodes"] if n.get("key")})
+    for n in nodes:
+        hop = "-" if n.hop_ms_p50 is None else f"{n.hop_ms_p50:.1f}/{n.hop_ms_p95 or 0.0:.1f}"
+        ram = _mb(n.rss) + ("/" + _mb(n.max_ram) if n.max_ram else "")
+        layers = f"{n.first:>3}-{n.last:<3}" if n.has_range else f"{'-':>7}"
+        print(f"{n.node:5} {n.name[:14]:14} {layers} {n.state:9} {n.pid:>7} "
+              f"{ram:>11} {n.mode or '-':9} {n.cpu or 0.0:>5.0f} {hop:>15} {_mb(n.bytes_in):>7} {_mb(n.bytes_out):>7} "
+              f"{n.heartbeat_age_s or 0.0:>6.1f} {_kv(n):>13}")
+    for n in nodes:
+        if n.moe_layers:
+            print(f"{n.node}: experts {n.experts_per_token:.1f} per token over {n.moe_layers} MoE layers "
+                  f"(of {n.experts_per_layer} each), disk {format_bytes(n.disk_bytes_per_token, unit='MiB', digits=2)} "
+                  "per token")
+    keys = sorted({n.key for n in nodes if n.key})
     if keys:
         print(f"CURVE keys: {', '.join(keys)}; refused peers: {st['counters'].get('refused_keys', 0)}")
     for p in st["problems"]:

@@ -10,6 +10,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
+from dair.bus.stats import nodes_of
 from dair.serve import metrics as prom
 from dair.serve import ollama_api, openai_api
 from dair.serve.errors import APIError
@@ -126,7 +127,7 @@ def create_app(service: Service, api_key: str | None = None) -> Any:
         keep = ("node", "name", "host", "first", "last", "state", "rss", "cpu", "hop_ms_p50", "sessions", "mode")
         return {"ready": st.get("ready"), "problems": st.get("problems", []), "model": service.model_id,
                 "n_layers": st.get("n_layers"), "t": st.get("t", time.time()),
-                "nodes": [{k: n.get(k) for k in keep} for n in st.get("nodes", [])],
+                "nodes": [{k: getattr(n, k) for k in keep} for n in nodes_of(st)],
                 "sessions": len(st.get("sessions", []))}
 
     page = resources.files("dair.serve").joinpath("static/index.html").read_text(encoding="utf-8")

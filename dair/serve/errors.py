@@ -10,6 +10,7 @@ BUS_STATUS: dict[str, tuple[int, str, int | None]] = {
     P.E_BUSY: (429, "rate_limit_exceeded", 1),
     P.E_NOT_READY: (503, "pipeline_not_ready", 2),
     P.E_BUS_RESTARTED: (503, "bus_restarted", 2),
+    P.E_DISCONNECTED: (503, "bus_unreachable", 2),
     P.E_CONTEXT: (400, "context_length_exceeded", None),
     P.E_BAD_FIELD: (400, "invalid_request_error", None),
     P.E_FORBIDDEN: (403, "forbidden", None),

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dair.bus.stats import nodes_of
 from dair.serve.service import Metrics
-
-SERVING = ("ready", "busy")  # stage states in which its range is covered
 
 
 def _label(v: Any) -> str:
@@ -64,7 +63,8 @@ def render(m: Metrics, stats: dict[str, Any] | None) -> str:
         if isinstance(n, (int, float)):
             t.metric("dair_bus_errors_total", "counter", "errors and refusals counted by the bus, by code", n,
                      {"code": code})
-    per_stage = [("dair_stage_up", "gauge", "1 when the stage serves its layers (ready or busy computing)", None),
+    per_stage = [("dair_stage_up", "gauge", "1 when the stage serves its layers (ready, busy or streaming)",
+                  None),
                  ("dair_stage_rss_bytes", "gauge", "resident memory of the stage process", "rss"),
                  ("dair_stage_cpu_percent", "gauge", "CPU use of the stage process", "cpu"),
                  ("dair_stage_sessions", "gauge", "sessions (KV caches) the stage holds", "sessions"),
@@ -75,12 +75,12 @@ def render(m: Metrics, stats: dict[str, Any] | None) -> str:
                  ("dair_stage_bytes_out_total", "counter", "bytes the stage sent to the bus", "bytes_out"),
                  ("dair_stage_heartbeat_age_seconds", "gauge", "time since the stage's last heartbeat",
                   "heartbeat_age_s")]
-    nodes = stats.get("nodes") or []
+    nodes = nodes_of(stats)
     for name, kind, help_, key in per_stage:  # one family at a time: the format wants them grouped
         for node in nodes:
-            labels = {"node": node.get("node", ""), "name": node.get("name", ""),
-                      "layers": f"{node.get('first')}-{node.get('last')}", "state": node.get("state", "")}
-            value = (1 if node.get("state") in SERVING else 0) if key is None else node.get(key)
+            labels = {"node": node.node, "name": node.name, "layers": f"{node.first}-{node.last}",
+                      "state": node.state}
+            value = (1 if node.live else 0) if key is None else getattr(node, key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 t.metric(name, kind, help_, value, labels)
     return "\n".join(t.lines) + "\n"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dair.bus import protocol as P
-from dair.bus.aclient import AsyncBus
+from dair.bus.aclient import AsyncBusClient
 from dair.bus.client import BusError, BusTimeout
 from dair.serve.errors import APIError, from_bus, unreachable
 from dair.serve.stops import StopMatcher
@@ -55,7 +55,7 @@ class Metrics:
 
 
 class Service:
-    def __init__(self, bus: AsyncBus, tokenizer: Any, model_info: dict[str, Any]) -> None:
+    def __init__(self, bus: AsyncBusClient, tokenizer: Any, model_info: dict[str, Any]) -> None:
         self.bus = bus
         self.tok = tokenizer
         self.model = model_info
@@ -189,6 +189,8 @@ class Service:
             return await self.bus.status(timeout=3.0)
         except BusTimeout as e:
             raise unreachable(str(e)) from None
+        except BusError as e:
+            raise from_bus(e.code, str(e)) from None
 
 
 def finite(x: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
+from dair.bus import states
 from dair.tui import fmt
 from dair.tui.cluster import NodeView
 
@@ -11,18 +12,18 @@ COLUMNS = (("node", "Node"), ("host", "Host:pid"), ("layers", "Layers"), ("state
            ("rss", "RSS/budget"), ("cpu", "CPU"), ("hop", "Hop p50/p95 ms"), ("bytes", "In/Out"),
            ("rate", "Rate in/out"), ("hb", "HB age"))
 
-STATE_STYLE = {"ready": "green", "busy": "bold yellow", "streaming": "cyan", "loading": "dim yellow",
-               "dead": "bold red"}
+STATE_STYLE = {states.READY: "green", states.BUSY: "bold yellow", states.STREAMING: "cyan",
+               states.LOADING: "dim yellow", states.DEAD: "bold red"}
 
 
 def row_cells(n: NodeView, stale: bool = False) -> list[Text]:
     """The row of one node; all of it red when it is dead, dim when the bus is out of reach."""
     rss = fmt.human_bytes(n.rss) + (f"/{fmt.human_bytes(n.max_ram)}" if n.max_ram else "")
     cpu = "-" if n.cpu is None else f"{n.cpu:.0f}%"
-    hop = f"{fmt.ms(n.hop_p50)}/{fmt.ms(n.hop_p95)}"
+    hop = f"{fmt.ms(n.hop_ms_p50)}/{fmt.ms(n.hop_ms_p95)}"
     values = [n.name, f"{n.host}:{n.pid}", fmt.span(n.first, n.last), n.state, rss, cpu, hop,
               f"{fmt.human_bytes(n.bytes_in)}/{fmt.human_bytes(n.bytes_out)}",
-              f"{fmt.rate(n.rate_in)} {fmt.rate(n.rate_out)}", fmt.age(n.heartbeat_age)]
+              f"{fmt.rate(n.rate_in)} {fmt.rate(n.rate_out)}", fmt.age(n.heartbeat_age_s)]
     if n.dead:
         return [Text(v, style="bold red") for v in values]
     cells = [Text(v, style="dim" if stale else "") for v in values]
