@@ -25,7 +25,8 @@ from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
 from dair.ops.threads import set_num_threads
 
-Segment = tuple[str, np.ndarray]  # (session id, int32 positions of its rows in x)
+# One session's rows in a batch: (session id, int32 positions of its consecutive rows in x).
+SessionRows = tuple[str, np.ndarray]
 
 
 def _merge(spans: list[tuple[int, int]], gap: int = 4096) -> list[tuple[int, int]]:
@@ -259,14 +260,15 @@ class RangeEngine:
             self.residency.release_span(self.model.embedding.raw)
         return x
 
-    def run_layers(self, x: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
-        """Run every owned layer over x (rows = the segments' tokens, in order); returns new x."""
+    def run_layers(self, x: np.ndarray, sessions: Sequence[SessionRows]) -> np.ndarray:
+        """Run every owned layer over x (rows = each session's tokens in turn, in the order of
+        `sessions`); returns the new x."""
         x = np.array(x, dtype=np.float32, order="C", copy=True)
         n = x.shape[0]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise DairError(f"activation shape {x.shape} does not match dim {self.dim}")
         spans, start = [], 0
-        for sid, pos in segments:
+        for sid, pos in sessions:
             pos = np.ascontiguousarray(pos, dtype=np.int32)
             cache = self._cache(sid)
             if pos.size == 0 or pos[0] > cache.length or np.any(np.diff(pos) != 1):
@@ -276,7 +278,7 @@ class RangeEngine:
             spans.append((cache, pos, slice(start, start + pos.size)))
             start += pos.size
         if start != n:
-            raise DairError(f"segments cover {start} rows but the activation has {n}")
+            raise DairError(f"the sessions' positions cover {start} rows but the activation has {n}")
         all_pos = np.concatenate([p for _, p, _ in spans]) if len(spans) > 1 else spans[0][1]
         t0 = time.perf_counter()
         res = self.residency
