@@ -153,15 +153,17 @@ class Supervisor:
 
     def _learn_layers(self, client: Any) -> None:
         """Which range each stage serves now, as the bus says: a standby may have taken one over."""
+        from dair.bus.stats import nodes_of
+
         try:
-            nodes = client.status(timeout=1.0)["nodes"]
+            nodes = nodes_of(client.status(timeout=1.0))
         except Exception:  # the bus is busy, restarting or gone: keep what was known
             return
-        by_pid = {n.get("pid"): n for n in nodes if n.get("state") != "dead"}
+        by_pid = {n.pid: n for n in nodes if not n.dead}
         for s in self.slots:
             n = by_pid.get(s.proc.pid)
             if n is not None and not s.is_bus and s.proc.poll() is None:
-                s.layers = (n["first"], n["last"]) if n["first"] >= 0 else None
+                s.layers = (n.first, n.last) if n.has_range else None
 
     def tick(self, now: float) -> None:
         """One round: report and schedule the newly dead, restart those that are due."""
