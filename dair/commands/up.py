@@ -91,13 +91,13 @@ def _check_ports_free(port: int) -> None:
 def handle(args: argparse.Namespace) -> int:
     from dair.commands.layout import stage_layout
     from dair.commands.supervise import RestartPolicy, SupervisedCluster, Supervisor
-    from dair.config import load_config
+    from dair.config import UpConfig, load_config, section
     from dair.model import open_model
     from dair.model.fetch import resolve_model_path
 
     _check_counts(args)
     cfg = load_config(args.config)
-    policy = RestartPolicy.from_config(cfg.get("up") or {})
+    policy = RestartPolicy.from_config(section(UpConfig, cfg))
     path = resolve_model_path(args.model, cfg)
     if not os.path.exists(path):
         raise DairError(f"{path}: model file not found (run `dair model fetch`)")

@@ -1,7 +1,7 @@
 """Sampling settings (temperature, top-p, max tokens) and the modal that edits them."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from textual.app import ComposeResult
@@ -11,23 +11,28 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label
 
 
+def _sampling() -> Any:
+    from dair.config import SamplingConfig, section
+
+    return section(SamplingConfig)
+
+
 @dataclass(frozen=True)
 class Settings:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 256
+    """What the form edits; unset fields take config.toml's [sampling]."""
+
+    temperature: float = field(default_factory=lambda: _sampling().temperature)
+    top_p: float = field(default_factory=lambda: _sampling().top_p)
+    max_tokens: int = field(default_factory=lambda: _sampling().max_tokens)
     # The rest of config.toml's [sampling] rides along unchanged.
     extra: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_config(cls) -> Settings:
-        from dair.config import defaults
-
-        s = defaults("sampling")
-        extra = tuple(sorted((k, v) for k, v in s.items()
-                             if k in ("top_k", "min_p", "repeat_penalty", "repeat_last_n")))
-        return cls(float(s.get("temperature", 0.7)), float(s.get("top_p", 0.9)),
-                   int(s.get("max_tokens", 256)), extra)
+        s = _sampling()
+        extra = (("min_p", s.min_p), ("repeat_last_n", s.repeat_last_n), ("repeat_penalty", s.repeat_penalty),
+                 ("top_k", s.top_k))
+        return cls(s.temperature, s.top_p, s.max_tokens, extra)
 
     def params(self) -> dict[str, Any]:
         """The `params` map of a `generate` (engine's SamplingParams names)."""
