@@ -175,3 +175,18 @@ def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind, H, KV, hd, start,
     # rows in any order, and a row's batch sharing nothing else with it
     order = rng.permutation(n)
     np.testing.assert_array_equal(attention(q[order], kc, vc, pos[order], window=window), batch[order])
+
+
+@pytest.mark.parametrize("cap,expect", [("avx2", "avx2"), ("scalar", "c")])
+def test_dair_kernels_caps_the_attention_path(cap, expect):
+    """DAIR_KERNELS must cap attention too, or an 'AVX2-only' run still computes attention with AVX-512."""
+    import os
+    import subprocess
+    import sys
+
+    if expect not in ISAS:
+        pytest.skip(f"this build has no {expect} attention path")
+    code = "from dair.ops.attention import ISAS, get_isa; print(get_isa(), 'avx512' in ISAS)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DAIR_KERNELS": cap},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [expect, "False"]
