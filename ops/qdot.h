@@ -24,6 +24,7 @@
 #include "neon_float.h"
 #include "neon_quants.h"
 #include "quants.h"
+#include "rows8_avx2.h"
 
 /* Bytes ahead that matrix-vector kernels prefetch: a product streams weights that are not
  * in cache, the hardware prefetchers restart at every 4 KB page, and each 64 bytes cost
@@ -447,6 +448,19 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
         if (n < 4) /* streaming weights: see DAIR_PF_DIST */
             dair_prefetch_bytes(w + (size_t)r * rb, (size_t)(r1 - r) * rb < DAIR_PF_DIST ? (size_t)(r1 - r) * rb
                                                                                         : DAIR_PF_DIST);
+        /* 8 rows at a time (rows8_avx2.h); chunks start at multiples of 16 rows, so a row is in
+         * the same group, and gets the same bits, whatever n and the chunking */
+        const int groups = (r1 - r0) / 8;
+        if (groups > 0) {
+            void *panel = NULL;
+            if (n >= 2 && qtype != DAIR_Q8_0 && posix_memalign(&panel, 64, (size_t)a->nb * DAIR_R8_Q4_PANEL))
+                panel = NULL; /* then one activation row at a time, same results */
+            /* prefetch two groups ahead (one when a group alone is 16 KB or more) */
+            const size_t pf_dist = 8 * rb < 16384 ? 16 * rb : 8 * rb;
+            dair_r8_mm(w, rb, qtype, r, groups, a, out, ldo, (__m256i *)panel, n < 4 ? end : NULL, pf_dist);
+            free(panel);
+            r += 8 * groups;
+        }
         for (; r + 4 <= r1; r += 4) {
             const uint8_t *wr = w + (size_t)r * rb;
             if (n < 4) {

@@ -1,0 +1,289 @@
+/* AVX2 products of 8 weight rows at a time (Q4_0, Q4_1, Q8_0) with the quantized activations,
+ * read from the GGUF row bytes as they are: no repacked copy, so the map stays zero-copy and a
+ * streamed layer costs nothing to set up.
+ *
+ * Why: one row at a time, every 32-value block costs ~15 instructions per row (nibble split,
+ * two scalar fp16 conversions, a scale product and its broadcast, a float FMA), and each row
+ * ends in a horizontal sum. Across 8 rows of the same block:
+ *  - Q4_0/Q4_1: the 16 code bytes of the 8 rows are transposed (a 4x4 dword transpose per
+ *    128-bit lane, rows j and j + 4 in the two lanes) so that dword lane j of ymm k holds bytes
+ *    4k .. 4k+3 of row j. The activation's 4 matching values are broadcast to every lane, and
+ *    eight maddubs (u8 nibbles x s8, pairs at most 2 * 15 * 127) add up in int16 (at most
+ *    8 * 3810 < 32767) before one madd: the block's exact integer sum for each row in its lane;
+ *  - Q8_0: per row |w| x sign(q, w) (maddubs, madd, as llama.cpp), and a hadd tree reduces the
+ *    8 rows' int32 vectors to one vector with row j in lane j.
+ * The 8 rows' fp16 scales of a block are gathered into one vector, so the float work (convert,
+ * scale, FMA; Q4's m * s term) is one instruction per 8 rows, and nothing is summed across lanes.
+ *
+ * Bit-exactness between decode and prefill: every path (one activation row, or a prefill's
+ * several) does the same float operations per block in the same order, so a row's result does
+ * not depend on how many activation rows came with it. Q4_0 runs as Q4_1 with m = -8 d (exact),
+ * its activation s being d * sum(q), as in dair_tile_q4.
+ *
+ * Prefill (n >= 2) for Q4: the 8 rows' transposed nibbles and float scales for every block are
+ * laid out once in a small panel (320 bytes a block, in L1/L2) and every activation row, four at
+ * a time, is multiplied against it.
+ */
+#ifndef DAIR_ROWS8_AVX2_H
+#define DAIR_ROWS8_AVX2_H
+
+#include "act.h"
+#include "blocks.h"
+#include "cpu.h"
+
+#if defined(DAIR_HAVE_AVX2)
+
+DAIR_INLINE int32_t dair_r8_ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The dwords at p + j * rb, j < 8, in lanes 0..7 (two xmm of four). */
+DAIR_INLINE void dair_r8_gather32(const uint8_t *p, size_t rb, __m128i *lo, __m128i *hi) {
+    __m128i a = _mm_cvtsi32_si128(dair_r8_ld32(p));
+    a = _mm_insert_epi32(a, dair_r8_ld32(p + rb), 1);
+    a = _mm_insert_epi32(a, dair_r8_ld32(p + 2 * rb), 2);
+    a = _mm_insert_epi32(a, dair_r8_ld32(p + 3 * rb), 3);
+    __m128i b = _mm_cvtsi32_si128(dair_r8_ld32(p + 4 * rb));
+    b = _mm_insert_epi32(b, dair_r8_ld32(p + 5 * rb), 1);
+    b = _mm_insert_epi32(b, dair_r8_ld32(p + 6 * rb), 2);
+    b = _mm_insert_epi32(b, dair_r8_ld32(p + 7 * rb), 3);
+    *lo = a;
+    *hi = b;
+}
+
+/* Block scales of 8 rows from the dwords at each block's start: d (fp16 at byte 0) and, for
+ * Q4_1, m (fp16 at byte 2); Q4_0's m is -8 d. */
+DAIR_INLINE void dair_r8_q4_scales(const uint8_t *blk0, size_t rb, int q41, __m256 *d, __m256 *m) {
+    __m128i a, b;
+    dair_r8_gather32(blk0, rb, &a, &b);
+    const __m128i split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    a = _mm_shuffle_epi8(a, split); /* d0 d1 d2 d3 m0 m1 m2 m3 (words) */
+    b = _mm_shuffle_epi8(b, split);
+    *d = _mm256_cvtph_ps(_mm_unpacklo_epi64(a, b));
+    *m = q41 ? _mm256_cvtph_ps(_mm_unpackhi_epi64(a, b)) : _mm256_mul_ps(*d, _mm256_set1_ps(-8.0f));
+}
+
+/* The 16 code bytes at p + j * rb of 8 rows, transposed: lane j of t[k] = bytes 4k..4k+3 of row j. */
+DAIR_INLINE void dair_r8_t16(const uint8_t *p, size_t rb, __m256i t[4]) {
+#define DAIR_R8_PAIR(j)                                                                                       \
+    _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p + (j) * rb))),          \
+                            _mm_loadu_si128((const __m128i *)(p + ((j) + 4) * rb)), 1)
+    const __m256i y0 = DAIR_R8_PAIR(0), y1 = DAIR_R8_PAIR(1), y2 = DAIR_R8_PAIR(2), y3 = DAIR_R8_PAIR(3);
+#undef DAIR_R8_PAIR
+    const __m256i t0 = _mm256_unpacklo_epi32(y0, y1), t1 = _mm256_unpackhi_epi32(y0, y1);
+    const __m256i t2 = _mm256_unpacklo_epi32(y2, y3), t3 = _mm256_unpackhi_epi32(y2, y3);
+    t[0] = _mm256_unpacklo_epi64(t0, t2);
+    t[1] = _mm256_unpackhi_epi64(t0, t2);
+    t[2] = _mm256_unpacklo_epi64(t1, t3);
+    t[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+/* Prefetch of the group after next, spread over the block loop: block b asks for the next
+ * group's b-th share of bytes (8 blocks of the row group's size), so a few requests go out with
+ * each block's work. A burst of ~80 requests at a group's start filled the miss buffers, stalled
+ * the products behind them and halved the rate from memory. pf NULL: no prefetch. */
+DAIR_INLINE void dair_r8_pf_block(const uint8_t *pf, const uint8_t *pf_end, size_t share, int b) {
+    if (pf == NULL)
+        return;
+    const uint8_t *p = pf + (size_t)b * share;
+    if (p < pf_end)
+        for (size_t o = 0; o < share; o += 64)
+            __builtin_prefetch(p + o, 0, 3);
+}
+
+/* acc += (int sum) * (d * dx) + m * sx: the per-block float step every Q4 path shares. */
+DAIR_INLINE __m256 dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 acc) {
+    const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+    acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)), acc);
+    return _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), acc);
+}
+
+/* Rows r0 .. r0+7 against one activation row i. */
+static void dair_r8_q4_1col(const uint8_t *w, size_t rb, int q41, const dair_act *a, int i, float *out, size_t ldo,
+                            int r0, const uint8_t *pf, const uint8_t *pf_end) {
+    const size_t bs = q41 ? sizeof(dair_block_q4_1) : sizeof(dair_block_q4_0), qoff = q41 ? 4 : 2;
+    const int nb = a->nb;
+    const uint8_t *w0 = w + (size_t)r0 * rb;
+    const int8_t *q = a->q + (size_t)i * a->cols;
+    const float *dx = a->d + (size_t)i * nb, *sx = a->s + (size_t)i * nb;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w0 + (size_t)b * bs;
+        dair_r8_pf_block(pf, pf_end, 8 * bs, b);
+        __m256i t[4];
+        dair_r8_t16(blk + qoff, rb, t);
+        const int8_t *qb = q + (size_t)b * DAIR_QK;
+        __m256i s16 = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            const __m256i lo = _mm256_and_si256(t[k], m4), hi = _mm256_and_si256(_mm256_srli_epi16(t[k], 4), m4);
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, _mm256_set1_epi32(dair_r8_ld32(qb + 4 * k))));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dair_r8_ld32(qb + 16 + 4 * k))));
+        }
+        __m256 d, m;
+        dair_r8_q4_scales(blk, rb, q41, &d, &m);
+        acc = dair_r8_q4_fma(s16, d, m, dx + b, sx + b, acc);
+    }
+    float res[8];
+    _mm256_storeu_ps(res, acc);
+    for (int j = 0; j < 8; j++)
+        out[(size_t)i * ldo + r0 + j] = res[j];
+}
+
+/* The panel of rows r0 .. r0+7: per block 8 ymm of nibbles (low k = 0..3, high k = 0..3, as
+ * dair_r8_q4_1col splits them), then d and m as floats. */
+#define DAIR_R8_Q4_PANEL 320
+
+static void dair_r8_q4_panel(const uint8_t *w, size_t rb, int q41, int nb, int r0, __m256i *panel) {
+    const size_t bs = q41 ? sizeof(dair_block_q4_1) : sizeof(dair_block_q4_0), qoff = q41 ? 4 : 2;
+    const uint8_t *w0 = w + (size_t)r0 * rb;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w0 + (size_t)b * bs;
+        __m256i t[4], *o = panel + (size_t)b * 10;
+        dair_r8_t16(blk + qoff, rb, t);
+        for (int k = 0; k < 4; k++) {
+            _mm256_store_si256(o + k, _mm256_and_si256(t[k], m4));
+            _mm256_store_si256(o + 4 + k, _mm256_and_si256(_mm256_srli_epi16(t[k], 4), m4));
+        }
+        __m256 d, m;
+        dair_r8_q4_scales(blk, rb, q41, &d, &m);
+        _mm256_store_ps((float *)(o + 8), d);
+        _mm256_store_ps((float *)(o + 9), m);
+    }
+}
+
+/* The panel against C activation rows i0 .. i0+C-1 (C a constant at each call site). */
+DAIR_INLINE void dair_r8_q4_panel_dot(const __m256i *panel, const dair_act *a, int i0, int C, float *out, size_t ldo,
+                                      int r0) {
+    const int nb = a->nb;
+    __m256 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const __m256i *o = panel + (size_t)b * 10;
+        __m256i s16[4];
+        for (int c = 0; c < C; c++)
+            s16[c] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            const __m256i lo = _mm256_load_si256(o + k), hi = _mm256_load_si256(o + 4 + k);
+            for (int c = 0; c < C; c++) {
+                const int8_t *qb = a->q + (size_t)(i0 + c) * a->cols + (size_t)b * DAIR_QK;
+                s16[c] = _mm256_add_epi16(s16[c], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(dair_r8_ld32(qb + 4 * k))));
+                s16[c] = _mm256_add_epi16(s16[c],
+                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dair_r8_ld32(qb + 16 + 4 * k))));
+            }
+        }
+        const __m256 d = _mm256_load_ps((const float *)(o + 8)), m = _mm256_load_ps((const float *)(o + 9));
+        for (int c = 0; c < C; c++) {
+            const size_t ai = (size_t)(i0 + c) * nb + b;
+            acc[c] = dair_r8_q4_fma(s16[c], d, m, a->d + ai, a->s + ai, acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        float res[8];
+        _mm256_storeu_ps(res, acc[c]);
+        for (int j = 0; j < 8; j++)
+            out[(size_t)(i0 + c) * ldo + r0 + j] = res[j];
+    }
+}
+
+static void dair_r8_q4_panel_dot4(const __m256i *panel, const dair_act *a, int i0, float *out, size_t ldo, int r0) {
+    dair_r8_q4_panel_dot(panel, a, i0, 4, out, ldo, r0);
+}
+static void dair_r8_q4_panel_dot1(const __m256i *panel, const dair_act *a, int i0, float *out, size_t ldo, int r0) {
+    dair_r8_q4_panel_dot(panel, a, i0, 1, out, ldo, r0);
+}
+
+/* Sums of each of 8 int32 vectors, in lanes 0..7. */
+DAIR_INLINE __m256i dair_r8_reduce(const __m256i p[8]) {
+    const __m256i a0 = _mm256_hadd_epi32(p[0], p[1]), a1 = _mm256_hadd_epi32(p[2], p[3]);
+    const __m256i a2 = _mm256_hadd_epi32(p[4], p[5]), a3 = _mm256_hadd_epi32(p[6], p[7]);
+    const __m256i b0 = _mm256_hadd_epi32(a0, a1), b1 = _mm256_hadd_epi32(a2, a3); /* rows 0-3 | 0-3, 4-7 | 4-7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+}
+
+/* The fp16 words at p + j * rb, j < 8, as floats. */
+DAIR_INLINE __m256 dair_r8_f16x8(const uint8_t *p, size_t rb) {
+    __m128i v = _mm_cvtsi32_si128(dair_load_u16(p));
+    for (int j = 1; j < 8; j++)
+        v = _mm_insert_epi16(v, dair_load_u16(p + j * rb), j);
+    return _mm256_cvtph_ps(v);
+}
+
+/* Q8_0 rows r0 .. r0+7 against C activation rows i0 .. (C a constant at each call site). */
+DAIR_INLINE void dair_r8_q8(const uint8_t *w, size_t rb, const dair_act *a, int i0, int C, float *out, size_t ldo,
+                            int r0, const uint8_t *pf, const uint8_t *pf_end) {
+    const int nb = a->nb;
+    const uint8_t *w0 = w + (size_t)r0 * rb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w0 + (size_t)b * sizeof(dair_block_q8_0);
+        dair_r8_pf_block(pf, pf_end, 8 * sizeof(dair_block_q8_0), b);
+        const __m256 d = dair_r8_f16x8(blk, rb);
+        for (int c = 0; c < C; c++) {
+            const size_t ai = (size_t)(i0 + c);
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + ai * a->cols + (size_t)b * DAIR_QK));
+            __m256i p[8];
+            for (int j = 0; j < 8; j++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(blk + (size_t)j * rb + 2));
+                p[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(x, wv)), ones);
+            }
+            const __m256 s = _mm256_cvtepi32_ps(dair_r8_reduce(p));
+            acc[c] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_broadcast_ss(a->d + ai * nb + b)), acc[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        float res[8];
+        _mm256_storeu_ps(res, acc[c]);
+        for (int j = 0; j < 8; j++)
+            out[(size_t)(i0 + c) * ldo + r0 + j] = res[j];
+    }
+}
+
+static void dair_r8_q8_1(const uint8_t *w, size_t rb, const dair_act *a, int i0, float *out, size_t ldo, int r0,
+                         const uint8_t *pf, const uint8_t *pf_end) {
+    dair_r8_q8(w, rb, a, i0, 1, out, ldo, r0, pf, pf_end);
+}
+static void dair_r8_q8_4(const uint8_t *w, size_t rb, const dair_act *a, int i0, float *out, size_t ldo, int r0) {
+    dair_r8_q8(w, rb, a, i0, 4, out, ldo, r0, NULL, NULL);
+}
+
+/* Rows [r0, r0 + 8 * groups) of a Q4_0/Q4_1/Q8_0 weight x all n activation rows. panel: room for
+ * nb * DAIR_R8_Q4_PANEL bytes (32-aligned) for a Q4 type and n >= 2, or NULL (then one activation row
+ * at a time, the same results).
+ * pf_end: prefetch (pf_dist bytes ahead of each group, see dair_r8_pf_block) stops there; NULL for
+ * no prefetch. */
+static void dair_r8_mm(const uint8_t *w, size_t rb, int qtype, int r0, int groups, const dair_act *a, float *out,
+                       size_t ldo, __m256i *panel, const uint8_t *pf_end, size_t pf_dist) {
+    const int n = a->n, q41 = qtype == DAIR_Q4_1;
+    for (int g = 0; g < groups; g++) {
+        const int r = r0 + 8 * g;
+        const uint8_t *pf = pf_end != NULL ? w + (size_t)r * rb + pf_dist : NULL;
+        if (qtype == DAIR_Q8_0) {
+            int i = 0;
+            for (; i + 4 <= n; i += 4)
+                dair_r8_q8_4(w, rb, a, i, out, ldo, r);
+            for (; i < n; i++)
+                dair_r8_q8_1(w, rb, a, i, out, ldo, r, i == 0 ? pf : NULL, pf_end);
+        } else if (n == 1 || panel == NULL) {
+            for (int i = 0; i < n; i++)
+                dair_r8_q4_1col(w, rb, q41, a, i, out, ldo, r, i == 0 ? pf : NULL, pf_end);
+        } else {
+            dair_r8_q4_panel(w, rb, q41, a->nb, r, panel);
+            int i = 0;
+            for (; i + 4 <= n; i += 4)
+                dair_r8_q4_panel_dot4(panel, a, i, out, ldo, r);
+            for (; i < n; i++)
+                dair_r8_q4_panel_dot1(panel, a, i, out, ldo, r);
+        }
+    }
+}
+
+#endif
+#endif
