@@ -164,22 +164,20 @@ DAIR_INLINE void dair_r8_q4_panel_dot(const __m256i *panel, const dair_act *a, i
         acc[c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const __m256i *o = panel + (size_t)b * 10;
-        __m256i s16[4];
-        for (int c = 0; c < C; c++)
-            s16[c] = _mm256_setzero_si256();
-        for (int k = 0; k < 4; k++) {
-            const __m256i lo = _mm256_load_si256(o + k), hi = _mm256_load_si256(o + 4 + k);
-            for (int c = 0; c < C; c++) {
-                const int8_t *qb = a->q + (size_t)(i0 + c) * a->cols + (size_t)b * DAIR_QK;
-                s16[c] = _mm256_add_epi16(s16[c], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(dair_r8_ld32(qb + 4 * k))));
-                s16[c] = _mm256_add_epi16(s16[c],
-                                          _mm256_maddubs_epi16(hi, _mm256_set1_epi32(dair_r8_ld32(qb + 16 + 4 * k))));
-            }
-        }
         const __m256 d = _mm256_load_ps((const float *)(o + 8)), m = _mm256_load_ps((const float *)(o + 9));
+        /* column by column: the panel's loads hit L1, and sharing them across columns made the
+         * compiler keep 16 partial products live and spill them */
         for (int c = 0; c < C; c++) {
+            const int8_t *qb = a->q + (size_t)(i0 + c) * a->cols + (size_t)b * DAIR_QK;
+            __m256i s16 = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_load_si256(o + k),
+                                                                 _mm256_set1_epi32(dair_r8_ld32(qb + 4 * k))));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_load_si256(o + 4 + k),
+                                                                 _mm256_set1_epi32(dair_r8_ld32(qb + 16 + 4 * k))));
+            }
             const size_t ai = (size_t)(i0 + c) * nb + b;
-            acc[c] = dair_r8_q4_fma(s16[c], d, m, a->d + ai, a->s + ai, acc[c]);
+            acc[c] = dair_r8_q4_fma(s16, d, m, a->d + ai, a->s + ai, acc[c]);
         }
     }
     for (int c = 0; c < C; c++) {
