@@ -40,6 +40,21 @@ static inline void dair_prefetch_bytes(const void *p, size_t n) {
         __builtin_prefetch((const char *)p + o, 0, 3);
 }
 
+/* [p, p + len) clipped at end, with the bound worked out once: a compare per line cost as much
+ * as a short row's products. Overshoots by at most 3 lines (harmless, see above). */
+static inline void dair_prefetch_clip(const uint8_t *p, size_t len, const uint8_t *end) {
+    if (p >= end)
+        return;
+    if ((size_t)(end - p) < len)
+        len = (size_t)(end - p);
+    for (size_t o = 0; o < len; o += 256) {
+        __builtin_prefetch(p + o, 0, 3);
+        __builtin_prefetch(p + o + 64, 0, 3);
+        __builtin_prefetch(p + o + 128, 0, 3);
+        __builtin_prefetch(p + o + 192, 0, 3);
+    }
+}
+
 /* The instruction set of the best kernels this build runs on this CPU. */
 static const char *dair_simd_name(void) {
 #if defined(DAIR_HAVE_NEON)
@@ -463,11 +478,8 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
         }
         for (; r + 4 <= r1; r += 4) {
             const uint8_t *wr = w + (size_t)r * rb;
-            if (n < 4) {
-                const uint8_t *pf = wr + DAIR_PF_DIST;
-                for (size_t o = 0; o < 4 * rb && pf + o < end; o += 64)
-                    __builtin_prefetch(pf + o, 0, 3);
-            }
+            if (n < 4)
+                dair_prefetch_clip(wr + DAIR_PF_DIST, 4 * rb, end);
             int i = 0;
             for (; i + 4 <= n; i += 4)
                 dair_tile_4x4(wr, rb, qtype, a, i, out, ldo, r);
