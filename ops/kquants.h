@@ -278,42 +278,17 @@ static float dair_dot_q6k_scalar(const uint8_t *wrow, int nb, const int8_t *q, c
  * unpacked once for the C rows (prefill), and C = 1 does the same float operations per row,
  * so a row's result does not depend on how many came with it. */
 
-/* pshufb control: int16 word j of each 128-bit lane, in every word */
-DAIR_INLINE __m256i dair_kq_word(int j) { return _mm256_set1_epi16((short)(0x0100 * (2 * j + 1) + 2 * j)); }
-/* low lane word j, high lane word j + 1 */
-DAIR_INLINE __m256i dair_kq_word2(int j) {
-    return _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 * (2 * j + 3) + 2 * j + 2)),
-                            _mm_set1_epi16((short)(0x0100 * (2 * j + 1) + 2 * j)));
-}
-
-DAIR_INLINE float dair_hsum_ps_avx2(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
 DAIR_INLINE void dair_q4k_avx2(const uint8_t *wrow, int nb, const int8_t *q, size_t qstride, const float *dx,
                                const int32_t *bs, size_t astride, int C, float *res) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    /* m[j] bytes in the order hadd leaves the bsums' pair sums: 0 1 4 5 | 2 3 6 7 */
-    const __m128i morder = _mm_setr_epi8(8, 9, 12, 13, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
     __m256 acc[4], accm[4];
     for (int c = 0; c < C; c++)
         acc[c] = accm[c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q4_K *blk = (const dair_block_q4_K *)(wrow + (size_t)b * sizeof(dair_block_q4_K));
-        uint32_t u[3]; /* three word loads (a 12-byte memcpy went through the stack) */
-        memcpy(&u[0], blk->scales, 4);
-        memcpy(&u[1], blk->scales + 4, 4);
-        memcpy(&u[2], blk->scales + 8, 4);
-        /* dair_q4k_scales in four words: sc[0..7] then m[0..7] */
-        const __m128i sm8 = _mm_setr_epi32((int)(u[0] & 0x3F3F3F3Fu),
-                                           (int)((u[2] & 0x0F0F0F0Fu) | ((u[0] >> 6) & 0x03030303u) << 4),
-                                           (int)(u[1] & 0x3F3F3F3Fu),
-                                           (int)(((u[2] >> 4) & 0x0F0F0F0Fu) | ((u[1] >> 6) & 0x03030303u) << 4));
+        const __m128i sm8 = dair_q4k_scales_x(blk->scales);
         const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm8)); /* sc[0..7] in both lanes */
-        const __m256i m32 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(sm8, morder));
+        const __m256i m32 = dair_q4k_mins32(sm8);
         __m256i sumi[4];
         for (int c = 0; c < C; c++)
             sumi[c] = _mm256_setzero_si256();

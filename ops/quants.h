@@ -39,7 +39,7 @@ static const dair_vdot_fn dair_vdot_table[DAIR_NTYPES][3] = {
 static const dair_vdot4_fn dair_vdot4_table[DAIR_NTYPES][3] = {
     [DAIR_Q2_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q2_k_avx512)},
     [DAIR_Q3_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q3_k_avx512)},
-    [DAIR_Q5_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q5_k_avx512)},
+    [DAIR_Q5_K] = {NULL, DAIR_K2(dair_vec_dot4_q5_k_avx2), DAIR_K5(dair_vec_dot4_q5_k_avx512)},
 };
 
 /* Types whose products go through dair_vdot_table (the others have their own loops in qdot.h). */
