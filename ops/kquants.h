@@ -77,6 +77,49 @@ static void dair_quantize_q8k_row512(const float *x, int nb, int8_t *q, float *d
 DAIR_AVX512_END
 #endif
 
+#if defined(DAIR_HAVE_AVX2)
+/* One super-block of the scalar loop below, bit for bit (the first value of largest magnitude
+ * sets the scale; the same float products, rounded half to even). */
+static void dair_q8k_block_avx2(const float *xb, int8_t *qb, float *d, int32_t *bsums) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 am = _mm256_setzero_ps();
+    for (int k = 0; k < 32; k++)
+        am = _mm256_max_ps(am, _mm256_and_ps(_mm256_loadu_ps(xb + 8 * k), absmask));
+    const float amax = dair_hmax8_avx2(am);
+    if (amax == 0.0f) {
+        *d = 0.0f;
+        memset(qb, 0, DAIR_QKK);
+        memset(bsums, 0, 16 * sizeof(int32_t));
+        return;
+    }
+    float mx = 0.0f;
+    const __m256 va = _mm256_set1_ps(amax);
+    for (int k = 0; k < 32; k++) {
+        const int e = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(xb + 8 * k), absmask), va, _CMP_EQ_OQ));
+        if (e) {
+            mx = xb[8 * k + __builtin_ctz((unsigned)e)];
+            break;
+        }
+    }
+    const float iscale = -127.0f / mx;
+    const __m256 vs = _mm256_set1_ps(iscale);
+    const __m256i top = _mm256_set1_epi32(127);
+    for (int g = 0; g < 8; g++) { /* 32 values: bsums 2g, 2g + 1 */
+        __m256i i[4];
+        for (int k = 0; k < 4; k++)
+            i[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * g + 8 * k), vs)), top);
+        _mm256_storeu_si256((__m256i *)(qb + 32 * g), dair_pack32_avx2(i[0], i[1], i[2], i[3]));
+        /* [s0 lanes 0-3 + 4-7 ...]: hadd of the two 16-value halves, then across lanes */
+        const __m256i h = _mm256_hadd_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        const __m128i h2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        const __m128i h3 = _mm_hadd_epi32(h2, h2);
+        bsums[2 * g] = _mm_cvtsi128_si32(h3);
+        bsums[2 * g + 1] = _mm_extract_epi32(h3, 1);
+    }
+    *d = 1.0f / iscale;
+}
+#endif
+
 /* quantize_row_q8_K_ref: the value of largest magnitude (first one, with its
  * sign) maps to -127 (+127 after the clamp below never triggers on it), rounding
  * half to even. bsums are kept as int32 for the kernels. */
@@ -85,6 +128,13 @@ static void dair_quantize_q8k_row(const float *x, int cols, int8_t *q, float *d,
 #if defined(DAIR_BUILD_AVX512)
     if (dair_use_avx512) {
         dair_quantize_q8k_row512(x, nb, q, d, bsums);
+        return;
+    }
+#endif
+#if defined(DAIR_HAVE_AVX2)
+    if (dair_simd_enabled) {
+        for (int b = 0; b < nb; b++)
+            dair_q8k_block_avx2(x + (size_t)b * DAIR_QKK, q + (size_t)b * DAIR_QKK, d + b, bsums + (size_t)b * 16);
         return;
     }
 #endif

@@ -93,6 +93,44 @@ static float dair_q8_block_avx512(const float *xb, int8_t *qb, int *sum) {
 DAIR_AVX512_END
 #endif
 
+#if defined(DAIR_HAVE_AVX2)
+DAIR_INLINE float dair_hmax8_avx2(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* 32 int32 (|v| <= 127) to int8 in order */
+DAIR_INLINE __m256i dair_pack32_avx2(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* The scalar loop below for one block, bit for bit: the same max, the same float products and
+ * round half to even (cvtps under the default rounding mode is nearbyintf). */
+static float dair_q8_block_avx2(const float *xb, int8_t *qb, int *sum) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 v[4], am = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(xb + 8 * k);
+        am = _mm256_max_ps(am, _mm256_and_ps(v[k], absmask));
+    }
+    const float amax = dair_hmax8_avx2(am);
+    const __m256 vid = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    __m256i i[4];
+    for (int k = 0; k < 4; k++)
+        i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], vid));
+    _mm256_storeu_si256((__m256i *)qb, dair_pack32_avx2(i[0], i[1], i[2], i[3]));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    *sum = _mm_cvtsi128_si32(h);
+    return amax;
+}
+#endif
+
 /* llama.cpp's runtime (AVX) quantize_row_q8_0/q8_1: id = 127/amax, round half
  * to even. Differs from the _ref versions only at exact .5 ties. */
 static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q, float *d, float *s,
@@ -105,7 +143,13 @@ static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q
         int sum = 0;
 #if defined(DAIR_BUILD_AVX512)
         if (dair_use_avx512) {
-            amax = dair_q8_block_avx512(xb, qb, &sum);        } else
+            amax = dair_q8_block_avx512(xb, qb, &sum);
+        } else
+#endif
+#if defined(DAIR_HAVE_AVX2)
+        if (dair_simd_enabled) {
+            amax = dair_q8_block_avx2(xb, qb, &sum);
+        } else
 #endif
         {
             for (int j = 0; j < DAIR_QK; j++) {
