@@ -83,33 +83,33 @@ DAIR_INLINE void dair_r8_t16(const uint8_t *p, size_t rb, __m256i t[4]) {
 /* Prefetch of the group after next, spread over the block loop: block b asks for the next
  * group's b-th share of bytes (8 blocks of the row group's size), so a few requests go out with
  * each block's work. A burst of ~80 requests at a group's start filled the miss buffers, stalled
- * the products behind them and halved the rate from memory. pf NULL: no prefetch. */
+ * the products behind them and halved the rate from memory. */
 DAIR_INLINE void dair_r8_pf_block(const uint8_t *pf, const uint8_t *pf_end, size_t share, int b) {
-    if (pf == NULL)
-        return;
     const uint8_t *p = pf + (size_t)b * share;
-    if (p < pf_end)
+    if (p < pf_end) /* no prefetch: pf == pf_end */
         for (size_t o = 0; o < share; o += 64)
             __builtin_prefetch(p + o, 0, 3);
 }
 
-/* acc += (int sum) * (d * dx) + m * sx: the per-block float step every Q4 path shares. */
-DAIR_INLINE __m256 dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 acc) {
+/* acc += (int sum) * (d * dx), accm += m * sx: the per-block float step every Q4 path shares
+ * (two accumulators: one dependent FMA per block on each chain). */
+DAIR_INLINE void dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 *acc,
+                                __m256 *accm) {
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
-    acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)), acc);
-    return _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), acc);
+    *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)), *acc);
+    *accm = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), *accm);
 }
 
-/* Rows r0 .. r0+7 against one activation row i. */
-static void dair_r8_q4_1col(const uint8_t *w, size_t rb, int q41, const dair_act *a, int i, float *out, size_t ldo,
-                            int r0, const uint8_t *pf, const uint8_t *pf_end) {
+/* Rows r0 .. r0+7 against one activation row i; q41 a constant at each call site. */
+DAIR_INLINE void dair_r8_q4_1col_t(const uint8_t *w, size_t rb, const int q41, const dair_act *a, int i, float *out,
+                                   size_t ldo, int r0, const uint8_t *pf, const uint8_t *pf_end) {
     const size_t bs = q41 ? sizeof(dair_block_q4_1) : sizeof(dair_block_q4_0), qoff = q41 ? 4 : 2;
     const int nb = a->nb;
     const uint8_t *w0 = w + (size_t)r0 * rb;
     const int8_t *q = a->q + (size_t)i * a->cols;
     const float *dx = a->d + (size_t)i * nb, *sx = a->s + (size_t)i * nb;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w0 + (size_t)b * bs;
         dair_r8_pf_block(pf, pf_end, 8 * bs, b);
@@ -124,12 +124,20 @@ static void dair_r8_q4_1col(const uint8_t *w, size_t rb, int q41, const dair_act
         }
         __m256 d, m;
         dair_r8_q4_scales(blk, rb, q41, &d, &m);
-        acc = dair_r8_q4_fma(s16, d, m, dx + b, sx + b, acc);
+        dair_r8_q4_fma(s16, d, m, dx + b, sx + b, &acc, &accm);
     }
     float res[8];
-    _mm256_storeu_ps(res, acc);
+    _mm256_storeu_ps(res, _mm256_add_ps(acc, accm));
     for (int j = 0; j < 8; j++)
         out[(size_t)i * ldo + r0 + j] = res[j];
+}
+
+static void dair_r8_q4_1col(const uint8_t *w, size_t rb, int q41, const dair_act *a, int i, float *out, size_t ldo,
+                            int r0, const uint8_t *pf, const uint8_t *pf_end) {
+    if (q41)
+        dair_r8_q4_1col_t(w, rb, 1, a, i, out, ldo, r0, pf, pf_end);
+    else
+        dair_r8_q4_1col_t(w, rb, 0, a, i, out, ldo, r0, pf, pf_end);
 }
 
 /* The panel of rows r0 .. r0+7: per block 8 ymm of nibbles (low k = 0..3, high k = 0..3, as
@@ -159,9 +167,9 @@ static void dair_r8_q4_panel(const uint8_t *w, size_t rb, int q41, int nb, int r
 DAIR_INLINE void dair_r8_q4_panel_dot(const __m256i *panel, const dair_act *a, int i0, int C, float *out, size_t ldo,
                                       int r0) {
     const int nb = a->nb;
-    __m256 acc[4];
+    __m256 acc[4], accm[4];
     for (int c = 0; c < C; c++)
-        acc[c] = _mm256_setzero_ps();
+        acc[c] = accm[c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const __m256i *o = panel + (size_t)b * 10;
         const __m256 d = _mm256_load_ps((const float *)(o + 8)), m = _mm256_load_ps((const float *)(o + 9));
@@ -177,12 +185,12 @@ DAIR_INLINE void dair_r8_q4_panel_dot(const __m256i *panel, const dair_act *a, i
                                                                  _mm256_set1_epi32(dair_r8_ld32(qb + 16 + 4 * k))));
             }
             const size_t ai = (size_t)(i0 + c) * nb + b;
-            acc[c] = dair_r8_q4_fma(s16, d, m, a->d + ai, a->s + ai, acc[c]);
+            dair_r8_q4_fma(s16, d, m, a->d + ai, a->s + ai, &acc[c], &accm[c]);
         }
     }
     for (int c = 0; c < C; c++) {
         float res[8];
-        _mm256_storeu_ps(res, acc[c]);
+        _mm256_storeu_ps(res, _mm256_add_ps(acc[c], accm[c]));
         for (int j = 0; j < 8; j++)
             out[(size_t)(i0 + c) * ldo + r0 + j] = res[j];
     }
@@ -249,7 +257,7 @@ static void dair_r8_q8_1(const uint8_t *w, size_t rb, const dair_act *a, int i0,
     dair_r8_q8(w, rb, a, i0, 1, out, ldo, r0, pf, pf_end);
 }
 static void dair_r8_q8_4(const uint8_t *w, size_t rb, const dair_act *a, int i0, float *out, size_t ldo, int r0) {
-    dair_r8_q8(w, rb, a, i0, 4, out, ldo, r0, NULL, NULL);
+    dair_r8_q8(w, rb, a, i0, 4, out, ldo, r0, w, w);
 }
 
 /* Rows [r0, r0 + 8 * groups) of a Q4_0/Q4_1/Q8_0 weight x all n activation rows. panel: room for
@@ -262,16 +270,18 @@ static void dair_r8_mm(const uint8_t *w, size_t rb, int qtype, int r0, int group
     const int n = a->n, q41 = qtype == DAIR_Q4_1;
     for (int g = 0; g < groups; g++) {
         const int r = r0 + 8 * g;
-        const uint8_t *pf = pf_end != NULL ? w + (size_t)r * rb + pf_dist : NULL;
+        /* no prefetch: pf = pf_end = w, which no block reaches below */
+        const uint8_t *pf = pf_end != NULL ? w + (size_t)r * rb + pf_dist : w;
+        const uint8_t *pfe = pf_end != NULL ? pf_end : w;
         if (qtype == DAIR_Q8_0) {
             int i = 0;
             for (; i + 4 <= n; i += 4)
                 dair_r8_q8_4(w, rb, a, i, out, ldo, r);
             for (; i < n; i++)
-                dair_r8_q8_1(w, rb, a, i, out, ldo, r, i == 0 ? pf : NULL, pf_end);
+                dair_r8_q8_1(w, rb, a, i, out, ldo, r, i == 0 ? pf : w, i == 0 ? pfe : w);
         } else if (n == 1 || panel == NULL) {
             for (int i = 0; i < n; i++)
-                dair_r8_q4_1col(w, rb, q41, a, i, out, ldo, r, i == 0 ? pf : NULL, pf_end);
+                dair_r8_q4_1col(w, rb, q41, a, i, out, ldo, r, i == 0 ? pf : w, i == 0 ? pfe : w);
         } else {
             dair_r8_q4_panel(w, rb, q41, a->nb, r, panel);
             int i = 0;
