@@ -91,13 +91,12 @@ DAIR_INLINE void dair_r8_pf_block(const uint8_t *pf, const uint8_t *pf_end, size
             __builtin_prefetch(p + o, 0, 3);
 }
 
-/* acc += (int sum) * (d * dx), accm += m * sx: the per-block float step every Q4 path shares
- * (two accumulators: one dependent FMA per block on each chain). */
-DAIR_INLINE void dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 *acc,
-                                __m256 *accm) {
+/* acc += (int sum) * (d * dx) + m * sx: the per-block float step every Q4 path shares. (A
+ * second accumulator for the m * s term cost the 4-row panel dot spills and gained nothing.) */
+DAIR_INLINE __m256 dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 acc) {
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
-    *acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)), *acc);
-    *accm = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), *accm);
+    acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)), acc);
+    return _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), acc);
 }
 
 /* Rows r0 .. r0+7 against one activation row i; q41 a constant at each call site. */
@@ -109,7 +108,7 @@ DAIR_INLINE void dair_r8_q4_1col_t(const uint8_t *w, size_t rb, const int q41, c
     const int8_t *q = a->q + (size_t)i * a->cols;
     const float *dx = a->d + (size_t)i * nb, *sx = a->s + (size_t)i * nb;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w0 + (size_t)b * bs;
         dair_r8_pf_block(pf, pf_end, 8 * bs, b);
@@ -124,10 +123,10 @@ DAIR_INLINE void dair_r8_q4_1col_t(const uint8_t *w, size_t rb, const int q41, c
         }
         __m256 d, m;
         dair_r8_q4_scales(blk, rb, q41, &d, &m);
-        dair_r8_q4_fma(s16, d, m, dx + b, sx + b, &acc, &accm);
+        acc = dair_r8_q4_fma(s16, d, m, dx + b, sx + b, acc);
     }
     float res[8];
-    _mm256_storeu_ps(res, _mm256_add_ps(acc, accm));
+    _mm256_storeu_ps(res, acc);
     for (int j = 0; j < 8; j++)
         out[(size_t)i * ldo + r0 + j] = res[j];
 }
@@ -167,9 +166,9 @@ static void dair_r8_q4_panel(const uint8_t *w, size_t rb, int q41, int nb, int r
 DAIR_INLINE void dair_r8_q4_panel_dot(const __m256i *panel, const dair_act *a, int i0, int C, float *out, size_t ldo,
                                       int r0) {
     const int nb = a->nb;
-    __m256 acc[4], accm[4];
+    __m256 acc[4];
     for (int c = 0; c < C; c++)
-        acc[c] = accm[c] = _mm256_setzero_ps();
+        acc[c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const __m256i *o = panel + (size_t)b * 10;
         const __m256 d = _mm256_load_ps((const float *)(o + 8)), m = _mm256_load_ps((const float *)(o + 9));
@@ -185,12 +184,12 @@ DAIR_INLINE void dair_r8_q4_panel_dot(const __m256i *panel, const dair_act *a, i
                                                                  _mm256_set1_epi32(dair_r8_ld32(qb + 16 + 4 * k))));
             }
             const size_t ai = (size_t)(i0 + c) * nb + b;
-            dair_r8_q4_fma(s16, d, m, a->d + ai, a->s + ai, &acc[c], &accm[c]);
+            acc[c] = dair_r8_q4_fma(s16, d, m, a->d + ai, a->s + ai, acc[c]);
         }
     }
     for (int c = 0; c < C; c++) {
         float res[8];
-        _mm256_storeu_ps(res, _mm256_add_ps(acc[c], accm[c]));
+        _mm256_storeu_ps(res, acc[c]);
         for (int j = 0; j < 8; j++)
             out[(size_t)(i0 + c) * ldo + r0 + j] = res[j];
     }
