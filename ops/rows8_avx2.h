@@ -91,12 +91,17 @@ DAIR_INLINE void dair_r8_pf_block(const uint8_t *pf, const uint8_t *pf_end, size
             __builtin_prefetch(p + o, 0, 3);
 }
 
-/* acc += (int sum) * (d * dx) + m * sx: the per-block float step every Q4 path shares. (A
- * second accumulator for the m * s term cost the 4-row panel dot spills and gained nothing.) */
+/* acc += (int sum) * (d * dx) + m * sx: the per-block float step every Q4 path shares. The two
+ * terms nearly cancel (m is about -8 d for Q4_0 and often for Q4_1), so they are combined at the
+ * block's own magnitude (a product and an FMA) before the add to the running sum, which also
+ * leaves one dependent add per block on the accumulator's chain. */
 DAIR_INLINE __m256 dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 acc) {
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
-    acc = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)), acc);
-    return _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), acc);
+    /* no chain of two plain products: under -ffast-math the compiler may reassociate one, and
+     * differently where the decode and prefill paths inline this, which changed the last bit */
+    const __m256 blk = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)),
+                                       _mm256_mul_ps(m, _mm256_broadcast_ss(sx)));
+    return _mm256_add_ps(acc, blk);
 }
 
 /* Rows r0 .. r0+7 against one activation row i; q41 a constant at each call site. */
