@@ -97,10 +97,11 @@ DAIR_INLINE void dair_r8_pf_block(const uint8_t *pf, const uint8_t *pf_end, size
  * leaves one dependent add per block on the accumulator's chain. */
 DAIR_INLINE __m256 dair_r8_q4_fma(__m256i s16, __m256 d, __m256 m, const float *dx, const float *sx, __m256 acc) {
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
-    /* no chain of two plain products: under -ffast-math the compiler may reassociate one, and
-     * differently where the decode and prefill paths inline this, which changed the last bit */
-    const __m256 blk = _mm256_fmadd_ps(p, _mm256_mul_ps(d, _mm256_broadcast_ss(dx)),
-                                       _mm256_mul_ps(m, _mm256_broadcast_ss(sx)));
+    __m256 dd = _mm256_mul_ps(d, _mm256_broadcast_ss(dx));
+    /* opaque to the optimizer: under -ffast-math p * (d * dx) may be reassociated, and differently
+     * where the decode and prefill paths inline this, which changed the last bit */
+    __asm__("" : "+x"(dd));
+    const __m256 blk = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sx), _mm256_mul_ps(p, dd));
     return _mm256_add_ps(acc, blk);
 }
 
