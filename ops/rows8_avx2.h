@@ -145,6 +145,55 @@ static void dair_r8_expand(const dair_act *a, int i, __m256i *xe) {
                                _mm256_set1_epi32(dair_r8_ld32(q + (size_t)b * DAIR_QK + (k < 4 ? 4 * k : 16 + 4 * (k - 4)))));
 }
 
+/* Q4_0's activation row for the 4-block loop below: per block 10 ymm, lanes under each of the
+ * block's weight dwords (low nibbles, then high ones). An even block's codes start 2 bytes into a
+ * dword (18-byte blocks), so its 16 code bytes span 5 dwords whose d bytes meet zeros here. */
+static void dair_r8_expand_q40(const dair_act *a, int i, __m256i *xz) {
+    const uint8_t *q = (const uint8_t *)(a->q + (size_t)i * a->cols);
+    for (int b = 0; b < a->nb; b++) {
+        const uint8_t *qb = q + (size_t)b * DAIR_QK;
+        __m256i *o = xz + 10 * (size_t)b;
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *v = qb + 16 * h;
+            uint32_t dw[5];
+            if (b % 2 == 0) {
+                dw[0] = (uint32_t)v[0] << 16 | (uint32_t)v[1] << 24;
+                for (int k = 1; k < 4; k++)
+                    memcpy(&dw[k], v + 4 * k - 2, 4);
+                dw[4] = (uint32_t)v[14] | (uint32_t)v[15] << 8;
+            } else {
+                memcpy(dw, v, 16);
+                dw[4] = 0;
+            }
+            for (int k = 0; k < 5; k++)
+                _mm256_store_si256(o + 5 * h + k, _mm256_set1_epi32((int)dw[k]));
+        }
+    }
+}
+
+/* The fp16 in the low (hi = 0) or high (hi = 1) word of each row's dword lane, as floats. */
+DAIR_INLINE __m256 dair_r8_f16_words(__m256i v, int hi) {
+    const __m256i lo_w = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9,
+                                          12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i hi_w = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10,
+                                          11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i g = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, hi ? hi_w : lo_w), 0x08);
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(g));
+}
+
+/* A block's integer sums over 5 transposed dword vectors against the Q4_0 layout (lo at xb[0..4],
+ * hi at xb[5..9]); at most 8 pairs land in any int16, as for 4 vectors. */
+DAIR_INLINE __m256i dair_r8_q40_s16(const __m256i *t, int nt, const __m256i *xb) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i s16 = _mm256_setzero_si256();
+    for (int k = 0; k < nt; k++) {
+        const __m256i lo = _mm256_and_si256(t[k], m4), hi = _mm256_and_si256(_mm256_srli_epi16(t[k], 4), m4);
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, _mm256_load_si256(xb + k)));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, _mm256_load_si256(xb + 5 + k)));
+    }
+    return s16;
+}
+
 /* Rows r0 .. r0+7 against one activation row i; q41 a constant at each call site; xe: the row as
  * dair_r8_expand lays it out, or NULL. */
 DAIR_INLINE void dair_r8_q4_1col_t(const uint8_t *w, size_t rb, const int q41, const dair_act *a, int i, float *out,
@@ -186,6 +235,49 @@ DAIR_INLINE void dair_r8_q4_1col_t(const uint8_t *w, size_t rb, const int q41, c
             acc = dair_r8_q4_fma(dair_r8_q4_s16(c4[0], c4[1], c4[2], c4[3], qb + 96, xb ? xb + 24 : NULL), d, m,
                                  dx + b + 3, sx + b + 3, acc);
         }
+    /* Q4_0 with the activation laid out by dair_r8_expand_q40: four 18-byte blocks are 18 dwords,
+     * five 4x4 transposes (the last overlapping the fourth by 2 dwords, so nothing past the group
+     * is read); the d words come out of them as vectors too */
+    if (!q41 && xe)
+        for (; b + 4 <= nb; b += 4) {
+            const uint8_t *g4 = w0 + (size_t)b * bs;
+            for (int j = 0; j < 4; j++)
+                dair_r8_pf_block(pf, pf_end, 8 * bs, b + j);
+            __m256i c0[4], c1[4], c2[4], c3[4], c4[4];
+            const __m256i *xb = xe + 10 * (size_t)b;
+            const __m256 m8 = _mm256_set1_ps(-8.0f);
+            __m256 d;
+            dair_r8_t16(g4, rb, c0);
+            dair_r8_t16(g4 + 16, rb, c1);
+            {
+                const __m256i t[5] = {c0[0], c0[1], c0[2], c0[3], c1[0]};
+                d = dair_r8_f16_words(c0[0], 0);
+                acc = dair_r8_q4_fma(dair_r8_q40_s16(t, 5, xb), d, _mm256_mul_ps(d, m8), dx + b, sx + b, acc);
+            }
+            dair_r8_t16(g4 + 32, rb, c2);
+            {
+                const __m256i t[4] = {c1[1], c1[2], c1[3], c2[0]};
+                d = dair_r8_f16_words(c1[0], 1);
+                acc = dair_r8_q4_fma(dair_r8_q40_s16(t, 4, xb + 10), d, _mm256_mul_ps(d, m8), dx + b + 1, sx + b + 1,
+                                     acc);
+            }
+            dair_r8_t16(g4 + 48, rb, c3);
+            {
+                const __m256i t[5] = {c2[1], c2[2], c2[3], c3[0], c3[1]};
+                d = dair_r8_f16_words(c2[1], 0);
+                acc = dair_r8_q4_fma(dair_r8_q40_s16(t, 5, xb + 20), d, _mm256_mul_ps(d, m8), dx + b + 2, sx + b + 2,
+                                     acc);
+            }
+            dair_r8_t16(g4 + 56, rb, c4);
+            {
+                const __m256i t[4] = {c3[2], c3[3], c4[2], c4[3]};
+                d = dair_r8_f16_words(c3[1], 1);
+                acc = dair_r8_q4_fma(dair_r8_q40_s16(t, 4, xb + 30), d, _mm256_mul_ps(d, m8), dx + b + 3, sx + b + 3,
+                                     acc);
+            }
+        }
+    if (!q41)
+        xe = NULL; /* the tail broadcasts: xe is in Q4_0's layout */
     for (; b < nb; b++) {
         const uint8_t *blk = w0 + (size_t)b * bs;
         dair_r8_pf_block(pf, pf_end, 8 * bs, b);
@@ -351,16 +443,18 @@ static void dair_r8_q8_4(const uint8_t *w, size_t rb, const dair_act *a, int i0,
 static void dair_r8_mm(const uint8_t *w, size_t rb, int qtype, int r0, int groups, const dair_act *a, float *out,
                        size_t ldo, __m256i *panel, const uint8_t *pf_end, size_t pf_dist) {
     const int n = a->n, q41 = qtype == DAIR_Q4_1;
-    /* decode: the activation row expanded once (on the stack up to 48 blocks, 12 KB) */
-    __m256i xs[48 * 8];
+    /* decode: the activation row expanded once (on the stack up to 48 blocks, 15 KB) */
+    __m256i xs[48 * 10];
     __m256i *xe = NULL;
     if (qtype != DAIR_Q8_0 && n == 1) {
         if (a->nb <= 48)
             xe = xs;
-        else if (posix_memalign((void **)&xe, 64, (size_t)a->nb * 256))
+        else if (posix_memalign((void **)&xe, 64, (size_t)a->nb * 320))
             xe = NULL; /* then broadcasts, the same results */
-        if (xe != NULL)
+        if (xe != NULL && q41)
             dair_r8_expand(a, 0, xe);
+        else if (xe != NULL)
+            dair_r8_expand_q40(a, 0, xe);
     }
     for (int g = 0; g < groups; g++) {
         const int r = r0 + 8 * g;

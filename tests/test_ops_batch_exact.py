@@ -36,9 +36,10 @@ def random_weight(rng: np.random.Generator, qtype: str, rows: int, cols: int) ->
 
 @pytest.mark.parametrize("qtype", sorted(F16_FIELDS))
 @pytest.mark.parametrize("rows", [5, 45, 333])
-def test_rows_do_not_depend_on_the_batch(qtype, rows, kernels):
+@pytest.mark.parametrize("blocks", [3, 13])  # 13: kernels that take 4 blocks at a time, and a tail
+def test_rows_do_not_depend_on_the_batch(qtype, rows, blocks, kernels):
     rng = np.random.default_rng(rows)
-    cols = 768 if BLOCK_LAYOUTS[qtype][0] == 256 else 96
+    cols = blocks * BLOCK_LAYOUTS[qtype][0]
     w = random_weight(rng, qtype, rows, cols)
     x = rng.standard_normal((9, cols)).astype(np.float32)
     x[2] *= 1000.0  # rows of very different scales in one batch
