@@ -88,9 +88,10 @@ static void dair_mm_vdot(const uint8_t *w, size_t rb, int qtype, int r0, int r1,
     }
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (n < 4) {
+        if (n < 4 && wr + pf_dist < end) { /* the bound worked out once, not per line */
             const uint8_t *pf = wr + pf_dist;
-            for (size_t o = 0; o < rb && pf + o < end; o += 64)
+            const size_t len = (size_t)(end - pf) < rb ? (size_t)(end - pf) : rb;
+            for (size_t o = 0; o < len; o += 64)
                 __builtin_prefetch(pf + o, 0, 3);
         }
         int i = 0;

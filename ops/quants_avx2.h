@@ -222,13 +222,15 @@ DAIR_INLINE void dair_q5k_avx2(const uint8_t *w, int nb, const int8_t *q, const 
         __m256i sumi[4];
         for (int c = 0; c < C; c++)
             sumi[c] = _mm256_setzero_si256();
+#pragma GCC unroll 4
         for (int k = 0; k < 4; k++) {
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
-            const __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * k))), b1 = _mm256_set1_epi8((char)(2 << (2 * k)));
-            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(raw, m4),
-                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), b16));
-            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
-                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), b16));
+            /* bit 2k (2k + 1) of each qh byte moved to bit 4 by one 16-bit shift: at most 4 places,
+             * so every bit stays within its byte */
+            const __m256i h0 = 2 * k <= 4 ? _mm256_slli_epi16(qh, 4 - 2 * k) : _mm256_srli_epi16(qh, 2 * k - 4);
+            const __m256i h1 = 2 * k + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - 2 * k) : _mm256_srli_epi16(qh, 2 * k - 3);
+            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_and_si256(h0, b16));
+            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), _mm256_and_si256(h1, b16));
             const __m256i s0 = _mm256_shuffle_epi8(sc16, dair_kq_word(2 * k));
             const __m256i s1 = _mm256_shuffle_epi8(sc16, dair_kq_word(2 * k + 1));
             for (int c = 0; c < C; c++) {
