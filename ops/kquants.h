@@ -77,6 +77,49 @@ static void dair_quantize_q8k_row512(const float *x, int nb, int8_t *q, float *d
 DAIR_AVX512_END
 #endif
 
+#if defined(DAIR_HAVE_AVX2)
+/* One super-block of the scalar loop below, bit for bit (the first value of largest magnitude
+ * sets the scale; the same float products, rounded half to even). */
+static void dair_q8k_block_avx2(const float *xb, int8_t *qb, float *d, int32_t *bsums) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 am = _mm256_setzero_ps();
+    for (int k = 0; k < 32; k++)
+        am = _mm256_max_ps(am, _mm256_and_ps(_mm256_loadu_ps(xb + 8 * k), absmask));
+    const float amax = dair_hmax8_avx2(am);
+    if (amax == 0.0f) {
+        *d = 0.0f;
+        memset(qb, 0, DAIR_QKK);
+        memset(bsums, 0, 16 * sizeof(int32_t));
+        return;
+    }
+    float mx = 0.0f;
+    const __m256 va = _mm256_set1_ps(amax);
+    for (int k = 0; k < 32; k++) {
+        const int e = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(xb + 8 * k), absmask), va, _CMP_EQ_OQ));
+        if (e) {
+            mx = xb[8 * k + __builtin_ctz((unsigned)e)];
+            break;
+        }
+    }
+    const float iscale = -127.0f / mx;
+    const __m256 vs = _mm256_set1_ps(iscale);
+    const __m256i top = _mm256_set1_epi32(127);
+    for (int g = 0; g < 8; g++) { /* 32 values: bsums 2g, 2g + 1 */
+        __m256i i[4];
+        for (int k = 0; k < 4; k++)
+            i[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 32 * g + 8 * k), vs)), top);
+        _mm256_storeu_si256((__m256i *)(qb + 32 * g), dair_pack32_avx2(i[0], i[1], i[2], i[3]));
+        /* [s0 lanes 0-3 + 4-7 ...]: hadd of the two 16-value halves, then across lanes */
+        const __m256i h = _mm256_hadd_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        const __m128i h2 = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        const __m128i h3 = _mm_hadd_epi32(h2, h2);
+        bsums[2 * g] = _mm_cvtsi128_si32(h3);
+        bsums[2 * g + 1] = _mm_extract_epi32(h3, 1);
+    }
+    *d = 1.0f / iscale;
+}
+#endif
+
 /* quantize_row_q8_K_ref: the value of largest magnitude (first one, with its
  * sign) maps to -127 (+127 after the clamp below never triggers on it), rounding
  * half to even. bsums are kept as int32 for the kernels. */
@@ -85,6 +128,13 @@ static void dair_quantize_q8k_row(const float *x, int cols, int8_t *q, float *d,
 #if defined(DAIR_BUILD_AVX512)
     if (dair_use_avx512) {
         dair_quantize_q8k_row512(x, nb, q, d, bsums);
+        return;
+    }
+#endif
+#if defined(DAIR_HAVE_AVX2)
+    if (dair_simd_enabled) {
+        for (int b = 0; b < nb; b++)
+            dair_q8k_block_avx2(x + (size_t)b * DAIR_QKK, q + (size_t)b * DAIR_QKK, d + b, bsums + (size_t)b * 16);
         return;
     }
 #endif
@@ -269,69 +319,117 @@ static float dair_dot_q6k_scalar(const uint8_t *wrow, int nb, const int8_t *q, c
 
 #if defined(DAIR_HAVE_AVX2)
 
-/* Nibbles are unsigned and the activation signed, so u8 x s8 pairs (maddubs, at
- * most 2 * 15 * 128 or 2 * 63 * 128, no int16 saturation) then x scale into
- * int32 (madd). Q6_K's -32 is taken out afterwards as 32 * sum_k sc[k] bsums[k]. */
-static float dair_dot_q4k_avx2(const uint8_t *wrow, int nb, const int8_t *q, const float *dx, const int32_t *bs) {
+/* Nibbles are unsigned and the activation signed, so u8 x s8 pairs (maddubs, at most
+ * 2 * 15 * 128 or 2 * 63 * 128, no int16 saturation) then x scale into int32 (madd).
+ * The scales of a block stay in vectors: one pshufb picks a sub-block's scale for every int16
+ * of a product, Q4_K's min term is m[j] x (pair sums of the bsums) in int32 lanes, Q6_K's -32 is
+ * 32 sc[k] bsums[k] taken off the lanes before they are summed. Each kernel takes a weight row
+ * against C activation rows (C a constant at each call site): the weight side of a block is
+ * unpacked once for the C rows (prefill), and C = 1 does the same float operations per row,
+ * so a row's result does not depend on how many came with it. */
+
+DAIR_INLINE void dair_q4k_avx2(const uint8_t *wrow, int nb, const int8_t *q, size_t qstride, const float *dx,
+                               const int32_t *bs, size_t astride, int C, float *res) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    float accm = 0.0f;
+    __m256 acc[4], accm[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = accm[c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_q4_K *blk = (const dair_block_q4_K *)(wrow + (size_t)b * sizeof(dair_block_q4_K));
-        const int8_t *a = q + (size_t)b * DAIR_QKK;
-        const int32_t *bsum = bs + (size_t)b * 16;
-        uint8_t sc[8], m[8];
-        dair_q4k_scales(blk->scales, sc, m);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
-            __m256i lo = _mm256_and_si256(raw, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a + 64 * c)));
-            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + 64 * c + 32)));
-            p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * c]));
-            p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * c + 1]));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
-        }
-        int summ = 0;
-        for (int j = 0; j < 8; j++)
-            summ += m[j] * (bsum[2 * j] + bsum[2 * j + 1]);
-        const float d = _cvtsh_ss(dair_load_u16(&blk->d)) * dx[b];
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        accm += _cvtsh_ss(dair_load_u16(&blk->dmin)) * dx[b] * (float)summ;
-    }
-    return dair_hsum256(acc) - accm;
-}
-
-static float dair_dot_q6k_avx2(const uint8_t *wrow, int nb, const int8_t *q, const float *dx, const int32_t *bs) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const dair_block_q6_K *blk = (const dair_block_q6_K *)(wrow + (size_t)b * sizeof(dair_block_q6_K));
-        const int8_t *a = q + (size_t)b * DAIR_QKK;
-        const int32_t *bsum = bs + (size_t)b * 16;
-        __m256i sumi = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {
-            const uint8_t *L = blk->ql + 64 * h;
-            const int8_t *sc = blk->scales + 8 * h;
-            const int8_t *y = a + 128 * h;
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)L);
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(L + 32));
-            for (int t = 0; t < 4; t++) {
-                __m256i p = _mm256_maddubs_epi16(dair_q6k_quarter(l0, l1, qh, t), _mm256_loadu_si256((const __m256i *)(y + 32 * t)));
-                __m256i s = _mm256_set_m128i(_mm_set1_epi16(sc[2 * t + 1]), _mm_set1_epi16(sc[2 * t]));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+        const __m128i sm8 = dair_q4k_scales_x(blk->scales);
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm8)); /* sc[0..7] in both lanes */
+        const __m256i m32 = dair_q4k_mins32(sm8);
+        __m256i sumi[4];
+        for (int c = 0; c < C; c++)
+            sumi[c] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * k));
+            const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            const __m256i s0 = _mm256_shuffle_epi8(sc16, dair_kq_word(2 * k));
+            const __m256i s1 = _mm256_shuffle_epi8(sc16, dair_kq_word(2 * k + 1));
+            for (int c = 0; c < C; c++) {
+                const int8_t *a = q + c * qstride + (size_t)b * DAIR_QKK + 64 * k;
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)a)), s0);
+                const __m256i p1 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + 32))), s1);
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p0, p1));
             }
         }
-        int corr = 0;
-        for (int k = 0; k < 16; k++)
-            corr += blk->scales[k] * bsum[k];
-        const float d = _cvtsh_ss(dair_load_u16(&blk->d)) * dx[b];
-        sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * corr, 0, 0, 0, 0, 0, 0, 0));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        uint32_t dm;
+        memcpy(&dm, blk, 4);
+        const __m128 wd = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* d, dmin */
+        for (int c = 0; c < C; c++) {
+            const int32_t *bsum = bs + c * astride * 16 + (size_t)b * 16;
+            const __m256i pairs = _mm256_hadd_epi32(_mm256_loadu_si256((const __m256i *)bsum),
+                                                    _mm256_loadu_si256((const __m256i *)(bsum + 8)));
+            const __m128 f = _mm_mul_ps(wd, _mm_set1_ps(dx[c * astride + b]));
+            acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(f), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+            accm[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(f)),
+                                      _mm256_cvtepi32_ps(_mm256_mullo_epi32(m32, pairs)), accm[c]);
+        }
     }
-    return dair_hsum256(acc);
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum_ps_avx2(acc[c]) - dair_hsum_ps_avx2(accm[c]);
 }
+
+DAIR_INLINE void dair_q6k_avx2(const uint8_t *wrow, int nb, const int8_t *q, size_t qstride, const float *dx,
+                               const int32_t *bs, size_t astride, int C, float *res) {
+    __m256 acc[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q6_K *blk = (const dair_block_q6_K *)(wrow + (size_t)b * sizeof(dair_block_q6_K));
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)blk->scales);
+        /* 32 sc[k] for the -32 term, k = 0..7 and 8..15 as int32 */
+        const __m256i c0 = _mm256_slli_epi32(_mm256_cvtepi8_epi32(sc8), 5);
+        const __m256i c1 = _mm256_slli_epi32(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8)), 5);
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        __m256i sumi[4];
+        for (int c = 0; c < C; c++) {
+            const int32_t *bsum = bs + c * astride * 16 + (size_t)b * 16;
+            sumi[c] = _mm256_sub_epi32(
+                _mm256_setzero_si256(),
+                _mm256_add_epi32(_mm256_mullo_epi32(c0, _mm256_loadu_si256((const __m256i *)bsum)),
+                                 _mm256_mullo_epi32(c1, _mm256_loadu_si256((const __m256i *)(bsum + 8)))));
+        }
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *L = blk->ql + 64 * h;
+            /* scales 8h .. 8h+7 as int16 in both lanes */
+            const __m256i sch = _mm256_permute2x128_si256(sc16, sc16, h ? 0x11 : 0x00);
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)L);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(L + 32));
+            for (int t = 0; t < 4; t++) {
+                const __m256i v = dair_q6k_quarter(l0, l1, qh, t);
+                const __m256i s = _mm256_shuffle_epi8(sch, dair_kq_word2(2 * t));
+                for (int c = 0; c < C; c++) {
+                    const int8_t *y = q + c * qstride + (size_t)b * DAIR_QKK + 128 * h + 32 * t;
+                    const __m256i p = _mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i *)y));
+                    sumi[c] = _mm256_add_epi32(sumi[c], _mm256_madd_epi16(p, s));
+                }
+            }
+        }
+        const float d = _cvtsh_ss(dair_load_u16(&blk->d));
+        for (int c = 0; c < C; c++)
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[c * astride + b]), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum_ps_avx2(acc[c]);
+}
+
+/* One weight row against activation rows i0 .. i0+C-1 of a. */
+#define DAIR_KQ2_FN(C)                                                                                          \
+    static void dair_kq2_##C(const uint8_t *wr, int qtype, const dair_act *a, int i0, float *res) {             \
+        const size_t i = (size_t)i0;                                                                            \
+        if (qtype == DAIR_Q4_K)                                                                                 \
+            dair_q4k_avx2(wr, a->nb, a->q + i * a->cols, (size_t)a->cols, a->d + i * a->nb,                     \
+                          a->isum + i * a->nb * 16, (size_t)a->nb, C, res);                                     \
+        else                                                                                                    \
+            dair_q6k_avx2(wr, a->nb, a->q + i * a->cols, (size_t)a->cols, a->d + i * a->nb,                     \
+                          a->isum + i * a->nb * 16, (size_t)a->nb, C, res);                                     \
+    }
+DAIR_KQ2_FN(1)
+DAIR_KQ2_FN(4)
 
 #endif
 
@@ -542,10 +640,6 @@ static void dair_mm_qk(const uint8_t *w, size_t rb, int qtype, int r0, int r1, c
                        size_t ldo) {
     typedef float (*dotfn)(const uint8_t *, int, const int8_t *, const float *, const int32_t *);
     dotfn dot = qtype == DAIR_Q4_K ? dair_dot_q4k_scalar : dair_dot_q6k_scalar;
-#if defined(DAIR_HAVE_AVX2)
-    if (dair_simd_enabled)
-        dot = qtype == DAIR_Q4_K ? dair_dot_q4k_avx2 : dair_dot_q6k_avx2;
-#endif
     const int n = a->n, nb = a->nb;
     const uint8_t *end = w + (size_t)r1 * rb;
     if (n < 4) {
@@ -554,11 +648,24 @@ static void dair_mm_qk(const uint8_t *w, size_t rb, int qtype, int r0, int r1, c
     }
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (n < 4) { /* see DAIR_PF_DIST */
-            const uint8_t *pf = wr + DAIR_PF_DIST;
-            for (size_t o = 0; o < rb && pf + o < end; o += 64)
-                __builtin_prefetch(pf + o, 0, 3);
+        if (n < 4) /* see DAIR_PF_DIST */
+            dair_prefetch_clip(wr + DAIR_PF_DIST, rb, end);
+#if defined(DAIR_HAVE_AVX2)
+        if (dair_simd_enabled) {
+            float res[4];
+            int i = 0;
+            for (; i + 4 <= n; i += 4) {
+                dair_kq2_4(wr, qtype, a, i, res);
+                for (int c = 0; c < 4; c++)
+                    out[(size_t)(i + c) * ldo + r] = res[c];
+            }
+            for (; i < n; i++) {
+                dair_kq2_1(wr, qtype, a, i, res);
+                out[(size_t)i * ldo + r] = res[0];
+            }
+            continue;
         }
+#endif
         for (int i = 0; i < n; i++)
             out[(size_t)i * ldo + r] = dot(wr, nb, a->q + (size_t)i * a->cols, a->d + (size_t)i * nb,
                                            a->isum + (size_t)i * nb * 16);

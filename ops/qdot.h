@@ -24,6 +24,7 @@
 #include "neon_float.h"
 #include "neon_quants.h"
 #include "quants.h"
+#include "rows8_avx2.h"
 
 /* Bytes ahead that matrix-vector kernels prefetch: a product streams weights that are not
  * in cache, the hardware prefetchers restart at every 4 KB page, and each 64 bytes cost
@@ -37,6 +38,21 @@
 static inline void dair_prefetch_bytes(const void *p, size_t n) {
     for (size_t o = 0; o < n; o += 64)
         __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
+/* [p, p + len) clipped at end, with the bound worked out once: a compare per line cost as much
+ * as a short row's products. Overshoots by at most 3 lines (harmless, see above). */
+static inline void dair_prefetch_clip(const uint8_t *p, size_t len, const uint8_t *end) {
+    if (p >= end)
+        return;
+    if ((size_t)(end - p) < len)
+        len = (size_t)(end - p);
+    for (size_t o = 0; o < len; o += 256) {
+        __builtin_prefetch(p + o, 0, 3);
+        __builtin_prefetch(p + o + 64, 0, 3);
+        __builtin_prefetch(p + o + 128, 0, 3);
+        __builtin_prefetch(p + o + 192, 0, 3);
+    }
 }
 
 /* The instruction set of the best kernels this build runs on this CPU. */
@@ -77,6 +93,44 @@ static float dair_q8_block_avx512(const float *xb, int8_t *qb, int *sum) {
 DAIR_AVX512_END
 #endif
 
+#if defined(DAIR_HAVE_AVX2)
+DAIR_INLINE float dair_hmax8_avx2(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* 32 int32 (|v| <= 127) to int8 in order */
+DAIR_INLINE __m256i dair_pack32_avx2(__m256i i0, __m256i i1, __m256i i2, __m256i i3) {
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    return _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* The scalar loop below for one block, bit for bit: the same max, the same float products and
+ * round half to even (cvtps under the default rounding mode is nearbyintf). */
+static float dair_q8_block_avx2(const float *xb, int8_t *qb, int *sum) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 v[4], am = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(xb + 8 * k);
+        am = _mm256_max_ps(am, _mm256_and_ps(v[k], absmask));
+    }
+    const float amax = dair_hmax8_avx2(am);
+    const __m256 vid = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    __m256i i[4];
+    for (int k = 0; k < 4; k++)
+        i[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], vid));
+    _mm256_storeu_si256((__m256i *)qb, dair_pack32_avx2(i[0], i[1], i[2], i[3]));
+    __m256i t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    *sum = _mm_cvtsi128_si32(h);
+    return amax;
+}
+#endif
+
 /* llama.cpp's runtime (AVX) quantize_row_q8_0/q8_1: id = 127/amax, round half
  * to even. Differs from the _ref versions only at exact .5 ties. */
 static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q, float *d, float *s,
@@ -89,7 +143,13 @@ static void dair_quantize_act_row(const float *x, int cols, int qtype, int8_t *q
         int sum = 0;
 #if defined(DAIR_BUILD_AVX512)
         if (dair_use_avx512) {
-            amax = dair_q8_block_avx512(xb, qb, &sum);        } else
+            amax = dair_q8_block_avx512(xb, qb, &sum);
+        } else
+#endif
+#if defined(DAIR_HAVE_AVX2)
+        if (dair_simd_enabled) {
+            amax = dair_q8_block_avx2(xb, qb, &sum);
+        } else
 #endif
         {
             for (int j = 0; j < DAIR_QK; j++) {
@@ -447,13 +507,23 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
         if (n < 4) /* streaming weights: see DAIR_PF_DIST */
             dair_prefetch_bytes(w + (size_t)r * rb, (size_t)(r1 - r) * rb < DAIR_PF_DIST ? (size_t)(r1 - r) * rb
                                                                                         : DAIR_PF_DIST);
+        /* 8 rows at a time (rows8_avx2.h); chunks start at multiples of 16 rows, so a row is in
+         * the same group, and gets the same bits, whatever n and the chunking */
+        const int groups = (r1 - r0) / 8;
+        if (groups > 0) {
+            void *panel = NULL;
+            if (n >= 2 && qtype != DAIR_Q8_0 && posix_memalign(&panel, 64, (size_t)a->nb * DAIR_R8_Q4_PANEL))
+                panel = NULL; /* then one activation row at a time, same results */
+            /* prefetch two groups ahead (one when a group alone is 16 KB or more) */
+            const size_t pf_dist = 8 * rb < 16384 ? 16 * rb : 8 * rb;
+            dair_r8_mm(w, rb, qtype, r, groups, a, out, ldo, (__m256i *)panel, n < 4 ? end : NULL, pf_dist);
+            free(panel);
+            r += 8 * groups;
+        }
         for (; r + 4 <= r1; r += 4) {
             const uint8_t *wr = w + (size_t)r * rb;
-            if (n < 4) {
-                const uint8_t *pf = wr + DAIR_PF_DIST;
-                for (size_t o = 0; o < 4 * rb && pf + o < end; o += 64)
-                    __builtin_prefetch(pf + o, 0, 3);
-            }
+            if (n < 4)
+                dair_prefetch_clip(wr + DAIR_PF_DIST, 4 * rb, end);
             int i = 0;
             for (; i + 4 <= n; i += 4)
                 dair_tile_4x4(wr, rb, qtype, a, i, out, ldo, r);

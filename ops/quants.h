@@ -43,7 +43,7 @@ static const dair_vdot4_fn dair_vdot4_table[DAIR_NTYPES][3] = {
     [DAIR_IQ4_XS] = {NULL, DAIR_K2(dair_vec_dot4_iq4_xs_avx2), DAIR_K5(dair_vec_dot4_iq4_xs_avx512)},
     [DAIR_Q2_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q2_k_avx512)},
     [DAIR_Q3_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q3_k_avx512)},
-    [DAIR_Q5_K] = {NULL, NULL, DAIR_K5(dair_vec_dot4_q5_k_avx512)},
+    [DAIR_Q5_K] = {NULL, DAIR_K2(dair_vec_dot4_q5_k_avx2), DAIR_K5(dair_vec_dot4_q5_k_avx512)},
 };
 
 /* Types whose products go through dair_vdot_table (the others have their own loops in qdot.h). */
@@ -92,9 +92,10 @@ static void dair_mm_vdot(const uint8_t *w, size_t rb, int qtype, int r0, int r1,
     }
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (n < 4) {
+        if (n < 4 && wr + pf_dist < end) { /* the bound worked out once, not per line */
             const uint8_t *pf = wr + pf_dist;
-            for (size_t o = 0; o < rb && pf + o < end; o += 64)
+            const size_t len = (size_t)(end - pf) < rb ? (size_t)(end - pf) : rb;
+            for (size_t o = 0; o < len; o += 64)
                 __builtin_prefetch(pf + o, 0, 3);
         }
         int i = 0;

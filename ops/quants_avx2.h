@@ -245,37 +245,101 @@ static float dair_vec_dot_q3_k_avx2(const uint8_t *w, int nb, const int8_t *q, c
     return acc;
 }
 
+/* pshufb controls for int16 scale vectors: word j of each 128-bit lane in every word; and
+ * word j in the low lane, j + 1 in the high one */
+DAIR_INLINE __m256i dair_kq_word(int j) { return _mm256_set1_epi16((short)(0x0100 * (2 * j + 1) + 2 * j)); }
+DAIR_INLINE __m256i dair_kq_word2(int j) {
+    return _mm256_set_m128i(_mm_set1_epi16((short)(0x0100 * (2 * j + 3) + 2 * j + 2)),
+                            _mm_set1_epi16((short)(0x0100 * (2 * j + 1) + 2 * j)));
+}
+
+DAIR_INLINE float dair_hsum_ps_avx2(__m256 v) { return dair_hsum8_avx2(v); }
+
+/* Q4_K/Q5_K's dair_q4k_scales as bytes: sc[0..7] then m[0..7] (three word loads; a 12-byte
+ * memcpy went through the stack) */
+DAIR_INLINE __m128i dair_q4k_scales_x(const uint8_t *s12) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s12, 4);
+    memcpy(&u1, s12 + 4, 4);
+    memcpy(&u2, s12 + 8, 4);
+    return _mm_setr_epi32((int)(u0 & 0x3F3F3F3Fu), (int)((u2 & 0x0F0F0F0Fu) | ((u0 >> 6) & 0x03030303u) << 4),
+                          (int)(u1 & 0x3F3F3F3Fu), (int)(((u2 >> 4) & 0x0F0F0F0Fu) | ((u1 >> 6) & 0x03030303u) << 4));
+}
+
+/* m[j] as int32 in the order _mm256_hadd_epi32(bsums[0..7], bsums[8..15]) leaves the pair sums
+ * of the bsums (0 1 4 5 | 2 3 6 7): the min term is one mullo against them. */
+DAIR_INLINE __m256i dair_q4k_mins32(__m128i sm8) {
+    return _mm256_cvtepu8_epi32(
+        _mm_shuffle_epi8(sm8, _mm_setr_epi8(8, 9, 12, 13, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1)));
+}
+
+/* One Q5_K weight row against C activation rows (row c at q + c * nb * 256, d + c * nb, bsums +
+ * c * nb * 16); the block's scales are unpacked once for the C rows, and C = 1 does the same
+ * float operations per row (so dot and dot4 agree bit for bit). */
+DAIR_INLINE void dair_q5k_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const int32_t *bsums, int C,
+                               float *res) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(0x10);
+    const size_t qstride = (size_t)nb * DAIR_QKK;
+    __m256 acc[4], accm[4];
+    for (int c = 0; c < C; c++)
+        acc[c] = accm[c] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const dair_block_q5_K *x = (const dair_block_q5_K *)(w + (size_t)b * sizeof(dair_block_q5_K));
+        const __m128i sm8 = dair_q4k_scales_x(x->scales);
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm8));
+        const __m256i m32 = dair_q4k_mins32(sm8);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)x->qh);
+        __m256i sumi[4];
+        for (int c = 0; c < C; c++)
+            sumi[c] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * k));
+            /* bit 2k (2k + 1) of each qh byte moved to bit 4 by one 16-bit shift: at most 4 places,
+             * so every bit stays within its byte */
+            const __m256i h0 = 2 * k <= 4 ? _mm256_slli_epi16(qh, 4 - 2 * k) : _mm256_srli_epi16(qh, 2 * k - 4);
+            const __m256i h1 = 2 * k + 1 <= 4 ? _mm256_slli_epi16(qh, 3 - 2 * k) : _mm256_srli_epi16(qh, 2 * k - 3);
+            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(raw, m4), _mm256_and_si256(h0, b16));
+            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), _mm256_and_si256(h1, b16));
+            const __m256i s0 = _mm256_shuffle_epi8(sc16, dair_kq_word(2 * k));
+            const __m256i s1 = _mm256_shuffle_epi8(sc16, dair_kq_word(2 * k + 1));
+            for (int c = 0; c < C; c++) {
+                const int8_t *y = q + c * qstride + (size_t)b * DAIR_QKK + 64 * k;
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256((const __m256i *)y)), s0);
+                const __m256i p1 =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256((const __m256i *)(y + 32))), s1);
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p0, p1));
+            }
+        }
+        uint32_t dm;
+        memcpy(&dm, x, 4);
+        const __m128 wd = _mm_cvtph_ps(_mm_cvtsi32_si128((int)dm)); /* d, dmin */
+        for (int c = 0; c < C; c++) {
+            const int32_t *bs = bsums + (size_t)c * nb * 16 + (size_t)b * 16;
+            const __m256i pairs = _mm256_hadd_epi32(_mm256_loadu_si256((const __m256i *)bs),
+                                                    _mm256_loadu_si256((const __m256i *)(bs + 8)));
+            const __m128 f = _mm_mul_ps(wd, _mm_set1_ps(d[(size_t)c * nb + b]));
+            acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(f), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+            accm[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(f)),
+                                      _mm256_cvtepi32_ps(_mm256_mullo_epi32(m32, pairs)), accm[c]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        res[c] = dair_hsum8_avx2(acc[c]) - dair_hsum8_avx2(accm[c]);
+}
+
 static float dair_vec_dot_q5_k_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
                                     const int32_t *bsums) {
     (void)s;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), b16 = _mm256_set1_epi8(0x10);
-    __m256 acc = _mm256_setzero_ps();
-    float accm = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const dair_block_q5_K *x = (const dair_block_q5_K *)(w + (size_t)b * sizeof(dair_block_q5_K));
-        const int8_t *y = q + (size_t)b * DAIR_QKK;
-        const int32_t *bs = bsums + (size_t)b * 16;
-        uint8_t sc[8], m[8];
-        dair_q4k_scales(x->scales, sc, m);
-        const __m256i qh = _mm256_loadu_si256((const __m256i *)x->qh);
-        __m256i sumi = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(x->qs + 32 * c));
-            const __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
-            const __m256i u0 = _mm256_or_si256(_mm256_and_si256(raw, m4),
-                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), b16));
-            const __m256i u1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4),
-                                               _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), b16));
-            sumi = _mm256_add_epi32(sumi, dair_kq32_avx2(u0, y + 64 * c, sc[2 * c], sc[2 * c]));
-            sumi = _mm256_add_epi32(sumi, dair_kq32_avx2(u1, y + 64 * c + 32, sc[2 * c + 1], sc[2 * c + 1]));
-        }
-        int summ = 0;
-        for (int j = 0; j < 8; j++)
-            summ += m[j] * (bs[2 * j] + bs[2 * j + 1]);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dair_load_u16(&x->d)) * d[b]), _mm256_cvtepi32_ps(sumi), acc);
-        accm += _cvtsh_ss(dair_load_u16(&x->dmin)) * d[b] * (float)summ;
-    }
-    return dair_hsum8_avx2(acc) - accm;
+    float r;
+    dair_q5k_avx2(w, nb, q, d, bsums, 1, &r);
+    return r;
+}
+
+static void dair_vec_dot4_q5_k_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, const float *s,
+                                    const int32_t *bsums, float res[4]) {
+    (void)s;
+    dair_q5k_avx2(w, nb, q, d, bsums, 4, res);
 }
 
 /* IQ4_XS against C activation rows (row c at q + 256 c nb, d + c nb), as the 32-value types. */
