@@ -20,7 +20,7 @@ cdef extern from "pool.h":
     const dair_pool_api dair_pool_impl
     ctypedef struct dair_pool_stats:
         unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
-        unsigned long long solo_periods, wakes, job_ticks
+        unsigned long long solo_periods, wakes, job_ticks, steals
     dair_pool_stats dair_pool_get_stats()
     int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
     void dair_pool_set_threads "dair_pool_impl.set_threads"(int n) nogil
