@@ -42,7 +42,7 @@ typedef struct {
 
 typedef struct {
     unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods, wakes,
-        job_ticks, steals;
+        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_now, ticks_per_us;
 } dair_pool_stats;
 
 /* this module's view of the process-wide pool (NULL: run serially) */
@@ -72,6 +72,7 @@ static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -79,7 +80,6 @@ static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool
 #define DAIR_PAUSE() _mm_pause()
 #define DAIR_TICKS() __rdtsc()
 #else
-#include <time.h>
 #define DAIR_PAUSE() ((void)0)
 static inline uint64_t dair_ns_ticks(void) {
     struct timespec t;
@@ -123,8 +123,11 @@ static struct {
     int running;      /* worker threads started */
     uint64_t gen;     /* of the last job published (the caller's; even seq = 2 * gen) */
     pthread_t tid[DAIR_POOL_MAX];
-    uint64_t solo_until; /* ticks: run jobs on the caller alone until then (see dair_pool_parallel) */
-    unsigned win_jobs, win_chunks, win_worker; /* participation over the current window of jobs */
+    uint64_t tpus;       /* ticks per microsecond (dair_pool_calibrate) */
+    uint64_t solo_until; /* ticks: run jobs on the caller alone until then (see dair_pool_window_end) */
+    int backoff;         /* bad windows in a row: the next solo period is 2^backoff times the first */
+    unsigned win_jobs, win_chunks, win_worker; /* the current window of parallel jobs: their chunks, */
+    uint64_t win_ticks, win_stall;             /* those the workers ran, their time, stalls' time */
     dair_pool_stats st;
 } __attribute__((aligned(64))) dair_P = {.busy = ATOMIC_FLAG_INIT};
 
@@ -208,12 +211,13 @@ static inline int dair_job_waiting(uint64_t done_gen) {
     return !(s & 1) && ((s >> 1) & DAIR_GEN_MASK) != done_gen;
 }
 
-/* Spin this many ticks (TSC: ~40 us) for the next job before sleeping: kernel calls of one
- * decode step come a few microseconds apart; a stage waiting for its next message sleeps. The
- * spin only pauses: a sched_yield between polls let any other runnable process take the core
- * for a scheduler slice (milliseconds), and the worker missed the jobs of that time. */
-#ifndef DAIR_SPIN_TICKS
-#define DAIR_SPIN_TICKS 100000ULL
+/* Spin this long for the next job before sleeping: kernel calls of one decode step come a few
+ * microseconds apart, and the Python between two steps (sampling, the next token's embedding)
+ * takes 20-50 us; a stage waiting for its next message sleeps. The spin only pauses: a
+ * sched_yield between polls let any other runnable process take the core for a scheduler slice
+ * (milliseconds), and the worker missed the jobs of that time. */
+#ifndef DAIR_SPIN_US
+#define DAIR_SPIN_US 200
 #endif
 
 /* A new thread starts on its creator's CPU and, since it mostly polls, the scheduler can
@@ -249,8 +253,8 @@ static void *dair_pool_main(void *arg) {
             done_gen = gen;
             continue;
         }
-        uint64_t t0 = DAIR_TICKS();
-        while (!dair_job_waiting(done_gen) && DAIR_TICKS() - t0 < DAIR_SPIN_TICKS)
+        const uint64_t t0 = DAIR_TICKS(), spin = (uint64_t)DAIR_SPIN_US * dair_P.tpus;
+        while (!dair_job_waiting(done_gen) && DAIR_TICKS() - t0 < spin)
             DAIR_PAUSE();
         if (dair_job_waiting(done_gen))
             continue;
@@ -272,6 +276,23 @@ static void dair_pool_atfork_child(void) {
     pthread_mutex_init(&dair_pool_lock, NULL);
 }
 
+/* Ticks per microsecond of DAIR_TICKS, measured once against the monotonic clock. */
+static void dair_pool_calibrate(void) {
+#if defined(__x86_64__)
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    uint64_t t0 = __rdtsc(), ns;
+    do {
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        ns = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ULL + (uint64_t)(b.tv_nsec - a.tv_nsec);
+    } while (ns < 200000);
+    uint64_t t = (__rdtsc() - t0) * 1000 / ns;
+    dair_P.tpus = t > 0 ? t : 1;
+#else
+    dair_P.tpus = 1000; /* DAIR_TICKS counts nanoseconds */
+#endif
+}
+
 static void dair_pool_ensure_started(void) {
     static int atfork_done = 0;
     int want = dair_P.threads - 1;
@@ -280,6 +301,7 @@ static void dair_pool_ensure_started(void) {
     pthread_mutex_lock(&dair_pool_lock);
     if (!atfork_done) {
         pthread_atfork(NULL, NULL, dair_pool_atfork_child);
+        dair_pool_calibrate();
         atfork_done = 1;
     }
     if (dair_P.running < want) {
@@ -295,25 +317,62 @@ static void dair_pool_ensure_started(void) {
     pthread_mutex_unlock(&dair_pool_lock);
 }
 
-/* A worker that was preempted in the middle of a chunk makes the caller wait for it, for
- * a scheduler time slice or more when the machine is oversubscribed. After such a wait the
- * caller runs jobs alone for a while (DAIR_SOLO_TICKS), so a loaded machine degrades to
- * one-thread speed instead of stalling on every other job. */
-#ifndef DAIR_STALL_TICKS
-#define DAIR_STALL_TICKS 300000ULL
-#endif   /* ~100 us */
-#ifndef DAIR_SOLO_TICKS
-#define DAIR_SOLO_TICKS 150000000ULL
-#endif /* ~50 ms */
-/* The same when workers hardly take part: over a window of DAIR_WIN_JOBS jobs they ran
- * less than 1/DAIR_WIN_SHARE of the chunks, i.e. the machine's other cores are busy with
- * other work and splitting jobs only costs (measured: 2 threads 20% slower than 1 then). */
+/* When to run jobs on the caller alone. A worker preempted in the middle of a chunk makes the
+ * caller wait for it, for a scheduler time slice or more when the machine is oversubscribed
+ * (a "stall"); a worker that hardly takes part (the other cores busy with other work) makes
+ * every job pay for its publication and wake-up for nothing. Both are measured over windows of
+ * DAIR_WIN_JOBS parallel jobs: a window whose stalls took more than 1/DAIR_WIN_STALLED of its
+ * time (about what a second thread saves in a decode step), or whose workers ran less than
+ * 1/DAIR_WIN_ABSENT of its chunks, starts a solo period, where the
+ * caller runs every job alone and the workers sleep. A solo period lasts DAIR_SOLO_US, doubled
+ * for each bad window in a row (up to 2^DAIR_SOLO_MAX_DOUBLING times), so a busy machine spends
+ * ever less time trying, and a machine that turns idle is used again within a second. A single
+ * short stall on an otherwise idle machine (another process running for a moment) no longer
+ * costs a solo period: it is a small part of its window. */
+#ifndef DAIR_STALL_US
+#define DAIR_STALL_US 100
+#endif
 #ifndef DAIR_WIN_JOBS
 #define DAIR_WIN_JOBS 256
 #endif
-#ifndef DAIR_WIN_SHARE
-#define DAIR_WIN_SHARE 8
+#ifndef DAIR_WIN_STALLED
+#define DAIR_WIN_STALLED 4
 #endif
+#ifndef DAIR_WIN_ABSENT
+#define DAIR_WIN_ABSENT 8
+#endif
+#ifndef DAIR_SOLO_US
+#define DAIR_SOLO_US 20000
+#endif
+#ifndef DAIR_SOLO_MAX_DOUBLING
+#define DAIR_SOLO_MAX_DOUBLING 6
+#endif
+
+static void dair_pool_window_end(uint64_t now) {
+    int stalled = dair_P.win_stall * DAIR_WIN_STALLED > dair_P.win_ticks;
+    int absent = dair_P.win_worker * DAIR_WIN_ABSENT < dair_P.win_chunks;
+    dair_P.st.solo_stalled += stalled;
+    dair_P.st.solo_absent += absent && !stalled;
+    if (stalled || absent) {
+        dair_P.solo_until = now + (((uint64_t)DAIR_SOLO_US * dair_P.tpus) << dair_P.backoff);
+        dair_P.st.solo_periods++;
+        if (dair_P.backoff < DAIR_SOLO_MAX_DOUBLING)
+            dair_P.backoff++;
+    } else {
+        dair_P.backoff = 0;
+    }
+    dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
+    dair_P.win_ticks = dair_P.win_stall = 0;
+}
+
+static inline int dair_pool_ran_by_workers(uint64_t gen, int T) {
+    int theirs = 0;
+    for (int t = 1; t < T; t++) {
+        uint64_t v = atomic_load_explicit(&dair_ran[t].v, memory_order_acquire);
+        theirs += (v >> DAIR_IDX_BITS) == gen ? (int)(v & DAIR_IDX_MASK) : 0;
+    }
+    return theirs;
+}
 
 static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
     if (nchunks <= 1 || dair_P.threads <= 1 || (uint64_t)nchunks > DAIR_IDX_MASK ||
@@ -350,53 +409,39 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         atomic_fetch_add(&dair_P.futex_word, 1);
         dair_futex_wake_all(&dair_P.futex_word);
     }
-    int mine = dair_run_job(0, gen, fn, ctx, nchunks, T, &dair_P.st.steals);
+    const int mine = dair_run_job(0, gen, fn, ctx, nchunks, T, &dair_P.st.steals);
     /* Every range is used up: the chunks not run here were claimed by workers, which publish
      * each one they complete. Wait for those (short, unless a worker was preempted). */
-    int theirs = 0;
-    for (int t = 1; t < T; t++) {
-        uint64_t v = atomic_load_explicit(&dair_ran[t].v, memory_order_acquire);
-        theirs += (v >> DAIR_IDX_BITS) == gen ? (int)(v & DAIR_IDX_MASK) : 0;
-    }
-    if (mine + theirs < nchunks) {
+    if (mine + dair_pool_ran_by_workers(gen, T) < nchunks) {
         uint64_t t0 = DAIR_TICKS();
         unsigned spins = 0;
         do {
             DAIR_PAUSE();
             if (++spins % 4096 == 0)
                 sched_yield();
-            theirs = 0;
-            for (int t = 1; t < T; t++) {
-                uint64_t v = atomic_load_explicit(&dair_ran[t].v, memory_order_acquire);
-                theirs += (v >> DAIR_IDX_BITS) == gen ? (int)(v & DAIR_IDX_MASK) : 0;
-            }
-        } while (mine + theirs < nchunks);
-        uint64_t t1 = DAIR_TICKS(), dt = t1 - t0;
+        } while (mine + dair_pool_ran_by_workers(gen, T) < nchunks);
+        uint64_t dt = DAIR_TICKS() - t0;
         dair_P.st.waits++;
         dair_P.st.wait_ticks += dt;
         if (dt > dair_P.st.max_wait_ticks)
             dair_P.st.max_wait_ticks = dt;
-        if (dt > DAIR_STALL_TICKS) {
-            dair_P.solo_until = t1 + DAIR_SOLO_TICKS;
-            dair_P.st.solo_periods++;
+        if (dt > (uint64_t)DAIR_STALL_US * dair_P.tpus) {
+            dair_P.st.stalls++;
+            dair_P.win_stall += dt;
         }
     }
     dair_P.st.worker_chunks += nchunks - mine;
-    /* Small jobs do not count: a caller may finish two short chunks before an awake worker
-     * has even seen the job. */
+    const uint64_t now = DAIR_TICKS();
+    dair_P.st.job_ticks += now - tj;
+    dair_P.win_ticks += now - tj;
+    /* Small jobs do not count for participation: a caller may finish two short chunks before an
+     * awake worker has even seen the job. */
     if (nchunks >= 4) {
-        dair_P.win_jobs++;
         dair_P.win_chunks += nchunks;
         dair_P.win_worker += nchunks - mine;
     }
-    if (dair_P.win_jobs >= DAIR_WIN_JOBS) {
-        if (dair_P.win_worker * DAIR_WIN_SHARE < dair_P.win_chunks) {
-            dair_P.solo_until = DAIR_TICKS() + DAIR_SOLO_TICKS;
-            dair_P.st.solo_periods++;
-        }
-        dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
-    }
-    dair_P.st.job_ticks += DAIR_TICKS() - tj;
+    if (++dair_P.win_jobs >= DAIR_WIN_JOBS)
+        dair_pool_window_end(now);
     atomic_flag_clear(&dair_P.busy);
 }
 
@@ -414,11 +459,18 @@ static void dair_pool_set_threads(int n) {
      * switching back and forth (a measurement of both counts) then costs no thread start. */
     dair_P.threads = n;
     dair_P.solo_until = 0;
+    dair_P.backoff = 0;
     dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
+    dair_P.win_ticks = dair_P.win_stall = 0;
     atomic_flag_clear(&dair_P.busy);
 }
 
-static dair_pool_stats dair_pool_get_stats(void) { return dair_P.st; }
+static dair_pool_stats dair_pool_get_stats(void) {
+    dair_pool_stats st = dair_P.st;
+    st.solo_now = dair_P.solo_until && DAIR_TICKS() < dair_P.solo_until;
+    st.ticks_per_us = dair_P.tpus;
+    return st;
+}
 
 static const dair_pool_api dair_pool_impl = {dair_pool_parallel, dair_pool_get_threads, dair_pool_set_threads};
 

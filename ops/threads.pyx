@@ -20,7 +20,7 @@ cdef extern from "pool.h":
     const dair_pool_api dair_pool_impl
     ctypedef struct dair_pool_stats:
         unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
-        unsigned long long solo_periods, wakes, job_ticks, steals
+        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_now, ticks_per_us
     dair_pool_stats dair_pool_get_stats()
     int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
     void dair_pool_set_threads "dair_pool_impl.set_threads"(int n) nogil
@@ -43,10 +43,23 @@ def get_num_threads() -> int:
 
 
 def pool_stats() -> dict:
-    """Counters of the worker pool since start: parallel jobs, jobs run on the caller alone
-    (after a stalled worker), chunks, chunks run by workers, waits for a worker's chunk and
-    their total and longest duration (TSC ticks), and how often a stall switched to solo mode."""
+    """Counters of the worker pool since start: parallel jobs, jobs run on the caller alone (in a
+    solo period), chunks, chunks run by workers, chunks the caller took over from a worker's range
+    (steals), waits for a worker's chunk, their total and longest duration (ticks_per_us ticks a
+    microsecond), stalls (waits over 100 us), solo periods begun, and whether one is on now."""
     return dict(dair_pool_get_stats())
+
+
+def pool_summary() -> dict:
+    """What the pool did since start, for benchmarks and status: threads, parallel jobs, the share
+    of chunks the workers ran, the share of jobs run by the caller alone (solo periods after a
+    stalled or absent worker) and how many such periods began."""
+    st = pool_stats()
+    jobs = st["jobs"]
+    return {"threads": get_num_threads(), "jobs": jobs,
+            "worker_share": round(st["worker_chunks"] / st["chunks"], 3) if st["chunks"] else 0.0,
+            "solo_share": round(st["serial_jobs"] / jobs, 3) if jobs else 0.0,
+            "solo_periods": st["solo_periods"], "stalls": st["stalls"], "solo_stalled": st["solo_stalled"], "solo_absent": st["solo_absent"], "solo_now": bool(st["solo_now"])}
 
 
 # Start with OpenMP's default (OMP_NUM_THREADS or one per core).
