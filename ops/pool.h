@@ -42,7 +42,7 @@ typedef struct {
 
 typedef struct {
     unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods, wakes,
-        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_now, ticks_per_us;
+        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_now, ticks_per_us, delay_ns, window_ns;
 } dair_pool_stats;
 
 /* this module's view of the process-wide pool (NULL: run serially) */
@@ -65,12 +65,16 @@ static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool
 #define _GNU_SOURCE /* sched_getcpu, CPU_SET */
 #endif
 
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -118,16 +122,20 @@ static dair_line dair_ran[DAIR_POOL_MAX];  /* thread t: chunks it completed of t
 static struct {
     _Atomic uint32_t futex_word;
     _Atomic int sleepers;
+    _Atomic int parked; /* set by dair_pool_park: spinning workers sleep now; cleared by the next job */
     atomic_flag busy; /* one caller at a time; others run their loop serially */
     int threads;      /* wanted, including the caller */
     int running;      /* worker threads started */
     uint64_t gen;     /* of the last job published (the caller's; even seq = 2 * gen) */
     pthread_t tid[DAIR_POOL_MAX];
+    _Atomic int wtid[DAIR_POOL_MAX]; /* kernel thread ids of the workers (for their schedstat) */
     uint64_t tpus;       /* ticks per microsecond (dair_pool_calibrate) */
     uint64_t solo_until; /* ticks: run jobs on the caller alone until then (see dair_pool_window_end) */
     int backoff;         /* bad windows in a row: the next solo period is 2^backoff times the first */
     unsigned win_jobs, win_chunks, win_worker; /* the current window of parallel jobs: their chunks, */
-    uint64_t win_ticks, win_stall;             /* those the workers ran, their time, stalls' time */
+    uint64_t win_ticks, win_stall;             /* those the workers ran, their time, stalls' time, */
+    uint64_t win_ns, win_delay;                /* and its start: clock, our threads' run-queue wait */
+    int win_caller;                            /* and the caller's thread id */
     dair_pool_stats st;
 } __attribute__((aligned(64))) dair_P = {.busy = ATOMIC_FLAG_INIT};
 
@@ -240,6 +248,7 @@ static void *dair_pool_main(void *arg) {
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the Python main thread's business */
     const intptr_t a = (intptr_t)arg;
     const int self = (int)(a >> 16);
+    atomic_store(&dair_P.wtid[self], (int)syscall(SYS_gettid));
     dair_pool_leave_cpu((int)(a & 0xffff) - 1);
     uint64_t done_gen = (atomic_load(&dair_job.seq) >> 1) & DAIR_GEN_MASK; /* jobs before this thread: not ours */
     for (;;) {
@@ -254,7 +263,8 @@ static void *dair_pool_main(void *arg) {
             continue;
         }
         const uint64_t t0 = DAIR_TICKS(), spin = (uint64_t)DAIR_SPIN_US * dair_P.tpus;
-        while (!dair_job_waiting(done_gen) && DAIR_TICKS() - t0 < spin)
+        while (!dair_job_waiting(done_gen) && DAIR_TICKS() - t0 < spin &&
+               !atomic_load_explicit(&dair_P.parked, memory_order_relaxed))
             DAIR_PAUSE();
         if (dair_job_waiting(done_gen))
             continue;
@@ -319,16 +329,18 @@ static void dair_pool_ensure_started(void) {
 
 /* When to run jobs on the caller alone. A worker preempted in the middle of a chunk makes the
  * caller wait for it, for a scheduler time slice or more when the machine is oversubscribed
- * (a "stall"); a worker that hardly takes part (the other cores busy with other work) makes
- * every job pay for its publication and wake-up for nothing. Both are measured over windows of
- * DAIR_WIN_JOBS parallel jobs: a window whose stalls took more than 1/DAIR_WIN_STALLED of its
- * time (about what a second thread saves in a decode step), or whose workers ran less than
- * 1/DAIR_WIN_ABSENT of its chunks, starts a solo period, where the
- * caller runs every job alone and the workers sleep. A solo period lasts DAIR_SOLO_US, doubled
- * for each bad window in a row (up to 2^DAIR_SOLO_MAX_DOUBLING times), so a busy machine spends
- * ever less time trying, and a machine that turns idle is used again within a second. A single
- * short stall on an otherwise idle machine (another process running for a moment) no longer
- * costs a solo period: it is a small part of its window. */
+ * (a stall: a wait over DAIR_STALL_US); a worker that hardly takes part (the other cores busy
+ * with other work) makes every job pay for its publication and wake-up for nothing. Both are
+ * measured over windows of DAIR_WIN_JOBS parallel jobs: a window where the caller spent more than
+ * 1/DAIR_WIN_STALLED of its time waiting for workers (about what a second thread saves in a
+ * decode step), or whose workers ran less than 1/DAIR_WIN_ABSENT of its chunks, or where our
+ * threads together waited for a CPU (the kernel's schedstat) more than 1/DAIR_WIN_CROWDED of its
+ * time, starts a solo period, where the caller runs every job alone and the workers sleep. A solo period lasts
+ * DAIR_SOLO_US times 2^backoff; backoff grows by one with each bad window (up to
+ * DAIR_SOLO_MAX_DOUBLING) and shrinks by one with each good one, so a busy machine spends ever
+ * less time trying, a machine that turns idle is used again within a second or two, and a single
+ * short stall on an otherwise idle machine (another process running for a moment) is only a
+ * small part of its window. */
 #ifndef DAIR_STALL_US
 #define DAIR_STALL_US 100
 #endif
@@ -341,6 +353,9 @@ static void dair_pool_ensure_started(void) {
 #ifndef DAIR_WIN_ABSENT
 #define DAIR_WIN_ABSENT 8
 #endif
+#ifndef DAIR_WIN_CROWDED
+#define DAIR_WIN_CROWDED 4
+#endif
 #ifndef DAIR_SOLO_US
 #define DAIR_SOLO_US 20000
 #endif
@@ -348,21 +363,74 @@ static void dair_pool_ensure_started(void) {
 #define DAIR_SOLO_MAX_DOUBLING 6
 #endif
 
+static uint64_t dair_now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
+}
+
+/* Nanoseconds thread tid has spent runnable but waiting for a CPU (schedstat's second field);
+ * 0 where the kernel does not say. */
+static uint64_t dair_run_delay(int tid) {
+    char path[64], buf[96];
+    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strchr(buf, ' ');
+    return p ? strtoull(p + 1, NULL, 10) : 0;
+}
+
+/* Run-queue wait of the caller and the workers so far. */
+static uint64_t dair_pool_delay(int caller, int T) {
+    uint64_t d = dair_run_delay(caller);
+    for (int t = 1; t < T; t++) {
+        int tid = atomic_load_explicit(&dair_P.wtid[t], memory_order_relaxed);
+        if (tid > 0)
+            d += dair_run_delay(tid);
+    }
+    return d;
+}
+
+static void dair_pool_window_start(void) {
+    dair_P.win_caller = (int)syscall(SYS_gettid);
+    dair_P.win_ns = dair_now_ns();
+    dair_P.win_delay = dair_pool_delay(dair_P.win_caller, dair_P.threads);
+}
+
 static void dair_pool_window_end(uint64_t now) {
     int stalled = dair_P.win_stall * DAIR_WIN_STALLED > dair_P.win_ticks;
     int absent = dair_P.win_worker * DAIR_WIN_ABSENT < dair_P.win_chunks;
+    /* Our threads waited for a CPU for a good part of the window: the cores are shared with
+     * other work, and a spinning worker only takes CPU time from its own caller (the scheduler
+     * divides a process group's share between its runnable threads). */
+    int crowded = 0;
+    if (dair_P.win_ns && dair_P.win_caller == (int)syscall(SYS_gettid)) {
+        uint64_t wall = dair_now_ns() - dair_P.win_ns;
+        uint64_t delay = dair_pool_delay(dair_P.win_caller, dair_P.threads) - dair_P.win_delay;
+        crowded = delay * DAIR_WIN_CROWDED > wall;
+        dair_P.st.delay_ns += delay;
+        dair_P.st.window_ns += wall;
+    }
     dair_P.st.solo_stalled += stalled;
     dair_P.st.solo_absent += absent && !stalled;
-    if (stalled || absent) {
+    dair_P.st.solo_crowded += crowded && !stalled && !absent;
+    if (stalled || absent || crowded) {
         dair_P.solo_until = now + (((uint64_t)DAIR_SOLO_US * dair_P.tpus) << dair_P.backoff);
         dair_P.st.solo_periods++;
         if (dair_P.backoff < DAIR_SOLO_MAX_DOUBLING)
             dair_P.backoff++;
-    } else {
-        dair_P.backoff = 0;
+    } else if (dair_P.backoff > 0) {
+        dair_P.backoff--; /* one good window does not prove the machine idle again */
     }
     dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
     dair_P.win_ticks = dair_P.win_stall = 0;
+    dair_P.win_ns = 0; /* the next window starts with its first parallel job */
 }
 
 static inline int dair_pool_ran_by_workers(uint64_t gen, int T) {
@@ -391,6 +459,8 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         return;
     }
     dair_pool_ensure_started();
+    if (dair_P.win_ns == 0)
+        dair_pool_window_start();
     const int T = dair_P.threads < nchunks ? dair_P.threads : nchunks;
     const uint64_t gen = (dair_P.gen + 1) & DAIR_GEN_MASK;
     dair_P.gen = gen;
@@ -402,6 +472,7 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
     atomic_store_explicit(&dair_job.ctx, ctx, memory_order_relaxed);
     atomic_store_explicit(&dair_job.nchunks, nchunks, memory_order_relaxed);
     atomic_store_explicit(&dair_job.nthreads, T, memory_order_relaxed);
+    atomic_store_explicit(&dair_P.parked, 0, memory_order_relaxed);
     atomic_store(&dair_job.seq, 2 * gen); /* seq_cst: pairs with a worker's sleepers increment */
     const uint64_t tj = DAIR_TICKS();
     if (atomic_load(&dair_P.sleepers) > 0) {
@@ -425,10 +496,9 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         dair_P.st.wait_ticks += dt;
         if (dt > dair_P.st.max_wait_ticks)
             dair_P.st.max_wait_ticks = dt;
-        if (dt > (uint64_t)DAIR_STALL_US * dair_P.tpus) {
+        dair_P.win_stall += dt;
+        if (dt > (uint64_t)DAIR_STALL_US * dair_P.tpus)
             dair_P.st.stalls++;
-            dair_P.win_stall += dt;
-        }
     }
     dair_P.st.worker_chunks += nchunks - mine;
     const uint64_t now = DAIR_TICKS();
@@ -462,8 +532,13 @@ static void dair_pool_set_threads(int n) {
     dair_P.backoff = 0;
     dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
     dair_P.win_ticks = dair_P.win_stall = 0;
+    dair_P.win_ns = 0;
     atomic_flag_clear(&dair_P.busy);
 }
+
+/* The caller is going idle (a stage waiting for its next message): workers stop spinning and
+ * sleep until the next job, instead of holding a core that the next stage or the bus needs. */
+static void dair_pool_park(void) { atomic_store_explicit(&dair_P.parked, 1, memory_order_relaxed); }
 
 static dair_pool_stats dair_pool_get_stats(void) {
     dair_pool_stats st = dair_P.st;

@@ -20,8 +20,9 @@ cdef extern from "pool.h":
     const dair_pool_api dair_pool_impl
     ctypedef struct dair_pool_stats:
         unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
-        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_now, ticks_per_us
+        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_now, ticks_per_us, delay_ns, window_ns
     dair_pool_stats dair_pool_get_stats()
+    void dair_pool_park() nogil
     int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
     void dair_pool_set_threads "dair_pool_impl.set_threads"(int n) nogil
 
@@ -42,6 +43,12 @@ def get_num_threads() -> int:
     return dair_pool_get_threads()
 
 
+def park() -> None:
+    """Say the caller is going idle (a stage about to wait for its next message): workers that
+    spin for the next job sleep at once, leaving the cores to the other processes of a pipeline."""
+    dair_pool_park()
+
+
 def pool_stats() -> dict:
     """Counters of the worker pool since start: parallel jobs, jobs run on the caller alone (in a
     solo period), chunks, chunks run by workers, chunks the caller took over from a worker's range
@@ -59,7 +66,7 @@ def pool_summary() -> dict:
     return {"threads": get_num_threads(), "jobs": jobs,
             "worker_share": round(st["worker_chunks"] / st["chunks"], 3) if st["chunks"] else 0.0,
             "solo_share": round(st["serial_jobs"] / jobs, 3) if jobs else 0.0,
-            "solo_periods": st["solo_periods"], "stalls": st["stalls"], "solo_stalled": st["solo_stalled"], "solo_absent": st["solo_absent"], "solo_now": bool(st["solo_now"])}
+            "solo_periods": st["solo_periods"], "stalls": st["stalls"], "solo_stalled": st["solo_stalled"], "solo_absent": st["solo_absent"], "solo_crowded": st["solo_crowded"], "solo_now": bool(st["solo_now"])}
 
 
 # Start with OpenMP's default (OMP_NUM_THREADS or one per core).

@@ -23,6 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from dair import security
 from dair.bus import protocol as P
 from dair.model.digests import FileDigests
+from dair.ops.threads import park
 from dair.stages.compute import Compute
 
 ZERO_COPY_MIN = 1 << 16
@@ -235,7 +236,10 @@ class Link:
                     with self._lock:
                         for frames in self.compute.outbox:
                             self._send_frames(frames)
+                        idle = not self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN
                     self.compute.outbox.clear()
+                    if idle:  # nothing queued: the kernel threads' spinning would only slow the next hop
+                        park()
                 if self.compute.fatal:
                     print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
                     return 2
