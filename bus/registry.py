@@ -110,6 +110,8 @@ class Node:
             # The engine's budget once it runs (the heartbeat), else the one announced at register.
             "max_ram": int(self.stage_stats.get("max_ram") or self.max_ram or 0),
             "cpu": self.cpu, "threads": self.threads, "wire": self.wire,
+            # The kernel pool's choice since the stage's last heartbeat (dair.ops.threads.pool_choice).
+            "pool": _pool(self.stage_stats.get("pool")),
             "msgs_in": self.msgs_in, "msgs_out": self.msgs_out,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "hop_ms_p50": ms(self.hop_s.pct(50)), "hop_ms_p95": ms(self.hop_s.pct(95)),
@@ -140,6 +142,23 @@ class Node:
             "kv_bytes_per_token": int(self.stage_stats.get("kv_bytes_per_token", 0) or 0),
             "max_context": int(self.stage_stats.get("max_context", 0) or 0),
         }
+
+
+_POOL_WHY = ("", "stalled", "absent", "crowded")
+
+
+def _pool(v: Any) -> dict[str, Any]:
+    """A stage's reported pool choice, checked field by field (what a stage sends is untrusted)."""
+    v = v if isinstance(v, dict) else {}
+
+    def count(x: Any) -> int:
+        return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 4096 else 0
+
+    share = v.get("parallel_share")
+    ok = isinstance(share, (int, float)) and not isinstance(share, bool) and 0.0 <= share <= 1.0
+    return {"threads": count(v.get("threads")), "using": count(v.get("using")),
+            "parallel_share": float(share) if ok else None,
+            "why": v.get("why") if v.get("why") in _POOL_WHY else ""}
 
 
 def _spans(layers: list[int]) -> list[tuple[int, int]]:

@@ -42,7 +42,7 @@ typedef struct {
 
 typedef struct {
     unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods, wakes,
-        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_now, ticks_per_us, delay_ns, window_ns;
+        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns;
 } dair_pool_stats;
 
 /* this module's view of the process-wide pool (NULL: run serially) */
@@ -420,6 +420,8 @@ static void dair_pool_window_end(uint64_t now) {
     dair_P.st.solo_stalled += stalled;
     dair_P.st.solo_absent += absent && !stalled;
     dair_P.st.solo_crowded += crowded && !stalled && !absent;
+    if (stalled || absent || crowded)
+        dair_P.st.solo_why = stalled ? 1 : absent ? 2 : 3;
     if (stalled || absent || crowded) {
         dair_P.solo_until = now + (((uint64_t)DAIR_SOLO_US * dair_P.tpus) << dair_P.backoff);
         dair_P.st.solo_periods++;

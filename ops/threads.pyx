@@ -20,7 +20,7 @@ cdef extern from "pool.h":
     const dair_pool_api dair_pool_impl
     ctypedef struct dair_pool_stats:
         unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
-        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_now, ticks_per_us, delay_ns, window_ns
+        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns
     dair_pool_stats dair_pool_get_stats()
     void dair_pool_park() nogil
     int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
@@ -57,16 +57,42 @@ def pool_stats() -> dict:
     return dict(dair_pool_get_stats())
 
 
+_WHY = ("", "stalled", "absent", "crowded")
+
+
 def pool_summary() -> dict:
-    """What the pool did since start, for benchmarks and status: threads, parallel jobs, the share
-    of chunks the workers ran, the share of jobs run by the caller alone (solo periods after a
-    stalled or absent worker) and how many such periods began."""
+    """What the pool did since start, for benchmarks: threads, parallel jobs, the share of chunks
+    the workers ran, the share of jobs the caller ran alone (solo periods), how many solo periods
+    began for each reason (stalled: waits for a preempted worker; absent: workers hardly took
+    part; crowded: our threads waited for a CPU) and whether one is on now."""
     st = pool_stats()
     jobs = st["jobs"]
     return {"threads": get_num_threads(), "jobs": jobs,
             "worker_share": round(st["worker_chunks"] / st["chunks"], 3) if st["chunks"] else 0.0,
             "solo_share": round(st["serial_jobs"] / jobs, 3) if jobs else 0.0,
-            "solo_periods": st["solo_periods"], "stalls": st["stalls"], "solo_stalled": st["solo_stalled"], "solo_absent": st["solo_absent"], "solo_crowded": st["solo_crowded"], "solo_now": bool(st["solo_now"])}
+            "solo_stalled": st["solo_stalled"], "solo_absent": st["solo_absent"],
+            "solo_crowded": st["solo_crowded"], "solo_now": bool(st["solo_now"])}
+
+
+_seen = {"jobs": 0, "serial_jobs": 0, "choice": None}
+
+
+def pool_choice() -> dict:
+    """The pool's choice over the jobs since the previous call (a stage's heartbeat; an idle period
+    repeats the last answer): threads configured, threads in use (1 when most jobs ran solo), the
+    share of jobs run in parallel, and why the last solo period began ("stalled", "absent",
+    "crowded"; "" when running in parallel)."""
+    st = pool_stats()
+    jobs, serial = st["jobs"] - _seen["jobs"], st["serial_jobs"] - _seen["serial_jobs"]
+    n = get_num_threads()
+    if jobs == 0 and _seen["choice"] is not None and _seen["choice"]["threads"] == n:
+        return _seen["choice"]
+    solo = n > 1 and (bool(st["solo_now"]) if jobs == 0 else serial * 2 > jobs)
+    choice = {"threads": n, "using": 1 if solo else n,
+              "parallel_share": round(1 - serial / jobs, 3) if jobs else None,
+              "why": _WHY[st["solo_why"]] if solo else ""}
+    _seen.update(jobs=st["jobs"], serial_jobs=st["serial_jobs"], choice=choice)
+    return choice
 
 
 # Start with OpenMP's default (OMP_NUM_THREADS or one per core).

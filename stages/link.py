@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from dair import security
 from dair.bus import protocol as P
 from dair.model.digests import FileDigests
-from dair.ops.threads import park
+from dair.ops.threads import park, pool_choice
 from dair.stages.compute import Compute
 
 ZERO_COPY_MIN = 1 << 16
@@ -151,7 +151,7 @@ class Link:
                 "batched_segments": c.batched_segments, "max_batch": c.max_batch_seen,
                 "compute_s": round(c.compute_s, 4), "first": c.first, "last": c.last,
                 "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0,
-                **_residency_stats(eng), **_kv_stats(eng)}
+                "pool": pool_choice(), **_residency_stats(eng), **_kv_stats(eng)}
 
     def _shown_state(self) -> str:
         """What the dashboard shows: a ready stage is "busy" if it computed since the last

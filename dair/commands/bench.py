@@ -110,6 +110,11 @@ def handle(args: argparse.Namespace) -> int:
                 print(f"{row['threads']:>7} {eng:>11} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {rss}")
         if "decode_ratio" in row:
             print(f"{'':>7} {'ratio':>11} {row['prefill_ratio']:>13.2f}x {row['decode_ratio']:>12.2f}x")
+        pool = row["dair"].get("pool") or {}
+        if pool.get("threads", 1) > 1:  # what the kernel pool chose (dair.ops.threads.pool_summary)
+            print(f"{'':>7} {'dair pool':>11} workers ran {pool['worker_share']:.0%} of chunks; {pool['solo_share']:.0%} "
+                  f"of jobs on one thread (solo periods: {pool['solo_stalled']} stalled, {pool['solo_absent']} absent, "
+                  f"{pool['solo_crowded']} crowded)")
     first = rows[0]["dair"]
     if "arch" in first:
         moe = (f", {first['experts_per_token']} experts computed per token over all layers (a prefill batch "

@@ -27,6 +27,16 @@ def _kv(n: dict) -> str:
     return f"{n['kv_type']} {_mb(n.get('kv_bytes'))} {(n.get('kv_bytes_per_token') or 0) / 1024:.0f}K/t"
 
 
+def _threads(n: dict) -> str:
+    """'2/2', or '1/2 crowded': kernel threads in use of those configured, and why the pool runs
+    alone when it does (see dair.ops.threads.pool_choice); the configured count before the stage
+    has reported."""
+    p = n.get("pool") or {}
+    if not p.get("threads"):
+        return str(n.get("threads", "-"))
+    return f"{p['using']}/{p['threads']}" + (f" {p['why']}" if p.get("why") else "")
+
+
 def handle(args: argparse.Namespace) -> int:
     from dair.bus.client import BusClient
     from dair.commands.common import keys_from_args
@@ -45,13 +55,14 @@ def handle(args: argparse.Namespace) -> int:
     m = st["model"]
     print(f"bus {addr}: model {m['name']} ({m['n_layers']} layers), ready: {'yes' if st['ready'] else 'no'}")
     print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss/budget':>11} {'mode':9} {'cpu%':>5} "
-          f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6} {'kv cache':>13}")
+          f"{'threads':>13} {'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6} {'kv cache':>13}")
     for n in st["nodes"]:
         hop = "-" if n["hop_ms_p50"] is None else f"{n['hop_ms_p50']:.1f}/{n['hop_ms_p95']:.1f}"
         ram = _mb(n["rss"]) + ("/" + _mb(n["max_ram"]) if n.get("max_ram") else "")
         layers = f"{n['first']:>3}-{n['last']:<3}" if n["first"] >= 0 else f"{'-':>7}"
         print(f"{n['node']:5} {n['name'][:14]:14} {layers} {n['state']:9} {n['pid']:>7} "
-              f"{ram:>11} {n.get('mode') or '-':9} {n['cpu']:>5.0f} {hop:>15} {_mb(n['bytes_in']):>7} {_mb(n['bytes_out']):>7} "
+              f"{ram:>11} {n.get('mode') or '-':9} {n['cpu']:>5.0f} {_threads(n):>13} {hop:>15} {_mb(n['bytes_in']):>7} "
+              f"{_mb(n['bytes_out']):>7} "
               f"{n['heartbeat_age_s']:>6.1f} {_kv(n):>13}")
     for n in st["nodes"]:
         if n.get("moe_layers"):
