@@ -542,6 +542,16 @@ static void dair_pool_set_threads(int n) {
  * sleep until the next job, instead of holding a core that the next stage or the bus needs. */
 static void dair_pool_park(void) { atomic_store_explicit(&dair_P.parked, 1, memory_order_relaxed); }
 
+/* Work is coming (a stage has just received a message): wake sleeping workers now, so that the
+ * scheduler has them running by the first job instead of a wake-up latency into it. */
+static void dair_pool_wake(void) {
+    atomic_store(&dair_P.parked, 0);
+    if (dair_P.threads > 1 && atomic_load(&dair_P.sleepers) > 0) {
+        atomic_fetch_add(&dair_P.futex_word, 1);
+        dair_futex_wake_all(&dair_P.futex_word);
+    }
+}
+
 static dair_pool_stats dair_pool_get_stats(void) {
     dair_pool_stats st = dair_P.st;
     st.solo_now = dair_P.solo_until && DAIR_TICKS() < dair_P.solo_until;

@@ -23,6 +23,7 @@ cdef extern from "pool.h":
         unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns
     dair_pool_stats dair_pool_get_stats()
     void dair_pool_park() nogil
+    void dair_pool_wake() nogil
     int dair_pool_get_threads "dair_pool_impl.get_threads"() nogil
     void dair_pool_set_threads "dair_pool_impl.set_threads"(int n) nogil
 
@@ -47,6 +48,12 @@ def park() -> None:
     """Say the caller is going idle (a stage about to wait for its next message): workers that
     spin for the next job sleep at once, leaving the cores to the other processes of a pipeline."""
     dair_pool_park()
+
+
+def wake() -> None:
+    """Say work is coming (a stage that has just received a message): sleeping workers are woken
+    now, so that they are running by the first kernel call instead of waking up during it."""
+    dair_pool_wake()
 
 
 def pool_stats() -> dict:

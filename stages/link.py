@@ -23,7 +23,7 @@ from zmq.utils.monitor import recv_monitor_message
 from dair import security
 from dair.bus import protocol as P
 from dair.model.digests import FileDigests
-from dair.ops.threads import park, pool_choice
+from dair.ops.threads import park, pool_choice, wake
 from dair.stages.compute import Compute
 
 ZERO_COPY_MIN = 1 << 16
@@ -226,6 +226,7 @@ class Link:
                     continue
                 last_heard = now
                 if batch:
+                    wake()  # the kernel threads wake up while the batch is decoded
                     was = self.compute.state
                     self.compute.process(batch)
                     if self.compute.state != was:
