@@ -38,11 +38,13 @@ typedef struct {
     void (*parallel)(int nchunks, dair_task_fn fn, void *ctx);
     int (*get_threads)(void);
     void (*set_threads)(int n);
+    /* threads a job started now would run on: 1 during a solo period (see dair_pool_window_end) */
+    int (*effective_threads)(void);
 } dair_pool_api;
 
 typedef struct {
     unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods, wakes,
-        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns;
+        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns, solo_ticks, since_ticks;
 } dair_pool_stats;
 
 /* this module's view of the process-wide pool (NULL: run serially) */
@@ -57,7 +59,9 @@ static inline void dair_parallel_for(int nchunks, dair_task_fn fn, void *ctx) {
     }
 }
 
-static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool->get_threads() : 1; }
+/* Threads to split a job for: kernels cut their work into this many times a few chunks. During a
+ * solo period it is 1, so a job runs as one piece rather than as many chunks in a row. */
+static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool->effective_threads() : 1; }
 
 #ifdef DAIR_POOL_IMPL
 
@@ -131,6 +135,8 @@ static struct {
     _Atomic int wtid[DAIR_POOL_MAX]; /* kernel thread ids of the workers (for their schedstat) */
     uint64_t tpus;       /* ticks per microsecond (dair_pool_calibrate) */
     uint64_t solo_until; /* ticks: run jobs on the caller alone until then (see dair_pool_window_end) */
+    uint64_t solo_start, solo_done; /* the current solo period's start; the length of those before */
+    uint64_t first_tick;            /* the first parallel job's time */
     int backoff;         /* bad windows in a row: the next solo period is 2^backoff times the first */
     unsigned win_jobs, win_chunks, win_worker; /* the current window of parallel jobs: their chunks, */
     uint64_t win_ticks, win_stall;             /* those the workers ran, their time, stalls' time, */
@@ -333,9 +339,9 @@ static void dair_pool_ensure_started(void) {
  * with other work) makes every job pay for its publication and wake-up for nothing. Both are
  * measured over windows of DAIR_WIN_JOBS parallel jobs: a window where the caller spent more than
  * 1/DAIR_WIN_STALLED of its time waiting for workers (about what a second thread saves in a
- * decode step), or whose workers ran less than 1/DAIR_WIN_ABSENT of its chunks, or where our
- * threads together waited for a CPU (the kernel's schedstat) more than 1/DAIR_WIN_CROWDED of its
- * time, starts a solo period, where the caller runs every job alone and the workers sleep. A solo period lasts
+ * decode step), or whose workers ran less than 1/DAIR_WIN_ABSENT of its chunks, or where the
+ * caller waited for a CPU (the kernel's schedstat) more than 1/DAIR_WIN_CROWDED of its time,
+ * starts a solo period, where the caller runs every job alone and the workers sleep. A solo period lasts
  * DAIR_SOLO_US times 2^backoff; backoff grows by one with each bad window (up to
  * DAIR_SOLO_MAX_DOUBLING) and shrinks by one with each good one, so a busy machine spends ever
  * less time trying, a machine that turns idle is used again within a second or two, and a single
@@ -386,33 +392,23 @@ static uint64_t dair_run_delay(int tid) {
     return p ? strtoull(p + 1, NULL, 10) : 0;
 }
 
-/* Run-queue wait of the caller and the workers so far. */
-static uint64_t dair_pool_delay(int caller, int T) {
-    uint64_t d = dair_run_delay(caller);
-    for (int t = 1; t < T; t++) {
-        int tid = atomic_load_explicit(&dair_P.wtid[t], memory_order_relaxed);
-        if (tid > 0)
-            d += dair_run_delay(tid);
-    }
-    return d;
-}
-
 static void dair_pool_window_start(void) {
     dair_P.win_caller = (int)syscall(SYS_gettid);
     dair_P.win_ns = dair_now_ns();
-    dair_P.win_delay = dair_pool_delay(dair_P.win_caller, dair_P.threads);
+    dair_P.win_delay = dair_run_delay(dair_P.win_caller);
 }
 
 static void dair_pool_window_end(uint64_t now) {
     int stalled = dair_P.win_stall * DAIR_WIN_STALLED > dair_P.win_ticks;
     int absent = dair_P.win_worker * DAIR_WIN_ABSENT < dair_P.win_chunks;
-    /* Our threads waited for a CPU for a good part of the window: the cores are shared with
-     * other work, and a spinning worker only takes CPU time from its own caller (the scheduler
-     * divides a process group's share between its runnable threads). */
+    /* The caller waited for a CPU for a good part of the window: the cores are shared with other
+     * work, and a spinning worker only takes CPU time from its own caller (the scheduler divides
+     * a process group's share between its runnable threads). A worker's own waits show as
+     * stalls or absence. */
     int crowded = 0;
     if (dair_P.win_ns && dair_P.win_caller == (int)syscall(SYS_gettid)) {
         uint64_t wall = dair_now_ns() - dair_P.win_ns;
-        uint64_t delay = dair_pool_delay(dair_P.win_caller, dair_P.threads) - dair_P.win_delay;
+        uint64_t delay = dair_run_delay(dair_P.win_caller) - dair_P.win_delay;
         crowded = delay * DAIR_WIN_CROWDED > wall;
         dair_P.st.delay_ns += delay;
         dair_P.st.window_ns += wall;
@@ -423,6 +419,9 @@ static void dair_pool_window_end(uint64_t now) {
     if (stalled || absent || crowded)
         dair_P.st.solo_why = stalled ? 1 : absent ? 2 : 3;
     if (stalled || absent || crowded) {
+        if (dair_P.solo_start) /* the previous period is over: a window ends only in a parallel job */
+            dair_P.solo_done += dair_P.solo_until - dair_P.solo_start;
+        dair_P.solo_start = now;
         dair_P.solo_until = now + (((uint64_t)DAIR_SOLO_US * dair_P.tpus) << dair_P.backoff);
         dair_P.st.solo_periods++;
         if (dair_P.backoff < DAIR_SOLO_MAX_DOUBLING)
@@ -461,6 +460,8 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
         return;
     }
     dair_pool_ensure_started();
+    if (dair_P.first_tick == 0)
+        dair_P.first_tick = DAIR_TICKS();
     if (dair_P.win_ns == 0)
         dair_pool_window_start();
     const int T = dair_P.threads < nchunks ? dair_P.threads : nchunks;
@@ -530,6 +531,11 @@ static void dair_pool_set_threads(int n) {
     /* Workers beyond the new count stay, asleep: jobs name the threads they are split over, and
      * switching back and forth (a measurement of both counts) then costs no thread start. */
     dair_P.threads = n;
+    if (dair_P.solo_start) {
+        uint64_t now = DAIR_TICKS();
+        dair_P.solo_done += (now < dair_P.solo_until ? now : dair_P.solo_until) - dair_P.solo_start;
+        dair_P.solo_start = 0;
+    }
     dair_P.solo_until = 0;
     dair_P.backoff = 0;
     dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
@@ -554,12 +560,23 @@ static void dair_pool_wake(void) {
 
 static dair_pool_stats dair_pool_get_stats(void) {
     dair_pool_stats st = dair_P.st;
-    st.solo_now = dair_P.solo_until && DAIR_TICKS() < dair_P.solo_until;
+    const uint64_t now = DAIR_TICKS();
+    st.solo_now = dair_P.solo_until && now < dair_P.solo_until;
+    st.solo_ticks = dair_P.solo_done +
+                    (dair_P.solo_start ? (now < dair_P.solo_until ? now : dair_P.solo_until) - dair_P.solo_start : 0);
+    st.since_ticks = dair_P.first_tick ? now - dair_P.first_tick : 0;
     st.ticks_per_us = dair_P.tpus;
     return st;
 }
 
-static const dair_pool_api dair_pool_impl = {dair_pool_parallel, dair_pool_get_threads, dair_pool_set_threads};
+static int dair_pool_effective_threads(void) {
+    if (dair_P.threads <= 1 || (dair_P.solo_until && DAIR_TICKS() < dair_P.solo_until))
+        return 1;
+    return dair_P.threads;
+}
+
+static const dair_pool_api dair_pool_impl = {dair_pool_parallel, dair_pool_get_threads, dair_pool_set_threads,
+                                             dair_pool_effective_threads};
 
 #endif /* DAIR_POOL_IMPL */
 #endif

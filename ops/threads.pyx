@@ -20,7 +20,7 @@ cdef extern from "pool.h":
     const dair_pool_api dair_pool_impl
     ctypedef struct dair_pool_stats:
         unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks
-        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns
+        unsigned long long solo_periods, wakes, job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns, solo_ticks, since_ticks
     dair_pool_stats dair_pool_get_stats()
     void dair_pool_park() nogil
     void dair_pool_wake() nogil
@@ -68,37 +68,38 @@ _WHY = ("", "stalled", "absent", "crowded")
 
 
 def pool_summary() -> dict:
-    """What the pool did since start, for benchmarks: threads, parallel jobs, the share of chunks
-    the workers ran, the share of jobs the caller ran alone (solo periods), how many solo periods
-    began for each reason (stalled: waits for a preempted worker; absent: workers hardly took
-    part; crowded: our threads waited for a CPU) and whether one is on now."""
+    """What the pool did since its first parallel job, for benchmarks: threads, parallel jobs, the
+    share of their chunks the workers ran, the share of time spent in solo periods (one thread;
+    jobs are then cut for one thread and do not reach the pool), how many solo periods began for
+    each reason (stalled: waits for a preempted worker; absent: workers hardly took part; crowded:
+    the caller waited for a CPU) and whether one is on now."""
     st = pool_stats()
-    jobs = st["jobs"]
-    return {"threads": get_num_threads(), "jobs": jobs,
+    return {"threads": get_num_threads(), "jobs": st["jobs"],
             "worker_share": round(st["worker_chunks"] / st["chunks"], 3) if st["chunks"] else 0.0,
-            "solo_share": round(st["serial_jobs"] / jobs, 3) if jobs else 0.0,
+            "solo_share": round(st["solo_ticks"] / st["since_ticks"], 3) if st["since_ticks"] else 0.0,
             "solo_stalled": st["solo_stalled"], "solo_absent": st["solo_absent"],
             "solo_crowded": st["solo_crowded"], "solo_now": bool(st["solo_now"])}
 
 
-_seen = {"jobs": 0, "serial_jobs": 0, "choice": None}
+_seen = {"solo": 0, "since": 0, "choice": None}
 
 
 def pool_choice() -> dict:
-    """The pool's choice over the jobs since the previous call (a stage's heartbeat; an idle period
-    repeats the last answer): threads configured, threads in use (1 when most jobs ran solo), the
-    share of jobs run in parallel, and why the last solo period began ("stalled", "absent",
+    """The pool's choice since the previous call (a stage's heartbeat; an idle period repeats the
+    last answer): threads configured, threads in use (1 when solo most of the time), the share of
+    the time it ran in parallel, and why the last solo period began ("stalled", "absent",
     "crowded"; "" when running in parallel)."""
     st = pool_stats()
-    jobs, serial = st["jobs"] - _seen["jobs"], st["serial_jobs"] - _seen["serial_jobs"]
     n = get_num_threads()
-    if jobs == 0 and _seen["choice"] is not None and _seen["choice"]["threads"] == n:
+    dt, solo = st["since_ticks"] - _seen["since"], st["solo_ticks"] - _seen["solo"]
+    busy = st["jobs"] != _seen.get("jobs")
+    if not busy and _seen["choice"] is not None and _seen["choice"]["threads"] == n:
         return _seen["choice"]
-    solo = n > 1 and (bool(st["solo_now"]) if jobs == 0 else serial * 2 > jobs)
-    choice = {"threads": n, "using": 1 if solo else n,
-              "parallel_share": round(1 - serial / jobs, 3) if jobs else None,
-              "why": _WHY[st["solo_why"]] if solo else ""}
-    _seen.update(jobs=st["jobs"], serial_jobs=st["serial_jobs"], choice=choice)
+    alone = n > 1 and (solo * 2 > dt if dt > 0 else bool(st["solo_now"]))
+    choice = {"threads": n, "using": 1 if alone else n,
+              "parallel_share": round(1 - solo / dt, 3) if dt > 0 and n > 1 else None,
+              "why": _WHY[st["solo_why"]] if alone else ""}
+    _seen.update(solo=st["solo_ticks"], since=st["since_ticks"], jobs=st["jobs"], choice=choice)
     return choice
 
 
