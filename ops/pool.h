@@ -105,10 +105,14 @@ static inline uint64_t dair_ns_ticks(void) {
 #define DAIR_IDX_MASK ((1ULL << DAIR_IDX_BITS) - 1)
 #define DAIR_GEN_MASK ((1ULL << (64 - DAIR_IDX_BITS)) - 1)
 
+/* Thread t's line: the claim counter of its range and the count of chunks it completed in the
+ * current job. Together, because both are the owner's to write while a job runs and the caller
+ * reads both at its end (one line to fetch from the other core instead of two). */
 typedef struct {
-    _Atomic uint64_t v;
-    char pad[64 - sizeof(uint64_t)];
-} __attribute__((aligned(64))) dair_line;
+    _Atomic uint64_t next;
+    _Atomic uint64_t ran;
+    char pad[64 - 2 * sizeof(uint64_t)];
+} __attribute__((aligned(64))) dair_slot;
 
 /* The job: written by the caller only, read by the workers. seq is odd while the fields are
  * being written; seq / 2 is the job's generation. */
@@ -120,8 +124,7 @@ static struct {
     _Atomic int nthreads; /* threads the chunks are split over, caller included */
 } __attribute__((aligned(64))) dair_job;
 
-static dair_line dair_next[DAIR_POOL_MAX]; /* range t: next chunk to claim */
-static dair_line dair_ran[DAIR_POOL_MAX];  /* thread t: chunks it completed of the current job */
+static dair_slot dair_slots[DAIR_POOL_MAX];
 
 static struct {
     _Atomic uint32_t futex_word;
@@ -164,7 +167,7 @@ static inline int dair_range_lo(int r, int n, int T) { return (int)((long)r * n 
  * every range was used up under its own tag), and so does a range used up under gen: a
  * thread that read the job late claims nothing of it. */
 static inline int dair_claim(int r, uint64_t gen, int n, int T) {
-    _Atomic uint64_t *p = &dair_next[r].v;
+    _Atomic uint64_t *p = &dair_slots[r].next;
     uint64_t c = atomic_load_explicit(p, memory_order_relaxed);
     const int hi = dair_range_lo(r + 1, n, T);
     for (;;) {
@@ -185,7 +188,7 @@ static inline int dair_claim(int r, uint64_t gen, int n, int T) {
 }
 
 /* Thread `self` runs chunks of job gen: its own range first, then what is left of the others'.
- * Returns how many it ran; each completed chunk is published in dair_ran[self]. */
+ * Returns how many it ran; each completed chunk is published in dair_slots[self].ran. */
 static int dair_run_job(int self, uint64_t gen, dair_task_fn fn, void *ctx, int n, int T, unsigned long long *steals) {
     int ran = 0;
     for (int k = 0; k < T; k++) {
@@ -197,7 +200,7 @@ static int dair_run_job(int self, uint64_t gen, dair_task_fn fn, void *ctx, int 
             if (k && steals)
                 (*steals)++;
             if (self)
-                atomic_store_explicit(&dair_ran[self].v, (gen << DAIR_IDX_BITS) | (uint64_t)ran,
+                atomic_store_explicit(&dair_slots[self].ran, (gen << DAIR_IDX_BITS) | (uint64_t)ran,
                                       memory_order_release);
         }
     }
@@ -437,7 +440,7 @@ static void dair_pool_window_end(uint64_t now) {
 static inline int dair_pool_ran_by_workers(uint64_t gen, int T) {
     int theirs = 0;
     for (int t = 1; t < T; t++) {
-        uint64_t v = atomic_load_explicit(&dair_ran[t].v, memory_order_acquire);
+        uint64_t v = atomic_load_explicit(&dair_slots[t].ran, memory_order_acquire);
         theirs += (v >> DAIR_IDX_BITS) == gen ? (int)(v & DAIR_IDX_MASK) : 0;
     }
     return theirs;
