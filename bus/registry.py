@@ -144,7 +144,7 @@ class Node:
         }
 
 
-_POOL_WHY = ("", "stalled", "absent", "crowded")
+_POOL_WHY = ("", "stalled", "absent")
 
 
 def _pool(v: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ typedef struct {
 
 typedef struct {
     unsigned long long jobs, serial_jobs, chunks, worker_chunks, waits, wait_ticks, max_wait_ticks, solo_periods, wakes,
-        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_crowded, solo_why, solo_now, ticks_per_us, delay_ns, window_ns, solo_ticks, since_ticks;
+        job_ticks, steals, stalls, solo_stalled, solo_absent, solo_why, solo_now, ticks_per_us, solo_ticks, since_ticks;
 } dair_pool_stats;
 
 /* this module's view of the process-wide pool (NULL: run serially) */
@@ -69,16 +69,12 @@ static inline int dair_pool_threads(void) { return dair_pool != NULL ? dair_pool
 #define _GNU_SOURCE /* sched_getcpu, CPU_SET */
 #endif
 
-#include <fcntl.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -135,16 +131,13 @@ static struct {
     int running;      /* worker threads started */
     uint64_t gen;     /* of the last job published (the caller's; even seq = 2 * gen) */
     pthread_t tid[DAIR_POOL_MAX];
-    _Atomic int wtid[DAIR_POOL_MAX]; /* kernel thread ids of the workers (for their schedstat) */
     uint64_t tpus;       /* ticks per microsecond (dair_pool_calibrate) */
     uint64_t solo_until; /* ticks: run jobs on the caller alone until then (see dair_pool_window_end) */
     uint64_t solo_start, solo_done; /* the current solo period's start; the length of those before */
     uint64_t first_tick;            /* the first parallel job's time */
     int backoff;         /* bad windows in a row: the next solo period is 2^backoff times the first */
     unsigned win_jobs, win_chunks, win_worker; /* the current window of parallel jobs: their chunks, */
-    uint64_t win_ticks, win_stall;             /* those the workers ran, their time, stalls' time, */
-    uint64_t win_ns, win_delay;                /* and its start: clock, our threads' run-queue wait */
-    int win_caller;                            /* and the caller's thread id */
+    uint64_t win_ticks, win_stall;             /* those the workers ran, their time, waits' time */
     dair_pool_stats st;
 } __attribute__((aligned(64))) dair_P = {.busy = ATOMIC_FLAG_INIT};
 
@@ -230,11 +223,18 @@ static inline int dair_job_waiting(uint64_t done_gen) {
 
 /* Spin this long for the next job before sleeping: kernel calls of one decode step come a few
  * microseconds apart, and the Python between two steps (sampling, the next token's embedding)
- * takes 20-50 us; a stage waiting for its next message sleeps. The spin only pauses: a
- * sched_yield between polls let any other runnable process take the core for a scheduler slice
- * (milliseconds), and the worker missed the jobs of that time. */
+ * takes 20-50 us; a stage waiting for its next message parks its workers (dair_pool_park). Every
+ * DAIR_YIELD_US of spinning the worker yields: on an idle core sched_yield returns at once, on a
+ * busy one the other work runs instead of a poll loop (and the scheduler's share of this process
+ * is not spent on polling while its caller waits for a CPU). Yielding after every few polls (the
+ * first version) lost the core for a time slice each time another process was runnable; never
+ * yielding cost one-thread speed under load (measured: 2 threads at 0.73-0.86x of 1 with 3-4
+ * other busy processes, 0.89-1.02x with an 8 us yield, and the same speed when idle). */
 #ifndef DAIR_SPIN_US
 #define DAIR_SPIN_US 200
+#endif
+#ifndef DAIR_YIELD_US
+#define DAIR_YIELD_US 8
 #endif
 
 /* A new thread starts on its creator's CPU and, since it mostly polls, the scheduler can
@@ -257,7 +257,6 @@ static void *dair_pool_main(void *arg) {
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the Python main thread's business */
     const intptr_t a = (intptr_t)arg;
     const int self = (int)(a >> 16);
-    atomic_store(&dair_P.wtid[self], (int)syscall(SYS_gettid));
     dair_pool_leave_cpu((int)(a & 0xffff) - 1);
     uint64_t done_gen = (atomic_load(&dair_job.seq) >> 1) & DAIR_GEN_MASK; /* jobs before this thread: not ours */
     for (;;) {
@@ -272,9 +271,16 @@ static void *dair_pool_main(void *arg) {
             continue;
         }
         const uint64_t t0 = DAIR_TICKS(), spin = (uint64_t)DAIR_SPIN_US * dair_P.tpus;
-        while (!dair_job_waiting(done_gen) && DAIR_TICKS() - t0 < spin &&
-               !atomic_load_explicit(&dair_P.parked, memory_order_relaxed))
+        const uint64_t yield = (uint64_t)DAIR_YIELD_US * dair_P.tpus;
+        uint64_t ty = t0, now;
+        while (!dair_job_waiting(done_gen) && (now = DAIR_TICKS()) - t0 < spin &&
+               !atomic_load_explicit(&dair_P.parked, memory_order_relaxed)) {
             DAIR_PAUSE();
+            if (now - ty > yield) {
+                sched_yield();
+                ty = now;
+            }
+        }
         if (dair_job_waiting(done_gen))
             continue;
         atomic_fetch_add(&dair_P.sleepers, 1); /* seq_cst: pairs with the caller's seq store */
@@ -342,9 +348,8 @@ static void dair_pool_ensure_started(void) {
  * with other work) makes every job pay for its publication and wake-up for nothing. Both are
  * measured over windows of DAIR_WIN_JOBS parallel jobs: a window where the caller spent more than
  * 1/DAIR_WIN_STALLED of its time waiting for workers (about what a second thread saves in a
- * decode step), or whose workers ran less than 1/DAIR_WIN_ABSENT of its chunks, or where the
- * caller waited for a CPU (the kernel's schedstat) more than 1/DAIR_WIN_CROWDED of its time,
- * starts a solo period, where the caller runs every job alone and the workers sleep. A solo period lasts
+ * decode step), or whose workers ran less than 1/DAIR_WIN_ABSENT of its chunks, starts a solo
+ * period, where the caller runs every job alone and the workers sleep. A solo period lasts
  * DAIR_SOLO_US times 2^backoff; backoff grows by one with each bad window (up to
  * DAIR_SOLO_MAX_DOUBLING) and shrinks by one with each good one, so a busy machine spends ever
  * less time trying, a machine that turns idle is used again within a second or two, and a single
@@ -362,9 +367,6 @@ static void dair_pool_ensure_started(void) {
 #ifndef DAIR_WIN_ABSENT
 #define DAIR_WIN_ABSENT 8
 #endif
-#ifndef DAIR_WIN_CROWDED
-#define DAIR_WIN_CROWDED 4
-#endif
 #ifndef DAIR_SOLO_US
 #define DAIR_SOLO_US 20000
 #endif
@@ -378,50 +380,14 @@ static uint64_t dair_now_ns(void) {
     return (uint64_t)t.tv_sec * 1000000000ULL + (uint64_t)t.tv_nsec;
 }
 
-/* Nanoseconds thread tid has spent runnable but waiting for a CPU (schedstat's second field);
- * 0 where the kernel does not say. */
-static uint64_t dair_run_delay(int tid) {
-    char path[64], buf[96];
-    snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", tid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    ssize_t n = read(fd, buf, sizeof(buf) - 1);
-    close(fd);
-    if (n <= 0)
-        return 0;
-    buf[n] = 0;
-    char *p = strchr(buf, ' ');
-    return p ? strtoull(p + 1, NULL, 10) : 0;
-}
-
-static void dair_pool_window_start(void) {
-    dair_P.win_caller = (int)syscall(SYS_gettid);
-    dair_P.win_ns = dair_now_ns();
-    dair_P.win_delay = dair_run_delay(dair_P.win_caller);
-}
-
 static void dair_pool_window_end(uint64_t now) {
     int stalled = dair_P.win_stall * DAIR_WIN_STALLED > dair_P.win_ticks;
     int absent = dair_P.win_worker * DAIR_WIN_ABSENT < dair_P.win_chunks;
-    /* The caller waited for a CPU for a good part of the window: the cores are shared with other
-     * work, and a spinning worker only takes CPU time from its own caller (the scheduler divides
-     * a process group's share between its runnable threads). A worker's own waits show as
-     * stalls or absence. */
-    int crowded = 0;
-    if (dair_P.win_ns && dair_P.win_caller == (int)syscall(SYS_gettid)) {
-        uint64_t wall = dair_now_ns() - dair_P.win_ns;
-        uint64_t delay = dair_run_delay(dair_P.win_caller) - dair_P.win_delay;
-        crowded = delay * DAIR_WIN_CROWDED > wall;
-        dair_P.st.delay_ns += delay;
-        dair_P.st.window_ns += wall;
-    }
     dair_P.st.solo_stalled += stalled;
     dair_P.st.solo_absent += absent && !stalled;
-    dair_P.st.solo_crowded += crowded && !stalled && !absent;
-    if (stalled || absent || crowded)
-        dair_P.st.solo_why = stalled ? 1 : absent ? 2 : 3;
-    if (stalled || absent || crowded) {
+    if (stalled || absent)
+        dair_P.st.solo_why = stalled ? 1 : 2;
+    if (stalled || absent) {
         if (dair_P.solo_start) /* the previous period is over: a window ends only in a parallel job */
             dair_P.solo_done += dair_P.solo_until - dair_P.solo_start;
         dair_P.solo_start = now;
@@ -434,7 +400,6 @@ static void dair_pool_window_end(uint64_t now) {
     }
     dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
     dair_P.win_ticks = dair_P.win_stall = 0;
-    dair_P.win_ns = 0; /* the next window starts with its first parallel job */
 }
 
 static inline int dair_pool_ran_by_workers(uint64_t gen, int T) {
@@ -465,8 +430,6 @@ static void dair_pool_parallel(int nchunks, dair_task_fn fn, void *ctx) {
     dair_pool_ensure_started();
     if (dair_P.first_tick == 0)
         dair_P.first_tick = DAIR_TICKS();
-    if (dair_P.win_ns == 0)
-        dair_pool_window_start();
     const int T = dair_P.threads < nchunks ? dair_P.threads : nchunks;
     const uint64_t gen = (dair_P.gen + 1) & DAIR_GEN_MASK;
     dair_P.gen = gen;
@@ -543,7 +506,6 @@ static void dair_pool_set_threads(int n) {
     dair_P.backoff = 0;
     dair_P.win_jobs = dair_P.win_chunks = dair_P.win_worker = 0;
     dair_P.win_ticks = dair_P.win_stall = 0;
-    dair_P.win_ns = 0;
     atomic_flag_clear(&dair_P.busy);
 }
 
@@ -553,9 +515,13 @@ static void dair_pool_park(void) { atomic_store_explicit(&dair_P.parked, 1, memo
 
 /* Work is coming (a stage has just received a message): wake sleeping workers now, so that the
  * scheduler has them running by the first job instead of a wake-up latency into it. */
+static int dair_pool_effective_threads(void);
+
 static void dair_pool_wake(void) {
+    if (dair_pool_effective_threads() <= 1)
+        return; /* solo: no job will be split, a woken worker would only spin */
     atomic_store(&dair_P.parked, 0);
-    if (dair_P.threads > 1 && atomic_load(&dair_P.sleepers) > 0) {
+    if (atomic_load(&dair_P.sleepers) > 0) {
         atomic_fetch_add(&dair_P.futex_word, 1);
         dair_futex_wake_all(&dair_P.futex_word);
     }

@@ -64,7 +64,7 @@ def test_refusal_budget_spends_and_refills():
 def test_a_stages_pool_report_is_taken_field_by_field():
     """The kernel pool's choice a stage reports (dair status shows it): known fields of the right
     types and ranges only; anything else becomes a neutral value."""
-    good = {"threads": 2, "using": 1, "parallel_share": 0.25, "why": "crowded"}
+    good = {"threads": 2, "using": 1, "parallel_share": 0.25, "why": "absent"}
     assert _pool(good) == good
     assert _pool(None) == {"threads": 0, "using": 0, "parallel_share": None, "why": ""}
     bad = {"threads": True, "using": -1, "parallel_share": 7.5, "why": "x" * 10**4, "extra": [1] * 100}

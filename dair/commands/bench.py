@@ -113,8 +113,8 @@ def handle(args: argparse.Namespace) -> int:
         pool = row["dair"].get("pool") or {}
         if pool.get("threads", 1) > 1:  # what the kernel pool chose (dair.ops.threads.pool_summary)
             print(f"{'':>7} {'dair pool':>11} workers ran {pool['worker_share']:.0%} of chunks; {pool['solo_share']:.0%} "
-                  f"of jobs on one thread (solo periods: {pool['solo_stalled']} stalled, {pool['solo_absent']} absent, "
-                  f"{pool['solo_crowded']} crowded)")
+                  f"of the time on one thread (solo periods: {pool['solo_stalled']} after stalls, {pool['solo_absent']} "
+                  f"with the workers absent)")
     first = rows[0]["dair"]
     if "arch" in first:
         moe = (f", {first['experts_per_token']} experts computed per token over all layers (a prefill batch "

@@ -28,7 +28,7 @@ def _kv(n: dict) -> str:
 
 
 def _threads(n: dict) -> str:
-    """'2/2', or '1/2 crowded': kernel threads in use of those configured, and why the pool runs
+    """'2/2', or '1/2 absent': kernel threads in use of those configured, and why the pool runs
     alone when it does (see dair.ops.threads.pool_choice); the configured count before the stage
     has reported."""
     p = n.get("pool") or {}
