@@ -98,6 +98,7 @@ class Node:
             return None if v is None else round(v * 1000.0, 3)
 
         st = self.stage_stats
+        pool = _pool(st.get("pool"))
 
         def n(key: str, kind: type = int) -> Any:
             # What the stage's engine reports in its heartbeats (0 until it has said).
@@ -110,6 +111,9 @@ class Node:
             # The engine's budget once it runs (the heartbeat), else the one announced at register.
             max_ram=n("max_ram") or int(self.max_ram or 0),
             cpu=float(self.cpu), threads=self.threads, wire=self.wire,
+            # The kernel pool's choice since the stage's last heartbeat (dair.ops.threads.pool_choice).
+            pool_threads=pool["threads"], pool_using=pool["using"], pool_parallel_share=pool["parallel_share"],
+            pool_why=pool["why"],
             msgs_in=self.msgs_in, msgs_out=self.msgs_out, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
             hop_ms_p50=ms(self.hop_s.pct(50)), hop_ms_p95=ms(self.hop_s.pct(95)),
             compute_ms_p50=ms(self.compute_s.pct(50)), heartbeat_age_s=round(now - self.last_seen, 3),
@@ -126,6 +130,23 @@ class Node:
             kv_type=str(st.get("kv_type", "")), kv_bytes=n("kv_bytes"), kv_bytes_per_token=n("kv_bytes_per_token"),
             max_context=n("max_context"),
         )
+
+
+_POOL_WHY = ("", "stalled", "absent")
+
+
+def _pool(v: Any) -> dict[str, Any]:
+    """A stage's reported pool choice, checked field by field (what a stage sends is untrusted)."""
+    v = v if isinstance(v, dict) else {}
+
+    def count(x: Any) -> int:
+        return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 4096 else 0
+
+    share = v.get("parallel_share")
+    ok = isinstance(share, (int, float)) and not isinstance(share, bool) and 0.0 <= share <= 1.0
+    return {"threads": count(v.get("threads")), "using": count(v.get("using")),
+            "parallel_share": float(share) if ok else None,
+            "why": v.get("why") if v.get("why") in _POOL_WHY else ""}
 
 
 def _spans(layers: list[int]) -> list[tuple[int, int]]:

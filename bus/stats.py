@@ -30,6 +30,11 @@ class NodeStats:
     max_ram: int = 0  # its RAM budget for weights (0 = unlimited)
     cpu: float | None = None  # percent of one core
     threads: int = 0
+    # The kernel pool: threads configured, in use, share of chunks run in parallel, why it runs alone.
+    pool_threads: int = 0
+    pool_using: int = 0
+    pool_parallel_share: float | None = None
+    pool_why: str = ""  # "", "stalled" or "absent"
     wire: str = ""
     msgs_in: int = 0
     msgs_out: int = 0

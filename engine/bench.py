@@ -44,6 +44,9 @@ def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens
     out = {"engine": "dair", "threads": threads, "prompt_tokens": prompt_tokens, "depth": depth or prompt_tokens,
            "kv_type": backend.engine.kv_type, "prefill_tok_s": statistics.median(pre),
            "decode_tok_s": statistics.median(dec), "arch": backend.model.config.arch}
+    from dair.ops.threads import pool_summary
+
+    out["pool"] = pool_summary()
     st = backend.engine.stats()
     if "experts_per_token" in st:  # MoE: experts computed per token over all layers (prefill included)
         out["experts_per_token"] = round(st["experts_per_token"], 2)

@@ -20,7 +20,7 @@ from dair.engine.rope import inv_freq, magnitude
 from dair.errors import DairError
 from dair.model.arch import EXPERTS, VECTORS, is_sliding
 from dair.ops.activation import silu_mul
-from dair.ops.matmul import Weight
+from dair.ops.matmul import Weight, matmul_many
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
 from dair.ops.threads import set_num_threads
@@ -300,9 +300,8 @@ class RangeEngine:
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         # q, k, v: [n, heads, hd] from the normed stream (+ bias: qwen2; per-head RMSNorm: qwen3, gemma3)
         h = rmsnorm(x, w.attn_norm, c.rms_eps)
-        q = self._project(w.wq, w.bq, h).reshape(n, H, hd)
-        k = self._project(w.wk, w.bk, h).reshape(n, KV, hd)
-        v = self._project(w.wv, w.bv, h).reshape(n, KV, hd)
+        q, k, v = self._project((w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv), h)
+        q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, hd)
         if w.q_norm is not None:
             q = rmsnorm(q.reshape(n * H, hd), w.q_norm, c.rms_eps).reshape(n, H, hd)
             k = rmsnorm(k.reshape(n * KV, hd), w.k_norm, c.rms_eps).reshape(n, KV, hd)
@@ -324,11 +323,13 @@ class RangeEngine:
             f = rmsnorm(f, w.ffn_post_norm, c.rms_eps, out=f)
         x += f
 
-    def _project(self, m: Weight, bias: np.ndarray | None, h: np.ndarray) -> np.ndarray:
-        y = m.matmul(h, act_q8=self.act_q8)
-        if bias is not None:
-            y += bias
-        return y
+    def _project(self, ms: Sequence[Weight], biases: Sequence[np.ndarray | None], h: np.ndarray) -> list[np.ndarray]:
+        # One parallel job for the matrices that read h (see matmul_many).
+        ys = matmul_many(ms, h, act_q8=self.act_q8)
+        for y, bias in zip(ys, biases, strict=True):
+            if bias is not None:
+                y += bias
+        return ys
 
     def _rotate(self, t: np.ndarray, pos: np.ndarray, sliding: bool) -> np.ndarray:
         # NEOX rotates dims (i, i + rope_dim/2); the kernel rotates adjacent pairs. Reordering the
@@ -341,8 +342,7 @@ class RangeEngine:
 
     def _ffn(self, gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:
         """down(act(gate h) * up h): [n, dim] -> [n, hidden] -> [n, dim]."""
-        g = gate.matmul(h, act_q8=self.act_q8)
-        u = up.matmul(h, act_q8=self.act_q8)
+        g, u = matmul_many((gate, up), h, act_q8=self.act_q8)
         if self.cfg.ffn_act == "silu":
             silu_mul(g, u)
         else:

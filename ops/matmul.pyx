@@ -381,7 +381,22 @@ cdef class Weight:
     cdef int _mm_q8(self, const float* x, int n, float* out) noexcept nogil:
         cdef _Job j
         cdef dair_act act
-        self._job(&j, x, n, out)
+        cdef char* buf = self._q8_prep(&j, &act, x, n, out)
+        if buf == NULL:
+            return 1
+        cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 0.5)
+        cdef int nch = _chunks(work, _CHUNK_BYTES, (self.rows + 15) // 16)
+        j.per = _rows_per_chunk(self.rows, nch)
+        dair_parallel_for(nch, _mm_q_chunk, &j)
+        free(buf)
+        return 0
+
+    cdef char* _q8_prep(self, _Job* jp, dair_act* ap, const float* x, int n, float* out) noexcept nogil:
+        """Set up *jp for this matrix and quantize x into *ap (and its images); returns the buffer
+        that holds them (free it after the product), NULL when out of memory."""
+        cdef _Job* j = jp
+        cdef dair_act* act = ap
+        self._job(j, x, n, out)
         cdef bint kq = dair_uses_q8k(self.qt)
         cdef int nb = self.cols // (DAIR_QKK if kq else DAIR_QK)
         # per block: d, s, and isum (K-quants: 16 sums, s unused)
@@ -391,12 +406,12 @@ cdef class Weight:
         act.n = n
         act.cols = self.cols
         act.nb = nb
-        j.act = &act
+        j.act = act
         cdef size_t qbytes = ((<size_t>n * self.cols + 63) // 64) * 64
         j.istride = self.img.img_bytes if j.img else 0
         cdef char* buf = <char*>dair_alloc64(<size_t>n * j.istride + qbytes + <size_t>n * nb * per_block)
         if buf == NULL:
-            return 1
+            return NULL
         j.images = <uint8_t*>buf
         act.q = <int8_t*>(buf + n * j.istride)
         act.d = <float*>(buf + n * j.istride + qbytes)
@@ -405,13 +420,8 @@ cdef class Weight:
         # Activation rows: ~16 bytes of work per value (quantize + image).
         cdef int nch = _chunks(<double>n * self.cols * 16.0, _CHUNK_BYTES, n)
         j.per = (n + nch - 1) // nch
-        dair_parallel_for(nch, _prep_chunk, &j)
-        cdef double work = <double>self.rows * (self.row_bytes + <double>n * self.cols * 0.5)
-        nch = _chunks(work, _CHUNK_BYTES, (self.rows + 15) // 16)
-        j.per = _rows_per_chunk(self.rows, nch)
-        dair_parallel_for(nch, _mm_q_chunk, &j)
-        free(buf)
-        return 0
+        dair_parallel_for(nch, _prep_chunk, j)
+        return buf
 
     def get_rows(self, ids, out=None):
         """out[i] = dequantized row ids[i] (embedding lookup); ids int32[n]."""
@@ -444,3 +454,92 @@ cdef class Weight:
         with nogil:
             dair_parallel_for(nch, _rows_chunk, &j)
         return out
+
+
+# A layer's q, k and v products (and gate and up) read the same activations, and each is small:
+# on two threads a decode step's k or v product (69 KB of Q4_1) takes ~3 us, about what handing
+# half of it to the other core costs. matmul_many runs such a group as one job.
+cdef enum:
+    _MANY_MAX = 4
+
+ctypedef struct _Many:
+    int count
+    _Job jobs[_MANY_MAX]
+    int first[_MANY_MAX + 1]  # chunk index where each matrix's chunks start; first[count] = all
+
+
+cdef void _mm_many_chunk(void* p, int c) noexcept nogil:
+    cdef _Many* m = <_Many*>p
+    cdef int k = 0
+    while c >= m.first[k + 1]:
+        k += 1
+    _mm_q_chunk(&m.jobs[k], c - m.first[k])
+
+
+def matmul_many(weights, x, bint act_q8=True) -> list:
+    """[w.matmul(x, act_q8=act_q8) for w in weights], the same results, as one parallel job when
+    the (at most 4) weights share a quantized type and width: x is quantized once and the rows of
+    all of them are split between the threads together. Other groups run one matrix at a time."""
+    cdef list ws = list(weights)
+    cdef Weight w0, w
+    cdef int k, count = len(ws)
+    if count == 0:
+        return []
+    w0 = ws[0]
+    cdef bint fuse = act_q8 and 1 < count <= _MANY_MAX and dair_is_quantized(w0.qt)
+    for w in ws:
+        fuse = fuse and w.qt == w0.qt and w.cols == w0.cols and w.has_img == w0.has_img
+    if not fuse:
+        return [w.matmul(x, act_q8=act_q8) for w in ws]
+    _check(x, "x", cnp.NPY_FLOAT32, 2, False)
+    cdef Py_ssize_t n = _dim(x, 0)
+    if _dim(x, 1) != w0.cols:
+        raise ValueError(f"x: expected shape (n, {w0.cols}), got {x.shape}")
+    if n < 1:
+        raise ValueError("x: needs at least one row")
+    cdef cnp.npy_intp dims[2]
+    dims[0] = n
+    outs = []
+    cdef _Many m
+    cdef dair_act act
+    m.count = count
+    for k in range(count):
+        w = ws[k]
+        dims[1] = w.rows
+        outs.append(cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0))
+        m.jobs[k].w = w.ptr
+        m.jobs[k].rows = w.rows
+        m.jobs[k].out = <float*>_data(outs[k])
+        m.jobs[k].L = &w.img
+    global _last_weight
+    cdef Weight prev
+    if _last_weight != NULL and _last_weight != <void*>w0:
+        prev = <Weight>_last_weight
+        prev.next_ptr = w0.ptr
+        prev.next_len = min(w0.row_bytes * w0.rows, _NEXT_PREFETCH)
+    w = ws[count - 1]
+    _last_weight = <void*>w
+    cdef const float* xp = <const float*>_data(x)
+    cdef char* buf
+    cdef _Job j0
+    cdef double work
+    cdef int nch
+    with nogil:
+        buf = w0._q8_prep(&j0, &act, xp, <int>n, m.jobs[0].out)
+        if buf != NULL:
+            m.first[0] = 0
+            for k in range(count):
+                # the shared activations and settings of j0, this matrix's rows and output
+                j0.w, j0.rows, j0.out, j0.L = m.jobs[k].w, m.jobs[k].rows, m.jobs[k].out, m.jobs[k].L
+                work = <double>j0.rows * (j0.rb + <double>n * j0.cols * 0.5)
+                nch = _chunks(work, _CHUNK_BYTES, (j0.rows + 15) // 16)
+                j0.per = _rows_per_chunk(j0.rows, nch)
+                m.jobs[k] = j0
+                m.first[k + 1] = m.first[k] + nch
+            dair_parallel_for(m.first[count], _mm_many_chunk, &m)
+            free(buf)
+            if w.next_ptr != NULL:
+                dair_prefetch_bytes(w.next_ptr, w.next_len)
+    if buf == NULL:
+        raise MemoryError("matmul_many: out of memory for scratch buffers")
+    return outs

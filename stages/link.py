@@ -26,6 +26,7 @@ from dair.bus import states
 from dair.bus.backoff import Backoff, zmq_reconnect_options
 from dair.config import BusConfig, ReconnectConfig, StageConfig
 from dair.model.digests import FileDigests
+from dair.ops.threads import park, pool_choice, wake
 from dair.stages.compute import Compute
 
 ZERO_COPY_MIN = 1 << 16
@@ -158,7 +159,7 @@ class Link:
                 "batched_segments": c.batched_segments, "max_batch": c.max_batch_seen,
                 "compute_s": round(c.compute_s, 4), "first": c.first, "last": c.last,
                 "resident_bytes": int(eng.resident_bytes()) if eng is not None else 0,
-                **_residency_stats(eng), **_kv_stats(eng)}
+                "pool": pool_choice(), **_residency_stats(eng), **_kv_stats(eng)}
 
     def _shown_state(self) -> str:
         """What the dashboard shows: a ready stage is "busy" if it computed since the last
@@ -240,6 +241,7 @@ class Link:
                     self.backoff.reset()
                 patience = self.heartbeat_s * self.liveness
                 if batch:
+                    wake()  # the kernel threads wake up while the batch is decoded
                     was = self.compute.state
                     self.compute.process(batch)
                     if self.compute.state != was:
@@ -250,7 +252,10 @@ class Link:
                     with self._lock:
                         for frames in self.compute.outbox:
                             self._send_frames(frames)
+                        idle = not self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN
                     self.compute.outbox.clear()
+                    if idle:  # nothing queued: the kernel threads' spinning would only slow the next hop
+                        park()
                 if self.compute.fatal:
                     print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
                     return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from dair.bus.registry import _pool
 from dair.bus.sessions import Session
 from dair.bus.trust import REFUSAL_BURST, STALE_SLACK, RefusalBudget, Refused, check_entries
 
@@ -58,3 +59,15 @@ def test_refusal_budget_spends_and_refills():
     b.prune(30_000.0)
     assert not b._level
     assert REFUSAL_BURST >= 2000  # the fuzz tests send 2000 malformed messages, each answered
+
+
+def test_a_stages_pool_report_is_taken_field_by_field():
+    """The kernel pool's choice a stage reports (dair status shows it): known fields of the right
+    types and ranges only; anything else becomes a neutral value."""
+    good = {"threads": 2, "using": 1, "parallel_share": 0.25, "why": "absent"}
+    assert _pool(good) == good
+    assert _pool(None) == {"threads": 0, "using": 0, "parallel_share": None, "why": ""}
+    bad = {"threads": True, "using": -1, "parallel_share": 7.5, "why": "x" * 10**4, "extra": [1] * 100}
+    assert _pool(bad) == {"threads": 0, "using": 0, "parallel_share": None, "why": ""}
+    assert _pool({"threads": 10**9, "parallel_share": "0.5"}) == {"threads": 0, "using": 0,
+                                                                   "parallel_share": None, "why": ""}

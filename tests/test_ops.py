@@ -21,7 +21,16 @@ from gguf.quants import dequantize, quantize
 from dair.ops import threads
 from dair.ops.activation import add_inplace, silu_mul
 from dair.ops.attention import attention
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, set_kernels, set_simd, simd_name
+from dair.ops.matmul import (
+    BLOCK_LAYOUTS,
+    KERNELS,
+    Weight,
+    get_kernels,
+    matmul_many,
+    set_kernels,
+    set_simd,
+    simd_name,
+)
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
 from dair.ops.wire import dequantize_into, dequantize_q8_0, quantize_q8_0
@@ -183,6 +192,62 @@ def test_matmul_threads_agree(rng, qtype):
         threads.set_num_threads(old)
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matmul_many_is_the_separate_products(rng, qtype):
+    """q/k/v (or gate/up) as one job over activations quantized once: the products of the matrices
+    one by one, bit for bit, on every kernel family and thread count; mixed types fall back."""
+    ws = [make_weight(rng, qtype, rows, 256)[0] for rows in (576, 192, 200)]
+    other = make_weight(rng, "Q8_0" if qtype != "Q8_0" else "Q4_0", 64, 256)[0]
+    old, old_k = threads.get_num_threads(), get_kernels()
+    try:
+        for n in (1, 5):
+            x = rng.standard_normal((n, 256)).astype(np.float32)
+            for k in KERNELS:
+                set_kernels(k)
+                for nt in (1, 2, 1, 2):  # workers stay across counts: switching back gives the same
+                    threads.set_num_threads(nt)
+                    for group in (ws, ws[:2], [ws[0], other], ws[:1]):
+                        want = [w.matmul(x) for w in group]
+                        for a, b in zip(matmul_many(group, x), want, strict=True):
+                            np.testing.assert_array_equal(a, b)
+                    for a, b in zip(matmul_many(ws, x, act_q8=False), [w.matmul(x, act_q8=False) for w in ws],
+                                    strict=True):
+                        np.testing.assert_array_equal(a, b)
+    finally:
+        threads.set_num_threads(old)
+        set_kernels(old_k)
+    assert matmul_many([], x) == []
+    with pytest.raises(ValueError, match="expected shape"):
+        matmul_many(ws, np.zeros((1, 128), np.float32))
+
+
+def test_pool_runs_every_chunk_once(rng):
+    """Jobs of 2..200 chunks split in per-thread ranges: every output row written exactly once
+    (a row skipped or written by two chunks would differ from the one-thread result), with the
+    pool parked between jobs as an idle stage does, and counters that add up."""
+    old = threads.get_num_threads()
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    try:
+        for rows in (16, 33, 100, 1024, 3200):
+            w, _, _ = make_weight(rng, "Q8_0", rows, 256)
+            threads.set_num_threads(1)
+            want = w.matmul(x)
+            threads.set_num_threads(2)
+            for i in range(50):
+                np.testing.assert_array_equal(w.matmul(x), want)
+                if i % 7 == 0:
+                    threads.park()
+    finally:
+        threads.set_num_threads(old)
+    st, summary = threads.pool_stats(), threads.pool_summary()
+    assert st["jobs"] >= st["serial_jobs"] and st["chunks"] >= st["worker_chunks"] >= 0
+    assert st["solo_periods"] == st["solo_stalled"] + st["solo_absent"]
+    assert 0.0 <= summary["worker_share"] <= 1.0 and 0.0 <= summary["solo_share"] <= 1.0
+    choice = threads.pool_choice()
+    assert choice["threads"] == old and 1 <= choice["using"] <= old
+    assert choice["why"] in ("", "stalled", "absent")
 
 
 def test_pool_concurrent_callers(rng):

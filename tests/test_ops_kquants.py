@@ -25,7 +25,7 @@ from tiny_models import write_tiny_gguf
 
 from dair.model import qtypes
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, set_kernels, simd_name
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, matmul_many, set_kernels, simd_name
 
 KQ = ["Q4_K", "Q6_K"]
 
@@ -164,6 +164,25 @@ def test_kernel_families_and_threads_agree(rng, qtype):
                     results.append(y)
             for r in results[1:]:
                 assert np.all(np.abs(r - results[0]) <= 1e-5 * scale)
+    finally:
+        set_kernels(old_k)
+        threads.set_num_threads(old_t)
+
+
+@pytest.mark.parametrize("qtype", KQ)
+def test_matmul_many_k_quants(rng, qtype):
+    """K-quant groups as one job (activations quantized once to Q8_K, the wide AVX-512 layout
+    included): the separate products bit for bit, on every family and thread count."""
+    ws = [make_weight(rng, qtype, rows, 512)[0] for rows in (300, 64)]
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    old_k, old_t = get_kernels(), threads.get_num_threads()
+    try:
+        for k in KERNELS:
+            set_kernels(k)
+            for nt in (1, 2):
+                threads.set_num_threads(nt)
+                for a, b in zip(matmul_many(ws, x), [w.matmul(x) for w in ws], strict=True):
+                    np.testing.assert_array_equal(a, b)
     finally:
         set_kernels(old_k)
         threads.set_num_threads(old_t)

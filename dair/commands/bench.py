@@ -133,6 +133,11 @@ def handle(args: argparse.Namespace) -> int:
                 print(f"{row['threads']:>7} {eng:>11} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {rss}")
         if "decode_ratio" in row:
             print(f"{'':>7} {'ratio':>11} {row['prefill_ratio']:>13.2f}x {row['decode_ratio']:>12.2f}x")
+        pool = row["dair"].get("pool") or {}
+        if pool.get("threads", 1) > 1:  # what the kernel pool chose (dair.ops.threads.pool_summary)
+            print(f"{'':>7} {'dair pool':>11} workers ran {pool['worker_share']:.0%} of chunks; {pool['solo_share']:.0%} "
+                  f"of the time on one thread (solo periods: {pool['solo_stalled']} after stalls, {pool['solo_absent']} "
+                  f"with the workers absent)")
     for eng, (lo, hi, pre, dec) in scaling.items():
         print(f"{eng}: {hi} threads vs {lo}: prefill {pre:.2f}x, decode {dec:.2f}x")
     first = rows[0]["dair"]

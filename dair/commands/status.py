@@ -30,6 +30,15 @@ def _kv(n: NodeStats) -> str:
     return f"{n.kv_type} {_mb(n.kv_bytes)} {format_bytes(n.kv_bytes_per_token, compact=True, unit='KiB', digits=0)}/t"
 
 
+def _threads(n: NodeStats) -> str:
+    """'2/2', or '1/2 absent': kernel threads in use of those configured, and why the pool runs
+    alone when it does (see dair.ops.threads.pool_choice); the configured count before the stage
+    has reported."""
+    if not n.pool_threads:
+        return str(n.threads or "-")
+    return f"{n.pool_using}/{n.pool_threads}" + (f" {n.pool_why}" if n.pool_why else "")
+
+
 def handle(args: argparse.Namespace) -> int:
     from dair.bus.client import BusClient
     from dair.commands.common import keys_from_args
@@ -49,13 +58,13 @@ def handle(args: argparse.Namespace) -> int:
     nodes = nodes_of(st)
     print(f"bus {addr}: model {m['name']} ({m['n_layers']} layers), ready: {'yes' if st['ready'] else 'no'}")
     print(f"{'node':5} {'name':14} {'layers':>7} {'state':9} {'pid':>7} {'rss/budget':>11} {'mode':9} {'cpu%':>5} "
-          f"{'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6} {'kv cache':>13}")
+          f"{'threads':>13} {'hop p50/p95 ms':>15} {'in':>7} {'out':>7} {'hb age':>6} {'kv cache':>13}")
     for n in nodes:
         hop = "-" if n.hop_ms_p50 is None else f"{n.hop_ms_p50:.1f}/{n.hop_ms_p95 or 0.0:.1f}"
         ram = _mb(n.rss) + ("/" + _mb(n.max_ram) if n.max_ram else "")
         layers = f"{n.first:>3}-{n.last:<3}" if n.has_range else f"{'-':>7}"
         print(f"{n.node:5} {n.name[:14]:14} {layers} {n.state:9} {n.pid:>7} "
-              f"{ram:>11} {n.mode or '-':9} {n.cpu or 0.0:>5.0f} {hop:>15} {_mb(n.bytes_in):>7} {_mb(n.bytes_out):>7} "
+              f"{ram:>11} {n.mode or '-':9} {n.cpu or 0.0:>5.0f} {_threads(n):>13} {hop:>15} {_mb(n.bytes_in):>7} {_mb(n.bytes_out):>7} "
               f"{n.heartbeat_age_s or 0.0:>6.1f} {_kv(n):>13}")
     for n in nodes:
         if n.moe_layers:
