@@ -18,7 +18,6 @@ from typing import Any
 
 import psutil
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from dair import security
 from dair.bus import protocol as P
@@ -281,7 +280,7 @@ class Link:
             if self._beat_due.is_set():
                 self._beat_locked()
             while self._monitor is not None and self._monitor.poll(0):
-                if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                if P.monitor_event(self._monitor)[0] == zmq.EVENT_DISCONNECTED:
                     self._dropped = True
             # Short polls: the heartbeat thread takes the lock between them.
             if not self.dealer.poll(20):
