@@ -215,7 +215,6 @@ def test_cli_info_bad_file_one_line(tmp_path):
 
 
 def test_cli_info_json(default_model, capsys):
-
     from dair.cli import main
 
     assert main(["model", "info", str(default_model), "--json"]) == 0
