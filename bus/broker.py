@@ -17,7 +17,6 @@ import uuid
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from dair import gatekeeper
 from dair.bus import protocol as P
@@ -192,7 +191,7 @@ class Broker:
                     self.on_frames(frames)
                     self.flush()
                 while self.router_mon is not None and self.router_mon.poll(0):
-                    self.members.on_disconnect(int(recv_monitor_message(self.router_mon)["value"]))
+                    self.members.on_disconnect(P.monitor_event(self.router_mon)[1])
             else:
                 self.caught_up = time.monotonic()
             now = time.monotonic()

@@ -364,3 +364,14 @@ def _check_buffers(h: dict[str, Any], buffers: list[Any]) -> None:
 def error(code: str, msg: str, **extra: Any) -> dict[str, Any]:
     """An error header (extra: sid, req, fatal)."""
     return {"type": ERROR, "code": code, "msg": msg, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def monitor_event(sock: Any) -> tuple[int, int]:
+    """(event, value) of the next message on a ZeroMQ socket-monitor socket (libzmq's format:
+    a 6-byte frame, u16 event and i32 value in native byte order, then the endpoint). Parsed here
+    rather than by pyzmq's zmq.utils.monitor, which imports asyncio and ssl (7 MB of a stage)."""
+    frames = sock.recv_multipart()
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise ValueError(f"not a socket-monitor event: {len(frames)} frames")
+    event, value = struct.unpack("=Hi", frames[0])
+    return event, value

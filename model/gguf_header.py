@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from dair.errors import ModelFormatError
+from dair.ops.strings import decode_strings, skip_strings
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -134,17 +135,18 @@ class _Cursor:
         self.pos += n
 
     def skip_strings(self, count: int) -> None:
-        """Step over `count` strings by their length fields, decoding none of them."""
-        unpack = self.u64.unpack_from
-        buf, base = self.buf, self.base
-        p, end = self.pos - base, len(buf)
-        for _ in range(count):
-            if p < 0 or p + 8 > end:
-                self.pos = base + p
+        """Step over `count` strings by their length fields, decoding none of them (in C: a
+        Python loop over a 262k vocabulary costs a tenth of a second)."""
+        big = self.order == ">"
+        while count:
+            if self.pos - self.base < 0 or self.pos - self.base + 8 > len(self.buf):
                 self._fill(8)
-                buf, base, p, end = self.buf, self.base, 0, len(self.buf)
-            p += 8 + unpack(buf, p)[0]
-        self.pos = base + p
+            try:
+                done, p = skip_strings(self.buf, self.pos - self.base, count, big)
+            except ValueError as e:
+                raise _Bad(str(e)) from None
+            count -= done
+            self.pos = self.base + p
         self._check(self.pos)
 
 
@@ -287,13 +289,10 @@ class GGUFHeader:
         if span.item_type != STRING:
             dtype = np.dtype(self.byte_order + _SCALAR[span.item_type])
             return np.frombuffer(raw, dtype, span.count).tolist()
-        out, p, unpack = [], 0, struct.Struct(self.byte_order + "Q").unpack_from
-        for _ in range(span.count):
-            n = unpack(raw, p)[0]
-            p += 8
-            out.append(raw[p:p + n].decode("utf-8", errors="replace"))
-            p += n
-        return out
+        try:
+            return decode_strings(raw, span.count, self.byte_order == ">")
+        except ValueError as e:  # the file changed under us since the header was walked
+            raise ModelFormatError(self.path, str(e)) from None
 
     def read_bytes(self, offset: int, n: int) -> bytes:
         """Bytes of the file by a positioned read: nothing of the file gets mapped."""

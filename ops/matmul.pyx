@@ -112,6 +112,8 @@ cdef bint _use_img = dair_img_available() != 0 and _best == DAIR_FAM_AVX512
 
 #: Quantized-kernel families this CPU can run with this build, best first.
 KERNELS = tuple(_FAMILIES[f] for f in range(_best, -1, -1))
+#: The same before a DAIR_KERNELS cap.
+CPU_KERNELS = tuple(_FAMILIES[f] for f in range(dair_cpu_family(), -1, -1))
 
 
 def simd_name() -> str:

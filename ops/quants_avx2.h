@@ -130,11 +130,6 @@ DAIR_INLINE __m256i dair_iq4_table_avx2(void) {
     return _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)dair_iq4_values));
 }
 
-/* signed codes x signed activations: |c| (u8) against q with c's sign (s8), as llama.cpp does */
-DAIR_INLINE __m256i dair_mul_s8s8_16_avx2(__m256i c, __m256i y) {
-    return _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(y, c));
-}
-
 DAIR_INLINE void dair_iq4_nl_rows_avx2(const uint8_t *w, int nb, const int8_t *q, const float *d, int C, float *res) {
     const size_t cols = (size_t)nb * 32;
     const __m256i table = dair_iq4_table_avx2();
@@ -143,6 +138,7 @@ DAIR_INLINE void dair_iq4_nl_rows_avx2(const uint8_t *w, int nb, const int8_t *q
         acc[c] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const dair_block_iq4_nl *x = (const dair_block_iq4_nl *)(w + (size_t)b * sizeof(dair_block_iq4_nl));
+        /* signed codes x signed activations: |c| (u8) against q with c's sign (s8), as llama.cpp does */
         const __m256i cv = _mm256_shuffle_epi8(table, dair_nibbles32_avx2(x->qs));
         const __m256i ac = _mm256_sign_epi8(cv, cv);
         const float wd = _cvtsh_ss(dair_load_u16(&x->d));

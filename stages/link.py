@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -306,7 +305,7 @@ class Link:
             if self._beat_due.is_set():
                 self._beat_locked()
             while self._monitor is not None and self._monitor.poll(0):
-                if _monitor_event(self._monitor) == zmq.EVENT_DISCONNECTED:
+                if P.monitor_event(self._monitor)[0] == zmq.EVENT_DISCONNECTED:
                     self._dropped = True
             # Short polls: the heartbeat thread takes the lock between them.
             if not self.dealer.poll(20):
@@ -364,13 +363,6 @@ class Link:
                 self.range_digests(header["first"], header["last"])
                 self._digest_beats = DIGEST_BEATS
         return header, buffers
-
-
-def _monitor_event(mon: zmq.Socket) -> int:
-    """The event number of a message on a socket monitor (frame 0: 16-bit event, 32-bit value).
-    Read here rather than with zmq.utils.monitor, which imports asyncio into every stage."""
-    frames = mon.recv_multipart()
-    return struct.unpack_from("=H", frames[0])[0] if frames and len(frames[0]) >= 2 else 0
 
 
 def _kv_stats(eng: Any) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """GGUF reading: config, zero-copy views, dequantization, layer ranges, fingerprint, errors."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,8 +215,6 @@ def test_cli_info_bad_file_one_line(tmp_path):
 
 
 def test_cli_info_json(default_model, capsys):
-    import json
-
     from dair.cli import main
 
     assert main(["model", "info", str(default_model), "--json"]) == 0
@@ -239,3 +239,21 @@ def test_cli_info_text(default_model, capsys):
     out = capsys.readouterr().out
     assert "9 query / 3 KV" in out and "tied to the embedding" in out and "fingerprint" in out
     assert "kernels       on this CPU" in out and "Q4_1 " in out
+
+
+def test_cli_info_says_which_kernels_are_fast(default_model):
+    """Per tensor type: a SIMD kernel of the family in use (fast), or plain C where SIMD runs the
+    others; a DAIR_KERNELS cap is named. Every family this CPU runs, each in its own process."""
+    from dair.ops.matmul import CPU_KERNELS, KERNELS
+
+    for cap in KERNELS:
+        env = {**os.environ, "DAIR_KERNELS": cap}
+        cmd = [sys.executable, "-m", "dair", "model", "info", str(default_model)]
+        info = json.loads(subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True,
+                                         check=True).stdout)["kernels"]
+        assert info["families"][0] == cap and info["cpu_families"] == list(CPU_KERNELS)
+        assert info["fast"] == {"F32": True, "Q4_1": cap != "scalar", "Q8_0": cap != "scalar"}, cap
+        text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        line = next(ln for ln in text.splitlines() if ln.startswith("kernels"))
+        assert ("capped at " + cap in line) == (cap != CPU_KERNELS[0]), line
+        assert ("Q4_1 plain C" in line) if cap == "scalar" else (f"Q4_1 {cap} kernel (fast)" in line), line

@@ -109,3 +109,27 @@ def test_coverage_reports_gaps_and_overlaps_by_layer():
     assert coverage_problems([(0, 12), (10, 29)], 30) == ["layers 10-12 owned by more than one stage"]
     assert coverage_problems([(0, 28)], 30) == ["layer 29 not covered"]
     assert "outside" in coverage_problems([(0, 40)], 30)[0]
+
+
+def test_monitor_event_reads_a_real_disconnect():
+    """P.monitor_event parses libzmq's socket-monitor frames (what pyzmq's zmq.utils.monitor does,
+    without its asyncio import) on a real disconnect over TCP."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        mon = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        dealer.send(b"hi")
+        assert router.poll(5000) and router.recv_multipart()[1] == b"hi"
+        dealer.close(linger=0)
+        assert mon.poll(5000)
+        event, value = P.monitor_event(mon)
+        assert event == zmq.EVENT_DISCONNECTED and value > 0  # the value is the closed fd
+        mon.close(linger=0)
+        router.close(linger=0)
+    finally:
+        ctx.term()

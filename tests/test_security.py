@@ -16,6 +16,8 @@ import os
 import select
 import socket
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,3 +351,13 @@ def test_check_bind_refuses_clear_text_beyond_loopback() -> None:
     with pytest.raises(DairError) as e:
         check_bind("tcp://0.0.0.0:5555", have_keys=False)
     assert "--insecure" in str(e.value) and "dair keys generate" in str(e.value) and "0.0.0.0" in str(e.value)
+
+
+def test_a_stage_imports_no_gate_nor_asyncio():
+    """The gate (pyzmq's ThreadAuthenticator) and zmq.utils.monitor import asyncio and ssl, 7 MB of
+    every process that has them: a stage's modules pull in neither; the bus imports dair.gatekeeper."""
+    code = ("import sys, dair.stages.main\n"
+            "assert not {'asyncio', 'ssl', 'dair.gatekeeper'} & set(sys.modules), sorted(sys.modules)\n"
+            "import dair.gatekeeper as g\n"
+            "assert g.Gatekeeper.__name__ == 'Gatekeeper' and 'asyncio' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")

@@ -95,9 +95,9 @@ def test_unsupported_tokenizer_model(tmp_path):
         load_tokenizer(p)
 
 
-def test_vectorised_spm_merges_equal_the_plain_loop():
-    """The hashed search for splits (tokenizer/spm_merges.py) against its definition, on pieces
-    that test its edges: duplicates in the vocabulary, NULs (numpy strings drop trailing ones),
+def test_spm_merges_equal_the_plain_loop():
+    """The search for splits in C (dair.ops.strings.spm_splits, through tokenizer/spm_merges.py)
+    against its definition, on pieces that test its edges: duplicates in the vocabulary, NULs,
     characters beyond the BMP, ties in score, pieces of one character."""
     from dair.tokenizer.spm_merges import _splits_loop, spm_merges
 
@@ -113,6 +113,19 @@ def test_vectorised_spm_merges_equal_the_plain_loop():
     want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
     assert len(got[0]) > 1000 and any("\x00" in t for t in pieces)
     assert got == ([x for _, x, _ in want], [y for _, _, y in want])
+
+
+def test_pairs_are_zip_of_the_gathered_items():
+    from dair.ops.strings import pairs
+
+    items = ["a", "▁b", "\U0001f600", ""]
+    a, b = np.array([0, 3, 2, 2], np.int64), np.array([1, 1, 0, 2], np.int64)
+    assert pairs(items, a, b) == list(zip([items[i] for i in a], [items[i] for i in b], strict=True))
+    assert pairs(items, a[:0], b[:0]) == []
+    with pytest.raises(IndexError, match="out of range"):
+        pairs(items, np.array([4], np.int64), np.array([0], np.int64))
+    with pytest.raises(ValueError, match="left and"):
+        pairs(items, a, b[:2])
 
 
 def test_spm_merges_cache_round_trips_and_survives_damage(tmp_path, monkeypatch):

@@ -7,8 +7,10 @@ never shows replacement characters for a half-received character.
 from __future__ import annotations
 
 import codecs
+import gc
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from dair.errors import DairError
@@ -43,19 +45,33 @@ PRE_REGEXES: dict[str, list[str]] = {
 _IGNORE_MERGES = {"llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"}
 
 
+@contextmanager
+def no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused: building half a million tuples (merges) otherwise
+    runs it hundreds of times over the growing heap, for nothing (a tuple of two str is no cycle)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
     """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
     highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
     import numpy as np
 
     from dair.model.fetch import cache_dir
+    from dair.ops.strings import pairs
     from dair.tokenizer.spm_merges import vocab_merges
 
     lefts, rights = vocab_merges(vocab.tokens, vocab.token_types, vocab.scores, (CONTROL, BYTE),
                                  cache=cache_dir() / "tokenizers")
-    # Half a million pairs: gathered by numpy and zipped in C, not by a Python loop.
-    pieces = np.array(vocab.tokens, dtype=object)
-    return list(zip(pieces[lefts].tolist(), pieces[rights].tolist(), strict=True))
+    # Half a million pairs of str, made in C, not by a Python loop.
+    with no_gc():
+        return pairs(vocab.tokens, np.ascontiguousarray(lefts, np.int64), np.ascontiguousarray(rights, np.int64))
 
 
 def _ids_of_types(vocab: Vocab, *types: int) -> list[int]:
@@ -208,27 +224,28 @@ class Tokenizer:
 
     # -- decode -----------------------------------------------------------------------------
     def _piece_bytes(self) -> list[bytes]:
+        """Each token's bytes. Comprehensions over the whole vocabulary (str methods in C), then
+        the few special tokens put right: a loop with a branch per token costs 2-3 times more."""
         v = self.vocab
-        out: list[bytes] = []
+        tokens = v.tokens
         if v.kind == "gpt2":
             # str.translate does the per-character work in C: stand-ins to the bytes they stand
             # for (as latin-1 characters), and a second table that deletes them all, to tell
             # tokens made only of stand-ins from the others (spelled as plain UTF-8).
             to_byte = {ord(c): b for c, b in unicode_to_byte().items()}
             strip = dict.fromkeys(to_byte)
-            for t, typ in zip(v.tokens, v.token_types, strict=True):
-                if typ in (CONTROL, USER_DEFINED, UNKNOWN) or t.translate(strip):
-                    out.append(t.encode("utf-8"))
-                else:
-                    out.append(t.translate(to_byte).encode("latin-1"))
-        else:
-            for t, typ in zip(v.tokens, v.token_types, strict=True):
-                if typ == BYTE and len(t) == 6 and t.startswith("<0x"):
-                    out.append(bytes([int(t[3:5], 16)]))
-                elif typ == UNKNOWN:
-                    out.append("▅".encode())  # what llama.cpp prints for <unk>
-                else:
-                    out.append(t.replace("▁", " ").encode("utf-8"))
+            out = [t.encode("utf-8") if t.translate(strip) else t.translate(to_byte).encode("latin-1")
+                   for t in tokens]
+            for i in _ids_of_types(v, CONTROL, USER_DEFINED, UNKNOWN):
+                out[i] = tokens[i].encode("utf-8")
+            return out
+        out = [t.replace("▁", " ").encode("utf-8") for t in tokens]
+        for i in _ids_of_types(v, BYTE, UNKNOWN):
+            t = tokens[i]
+            if v.token_types[i] == UNKNOWN:
+                out[i] = "▅".encode()  # what llama.cpp prints for <unk>
+            elif len(t) == 6 and t.startswith("<0x"):
+                out[i] = bytes([int(t[3:5], 16)])
         return out
 
     def token_bytes(self, i: int) -> bytes:

@@ -3,9 +3,9 @@
 llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose union is the highest-scoring
 token. A BPE whose merges are every (left, right) split of every piece with both halves in the
 vocabulary, ranked by the union's score, does the same (HF's SentencePieceExtractor builds them
-so). For Gemma 3's 262k pieces that is 1.5M splits: a Python loop over them takes seconds, so
-the splits are found with vectorised rolling hashes, one column of characters at a time, and
-every pair found is then checked as strings (a hash collision falls back to the plain loop).
+so). For Gemma 3's 262k pieces that is 1.5M splits to look up, 515k found: a Python loop over
+them takes a second, so they are found in C (dair.ops.strings.spm_splits: a hash table of the
+pieces' code points, every candidate compared in full), in about a tenth of that.
 Big vocabularies keep their merges in the cache directory, keyed by a digest of the pieces,
 their ids and scores, so that the next load of the same vocabulary skips the search.
 `vocab_merges` keys them by the vocabulary arrays as the model file states them instead, so
@@ -21,9 +21,6 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
-
-_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication by it is a bijection mod 2^64
-
 
 CACHE_MIN_PIECES = 32768  # smaller vocabularies take well under a second: not worth a file
 _CACHE_VERSION = b"dair-spm-merges-1"
@@ -56,7 +53,7 @@ def vocab_merges(tokens: Sequence[str], types: Sequence[int], scores: Sequence[f
     lefts, rights = _search(pieces, scores)
     if path is not None:
         _store(path, lefts, rights)
-    return np.asarray(lefts, np.int64), np.asarray(rights, np.int64)
+    return lefts, rights
 
 
 def spm_merges(pieces: dict[str, int], scores: Sequence[float],
@@ -73,7 +70,7 @@ def spm_merges(pieces: dict[str, int], scores: Sequence[float],
     lefts, rights = _search(pieces, scores)
     if path is not None:
         _store(path, lefts, rights)
-    return lefts, rights
+    return lefts.tolist(), rights.tolist()
 
 
 def _vocab_digest(pieces: dict[str, int], scores: Sequence[float]) -> str:
@@ -106,7 +103,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return lefts.astype(np.int64), rights.astype(np.int64)
 
 
-def _store(path: Path, lefts: list[int], rights: list[int]) -> None:
+def _store(path: Path, lefts: np.ndarray, rights: np.ndarray) -> None:
     a, b = np.asarray(lefts, np.int32), np.asarray(rights, np.int32)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,14 +118,17 @@ def _store(path: Path, lefts: list[int], rights: list[int]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _search(pieces: dict[str, int], scores: Sequence[float]) -> tuple[list[int], list[int]]:
-    found = _splits_vectorised(pieces)
-    if found is None:
-        found = _splits_loop(pieces, pieces)
-    u, a, b = found
-    s = np.asarray(scores, dtype=np.float64)
-    order = np.lexsort((b, a, -s[u]))
-    return a[order].tolist(), b[order].tolist()
+def _search(pieces: dict[str, int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(left ids, right ids) of every split, ordered by the union's score (highest first), then
+    left id, then right id."""
+    from dair.ops.strings import spm_splits
+
+    keys = list(pieces)
+    ids = np.fromiter(pieces.values(), np.int64, len(keys))
+    r, a, b = spm_splits(keys)
+    u, a, b = ids[r], ids[a], ids[b]
+    order = np.lexsort((b, a, -np.asarray(scores, dtype=np.float64)[u]))
+    return a[order], b[order]
 
 
 def _splits_loop(pieces: dict[str, int], within: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,59 +144,3 @@ def _splits_loop(pieces: dict[str, int], within: dict[str, int]) -> tuple[np.nda
                     out.append((i, left, right))
     arr = np.array(out, dtype=np.int64).reshape(-1, 3)  # (union, left, right)
     return arr[:, 0], arr[:, 1], arr[:, 2]
-
-
-def _splits_vectorised(pieces: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    # numpy's fixed-width strings drop trailing NULs: pieces holding one go through the loop.
-    with_nul = {t: i for t, i in pieces.items() if "\x00" in t}
-    keys = [t for t in pieces if "\x00" not in t] if with_nul else list(pieces)
-    if not keys:
-        return _splits_loop(pieces, with_nul)
-    ids = np.fromiter(map(pieces.__getitem__, keys), np.int64, len(keys))
-    lens = np.fromiter(map(len, keys), np.int64, len(keys))
-    width = int(lens.max())
-    codes = np.array(keys, dtype=f"<U{width}").view(np.uint32).reshape(len(keys), width)
-    powers = np.ones(width + 1, np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(1, width + 1):
-            powers[j] = powers[j - 1] * _BASE
-        # full[r] = sum over j < len of (c_j + 1) * BASE^(len - 1 - j), mod 2^64
-        prefix = np.zeros(len(keys), np.uint64)
-        full = np.zeros(len(keys), np.uint64)
-        for k in range(1, width + 1):
-            prefix = prefix * _BASE + (codes[:, k - 1].astype(np.uint64) + np.uint64(1))
-            full[lens == k] = prefix[lens == k]
-        order = np.argsort(full, kind="stable")
-        sorted_full = full[order]
-        if sorted_full.size > 1 and (sorted_full[1:] == sorted_full[:-1]).any():
-            return None  # two pieces share a hash: let the loop decide
-
-        def lookup(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            pos = np.minimum(np.searchsorted(sorted_full, h), sorted_full.size - 1)
-            return order[pos], sorted_full[pos] == h
-
-        us, lefts, rights = [], [], []
-        prefix[:] = 0
-        for k in range(1, width):
-            prefix = prefix * _BASE + (codes[:, k - 1].astype(np.uint64) + np.uint64(1))
-            rows = np.flatnonzero(lens > k)
-            left, hit = lookup(prefix[rows])
-            rows, left = rows[hit], left[hit]
-            suffix = full[rows] - prefix[rows] * powers[lens[rows] - k]
-            right, hit = lookup(suffix)
-            rows, left, right = rows[hit], left[hit], right[hit]
-            # Hashes find candidates; the characters decide, compared as arrays (zero-padded
-            # rows, no NUL inside a piece). A collision's false pair sends us to the loop.
-            if not ((lens[left] == k).all() and (lens[right] == lens[rows] - k).all()
-                    and (codes[left, :k] == codes[rows, :k]).all()
-                    and (codes[right, :width - k] == codes[rows, k:]).all()):
-                return None
-            us.append(rows)
-            lefts.append(left)
-            rights.append(right)
-    u, a, b = (np.concatenate(x) if x else np.zeros(0, np.int64) for x in (us, lefts, rights))
-    u, a, b = ids[u], ids[a], ids[b]
-    if with_nul:
-        nu, na, nb = _splits_loop(pieces, with_nul)
-        u, a, b = np.concatenate([u, nu]), np.concatenate([a, na]), np.concatenate([b, nb])
-    return u, a, b

@@ -120,20 +120,33 @@ def model_info(mf: Any) -> dict[str, Any]:
 
 
 def _kernels_for(qtypes: Counter[str]) -> dict[str, Any]:
-    """Which kernel family multiplies each tensor type present, on this CPU with this build."""
-    from dair.ops.matmul import KERNELS, kernel_table, simd_name
+    """Which kernel family multiplies each tensor type present, on this CPU with this build, and
+    whether that is a fast one: a SIMD kernel of the best family in use, or float32 products."""
+    from dair.ops.matmul import CPU_KERNELS, KERNELS, kernel_table, simd_name
 
     table = kernel_table()
-    return {"cpu": simd_name(), "families": list(KERNELS),
-            "by_type": {qt: table.get(qt, "none") for qt in sorted(qtypes)}}
+    by_type = {qt: table.get(qt, "none") for qt in sorted(qtypes)}
+    return {"cpu": simd_name(), "families": list(KERNELS), "cpu_families": list(CPU_KERNELS),
+            "by_type": by_type,
+            "fast": {qt: f == "float" or (f == KERNELS[0] and f != "scalar") for qt, f in by_type.items()}}
 
 
 def _kernel_note(family: str, best: str) -> str:
     if family == "float":
         return "float32 products"
-    if family == "scalar" and best != "scalar":
-        return "plain C only (no SIMD kernel for this type here)"
-    return f"{family} kernel" if family != "none" else "no kernel"
+    if family == "none":
+        return "no kernel (this build cannot multiply it)"
+    if family == "scalar":
+        return "plain C only (slow: no SIMD kernel for this type here)" if best != "scalar" else "plain C"
+    if family != best:
+        return f"{family} kernel (slower: no {best} kernel for this type)"
+    return f"{family} kernel (fast)"
+
+
+def _kernels_line(k: dict[str, Any]) -> str:
+    best, cpu_best = k["families"][0], k["cpu_families"][0]
+    where = f"on this CPU ({k['cpu']}" + (f", capped at {best} by DAIR_KERNELS)" if best != cpu_best else ")")
+    return f"kernels       {where}: " + ", ".join(f"{t} {_kernel_note(f, best)}" for t, f in k["by_type"].items())
 
 
 def _fmt_bytes(n: int) -> str:
@@ -174,8 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                      f"rope theta {w['rope_theta']:g}")
     lines += [
         "tensor types  " + ", ".join(f"{k} x{v}" for k, v in info["tensor_types"].items()),
-        f"kernels       on this CPU ({info['kernels']['cpu']}): " + ", ".join(
-            f"{k} {_kernel_note(f, info['kernels']['families'][0])}" for k, f in info["kernels"]["by_type"].items()),
+        _kernels_line(info["kernels"]),
         "layer types   " + " ".join(f"{k}={v}" for k, v in info["layer_tensor_types"].items()),
         f"per layer     {_fmt_bytes(info['bytes_per_layer']['max'])}"
         f" (all layers {_fmt_bytes(info['bytes_per_layer']['total'])})",
