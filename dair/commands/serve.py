@@ -101,16 +101,17 @@ async def _serve(bus_addr: str, keys: Any, host: str, port: int, api_key: str | 
         config = uvicorn.Config(create_app(service, api_key), log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=3)
         server = uvicorn.Server(config)
+        # uvicorn shuts down gracefully on SIGTERM (in-flight requests get timeout_graceful_shutdown
+        # to finish), then raises the signal again for the handler it found when it started: a
+        # no-op, set here first, so that the process goes on to close its bus connection and exits
+        # 0 (`dair up` stops us this way).
+        signal.signal(signal.SIGTERM, lambda *_: None)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         shown = f"[{host}]" if ":" in host else host
         print(f"dair serve: http://{shown}:{port}/ (model {service.model_id}, bus {bus_addr}"
               + (", API key required" if api_key else "") + ")", file=sys.stderr, flush=True)
-        # uvicorn shuts down gracefully on SIGTERM (in-flight requests get timeout_graceful_shutdown
-        # to finish), then raises the signal again for the handler it found: a no-op here, so the
-        # process goes on to close its bus connection and exits 0 (`dair up` stops us this way).
-        signal.signal(signal.SIGTERM, lambda *_: None)
         await task
         print("dair serve: stopped", file=sys.stderr, flush=True)
     finally:

@@ -65,15 +65,23 @@ def details(mf: Any) -> dict[str, Any]:
 
 
 def model_info(mf: Any, verbose: bool = False) -> dict[str, Any]:
-    """The file's metadata keys and values (Ollama's `model_info`), long arrays empty unless verbose."""
+    """The file's metadata keys and values (Ollama's `model_info`); arrays longer than SHORT_ARRAY
+    (the vocabulary, merges, token types) are empty unless verbose, as Ollama sends them."""
+    meta = getattr(mf, "metadata", {}) or {}
+    keys = mf.keys() if hasattr(mf, "keys") else list(meta)
     out: dict[str, Any] = {}
-    for k, v in (getattr(mf, "metadata", {}) or {}).items():
+    for k in keys:
         if k.startswith("GGUF."):  # the container's own header fields, not model metadata
             continue
+        if k not in meta and not verbose:  # a large array dair's reader leaves in the file
+            out[k] = []
+            continue
+        v = meta[k] if k in meta else mf.get(k)
         if isinstance(v, (bytes, bytearray)):
             v = v.decode("utf-8", "replace")
-        if isinstance(v, (list, tuple)):
-            v = list(v) if verbose or len(v) <= SHORT_ARRAY else []
+        if isinstance(v, (list, tuple)) or hasattr(v, "tolist"):
+            v = list(v.tolist() if hasattr(v, "tolist") else v)
+            v = v if verbose or len(v) <= SHORT_ARRAY else []
         out[k] = v
     out.setdefault("general.architecture", str(mf.config.arch))
     out["general.parameter_count"] = parameter_count(mf)
