@@ -210,3 +210,39 @@ def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind, H, KV, hd, start,
     # rows in any order, and a row's batch sharing nothing else with it
     order = rng.permutation(n)
     np.testing.assert_array_equal(attention(q[order], kc, vc, pos[order], window=window), batch[order])
+
+
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=native"])
+def test_round16_equals_numpy(tmp_path, arch):
+    """The f32 -> f16 rounding, portable (x86-64: no F16C) and this host's (F16C, f16 subnormals by
+    arithmetic), compiled as the build compiles (fast-math), against numpy's float16 (ties to
+    even) over every finite f16, the ties between them and their neighbours, and overflow."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if os.uname().machine not in ("x86_64", "AMD64") or shutil.which(cc[0]) is None:
+        pytest.skip("needs an x86 C compiler")
+    ops = Path(__file__).resolve().parent.parent / "ops"
+    src = tmp_path / "r16.c"
+    src.write_text('#include <stdio.h>\n#include "attn.h"\nint main(void) { float x;\n'
+                   '  while (fread(&x, 4, 1, stdin) == 1) { float y = dair_attn_round16(x); fwrite(&y, 4, 1, stdout); }\n'
+                   '  return 0; }\n')
+    exe = tmp_path / "r16"
+    subprocess.run([*cc, arch, "-O3", "-ffast-math", "-fno-finite-math-only", "-Wno-unused-function",
+                    f"-I{ops}", str(src), "-o", str(exe), "-lm", "-lpthread"], check=True)
+    rng = np.random.default_rng(7)
+    mags = np.exp(rng.uniform(np.log(1e-9), np.log(1e5), 200_000)).astype(np.float32)
+    h = np.arange(0, 0x7c00, dtype=np.uint16).view(np.float16).astype(np.float32)  # every finite f16
+    mid = ((h[:-1].astype(np.float64) + h[1:]) / 2).astype(np.float32)  # the ties between them
+    x = np.concatenate([mags, -mags[:1000], h, mid, np.nextafter(mid, 0), np.nextafter(mid, 1),
+                        np.float32([2.0**-25, 2.0**-24, 65504, 65519, 65520, 1e30, 0.0])]).astype(np.float32)
+    out = np.frombuffer(subprocess.run([str(exe)], input=x.tobytes(), capture_output=True, check=True).stdout,
+                        np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    bad = np.nonzero(out.view(np.uint32) != want.view(np.uint32))[0]
+    assert bad.size == 0, [(float(x[i]), float(out[i]), float(want[i])) for i in bad[:5]]
