@@ -206,7 +206,7 @@ def synth_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("shape", SYNTH)
 def test_synthetic_family_matches_numpy_reference(shape, synth_dir):
-    """float32 activations: dair's kernels against numpy's maths, over a prefill then token-by-
+    """float32 activations and cache: dair's kernels against numpy's maths, over a prefill then token-by-
     token decode (gemma3's window of 8 is passed by both)."""
     from numpy_reference import NumpyModel
 
@@ -218,7 +218,7 @@ def test_synthetic_family_matches_numpy_reference(shape, synth_dir):
     ids = [int(t) for t in np.random.default_rng(1).integers(1, 512, 20)]
     want = NumpyModel(str(path)).logits(ids)
     mf = open_model(path)
-    eng = RangeEngine(mf, 0, mf.config.n_layers - 1, act_q8=False)
+    eng = RangeEngine(mf, 0, mf.config.n_layers - 1, act_q8=False, kv_type="f32")  # the reference's float maths
     eng.open_session("s")
     got = [eng.head(eng.run_layers(eng.embed(np.array(ids[:12], np.int32)), [("s", np.arange(12, dtype=np.int32))]))]
     for p in range(12, len(ids)):
