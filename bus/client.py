@@ -32,7 +32,7 @@ from dair.bus.connection import (
 from dair.errors import DairError
 
 __all__ = ["NO_ANSWER_HINT", "BusBackend", "BusClient", "BusError", "BusTimeout", "StatsSubscriber",
-           "local_tokenizer"]
+           "local_model", "local_tokenizer"]
 
 
 class BusClient:
@@ -354,12 +354,11 @@ class BusBackend:
         self.client.close()
 
 
-def local_tokenizer(model_info: dict[str, Any], explicit: str | None = None) -> Any:
-    """The tokenizer of a local file with the bus's fingerprint (every node has the model file):
+def local_model(model_info: dict[str, Any], explicit: str | None = None) -> Any:
+    """A local file with the bus's fingerprint (every node has the model file), opened:
     `explicit` (--model), else the bus's own path, else the default model."""
     from dair.model import open_model
     from dair.model.fetch import default_model_path
-    from dair.tokenizer import load_tokenizer
 
     candidates = [explicit, model_info.get("path")]
     try:
@@ -370,7 +369,15 @@ def local_tokenizer(model_info: dict[str, Any], explicit: str | None = None) -> 
         if path and os.path.exists(path):
             mf = open_model(path)
             if mf.fingerprint == model_info.get("fingerprint"):
-                return load_tokenizer(mf)
+                return mf
+            mf.close()
             if path == explicit:
                 raise DairError(f"{path}: not the bus's model {model_info.get('name')} (fingerprints differ)")
     raise DairError(f"no local copy of the bus's model {model_info.get('name')} (give --model PATH of the same file)")
+
+
+def local_tokenizer(model_info: dict[str, Any], explicit: str | None = None) -> Any:
+    """The tokenizer of local_model(model_info, explicit)."""
+    from dair.tokenizer import load_tokenizer
+
+    return load_tokenizer(local_model(model_info, explicit))

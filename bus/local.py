@@ -23,6 +23,23 @@ from dair.errors import DairError
 _PR_SET_PDEATHSIG = 1
 
 
+def _terminate(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM to each of procs, then SIGKILL to those still running after `timeout`."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port p such that p and p + 1 (the stats port) are both free right now."""
     for _ in range(100):
@@ -77,6 +94,7 @@ class LocalCluster:
         self.keys_dir = keys_dir
         self.bus: subprocess.Popen | None = None
         self.stages: list[subprocess.Popen] = []
+        self.clients: list[subprocess.Popen] = []  # processes using the cluster (dair serve)
         self.pgid: int | None = None
 
     @property
@@ -98,6 +116,12 @@ class LocalCluster:
                              stdin=subprocess.DEVNULL, preexec_fn=setup_child)
         if self.pgid is None:
             self.pgid = p.pid
+        return p
+
+    def spawn_client(self, cmd: list[str]) -> subprocess.Popen:
+        """A process that uses the cluster (e.g. `dair serve`), in its group and stopped with it."""
+        p = self._spawn(cmd)
+        self.clients.append(p)
         return p
 
     def bus_command(self) -> list[str]:
@@ -161,20 +185,10 @@ class LocalCluster:
         return security.peer_keys("client", {}, self.keys_dir)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to every child, SIGKILL to those still there after `timeout`."""
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        """SIGTERM to every child, SIGKILL to those still there after `timeout`: the clients first
+        (an HTTP server finishes its requests while the bus still answers), then bus and stages."""
+        _terminate(self.clients, timeout)
+        _terminate(self.procs, timeout)
         if self.pgid is not None:
             try:  # anything a child started in our group
                 os.killpg(self.pgid, signal.SIGKILL)

@@ -353,22 +353,28 @@ class RangeEngine:
         """Mixture of experts: each row goes through its top-k experts by router softmax, weighted
         by those probabilities (renormalised to sum 1 where the family does). Each chosen expert
         runs once, over the rows routed to it."""
-        c = self.cfg
-        logits = w.router.matmul(h, act_q8=self.act_q8)  # [n, n_experts]
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        top = np.argsort(-p, axis=1, kind="stable")[:, :c.n_experts_used]  # [n, used]
-        weight = np.take_along_axis(p, top, axis=1)
-        if c.moe_norm_weights:
-            weight /= weight.sum(axis=1, keepdims=True)
-        if c.expert_weights_scale:
-            weight *= np.float32(c.expert_weights_scale)
+        top, weight = self.route(self.first + j, w.router.matmul(h, act_q8=self.act_q8))
         out = np.zeros_like(h)
         for e in self._each_expert(j, np.unique(top)):
             rows, slot = np.nonzero(top == e)
             y = self._ffn(w.gate_exps[e], w.up_exps[e], w.down_exps[e], np.ascontiguousarray(h[rows]))
             out[rows] += y * weight[rows, slot][:, None]
         return out
+
+    def route(self, layer: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Router logits [n, n_experts] of `layer` -> each row's experts [n, used] (the top-k of
+        the softmax) and their weights (renormalised to sum 1 where the family does, times
+        expert_weights_scale where the file gives one)."""
+        c = self.cfg
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        top = np.argsort(-p, axis=1, kind="stable")[:, :c.n_experts_used]
+        weight = np.take_along_axis(p, top, axis=1)
+        if c.moe_norm_weights:
+            weight /= weight.sum(axis=1, keepdims=True)
+        if c.expert_weights_scale:
+            weight *= np.float32(c.expert_weights_scale)
+        return top, weight
 
     def _each_expert(self, j: int, chosen: np.ndarray):
         """The chosen experts one by one; under a RAM budget each is read from disk just before its

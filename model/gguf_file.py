@@ -50,6 +50,10 @@ class GGUFModel(ModelFile):
             return default
         return self._header.get(key, default)
 
+    def keys(self) -> list[str]:
+        """Every metadata key, the large tokenizer arrays' included, in file order."""
+        return self._header.keys() if self._header is not None else list(self.metadata)
+
     def _require(self, key: str) -> Any:
         if key not in self.metadata:
             raise ModelFormatError(self.path, f"missing metadata key {key}")

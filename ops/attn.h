@@ -22,6 +22,16 @@
  * exp-sum, the merge) are each one non-inlined function, so decode and prefill run the same
  * instructions on a row. The plain-C path is the reference: per (row, kv head), all scores,
  * then one softmax.
+ *
+ * With an f16 cache the arithmetic is llama.cpp's (its default, non-flash CPU attention): there
+ * K.q and P.V are matrix products with an f16 operand, for which ggml converts the f32 operand to
+ * f16 first, so q is rounded to f16 before the dots and the normalised probabilities are rounded
+ * to f16 before they weight the values. Rounding the probabilities needs the row's max and sum
+ * over all its spans first: the spans are visited twice (scores, max and sum; then the rounded
+ * probabilities and the weighted values, summed in span order). The decode scheme keeps its
+ * scores for the second visit; a prefill task computes them again (keeping them would take
+ * G * context floats per row). Without this rounding llama.cpp's logits are matched 2-5x less
+ * closely (README, Model families).
  */
 #ifndef DAIR_ATTN_H
 #define DAIR_ATTN_H
@@ -97,6 +107,43 @@ static inline float dair_attn_h2f(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+#endif
+}
+
+/* x rounded to the nearest f16 (ties to even), as f32 */
+static inline float dair_attn_round16(float x) {
+#if defined(__F16C__)
+    /* f16 subnormals (below 2^-14: multiples of 2^-24) by arithmetic: a conversion that makes
+     * one takes a microcode assist of ~100 cycles, and most small probabilities are such */
+    if (fabsf(x) < 6.103515625e-05f)
+        return __builtin_rintf(x * 16777216.0f) * 5.9604644775390625e-08f;
+    return _cvtsh_ss(_cvtss_sh(x, 0));
+#elif defined(__aarch64__)
+    return (float)(__fp16)x;
+#else
+    uint32_t b, r;
+    memcpy(&b, &x, 4);
+    const uint32_t sign = b & 0x80000000u, a = b & 0x7fffffffu;
+    if (a >= 0x7f800000u)
+        return x;                                      /* inf, nan */
+    if (a >= 0x477ff000u) {
+        r = 0x7f800000u;                               /* past 65504 + half an ulp: inf */
+    } else if (a >= 0x38800000u) {
+        r = (a + 0x0fffu + ((a >> 13) & 1u)) & ~0x1fffu; /* normal: 10 mantissa bits */
+    } else if (a <= 0x33000000u) {
+        r = 0;                                         /* at most half the smallest subnormal */
+    } else {                                           /* subnormal: a multiple of 2^-24 */
+        const int sh = 126 - (int)(a >> 23);
+        const uint32_t m = (a & 0x7fffffu) | 0x800000u, rem = m & ((1u << sh) - 1), half = 1u << (sh - 1);
+        uint32_t q = m >> sh;
+        q += rem > half || (rem == half && (q & 1u));
+        const float f = (float)q * 5.9604644775390625e-8f;
+        memcpy(&r, &f, 4);
+    }
+    r |= sign;
+    float out;
+    memcpy(&out, &r, 4);
+    return out;
 #endif
 }
 
@@ -234,8 +281,14 @@ static void dair_attn_task_c(const dair_attn_args *a, int i, int kvh, float *sc,
             s[t] = expf(s[t] - mx);
             sum += s[t];
         }
-        for (int t = 0; t < npos; t++)
-            s[t] /= sum;
+        if (a->kind == DAIR_KV_F16) {
+            const float inv = 1.0f / sum;
+            for (int t = 0; t < npos; t++)
+                s[t] = dair_attn_round16(s[t] * inv);
+        } else {
+            for (int t = 0; t < npos; t++)
+                s[t] /= sum;
+        }
     }
     memset(out, 0, sizeof(float) * (size_t)G * hd);
     for (int t = 0; t < npos; t++) {
@@ -326,6 +379,42 @@ static DAIR_ATTN_NOINLINE float dair_attn_exp_sum(float *s, float mx, int len, i
     return sum;
 }
 
+
+/* s[t] = round16(exp(s[t] - mx) * inv): a row's probabilities over the span, normalised by the
+ * row's max mx and 1 / sum inv, rounded as llama.cpp rounds them for the f16 values */
+static DAIR_ATTN_NOINLINE void dair_attn_probs16(float *s, float mx, float inv, int len, int isa) {
+    dair_attn_exp_sum(s, mx, len, isa);
+    int t = 0;
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512) {
+        /* as dair_attn_round16: values below 2^-14 rounded to multiples of 2^-24 by arithmetic,
+         * the others converted (never an f16 subnormal out of the converter) */
+        const __m512 vi = _mm512_set1_ps(inv), lo = _mm512_set1_ps(6.103515625e-05f);
+        const __m512 up = _mm512_set1_ps(16777216.0f), down = _mm512_set1_ps(5.9604644775390625e-08f);
+        for (; t + 16 <= len; t += 16) {
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(s + t), vi);
+            const __m512 n = _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_max_ps(v, lo), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            const __m512 sub = _mm512_mul_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, up), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), down);
+            _mm512_storeu_ps(s + t, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), n, sub));
+        }
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (isa == DAIR_ATTN_AVX2) {
+        const __m256 vi = _mm256_set1_ps(inv), lo = _mm256_set1_ps(6.103515625e-05f);
+        const __m256 up = _mm256_set1_ps(16777216.0f), down = _mm256_set1_ps(5.9604644775390625e-08f);
+        for (; t + 8 <= len; t += 8) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + t), vi);
+            const __m256 n = _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_max_ps(v, lo), _MM_FROUND_TO_NEAREST_INT));
+            const __m256 sub = _mm256_mul_ps(_mm256_round_ps(_mm256_mul_ps(v, up), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), down);
+            _mm256_storeu_ps(s + t, _mm256_blendv_ps(n, sub, _mm256_cmp_ps(v, lo, _CMP_LT_OQ)));
+        }
+    }
+#endif
+    (void)isa;
+    for (; t < len; t++)
+        s[t] = dair_attn_round16(s[t] * inv);
+}
 
 /* s[t] = (q . kt[t]) * scale for t < nt; kt: nt rows of hd floats. */
 #if DAIR_ATTN_HAVE_AVX512
@@ -584,9 +673,15 @@ static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *
 
 /* The partial softmaxes of rows [r0, r1) over span s of kv head kvh: row r's goes to
  * dst + (r - r0) * rstride as [G] max, [G] sum, [G][hd] unnormalised output, or part[0] = -inf
- * when the row sees no key of the span. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd. */
+ * when the row sees no key of the span. With norm (f16 caches, the second visit): row r's
+ * [G] max and [G] 1 / sum over all its spans at norm + (r - r0) * 2G, and the [G][hd] output is
+ * that of the rounded normalised probabilities (part[0] = 0 marks a span with keys). `how`:
+ * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd (>= SPAN) floats. */
+enum { DAIR_ATTN_VALUES = 1, /* make the [G][hd] outputs (else only the max and the sum) */
+       DAIR_ATTN_KEEP = 2,   /* leave the scores in sc (the exps go to kt) */
+       DAIR_ATTN_REUSE = 4   /* sc holds the span's scores already (kept by the first visit) */ };
 static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
-                                               size_t rstride, float *sc, float *kt) {
+                                               size_t rstride, float *sc, float *kt, const float *norm, int how) {
     const int G = a->G, hd = a->hd, t0 = s * DAIR_ATTN_SPAN;
     int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
     for (int r = r0; r < r1; r++) {
@@ -597,7 +692,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
             hi = e > hi ? e : hi;
         }
     }
-    for (int kb = lo - lo % DAIR_ATTN_KB; kb < hi; kb += DAIR_ATTN_KB) {
+    for (int kb = lo - lo % DAIR_ATTN_KB; !(how & DAIR_ATTN_REUSE) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
         dair_attn_tile(a->k, a, kvh, t0 + kb, nt, nt, kt);
         for (int r = r0; r < r1; r++) {
@@ -622,14 +717,26 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
             continue;
         }
         float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN;
-        for (int g = 0; g < G; g++) {
-            float *sg = sr + (size_t)g * DAIR_ATTN_SPAN, mx = dair_attn_max(sg + b, e - b, a->isa);
-            part[g] = mx;
-            part[G + g] = dair_attn_exp_sum(sg + b, mx, e - b, a->isa);
+        if (norm != NULL) {
+            const float *nr = norm + (size_t)(r - r0) * 2 * G;
+            for (int g = 0; g < G; g++)
+                dair_attn_probs16(sr + (size_t)g * DAIR_ATTN_SPAN + b, nr[g], nr[G + g], e - b, a->isa);
+            part[0] = 0.0f;
+        } else {
+            for (int g = 0; g < G; g++) {
+                float *sg = sr + (size_t)g * DAIR_ATTN_SPAN, mx = dair_attn_max(sg + b, e - b, a->isa);
+                part[g] = mx;
+                if (how & DAIR_ATTN_KEEP) {
+                    memcpy(kt, sg + b, sizeof(float) * (size_t)(e - b));
+                    part[G + g] = dair_attn_exp_sum(kt, mx, e - b, a->isa);
+                } else {
+                    part[G + g] = dair_attn_exp_sum(sg + b, mx, e - b, a->isa);
+                }
+            }
         }
         memset(part + 2 * G, 0, sizeof(float) * (size_t)G * hd);
     }
-    for (int kb = lo - lo % DAIR_ATTN_KB; kb < hi; kb += DAIR_ATTN_KB) {
+    for (int kb = lo - lo % DAIR_ATTN_KB; (how & DAIR_ATTN_VALUES) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
         dair_attn_tile(a->v, a, kvh, t0 + kb, nt, nt, kt);
         for (int r = r0; r < r1; r++) {
@@ -674,6 +781,39 @@ static DAIR_ATTN_NOINLINE void dair_attn_merge_one(const float *parts, size_t ss
     }
 }
 
+/* norm[G] max and norm[G + g] 1 / sum of one (row, kv head) over its spans' partials, the max
+ * and the sum merge_one divides by */
+static DAIR_ATTN_NOINLINE void dair_attn_norm_one(const float *parts, size_t sstride, int nspan, int G, float *norm) {
+    for (int g = 0; g < G; g++) {
+        float M = -INFINITY, L = 0.0f;
+        for (int s = 0; s < nspan; s++) {
+            const float *part = parts + sstride * (size_t)s;
+            if (part[0] != -INFINITY && part[g] > M)
+                M = part[g];
+        }
+        for (int s = 0; s < nspan; s++) {
+            const float *part = parts + sstride * (size_t)s;
+            if (part[0] != -INFINITY)
+                L += expf(part[g] - M) * part[G + g];
+        }
+        norm[g] = M;
+        norm[G + g] = 1.0f / L;
+    }
+}
+
+/* out[G][hd] = the sum of the spans' outputs of normalised probabilities, in span order */
+static DAIR_ATTN_NOINLINE void dair_attn_sum_one(const float *parts, size_t sstride, int nspan, int G, int hd,
+                                                 float *out) {
+    memset(out, 0, sizeof(float) * (size_t)G * hd);
+    for (int s = 0; s < nspan; s++) {
+        const float *part = parts + sstride * (size_t)s;
+        if (part[0] == -INFINITY)
+            continue;
+        for (size_t j = 0; j < (size_t)G * hd; j++)
+            out[j] += part[2 * G + j];
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Planning and dispatch.
  */
@@ -682,6 +822,11 @@ enum { DAIR_ATTN_SCHEME_C = 0, DAIR_ATTN_SCHEME_DECODE = 1, DAIR_ATTN_SCHEME_PRE
 typedef struct {
     const dair_attn_args *a;
     int scheme, nch, ntask;
+    int round16;      /* f16 cache: llama.cpp's rounding, two visits of each span */
+    int visit;        /* decode scheme: 0 scores, max and sum; 1 rounded probabilities (round16) */
+    float *norms;     /* decode scheme, round16: [n * KV][2G] max and 1 / sum */
+    float *scores;    /* decode scheme, round16: [ntask][G][SPAN] scores kept between the visits */
+    int keep;         /* prefill scheme, round16: each task keeps its spans' scores (when they fit) */
     int nspan;        /* spans per row (the longest row's) */
     size_t per;       /* scratch floats per chunk */
     size_t part_size; /* floats of one partial result: G * (2 + hd) */
@@ -719,15 +864,30 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
         s0 = lo / DAIR_ATTN_SPAN < s0 ? lo / DAIR_ATTN_SPAN : s0;
         s1 = pr / DAIR_ATTN_SPAN + 1 > s1 ? pr / DAIR_ATTN_SPAN + 1 : s1;
     }
-    const int ns = s1 - s0;
-    const size_t ps = p->part_size, rstride = ps * (size_t)ns;
-    float *parts = scr, *sc = parts + rstride * (size_t)(r1 - r0);
-    float *kt = sc + (size_t)(r1 - r0) * a->G * DAIR_ATTN_SPAN;
+    const int ns = s1 - s0, G = a->G;
+    const size_t ps = p->part_size, rstride = ps * (size_t)ns, span_sc = (size_t)DAIR_ATTN_ROWS * G * DAIR_ATTN_SPAN;
+    float *parts = scr, *kt = parts + rstride * DAIR_ATTN_ROWS, *norm = kt + (size_t)DAIR_ATTN_KB * a->hd;
+    float *sc = norm + (size_t)DAIR_ATTN_ROWS * 2 * G; /* one span's scores, or (keep) every span's */
+#define DAIR_ATTN_SC(s) (p->keep ? sc + span_sc * (size_t)((s) - s0) : sc)
     for (int s = s0; s < s1; s++)
-        dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, sc, kt);
+        dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, DAIR_ATTN_SC(s), kt, NULL,
+                        !p->round16 ? DAIR_ATTN_VALUES : p->keep ? DAIR_ATTN_KEEP : 0);
+    for (int r = r0; r < r1; r++) {
+        float *out = a->out + ((size_t)r * a->H + (size_t)kvh * G) * a->hd;
+        if (p->round16)
+            dair_attn_norm_one(parts + rstride * (size_t)(r - r0), ps, ns, G, norm + (size_t)(r - r0) * 2 * G);
+        else
+            dair_attn_merge_one(parts + rstride * (size_t)(r - r0), ps, ns, G, a->hd, out);
+    }
+    if (!p->round16)
+        return;
+    for (int s = s0; s < s1; s++)
+        dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, DAIR_ATTN_SC(s), kt, norm,
+                        DAIR_ATTN_VALUES | (p->keep ? DAIR_ATTN_REUSE : 0));
+#undef DAIR_ATTN_SC
     for (int r = r0; r < r1; r++)
-        dair_attn_merge_one(parts + rstride * (size_t)(r - r0), ps, ns, a->G, a->hd,
-                            a->out + ((size_t)r * a->H + (size_t)kvh * a->G) * a->hd);
+        dair_attn_sum_one(parts + rstride * (size_t)(r - r0), ps, ns, G, a->hd,
+                          a->out + ((size_t)r * a->H + (size_t)kvh * G) * a->hd);
 }
 
 static void dair_attn_chunk(void *ctx, int c) {
@@ -742,8 +902,12 @@ static void dair_attn_chunk(void *ctx, int c) {
             dair_attn_task_c(a, i, kvh, scr, scr + (size_t)a->G * (a->pos[i] + 1));
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
             int s = task % p->nspan, rk = task / p->nspan, i = rk / a->KV, kvh = rk % a->KV;
-            dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * (size_t)task, 0, scr,
-                            scr + (size_t)a->G * DAIR_ATTN_SPAN);
+            /* round16: each task's scores are kept for its second visit (G * SPAN floats a task) */
+            float *sc = p->round16 ? p->scores + (size_t)task * a->G * DAIR_ATTN_SPAN : scr;
+            dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * (size_t)task, 0, sc,
+                            scr + (size_t)a->G * DAIR_ATTN_SPAN, p->visit ? p->norms + (size_t)rk * 2 * a->G : NULL,
+                            !p->round16 ? DAIR_ATTN_VALUES
+                                        : p->visit ? DAIR_ATTN_VALUES | DAIR_ATTN_REUSE : DAIR_ATTN_KEEP);
         } else {
             int blk = task / a->KV, kvh = task % a->KV, r0 = blk * DAIR_ATTN_ROWS;
             int r1 = r0 + DAIR_ATTN_ROWS < a->n ? r0 + DAIR_ATTN_ROWS : a->n;
@@ -785,10 +949,13 @@ static void dair_attn_scratch_put(float *p, int cached) {
 }
 
 /* Returns 0, or -1 when out of memory for the scratch. */
-static int dair_attention(const dair_attn_args *a) {
+static int dair_attention(const dair_attn_args *args) {
     dair_attn_plan p;
     memset(&p, 0, sizeof(p));
+    dair_attn_args local = *args; /* with an f16 cache, q is a rounded copy */
+    const dair_attn_args *a = &local;
     p.a = a;
+    p.round16 = a->kind == DAIR_KV_F16;
     int maxpos = 0;
     double work = 0.0;
     for (int i = 0; i < a->n; i++) {
@@ -814,7 +981,15 @@ static int dair_attention(const dair_attn_args *a) {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
         p.ntask = nblk * a->KV;
         p.per = (size_t)DAIR_ATTN_ROWS * (p.part_size * (size_t)p.nspan + (size_t)a->G * DAIR_ATTN_SPAN) +
-                (size_t)DAIR_ATTN_KB * a->hd + 16;
+                (size_t)DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16;
+    }
+    if (p.scheme == DAIR_ATTN_SCHEME_PREFILL && p.round16) {
+        /* every span's scores of a task: kept for the second visit when all chunks' fit 64 MiB */
+        const size_t all = (size_t)DAIR_ATTN_ROWS * a->G * DAIR_ATTN_SPAN * (size_t)(p.nspan - 1);
+        const int nch_max = nt <= 1 ? 1 : 8 * nt;
+        p.keep = (p.per + all) * (size_t)nch_max * sizeof(float) <= ((size_t)64 << 20);
+        if (p.keep)
+            p.per += all;
     }
     /* a chunk should be worth ~32k multiply-adds: claiming one costs ~0.1 us */
     double want = nt <= 1 ? 1.0 : work * a->H * a->hd * 2.0 / 32768.0;
@@ -823,19 +998,43 @@ static int dair_attention(const dair_attn_args *a) {
     if (want > p.ntask)
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
-    /* partial results of the decode scheme after the chunks' scratch */
-    size_t nparts = p.scheme == DAIR_ATTN_SCHEME_DECODE ? p.part_size * (size_t)p.ntask : 0;
+    /* after the chunks' scratch: the decode scheme's partial results and (round16) its rows'
+     * max and 1 / sum, then the rounded q */
+    const size_t nrk = (size_t)a->n * a->KV, nq = p.round16 ? (size_t)a->n * a->H * a->hd : 0;
+    const size_t nparts = p.scheme == DAIR_ATTN_SCHEME_DECODE ? p.part_size * (size_t)p.ntask : 0;
+    const int keep = p.scheme == DAIR_ATTN_SCHEME_DECODE && p.round16;
+    const size_t nnorm = keep ? nrk * 2 * a->G : 0;
+    const size_t nscores = keep ? (size_t)p.ntask * a->G * DAIR_ATTN_SPAN : 0;
     int cached;
-    p.scratch = dair_attn_scratch_get(p.per * (size_t)p.nch + nparts, &cached);
+    p.scratch = dair_attn_scratch_get(p.per * (size_t)p.nch + nparts + nnorm + nscores + nq, &cached);
     if (p.scratch == NULL)
         return -1;
     p.parts = p.scratch + p.per * (size_t)p.nch;
+    p.norms = p.parts + nparts;
+    p.scores = p.norms + nnorm;
+    if (p.round16) {
+        float *qr = p.scores + nscores;
+        for (size_t j = 0; j < nq; j++)
+            qr[j] = dair_attn_round16(args->q[j]);
+        local.q = qr;
+    }
     dair_parallel_for(p.nch, dair_attn_chunk, &p);
     if (p.scheme == DAIR_ATTN_SCHEME_DECODE) {
         const unsigned int csr = dair_attn_ftz_on();
-        for (int rk = 0; rk < a->n * a->KV; rk++)
-            dair_attn_merge_one(p.parts + p.part_size * (size_t)rk * p.nspan, p.part_size, p.nspan, a->G, a->hd,
-                                a->out + (size_t)rk * a->G * a->hd);
+        for (size_t rk = 0; rk < nrk; rk++) {
+            const float *parts = p.parts + p.part_size * rk * (size_t)p.nspan;
+            if (p.round16)
+                dair_attn_norm_one(parts, p.part_size, p.nspan, a->G, p.norms + rk * 2 * a->G);
+            else
+                dair_attn_merge_one(parts, p.part_size, p.nspan, a->G, a->hd, a->out + rk * a->G * a->hd);
+        }
+        if (p.round16) { /* the second visit of every span, then the sums in span order */
+            p.visit = 1;
+            dair_parallel_for(p.nch, dair_attn_chunk, &p);
+            for (size_t rk = 0; rk < nrk; rk++)
+                dair_attn_sum_one(p.parts + p.part_size * rk * (size_t)p.nspan, p.part_size, p.nspan, a->G, a->hd,
+                                  a->out + rk * a->G * a->hd);
+        }
         dair_attn_ftz_off(csr);
     }
     dair_attn_scratch_put(p.scratch, cached);

@@ -3,7 +3,9 @@ build has (AVX-512, AVX2, plain C), every cache type (f32, f16, Q8_0 blocks made
 `gguf` package), at long lengths (several key tiles and decode spans) and odd sizes.
 
 Bound: the cache's own values are the reference's inputs (Q8_0 dequantized by gguf), so the only
-error is float32 arithmetic: |out - ref| <= 1e-4 * |ref| + 2e-5.
+error is float32 arithmetic: |out - ref| <= 1e-4 * |ref| + 2e-5. With an f16 cache the reference
+rounds as llama.cpp's CPU attention does (ggml converts the f32 operand of a product with an f16
+one to f16): q before the dots, the normalised probabilities before they weight the values.
 """
 import numpy as np
 import pytest
@@ -41,8 +43,10 @@ def make_cache(rng, kind, cap, KV, hd):
     return raw.reshape(cap, KV, q8_0_row_bytes(hd)), vals.astype(np.float64)
 
 
-def reference(q, k, v, pos, scale, window=0):
+def reference(q, k, v, pos, scale, window=0, round16=False):
     n, H, hd = q.shape
+    if round16:
+        q = q.astype(np.float16)
     G = H // k.shape[1]
     out = np.zeros((n, H, hd))
     t = np.arange(k.shape[0])[None, :]
@@ -53,8 +57,23 @@ def reference(q, k, v, pos, scale, window=0):
         s = q[:, h].astype(np.float64) @ k[:, h // G].T * scale
         s[hidden] = -np.inf
         p = np.exp(s - s.max(axis=1, keepdims=True))
-        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ v[:, h // G]
+        p /= p.sum(axis=1, keepdims=True)
+        if round16:
+            p = p.astype(np.float16).astype(np.float64)
+        out[:, h] = p @ v[:, h // G]
     return out
+
+
+def assert_close(out, ref, kind, vref, what=""):
+    """float32 arithmetic's bound; with an f16 cache, a probability within float32 error of an
+    f16 rounding boundary may round the other way than the reference's: one f16 ulp of it (at
+    most 2^-11) times a value, in a few (row, head) outputs only."""
+    if kind == "f16":
+        near = np.isclose(out, ref, rtol=1e-4, atol=2e-5)
+        assert near.mean() > 0.98, f"{what}: {np.count_nonzero(~near)} of {near.size} elements off"
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2.0**-11 * np.abs(vref).max(), err_msg=what)
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5, err_msg=what)
 
 
 def check(rng, kind, H, KV, hd, pos, scale=None, window=0):
@@ -64,8 +83,8 @@ def check(rng, kind, H, KV, hd, pos, scale=None, window=0):
     kc, kref = make_cache(rng, kind, cap, KV, hd)
     vc, vref = make_cache(rng, kind, cap, KV, hd)
     out = attention(q, kc, vc, pos, scale=scale, window=window)
-    ref = reference(q, kref, vref, pos, 1 / np.sqrt(hd) if scale is None else scale, window)
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5, err_msg=f"{get_isa()} {kind}")
+    ref = reference(q, kref, vref, pos, 1 / np.sqrt(hd) if scale is None else scale, window, kind == "f16")
+    assert_close(out, ref, kind, vref, f"{get_isa()} {kind}")
     return q, kc, vc, pos
 
 
@@ -135,6 +154,22 @@ def test_threads_agree(rng, isa, n):
     np.testing.assert_array_equal(a, b)
 
 
+def test_f16_cache_rounds_as_llama_cpp(rng, isa):
+    """The f16 path's results are llama.cpp's rounding, not float32's: against the unrounded
+    reference half the elements are off, against the rounded one almost none."""
+    pos = np.arange(1750, 2050, dtype=np.int32)
+    q = rng.standard_normal((pos.size, 9, 64)).astype(np.float32) * 2
+    kc, kref = make_cache(rng, "f16", 2050, 3, 64)
+    vc, vref = make_cache(rng, "f16", 2050, 3, 64)
+    out = attention(q, kc, vc, pos)
+
+    def off(round16: bool) -> float:
+        ref = reference(q, kref, vref, pos, 1 / 8, 0, round16)
+        return float((~np.isclose(out, ref, rtol=1e-4, atol=2e-5)).mean())
+
+    assert off(True) < 0.002 and off(False) > 0.2, (off(True), off(False))
+
+
 def test_rejects_bad_cache():
     q = np.zeros((2, 4, 64), np.float32)
     pos = np.array([3, 4], np.int32)
@@ -168,7 +203,7 @@ def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind, H, KV, hd, start,
     kc, kref = make_cache(rng, kind, start + n, KV, hd)
     vc, vref = make_cache(rng, kind, start + n, KV, hd)
     batch = attention(q, kc, vc, pos, window=window)
-    np.testing.assert_allclose(batch, reference(q, kref, vref, pos, 1 / np.sqrt(hd), window), rtol=1e-4, atol=2e-5)
+    assert_close(batch, reference(q, kref, vref, pos, 1 / np.sqrt(hd), window, kind == "f16"), kind, vref)
     for chunk in (1, 7, 8, 9, 256):
         parts = [attention(q[i:i + chunk], kc, vc, pos[i:i + chunk], window=window) for i in range(0, n, chunk)]
         np.testing.assert_array_equal(np.concatenate(parts), batch, err_msg=f"{isa} {kind} chunks of {chunk}")
@@ -190,3 +225,39 @@ def test_dair_kernels_caps_the_attention_path(cap, expect):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DAIR_KERNELS": cap},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [expect, "False"]
+
+
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=native"])
+def test_round16_equals_numpy(tmp_path, arch):
+    """The f32 -> f16 rounding, portable (x86-64: no F16C) and this host's (F16C, f16 subnormals by
+    arithmetic), compiled as the build compiles (fast-math), against numpy's float16 (ties to
+    even) over every finite f16, the ties between them and their neighbours, and overflow."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if os.uname().machine not in ("x86_64", "AMD64") or shutil.which(cc[0]) is None:
+        pytest.skip("needs an x86 C compiler")
+    ops = Path(__file__).resolve().parent.parent / "ops"
+    src = tmp_path / "r16.c"
+    src.write_text('#include <stdio.h>\n#include "attn.h"\nint main(void) { float x;\n'
+                   '  while (fread(&x, 4, 1, stdin) == 1) { float y = dair_attn_round16(x); fwrite(&y, 4, 1, stdout); }\n'
+                   '  return 0; }\n')
+    exe = tmp_path / "r16"
+    subprocess.run([*cc, arch, "-O3", "-ffast-math", "-fno-finite-math-only", "-Wno-unused-function",
+                    f"-I{ops}", str(src), "-o", str(exe), "-lm", "-lpthread"], check=True)
+    rng = np.random.default_rng(7)
+    mags = np.exp(rng.uniform(np.log(1e-9), np.log(1e5), 200_000)).astype(np.float32)
+    h = np.arange(0, 0x7c00, dtype=np.uint16).view(np.float16).astype(np.float32)  # every finite f16
+    mid = ((h[:-1].astype(np.float64) + h[1:]) / 2).astype(np.float32)  # the ties between them
+    x = np.concatenate([mags, -mags[:1000], h, mid, np.nextafter(mid, 0), np.nextafter(mid, 1),
+                        np.float32([2.0**-25, 2.0**-24, 65504, 65519, 65520, 1e30, 0.0])]).astype(np.float32)
+    out = np.frombuffer(subprocess.run([str(exe)], input=x.tobytes(), capture_output=True, check=True).stdout,
+                        np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    bad = np.nonzero(out.view(np.uint32) != want.view(np.uint32))[0]
+    assert bad.size == 0, [(float(x[i]), float(out[i]), float(want[i])) for i in bad[:5]]

@@ -19,7 +19,7 @@ from dair.model import qtypes
 
 ARCH = Path(__file__).resolve().parent / "data" / "arch"
 # One file per family, within the repository's size budget (the README lists the others' figures).
-FILES = ["qwen2.Q4_K_M", "qwen3.F16", "llama-moe.Q8_0", "qwen3moe.Q8_0"]
+FILES = ["qwen2.Q4_K_M", "qwen3.F16", "llama-moe.Q8_0", "qwen3moe.Q8_0", "qwen3moe.Q4_K_M"]
 TOL = {"F16": 0.1}
 QUANT_TOL, LEAD, VOCAB = 0.75, 0.5, 512
 
@@ -38,19 +38,105 @@ def _ids(ref: dict) -> list[int]:
     return ref["prompt_ids"] + ref["greedy_ids"][:-1]
 
 
-def check_against_llama_cpp(positions: list[dict], ref: dict, tol: float) -> float:
-    """Asserts the criteria on score() output (all VOCAB logits per position); returns the worst gap."""
+def misses(positions: list[dict], ref: dict, tol: float) -> tuple[float, dict[int, str]]:
+    """The criteria on score() output (all VOCAB logits per position): (worst top-5 gap, the
+    positions that miss them -> how, in words)."""
     want = ref["teacher_forced_top8"] + ref["greedy_top5"][1:]
     assert len(positions) == len(want)
-    worst = 0.0
+    worst, out = 0.0, {}
     for p, top in enumerate(want):
         row = {int(i): v for i, v in positions[p]["top"]}
-        for tok, logit in top[:5]:
-            worst = max(worst, abs(row[tok] - logit))
-            assert abs(row[tok] - logit) < tol, f"position {p}, token {tok}: {row[tok]:.4f} vs llama.cpp {logit:.4f}"
-        if top[0][1] - top[1][1] > LEAD:
-            assert positions[p]["top"][0][0] == top[0][0], f"position {p}: top-1 differs from llama.cpp's"
+        gap, tok = max((abs(row[t] - v), t) for t, v in top[:5])
+        worst = max(worst, gap)
+        if gap >= tol:
+            out[p] = f"position {p}, token {tok}: {row[tok]:.4f} vs llama.cpp {dict(top)[tok]:.4f}"
+        elif top[0][1] - top[1][1] > LEAD and positions[p]["top"][0][0] != top[0][0]:
+            out[p] = f"position {p}: top-1 differs from llama.cpp's"
+    return worst, out
+
+
+def check_against_llama_cpp(positions: list[dict], ref: dict, tol: float) -> float:
+    """Asserts the criteria; returns the worst gap."""
+    worst, bad = misses(positions, ref, tol)
+    assert not bad, bad
     return worst
+
+
+# -- a router near-tie tipped by the Q8_0 wire -----------------------------------------------------
+# The Q8_0 wire rounds the residual stream between stages, which llama.cpp never does. Where a
+# router's last chosen expert and its first unchosen one are nearly tied, that rounding can tip
+# the choice, and the position's logits are then those of another expert set: several logits
+# off. Such a position is accepted only when all of this holds, measured against llama.cpp's data:
+# the wire's rounding (done here in process, which gives the cluster's logits at the position)
+# changes one layer's expert set; the wire run's router has that layer's k-th and (k+1)-th experts
+# within NEAR_TIE logits; and the same wire run with the set chosen without the wire there meets
+# the criteria at the position.
+NEAR_TIE = 0.05
+
+
+def _routed_engine(mf, layer: int, force: dict):
+    """An engine for one layer that records its router logits and routes the rows in
+    force[(layer, row)] to those experts (softmax weights, renormalised as the family does)."""
+    from dair.engine.forward import RangeEngine
+
+    class Routed(RangeEngine):
+        def route(self, at: int, logits: np.ndarray):
+            self.router_logits = logits.copy()
+            top, weight = super().route(at, logits)
+            for (lay, row), experts in force.items():
+                if lay == at:
+                    p = np.exp(logits[row] - logits[row].max())
+                    top[row] = experts
+                    weight[row] = p[experts] / p[experts].sum()
+            return top, weight
+
+    return Routed(mf, layer, layer)
+
+
+def _stages_in_process(mf, ids: list[int], wire: bool, force: dict | None = None):
+    """One engine per layer as the one-stage-per-layer cluster runs them, the activations rounded
+    through the Q8_0 wire between them: (logits [n, vocab], {layer: router logits [n, experts]})."""
+    from dair.ops.wire import dequantize_q8_0, quantize_q8_0
+
+    engines = [_routed_engine(mf, i, force or {}) for i in range(mf.config.n_layers)]
+    x = engines[0].embed(np.array(ids, np.int32))
+    for i, eng in enumerate(engines):
+        if i and wire:
+            x = dequantize_q8_0(quantize_q8_0(x), x.shape[0], x.shape[1])
+        eng.open_session("s")
+        x = eng.run_layers(x, [("s", np.arange(len(ids), dtype=np.int32))])
+    return engines[-1].head(x), {i: e.router_logits for i, e in enumerate(engines) if hasattr(e, "router_logits")}
+
+
+def _rows(logits: np.ndarray) -> list[dict]:
+    return [{"top": [[int(i), float(r[i])] for i in np.argsort(-r)]} for r in logits]
+
+
+def wire_near_tie(mf, ids: list[int], position: int, got: dict, ref: dict, tol: float) -> str | None:
+    """Why `position` of a Q8_0-wire run (its score() entry `got`) may miss the criteria: the
+    near-tie said above, in words; None when that is not what happened."""
+    k = mf.config.n_experts_used
+    wired, wired_routes = _stages_in_process(mf, ids, wire=True)
+    # the in-process stages are the cluster's computation at this position
+    row = {int(i): v for i, v in got["top"]}
+    if max(abs(row[i] - float(wired[position][i])) for i in np.argsort(-wired[position])[:5]) > 1e-3:
+        return None
+    _, plain_routes = _stages_in_process(mf, ids, wire=False)
+    for layer in sorted(wired_routes):
+        lw, lp = wired_routes[layer][position], plain_routes[layer][position]
+        chosen, plain = np.argsort(-lw, kind="stable")[:k], np.argsort(-lp, kind="stable")[:k]
+        if set(chosen) == set(plain):
+            continue
+        order = np.sort(lw)[::-1]
+        margin = float(order[k - 1] - order[k])
+        if margin >= NEAR_TIE:
+            return None
+        forced, _ = _stages_in_process(mf, ids, wire=True, force={(layer, position): plain})
+        if position in misses(_rows(forced), ref, tol)[1]:
+            return None
+        return (f"position {position}: the wire tips layer {layer}'s router (margin {margin:.4f}) to experts "
+                f"{sorted(chosen.tolist())} for {sorted(plain.tolist())}; with those, within the criteria")
+    return None
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -75,11 +161,17 @@ def test_one_stage_per_layer_q8_wire_agrees_with_llama_cpp(name, cluster_config,
     c = start_cluster(path, [(i, i) for i in range(n)], tmp_path, wire="q8_0", config=cluster_config)
     backend = BusBackend(c.addr, timeout=120)
     try:
-        worst = check_against_llama_cpp(backend.score(_ids(ref), VOCAB)["positions"], ref, QUANT_TOL)
-        print(f"{name} over {n} stages, Q8_0 wire: worst top-5 logit gap vs llama.cpp {worst:.4f}")
+        positions = backend.score(_ids(ref), VOCAB)["positions"]
     finally:
         backend.close()
         stop_cluster(c)
+    worst, bad = misses(positions, ref, QUANT_TOL)
+    with open_model(path) as mf:
+        why = {p: wire_near_tie(mf, _ids(ref), p, positions[p], ref, QUANT_TOL) for p in bad}
+    assert all(why.values()), [bad[p] for p, w in why.items() if not w]
+    assert len(bad) <= 1  # a near-tie is rare: more would be something else
+    print(f"{name} over {n} stages, Q8_0 wire: worst top-5 logit gap vs llama.cpp {worst:.4f}"
+          + "".join(f"; near-tie: {w}" for w in why.values()))
 
 
 def test_moe_decode_runs_only_the_chosen_experts():
@@ -114,7 +206,7 @@ def synth_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("shape", SYNTH)
 def test_synthetic_family_matches_numpy_reference(shape, synth_dir):
-    """float32 activations: dair's kernels against numpy's maths, over a prefill then token-by-
+    """float32 activations and cache: dair's kernels against numpy's maths, over a prefill then token-by-
     token decode (gemma3's window of 8 is passed by both)."""
     from numpy_reference import NumpyModel
 
@@ -126,7 +218,7 @@ def test_synthetic_family_matches_numpy_reference(shape, synth_dir):
     ids = [int(t) for t in np.random.default_rng(1).integers(1, 512, 20)]
     want = NumpyModel(str(path)).logits(ids)
     mf = open_model(path)
-    eng = RangeEngine(mf, 0, mf.config.n_layers - 1, act_q8=False)
+    eng = RangeEngine(mf, 0, mf.config.n_layers - 1, act_q8=False, kv_type="f32")  # the reference's float maths
     eng.open_session("s")
     got = [eng.head(eng.run_layers(eng.embed(np.array(ids[:12], np.int32)), [("s", np.arange(12, dtype=np.int32))]))]
     for p in range(12, len(ids)):

@@ -8,6 +8,8 @@ generation parts from llama.cpp's only at a near-tie (its chosen token within 0.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,7 @@ def test_chat_uses_the_gemma_template_and_stops_at_end_of_turn(gemma):
 
 @pytest.mark.slow
 def test_past_the_sliding_window_matches_numpy_reference(gemma, gemma_path):
-    """A prompt longer than the 512-token window: dair (float32 activations) against the numpy
+    """A prompt longer than the 512-token window: dair (float32 activations and cache) against the numpy
     reference at the last positions, where the 15 sliding layers see only the last 512 keys.
     dair without the window is far off there: the check can tell."""
     from dataclasses import replace
@@ -106,7 +108,8 @@ def test_past_the_sliding_window_matches_numpy_reference(gemma, gemma_path):
     want = ref.head(ref.layers(x, 0, ref.n_layers - 1)[-4:])
 
     def last_logits(window: bool) -> np.ndarray:
-        eng = RangeEngine(gemma.model, 0, gemma.n_layers - 1, act_q8=False)
+        # float32 activations and KV cache, as the numpy reference (an f16 cache rounds as llama.cpp)
+        eng = RangeEngine(gemma.model, 0, gemma.n_layers - 1, act_q8=False, kv_type="f32")
         if not window:
             eng.cfg = replace(eng.cfg, sliding_window=0)
         eng.open_session("w")
@@ -118,3 +121,45 @@ def test_past_the_sliding_window_matches_numpy_reference(gemma, gemma_path):
     print(f"560-token prompt, last 4 positions: worst logit gap to numpy {err:.4f}")
     assert err < 0.05 and (got.argmax(1) == want.argmax(1)).all(), err
     assert float(np.abs(last_logits(False) - want).max()) > 20 * max(err, 0.01)
+
+
+def _sure_prefix(gemma, case: dict) -> str:
+    """llama.cpp's greedy text up to its first near-tie (top two within LEAD): what any faithful
+    greedy run gives."""
+    ids = []
+    for tok, top in zip(case["ids"], case["top5"], strict=False):
+        if top[0][1] - top[1][1] < LEAD:
+            break
+        ids.append(tok)
+    return gemma.tokenizer.decode(ids)
+
+
+def _dair(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dair", *args], capture_output=True, text=True, input=input,
+                          timeout=600)
+
+
+def test_dair_chat_answers_through_the_gemma_template(gemma, gemma_path):
+    """`dair chat --model gemma3-270m` renders the built-in Gemma template (the file has none):
+    its greedy answer is llama.cpp's to the templated prompt."""
+    case = REF["prompts"]["chat"]
+    want = _sure_prefix(gemma, case)
+    assert len(want) > 20
+    p = _dair("chat", "--model", "gemma3-270m", "--temperature", "0", "-n", str(len(case["ids"])),
+              input="What is 2+2?\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.lstrip().startswith(want), (p.stdout, want)
+
+
+def test_dair_up_three_stages_serves_it(gemma, tmp_path):
+    """`dair up --model gemma3-270m --stages 3`: three stage processes over the bus give llama.cpp's
+    greedy answer to the chat prompt."""
+    from dair.bus.local import free_port_pair
+
+    case = REF["prompts"]["chat"]
+    p = _dair("up", "--model", "gemma3-270m", "--stages", "3", "--threads", "1", "--port", str(free_port_pair()),
+              "--log", str(tmp_path / "cluster.log"), "--generate", "What is 2+2?", "--temperature", "0",
+              "-n", str(len(case["ids"])))
+    assert p.returncode == 0, p.stderr + (tmp_path / "cluster.log").read_text()[-2000:]
+    assert "stage2 (layers 12-17" in p.stderr + p.stdout
+    assert p.stdout.lstrip().startswith(_sure_prefix(gemma, case)), p.stdout

@@ -420,6 +420,80 @@ def test_ollama_endpoints(server: str, client) -> None:
     assert bad.status_code == 400 and "mirostat" in bad.json()["error"]
 
 
+def _gguf_facts(path: Path) -> tuple[dict, int, str]:
+    """The file's metadata, parameter count and quantization as the `gguf` package reads them."""
+    from gguf import GGUFReader, GGUFValueType, LlamaFileType
+
+    r = GGUFReader(str(path))
+    meta = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        if f.types[0] == GGUFValueType.ARRAY:
+            meta[k] = ("array", len(f.data))
+        elif f.types[0] == GGUFValueType.STRING:
+            meta[k] = bytes(f.parts[-1]).decode()
+        else:
+            meta[k] = f.parts[-1][0].item()
+    params = sum(int(t.n_elements) for t in r.tensors)
+    ftype = LlamaFileType(meta["general.file_type"]).name.removeprefix("MOSTLY_")
+    return meta, params, ftype
+
+
+def test_ollama_show_describes_the_model_file(server: str, default_model: Path, tokenizer) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    meta, params, ftype = _gguf_facts(default_model)
+    r = httpx.post(server + "/api/show", headers=auth, content=json.dumps({"model": MODEL}))
+    assert r.status_code == 200, r.text
+    show = r.json()
+    d = show["details"]
+    assert d["format"] == "gguf" and d["family"] == meta["general.architecture"] == "llama"
+    assert d["families"] == ["llama"] and d["quantization_level"] == ftype == "Q4_1"
+    assert d["parameter_size"] == f"{params / 1e6:.0f}M"
+    info = show["model_info"]
+    assert info["general.parameter_count"] == params
+    for k, v in meta.items():  # every key, scalars with the value the gguf package reads
+        if isinstance(v, tuple):  # long arrays (the vocabulary) only when verbose, as Ollama sends them
+            assert len(info[k]) == (v[1] if v[1] <= 64 else 0), k
+        else:
+            assert info[k] == pytest.approx(v) if isinstance(v, float) else info[k] == v, k
+    verbose = httpx.post(server + "/api/show", headers=auth, timeout=60,
+                         json={"model": MODEL, "verbose": True}).json()["model_info"]
+    assert len(verbose["tokenizer.ggml.tokens"]) == meta["tokenizer.ggml.tokens"][1] == tokenizer.vocab_size
+    assert verbose["tokenizer.ggml.tokens"][:3] == [tokenizer.decode([i]) for i in range(3)]
+    assert show["template"] == meta["tokenizer.chat_template"]
+    eos = tokenizer.decode([meta["tokenizer.ggml.eos_token_id"]])
+    assert f'"{eos}"' in show["parameters"] and "num_ctx" in show["parameters"]
+    assert show["capabilities"] == ["completion"] and show["license"] == meta["general.license"]
+    # Older clients send "name"; an unknown model is Ollama's 404 with an "error" string.
+    assert httpx.post(server + "/api/show", headers=auth, json={"name": MODEL + ":latest"}).json()["details"] == d
+    bad = httpx.post(server + "/api/show", headers=auth, json={"model": "no-such-model"})
+    assert bad.status_code == 404 and "no-such-model" in bad.json()["error"]
+
+
+def test_ollama_ps_lists_the_model_the_stages_hold(server: str, cluster3: LocalCluster, default_model: Path) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    _, params, ftype = _gguf_facts(default_model)
+    ps = httpx.get(server + "/api/ps", headers=auth).json()
+    [m] = ps["models"]
+    assert m["name"] == m["model"] == MODEL and m["size_vram"] == 0
+    assert m["details"]["quantization_level"] == ftype and m["details"]["family"] == "llama"
+    with BusClient(cluster3.addr, timeout=10) as c:
+        st, info = c.status(), c.hello()["model"]
+    assert m["digest"] == info["fingerprint"] and m["context_length"] == info["max_context"]
+    held = sum(n["resident_bytes"] + n.get("kv_bytes", 0) for n in st["nodes"] if n["state"] not in ("standby", "dead"))
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(default_model)).tensors
+    weights = sum(int(t.n_bytes) for t in tensors)
+    embedding = next(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
+    # Every weight is held by the stage that owns it; the tied output (this model has no
+    # output.weight) is the embedding, held by the first stage and by the last one for its head.
+    kv = sum(n.get("kv_bytes", 0) for n in st["nodes"])
+    assert m["size"] == held == weights + embedding + kv
+    assert m["expires_at"] > "2200"  # loaded for as long as the cluster runs (Ollama's keep_alive < 0)
+
+
 # --- faults and security -------------------------------------------------------------------------
 def test_missing_layer_range_is_503_with_retry_after(default_model: Path, tmp_path: Path) -> None:
     """A keyed cluster whose stages cover only layers 0-9: not ready. The server joins it with
@@ -595,3 +669,5 @@ def test_dair_up_http_starts_the_api_with_the_cluster(default_model: Path, tmp_p
             break
         assert time.monotonic() < deadline, "dair serve outlived its cluster"
         time.sleep(0.3)
+    # ... gracefully: SIGTERM, and it finished its shutdown (a SIGKILL would leave no line).
+    assert "dair serve: stopped" in (tmp_path / "cluster.log").read_text()

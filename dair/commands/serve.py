@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 import time
@@ -55,11 +56,14 @@ def check_listen(host: str, api_key: str | None, insecure: bool) -> None:
                     "(trusted network only)")
 
 
-def load_tokenizer(model_info: dict[str, Any], explicit: str | None) -> Any:
-    """The tokenizer of a local file with the bus's fingerprint (bus/client.py local_tokenizer)."""
-    from dair.bus.client import local_tokenizer
+def load_model(model_info: dict[str, Any], explicit: str | None) -> tuple[Any, Any]:
+    """(model file, tokenizer) of a local file with the bus's fingerprint (bus/client.py
+    local_model): the tokenizer for prompts, the file's metadata for Ollama's /api/show."""
+    from dair.bus.client import local_model
+    from dair.tokenizer import load_tokenizer
 
-    return local_tokenizer(model_info, explicit)
+    mf = local_model(model_info, explicit)
+    return mf, load_tokenizer(mf)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -92,11 +96,16 @@ async def _serve(bus_addr: str, keys: Any, host: str, port: int, api_key: str | 
     bus = AsyncBusClient(bus_addr, keys=keys, name="serve")
     try:
         welcome = await bus.start(timeout)
-        tok = load_tokenizer(welcome["model"], model)
-        service = Service(bus, tok, welcome["model"])
+        mf, tok = load_model(welcome["model"], model)
+        service = Service(bus, tok, welcome["model"], model_file=mf)
         config = uvicorn.Config(create_app(service, api_key), log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=3)
         server = uvicorn.Server(config)
+        # uvicorn shuts down gracefully on SIGTERM (in-flight requests get timeout_graceful_shutdown
+        # to finish), then raises the signal again for the handler it found when it started: a
+        # no-op, set here first, so that the process goes on to close its bus connection and exits
+        # 0 (`dair up` stops us this way).
+        signal.signal(signal.SIGTERM, lambda *_: None)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
@@ -104,6 +113,7 @@ async def _serve(bus_addr: str, keys: Any, host: str, port: int, api_key: str | 
         print(f"dair serve: http://{shown}:{port}/ (model {service.model_id}, bus {bus_addr}"
               + (", API key required" if api_key else "") + ")", file=sys.stderr, flush=True)
         await task
+        print("dair serve: stopped", file=sys.stderr, flush=True)
     finally:
         await bus.close()
         sock.close()
@@ -125,7 +135,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def spawn_for_cluster(cluster: Any, listen: str, model_path: str, keys_dir: str | None, say: Any,
                       timeout: float = 60.0) -> Any:
-    """`dair up --http`: a `dair serve` process in the cluster's process group (stopped with it)."""
+    """`dair up --http`: a `dair serve` process in the cluster's process group, stopped with it
+    (first, with SIGTERM: it finishes its requests while the bus still answers)."""
     from dair.bus.local import _command
 
     host, port = parse_listen(listen)
@@ -133,7 +144,7 @@ def spawn_for_cluster(cluster: Any, listen: str, model_path: str, keys_dir: str 
     cmd = _command("dair", "dair.cli") + ["serve", "--bus", cluster.addr, "--listen", listen, "--model", model_path]
     if keys_dir:
         cmd += ["--keys", keys_dir]
-    proc = cluster._spawn(cmd)
+    proc = cluster.spawn_client(cmd)
     shown = f"[{host}]" if ":" in host else host
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dair.serve.errors import unsupported
+from dair.serve.errors import APIError, unsupported
 
 
 class _Strict(BaseModel):
@@ -192,3 +192,18 @@ class OllamaChatRequest(OllamaBase):
             raise unsupported("tools")
         if any(m.images for m in self.messages):
             raise unsupported("images")
+
+
+class OllamaShowRequest(_Strict):
+    model: str | None = None
+    name: str | None = None  # what older Ollama clients send instead of model
+    verbose: bool = False
+    system: Any = None  # Ollama's own CLI may send these; they do not change the answer
+    template: Any = None
+    options: Any = None
+
+    def model_name(self) -> str:
+        name = self.model or self.name
+        if not name:
+            raise APIError(400, "model is required", param="model")
+        return name

@@ -55,10 +55,12 @@ class Metrics:
 
 
 class Service:
-    def __init__(self, bus: AsyncBusClient, tokenizer: Any, model_info: dict[str, Any]) -> None:
+    def __init__(self, bus: AsyncBusClient, tokenizer: Any, model_info: dict[str, Any],
+                 model_file: Any = None) -> None:
         self.bus = bus
         self.tok = tokenizer
         self.model = model_info
+        self.model_file = model_file  # the local copy of the bus's model (its metadata), when opened
         # The file's name (without .gguf/.m) makes an id without spaces, as Ollama's names need.
         file = str(model_info.get("file") or "")
         self.model_id = os.path.splitext(file)[0] or str(model_info.get("name") or "dair")
