@@ -13,8 +13,9 @@
  * row's result is therefore bit-identical decoded alone or prefilled in a batch of any size, on
  * any thread count, which makes a replay of a session's history (failover, bus restart) give the
  * tokens its decode steps gave. The batch only changes how the work is shared:
- *  - decode (few rows): a task is one (row, kv head, span), so both threads work on one token;
- *    the partials are merged after all tasks.
+ *  - decode (few rows): a task is one (row, span) over all kv heads, so both threads work on
+ *    one token and the span's rows are read as one stream; the partials are merged after all
+ *    tasks.
  *  - prefill: a task is DAIR_ATTN_ROWS consecutive rows and one kv head, over all their spans;
  *    each tile of DAIR_ATTN_KB cached keys (then values) is converted to f32 once and used by
  *    all the rows' G heads, and the rows' partials are merged inside the task.
@@ -191,21 +192,88 @@ static inline void dair_attn_row(const uint8_t *src, int kind, int hd, float *ds
     dair_attn_row_c(src, kind, hd, dst);
 }
 
-/* Rows t0..t0+nt-1 of kv head kvh into dst[ntp][hd] (f32), rows nt..ntp-1 zeroed. The rows
- * ahead are prefetched: between two visits of a layer's cache a decode step streams every
- * other layer's weights, so the cache is rarely still in the CPU's caches. */
-static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh, int t0, int nt, int ntp,
-                           float *dst) {
-    const size_t off = (size_t)kvh * a->head_bytes;
-    for (int t = 0; t < nt; t++) {
-        const uint8_t *src = base + (size_t)(t0 + t) * a->row_bytes + off;
-        if (t + 8 < nt)
-            for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(src + 8 * a->row_bytes + o, 0, 3);
-        dair_attn_row(src, a->kind, a->hd, dst + (size_t)t * a->hd, a->isa);
+#define DAIR_ATTN_PF 16 /* rows prefetched ahead */
+
+/* Rows t0..t0+nt-1 of kv head kvh (cache `base`) into dst[nt][hd] as f32: one loop per cache
+ * type and ISA, the conversion inlined (per row it is a few instructions, less than a call). */
+DAIR_ATTN_INLINE void dair_attn_convert(const uint8_t *src, size_t rb, int kind, int hd, int nt, float *dst, int isa) {
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512 && kind == DAIR_KV_F16 && hd % 16 == 0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd)
+            for (int j = 0; j < hd; j += 16)
+                _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * (size_t)j))));
+        return;
     }
-    if (ntp > nt)
-        memset(dst + (size_t)nt * a->hd, 0, sizeof(float) * (size_t)(ntp - nt) * a->hd);
+    if (isa == DAIR_ATTN_AVX512 && kind == DAIR_KV_Q8_0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd) {
+            const uint8_t *b = src;
+            for (int j = 0; j < hd; j += 32, b += 34) {
+                uint16_t h;
+                memcpy(&h, b, 2);
+                const __m512 d = _mm512_set1_ps(dair_attn_h2f(h));
+                _mm512_storeu_ps(dst + j, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                              _mm_loadu_si128((const __m128i *)(b + 2))))));
+                _mm512_storeu_ps(dst + j + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                   _mm_loadu_si128((const __m128i *)(b + 18))))));
+            }
+        }
+        return;
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (isa == DAIR_ATTN_AVX2 && kind == DAIR_KV_F16 && hd % 8 == 0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd)
+            for (int j = 0; j < hd; j += 8)
+                _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))));
+        return;
+    }
+    if (isa == DAIR_ATTN_AVX2 && kind == DAIR_KV_Q8_0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd) {
+            const uint8_t *b = src;
+            for (int j = 0; j < hd; j += 32, b += 34) {
+                uint16_t h;
+                memcpy(&h, b, 2);
+                const __m256 d = _mm256_set1_ps(dair_attn_h2f(h));
+                for (int u = 0; u < 4; u++)
+                    _mm256_storeu_ps(dst + j + 8 * u, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                                       _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * u))))));
+            }
+        }
+        return;
+    }
+#endif
+    if (kind == DAIR_KV_F32) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd)
+            memcpy(dst, src, sizeof(float) * (size_t)hd);
+        return;
+    }
+    for (int t = 0; t < nt; t++, src += rb, dst += hd)
+        dair_attn_row(src, kind, hd, dst, isa);
+}
+
+/* Rows t0..t0+nt-1 of kv head kvh into dst[nt][hd] (f32), prefetching ahead: between two visits
+ * of a layer's cache a decode step streams every other layer's weights, so the cache is rarely
+ * still in the CPU's caches. With pf_end > 0 whole rows (every kv head) of both K and V are
+ * prefetched, up to row pf_end: a decode task reads all kv heads of its span, so one contiguous
+ * stream per cache, started by its first head, serves the others from L2. */
+static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh, int t0, int nt, float *dst,
+                           int pf_end) {
+    const size_t rb = a->row_bytes;
+    const uint8_t *src = base + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
+    if (pf_end > 0) {
+        const int from = t0 % DAIR_ATTN_SPAN == 0 ? t0 : t0 + DAIR_ATTN_PF; /* a span's first rows too */
+        const int to = t0 + nt + DAIR_ATTN_PF < pf_end ? t0 + nt + DAIR_ATTN_PF : pf_end;
+        for (int r = from; r < to; r++)
+            for (size_t o = 0; o < rb; o += 64) {
+                __builtin_prefetch(a->k + (size_t)r * rb + o, 0, 3);
+                __builtin_prefetch(a->v + (size_t)r * rb + o, 0, 3);
+            }
+    } else {
+        for (int r = 0; r < nt; r++)
+            for (size_t o = 0; o < a->head_bytes; o += 64)
+                __builtin_prefetch(src + (size_t)(r + DAIR_ATTN_PF) * rb + o, 0, 3);
+    }
+    dair_attn_convert(src, rb, a->kind, a->hd, nt, dst, a->isa);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -584,9 +652,10 @@ static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *
 
 /* The partial softmaxes of rows [r0, r1) over span s of kv head kvh: row r's goes to
  * dst + (r - r0) * rstride as [G] max, [G] sum, [G][hd] unnormalised output, or part[0] = -inf
- * when the row sees no key of the span. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd. */
+ * when the row sees no key of the span. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd.
+ * pf: prefetch the span's whole rows (see dair_attn_tile). */
 static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
-                                               size_t rstride, float *sc, float *kt) {
+                                               size_t rstride, float *sc, float *kt, int pf) {
     const int G = a->G, hd = a->hd, t0 = s * DAIR_ATTN_SPAN;
     int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
     for (int r = r0; r < r1; r++) {
@@ -599,7 +668,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
     }
     for (int kb = lo - lo % DAIR_ATTN_KB; kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
-        dair_attn_tile(a->k, a, kvh, t0 + kb, nt, nt, kt);
+        dair_attn_tile(a->k, a, kvh, t0 + kb, nt, kt, pf ? t0 + hi : 0);
         for (int r = r0; r < r1; r++) {
             int b, e;
             dair_attn_range(a, r, t0, &b, &e);
@@ -631,7 +700,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
     }
     for (int kb = lo - lo % DAIR_ATTN_KB; kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
-        dair_attn_tile(a->v, a, kvh, t0 + kb, nt, nt, kt);
+        dair_attn_tile(a->v, a, kvh, t0 + kb, nt, kt, 0);
         for (int r = r0; r < r1; r++) {
             int b, e;
             dair_attn_range(a, r, t0, &b, &e);
@@ -724,7 +793,7 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
     float *parts = scr, *sc = parts + rstride * (size_t)(r1 - r0);
     float *kt = sc + (size_t)(r1 - r0) * a->G * DAIR_ATTN_SPAN;
     for (int s = s0; s < s1; s++)
-        dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, sc, kt);
+        dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, sc, kt, 0);
     for (int r = r0; r < r1; r++)
         dair_attn_merge_one(parts + rstride * (size_t)(r - r0), ps, ns, a->G, a->hd,
                             a->out + ((size_t)r * a->H + (size_t)kvh * a->G) * a->hd);
@@ -741,9 +810,11 @@ static void dair_attn_chunk(void *ctx, int c) {
             int i = task / a->KV, kvh = task % a->KV;
             dair_attn_task_c(a, i, kvh, scr, scr + (size_t)a->G * (a->pos[i] + 1));
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
-            int s = task % p->nspan, rk = task / p->nspan, i = rk / a->KV, kvh = rk % a->KV;
-            dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * (size_t)task, 0, scr,
-                            scr + (size_t)a->G * DAIR_ATTN_SPAN);
+            /* task = (row, span), all kv heads: the span's rows are read as one stream */
+            int s = task % p->nspan, i = task / p->nspan;
+            for (int kvh = 0; kvh < a->KV; kvh++)
+                dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * ((size_t)(i * a->KV + kvh) * p->nspan + s),
+                                0, scr, scr + (size_t)a->G * DAIR_ATTN_SPAN, kvh == 0);
         } else {
             int blk = task / a->KV, kvh = task % a->KV, r0 = blk * DAIR_ATTN_ROWS;
             int r1 = r0 + DAIR_ATTN_ROWS < a->n ? r0 + DAIR_ATTN_ROWS : a->n;
@@ -808,7 +879,7 @@ static int dair_attention(const dair_attn_args *a) {
         /* too few prefill tasks to keep the threads busy: split each row's keys instead (the
          * same arithmetic; only the sharing of tiles between rows is lost) */
         p.scheme = DAIR_ATTN_SCHEME_DECODE;
-        p.ntask = a->n * a->KV * p.nspan;
+        p.ntask = a->n * p.nspan;
         p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)DAIR_ATTN_KB * a->hd + 16;
     } else {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
@@ -824,7 +895,7 @@ static int dair_attention(const dair_attn_args *a) {
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
     /* partial results of the decode scheme after the chunks' scratch */
-    size_t nparts = p.scheme == DAIR_ATTN_SCHEME_DECODE ? p.part_size * (size_t)p.ntask : 0;
+    size_t nparts = p.scheme == DAIR_ATTN_SCHEME_DECODE ? p.part_size * (size_t)p.ntask * a->KV : 0;
     int cached;
     p.scratch = dair_attn_scratch_get(p.per * (size_t)p.nch + nparts, &cached);
     if (p.scratch == NULL)
