@@ -650,6 +650,232 @@ static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *
     *e = p + 1 - t0 < DAIR_ATTN_SPAN ? p + 1 - t0 : DAIR_ATTN_SPAN;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Decode: one row's span read straight from the cache, each key and value vector converted once
+ * for the G heads in registers instead of through a tile. The per-(head, key) operations are
+ * those of dair_attn_dots and dair_attn_pv, in the same order, so the results are the same bits.
+ */
+#define DAIR_ATTN_GMAX 8 /* query heads per kv head handled here (more: the tile path) */
+
+#if DAIR_ATTN_HAVE_AVX512
+/* vector j (16 values) of a cached head row as f32: the values dair_attn_convert writes */
+DAIR_ATTN_INLINE __m512 dair_attn_ld512(const uint8_t *row, int kind, int j) {
+    if (kind == DAIR_KV_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 32 * (size_t)j)));
+    if (kind == DAIR_KV_Q8_0) {
+        const uint8_t *b = row + 34 * (size_t)(j >> 1);
+        uint16_t h;
+        memcpy(&h, b, 2);
+        return _mm512_mul_ps(_mm512_set1_ps(dair_attn_h2f(h)),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * (j & 1))))));
+    }
+    return _mm512_loadu_ps((const float *)row + 16 * (size_t)j);
+}
+
+DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows) {
+    const int G = a->G, hd = a->hd, kind = a->kind;
+    const size_t rb = a->row_bytes;
+    const __m512 vs = _mm512_set1_ps(a->scale);
+    __m512 part[DAIR_ATTN_GMAX][16];
+    for (int t = 0; t < len; t += 16) {
+        const int m = len - t < 16 ? len - t : 16;
+        for (int r = t + DAIR_ATTN_PF; r < t + 16 + DAIR_ATTN_PF && r < pf_end_rows; r++)
+            for (size_t o = 0; o < rb; o += 64) {
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, 3);
+                __builtin_prefetch(vr + (size_t)r * rb + o, 0, 3);
+            }
+        for (int r = 0; r < 16; r++) {
+            if (r >= m) {
+                for (int g = 0; g < G; g++)
+                    part[g][r] = _mm512_setzero_ps();
+                continue;
+            }
+            const uint8_t *row = kr + (size_t)(t + r) * rb;
+            __m512 k[16];
+            for (int j = 0; j < nv; j++)
+                k[j] = dair_attn_ld512(row, kind, j);
+            for (int g = 0; g < G; g++) {
+                const float *qg = q + (size_t)g * hd;
+                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+                for (int j = 1; j < nv; j++)
+                    s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), k[j], s);
+                part[g][r] = s;
+            }
+        }
+        for (int g = 0; g < G; g++)
+            _mm512_mask_storeu_ps(sc + (size_t)g * DAIR_ATTN_SPAN + t, (__mmask16)((1u << m) - 1),
+                                  _mm512_mul_ps(dair_reduce16x16(part[g]), vs));
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = sc + (size_t)g * DAIR_ATTN_SPAN;
+        float mx = dair_attn_max(sg, len, a->isa);
+        acc[g] = mx;
+        acc[G + g] = dair_attn_exp_sum(sg, mx, len, a->isa);
+    }
+    float *out = acc + 2 * G;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int j0 = 0; j0 < nv; j0 += 4) {
+            const int nb = nv - j0 < 4 ? nv - j0 : 4;
+            __m512 o[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int b = 0; b < 4; b++)
+                    o[g][b] = _mm512_setzero_ps();
+            for (int t = 0; t < len; t++) {
+                const uint8_t *row = vr + (size_t)t * rb;
+                __m512 v[4];
+                for (int b = 0; b < nb; b++)
+                    v[b] = dair_attn_ld512(row, kind, j0 + b);
+                for (int g = 0; g < ng; g++) {
+                    const __m512 pp = _mm512_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
+                    for (int b = 0; b < nb; b++)
+                        o[g][b] = _mm512_fmadd_ps(pp, v[b], o[g][b]);
+                }
+            }
+            for (int g = 0; g < ng; g++)
+                for (int b = 0; b < nb; b++)
+                    _mm512_storeu_ps(out + (size_t)(g0 + g) * hd + 16 * (j0 + b), o[g][b]);
+        }
+    }
+}
+#endif
+
+#if DAIR_ATTN_HAVE_AVX2
+DAIR_ATTN_INLINE __m256 dair_attn_ld256(const uint8_t *row, int kind, int j) {
+    if (kind == DAIR_KV_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16 * (size_t)j)));
+    if (kind == DAIR_KV_Q8_0) {
+        const uint8_t *b = row + 34 * (size_t)(j >> 2);
+        uint16_t h;
+        memcpy(&h, b, 2);
+        return _mm256_mul_ps(_mm256_set1_ps(dair_attn_h2f(h)),
+                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (j & 3))))));
+    }
+    return _mm256_loadu_ps((const float *)row + 8 * (size_t)j);
+}
+
+DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows) {
+    const int G = a->G, hd = a->hd, kind = a->kind;
+    const size_t rb = a->row_bytes;
+    const __m256 vs = _mm256_set1_ps(a->scale);
+    __m256 part[DAIR_ATTN_GMAX][8];
+    for (int t = 0; t < len; t += 8) {
+        const int m = len - t < 8 ? len - t : 8;
+        for (int r = t + DAIR_ATTN_PF; r < t + 8 + DAIR_ATTN_PF && r < pf_end_rows; r++)
+            for (size_t o = 0; o < rb; o += 64) {
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, 3);
+                __builtin_prefetch(vr + (size_t)r * rb + o, 0, 3);
+            }
+        for (int r = 0; r < 8; r++) {
+            if (r >= m) {
+                for (int g = 0; g < G; g++)
+                    part[g][r] = _mm256_setzero_ps();
+                continue;
+            }
+            const uint8_t *row = kr + (size_t)(t + r) * rb;
+            __m256 k[16];
+            for (int j = 0; j < nv; j++)
+                k[j] = dair_attn_ld256(row, kind, j);
+            for (int g = 0; g < G; g++) {
+                const float *qg = q + (size_t)g * hd;
+                __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
+                for (int j = 1; j < nv; j++)
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), k[j], s);
+                part[g][r] = s;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            __m256 r8 = _mm256_mul_ps(dair_reduce8x8(part[g]), vs);
+            float *dst = sc + (size_t)g * DAIR_ATTN_SPAN + t;
+            if (m == 8) {
+                _mm256_storeu_ps(dst, r8);
+            } else {
+                float tmp8[8];
+                _mm256_storeu_ps(tmp8, r8);
+                memcpy(dst, tmp8, sizeof(float) * (size_t)m);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = sc + (size_t)g * DAIR_ATTN_SPAN;
+        float mx = dair_attn_max(sg, len, a->isa);
+        acc[g] = mx;
+        acc[G + g] = dair_attn_exp_sum(sg, mx, len, a->isa);
+    }
+    float *out = acc + 2 * G;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int j0 = 0; j0 < nv; j0 += 4) {
+            const int nb = nv - j0 < 4 ? nv - j0 : 4;
+            __m256 o[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int b = 0; b < 4; b++)
+                    o[g][b] = _mm256_setzero_ps();
+            for (int t = 0; t < len; t++) {
+                const uint8_t *row = vr + (size_t)t * rb;
+                __m256 v[4];
+                for (int b = 0; b < nb; b++)
+                    v[b] = dair_attn_ld256(row, kind, j0 + b);
+                for (int g = 0; g < ng; g++) {
+                    const __m256 pp = _mm256_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
+                    for (int b = 0; b < nb; b++)
+                        o[g][b] = _mm256_fmadd_ps(pp, v[b], o[g][b]);
+                }
+            }
+            for (int g = 0; g < ng; g++)
+                for (int b = 0; b < nb; b++)
+                    _mm256_storeu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b), o[g][b]);
+        }
+    }
+}
+#endif
+
+/* One row's span [b, e) of kv head kvh straight from the cache, if this build and shape have a
+ * fused path (returns 0 otherwise). part: [G] max, [G] sum, [G][hd] output; sc: G * SPAN. */
+static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int kvh, int t0, int b, int e,
+                                             float *part, float *sc, int pf) {
+    const int G = a->G, hd = a->hd;
+    if (G > DAIR_ATTN_GMAX)
+        return 0;
+    const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
+    const size_t off = (size_t)(t0 + b) * a->row_bytes + (size_t)kvh * a->head_bytes;
+    const uint8_t *kr = a->k + off, *vr = a->v + off;
+    const int len = e - b, pf_rows = pf ? len : 0;
+    if (pf) /* the span's first rows, whole (every kv head), K and V */
+        for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
+            for (size_t o = 0; o < a->row_bytes; o += 64) {
+                __builtin_prefetch(a->k + (size_t)(t0 + b + t) * a->row_bytes + o, 0, 3);
+                __builtin_prefetch(a->v + (size_t)(t0 + b + t) * a->row_bytes + o, 0, 3);
+            }
+    /* only kv head 0 prefetches (pf), and its kr/vr are the rows' starts: the rows ahead come
+     * in whole, for the other heads too */
+#if DAIR_ATTN_HAVE_AVX512
+    if (a->isa == DAIR_ATTN_AVX512 && hd % 16 == 0 && hd <= 256) {
+        if (hd == 64)
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows);
+        else
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, hd / 16, pf_rows);
+        return 1;
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0 && hd <= 128) {
+        if (hd == 64)
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows);
+        else
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows);
+        return 1;
+    }
+#endif
+    (void)q;
+    (void)kr;
+    (void)vr;
+    (void)pf_rows;
+    return 0;
+}
+
 /* The partial softmaxes of rows [r0, r1) over span s of kv head kvh: row r's goes to
  * dst + (r - r0) * rstride as [G] max, [G] sum, [G][hd] unnormalised output, or part[0] = -inf
  * when the row sees no key of the span. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd.
@@ -657,6 +883,16 @@ static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *
 static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
                                                size_t rstride, float *sc, float *kt, int pf) {
     const int G = a->G, hd = a->hd, t0 = s * DAIR_ATTN_SPAN;
+    if (r1 - r0 == 1) {
+        int b, e;
+        dair_attn_range(a, r0, t0, &b, &e);
+        if (e <= b) {
+            dst[0] = -INFINITY;
+            return;
+        }
+        if (dair_attn_row1(a, r0, kvh, t0, b, e, dst, sc, pf))
+            return;
+    }
     int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
     for (int r = r0; r < r1; r++) {
         int b, e;
