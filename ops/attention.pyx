@@ -78,6 +78,59 @@ def q8_0_row_bytes(Py_ssize_t hd) -> int:
     return hd // 32 * 34
 
 
+def rotation_block(Py_ssize_t hd) -> int:
+    """The Walsh-Hadamard block `rotate` uses for rows of hd values: the largest power of two that
+    divides hd (at most hd)."""
+    if hd < 1:
+        raise ValueError(f"head_dim must be positive, got {hd}")
+    return hd & -hd
+
+
+def rotate(x, out=None):
+    """out = x times the orthonormal Walsh-Hadamard matrix, block by block along the last axis
+    (blocks of rotation_block(hd) values); x, out float32, C-contiguous, out may be x.
+
+    The matrix is symmetric and orthogonal, so rotating both queries and keys leaves every q.k
+    as it was, while each key's large channels are spread over its block: a Q8_0 block's scale
+    (its largest value / 127) then sits much nearer the typical value, and rounding costs less."""
+    if not cnp.PyArray_Check(x) or x.ndim < 1:
+        raise ValueError("x: expected a numpy array of at least one dimension")
+    _check(x, "x", cnp.NPY_FLOAT32, x.ndim, False)
+    if out is None:
+        out = cnp.PyArray_NewCopy(<cnp.ndarray>x, cnp.NPY_CORDER)
+    else:
+        _check(out, "out", cnp.NPY_FLOAT32, x.ndim, True)
+        if out.shape != x.shape:
+            raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
+        if out is not x:
+            out[...] = x
+    if x.size == 0:
+        return out
+    cdef Py_ssize_t hd = x.shape[x.ndim - 1]
+    cdef Py_ssize_t blk = rotation_block(hd), nblk = x.size // blk, b, h, i, j
+    cdef float* p = <float*>_data(out)
+    cdef float* r
+    cdef float u, w
+    cdef float norm = <float>(1.0 / sqrt(<double>blk))
+    with nogil:
+        for b in range(nblk):
+            r = p + b * blk
+            h = 1
+            while h < blk:
+                i = 0
+                while i < blk:
+                    for j in range(i, i + h):
+                        u = r[j]
+                        w = r[j + h]
+                        r[j] = u + w
+                        r[j + h] = u - w
+                    i += 2 * h
+                h *= 2
+            for j in range(blk):
+                r[j] *= norm
+    return out
+
+
 def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0):
     """q float32[n, n_heads, hd]; k_cache, v_cache float32|float16[cap, n_kv, hd] or
     uint8[cap, n_kv, hd // 32 * 34] (Q8_0 blocks); positions int32[n]; window > 0: query i sees

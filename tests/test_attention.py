@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from dair.ops import threads
-from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa
+from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, rotate, rotation_block, set_isa
 
 KINDS = ["f32", "f16", "q8_0"]
 
@@ -175,3 +175,28 @@ def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind, H, KV, hd, start,
     # rows in any order, and a row's batch sharing nothing else with it
     order = rng.permutation(n)
     np.testing.assert_array_equal(attention(q[order], kc, vc, pos[order], window=window), batch[order])
+
+
+def sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+@pytest.mark.parametrize("hd", [64, 128, 96, 32])
+def test_rotate_is_the_orthonormal_hadamard_per_block(rng, hd):
+    """The Q8_0 cache stores keys and values rotated (engine/kvcache.py): rotate must be the
+    block-diagonal Sylvester-Hadamard matrix, so that q.k and the rotated-back output are kept."""
+    blk = rotation_block(hd)
+    assert blk == {64: 64, 128: 128, 96: 32, 32: 32}[hd]
+    x = rng.standard_normal((5, 3, hd)).astype(np.float32)
+    want = (x.reshape(-1, hd // blk, blk).astype(np.float64) @ sylvester(blk)).reshape(x.shape)
+    y = rotate(x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rotate(y), x, rtol=1e-5, atol=1e-5)  # its own inverse
+    out = x.copy()
+    assert rotate(out, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rotate(x[:, :, ::2])
