@@ -36,6 +36,8 @@ SESSION_CLOSE = "session_close"
 CLOSED = "closed"
 SCORE = "score"
 SCORED = "scored"
+# bus -> client, asked for with generate's "progress": prefill tokens done of a long prompt
+PROGRESS = "progress"
 STATUS = "status"
 CLUSTER = "cluster"
 # PUB topic.
@@ -111,7 +113,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     GENERATE: {"req": (_INT, True), "sid": (_STR, False), "ids": (_LIST, False),
                "text": (_STR, False), "messages": (_LIST, False), "params": (_MAP, False),
                "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False),
-               "logprobs": (_INT, False)},
+               "logprobs": (_INT, False), "progress": (_BOOL, False)},
     TOKEN: {"req": (_INT, True), "sid": (_STR, True), "id": (_INT, True), "pos": (_INT, True),
             "text": (_STR, True), "lp": (_NUM, False), "top": (_LIST, False)},
     DONE: {"req": (_INT, True), "sid": (_STR, True), "stop": (_STR, True), "ids": (_LIST, True),
@@ -123,6 +125,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     CLOSED: {"sid": (_STR, True), "req": (_INT, False)},
     SCORE: {"req": (_INT, True), "top_k": (_INT, True), "ids": (_LIST, False), "text": (_STR, False)},
     SCORED: {"req": (_INT, True), "positions": (_LIST, True)},
+    PROGRESS: {"req": (_INT, True), "sid": (_STR, True), "done": (_INT, True), "total": (_INT, True)},
     STATUS: {"req": (_INT, True)},
     CLUSTER: {"req": (_INT, True), "ready": (_BOOL, True), "problems": (_LIST, True),
               "nodes": (_LIST, True), "sessions": (_LIST, True), "model": (_MAP, True),

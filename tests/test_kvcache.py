@@ -170,10 +170,14 @@ def test_long_prompt_same_answer_in_process_and_on_3_stages(cluster3, local_back
     greedy_params = SamplingParams(temperature=0)
     want = local_backend.generate(ids, greedy_params, 8, set())["ids"]
     backend = BusBackend(cluster3.addr, timeout=120)
+    seen: list[tuple[int, int]] = []
+    backend.on_prefill = lambda done, total: seen.append((done, total))
     try:
         assert backend.generate(ids, greedy_params, 8, set())["ids"] == want
     finally:
         backend.close()
+    # the bus's `progress` as each 256-token prefill step leaves the last stage
+    assert seen == [(256, 700), (512, 700), (700, 700)]
     with BusClient(cluster3.addr, timeout=30) as c:
         st = c.status()
     assert st["model"]["max_context"] == 2048  # the config's, below every stage's own

@@ -26,7 +26,15 @@ from textual.message_pump import MessagePump
 
 from dair.bus import protocol as P
 from dair.security import PeerKeys, apply_client_keys
-from dair.tui.messages import GenerationDone, GenerationError, LinkState, Stats, TokenPiece, Welcome
+from dair.tui.messages import (
+    GenerationDone,
+    GenerationError,
+    LinkState,
+    PrefillProgress,
+    Stats,
+    TokenPiece,
+    Welcome,
+)
 
 log = logging.getLogger("dair.tui.link")
 
@@ -207,6 +215,9 @@ class BusLink:
             fut = self._waiting.pop(req)
             if not fut.done():
                 fut.set_result(h)
+        elif kind == P.PROGRESS:
+            if req == self.active_req:
+                self._post(PrefillProgress(req, h["done"], h["total"]))
         elif kind == P.TOKEN:
             if req == self.active_req:
                 self._post(TokenPiece(req, h["text"], h["pos"]))
@@ -254,7 +265,7 @@ class BusLink:
             if self.active_req != req:
                 return  # cancelled or replaced while the session was opening
             self._send({"type": P.GENERATE, "req": req, "sid": self.sid, "messages": messages,
-                        "params": params, "max_tokens": max_tokens, "stream": True})
+                        "params": params, "max_tokens": max_tokens, "stream": True, "progress": True})
         except Exception as e:
             if self.active_req == req:
                 self.active_req = None
