@@ -90,7 +90,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False),
                "standby": (_BOOL, False),
                "resume": (_STR, False),
-               "place": (_BOOL, False), "speed": (_NUM, False),
+               "place": (_BOOL, False), "speed": (_NUM, False), "kv_type": (_STR, False),
                # {tensor name: xxh3_128 hex} of every tensor its range uses (model/digests.py).
                "digests": (_MAP, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
