@@ -192,7 +192,12 @@ static inline void dair_attn_row(const uint8_t *src, int kind, int hd, float *ds
     dair_attn_row_c(src, kind, hd, dst);
 }
 
+#ifndef DAIR_ATTN_PF
 #define DAIR_ATTN_PF 16 /* rows prefetched ahead */
+#endif
+#ifndef DAIR_ATTN_PF_HINT
+#define DAIR_ATTN_PF_HINT 3
+#endif
 
 /* Rows t0..t0+nt-1 of kv head kvh (cache `base`) into dst[nt][hd] as f32: one loop per cache
  * type and ISA, the conversion inlined (per row it is a few instructions, less than a call). */
@@ -265,13 +270,13 @@ static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh
         const int to = t0 + nt + DAIR_ATTN_PF < pf_end ? t0 + nt + DAIR_ATTN_PF : pf_end;
         for (int r = from; r < to; r++)
             for (size_t o = 0; o < rb; o += 64) {
-                __builtin_prefetch(a->k + (size_t)r * rb + o, 0, 3);
-                __builtin_prefetch(a->v + (size_t)r * rb + o, 0, 3);
+                __builtin_prefetch(a->k + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(a->v + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
             }
     } else {
         for (int r = 0; r < nt; r++)
             for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(src + (size_t)(r + DAIR_ATTN_PF) * rb + o, 0, 3);
+                __builtin_prefetch(src + (size_t)(r + DAIR_ATTN_PF) * rb + o, 0, DAIR_ATTN_PF_HINT);
     }
     dair_attn_convert(src, rb, a->kind, a->hd, nt, dst, a->isa);
 }
@@ -673,8 +678,14 @@ DAIR_ATTN_INLINE __m512 dair_attn_ld512(const uint8_t *row, int kind, int j) {
 }
 
 DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
-                                         int len, float *sc, float *acc, int nv, int pf_end_rows) {
-    const int G = a->G, hd = a->hd, kind = a->kind;
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int Gc) {
+    const int G = Gc ? Gc : a->G, hd = a->hd;
+    /* with G and nv constants (Gc != 0, hd 64) the queries stay in registers */
+    __m512 qv[4][4];
+    const int hold = Gc != 0 && Gc <= 4 && nv == 4;
+    for (int g = 0; hold && g < G; g++)
+        for (int j = 0; j < 4; j++)
+            qv[g & 3][j] = _mm512_loadu_ps(q + (size_t)g * hd + 16 * j);
     const size_t rb = a->row_bytes;
     const __m512 vs = _mm512_set1_ps(a->scale);
     __m512 part[DAIR_ATTN_GMAX][16];
@@ -682,8 +693,8 @@ DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q
         const int m = len - t < 16 ? len - t : 16;
         for (int r = t + DAIR_ATTN_PF; r < t + 16 + DAIR_ATTN_PF && r < pf_end_rows; r++)
             for (size_t o = 0; o < rb; o += 64) {
-                __builtin_prefetch(kr + (size_t)r * rb + o, 0, 3);
-                __builtin_prefetch(vr + (size_t)r * rb + o, 0, 3);
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(vr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
             }
         for (int r = 0; r < 16; r++) {
             if (r >= m) {
@@ -697,9 +708,9 @@ DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q
                 k[j] = dair_attn_ld512(row, kind, j);
             for (int g = 0; g < G; g++) {
                 const float *qg = q + (size_t)g * hd;
-                __m512 s = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+                __m512 s = _mm512_mul_ps(hold ? qv[g & 3][0] : _mm512_loadu_ps(qg), k[0]);
                 for (int j = 1; j < nv; j++)
-                    s = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), k[j], s);
+                    s = _mm512_fmadd_ps(hold ? qv[g & 3][j & 3] : _mm512_loadu_ps(qg + 16 * j), k[j], s);
                 part[g][r] = s;
             }
         }
@@ -756,8 +767,8 @@ DAIR_ATTN_INLINE __m256 dair_attn_ld256(const uint8_t *row, int kind, int j) {
 }
 
 DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
-                                         int len, float *sc, float *acc, int nv, int pf_end_rows) {
-    const int G = a->G, hd = a->hd, kind = a->kind;
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind) {
+    const int G = a->G, hd = a->hd;
     const size_t rb = a->row_bytes;
     const __m256 vs = _mm256_set1_ps(a->scale);
     __m256 part[DAIR_ATTN_GMAX][8];
@@ -765,8 +776,8 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
         const int m = len - t < 8 ? len - t : 8;
         for (int r = t + DAIR_ATTN_PF; r < t + 8 + DAIR_ATTN_PF && r < pf_end_rows; r++)
             for (size_t o = 0; o < rb; o += 64) {
-                __builtin_prefetch(kr + (size_t)r * rb + o, 0, 3);
-                __builtin_prefetch(vr + (size_t)r * rb + o, 0, 3);
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(vr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
             }
         for (int r = 0; r < 8; r++) {
             if (r >= m) {
@@ -846,26 +857,41 @@ static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int
     if (pf) /* the span's first rows, whole (every kv head), K and V */
         for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
             for (size_t o = 0; o < a->row_bytes; o += 64) {
-                __builtin_prefetch(a->k + (size_t)(t0 + b + t) * a->row_bytes + o, 0, 3);
-                __builtin_prefetch(a->v + (size_t)(t0 + b + t) * a->row_bytes + o, 0, 3);
+                __builtin_prefetch(a->k + (size_t)(t0 + b + t) * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(a->v + (size_t)(t0 + b + t) * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
             }
     /* only kv head 0 prefetches (pf), and its kr/vr are the rows' starts: the rows ahead come
      * in whole, for the other heads too */
 #if DAIR_ATTN_HAVE_AVX512
     if (a->isa == DAIR_ATTN_AVX512 && hd % 16 == 0 && hd <= 256) {
-        if (hd == 64)
-            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows);
+        /* the cache type and the common head size as constants: no branch per vector */
+#define DAIR_ROW1_512_G(KIND)                                                                          \
+    do {                                                                                               \
+        if (G == 3)                                                                                    \
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows, KIND, 3);                  \
+        else if (G == 4)                                                                               \
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows, KIND, 4);                  \
+        else                                                                                           \
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows, KIND, 0);                  \
+    } while (0)
+        if (hd == 64 && a->kind == DAIR_KV_F16)
+            DAIR_ROW1_512_G(DAIR_KV_F16);
+        else if (hd == 64 && a->kind == DAIR_KV_Q8_0)
+            DAIR_ROW1_512_G(DAIR_KV_Q8_0);
         else
-            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, hd / 16, pf_rows);
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, hd / 16, pf_rows, a->kind, 0);
+#undef DAIR_ROW1_512_G
         return 1;
     }
 #endif
 #if DAIR_ATTN_HAVE_AVX2
     if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0 && hd <= 128) {
-        if (hd == 64)
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows);
+        if (hd == 64 && a->kind == DAIR_KV_F16)
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, DAIR_KV_F16);
+        else if (hd == 64 && a->kind == DAIR_KV_Q8_0)
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, DAIR_KV_Q8_0);
         else
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows);
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows, a->kind);
         return 1;
     }
 #endif
