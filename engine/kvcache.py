@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from dair.errors import DairError
-from dair.ops.attention import attention, rotate
-from dair.ops.wire import quantize_q8_0
+from dair.ops.attention import attention, store_rotated_q8_0
 
 CHUNK = 256  # positions added per growth step: keeps regrowth rare without reserving max context
 KV_TYPES = ("f32", "f16", "q8_0")
@@ -79,9 +78,8 @@ class SessionCache:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
     def _store(self, dst: np.ndarray, x: np.ndarray) -> None:
-        if self.kv_type == "q8_0":
-            x = rotate(np.ascontiguousarray(x, np.float32))
-            quantize_q8_0(x.reshape(x.shape[0], -1), out=dst.reshape(-1))
+        if self.kv_type == "q8_0":  # rotated (see the module's docstring)
+            store_rotated_q8_0(np.ascontiguousarray(x, np.float32), dst)
         else:
             dst[...] = x
 
@@ -95,13 +93,9 @@ class SessionCache:
         kc, vc = self.k[j], self.v[j]
         self._store(kc[a:b], k)
         self._store(vc[a:b], v)
-        if self.kv_type != "q8_0":
-            attention(q, kc, vc, pos, out=out, scale=scale, window=window)
-            return
-        # K and V are stored rotated (see the module's docstring): so is each query, and the
-        # output, a sum of rotated values, is rotated back (the matrix is its own inverse)
-        attention(rotate(np.ascontiguousarray(q, np.float32)), kc, vc, pos, out=out, scale=scale, window=window)
-        rotate(out, out=out)
+        # a Q8_0 cache holds K and V rotated: the kernel rotates each query alike and the output,
+        # a sum of rotated values, back (the matrix is its own inverse)
+        attention(q, kc, vc, pos, out=out, scale=scale, window=window, rotated=self.kv_type == "q8_0")
 
 
 def context_limit(model_context: int, configured: int, kv_per_token: int, max_ram: int | None,

@@ -70,6 +70,8 @@ typedef struct {
     size_t head_bytes;  /* bytes of one kv head's hd values */
     int n, H, KV, G, hd;
     int window;         /* > 0: row i sees positions pos[i] - window + 1 .. pos[i] */
+    int rot;            /* > 0: K and V are stored rotated by dair_attn_wht in blocks of rot values:
+                           q is rotated alike first and the output rotated back */
     float scale;
     int isa;            /* DAIR_ATTN_*, already checked to be compiled in */
 } dair_attn_args;
@@ -198,6 +200,22 @@ static inline void dair_attn_row(const uint8_t *src, int kind, int hd, float *ds
 #ifndef DAIR_ATTN_PF_HINT
 #define DAIR_ATTN_PF_HINT 3
 #endif
+
+/* x[0..blk) times the orthonormal Walsh-Hadamard matrix (blk a power of two), in place. The
+ * matrix is symmetric and its own inverse, so rotating keys and queries keeps q.k, and rotating
+ * a sum of rotated values gives the sum. */
+static void dair_attn_wht(float *x, int blk) {
+    for (int h = 1; h < blk; h *= 2)
+        for (int i = 0; i < blk; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                const float u = x[j], w = x[j + h];
+                x[j] = u + w;
+                x[j + h] = u - w;
+            }
+    const float norm = (float)(1.0 / sqrt((double)blk));
+    for (int j = 0; j < blk; j++)
+        x[j] *= norm;
+}
 
 /* Rows t0..t0+nt-1 of kv head kvh (cache `base`) into dst[nt][hd] as f32: one loop per cache
  * type and ISA, the conversion inlined (per row it is a few instructions, less than a call). */
@@ -1117,8 +1135,30 @@ static void dair_attn_scratch_put(float *p, int cached) {
         free(p);
 }
 
+static int dair_attention_run(const dair_attn_args *a);
+
 /* Returns 0, or -1 when out of memory for the scratch. */
 static int dair_attention(const dair_attn_args *a) {
+    if (a->rot <= 0)
+        return dair_attention_run(a);
+    const size_t nq = (size_t)a->n * a->H * a->hd;
+    float *qr = (float *)malloc(sizeof(float) * nq);
+    if (qr == NULL)
+        return -1;
+    memcpy(qr, a->q, sizeof(float) * nq);
+    for (size_t i = 0; i < nq; i += (size_t)a->rot)
+        dair_attn_wht(qr + i, a->rot);
+    dair_attn_args b = *a;
+    b.q = qr;
+    b.rot = 0;
+    const int rc = dair_attention_run(&b);
+    free(qr);
+    for (size_t i = 0; rc == 0 && i < nq; i += (size_t)a->rot)
+        dair_attn_wht(a->out + i, a->rot);
+    return rc;
+}
+
+static int dair_attention_run(const dair_attn_args *a) {
     dair_attn_plan p;
     memset(&p, 0, sizeof(p));
     p.a = a;

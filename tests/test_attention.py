@@ -11,7 +11,16 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from dair.ops import threads
-from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, rotate, rotation_block, set_isa
+from dair.ops.attention import (
+    ISAS,
+    attention,
+    get_isa,
+    q8_0_row_bytes,
+    rotate,
+    rotation_block,
+    set_isa,
+    store_rotated_q8_0,
+)
 
 KINDS = ["f32", "f16", "q8_0"]
 
@@ -200,3 +209,29 @@ def test_rotate_is_the_orthonormal_hadamard_per_block(rng, hd):
     np.testing.assert_array_equal(out, y)
     with pytest.raises(ValueError, match="C-contiguous"):
         rotate(x[:, :, ::2])
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_rotated_cache(rng, isa, kind):
+    """The Q8_0 cache of engine/kvcache.py: K and V stored as Q8_0 blocks of rotate(k), rotate(v)
+    (quantized as llama.cpp's reference, checked by gguf's dequantizer); attention(rotated=True)
+    must give softmax(q.k) v of the values the cache holds, rotated back (Sylvester's matrix)."""
+    n, H, KV, hd, start = 40, 9, 3, 64, 700
+    pos = np.arange(start, start + n, dtype=np.int32)
+    q = rng.standard_normal((n, H, hd)).astype(np.float32) * 2
+    k = rng.standard_normal((start + n, KV, hd)).astype(np.float32)
+    v = rng.standard_normal((start + n, KV, hd)).astype(np.float32)
+    h = sylvester(hd)
+    if kind == "f32":
+        kc, vc = rotate(k), rotate(v)
+        kref, vref = k.astype(np.float64), v.astype(np.float64)
+    else:
+        kc = np.empty((start + n, KV, q8_0_row_bytes(hd)), np.uint8)
+        vc = np.empty_like(kc)
+        assert store_rotated_q8_0(k, kc) is kc and store_rotated_q8_0(v, vc) is vc
+        # the held values, rotated back: what the model sees
+        kref, vref = (dequantize(c.reshape(-1, q8_0_row_bytes(hd)), GGMLQuantizationType.Q8_0).reshape(k.shape)
+                      .astype(np.float64) @ h for c in (kc, vc))
+        assert np.abs(kref - k).max() < 0.05  # and they are k and v to within 8-bit rounding
+    out = attention(q, kc, vc, pos, rotated=True)
+    np.testing.assert_allclose(out, reference(q, kref, vref, pos, 1 / np.sqrt(hd)), rtol=1e-4, atol=5e-5)
