@@ -4,7 +4,7 @@
 
 Two sessions of one engine, one after 16 tokens and one after --depth tokens, decode a token in
 turn, so a burst of load on a shared machine slows both alike; the medians of the per-token times
-and their ratio (the figure issue 16 asks for: depth rate / short rate) are printed per KV type,
+and their ratio (the depth rate over the short one) are printed per KV type,
 with the attention calls' own share of each step.
 """
 from __future__ import annotations
