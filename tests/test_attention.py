@@ -1,6 +1,7 @@
 """Attention kernels (ops/attn.h) against a plain-numpy float64 softmax(QK^T)V, every path this
 build has (AVX-512, AVX2, plain C), every cache type (f32, f16, Q8_0 blocks made and read by the
-`gguf` package), at long lengths (several key tiles and decode spans) and odd sizes.
+`gguf` package), at long lengths (several key tiles and decode spans) and odd sizes; each row the
+same bit for bit alone or in any batch; the rotated Q8_0 cache of engine/kvcache.py.
 
 Bound: the cache's own values are the reference's inputs (Q8_0 dequantized by gguf), so the only
 error is float32 arithmetic: |out - ref| <= 1e-4 * |ref| + 2e-5.
@@ -78,7 +79,7 @@ def check(rng, kind, H, KV, hd, pos, scale=None, window=0):
     return q, kc, vc, pos
 
 
-# Decode: one or a few query rows (the "rows" scheme: key spans of 256 merged at the end).
+# Decode: one or a few query rows (a task per row and span of 256 keys, the spans merged at the end).
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H,KV,hd,pos", [
     (9, 3, 64, [0]),
