@@ -26,9 +26,9 @@ def dair(threads: int, prompt: int, gen: int, depth: int, kv: str, runs: int) ->
     return json.loads(out.strip().splitlines()[-1])
 
 
-def llama_bench(binary: str, model: str, threads: int, runs: int) -> dict:
+def llama_bench(binary: str, model: str, threads: int, runs: int, poll: int | None = None) -> dict:
     cmd = [binary, "-m", model, "-t", str(threads), "-p", "2048", "-n", "32", "-d", "0,2000", "-r", str(runs),
-           "-o", "json"]
+           "-o", "json", *(["--poll", str(poll)] if poll is not None else [])]
     tests = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     pick = {(t["n_prompt"], t["n_gen"], t["n_depth"]): float(t["avg_ts"]) for t in tests}
     return {"pp2048": pick[(2048, 0, 0)], "tg32": pick[(0, 32, 0)], "tg32_d2000": pick[(0, 32, 2000)]}
@@ -40,12 +40,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--long", type=int, default=8000, help="the long prompt (tokens; below the model's 8,192)")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--poll", type=int, help="llama-bench --poll (0: its threads sleep instead of spinning, "
+                                              "which a shared machine needs)")
     a = ap.parse_args()
     from dair.model.fetch import default_model_path
     from dair.ops.attention import get_isa
-    from dair.ops.matmul import simd_name
+    from dair.ops.matmul import get_kernels
 
-    print(f"load average {os.getloadavg()[0]:.1f}; dair kernels {simd_name()}, attention {get_isa()}; "
+    print(f"load average {os.getloadavg()[0]:.1f}; dair kernels {get_kernels()}, attention {get_isa()}"
+          f"{' (DAIR_KERNELS=' + os.environ['DAIR_KERNELS'] + ')' if os.environ.get('DAIR_KERNELS') else ''}; "
           f"{a.threads} threads", flush=True)
     t = a.threads
     r: dict[str, float] = {}
@@ -62,7 +65,7 @@ def main() -> int:
         print(f"dair prefill {a.long}: {r['prefill_long']:.1f} tok/s ({r['prefill_long'] / r['prefill_2048']:.2f}x "
               f"the 2048-token rate)", flush=True)
     if a.llama_bench:
-        ref = llama_bench(a.llama_bench, str(default_model_path()), t, max(a.runs, 1))
+        ref = llama_bench(a.llama_bench, str(default_model_path()), t, max(a.runs, 1), a.poll)
         print(f"llama-bench: pp2048 {ref['pp2048']:.1f}, tg32 {ref['tg32']:.1f}, tg32 @ d2000 {ref['tg32_d2000']:.1f} "
               f"tok/s")
         print(f"ratios dair/llama.cpp: prefill 2048 {r['prefill_2048'] / ref['pp2048']:.2f}x, decode @ 2000 (f16) "

@@ -405,6 +405,8 @@ class Broker:
         q = h.get("q", results[0].get("q", -1) if results else -1)
         if not results:  # a prefill chunk that samples nothing: only its timing
             self._hop(node, q if isinstance(q, int) else -1, h.get("ct"))
+            if isinstance(q, int):
+                self.req.on_prefill_step(q)
             return
         accepted = self.stage_work(node, results, "tokens")
         if accepted is None:

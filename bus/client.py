@@ -198,8 +198,8 @@ class BusClient:
     def start_generate(self, *, ids: list[int] | None = None, text: str | None = None,
                        messages: list[dict[str, str]] | None = None, sid: str | None = None,
                        params: dict[str, Any] | None = None, max_tokens: int | None = None,
-                       stop_ids: list[int] | None = None, stream: bool = True) -> int:
-        h: dict[str, Any] = {"type": P.GENERATE, "stream": stream}
+                       stop_ids: list[int] | None = None, stream: bool = True, progress: bool = False) -> int:
+        h: dict[str, Any] = {"type": P.GENERATE, "stream": stream, **({"progress": True} if progress else {})}
         for k, v in (("ids", ids), ("text", text), ("messages", messages), ("sid", sid), ("params", params),
                      ("max_tokens", max_tokens), ("stop_ids", stop_ids)):
             if v is not None:
@@ -207,7 +207,8 @@ class BusClient:
         return self.send(h)
 
     def events(self, req: int, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """`token` messages of request `req`, then its `done` (an `error` raises BusError)."""
+        """`token` (and, if asked for, `progress`) messages of request `req`, then its `done` (an
+        `error` raises BusError)."""
         while True:
             h = self.next(req, timeout)
             if h["type"] == P.ERROR:
@@ -282,6 +283,8 @@ class BusBackend:
         self._tokenizer: Any = None
         self._sid: str | None = None
         self.resume_timeout = max(timeout, 60.0)
+        # (prompt tokens prefilled, of those to prefill) as each prefill step leaves the pipeline
+        self.on_prefill: Callable[[int, int], None] | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -327,10 +330,13 @@ class BusBackend:
         if self._sid is None:
             self._sid = self.client.open_session(p)
         req = self.client.start_generate(ids=list(prompt_ids), sid=self._sid, params=p, max_tokens=max_tokens,
-                                         stop_ids=sorted(stop_ids))
+                                         stop_ids=sorted(stop_ids), progress=self.on_prefill is not None)
         cancelled = False
         for ev in self.client.events(req):
-            if ev["type"] == P.TOKEN and on_token is not None and not cancelled:
+            if ev["type"] == P.PROGRESS:
+                if self.on_prefill is not None:
+                    self.on_prefill(ev["done"], ev["total"])
+            elif ev["type"] == P.TOKEN and on_token is not None and not cancelled:
                 if on_token(ev["id"]) is False:
                     cancelled = True
                     self.client.cancel(ev["sid"])

@@ -190,8 +190,12 @@ class Membership:
             self._unit_bytes = model_unit_bytes(self.model, kv_tokens=self.req.max_context)
         layer_bytes, head_bytes = self._unit_bytes
         span, head = layer_bytes[a:b + 1], head_bytes if b == n_layers - 1 else 0
-        need = max([*span, head])
-        for n in [n for n in placed if n.max_ram and n.max_ram < need]:
+        # Each stage's KV cache counted at its own type: the layers' weights plus its own per layer.
+        kv_cfg = self._kv_layer("")
+        kv_of = {n.ident: self._kv_layer(n.kv_type) for n in placed}
+        weights = [x - kv_cfg for x in span]
+        for n in [n for n in placed if n.max_ram and n.max_ram < max([max(weights) + kv_of[n.ident], head])]:
+            need = max([max(weights) + kv_of[n.ident], head])
             msg = (f"stage {n.name}: budget {fmt_budget(n.max_ram)} cannot hold even one unit of "
                    f"the layers to place ({fmt_budget(need)}); give it at least that (--max-ram)")
             self.log(f"refused: {msg}")
@@ -202,7 +206,8 @@ class Membership:
         if not placed:
             return
         budgets = [n.max_ram or None for n in placed]
-        if None not in budgets and sum(budgets) < sum(span) + head:  # type: ignore[arg-type]
+        least = sum(weights) + len(weights) * min(kv_of[n.ident] for n in placed)
+        if None not in budgets and sum(budgets) < least + head:  # type: ignore[arg-type]
             # Too little RAM registered for the whole range to be resident: wait a while for more
             # stages, then place anyway (they stream their layers from disk).
             self.plan_waiting_since = self.plan_waiting_since or now
@@ -211,7 +216,8 @@ class Membership:
                 return
         self.plan_waiting_since = 0.0
         try:
-            plan = place(span, [NodeCapacity(n.node, n.max_ram or None, n.speed) for n in placed], head)
+            plan = place(weights, [NodeCapacity(n.node, n.max_ram or None, n.speed, kv_layer=kv_of[n.ident])
+                                   for n in placed], head)
         except DairError as e:
             self.log(f"cannot place stages: {e}")
             return
@@ -229,6 +235,17 @@ class Membership:
         self.log("placed: " + ", ".join(f"{by_name[p.name].name} {fmt_span(p.first + a, p.last + a)} ({p.mode})"
                                         for p in plan))
         self.pause_all("placed ranges moved")  # moved ranges hold no KV
+
+    def _kv_layer(self, kv_type: str) -> int:
+        """KV bytes per layer of one full-length session in a cache of kv_type ("" or a type this
+        model cannot use: the config's)."""
+        from dair.engine.placement import kv_reserve
+        from dair.errors import DairError
+
+        try:
+            return kv_reserve(self.model, kv_type or None, kv_tokens=self.req.max_context)[0]
+        except DairError:
+            return kv_reserve(self.model, None, kv_tokens=self.req.max_context)[0]
 
     # --- stages -------------------------------------------------------------------------------
     def on_register(self, ident: bytes, node: Node | None, h: dict[str, Any], user: str) -> None:
@@ -294,7 +311,7 @@ class Membership:
         new = Node(ident=ident, node=name, name=h["name"], host=h["host"], pid=h["pid"], first=h["first"],
                    last=h["last"], threads=h["threads"], wire=h["wire"], state=h["state"], rss=h["rss"],
                    rss_at_register=h["rss"], max_ram=h.get("max_ram", 0), user=user,
-                   place=place, speed=float(h.get("speed", 1.0) or 1.0),
+                   place=place, speed=float(h.get("speed", 1.0) or 1.0), kv_type=str(h.get("kv_type", "")),
                    resume=same.resume if same is not None else secrets.token_hex(16))
         self.registry.add(new)
         if standby:

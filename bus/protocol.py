@@ -36,6 +36,8 @@ SESSION_CLOSE = "session_close"
 CLOSED = "closed"
 SCORE = "score"
 SCORED = "scored"
+# bus -> client, asked for with generate's "progress": prefill tokens done of a long prompt
+PROGRESS = "progress"
 STATUS = "status"
 CLUSTER = "cluster"
 # Published on the bus's PUB socket under STATS_TOPIC, every stats_interval_ms.
@@ -97,7 +99,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
                "wire": (_STR, True), "state": (_STR, True), "max_ram": (_INT, False),
                "standby": (_BOOL, False),
                "resume": (_STR, False),
-               "place": (_BOOL, False), "speed": (_NUM, False),
+               "place": (_BOOL, False), "speed": (_NUM, False), "kv_type": (_STR, False),
                # {tensor name: xxh3_128 hex} of every tensor its range uses (model/digests.py).
                "digests": (_MAP, False)},
     ASSIGN: {"node": (_STR, True), "first": (_INT, True), "last": (_INT, True),
@@ -120,7 +122,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     GENERATE: {"req": (_INT, True), "sid": (_STR, False), "ids": (_LIST, False),
                "text": (_STR, False), "messages": (_LIST, False), "params": (_MAP, False),
                "max_tokens": (_INT, False), "stop_ids": (_LIST, False), "stream": (_BOOL, False),
-               "logprobs": (_INT, False)},
+               "logprobs": (_INT, False), "progress": (_BOOL, False)},
     TOKEN: {"req": (_INT, True), "sid": (_STR, True), "id": (_INT, True), "pos": (_INT, True),
             "text": (_STR, True), "lp": (_NUM, False), "top": (_LIST, False)},
     DONE: {"req": (_INT, True), "sid": (_STR, True), "stop": (_STR, True), "ids": (_LIST, True),
@@ -132,6 +134,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     CLOSED: {"sid": (_STR, True), "req": (_INT, False)},
     SCORE: {"req": (_INT, True), "top_k": (_INT, True), "ids": (_LIST, False), "text": (_STR, False)},
     SCORED: {"req": (_INT, True), "positions": (_LIST, True)},
+    PROGRESS: {"req": (_INT, True), "sid": (_STR, True), "done": (_INT, True), "total": (_INT, True)},
     STATUS: {"req": (_INT, True)},
     CLUSTER: {"req": (_INT, True), **_CLUSTER_STATE},
     STATS: _CLUSTER_STATE,

@@ -59,6 +59,7 @@ class Node:
     # Placed by the bus (registered without --layers): its announced budget and speed.
     place: bool = False
     speed: float = 1.0
+    kv_type: str = ""  # its KV cache type as registered ("": not stated, the config's)
     fd: int = -1  # the bus-side socket of its connection (ZMQ_SRCFD), to match disconnect events
     dropped_at: float = 0.0  # monotonic time its connection closed (0: connected)
     # Given to the stage (in ASSIGN) over this connection only: a registration from a new

@@ -60,6 +60,8 @@ class Requests:
         self.default_max_tokens = int(cfg["sampling"]["max_tokens"])
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
         self.sessions: dict[str, Session] = {}
+        # Prefill steps whose passing a client asked to hear of: q -> (sid, tokens done, of total)
+        self.progress_steps: dict[int, tuple[str, int, int]] = {}
         # Decode steps held back for a moment to travel with another group (see hold_or_send).
         self.held: list[dict[str, Any]] = []
         self.held_until = 0.0
@@ -176,8 +178,19 @@ class Requests:
                 extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}
                 self.send_step([self.make_step(s, a, ids[a:b], "score", **extra)])
             else:
-                self.send_step([self.make_step(s, a, ids[a:b], out if final else "none",
-                                               **(last_extra if final else {}))])
+                step = self.make_step(s, a, ids[a:b], out if final else "none", **(last_extra if final else {}))
+                if not final and s.req is not None and s.req.progress:
+                    self.progress_steps[step["q"]] = (s.sid, b - start, len(ids) - start)
+                self.send_step([step])
+
+    def on_prefill_step(self, q: int) -> None:
+        """Prefill step q passed the last stage: `progress` to a client that asked for it."""
+        sid, done, total = self.progress_steps.pop(q, ("", 0, 0))
+        s = self.sessions.get(sid)
+        if s is not None and s.req is not None and s.req.progress:
+            self.tell(s.req.client, {"type": P.PROGRESS, "req": s.req.req, "sid": sid, "done": done, "total": total})
+        if len(self.progress_steps) > 10000:  # steps lost with a failed stage must not pile up
+            self.progress_steps = {q: v for q, v in self.progress_steps.items() if v[0] in self.sessions}
 
     def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
         if len(self.sessions) >= self.max_sessions:
@@ -285,7 +298,7 @@ class Requests:
         s.last_active = time.monotonic()
         s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
                         stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids), logprobs=h.get("logprobs"),
-                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
+                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok), progress=h.get("progress", False))
         if max_tokens <= 0:
             self.finish(s, "length")
             return
@@ -298,6 +311,9 @@ class Requests:
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
+            if req.progress and req.n_new_prompt > self.prefill_chunk:  # the last prefill step, with its token
+                self.tell(req.client, {"type": P.PROGRESS, "req": req.req, "sid": s.sid, "done": req.n_new_prompt,
+                                       "total": req.n_new_prompt})
         s.kv_len = pos
         del s.history[pos:]
         s.history.append(tok)

@@ -30,6 +30,7 @@ class Request:
     n_new_prompt: int = 0
     top_k: int = 0
     logprobs: int | None = None  # generate: alternatives per token with its log-probability (None: no logprobs)
+    progress: bool = False  # generate: send `progress` as a long prompt's prefill steps complete
     generated: list[int] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)  # score results so far
     text: Any = None  # a dair.tokenizer.StreamDecoder

@@ -21,6 +21,9 @@ class NodeCapacity:
     name: str
     budget: int | None = None  # bytes of weights it may hold resident; None = unlimited
     speed: float = 1.0
+    # KV cache bytes per layer of one full-length session with this node's own cache type (a
+    # Q8_0 stage holds about half of an f16 one's). None: already in the caller's layer bytes.
+    kv_layer: int | None = None
 
 
 @dataclass
@@ -68,7 +71,11 @@ def place(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], head_bytes:
     """Contiguous ranges covering every layer once, node k's share of the bytes proportional to
     its capacity (the node with the largest budget goes last if the last one cannot hold the
     head). DairError if a node cannot hold even one layer (or the head, when it is the
-    last node), or if there are more nodes than layers."""
+    last node), or if there are more nodes than layers.
+
+    Where nodes state different kv_layer, layer_bytes are the weights alone and a node's bytes
+    are its layers' weights plus kv_layer for each of them: ranges then fill every node to the
+    same fraction of its capacity."""
     n, k = len(layer_bytes), len(nodes)
     if k == 0:
         raise DairError("no nodes to place layers on")
@@ -85,9 +92,13 @@ def place(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], head_bytes:
         # node with the largest budget rather than fail.
         big = max(range(k), key=lambda i: float("inf") if nodes[i].budget is None else nodes[i].budget)
         nodes.append(nodes.pop(big))
+    kvs = [nd.kv_layer or 0 for nd in nodes]
+    mixed = len(set(kvs)) > 1
+    if not mixed:  # the same per layer everywhere: part of each layer's bytes
+        layer_bytes, kvs = [b + kvs[0] for b in layer_bytes], [0] * k
     sizes = list(layer_bytes)
     sizes[-1] += head_bytes
-    total = sum(sizes)
+    total = sum(sizes) + (n * max(kvs) if mixed else 0)
     finite = [nd.budget for nd in nodes if nd.budget is not None]
     # An unlimited node is worth the whole model (or the largest stated budget, if larger).
     unlimited = max([total, *finite])
@@ -95,21 +106,12 @@ def place(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], head_bytes:
     cum_bytes = [0]
     for s in sizes:
         cum_bytes.append(cum_bytes[-1] + s)
-    # Boundary j (after node j) at the layer whose cumulative bytes are nearest the target,
-    # kept strictly increasing so that every node gets at least one layer.
-    bounds, acc = [0], 0.0
-    for j in range(k - 1):
-        acc += caps[j]
-        target = total * acc / sum(caps)
-        lo, hi = bounds[-1] + 1, n - (k - 1 - j)
-        best = min(range(lo, hi + 1), key=lambda b: (abs(cum_bytes[b] - target), b))
-        bounds.append(best)
-    bounds.append(n)
+    bounds = _mixed_bounds(cum_bytes, kvs, caps) if mixed else _bounds(cum_bytes, caps)
     out = []
     for j, nd in enumerate(nodes):
         first, last = bounds[j], bounds[j + 1] - 1
-        nbytes = cum_bytes[last + 1] - cum_bytes[first]
-        unit = max(layer_bytes[first:last + 1])
+        nbytes = cum_bytes[last + 1] - cum_bytes[first] + (last + 1 - first) * kvs[j]
+        unit = max(layer_bytes[first:last + 1]) + kvs[j]
         if last == n - 1 and head_bytes > unit:
             unit = head_bytes
         if nd.budget is not None and nd.budget < unit:
@@ -119,6 +121,51 @@ def place(layer_bytes: Sequence[int], nodes: Sequence[NodeCapacity], head_bytes:
         mode = "resident" if nd.budget is None or nbytes <= nd.budget else "streaming"
         out.append(Placement(nd.name, first, last, nbytes, nd.budget, nd.speed, mode))
     return out
+
+
+def _bounds(cum_bytes: list[int], caps: list[float]) -> list[int]:
+    """Boundary j (after node j) at the layer whose cumulative bytes are nearest node j's share
+    of the total, kept strictly increasing so that every node gets at least one layer."""
+    n, k, total = len(cum_bytes) - 1, len(caps), cum_bytes[-1]
+    bounds, acc = [0], 0.0
+    for j in range(k - 1):
+        acc += caps[j]
+        target = total * acc / sum(caps)
+        lo, hi = bounds[-1] + 1, n - (k - 1 - j)
+        bounds.append(min(range(lo, hi + 1), key=lambda b: (abs(cum_bytes[b] - target), b)))
+    bounds.append(n)
+    return bounds
+
+
+def _mixed_bounds(cum_bytes: list[int], kvs: list[int], caps: list[float]) -> list[int]:
+    """Boundaries that fill each node to the same fraction f of its capacity, node j's bytes being
+    its layers' weights plus kvs[j] per layer: for a trial f each node in turn takes the range
+    nearest f * its capacity, and f is bisected until the last node's remainder fits f too."""
+    n, k = len(cum_bytes) - 1, len(caps)
+
+    def cost(j: int, a: int, b: int) -> int:
+        return cum_bytes[b] - cum_bytes[a] + (b - a) * kvs[j]
+
+    def trial(f: float) -> tuple[list[int], float]:
+        bounds = [0]
+        for j in range(k - 1):
+            lo, hi = bounds[-1] + 1, n - (k - 1 - j)
+            bounds.append(min(range(lo, hi + 1), key=lambda b: (abs(cost(j, bounds[-1], b) - f * caps[j]), b)))
+        bounds.append(n)
+        return bounds, cost(k - 1, bounds[-2], n) - f * caps[-1]
+
+    lo, hi = 0.0, 2.0 * (cum_bytes[-1] + n * max(kvs)) / min(caps)
+    best = trial(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        b, excess = trial(mid)
+        if abs(excess) < abs(best[1]):
+            best = (b, excess)
+        if excess > 0:  # the last node is left too much: fill the others more
+            lo = mid
+        else:
+            hi = mid
+    return best[0]
 
 
 def _mib(n: int) -> str:

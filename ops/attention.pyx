@@ -35,9 +35,14 @@ cdef extern from "attn.h" nogil:
         size_t head_bytes
         int n, H, KV, G, hd
         int window
+        int rot
         float scale
         int isa
     int dair_attention(const dair_attn_args* a)
+    void dair_attn_wht(float* x, int blk)
+
+cdef extern from "qdot.h" nogil:
+    void dair_quantize_q8_0_ref(const float* x, size_t nvals, uint8_t* out)
 
 _ISA_CODES = {"avx512": DAIR_ATTN_AVX512, "avx2": DAIR_ATTN_AVX2, "c": DAIR_ATTN_C}
 
@@ -78,10 +83,68 @@ def q8_0_row_bytes(Py_ssize_t hd) -> int:
     return hd // 32 * 34
 
 
-def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0):
+def rotation_block(Py_ssize_t hd) -> int:
+    """The Walsh-Hadamard block `rotate` uses for rows of hd values: the largest power of two that
+    divides hd (at most hd)."""
+    if hd < 1:
+        raise ValueError(f"head_dim must be positive, got {hd}")
+    return hd & -hd
+
+
+def rotate(x, out=None):
+    """out = x times the orthonormal Walsh-Hadamard matrix, block by block along the last axis
+    (blocks of rotation_block(hd) values); x, out float32, C-contiguous, out may be x.
+
+    The matrix is symmetric and orthogonal, so rotating both queries and keys leaves every q.k
+    as it was, while each key's large channels are spread over its block: a Q8_0 block's scale
+    (its largest value / 127) then sits much nearer the typical value, and rounding costs less."""
+    if not cnp.PyArray_Check(x) or x.ndim < 1:
+        raise ValueError("x: expected a numpy array of at least one dimension")
+    _check(x, "x", cnp.NPY_FLOAT32, x.ndim, False)
+    if out is None:
+        out = cnp.PyArray_NewCopy(<cnp.ndarray>x, cnp.NPY_CORDER)
+    else:
+        _check(out, "out", cnp.NPY_FLOAT32, x.ndim, True)
+        if out.shape != x.shape:
+            raise ValueError(f"out: expected shape {x.shape}, got {out.shape}")
+        if out is not x:
+            out[...] = x
+    if x.size == 0:
+        return out
+    cdef Py_ssize_t hd = x.shape[x.ndim - 1]
+    cdef Py_ssize_t blk = rotation_block(hd), nblk = x.size // blk, b
+    cdef float* p = <float*>_data(out)
+    with nogil:
+        for b in range(nblk):
+            dair_attn_wht(p + b * blk, <int>blk)
+    return out
+
+
+def store_rotated_q8_0(x, dst):
+    """dst (uint8[m, n_kv, hd // 32 * 34], the cache rows to fill) = Q8_0 blocks of rotate(x)
+    (x float32[m, n_kv, hd]), quantized as llama.cpp's reference does."""
+    _check(x, "x", cnp.NPY_FLOAT32, 3, False)
+    _check(dst, "dst", cnp.NPY_UINT8, 3, True)
+    cdef Py_ssize_t m = _dim(x, 0), hd = _dim(x, 2)
+    if _dim(dst, 0) != m or _dim(dst, 1) != _dim(x, 1) or _dim(dst, 2) != q8_0_row_bytes(hd):
+        raise ValueError(f"dst: expected shape ({m}, {_dim(x, 1)}, {q8_0_row_bytes(hd)}), got {dst.shape}")
+    cdef cnp.ndarray tmp = cnp.PyArray_NewCopy(<cnp.ndarray>x, cnp.NPY_CORDER)
+    cdef float* p = <float*>_data(tmp)
+    cdef uint8_t* d = <uint8_t*>_data(dst)
+    cdef Py_ssize_t blk = rotation_block(hd), n = x.size, b
+    with nogil:
+        for b in range(n // blk):
+            dair_attn_wht(p + b * blk, <int>blk)
+        dair_quantize_q8_0_ref(p, <size_t>n, d)
+    return dst
+
+
+def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0, bint rotated=False):
     """q float32[n, n_heads, hd]; k_cache, v_cache float32|float16[cap, n_kv, hd] or
     uint8[cap, n_kv, hd // 32 * 34] (Q8_0 blocks); positions int32[n]; window > 0: query i sees
-    positions positions[i] - window + 1 .. positions[i] only. Returns out float32[n, n_heads, hd]."""
+    positions positions[i] - window + 1 .. positions[i] only; rotated: K and V hold rotate(k) and
+    rotate(v) (the Q8_0 cache of engine/kvcache.py), so q is rotated alike and the output rotated
+    back. Returns out float32[n, n_heads, hd]."""
     _check(q, "q", cnp.NPY_FLOAT32, 3, False)
     _check(positions, "positions", cnp.NPY_INT32, 1, False)
     if not cnp.PyArray_Check(k_cache) or not cnp.PyArray_Check(v_cache):
@@ -143,6 +206,7 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0
     a.hd = <int>hd
     a.scale = <float>(1.0 / sqrt(<double>hd)) if scale is None else <float>scale
     a.window = window
+    a.rot = <int>rotation_block(hd) if rotated else 0
     a.isa = _isa
     cdef int rc
     with nogil:

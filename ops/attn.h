@@ -13,8 +13,9 @@
  * row's result is therefore bit-identical decoded alone or prefilled in a batch of any size, on
  * any thread count, which makes a replay of a session's history (failover, bus restart) give the
  * tokens its decode steps gave. The batch only changes how the work is shared:
- *  - decode (few rows): a task is one (row, kv head, span), so both threads work on one token;
- *    the partials are merged after all tasks.
+ *  - decode (few rows): a task is one (row, span) over all kv heads, so both threads work on
+ *    one token and the span's rows are read as one stream; the partials are merged after all
+ *    tasks.
  *  - prefill: a task is DAIR_ATTN_ROWS consecutive rows and one kv head, over all their spans;
  *    each tile of DAIR_ATTN_KB cached keys (then values) is converted to f32 once and used by
  *    all the rows' G heads, and the rows' partials are merged inside the task.
@@ -79,6 +80,8 @@ typedef struct {
     size_t head_bytes;  /* bytes of one kv head's hd values */
     int n, H, KV, G, hd;
     int window;         /* > 0: row i sees positions pos[i] - window + 1 .. pos[i] */
+    int rot;            /* > 0: K and V are stored rotated by dair_attn_wht in blocks of rot values:
+                           q is rotated alike first and the output rotated back */
     float scale;
     int isa;            /* DAIR_ATTN_*, already checked to be compiled in */
 } dair_attn_args;
@@ -238,21 +241,109 @@ static inline void dair_attn_row(const uint8_t *src, int kind, int hd, float *ds
     dair_attn_row_c(src, kind, hd, dst);
 }
 
-/* Rows t0..t0+nt-1 of kv head kvh into dst[ntp][hd] (f32), rows nt..ntp-1 zeroed. The rows
- * ahead are prefetched: between two visits of a layer's cache a decode step streams every
- * other layer's weights, so the cache is rarely still in the CPU's caches. */
-static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh, int t0, int nt, int ntp,
-                           float *dst) {
-    const size_t off = (size_t)kvh * a->head_bytes;
-    for (int t = 0; t < nt; t++) {
-        const uint8_t *src = base + (size_t)(t0 + t) * a->row_bytes + off;
-        if (t + 8 < nt)
-            for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(src + 8 * a->row_bytes + o, 0, 3);
-        dair_attn_row(src, a->kind, a->hd, dst + (size_t)t * a->hd, a->isa);
+#ifndef DAIR_ATTN_PF
+#define DAIR_ATTN_PF 16 /* rows prefetched ahead */
+#endif
+#ifndef DAIR_ATTN_PF_HINT
+#define DAIR_ATTN_PF_HINT 3
+#endif
+
+/* x[0..blk) times the orthonormal Walsh-Hadamard matrix (blk a power of two), in place. The
+ * matrix is symmetric and its own inverse, so rotating keys and queries keeps q.k, and rotating
+ * a sum of rotated values gives the sum. */
+static void dair_attn_wht(float *x, int blk) {
+    for (int h = 1; h < blk; h *= 2)
+        for (int i = 0; i < blk; i += 2 * h)
+            for (int j = i; j < i + h; j++) {
+                const float u = x[j], w = x[j + h];
+                x[j] = u + w;
+                x[j + h] = u - w;
+            }
+    const float norm = (float)(1.0 / sqrt((double)blk));
+    for (int j = 0; j < blk; j++)
+        x[j] *= norm;
+}
+
+/* Rows t0..t0+nt-1 of kv head kvh (cache `base`) into dst[nt][hd] as f32: one loop per cache
+ * type and ISA, the conversion inlined (per row it is a few instructions, less than a call). */
+DAIR_ATTN_INLINE void dair_attn_convert(const uint8_t *src, size_t rb, int kind, int hd, int nt, float *dst, int isa) {
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512 && kind == DAIR_KV_F16 && hd % 16 == 0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd)
+            for (int j = 0; j < hd; j += 16)
+                _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * (size_t)j))));
+        return;
     }
-    if (ntp > nt)
-        memset(dst + (size_t)nt * a->hd, 0, sizeof(float) * (size_t)(ntp - nt) * a->hd);
+    if (isa == DAIR_ATTN_AVX512 && kind == DAIR_KV_Q8_0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd) {
+            const uint8_t *b = src;
+            for (int j = 0; j < hd; j += 32, b += 34) {
+                uint16_t h;
+                memcpy(&h, b, 2);
+                const __m512 d = _mm512_set1_ps(dair_attn_h2f(h));
+                _mm512_storeu_ps(dst + j, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                              _mm_loadu_si128((const __m128i *)(b + 2))))));
+                _mm512_storeu_ps(dst + j + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                                   _mm_loadu_si128((const __m128i *)(b + 18))))));
+            }
+        }
+        return;
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (isa == DAIR_ATTN_AVX2 && kind == DAIR_KV_F16 && hd % 8 == 0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd)
+            for (int j = 0; j < hd; j += 8)
+                _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * (size_t)j))));
+        return;
+    }
+    if (isa == DAIR_ATTN_AVX2 && kind == DAIR_KV_Q8_0) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd) {
+            const uint8_t *b = src;
+            for (int j = 0; j < hd; j += 32, b += 34) {
+                uint16_t h;
+                memcpy(&h, b, 2);
+                const __m256 d = _mm256_set1_ps(dair_attn_h2f(h));
+                for (int u = 0; u < 4; u++)
+                    _mm256_storeu_ps(dst + j + 8 * u, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                                       _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * u))))));
+            }
+        }
+        return;
+    }
+#endif
+    if (kind == DAIR_KV_F32) {
+        for (int t = 0; t < nt; t++, src += rb, dst += hd)
+            memcpy(dst, src, sizeof(float) * (size_t)hd);
+        return;
+    }
+    for (int t = 0; t < nt; t++, src += rb, dst += hd)
+        dair_attn_row(src, kind, hd, dst, isa);
+}
+
+/* Rows t0..t0+nt-1 of kv head kvh into dst[nt][hd] (f32), prefetching ahead: between two visits
+ * of a layer's cache a decode step streams every other layer's weights, so the cache is rarely
+ * still in the CPU's caches. With pf_end > 0 whole rows (every kv head) of both K and V are
+ * prefetched, up to row pf_end: a decode task reads all kv heads of its span, so one contiguous
+ * stream per cache, started by its first head, serves the others from L2. */
+static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh, int t0, int nt, float *dst,
+                           int pf_end) {
+    const size_t rb = a->row_bytes;
+    const uint8_t *src = base + (size_t)t0 * rb + (size_t)kvh * a->head_bytes;
+    if (pf_end > 0) {
+        const int from = t0 % DAIR_ATTN_SPAN == 0 ? t0 : t0 + DAIR_ATTN_PF; /* a span's first rows too */
+        const int to = t0 + nt + DAIR_ATTN_PF < pf_end ? t0 + nt + DAIR_ATTN_PF : pf_end;
+        for (int r = from; r < to; r++)
+            for (size_t o = 0; o < rb; o += 64) {
+                __builtin_prefetch(a->k + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(a->v + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+            }
+    } else {
+        for (int r = 0; r < nt; r++)
+            for (size_t o = 0; o < a->head_bytes; o += 64)
+                __builtin_prefetch(src + (size_t)(r + DAIR_ATTN_PF) * rb + o, 0, DAIR_ATTN_PF_HINT);
+    }
+    dair_attn_convert(src, rb, a->kind, a->hd, nt, dst, a->isa);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -671,18 +762,302 @@ static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *
     *e = p + 1 - t0 < DAIR_ATTN_SPAN ? p + 1 - t0 : DAIR_ATTN_SPAN;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Decode: one row's span read straight from the cache, each key and value vector converted once
+ * for the G heads in registers instead of through a tile. The per-(head, key) operations are
+ * those of dair_attn_dots and dair_attn_pv, in the same order, so the results are the same bits.
+ */
+#define DAIR_ATTN_GMAX 8 /* query heads per kv head handled here (more: the tile path) */
+
+/* what a visit of a span computes (dair_attn_block, dair_attn_row1) */
+enum { DAIR_ATTN_VALUES = 1, /* make the [G][hd] outputs (else only the max and the sum) */
+       DAIR_ATTN_KEEP = 2,   /* leave the scores in sc (the exps go to kt) */
+       DAIR_ATTN_REUSE = 4   /* sc holds the span's scores already (kept by the first visit) */ };
+
+/* One row's span scores sc[g * SPAN + t] (t < len) to what dair_attn_block leaves for them: the
+ * max and the sum of exps in acc (the exps in sc, or with KEEP in kt, the scores staying), or with
+ * nr (the second visit of an f16 cache) the rounded normalised probabilities in sc. */
+static inline void dair_attn_row1_stats(const dair_attn_args *a, int G, float *sc, int len, float *acc, int how,
+                                        const float *nr, float *kt) {
+    if (nr != NULL) {
+        for (int g = 0; g < G; g++)
+            dair_attn_probs16(sc + (size_t)g * DAIR_ATTN_SPAN, nr[g], nr[G + g], len, a->isa);
+        acc[0] = 0.0f;
+        return;
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = sc + (size_t)g * DAIR_ATTN_SPAN;
+        float mx = dair_attn_max(sg, len, a->isa);
+        acc[g] = mx;
+        if (how & DAIR_ATTN_KEEP) {
+            memcpy(kt, sg, sizeof(float) * (size_t)len);
+            acc[G + g] = dair_attn_exp_sum(kt, mx, len, a->isa);
+        } else {
+            acc[G + g] = dair_attn_exp_sum(sg, mx, len, a->isa);
+        }
+    }
+    if (!(how & DAIR_ATTN_VALUES))
+        memset(acc + 2 * G, 0, sizeof(float) * (size_t)G * a->hd);
+}
+
+#if DAIR_ATTN_HAVE_AVX512
+/* vector j (16 values) of a cached head row as f32: the values dair_attn_convert writes */
+DAIR_ATTN_INLINE __m512 dair_attn_ld512(const uint8_t *row, int kind, int j) {
+    if (kind == DAIR_KV_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 32 * (size_t)j)));
+    if (kind == DAIR_KV_Q8_0) {
+        const uint8_t *b = row + 34 * (size_t)(j >> 1);
+        uint16_t h;
+        memcpy(&h, b, 2);
+        return _mm512_mul_ps(_mm512_set1_ps(dair_attn_h2f(h)),
+                             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2 + 16 * (j & 1))))));
+    }
+    return _mm512_loadu_ps((const float *)row + 16 * (size_t)j);
+}
+
+DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int Gc,
+                                         int how, const float *nr, float *kt) {
+    const int G = Gc ? Gc : a->G, hd = a->hd;
+    /* with G and nv constants (Gc != 0, hd 64) the queries stay in registers */
+    __m512 qv[4][4];
+    const int hold = Gc != 0 && Gc <= 4 && nv == 4;
+    for (int g = 0; hold && g < G; g++)
+        for (int j = 0; j < 4; j++)
+            qv[g & 3][j] = _mm512_loadu_ps(q + (size_t)g * hd + 16 * j);
+    const size_t rb = a->row_bytes;
+    const __m512 vs = _mm512_set1_ps(a->scale);
+    __m512 part[DAIR_ATTN_GMAX][16];
+    for (int t = 0; !(how & DAIR_ATTN_REUSE) && t < len; t += 16) {
+        const int m = len - t < 16 ? len - t : 16;
+        for (int r = t + DAIR_ATTN_PF; r < t + 16 + DAIR_ATTN_PF && r < pf_end_rows; r++)
+            for (size_t o = 0; o < rb; o += 64) {
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(vr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+            }
+        for (int r = 0; r < 16; r++) {
+            if (r >= m) {
+                for (int g = 0; g < G; g++)
+                    part[g][r] = _mm512_setzero_ps();
+                continue;
+            }
+            const uint8_t *row = kr + (size_t)(t + r) * rb;
+            __m512 k[16];
+            for (int j = 0; j < nv; j++)
+                k[j] = dair_attn_ld512(row, kind, j);
+            for (int g = 0; g < G; g++) {
+                const float *qg = q + (size_t)g * hd;
+                __m512 s = _mm512_mul_ps(hold ? qv[g & 3][0] : _mm512_loadu_ps(qg), k[0]);
+                for (int j = 1; j < nv; j++)
+                    s = _mm512_fmadd_ps(hold ? qv[g & 3][j & 3] : _mm512_loadu_ps(qg + 16 * j), k[j], s);
+                part[g][r] = s;
+            }
+        }
+        for (int g = 0; g < G; g++)
+            _mm512_mask_storeu_ps(sc + (size_t)g * DAIR_ATTN_SPAN + t, (__mmask16)((1u << m) - 1),
+                                  _mm512_mul_ps(dair_reduce16x16(part[g]), vs));
+    }
+    dair_attn_row1_stats(a, G, sc, len, acc, how, nr, kt);
+    if (!(how & DAIR_ATTN_VALUES))
+        return;
+    float *out = acc + 2 * G;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int j0 = 0; j0 < nv; j0 += 4) {
+            const int nb = nv - j0 < 4 ? nv - j0 : 4;
+            __m512 o[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int b = 0; b < 4; b++)
+                    o[g][b] = _mm512_setzero_ps();
+            for (int t = 0; t < len; t++) {
+                const uint8_t *row = vr + (size_t)t * rb;
+                __m512 v[4];
+                for (int b = 0; b < nb; b++)
+                    v[b] = dair_attn_ld512(row, kind, j0 + b);
+                for (int g = 0; g < ng; g++) {
+                    const __m512 pp = _mm512_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
+                    for (int b = 0; b < nb; b++)
+                        o[g][b] = _mm512_fmadd_ps(pp, v[b], o[g][b]);
+                }
+            }
+            for (int g = 0; g < ng; g++)
+                for (int b = 0; b < nb; b++)
+                    _mm512_storeu_ps(out + (size_t)(g0 + g) * hd + 16 * (j0 + b), o[g][b]);
+        }
+    }
+}
+#endif
+
+#if DAIR_ATTN_HAVE_AVX2
+DAIR_ATTN_INLINE __m256 dair_attn_ld256(const uint8_t *row, int kind, int j) {
+    if (kind == DAIR_KV_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 16 * (size_t)j)));
+    if (kind == DAIR_KV_Q8_0) {
+        const uint8_t *b = row + 34 * (size_t)(j >> 2);
+        uint16_t h;
+        memcpy(&h, b, 2);
+        return _mm256_mul_ps(_mm256_set1_ps(dair_attn_h2f(h)),
+                             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * (j & 3))))));
+    }
+    return _mm256_loadu_ps((const float *)row + 8 * (size_t)j);
+}
+
+DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int how,
+                                         const float *nr, float *kt) {
+    const int G = a->G, hd = a->hd;
+    const size_t rb = a->row_bytes;
+    const __m256 vs = _mm256_set1_ps(a->scale);
+    __m256 part[DAIR_ATTN_GMAX][8];
+    for (int t = 0; !(how & DAIR_ATTN_REUSE) && t < len; t += 8) {
+        const int m = len - t < 8 ? len - t : 8;
+        for (int r = t + DAIR_ATTN_PF; r < t + 8 + DAIR_ATTN_PF && r < pf_end_rows; r++)
+            for (size_t o = 0; o < rb; o += 64) {
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(vr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+            }
+        for (int r = 0; r < 8; r++) {
+            if (r >= m) {
+                for (int g = 0; g < G; g++)
+                    part[g][r] = _mm256_setzero_ps();
+                continue;
+            }
+            const uint8_t *row = kr + (size_t)(t + r) * rb;
+            __m256 k[16];
+            for (int j = 0; j < nv; j++)
+                k[j] = dair_attn_ld256(row, kind, j);
+            for (int g = 0; g < G; g++) {
+                const float *qg = q + (size_t)g * hd;
+                __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
+                for (int j = 1; j < nv; j++)
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), k[j], s);
+                part[g][r] = s;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            __m256 r8 = _mm256_mul_ps(dair_reduce8x8(part[g]), vs);
+            float *dst = sc + (size_t)g * DAIR_ATTN_SPAN + t;
+            if (m == 8) {
+                _mm256_storeu_ps(dst, r8);
+            } else {
+                float tmp8[8];
+                _mm256_storeu_ps(tmp8, r8);
+                memcpy(dst, tmp8, sizeof(float) * (size_t)m);
+            }
+        }
+    }
+    dair_attn_row1_stats(a, G, sc, len, acc, how, nr, kt);
+    if (!(how & DAIR_ATTN_VALUES))
+        return;
+    float *out = acc + 2 * G;
+    for (int g0 = 0; g0 < G; g0 += 3) {
+        const int ng = G - g0 < 3 ? G - g0 : 3;
+        for (int j0 = 0; j0 < nv; j0 += 4) {
+            const int nb = nv - j0 < 4 ? nv - j0 : 4;
+            __m256 o[3][4];
+            for (int g = 0; g < 3; g++)
+                for (int b = 0; b < 4; b++)
+                    o[g][b] = _mm256_setzero_ps();
+            for (int t = 0; t < len; t++) {
+                const uint8_t *row = vr + (size_t)t * rb;
+                __m256 v[4];
+                for (int b = 0; b < nb; b++)
+                    v[b] = dair_attn_ld256(row, kind, j0 + b);
+                for (int g = 0; g < ng; g++) {
+                    const __m256 pp = _mm256_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
+                    for (int b = 0; b < nb; b++)
+                        o[g][b] = _mm256_fmadd_ps(pp, v[b], o[g][b]);
+                }
+            }
+            for (int g = 0; g < ng; g++)
+                for (int b = 0; b < nb; b++)
+                    _mm256_storeu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b), o[g][b]);
+        }
+    }
+}
+#endif
+
+/* One row's span [b, e) of kv head kvh straight from the cache, if this build and shape have a
+ * fused path (returns 0 otherwise): what dair_attn_block computes for the row (how, norm, kt as
+ * there; nr: the row's norm). part: [G] max, [G] sum, [G][hd] output; sc: G * SPAN. */
+static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int kvh, int t0, int b, int e,
+                                             float *part, float *sc, int pf, int how, const float *nr, float *kt) {
+    const int G = a->G, hd = a->hd;
+    if (G > DAIR_ATTN_GMAX)
+        return 0;
+    const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
+    const size_t off = (size_t)(t0 + b) * a->row_bytes + (size_t)kvh * a->head_bytes;
+    const uint8_t *kr = a->k + off, *vr = a->v + off;
+    const int len = e - b, pf_rows = pf ? len : 0;
+    if (pf) /* the span's first rows, whole (every kv head), K and V */
+        for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
+            for (size_t o = 0; o < a->row_bytes; o += 64) {
+                __builtin_prefetch(a->k + (size_t)(t0 + b + t) * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(a->v + (size_t)(t0 + b + t) * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
+            }
+    /* only kv head 0 prefetches (pf), and its kr/vr are the rows' starts: the rows ahead come
+     * in whole, for the other heads too */
+#if DAIR_ATTN_HAVE_AVX512
+    if (a->isa == DAIR_ATTN_AVX512 && hd % 16 == 0 && hd <= 256) {
+        /* the cache type and the common head size as constants: no branch per vector */
+#define DAIR_ROW1_512_G(KIND)                                                                          \
+    do {                                                                                               \
+        if (G == 3)                                                                                    \
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows, KIND, 3, how, nr, kt);                  \
+        else if (G == 4)                                                                               \
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows, KIND, 4, how, nr, kt);                  \
+        else                                                                                           \
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, 4, pf_rows, KIND, 0, how, nr, kt);                  \
+    } while (0)
+        if (hd == 64 && a->kind == DAIR_KV_F16)
+            DAIR_ROW1_512_G(DAIR_KV_F16);
+        else if (hd == 64 && a->kind == DAIR_KV_Q8_0)
+            DAIR_ROW1_512_G(DAIR_KV_Q8_0);
+        else
+            dair_attn_row1_512(a, q, kr, vr, len, sc + b, part, hd / 16, pf_rows, a->kind, 0, how, nr, kt);
+#undef DAIR_ROW1_512_G
+        return 1;
+    }
+#endif
+#if DAIR_ATTN_HAVE_AVX2
+    if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0 && hd <= 128) {
+        if (hd == 64 && a->kind == DAIR_KV_F16)
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, DAIR_KV_F16, how, nr, kt);
+        else if (hd == 64 && a->kind == DAIR_KV_Q8_0)
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, DAIR_KV_Q8_0, how, nr, kt);
+        else
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows, a->kind, how, nr, kt);
+        return 1;
+    }
+#endif
+    (void)q;
+    (void)kr;
+    (void)vr;
+    (void)pf_rows;
+    return 0;
+}
+
 /* The partial softmaxes of rows [r0, r1) over span s of kv head kvh: row r's goes to
  * dst + (r - r0) * rstride as [G] max, [G] sum, [G][hd] unnormalised output, or part[0] = -inf
  * when the row sees no key of the span. With norm (f16 caches, the second visit): row r's
  * [G] max and [G] 1 / sum over all its spans at norm + (r - r0) * 2G, and the [G][hd] output is
  * that of the rounded normalised probabilities (part[0] = 0 marks a span with keys). `how`:
- * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd (>= SPAN) floats. */
-enum { DAIR_ATTN_VALUES = 1, /* make the [G][hd] outputs (else only the max and the sum) */
-       DAIR_ATTN_KEEP = 2,   /* leave the scores in sc (the exps go to kt) */
-       DAIR_ATTN_REUSE = 4   /* sc holds the span's scores already (kept by the first visit) */ };
+ * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd (>= SPAN) floats.
+ * pf: prefetch the span's whole rows (see dair_attn_tile). */
 static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
-                                               size_t rstride, float *sc, float *kt, const float *norm, int how) {
+                                               size_t rstride, float *sc, float *kt, const float *norm, int how,
+                                               int pf) {
     const int G = a->G, hd = a->hd, t0 = s * DAIR_ATTN_SPAN;
+    if (r1 - r0 == 1) {
+        int b, e;
+        dair_attn_range(a, r0, t0, &b, &e);
+        if (e <= b) {
+            dst[0] = -INFINITY;
+            return;
+        }
+        if (dair_attn_row1(a, r0, kvh, t0, b, e, dst, sc, pf, how, norm, kt))
+            return;
+    }
     int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
     for (int r = r0; r < r1; r++) {
         int b, e;
@@ -694,7 +1069,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
     }
     for (int kb = lo - lo % DAIR_ATTN_KB; !(how & DAIR_ATTN_REUSE) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
-        dair_attn_tile(a->k, a, kvh, t0 + kb, nt, nt, kt);
+        dair_attn_tile(a->k, a, kvh, t0 + kb, nt, kt, pf ? t0 + hi : 0);
         for (int r = r0; r < r1; r++) {
             int b, e;
             dair_attn_range(a, r, t0, &b, &e);
@@ -738,7 +1113,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
     }
     for (int kb = lo - lo % DAIR_ATTN_KB; (how & DAIR_ATTN_VALUES) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
-        dair_attn_tile(a->v, a, kvh, t0 + kb, nt, nt, kt);
+        dair_attn_tile(a->v, a, kvh, t0 + kb, nt, kt, 0);
         for (int r = r0; r < r1; r++) {
             int b, e;
             dair_attn_range(a, r, t0, &b, &e);
@@ -871,7 +1246,7 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
 #define DAIR_ATTN_SC(s) (p->keep ? sc + span_sc * (size_t)((s) - s0) : sc)
     for (int s = s0; s < s1; s++)
         dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, DAIR_ATTN_SC(s), kt, NULL,
-                        !p->round16 ? DAIR_ATTN_VALUES : p->keep ? DAIR_ATTN_KEEP : 0);
+                        !p->round16 ? DAIR_ATTN_VALUES : p->keep ? DAIR_ATTN_KEEP : 0, 0);
     for (int r = r0; r < r1; r++) {
         float *out = a->out + ((size_t)r * a->H + (size_t)kvh * G) * a->hd;
         if (p->round16)
@@ -883,7 +1258,7 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
         return;
     for (int s = s0; s < s1; s++)
         dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, DAIR_ATTN_SC(s), kt, norm,
-                        DAIR_ATTN_VALUES | (p->keep ? DAIR_ATTN_REUSE : 0));
+                        DAIR_ATTN_VALUES | (p->keep ? DAIR_ATTN_REUSE : 0), 0);
 #undef DAIR_ATTN_SC
     for (int r = r0; r < r1; r++)
         dair_attn_sum_one(parts + rstride * (size_t)(r - r0), ps, ns, G, a->hd,
@@ -901,13 +1276,18 @@ static void dair_attn_chunk(void *ctx, int c) {
             int i = task / a->KV, kvh = task % a->KV;
             dair_attn_task_c(a, i, kvh, scr, scr + (size_t)a->G * (a->pos[i] + 1));
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
-            int s = task % p->nspan, rk = task / p->nspan, i = rk / a->KV, kvh = rk % a->KV;
-            /* round16: each task's scores are kept for its second visit (G * SPAN floats a task) */
-            float *sc = p->round16 ? p->scores + (size_t)task * a->G * DAIR_ATTN_SPAN : scr;
-            dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * (size_t)task, 0, sc,
-                            scr + (size_t)a->G * DAIR_ATTN_SPAN, p->visit ? p->norms + (size_t)rk * 2 * a->G : NULL,
-                            !p->round16 ? DAIR_ATTN_VALUES
-                                        : p->visit ? DAIR_ATTN_VALUES | DAIR_ATTN_REUSE : DAIR_ATTN_KEEP);
+            /* task = (row, span), all kv heads: the span's rows are read as one stream */
+            const int s = task % p->nspan, i = task / p->nspan;
+            for (int kvh = 0; kvh < a->KV; kvh++) {
+                const size_t rk = (size_t)i * a->KV + kvh, slot = rk * (size_t)p->nspan + s;
+                /* round16: each (row, kv head, span)'s scores are kept for its second visit */
+                float *sc = p->round16 ? p->scores + slot * a->G * DAIR_ATTN_SPAN : scr;
+                dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * slot, 0, sc,
+                                scr + (size_t)a->G * DAIR_ATTN_SPAN, p->visit ? p->norms + rk * 2 * a->G : NULL,
+                                !p->round16 ? DAIR_ATTN_VALUES
+                                            : p->visit ? DAIR_ATTN_VALUES | DAIR_ATTN_REUSE : DAIR_ATTN_KEEP,
+                                kvh == 0 && !p->visit);
+            }
         } else {
             int blk = task / a->KV, kvh = task % a->KV, r0 = blk * DAIR_ATTN_ROWS;
             int r1 = r0 + DAIR_ATTN_ROWS < a->n ? r0 + DAIR_ATTN_ROWS : a->n;
@@ -948,8 +1328,30 @@ static void dair_attn_scratch_put(float *p, int cached) {
         free(p);
 }
 
+static int dair_attention_run(const dair_attn_args *a);
+
 /* Returns 0, or -1 when out of memory for the scratch. */
-static int dair_attention(const dair_attn_args *args) {
+static int dair_attention(const dair_attn_args *a) {
+    if (a->rot <= 0)
+        return dair_attention_run(a);
+    const size_t nq = (size_t)a->n * a->H * a->hd;
+    float *qr = (float *)malloc(sizeof(float) * nq);
+    if (qr == NULL)
+        return -1;
+    memcpy(qr, a->q, sizeof(float) * nq);
+    for (size_t i = 0; i < nq; i += (size_t)a->rot)
+        dair_attn_wht(qr + i, a->rot);
+    dair_attn_args b = *a;
+    b.q = qr;
+    b.rot = 0;
+    const int rc = dair_attention_run(&b);
+    free(qr);
+    for (size_t i = 0; rc == 0 && i < nq; i += (size_t)a->rot)
+        dair_attn_wht(a->out + i, a->rot);
+    return rc;
+}
+
+static int dair_attention_run(const dair_attn_args *args) {
     dair_attn_plan p;
     memset(&p, 0, sizeof(p));
     dair_attn_args local = *args; /* with an f16 cache, q is a rounded copy */
@@ -975,7 +1377,7 @@ static int dair_attention(const dair_attn_args *args) {
         /* too few prefill tasks to keep the threads busy: split each row's keys instead (the
          * same arithmetic; only the sharing of tiles between rows is lost) */
         p.scheme = DAIR_ATTN_SCHEME_DECODE;
-        p.ntask = a->n * a->KV * p.nspan;
+        p.ntask = a->n * p.nspan;
         p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)DAIR_ATTN_KB * a->hd + 16;
     } else {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
@@ -998,13 +1400,14 @@ static int dair_attention(const dair_attn_args *args) {
     if (want > p.ntask)
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
-    /* after the chunks' scratch: the decode scheme's partial results and (round16) its rows'
-     * max and 1 / sum, then the rounded q */
+    /* after the chunks' scratch: the decode scheme's partial results (one per row, kv head and
+     * span) and (round16) its rows' max and 1 / sum and kept scores, then the rounded q */
     const size_t nrk = (size_t)a->n * a->KV, nq = p.round16 ? (size_t)a->n * a->H * a->hd : 0;
-    const size_t nparts = p.scheme == DAIR_ATTN_SCHEME_DECODE ? p.part_size * (size_t)p.ntask : 0;
+    const size_t nslot = p.scheme == DAIR_ATTN_SCHEME_DECODE ? nrk * (size_t)p.nspan : 0;
+    const size_t nparts = p.part_size * nslot;
     const int keep = p.scheme == DAIR_ATTN_SCHEME_DECODE && p.round16;
     const size_t nnorm = keep ? nrk * 2 * a->G : 0;
-    const size_t nscores = keep ? (size_t)p.ntask * a->G * DAIR_ATTN_SPAN : 0;
+    const size_t nscores = keep ? nslot * a->G * DAIR_ATTN_SPAN : 0;
     int cached;
     p.scratch = dair_attn_scratch_get(p.per * (size_t)p.nch + nparts + nnorm + nscores + nq, &cached);
     if (p.scratch == NULL)

@@ -127,6 +127,7 @@ class Link:
                     "pid": os.getpid(), "rss": self.proc.memory_info().rss,
                     "threads": self.compute.threads, "wire": self.compute.wire,
                     "state": self.compute.state, "max_ram": int(self.compute.max_ram or 0),
+                    "kv_type": self.compute.kv_type,
                     **({"resume": self.resume} if self.resume else {}),
                     "digests": self.range_digests(self.compute.first, self.compute.last),
                     **({"place": True, "speed": float(self.speed)} if self.place

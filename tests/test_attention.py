@@ -1,6 +1,7 @@
 """Attention kernels (ops/attn.h) against a plain-numpy float64 softmax(QK^T)V, every path this
 build has (AVX-512, AVX2, plain C), every cache type (f32, f16, Q8_0 blocks made and read by the
-`gguf` package), at long lengths (several key tiles and decode spans) and odd sizes.
+`gguf` package), at long lengths (several key tiles and decode spans) and odd sizes; each row the
+same bit for bit alone or in any batch; the rotated Q8_0 cache of engine/kvcache.py.
 
 Bound: the cache's own values are the reference's inputs (Q8_0 dequantized by gguf), so the only
 error is float32 arithmetic: |out - ref| <= 1e-4 * |ref| + 2e-5. With an f16 cache the reference
@@ -13,7 +14,16 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from dair.ops import threads
-from dair.ops.attention import ISAS, attention, get_isa, q8_0_row_bytes, set_isa
+from dair.ops.attention import (
+    ISAS,
+    attention,
+    get_isa,
+    q8_0_row_bytes,
+    rotate,
+    rotation_block,
+    set_isa,
+    store_rotated_q8_0,
+)
 
 KINDS = ["f32", "f16", "q8_0"]
 
@@ -88,7 +98,7 @@ def check(rng, kind, H, KV, hd, pos, scale=None, window=0):
     return q, kc, vc, pos
 
 
-# Decode: one or a few query rows (the "rows" scheme: key spans of 256 merged at the end).
+# Decode: one or a few query rows (a task per row and span of 256 keys, the spans merged at the end).
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("H,KV,hd,pos", [
     (9, 3, 64, [0]),
@@ -261,3 +271,54 @@ def test_round16_equals_numpy(tmp_path, arch):
         want = x.astype(np.float16).astype(np.float32)
     bad = np.nonzero(out.view(np.uint32) != want.view(np.uint32))[0]
     assert bad.size == 0, [(float(x[i]), float(out[i]), float(want[i])) for i in bad[:5]]
+
+
+def sylvester(n: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+@pytest.mark.parametrize("hd", [64, 128, 96, 32])
+def test_rotate_is_the_orthonormal_hadamard_per_block(rng, hd):
+    """The Q8_0 cache stores keys and values rotated (engine/kvcache.py): rotate must be the
+    block-diagonal Sylvester-Hadamard matrix, so that q.k and the rotated-back output are kept."""
+    blk = rotation_block(hd)
+    assert blk == {64: 64, 128: 128, 96: 32, 32: 32}[hd]
+    x = rng.standard_normal((5, 3, hd)).astype(np.float32)
+    want = (x.reshape(-1, hd // blk, blk).astype(np.float64) @ sylvester(blk)).reshape(x.shape)
+    y = rotate(x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rotate(y), x, rtol=1e-5, atol=1e-5)  # its own inverse
+    out = x.copy()
+    assert rotate(out, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rotate(x[:, :, ::2])
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_rotated_cache(rng, isa, kind):
+    """The Q8_0 cache of engine/kvcache.py: K and V stored as Q8_0 blocks of rotate(k), rotate(v)
+    (quantized as llama.cpp's reference, checked by gguf's dequantizer); attention(rotated=True)
+    must give softmax(q.k) v of the values the cache holds, rotated back (Sylvester's matrix)."""
+    n, H, KV, hd, start = 40, 9, 3, 64, 700
+    pos = np.arange(start, start + n, dtype=np.int32)
+    q = rng.standard_normal((n, H, hd)).astype(np.float32) * 2
+    k = rng.standard_normal((start + n, KV, hd)).astype(np.float32)
+    v = rng.standard_normal((start + n, KV, hd)).astype(np.float32)
+    h = sylvester(hd)
+    if kind == "f32":
+        kc, vc = rotate(k), rotate(v)
+        kref, vref = k.astype(np.float64), v.astype(np.float64)
+    else:
+        kc = np.empty((start + n, KV, q8_0_row_bytes(hd)), np.uint8)
+        vc = np.empty_like(kc)
+        assert store_rotated_q8_0(k, kc) is kc and store_rotated_q8_0(v, vc) is vc
+        # the held values, rotated back: what the model sees
+        kref, vref = (dequantize(c.reshape(-1, q8_0_row_bytes(hd)), GGMLQuantizationType.Q8_0).reshape(k.shape)
+                      .astype(np.float64) @ h for c in (kc, vc))
+        assert np.abs(kref - k).max() < 0.05  # and they are k and v to within 8-bit rounding
+    out = attention(q, kc, vc, pos, rotated=True)
+    np.testing.assert_allclose(out, reference(q, kref, vref, pos, 1 / np.sqrt(hd)), rtol=1e-4, atol=5e-5)

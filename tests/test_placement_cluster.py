@@ -150,3 +150,36 @@ def test_placed_stages_fill_around_explicit_layers(bus_only, model_file, local_b
         except AssertionError:
             print(c.log_path.read_text()[-4000:])
             raise
+
+
+def test_placement_counts_each_stages_own_kv_cache_type(bus_only, model_file):
+    """Two stages of the same budget, one with a Q8_0 KV cache: it holds about half the cache per
+    layer, so the bus gives it more layers than an f16 stage in its place would get (each layer
+    counts its weights plus the holding stage's own cache; the last stage holds the head too)."""
+    from dair.engine.kvcache import kv_bytes_per_token
+
+    c, cfg = bus_only, model_file.config
+    with BusClient(c.addr, timeout=10) as cl:
+        try:
+            cl.hello(timeout=30)
+            c.add_placed_stage(["--name", "f16", "--max-ram", "60M"])
+            wait_status(cl, lambda st: [n["name"] for n in st["nodes"]] == ["f16"], 30, "the first stage")
+            c.add_placed_stage(["--name", "q8", "--max-ram", "60M", "--kv-type", "q8_0"])
+            st = wait_status(cl, lambda st: st["ready"] and len(st["nodes"]) == 2, 40, "both stages ready")
+            tokens = st["model"]["max_context"]  # the config's 2,048: the session each stage must hold
+            kv = {t: tokens * kv_bytes_per_token(t, cfg.n_kv_heads, cfg.head_dim) for t in ("f16", "q8_0")}
+            weights = [b - a for a, b in (model_file.layer_byte_range(i) for i in range(cfg.n_layers))]
+            head = model_file.output.nbytes + model_file.output_norm.nbytes
+            plan = place(weights, [NodeCapacity("f16", 60 * MIB, kv_layer=kv["f16"]),
+                                   NodeCapacity("q8", 60 * MIB, kv_layer=kv["q8_0"])], head)
+            want = sorted(((p.name, p.first, p.last) for p in plan), key=lambda r: r[1])
+            got = sorted(ranges(st), key=lambda r: r[1])
+            assert got == want, (got, want)
+            uniform = place([w + kv["f16"] for w in weights], [NodeCapacity("f16", 60 * MIB),
+                                                                NodeCapacity("q8", 60 * MIB)], head)
+            assert plan[-1].name == uniform[-1].name == "q8"
+            assert plan[-1].last - plan[-1].first > uniform[-1].last - uniform[-1].first
+            assert {n["name"]: n["kv_type"] for n in st["nodes"]} == {"f16": "f16", "q8": "q8_0"}
+        except AssertionError:
+            print(c.log_path.read_text()[-4000:])
+            raise

@@ -62,3 +62,19 @@ def test_cli_json_and_config(default_model, tmp_path, capsys):
                    'max_ram = "1M"\n')
     assert main(["plan", "--config", str(cfg), "--model", str(default_model)]) == 2
     assert "cannot hold even one layer" in capsys.readouterr().err
+
+
+def test_each_node_counts_its_own_kv_cache_type():
+    """Weights 3 MiB a layer; a full-length session's KV cache 6 MiB a layer on an f16 stage and
+    3.2 MiB on a Q8_0 one: with equal budgets the Q8_0 stage takes the larger share, so that both
+    are filled alike (9 x = 6.2 (30 - x): 12 layers and 18)."""
+    M = 1 << 20
+    f16, q8 = 6 * M, int(3.2 * M)
+    plan = place([3 * M] * 30, [NodeCapacity("f16", 200 * M, kv_layer=f16), NodeCapacity("q8", 200 * M, kv_layer=q8)])
+    assert ranges(plan) == [(0, 11), (12, 29)]
+    assert [p.nbytes for p in plan] == [12 * (3 * M + f16), 18 * (3 * M + q8)]
+    # the same type everywhere is the uniform case: kv_layer is then just part of each layer
+    same = place([3 * M] * 30, [NodeCapacity("a", 200 * M, kv_layer=f16), NodeCapacity("b", 100 * M, kv_layer=f16)])
+    assert ranges(same) == ranges(place([9 * M] * 30, [NodeCapacity("a", 200 * M), NodeCapacity("b", 100 * M)]))
+    with pytest.raises(DairError, match=r"node q8: budget 5\.0 MiB cannot hold even one layer \(6\.2 MiB\)"):
+        place([3 * M] * 30, [NodeCapacity("f16", 200 * M, kv_layer=f16), NodeCapacity("q8", 5 * M, kv_layer=q8)])

@@ -23,7 +23,7 @@ def roundtrip(header: dict, buffers: list = ()) -> tuple[dict, list]:
 
 def test_every_type_has_a_schema_and_a_direction():
     directed = P.STAGE_TO_BUS | P.CLIENT_TO_BUS | P.BUS_TO_STAGE
-    replies = {P.WELCOME, P.TOKEN, P.DONE, P.OPENED, P.CLOSED, P.SCORED, P.CLUSTER}
+    replies = {P.WELCOME, P.TOKEN, P.PROGRESS, P.DONE, P.OPENED, P.CLOSED, P.SCORED, P.CLUSTER}
     published = {P.STATS}
     assert directed | replies | published == set(P.SCHEMAS)
 

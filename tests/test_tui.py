@@ -231,6 +231,40 @@ def test_prompt_streams_into_transcript(cluster: Cluster) -> None:
     drive(PieceCountingApp(cluster.addr, settings=settings), body)
 
 
+class ProgressApp(DairApp):
+    """DairApp that keeps each prefill progress message and the note shown when it arrived (this
+    handler runs before DairApp's, so that is the note the previous message left)."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.progress: list[tuple[int, int, str]] = []
+
+    def on_prefill_progress(self, msg: object) -> None:
+        note = self.reply.note if self.reply is not None else ""
+        self.progress.append((msg.done, msg.total, note))  # type: ignore[attr-defined]
+
+
+def test_long_prompt_shows_prefill_progress(cluster: Cluster) -> None:
+    """A pasted document: the reply shows "prefill done/total" as the bus reports each 256-token
+    prefill step leaving the last stage, and the note goes once the answer starts."""
+    settings = Settings(temperature=0.0, top_p=1.0, max_tokens=4)
+    text = " ".join(f"Line {i} of a long log file: the service restarted and came back up." for i in range(60))
+
+    async def body(app: ProgressApp, pilot: object) -> None:
+        assert await until(pilot, lambda: app.link.connected and app.cluster.ready, 15)
+        app.query_one("#prompt").value = text  # type: ignore[attr-defined]
+        await pilot.press("enter")  # type: ignore[attr-defined]
+        assert await until(pilot, lambda: len(app.messages) == 2 and not app.generating, 120)
+        steps = [(d, t) for d, t, _ in app.progress]
+        total = steps[-1][1]
+        assert total > 512 and steps == [*((d, total) for d in range(256, total, 256)), (total, total)], steps
+        assert app.progress[1][2] == f"prefill 256/{total:,} prompt tokens…"
+        reply = app.query_one(Transcript).query("ChatMessage").last()
+        assert not reply.note.startswith("prefill")  # type: ignore[attr-defined]
+
+    drive(ProgressApp(cluster.addr, settings=settings), body)
+
+
 def test_stop_key_cancels_generation(cluster: Cluster) -> None:
     settings = Settings(temperature=0.7, top_p=0.9, max_tokens=400)
 

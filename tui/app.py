@@ -22,7 +22,15 @@ from textual.widgets import Footer, Header, Input
 
 from dair.tui.cluster import ClusterModel
 from dair.tui.link import BusLink
-from dair.tui.messages import GenerationDone, GenerationError, LinkState, Stats, TokenPiece, Welcome
+from dair.tui.messages import (
+    GenerationDone,
+    GenerationError,
+    LinkState,
+    PrefillProgress,
+    Stats,
+    TokenPiece,
+    Welcome,
+)
 from dair.tui.widgets import (
     ChatPanel,
     LayerMap,
@@ -172,9 +180,17 @@ class DairApp(App[int]):
         self.generating = True
         self.req = self.link.generate(self.messages, self.settings.params(), self.settings.max_tokens)
 
+    def on_prefill_progress(self, msg: PrefillProgress) -> None:
+        if msg.req != self.req or self.reply is None:
+            return
+        # a long prompt (a pasted document, a long chat) takes a while before its first token
+        self.reply.note = "" if msg.done >= msg.total else f"prefill {msg.done:,}/{msg.total:,} prompt tokens…"
+
     def on_token_piece(self, msg: TokenPiece) -> None:
         if msg.req != self.req or self.reply is None:
             return
+        if self.reply.note.startswith("prefill "):
+            self.reply.note = ""
         self._reply_tokens += 1
         self.reply.text += msg.text
         self.query_one(Transcript).follow()

@@ -23,7 +23,15 @@ from dair.bus import protocol as P
 from dair.bus.aclient import CONNECTED, AsyncBusClient
 from dair.bus.connection import BusError, BusTimeout
 from dair.security import PeerKeys
-from dair.tui.messages import GenerationDone, GenerationError, LinkState, Stats, TokenPiece, Welcome
+from dair.tui.messages import (
+    GenerationDone,
+    GenerationError,
+    LinkState,
+    PrefillProgress,
+    Stats,
+    TokenPiece,
+    Welcome,
+)
 
 log = logging.getLogger("dair.tui.link")
 
@@ -141,11 +149,13 @@ class BusLink:
                     return  # cancelled or replaced while the session was opening
                 async with contextlib.aclosing(self.client.stream(
                         {"sid": self.sid, "messages": messages, "params": params, "max_tokens": max_tokens,
-                         "stream": True}, timeout=300.0)) as events:
+                         "stream": True, "progress": True}, timeout=300.0)) as events:
                     async for h in events:
                         if self.active_req != req:
                             return
-                        if h["type"] == P.TOKEN:
+                        if h["type"] == P.PROGRESS:
+                            self._post(PrefillProgress(req, h["done"], h["total"]))
+                        elif h["type"] == P.TOKEN:
                             self._post(TokenPiece(req, h["text"], h["pos"]))
                         elif h["type"] == P.DONE:
                             self.active_req = None

@@ -34,6 +34,16 @@ class Stats(Message):
         self.received = received
 
 
+class PrefillProgress(Message):
+    """The running generation's prompt: `done` of `total` tokens prefilled (long prompts)."""
+
+    def __init__(self, req: int, done: int, total: int) -> None:
+        super().__init__()
+        self.req = req
+        self.done = done
+        self.total = total
+
+
 class TokenPiece(Message):
     """A streamed token of the running generation, with the text it completes."""
 

@@ -62,7 +62,7 @@ def _prefill_progress(done: int, total: int) -> None:
 def run_generation(backend: Backend, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
                    stops: list[str], out: TextIO | str | None = STDOUT) -> tuple[dict, str]:
     stream = TextStream(backend.tokenizer, stops, out)
-    if hasattr(backend, "on_prefill"):  # in-process; a cluster's prefill is pipelined by the bus
+    if hasattr(backend, "on_prefill"):  # in-process, or the bus's `progress` (BusBackend)
         backend.on_prefill = _prefill_progress if len(prompt_ids) >= PROGRESS_MIN_TOKENS else None
     result = backend.generate(prompt_ids, params, max_tokens, set(backend.tokenizer.eos_ids), stream.feed)
     if stream.stopped:
