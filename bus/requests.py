@@ -34,14 +34,22 @@ MAX_TOKENS_RANGE = range(0, 1 << 31)
 Send = Callable[[bytes, dict[str, Any]], None]
 
 
+def repeat_window(params: dict[str, Any]) -> int:
+    """How many earlier ids the repeat penalty of these sampling settings looks at (0: none)."""
+    from dair.engine.sampling import SamplingParams
+
+    p = SamplingParams.from_dict({k: v for k, v in params.items() if v is not None})
+    return p.repeat_last_n if p.repeat_penalty != 1.0 else 0
+
+
 class Requests:
     def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, registry: Registry, *,
-                 send: Send, tell: Send, route: Callable[[int, int, list[Any], list[dict[str, Any]]], None],
+                 send: Send, tell: Send, route: Callable[[int, int, list[Any], list[P.Step]], None],
                  busy_at: Callable[[bytes], bool], count: Callable[[str], None],
                  log: Callable[[str], None]) -> None:
         """send(stage, header): to a stage; tell(client, header): to a client, after the stage
-        traffic of the current message; route(layer, step, frames, segs): a step into the
-        pipeline; busy_at(stage): whether a step is at that stage right now (hold_or_send)."""
+        traffic of the current message; route(layer, step id, frames, steps): an `act` into
+        the pipeline; busy_at(stage): whether a step is at that stage right now (hold_or_send)."""
         bus = cfg["bus"]
         self.model = model
         self.tok = tokenizer
@@ -62,7 +70,7 @@ class Requests:
         self.eos_ids = frozenset(int(i) for i in getattr(tokenizer, "eos_ids", ()) or ())
         self.sessions: dict[str, Session] = {}
         # Decode steps held back for a moment to travel with another group (see hold_or_send).
-        self.held: list[dict[str, Any]] = []
+        self.held: list[P.Step] = []
         self.held_until = 0.0
         self.tokens_total = 0
         self._q = 0
@@ -113,9 +121,9 @@ class Requests:
             self.log(f"resuming session {s.sid}: replaying {len(s.history)} tokens")
             if req.kind == "score":
                 req.positions = []
-                self.send_prompt(s, 0, s.history, "score", k=req.top_k)
+                self.send_prompt(s, 0, s.history, "score", top_k=req.top_k)
             else:
-                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params), **self.sample_k(req))
+                self.send_prompt(s, 0, s.history, "sample", top_k=self.sample_k(req))
 
     def check_paused(self, now: float, limit: float, covering: bool) -> None:
         """A request paused for `limit` with no stage loading the missing range (a re-plan that
@@ -134,7 +142,7 @@ class Requests:
             if s.paused and s.req is not None:
                 self.finish_error(s, code, msg)
 
-    def hold_or_send(self, last: Node, steps: list[dict[str, Any]]) -> None:
+    def hold_or_send(self, last: Node, steps: list[P.Step]) -> None:
         """Send the next decode steps, or hold them until another group comes back.
 
         Sessions whose steps travel apart (say, one group at stage 1 while another is at stage
@@ -156,29 +164,40 @@ class Requests:
         steps, self.held = self.held, []
         self.send_step(steps)
 
-    def send_step(self, segs: list[dict[str, Any]]) -> None:
-        if not segs:
+    def send_step(self, steps: list[P.Step]) -> None:
+        """Steps (of different sessions) as one `act` for layer 0: the stages run them as one batch."""
+        if not steps:
             return
-        n = sum(len(s["ids"]) for s in segs)
-        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": segs}
-        self.route(0, segs[0]["q"], P.encode(header, (), self.lz4_min), segs)
+        n = sum(len(s.ids) for s in steps)
+        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": steps}
+        self.route(0, steps[0].step_id, P.encode(header, (), self.lz4_min), steps)
 
-    def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
+    def make_step(self, s: Session, pos: int, ids: list[int], out: str, *, top_k: int | None = None,
+                  next_id: int | None = None, params: dict[str, Any] | None = None) -> P.Step:
+        """The step of `ids` at `pos` for session s, numbered and recorded as in flight. A sample
+        step carries the ids before it that the session's repeat penalty looks back on: the
+        history is the bus's alone (Session.history), so a stage never keeps one."""
         q = self.next_q()
+        window = repeat_window(s.params) if out == "sample" else 0
+        step = P.Step(s.sid, pos, ids, q, out, top_k=top_k, next_id=next_id, params=params,
+                      recent=s.history[max(0, pos - window):pos] if window else None)
         s.qs[q] = None  # made, not sent: nobody's to answer yet
-        return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
+        return step
 
-    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
-        """ids[start:] as prefill steps of PREFILL_CHUNK tokens, sent at once (they pipeline)."""
+    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, top_k: int | None = None) -> None:
+        """ids[start:] (the session's history) as prefill steps of PREFILL_CHUNK tokens, sent at
+        once (they pipeline). `sample`: the last chunk samples and carries the session's sampling
+        settings; `score`: every chunk scores its rows (top_k alternatives each)."""
         for a in range(start, len(ids), PREFILL_CHUNK):
             b = min(a + PREFILL_CHUNK, len(ids))
             final = b == len(ids)
             if out == "score":
-                extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}
-                self.send_step([self.make_step(s, a, ids[a:b], "score", **extra)])
+                step = self.make_step(s, a, ids[a:b], "score", top_k=top_k, next_id=None if final else ids[b])
+            elif final:
+                step = self.make_step(s, a, ids[a:b], out, top_k=top_k, params=dict(s.params))
             else:
-                self.send_step([self.make_step(s, a, ids[a:b], out if final else "none",
-                                               **(last_extra if final else {}))])
+                step = self.make_step(s, a, ids[a:b], "none")
+            self.send_step([step])
 
     def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
         if len(self.sessions) >= self.max_sessions:
@@ -201,7 +220,8 @@ class Requests:
         failing later on the last stage."""
         from dair.engine.sampling import SamplingParams
 
-        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS}}
+        # None is "not given" (the session keeps its setting): a step's settings are all numbers.
+        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS and v is not None}}
         # NaN passes every range check (comparisons are false) and would sample garbage.
         bad = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
@@ -290,9 +310,9 @@ class Requests:
         if max_tokens <= 0:
             self.finish(s, "length")
             return
-        self.send_prompt(s, keep, ids, "sample", p=dict(s.params), **self.sample_k(s.req))
+        self.send_prompt(s, keep, ids, "sample", top_k=self.sample_k(s.req))
 
-    def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
+    def on_token(self, s: Session, r: dict[str, Any]) -> P.Step | None:
         req = s.req
         assert req is not None
         tok, pos = int(r["id"]), int(r["pos"])
@@ -316,13 +336,13 @@ class Requests:
         if len(req.generated) >= req.max_tokens or pos + 1 >= self.context_limit()[0]:
             self.finish(s, "length")
             return None
-        return self.make_step(s, pos, [tok], "sample", **self.sample_k(req))
+        return self.make_step(s, pos, [tok], "sample", top_k=self.sample_k(req))
 
     @staticmethod
-    def sample_k(req: Request) -> dict[str, int]:
+    def sample_k(req: Request) -> int | None:
         """A request asking for logprobs has every sample step carry `k` (at least 1: the
         sampled token's own log-probability comes with any k)."""
-        return {} if req.logprobs is None else {"k": max(1, req.logprobs)}
+        return None if req.logprobs is None else max(1, req.logprobs)
 
     def result_logprobs(self, req: Request, r: dict[str, Any]) -> dict[str, Any]:
         """The `lp` and `top` of a stage's sample result, checked (a stage is trusted only to
@@ -386,7 +406,7 @@ class Requests:
         s = self.new_session(ident, None, ephemeral=True)
         s.history = list(ids)
         s.req = Request(req=h["req"], client=ident, kind="score", top_k=h["top_k"], n_prompt=len(ids))
-        self.send_prompt(s, 0, ids, "score", k=h["top_k"])
+        self.send_prompt(s, 0, ids, "score", top_k=h["top_k"])
 
     def finish_score(self, s: Session, r: dict[str, Any]) -> None:
         req = s.req

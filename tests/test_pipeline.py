@@ -183,11 +183,14 @@ def test_concurrent_sessions_batch_on_stages(cluster3):
 
 
 def test_seeded_sampling_equals_in_process(cluster3, local_backend):
-    """Randomness is a function of (seed, position) and the last stage keeps the same history
-    for the repeat penalty: a seeded sampled generation is token-for-token the in-process one."""
-    params = SamplingParams.from_config(temperature=0.9, seed=5)
+    """Randomness is a function of (seed, position), and each sample step brings the last stage
+    the bus's history its repeat penalty looks back on (a window shorter than the text, so the
+    cut matters): a seeded sampled generation is token-for-token the in-process one."""
+    params = SamplingParams.from_config(temperature=0.9, seed=5, repeat_penalty=1.3, repeat_last_n=8)
     ids = local_backend.tokenizer.encode("Once upon a time")
     want = local_backend.generate(ids, params, 24, set())["ids"]
+    no_penalty = SamplingParams.from_config(temperature=0.9, seed=5, repeat_penalty=1.0)
+    assert local_backend.generate(ids, no_penalty, 24, set())["ids"] != want  # the penalty is in play
     backend = BusBackend(cluster3.addr, timeout=60)
     try:
         assert backend.generate(ids, params, 24, set())["ids"] == want
