@@ -17,7 +17,7 @@ from typing import Any
 from dair.bus import protocol as P
 from dair.bus.registry import Node, Registry
 from dair.bus.sessions import Request, Session, common_prefix
-from dair.tokenizer import StreamDecoder
+from dair.tokenizer import CompletionText, prompt_ids
 
 # Prompt tokens per prefill step: bounds a stage's activation memory on long prompts, and lets
 # stage 1 start on the next chunk while stage 2 runs this one.
@@ -252,17 +252,19 @@ class Requests:
             raise P.ProtocolError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(self.registry.problems()))
 
     def encode_prompt(self, h: dict[str, Any]) -> list[int]:
+        """The prompt of a generate or score request as ids: given, or encoded here from its
+        text or chat messages (dair.tokenizer.prompt_ids, as every client that encodes does)."""
         try:
             if "ids" in h:
                 ids = list(h["ids"])
             elif "text" in h:
-                ids = self.tok.encode(h["text"])
+                ids = prompt_ids(self.tok, text=h["text"])
             else:
                 msgs = h["messages"]
                 if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                            and isinstance(m.get("content"), str) for m in msgs):
                     raise P.ProtocolError(P.E_BAD_FIELD, "messages: each needs 'role' and 'content' strings")
-                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
+                ids = prompt_ids(self.tok, messages=msgs)
         except P.ProtocolError:
             raise
         except Exception as e:
@@ -306,7 +308,7 @@ class Requests:
         s.last_active = time.monotonic()
         s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
                         stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids), logprobs=h.get("logprobs"),
-                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok))
+                        n_new_prompt=len(ids) - keep, text=CompletionText(self.tok, stop))
         if max_tokens <= 0:
             self.finish(s, "length")
             return
@@ -325,11 +327,11 @@ class Requests:
         req.generated.append(tok)
         s.tokens += 1
         self.tokens_total += 1
-        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), never streamed
+        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), no text, never streamed
             self.finish(s, "eos")
             return None
         logprobs = self.result_logprobs(req, r)
-        piece = req.text.feed(tok) if req.text is not None else ""
+        piece = req.text.feed(tok)
         if req.stream:
             self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
                                    "text": piece, **logprobs})
@@ -376,8 +378,10 @@ class Requests:
         timings = self.timings(req)
         s.last_tok_s = timings["decode_tok_s"]
         s.end()
+        # The text streamed, joined (plus a character still incomplete at the end): the stop
+        # token that ended it has none.
         self.tell(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
-                               "ids": req.generated, "text": self.tok.decode(req.generated),
+                               "ids": req.generated, "text": req.text.finish() if req.text is not None else "",
                                "n_prompt": req.n_prompt, "timings": timings})
         if s.ephemeral:
             self.close_session(s)

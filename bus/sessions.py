@@ -32,7 +32,7 @@ class Request:
     logprobs: int | None = None  # generate: alternatives per token with its log-probability (None: no logprobs)
     generated: list[int] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)  # score results so far
-    text: Any = None  # a dair.tokenizer.StreamDecoder
+    text: Any = None  # generate: its dair.tokenizer.CompletionText, the one decoder of its tokens
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 

@@ -128,6 +128,8 @@ def test_sessions_stream_text_reuse_prefix_and_close(cluster3):
         done = events[-1]
         assert done["type"] == "done" and tokens and "".join(e["text"] for e in tokens).strip()
         assert [e["id"] for e in tokens] == done["ids"][: len(tokens)]
+        # Decoded once, on the bus: the streamed pieces are the done text.
+        assert "".join(e["text"] for e in tokens) == done["text"]
         # The second turn re-sends the whole conversation: only the new tokens are prefilled.
         msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": done["text"]},
                 {"role": "user", "content": "Another one."}]

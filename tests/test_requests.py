@@ -214,3 +214,25 @@ def test_sample_steps_bring_the_repeat_penalty_its_window_of_the_bus_history(mod
                          "params": {"repeat_penalty": 1.0}})
     [seg] = w.routed[-1]
     assert seg.recent is None and _answer(r, seg, 9).recent is None
+
+
+def test_done_text_is_the_streamed_pieces_and_has_no_stop_token(model_file, tokenizer):
+    """The bus decodes each generation once (its CompletionText): the `token` pieces joined are
+    `done.text`, which is the answer without the end-of-turn token that ended it."""
+    answer = "Blue, like the sky 🎉"
+    ids = tokenizer.encode(answer, add_bos=False)
+    eot = tokenizer.eos_ids[0]
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "messages": [{"role": "user", "content": "A colour?"}],
+                         "max_tokens": 64})
+    [step] = w.routed.pop()
+    assert step.ids == tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "A colour?"}], add_generation_prompt=True))  # encoded on the bus
+    for i in ids + [eot]:
+        step = _answer(r, step, i)
+    assert step is None
+    [done] = w.of_type(P.DONE)
+    pieces = [h["text"] for h in w.of_type(P.TOKEN)]
+    assert done["stop"] == "eos" and done["ids"] == ids + [eot]  # the stop id is kept in ids
+    assert "".join(pieces) == done["text"] == answer == tokenizer.decode(ids)
+    assert "<|im_end|>" not in done["text"] and len(pieces) == len(ids)
