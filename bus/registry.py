@@ -122,7 +122,7 @@ class Node:
             "max_batch": int(self.stage_stats.get("max_batch", 0)),
             "key": self.user, "place": self.place, "speed": self.speed,
             "refused": self.refused, "stale": self.stale, "rate_limited": self.rate_limited,
-            # AirLLM residency (issue 6), as the stage's engine reports it.
+            # Residency of the range's weights (resident, or streamed from disk), as the stage's engine reports it.
             "mode": str(self.stage_stats.get("mode", "")),
             "range_bytes": int(self.stage_stats.get("range_bytes", 0) or 0),
             "disk_read_bytes": int(self.stage_stats.get("disk_read_bytes", 0) or 0),
@@ -134,7 +134,7 @@ class Node:
             "moe_layers": int(self.stage_stats.get("moe_layers", 0) or 0),
             "experts_per_layer": int(self.stage_stats.get("experts_per_layer", 0) or 0),
             "experts_per_token": float(self.stage_stats.get("experts_per_token", 0.0) or 0.0),
-            # The KV cache (issue 16), as the stage's engine reports it.
+            # The KV cache (type, bytes held), as the stage's engine reports it.
             "kv_type": str(self.stage_stats.get("kv_type", "")),
             "kv_bytes": int(self.stage_stats.get("kv_bytes", 0) or 0),
             "kv_bytes_per_token": int(self.stage_stats.get("kv_bytes_per_token", 0) or 0),

@@ -1,7 +1,8 @@
 """Sessions as the bus keeps them: token history, sampling settings, the request in progress.
 
 The history is the source of truth for a session's context: the stages' KV caches hold its
-first `kv_len` positions, and anything beyond can be replayed from it (issue 7's failover).
+first `kv_len` positions, and anything beyond can be replayed from it (a failover, a bus
+restart). It is the only copy of a session's tokens: the stages keep none.
 """
 from __future__ import annotations
 

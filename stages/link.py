@@ -43,7 +43,7 @@ class Link:
                  max_queued_acts: int = 256, kv_type: str = "f16", max_context: int = 0) -> None:
         self.bus_addr = bus_addr
         self.keys = keys
-        # Started without --layers: the bus places it by its budget and speed (issue 6).
+        # Started without --layers: the bus places it by its budget and speed.
         self.place = place
         self.speed = speed
         self.name = name
@@ -342,14 +342,14 @@ class Link:
 
 
 def _kv_stats(eng: Any) -> dict[str, Any]:
-    """The KV cache (issue 16): its type, bytes held now and per token, the context limit."""
+    """The KV cache: its type, bytes held now and per token, the context limit."""
     if eng is None or not hasattr(eng, "kv_stats"):
         return {}
     return eng.kv_stats()
 
 
 def _residency_stats(eng: Any) -> dict[str, Any]:
-    """AirLLM-mode figures of the engine (issue 6): resident or streaming, budget, disk traffic."""
+    """The engine's residency figures: resident or streaming, budget, disk traffic."""
     if eng is None or not hasattr(eng, "stats"):
         return {}
     st = eng.stats()

@@ -1,4 +1,4 @@
-"""Failover (issue 7): a stage killed in the middle of a generation is replaced by a standby,
+"""Failover: a stage killed in the middle of a generation is replaced by a standby,
 which loads the range from its own disk; the bus replays the session's history and the
 generation goes on with the very tokens of a run without the failure. Without a standby the
 client gets a clear error, and the session continues once a stage covers the range again.
