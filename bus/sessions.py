@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dair.tokenizer import CompletionText
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -33,7 +36,7 @@ class Request:
     logprobs: int | None = None  # generate: alternatives per token with its log-probability (None: no logprobs)
     generated: list[int] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)  # score results so far
-    text: Any = None  # generate: its dair.tokenizer.CompletionText, the one decoder of its tokens
+    text: CompletionText | None = None  # generate: the one decoder of its tokens
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 

@@ -216,8 +216,6 @@ class Compute:
         """Can this step run now? If not, an error naming its session goes to the bus. A step
         that brings sampling settings has them checked (and kept) here, where a bad one costs
         only its own session."""
-        from dair.engine.sampling import SamplingParams
-
         st = self.sessions.get(s.sid)
         vocab = self.model.config.vocab_size
         if st is None:
@@ -235,6 +233,8 @@ class Compute:
         else:
             if s.params is None or not self.engine.has_head:
                 return True
+            from dair.engine.sampling import SamplingParams
+
             try:
                 st.params = SamplingParams.from_dict(s.params)
                 return True
