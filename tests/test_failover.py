@@ -270,9 +270,11 @@ def test_bus_restart_mid_generation_backend_resumes_with_same_tokens(cluster):
     greedy, _ = _run(cluster.addr, {"temperature": 0})
     backend = BusBackend(cluster.addr, timeout=60)
     seen: list[int] = []
+    pieces: list[str] = []
 
-    def on_token(tok: int) -> None:
+    def on_token(tok: int, piece: str) -> None:
         seen.append(tok)
+        pieces.append(piece)
         if len(seen) == KILL_AFTER:
             cluster.bus.kill()
             cluster.bus.wait(10)
@@ -284,3 +286,5 @@ def test_bus_restart_mid_generation_backend_resumes_with_same_tokens(cluster):
         backend.close()
     assert r["ids"] == greedy and seen == greedy  # nothing lost, nothing delivered twice
     assert r["resumed_at"] >= KILL_AFTER
+    # The text too: what streamed before the restart and after it, joined, is the result's.
+    assert "".join(pieces) == r["text"] and r["text"].strip()
