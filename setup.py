@@ -1,4 +1,4 @@
-"""Build dair: the design card's folders map to `dair.<part>`; ops/*.pyx become nogil OpenMP kernels."""
+"""Build dair: the top-level part folders map to `dair.<part>`; ops/*.pyx become nogil OpenMP kernels."""
 import os
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 
-# The card's top-level folders, installed under the `dair.` prefix so that
+# The top-level part folders, installed under the `dair.` prefix so that
 # site-packages never gains generic names like `ops` or `bus`.
 PARTS = ["model", "tokenizer", "ops", "engine", "bus", "stages", "tui"]
 
@@ -96,7 +96,7 @@ class BuildPyWithConfig(build_py):
 
 
 def _packages() -> dict[str, str]:
-    """Every package under the card's folders (subfolders with an __init__.py included)."""
+    """Every package under the part folders (subfolders with an __init__.py included)."""
     found = {"dair": "dair"}
     for top in ["dair", *PARTS]:
         for init in sorted((HERE / top).rglob("__init__.py")):

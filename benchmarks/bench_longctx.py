@@ -1,4 +1,4 @@
-"""Long context, end to end, in one run (issue 16): dair beside llama.cpp's llama-bench.
+"""Long context, end to end, in one run: dair beside llama.cpp's llama-bench.
 
     python benchmarks/bench_longctx.py --llama-bench PATH [--threads 2] [--long 8192] [--runs 1]
 
@@ -7,7 +7,7 @@ Measures, each dair figure in its own process (`python -m dair.engine.bench`):
   2,048 one: a steady rate means attention no longer falls off with length);
 - decode of 32 tokens after 2,000 tokens of context (llama-bench -n 32 -d 2000), with the f16
   and the Q8_0 KV cache, and after a 16-token prompt (dair's own short-context rate);
-and prints the ratios the issue asks for. Without --llama-bench, dair's figures alone.
+and prints dair's figures as ratios of llama-bench's. Without --llama-bench, dair's figures alone.
 The machine's load average is printed first: on a shared machine only same-run ratios mean much.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ def via_bus(addr: str, tokens: int) -> tuple[float, float, int]:
         stamps: list[float] = []
         t0 = time.perf_counter()
         b.generate(ids, SamplingParams(temperature=0.0), tokens, set(b.model_info["eos_ids"]),
-                   on_token=lambda _: stamps.append(time.perf_counter()) and None)
+                   on_token=lambda _id, _piece: stamps.append(time.perf_counter()) and None)
     finally:
         b.close()
     return stamps[0] - t0, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)

@@ -381,10 +381,11 @@ class AsyncBusClient:
                         prompt, params, left, stop_ids, token_timeout, logprobs)) as events:
                     async for ev in events:
                         if ev["type"] == P.TOKEN:
-                            run.token(ev["id"])
+                            run.token(ev["id"], ev.get("text", ""))
                             yield ev
                         else:
-                            yield {**ev, "ids": run.ids(ev["ids"]), "n_prompt": n_prompt,
+                            yield {**ev, "ids": run.ids(ev["ids"]), "text": run.text(ev.get("text", "")),
+                                   "n_prompt": n_prompt,
                                    "resumed_at": run.resumed_at}
                             return
             except BusError as e:

@@ -358,29 +358,29 @@ class Broker:
             return
         if not self.stage_work(node, h["segs"], "act"):
             return
-        q = h["segs"][0]["q"]
+        q = h["segs"][0].step_id
         self._hop(node, q, h.get("ct"))
         self.act_bytes += _nbytes(body[1:])
         self.act_rows += h["shape"][0]
         self.forward(layer, q, body, h["segs"])
 
-    def forward(self, layer: int, q: int, frames: list[Any], segs: list[dict[str, Any]]) -> None:
-        if not any((x := self.sessions.get(s["sid"])) is not None and s["q"] in x.qs for s in segs):
+    def forward(self, layer: int, q: int, frames: list[Any], steps: list[P.Step]) -> None:
+        """Send an `act` (its frames as they are) to the owner of `layer`; q: its first step's id."""
+        live = [(sess, st) for st in steps
+                if (sess := self.sessions.get(st.sid)) is not None and st.step_id in sess.qs]
+        if not live:
             # Every step in it is stale (a failover replays them, a cancel dropped them): passing
             # it on would move a replacement stage's KV cache to the wrong position.
             self.count("stale_dropped")
             return
         owner = self.registry.owner(layer)
         if owner is None:
-            for s in segs:
-                sess = self.sessions.get(s["sid"])
-                if sess is not None and s["q"] in sess.qs:
+            for sess, st in live:
+                if st.step_id in sess.qs:
                     self.req.finish_error(sess, P.E_NOT_READY, f"no live stage owns layer {layer}")
             return
-        for s in segs:  # from now on only `owner` may answer for these steps
-            sess = self.sessions.get(s["sid"])
-            if sess is not None and s["q"] in sess.qs:
-                sess.qs[s["q"]] = owner.ident
+        for sess, st in live:  # from now on only `owner` may answer for these steps
+            sess.qs[st.step_id] = owner.ident
         now = time.perf_counter()
         self.inflight[q] = (owner.ident, now)
         if len(self.inflight) > 1000:  # steps whose answer never came (a dead stage) must not pile up
@@ -389,11 +389,10 @@ class Broker:
             # The stage's queue is full (max_queued_msgs): the step is lost, so its requests end
             # now rather than wait for tokens that will never come.
             self.inflight.pop(q, None)
-            for s in segs:
-                sess = self.sessions.get(s["sid"])
-                if sess is not None and s["q"] in sess.qs:
+            for sess, st in live:
+                if st.step_id in sess.qs:
                     self.req.finish_error(sess, P.E_BUSY, f"stage {owner.name} has {self.max_queued} messages "
-                                      "queued (max_queued_msgs)")
+                                          "queued (max_queued_msgs)")
 
     def on_tokens(self, ident: bytes, node: Node | None, h: dict[str, Any], body: list[Any]) -> None:
         assert node is not None
@@ -429,7 +428,7 @@ class Broker:
                 self.req.finish_error(s, P.E_BAD_FIELD, f"malformed result from {node.name}: {e}")
         self.req.hold_or_send(node, steps)
 
-    def stage_work(self, node: Node, entries: list[dict[str, Any]], what: str) -> list[tuple[Session, dict]] | None:
+    def stage_work(self, node: Node, entries: list[Any], what: str) -> list[tuple[Session, Any]] | None:
         """The entries of a stage's message that answer steps the bus gave that stage (None and
         refused if any does not: see trust.check_entries); stale ones are counted and left out."""
         try:

@@ -294,19 +294,20 @@ class BusBackend:
         return self._tokenizer
 
     def generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
-                 on_token: Callable[[int], bool | None] | None = None) -> dict[str, Any]:
+                 on_token: Callable[[int, str], bool | None] | None = None) -> dict[str, Any]:
         """One generation. Calls share one bus session, so a call whose prompt extends the last
         one (a chat turn) reuses the KV caches the stages hold and prefills only the new tokens.
 
         If the bus restarts (or loses the session) mid-generation, the request is resubmitted
         with the tokens received so far appended to the prompt, once the pipeline is ready again:
         sampling depends only on (seed, position), so the tokens are those of an uninterrupted run
-        and none is delivered twice. `resume_timeout` bounds the wait."""
+        and none is delivered twice. `resume_timeout` bounds the wait. The text is the bus's (its
+        `token` pieces and `done` text): nothing is decoded here."""
         run = Resume(prompt_ids, max_tokens, self.resume_timeout)
 
-        def note(tok: int) -> bool | None:
-            run.token(tok)
-            return on_token(tok) if on_token is not None else None
+        def note(tok: int, piece: str) -> bool | None:
+            run.token(tok, piece)
+            return on_token(tok, piece) if on_token is not None else None
 
         while True:
             ids, left = run.attempt()
@@ -321,11 +322,11 @@ class BusBackend:
             r["ids"] = run.ids(r["ids"])
             if run.resumed_at is not None:
                 r["resumed_at"] = run.resumed_at
-                r["text"] = self.tokenizer.decode(r["ids"]) if self._tokenizer is not None else r.get("text")
+                r["text"] = run.text(r.get("text", ""))
             return r
 
     def _generate(self, prompt_ids: list[int], params: Any, max_tokens: int, stop_ids: set[int],
-                  on_token: Callable[[int], bool | None] | None) -> dict[str, Any]:
+                  on_token: Callable[[int, str], bool | None] | None) -> dict[str, Any]:
         p = params.to_dict() if hasattr(params, "to_dict") else dict(params)
         if self._sid is None:
             self._sid = self.client.open_session(p)
@@ -337,7 +338,7 @@ class BusBackend:
                 if self.on_prefill is not None:
                     self.on_prefill(ev["done"], ev["total"])
             elif ev["type"] == P.TOKEN and on_token is not None and not cancelled:
-                if on_token(ev["id"]) is False:
+                if on_token(ev["id"], ev["text"]) is False:
                     cancelled = True
                     self.client.cancel(ev["sid"])
             elif ev["type"] == P.DONE:

@@ -198,16 +198,20 @@ class Resume:
         self.prompt = list(prompt)
         self.max_tokens = max_tokens
         self.got: list[int] = []
+        self.pieces: list[str] = []
         self.before: list[int] = []
+        self.text_before = ""
         self.deadline = time.monotonic() + timeout_s
 
     def attempt(self) -> tuple[list[int], int]:
         """(prompt ids, max tokens) of the next attempt."""
         self.before = list(self.got)
+        self.text_before = "".join(self.pieces)
         return self.prompt + self.before, self.max_tokens - len(self.before)
 
-    def token(self, tok: int) -> None:
+    def token(self, tok: int, piece: str = "") -> None:
         self.got.append(int(tok))
+        self.pieces.append(piece)
 
     def may_retry(self, e: BusError) -> bool:
         return e.code in RESUMABLE and time.monotonic() <= self.deadline
@@ -218,6 +222,11 @@ class Resume:
     def ids(self, done_ids: list[int]) -> list[int]:
         """Every token generated, from the ids of the last attempt's `done`."""
         return self.before + list(done_ids)
+
+    def text(self, done_text: str) -> str:
+        """The whole completion's text, from the `text` of the last attempt's `done` (the bus's
+        pieces, joined: nothing is decoded again here)."""
+        return self.text_before + done_text
 
     @property
     def resumed_at(self) -> int | None:

@@ -5,8 +5,10 @@ See docs/protocol.md. Every peer (bus, stage, client) encodes with `encode` and 
 """
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lz4.block
@@ -74,8 +76,14 @@ DTYPES = ("f32", "f16", "q8_0")
 WIRE_DTYPES = DTYPES
 OUT_KINDS = ("sample", "score", "none")
 # Alternatives a `sample` step may ask for with its token (`k`), as OpenAI's top_logprobs allows;
-# `score` steps (a whole prompt's rows) may ask for up to 1000.
+# `score` steps (a whole prompt's rows) may ask for up to MAX_SCORE_K.
 MAX_SAMPLE_K = 20
+MAX_SCORE_K = 1000
+# Token ids and positions are below this (int32 on the stages).
+ID_LIMIT = 1 << 31
+# A step id is the bus's counter; a session id the bus's 12 hex digits (longer ones are made up).
+STEP_ID_LIMIT = 1 << 63
+MAX_SID_CHARS = 64
 
 _INT = (int,)
 _NUM = (int, float)
@@ -180,6 +188,113 @@ class ProtocolError(Exception):
         self.msg = msg
 
 
+def _is_int(v: Any) -> bool:
+    # bool is an int in Python; a bool where an int is expected is a type error on the wire.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _token_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(i) and 0 <= i < ID_LIMIT for i in v)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One session's consecutive tokens sent through the pipeline: the unit of work the bus
+    schedules, a stage batches with other sessions' steps, and the last stage answers.
+
+    On the wire it is a segment of an `act` message (docs/protocol.md, "Activations"), with the
+    short keys in brackets. Constructing one checks every field (ProtocolError, `bad_field`), so a
+    Step that exists is well formed: `from_wire` is how a receiver gets one from untrusted input.
+    """
+    sid: str  # ["sid"] the session
+    pos: int  # ["pos"] position of ids[0] in the session's context
+    ids: list[int]  # ["ids"] the tokens at pos, pos + 1, ...
+    step_id: int  # ["q"] the bus's number for this step; the result (or a stage's error) names it
+    out: str = "none"  # ["out"] what the last stage returns: one of OUT_KINDS
+    # ["k"] sample: also the sampled token's log-probability and the top_k likeliest ids' (1..20);
+    # score: the top_k likeliest ids of every row (1..1000). None: not asked.
+    top_k: int | None = None
+    next_id: int | None = None  # ["nx"] score: the id after ids[-1], so the last row is scored too
+    params: dict[str, int | float] | None = None  # ["p"] sampling settings, from now on for the session
+    # ["r"] sample, with a repeat penalty: the ids before pos that the penalty looks back on (the
+    # bus owns each session's history; a stage keeps none).
+    recent: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        who = f"session {self.sid!r}" if isinstance(self.sid, str) else "a step"
+
+        def bad(msg: str) -> ProtocolError:
+            return ProtocolError(E_BAD_FIELD, f"act: {who}: {msg}")
+
+        if not isinstance(self.sid, str) or not 0 < len(self.sid) <= MAX_SID_CHARS:
+            raise bad(f"'sid' must be a string of 1..{MAX_SID_CHARS} characters")
+        if not _is_int(self.pos) or not 0 <= self.pos < ID_LIMIT:
+            raise bad(f"'pos' {self.pos!r} is not a position (0..2^31-1)")
+        if not _token_ids(self.ids) or not self.ids:
+            raise bad("'ids' must be a non-empty list of token ids (0..2^31-1)")
+        if self.pos + len(self.ids) > ID_LIMIT:
+            raise bad("'pos' + len('ids') beyond 2^31")
+        if not _is_int(self.step_id) or not 0 <= self.step_id < STEP_ID_LIMIT:
+            raise bad(f"'q' {self.step_id!r} is not a step id (0..2^63-1)")
+        if self.out not in OUT_KINDS:
+            raise bad(f"'out' {self.out!r} is not one of {OUT_KINDS}")
+        if self.top_k is not None:
+            limit = MAX_SAMPLE_K if self.out == "sample" else MAX_SCORE_K
+            if not _is_int(self.top_k) or not 0 < self.top_k <= limit:
+                raise bad(f"'k' {self.top_k!r}: a {self.out} step's 'k' must be in 1..{limit}")
+        if self.next_id is not None and not (_is_int(self.next_id) and 0 <= self.next_id < ID_LIMIT):
+            raise bad(f"'nx' {self.next_id!r} is not a token id")
+        if self.params is not None:
+            if not isinstance(self.params, dict) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) for k, v in self.params.items()):
+                raise bad("'p' must map sampling setting names to finite numbers")
+        if self.recent is not None and not _token_ids(self.recent):
+            raise bad("'r' must be a list of token ids")
+
+    @property
+    def end(self) -> int:
+        """The position after the step's last token (where a sampled token goes)."""
+        return self.pos + len(self.ids)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The step as an `act` segment (optional fields only when set)."""
+        d: dict[str, Any] = {"sid": self.sid, "pos": self.pos, "ids": self.ids, "q": self.step_id, "out": self.out}
+        if self.top_k is not None:
+            d["k"] = self.top_k
+        if self.next_id is not None:
+            d["nx"] = self.next_id
+        if self.params is not None:
+            d["p"] = self.params
+        if self.recent is not None:
+            d["r"] = self.recent
+        return d
+
+    @classmethod
+    def from_wire(cls, seg: Any) -> Step:
+        """A step from an `act` segment as decoded; ProtocolError (`bad_field`) if malformed.
+        Unknown keys are ignored (a newer bus may add some)."""
+        if isinstance(seg, Step):
+            return seg
+        if not isinstance(seg, dict):
+            raise ProtocolError(E_BAD_FIELD, "act: a segment is not a map")
+        for name in ("sid", "pos", "ids", "q"):
+            if name not in seg:
+                raise ProtocolError(E_BAD_FIELD, f"act: segment field {name!r} missing")
+        ids, recent = seg["ids"], seg.get("r")
+        return cls(sid=seg["sid"], pos=seg["pos"], ids=list(ids) if isinstance(ids, (list, tuple)) else ids,
+                   step_id=seg["q"], out=seg.get("out", "none"), top_k=seg.get("k"), next_id=seg.get("nx"),
+                   params=seg.get("p"),
+                   recent=list(recent) if isinstance(recent, (list, tuple)) else recent)
+
+
+def _packable(obj: Any) -> Any:
+    """msgpack's hook for what it cannot pack itself: a Step travels as its wire form."""
+    if isinstance(obj, Step):
+        return obj.to_wire()
+    raise TypeError(f"cannot send a {type(obj).__name__} in a message")
+
+
 def row_bytes(dtype: str, dim: int) -> int:
     """Bytes of one activation row of `dim` values in wire format `dtype`."""
     if dtype == "f32":
@@ -195,11 +310,12 @@ def encode(header: dict[str, Any], buffers: Sequence[Any] = (), lz4_min_bytes: i
     """Frames of a message: the msgpack header (lz4-compressed when large) and raw buffers."""
     body = dict(header)
     body["v"] = VERSION
-    packed = msgpack.packb(body, use_bin_type=True)
+    packed = msgpack.packb(body, use_bin_type=True, default=_packable)
     if lz4_min_bytes and len(packed) > lz4_min_bytes:
         rest = {k: v for k, v in body.items() if k not in ("v", "type")}
         packed = msgpack.packb({"v": VERSION, "type": body["type"],
-                                "z": lz4.block.compress(msgpack.packb(rest, use_bin_type=True))},
+                                "z": lz4.block.compress(msgpack.packb(rest, use_bin_type=True,
+                                                                      default=_packable))},
                                use_bin_type=True)
     return [packed, *buffers]
 
@@ -264,7 +380,8 @@ def _inflate(header: dict[str, Any], max_bytes: int) -> dict[str, Any]:
 
 
 def validate(header: dict[str, Any]) -> None:
-    """Check presence and types of a decoded header's fields (and the shape of act/tokens)."""
+    """Check presence and types of a decoded header's fields (and the shape of act/tokens).
+    An `act`'s segments are replaced by the Steps they describe."""
     mtype = header["type"]
     for name, (types, required) in SCHEMAS[mtype].items():
         if name not in header or header[name] is None:
@@ -313,27 +430,9 @@ def _validate_act(h: dict[str, Any]) -> None:
         raise ProtocolError(E_BAD_FIELD, "act: shape must be non-negative integers")
     if not h["segs"]:
         raise ProtocolError(E_BAD_FIELD, "act: no segments")
-    total = 0
-    for s in h["segs"]:
-        if not isinstance(s, dict):
-            raise ProtocolError(E_BAD_FIELD, "act: a segment is not a map")
-        for name, types in (("sid", _STR), ("pos", _INT), ("ids", _LIST), ("q", _INT)):
-            if not isinstance(s.get(name), types) or isinstance(s.get(name), bool):
-                raise ProtocolError(E_BAD_FIELD, f"act: segment field {name!r} missing or mistyped")
-        if s["pos"] < 0 or not s["ids"]:
-            raise ProtocolError(E_BAD_FIELD, "act: segment with negative position or no tokens")
-        _validate_ids(ACT, s["ids"])
-        if s.get("out", "none") not in OUT_KINDS:
-            raise ProtocolError(E_BAD_FIELD, f"act: segment 'out' must be one of {OUT_KINDS}")
-        if "k" in s and (not isinstance(s["k"], int) or isinstance(s["k"], bool) or not 0 < s["k"] <= 1000):
-            raise ProtocolError(E_BAD_FIELD, "act: segment 'k' must be in 1..1000")
-        if s.get("out") == "sample" and s.get("k", 0) > MAX_SAMPLE_K:
-            raise ProtocolError(E_BAD_FIELD, f"act: a sample segment's 'k' must be in 1..{MAX_SAMPLE_K}")
-        if "nx" in s and (not isinstance(s["nx"], int) or isinstance(s["nx"], bool) or not 0 <= s["nx"] < 1 << 31):
-            raise ProtocolError(E_BAD_FIELD, "act: segment 'nx' must be a token id")
-        if "p" in s and not isinstance(s["p"], dict):
-            raise ProtocolError(E_BAD_FIELD, "act: segment 'p' must be a map")
-        total += len(s["ids"])
+    # Each segment becomes a Step, which checks its fields (the one place a step is validated).
+    h["segs"] = steps = [Step.from_wire(s) for s in h["segs"]]
+    total = sum(len(s.ids) for s in steps)
     if h["layer"] == 0:
         if h["dtype"] != "ids" or list(shape) != [total]:
             raise ProtocolError(E_BAD_FIELD, "act: layer 0 takes dtype 'ids' and shape [n tokens]")

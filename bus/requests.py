@@ -17,7 +17,7 @@ from typing import Any
 from dair.bus import protocol as P
 from dair.bus.registry import Node, Registry
 from dair.bus.sessions import Request, Session, common_prefix
-from dair.tokenizer import StreamDecoder
+from dair.tokenizer import CompletionText, prompt_ids
 
 PARAM_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
 # Sampling seeds are 64-bit (engine.sampling); anything else is refused rather than wrapped.
@@ -28,14 +28,22 @@ MAX_TOKENS_RANGE = range(0, 1 << 31)
 Send = Callable[[bytes, dict[str, Any]], None]
 
 
+def repeat_window(params: dict[str, Any]) -> int:
+    """How many earlier ids the repeat penalty of these sampling settings looks at (0: none)."""
+    from dair.engine.sampling import SamplingParams
+
+    p = SamplingParams.from_dict({k: v for k, v in params.items() if v is not None})
+    return p.repeat_last_n if p.repeat_penalty != 1.0 else 0
+
+
 class Requests:
     def __init__(self, cfg: dict[str, Any], model: Any, tokenizer: Any, registry: Registry, *,
-                 send: Send, tell: Send, route: Callable[[int, int, list[Any], list[dict[str, Any]]], None],
+                 send: Send, tell: Send, route: Callable[[int, int, list[Any], list[P.Step]], None],
                  busy_at: Callable[[bytes], bool], count: Callable[[str], None],
                  log: Callable[[str], None]) -> None:
         """send(stage, header): to a stage; tell(client, header): to a client, after the stage
-        traffic of the current message; route(layer, step, frames, segs): a step into the
-        pipeline; busy_at(stage): whether a step is at that stage right now (hold_or_send)."""
+        traffic of the current message; route(layer, step id, frames, steps): an `act` into
+        the pipeline; busy_at(stage): whether a step is at that stage right now (hold_or_send)."""
         bus = cfg["bus"]
         self.model = model
         self.tok = tokenizer
@@ -63,7 +71,7 @@ class Requests:
         # Prefill steps whose passing a client asked to hear of: q -> (sid, tokens done, of total)
         self.progress_steps: dict[int, tuple[str, int, int]] = {}
         # Decode steps held back for a moment to travel with another group (see hold_or_send).
-        self.held: list[dict[str, Any]] = []
+        self.held: list[P.Step] = []
         self.held_until = 0.0
         self.tokens_total = 0
         self._q = 0
@@ -114,9 +122,9 @@ class Requests:
             self.log(f"resuming session {s.sid}: replaying {len(s.history)} tokens")
             if req.kind == "score":
                 req.positions = []
-                self.send_prompt(s, 0, s.history, "score", k=req.top_k)
+                self.send_prompt(s, 0, s.history, "score", top_k=req.top_k)
             else:
-                self.send_prompt(s, 0, s.history, "sample", p=dict(s.params), **self.sample_k(req))
+                self.send_prompt(s, 0, s.history, "sample", top_k=self.sample_k(req))
 
     def check_paused(self, now: float, limit: float, covering: bool) -> None:
         """A request paused for `limit` with no stage loading the missing range (a re-plan that
@@ -135,7 +143,7 @@ class Requests:
             if s.paused and s.req is not None:
                 self.finish_error(s, code, msg)
 
-    def hold_or_send(self, last: Node, steps: list[dict[str, Any]]) -> None:
+    def hold_or_send(self, last: Node, steps: list[P.Step]) -> None:
         """Send the next decode steps, or hold them until another group comes back.
 
         Sessions whose steps travel apart (say, one group at stage 1 while another is at stage
@@ -157,31 +165,42 @@ class Requests:
         steps, self.held = self.held, []
         self.send_step(steps)
 
-    def send_step(self, segs: list[dict[str, Any]]) -> None:
-        if not segs:
+    def send_step(self, steps: list[P.Step]) -> None:
+        """Steps (of different sessions) as one `act` for layer 0: the stages run them as one batch."""
+        if not steps:
             return
-        n = sum(len(s["ids"]) for s in segs)
-        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": segs}
-        self.route(0, segs[0]["q"], P.encode(header, (), self.lz4_min), segs)
+        n = sum(len(s.ids) for s in steps)
+        header = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [n], "segs": steps}
+        self.route(0, steps[0].step_id, P.encode(header, (), self.lz4_min), steps)
 
-    def make_step(self, s: Session, pos: int, ids: list[int], out: str, **extra: Any) -> dict[str, Any]:
+    def make_step(self, s: Session, pos: int, ids: list[int], out: str, *, top_k: int | None = None,
+                  next_id: int | None = None, params: dict[str, Any] | None = None) -> P.Step:
+        """The step of `ids` at `pos` for session s, numbered and recorded as in flight. A sample
+        step carries the ids before it that the session's repeat penalty looks back on: the
+        history is the bus's alone (Session.history), so a stage never keeps one."""
         q = self.next_q()
+        window = repeat_window(s.params) if out == "sample" else 0
+        step = P.Step(s.sid, pos, ids, q, out, top_k=top_k, next_id=next_id, params=params,
+                      recent=s.history[max(0, pos - window):pos] if window else None)
         s.qs[q] = None  # made, not sent: nobody's to answer yet
-        return {"sid": s.sid, "pos": pos, "ids": ids, "q": q, "out": out, **extra}
+        return step
 
-    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, **last_extra: Any) -> None:
-        """ids[start:] as prefill steps of `prefill_chunk` tokens, sent at once (they pipeline)."""
+    def send_prompt(self, s: Session, start: int, ids: list[int], out: str, top_k: int | None = None) -> None:
+        """ids[start:] (the session's history) as prefill steps of `prefill_chunk` tokens, sent at
+        once (they pipeline). `sample`: the last chunk samples and carries the session's sampling
+        settings; `score`: every chunk scores its rows (top_k alternatives each)."""
         for a in range(start, len(ids), self.prefill_chunk):
             b = min(a + self.prefill_chunk, len(ids))
             final = b == len(ids)
             if out == "score":
-                extra = {"k": last_extra["k"], **({} if final else {"nx": ids[b]})}
-                self.send_step([self.make_step(s, a, ids[a:b], "score", **extra)])
+                step = self.make_step(s, a, ids[a:b], "score", top_k=top_k, next_id=None if final else ids[b])
+            elif final:
+                step = self.make_step(s, a, ids[a:b], out, top_k=top_k, params=dict(s.params))
             else:
-                step = self.make_step(s, a, ids[a:b], out if final else "none", **(last_extra if final else {}))
-                if not final and s.req is not None and s.req.progress:
-                    self.progress_steps[step["q"]] = (s.sid, b - start, len(ids) - start)
-                self.send_step([step])
+                step = self.make_step(s, a, ids[a:b], "none")
+                if s.req is not None and s.req.progress:
+                    self.progress_steps[step.step_id] = (s.sid, b - start, len(ids) - start)
+            self.send_step([step])
 
     def on_prefill_step(self, q: int) -> None:
         """Prefill step q passed the last stage: `progress` to a client that asked for it."""
@@ -213,7 +232,8 @@ class Requests:
         failing later on the last stage."""
         from dair.engine.sampling import SamplingParams
 
-        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS}}
+        # None is "not given" (the session keeps its setting): a step's settings are all numbers.
+        merged = {**base, **{k: v for k, v in (update or {}).items() if k in PARAM_KEYS and v is not None}}
         # NaN passes every range check (comparisons are false) and would sample garbage.
         bad = [k for k, v in merged.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
@@ -244,17 +264,19 @@ class Requests:
             raise P.ProtocolError(P.E_NOT_READY, "pipeline not ready: " + "; ".join(self.registry.problems()))
 
     def encode_prompt(self, h: dict[str, Any]) -> list[int]:
+        """The prompt of a generate or score request as ids: given, or encoded here from its
+        text or chat messages (dair.tokenizer.prompt_ids, as every client that encodes does)."""
         try:
             if "ids" in h:
                 ids = list(h["ids"])
             elif "text" in h:
-                ids = self.tok.encode(h["text"])
+                ids = prompt_ids(self.tok, text=h["text"])
             else:
                 msgs = h["messages"]
                 if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                            and isinstance(m.get("content"), str) for m in msgs):
                     raise P.ProtocolError(P.E_BAD_FIELD, "messages: each needs 'role' and 'content' strings")
-                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
+                ids = prompt_ids(self.tok, messages=msgs)
         except P.ProtocolError:
             raise
         except Exception as e:
@@ -298,13 +320,14 @@ class Requests:
         s.last_active = time.monotonic()
         s.req = Request(req=h["req"], client=ident, kind="generate", max_tokens=max_tokens,
                         stop_ids=stop, stream=h.get("stream", True), n_prompt=len(ids), logprobs=h.get("logprobs"),
-                        n_new_prompt=len(ids) - keep, text=StreamDecoder(self.tok), progress=h.get("progress", False))
+                        n_new_prompt=len(ids) - keep, text=CompletionText(self.tok, stop),
+                        progress=h.get("progress", False))
         if max_tokens <= 0:
             self.finish(s, "length")
             return
-        self.send_prompt(s, keep, ids, "sample", p=dict(s.params), **self.sample_k(s.req))
+        self.send_prompt(s, keep, ids, "sample", top_k=self.sample_k(s.req))
 
-    def on_token(self, s: Session, r: dict[str, Any]) -> dict[str, Any] | None:
+    def on_token(self, s: Session, r: dict[str, Any]) -> P.Step | None:
         req = s.req
         assert req is not None
         tok, pos = int(r["id"]), int(r["pos"])
@@ -320,24 +343,24 @@ class Requests:
         req.generated.append(tok)
         s.tokens += 1
         self.tokens_total += 1
-        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), never streamed
+        if tok in req.stop_ids:  # kept in ids (as the in-process engine does), no text, never streamed
             self.finish(s, "eos")
             return None
         logprobs = self.result_logprobs(req, r)
-        piece = req.text.feed(tok) if req.text is not None else ""
+        piece = req.text.feed(tok)
         if req.stream:
             self.tell(req.client, {"type": P.TOKEN, "req": req.req, "sid": s.sid, "id": tok, "pos": pos,
                                    "text": piece, **logprobs})
         if len(req.generated) >= req.max_tokens or pos + 1 >= self.context_limit()[0]:
             self.finish(s, "length")
             return None
-        return self.make_step(s, pos, [tok], "sample", **self.sample_k(req))
+        return self.make_step(s, pos, [tok], "sample", top_k=self.sample_k(req))
 
     @staticmethod
-    def sample_k(req: Request) -> dict[str, int]:
+    def sample_k(req: Request) -> int | None:
         """A request asking for logprobs has every sample step carry `k` (at least 1: the
         sampled token's own log-probability comes with any k)."""
-        return {} if req.logprobs is None else {"k": max(1, req.logprobs)}
+        return None if req.logprobs is None else max(1, req.logprobs)
 
     def result_logprobs(self, req: Request, r: dict[str, Any]) -> dict[str, Any]:
         """The `lp` and `top` of a stage's sample result, checked (a stage is trusted only to
@@ -371,8 +394,10 @@ class Requests:
         timings = self.timings(req)
         s.last_tok_s = timings["decode_tok_s"]
         s.end()
+        # The text streamed, joined (plus a character still incomplete at the end): the stop
+        # token that ended it has none.
         self.tell(req.client, {"type": P.DONE, "req": req.req, "sid": s.sid, "stop": stop,
-                               "ids": req.generated, "text": self.tok.decode(req.generated),
+                               "ids": req.generated, "text": req.text.finish() if req.text is not None else "",
                                "n_prompt": req.n_prompt, "timings": timings})
         if s.ephemeral:
             self.close_session(s)
@@ -401,7 +426,7 @@ class Requests:
         s = self.new_session(ident, None, ephemeral=True)
         s.history = list(ids)
         s.req = Request(req=h["req"], client=ident, kind="score", top_k=h["top_k"], n_prompt=len(ids))
-        self.send_prompt(s, 0, ids, "score", k=h["top_k"])
+        self.send_prompt(s, 0, ids, "score", top_k=h["top_k"])
 
     def finish_score(self, s: Session, r: dict[str, Any]) -> None:
         req = s.req

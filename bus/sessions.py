@@ -1,13 +1,17 @@
 """Sessions as the bus keeps them: token history, sampling settings, the request in progress.
 
 The history is the source of truth for a session's context: the stages' KV caches hold its
-first `kv_len` positions, and anything beyond can be replayed from it (issue 7's failover).
+first `kv_len` positions, and anything beyond can be replayed from it (a failover, a bus
+restart). It is the only copy of a session's tokens: the stages keep none.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dair.tokenizer import CompletionText
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -33,7 +37,7 @@ class Request:
     progress: bool = False  # generate: send `progress` as a long prompt's prefill steps complete
     generated: list[int] = field(default_factory=list)
     positions: list[dict[str, Any]] = field(default_factory=list)  # score results so far
-    text: Any = None  # a dair.tokenizer.StreamDecoder
+    text: CompletionText | None = None  # generate: the one decoder of its tokens
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 

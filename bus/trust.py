@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dair.bus.protocol import Step
+
 # Entries a stage may return beyond the steps it holds right now: the steps of a batch it was
 # computing when a cancel or a failover made them stale. An honest stage's batch is at most
 # [stage] max_batch segments plus the last message it took in; anything far beyond is made up.
@@ -54,28 +56,36 @@ class RefusalBudget:
 @dataclass
 class Check:
     """Entries of one stage message: the ones to act on, and how many were stale."""
-    accepted: list[tuple[Any, dict[str, Any]]]  # (session, entry)
+    accepted: list[tuple[Any, Any]]  # (session, entry)
     stale: int
 
 
-def check_entries(sessions: dict[str, Any], ident: bytes, held: int, entries: list[dict[str, Any]],
-                  what: str) -> Check:
-    """Entries (act segments or tokens results) of a message from the stage `ident`, which holds
-    `held` steps. Raises Refused when the message is not that stage's work: more entries than it
-    was given, or an entry for a step in flight at another stage or not sent yet (made up, or
-    another session's). Stale entries (steps no longer in flight) are counted, not acted on."""
+def _sid_step(e: Any) -> tuple[Any, Any]:
+    """(session id, step id) of an entry: an act's Step, or a tokens result (a map)."""
+    if isinstance(e, Step):
+        return e.sid, e.step_id
+    return e.get("sid"), e.get("q")
+
+
+def check_entries(sessions: dict[str, Any], ident: bytes, held: int, entries: list[Any], what: str) -> Check:
+    """Entries (an act's Steps or a tokens message's results) of a message from the stage `ident`,
+    which holds `held` steps. Raises Refused when the message is not that stage's work: more
+    entries than it was given, or an entry for a step in flight at another stage or not sent yet
+    (made up, or another session's). Stale entries (steps no longer in flight) are counted, not
+    acted on."""
     if len(entries) > held + STALE_SLACK:
         raise Refused(f"{what} with {len(entries)} entries, this stage holds {held} steps")
-    accepted, stale = [], 0
+    accepted, stale, steps = [], 0, set()
     for e in entries:
-        s = sessions.get(e["sid"])
-        q = e.get("q")
+        sid, q = _sid_step(e)
+        s = sessions.get(sid)
         if s is None or not isinstance(q, int) or q not in s.qs:
             stale += 1
             continue
         if s.qs[q] != ident:
-            raise Refused(f"{what} for step {q} of session {e['sid']}, which this stage was not given")
+            raise Refused(f"{what} for step {q} of session {sid}, which this stage was not given")
         accepted.append((s, e))
-    if len({e["q"] for _, e in accepted}) != len(accepted):
+        steps.add(q)
+    if len(steps) != len(accepted):
         raise Refused(f"{what} with the same step twice")
     return Check(accepted, stale)

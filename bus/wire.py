@@ -12,7 +12,7 @@ import numpy as np
 
 Q8_BLOCK = np.dtype([("d", "<f2"), ("q", "i1", (32,))])
 
-try:  # the fast path, when helper 2's kernels are built
+try:  # the fast path, when the Cython kernels (ops/wire.pyx) are built
     from dair.ops import wire as _ops_wire  # type: ignore[attr-defined]
 except Exception:  # pragma: no cover - depends on the build
     _ops_wire = None

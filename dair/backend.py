@@ -17,7 +17,9 @@ from dair.engine.sampling import SamplingParams, sample_token, top_logits
 from dair.errors import DairError
 from dair.model.fetch import resolve_model_path
 
-OnToken = Callable[[int], "bool | None"]
+# Called with each generated token's id and the text it completes ("" for a stop token, a
+# control token or part of a character); returning False cancels the generation.
+OnToken = Callable[[int, str], "bool | None"]
 
 
 class Backend(Protocol):
@@ -25,7 +27,11 @@ class Backend(Protocol):
     n_layers: int
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
-                 stop_ids: set[int], on_token: OnToken | None = None) -> dict: ...
+                 stop_ids: set[int], on_token: OnToken | None = None) -> dict:
+        """{"ids", "text", "stop", "timings"}: the generated ids (a stop id ends them and is kept),
+        their text (dair.tokenizer.CompletionText: the pieces on_token got, joined; no stop
+        token's text)."""
+        ...
 
     def score(self, ids: list[int], top_k: int) -> dict: ...
 
@@ -89,7 +95,10 @@ class LocalBackend:
         if len(prompt_ids) >= limit:
             raise DairError(f"prompt of {len(prompt_ids)} tokens does not fit the maximum context of {limit} "
                             f"tokens, set by {self.engine.context_set_by}")
+        from dair.tokenizer import CompletionText
+
         max_tokens = min(max_tokens, limit - len(prompt_ids))
+        text = CompletionText(self.tokenizer, stop_ids)
         sid = f"local-{next(self._ids)}"
         self.engine.open_session(sid)
         history, out, stop = list(prompt_ids), [], "length"
@@ -105,7 +114,8 @@ class LocalBackend:
                 if tok in stop_ids:
                     stop = "eos"
                     break
-                if on_token is not None and on_token(tok) is False:
+                piece = text.feed(tok)
+                if on_token is not None and on_token(tok, piece) is False:
                     stop = "cancel"
                     break
                 if len(out) >= max_tokens:
@@ -119,6 +129,7 @@ class LocalBackend:
         n_decode = max(0, len(out) - 1)
         return {
             "ids": out,
+            "text": text.finish(),
             "stop": stop,
             "timings": {
                 "prefill_s": t1 - t0,

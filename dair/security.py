@@ -4,7 +4,8 @@ The bus is the CURVE *server* on both of its sockets (ROUTER and stats PUB); sta
 the TUI are CURVE *clients* that know the bus's public key. Each peer has a key pair of its own;
 the bus admits a peer only if its public key is in one of the allowed-key directories (one per
 role: `stage`, `client`), and tells the bus which role a message came from through the ZAP
-User-Id (`peer_role(frame)`). How the bus and stages call this: dair/SECURITY-WIRING.md.
+User-Id (`peer_role(frame)`). How the bus, stages and clients use this: docs/internals.md,
+"dair.security".
 
 Key files are ZeroMQ's own certificate format (zmq.auth): `NAME.key` holds the public key and
 may be copied anywhere; `NAME.key_secret` holds both keys and stays on its machine (mode 0600).

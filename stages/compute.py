@@ -1,8 +1,10 @@
 """A stage's computation: runs its layer range on the activation messages it is given.
 
-It owns the RangeEngine and the per-session state (next position, token history for the
-repeat penalty, sampling settings). Every `act` of a batch for the same layer is run as one
-`run_layers` call, so the pending decode steps of several sessions become one batched matmul.
+It owns the RangeEngine and the per-session state (the positions its KV cache holds, the
+sampling settings). It keeps no token history: a sample step brings the ids its repeat penalty
+looks back on (`Step.recent`), from the bus's history. Every `act` of a batch for the same layer
+is run as one `run_layers` call, so the pending decode steps of several sessions become one
+batched matmul.
 It runs on the stage's main thread, right where messages are received (no thread hand-off on
 the critical path); its answers are collected in `outbox` for the link to send.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,9 +25,8 @@ from dair.engine.residency import parse_size
 
 @dataclass
 class StageSession:
-    next_pos: int = 0
-    history: list[int] = field(default_factory=list)
-    params: Any = None
+    next_pos: int = 0  # positions 0..next_pos-1 are in the KV cache
+    params: Any = None  # SamplingParams from the session's last step that carried them
 
 
 class Compute:
@@ -96,7 +97,7 @@ class Compute:
         for header, buffers in batch:
             t = header["type"]
             if t == P.ACT:
-                seg_sids = {s["sid"] for s in header["segs"]}
+                seg_sids = {s.sid for s in header["segs"]}
                 # The same session twice in one run_layers call would see its own future tokens.
                 if acts and (seg_sids & sids or header["layer"] != acts[0][0]["layer"]
                              or sum(len(h["segs"]) for h, _ in acts) >= self.max_batch):
@@ -150,132 +151,133 @@ class Compute:
         return None
 
     def _run(self, acts: list[tuple[dict[str, Any], list[Any]]]) -> None:
-        segs: list[dict[str, Any]] = []
+        steps: list[P.Step] = []
         parts: list[np.ndarray] = []
         seen: set[str] = set()
         layer = acts[0][0]["layer"]
         for header, buffers in acts:
             problem = self._check(header)
             if problem:
-                self._error(*problem, sid=header["segs"][0]["sid"])
+                self._error(*problem, sid=header["segs"][0].sid)
                 continue
-            # One bad segment (a session closed while its step was on its way, say) must not
-            # cost the other sessions batched in the same message their step.
+            # One bad step (a session closed while its step was on its way, say) must not cost
+            # the other sessions batched in the same message their step.
             keep, offset, rows = [], 0, []
-            for seg in header["segs"]:
-                n = len(seg["ids"])
-                if self._segment_ok(seg, seen):
-                    keep.append(seg)
+            for step in header["segs"]:
+                n = len(step.ids)
+                if self._step_ok(step, seen):
+                    keep.append(step)
                     rows.append((offset, offset + n))
-                    seen.add(seg["sid"])
+                    seen.add(step.sid)
                 offset += n
             if not keep:
                 continue
-            segs += keep
+            steps += keep
             if layer > 0:
                 x = wire.unpack(buffers[0], header["dtype"], header["shape"][0], header["shape"][1])
                 if len(keep) < len(header["segs"]):
                     x = np.concatenate([x[a:b] for a, b in rows])
                 parts.append(x)
-        if not segs:
+        if not steps:
             return
         t0 = time.perf_counter()
         try:
-            for s in segs:
-                st = self.sessions[s["sid"]]
-                if s["pos"] < st.next_pos:
-                    self.engine.truncate_session(s["sid"], s["pos"])
+            for s in steps:
+                if s.pos < self.sessions[s.sid].next_pos:
+                    self.engine.truncate_session(s.sid, s.pos)
             if layer == 0:
-                ids = np.fromiter((i for s in segs for i in s["ids"]), dtype=np.int32)
+                ids = np.fromiter((i for s in steps for i in s.ids), dtype=np.int32)
                 x = self.engine.embed(ids)
             else:
                 x = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            y = self.engine.run_layers(
-                x, [(s["sid"], np.arange(s["pos"], s["pos"] + len(s["ids"]), dtype=np.int32)) for s in segs])
-            for s in segs:
-                st = self.sessions[s["sid"]]
-                st.next_pos = s["pos"] + len(s["ids"])
-                if self.engine.has_head:
-                    del st.history[s["pos"]:]
-                    st.history.extend(s["ids"])
+            y = self.engine.run_layers(x, [(s.sid, np.arange(s.pos, s.end, dtype=np.int32)) for s in steps])
+            for s in steps:
+                self.sessions[s.sid].next_pos = s.end
             if self.engine.has_head:
-                results = self._head(y, segs)
+                results = self._head(y, steps)
         except Exception as e:
             traceback.print_exc()
-            for s in segs:
-                self._error(P.E_ENGINE, f"{type(e).__name__}: {e}", sid=s["sid"])
+            for s in steps:
+                self._error(P.E_ENGINE, f"{type(e).__name__}: {e}", sid=s.sid)
             return
         ct = time.perf_counter() - t0
         self.compute_s += ct
         self.batches += 1
-        self.batched_segments += len(segs)
-        self.max_batch_seen = max(self.max_batch_seen, len(segs))
+        self.batched_segments += len(steps)
+        self.max_batch_seen = max(self.max_batch_seen, len(steps))
         if self.engine.has_head:
             # Sent even when empty (a prefill chunk that samples nothing): the bus times the hop by q.
-            self._send({"type": P.TOKENS, "results": results, "ct": ct, "q": segs[0]["q"]})
+            self._send({"type": P.TOKENS, "results": results, "ct": ct, "q": steps[0].step_id})
         else:
             self._send({"type": P.ACT, "layer": self.last + 1, "dtype": self.wire,
-                        "shape": [int(y.shape[0]), int(y.shape[1])], "segs": segs, "ct": ct},
+                        "shape": [int(y.shape[0]), int(y.shape[1])], "segs": steps, "ct": ct},
                        [wire.pack(y, self.wire)])
 
-    def _segment_ok(self, s: dict[str, Any], seen: set[str]) -> bool:
-        """Can this segment run now? If not, an error naming its session goes to the bus."""
-        sid = s["sid"]
-        st = self.sessions.get(sid)
+    def _step_ok(self, s: P.Step, seen: set[str]) -> bool:
+        """Can this step run now? If not, an error naming its session goes to the bus. A step
+        that brings sampling settings has them checked (and kept) here, where a bad one costs
+        only its own session."""
+        st = self.sessions.get(s.sid)
         vocab = self.model.config.vocab_size
         if st is None:
-            problem = (P.E_UNKNOWN_SESSION, f"unknown session {sid!r}")
-        elif sid in seen:
-            problem = (P.E_BAD_FIELD, f"session {sid!r} twice in one step")
-        elif s["pos"] > st.next_pos:
-            problem = (P.E_BAD_FIELD, f"session {sid!r}: position {s['pos']} after a gap "
+            problem = (P.E_UNKNOWN_SESSION, f"unknown session {s.sid!r}")
+        elif s.sid in seen:
+            problem = (P.E_BAD_FIELD, f"session {s.sid!r} twice in one step")
+        elif s.pos > st.next_pos:
+            problem = (P.E_BAD_FIELD, f"session {s.sid!r}: position {s.pos} after a gap "
                        f"(this stage holds {st.next_pos} positions)")
-        elif any(i >= vocab for i in s["ids"]) or s.get("nx", 0) >= vocab:
-            problem = (P.E_BAD_FIELD, f"session {sid!r}: token id beyond the vocabulary ({vocab})")
-        elif s["pos"] + len(s["ids"]) > self.engine.max_context:
-            problem = (P.E_CONTEXT, f"session {sid!r}: position {s['pos'] + len(s['ids'])} "
-                       f"beyond the context of {self.engine.max_context}")
+        elif any(i >= vocab for i in s.ids) or (s.next_id or 0) >= vocab or any(i >= vocab for i in s.recent or ()):
+            problem = (P.E_BAD_FIELD, f"session {s.sid!r}: token id beyond the vocabulary ({vocab})")
+        elif s.end > self.engine.max_context:
+            problem = (P.E_CONTEXT, f"session {s.sid!r}: position {s.end} beyond the context of "
+                       f"{self.engine.max_context}")
         else:
-            return True
-        self._error(*problem, sid=sid)
+            if s.params is None or not self.engine.has_head:
+                return True
+            from dair.engine.sampling import SamplingParams
+
+            try:
+                st.params = SamplingParams.from_dict(s.params)
+                return True
+            except Exception as e:  # DairError, or a setting of the wrong kind
+                problem = (P.E_BAD_FIELD, f"session {s.sid!r}: sampling settings: {e}")
+        self._error(*problem, sid=s.sid)
         return False
 
-    def _head(self, y: np.ndarray, segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _head(self, y: np.ndarray, steps: list[P.Step]) -> list[dict[str, Any]]:
+        """The results of the steps that ask for one (`out`), from the final rows y."""
         from dair.engine.sampling import SamplingParams, sample_token, token_logprobs, top_logits
 
         results: list[dict[str, Any]] = []
         rows, offset = [], 0
-        for s in segs:
-            n = len(s["ids"])
-            if "p" in s:
-                self.sessions[s["sid"]].params = SamplingParams.from_dict(s["p"])
-            if s.get("out") == "sample":
-                rows.append(offset + n - 1)
-            offset += n
+        for s in steps:
+            if s.out == "sample":
+                rows.append(offset + len(s.ids) - 1)
+            offset += len(s.ids)
         logits = self.engine.head(y[rows]) if rows else None
         offset, r = 0, 0
-        for s in segs:
-            n, sid, out = len(s["ids"]), s["sid"], s.get("out", "none")
-            if out == "sample":
-                st = self.sessions[sid]
+        for s in steps:
+            n = len(s.ids)
+            if s.out == "sample":
+                st = self.sessions[s.sid]
                 params = st.params if st.params is not None else SamplingParams()
-                pos = s["pos"] + n
-                tok = int(sample_token(logits[r], params, st.history, pos))
-                res = {"sid": sid, "q": s["q"], "pos": pos, "id": tok}
-                if "k" in s:  # the sampled token's log-probability and the k likeliest ids' (OpenAI's logprobs)
-                    lp, top = token_logprobs(logits[r], tok, int(s["k"]))
+                # The penalty's look-back: the bus's history before this step, then its own ids.
+                tok = int(sample_token(logits[r], params, (s.recent or []) + s.ids, s.end))
+                res = {"sid": s.sid, "q": s.step_id, "pos": s.end, "id": tok}
+                if s.top_k is not None:  # the sampled token's log-probability and the k likeliest ids' (OpenAI's logprobs)
+                    lp, top = token_logprobs(logits[r], tok, s.top_k)
                     res["lp"], res["top"] = lp, [[i, v] for i, v in top]
                 r += 1
                 results.append(res)
-            elif out == "score":
+            elif s.out == "score":
                 lg = self.engine.head(y[offset:offset + n])
-                nx = s.get("nx")
-                targets = np.array(s["ids"][1:] + [nx if isinstance(nx, int) else 0], dtype=np.int64)
-                top, lp = top_logits(lg, int(s.get("k", 5)), targets)
+                nx = s.next_id
+                targets = np.array(s.ids[1:] + [nx if nx is not None else 0], dtype=np.int64)
+                top, lp = top_logits(lg, s.top_k or 5, targets)
                 lps: list[float | None] = [float(v) for v in lp]
-                if not isinstance(nx, int):
+                if nx is None:
                     lps[-1] = None
-                results.append({"sid": sid, "q": s["q"], "pos": s["pos"],
+                results.append({"sid": s.sid, "q": s.step_id, "pos": s.pos,
                                 "top": [[[int(i), float(v)] for i, v in row] for row in top], "lp": lps})
             offset += n
         return results

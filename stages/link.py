@@ -367,14 +367,14 @@ class Link:
 
 
 def _kv_stats(eng: Any) -> dict[str, Any]:
-    """The KV cache (issue 16): its type, bytes held now and per token, the context limit."""
+    """The KV cache: its type, bytes held now and per token, the context limit."""
     if eng is None or not hasattr(eng, "kv_stats"):
         return {}
     return eng.kv_stats()
 
 
 def _residency_stats(eng: Any) -> dict[str, Any]:
-    """AirLLM-mode figures of the engine (issue 6): resident or streaming, budget, disk traffic."""
+    """The engine's residency figures: resident or streaming, budget, disk traffic."""
     if eng is None or not hasattr(eng, "stats"):
         return {}
     st = eng.stats()

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ram", default=None, metavar="SIZE",
                    help="RAM budget for resident weights, e.g. 512M, 2G (default: config [stage] max_ram); "
                         "a range that does not fit streams its layers from disk")
+    # Given, not measured: measuring (say, one decode step over the first layer) would need the
+    # weights loaded before the bus has placed the stage.
     p.add_argument("--speed", type=float, default=None,
                    help="relative speed announced for placement without --layers (default 1)")
     p.add_argument("--keys", metavar="DIR", default=None,

@@ -275,7 +275,8 @@ def start_dair_cluster(lab: NetnsLab, model: str, split: list[tuple[int, int]], 
                        delay_ms: float | None = None) -> str:
     """dair-bus on host 0, stage i on host i + 1; returns the address at which the bus is reached
     from the other hosts (those after the stages are free for clients). The bus binds a
-    non-loopback address, hence `--insecure` (no keys here).
+    non-loopback address, hence `--insecure` (no keys here; giving each namespace its own key
+    pair would test the cross-host case CurveZMQ is for).
 
     With `delay_ms` (0 included: the relays' own cost alone), every host but the bus's runs a delay relay (tests/delay_relay.py) on its
     own loopback, forwarding the bus's ROUTER and stats ports: the stages and clients there

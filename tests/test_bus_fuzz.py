@@ -175,7 +175,7 @@ def test_stage_answers_every_malformed_message_with_an_error(lone_stage):
     err = next(g for g in got if g["type"] == P.ERROR)
     out = next(g for g in got if g["type"] == P.ACT)
     assert err["code"] == P.E_UNKNOWN_SESSION and err["sid"] == "gone"
-    assert [s["sid"] for s in out["segs"]] == ["ok"] and out["shape"] == [1, 576]
+    assert [s.sid for s in out["segs"]] == ["ok"] and out["shape"] == [1, 576]
     # The bad frames are counted in the stage's heartbeat stats.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

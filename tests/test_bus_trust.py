@@ -1,4 +1,4 @@
-"""A peer trusted only for its role (issue 10): a hostile stage cannot change anyone's answer.
+"""A peer trusted only for its role: a hostile stage cannot change anyone's answer.
 
 A hostile peer here is a real ZeroMQ DEALER registered with the bus as a standby stage (with
 keys: holding the cluster's stage key). It injects `tokens` results for another session's steps,
@@ -314,7 +314,7 @@ def test_concurrent_clients_keep_the_pipeline_during_a_refused_flood(trust_clust
 
 @pytest.mark.slow
 def test_load_of_many_clients_causes_no_failover(cluster3):
-    """Issue 10's load on this machine's cores: 12 `dair generate --bus` processes and 3
+    """A heavy load on this machine's cores: 12 `dair generate --bus` processes and 3
     `dair score --bus` at once. Every one succeeds and the bus declares no stage dead (busy
     is not dead)."""
     import subprocess

@@ -1,5 +1,5 @@
-"""Bad input on the command line is one line on stderr and an exit code, never a traceback
-(issue 10, defects 9 and 10): seeds outside 64 bits, text that is not UTF-8, a closed or full
+"""Bad input on the command line is one line on stderr and an exit code, never a traceback:
+seeds outside 64 bits, text that is not UTF-8, a closed or full
 stdout, a malformed bind address, layer layouts `dair up` would never get ready with.
 
 Each case runs the real command as a subprocess; none of them gets as far as starting a process

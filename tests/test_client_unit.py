@@ -135,13 +135,14 @@ def test_core_notices_a_new_bus_process_and_numbers_requests() -> None:
 def test_resume_asks_for_the_rest_after_the_tokens_received() -> None:
     run = Resume([1, 2, 3], max_tokens=5, timeout_s=60)
     assert run.attempt() == ([1, 2, 3], 5)
-    run.token(10)
-    run.token(11)
+    run.token(10, "Hel")
+    run.token(11, "lo")
     assert run.may_retry(BusError(P.E_BUS_RESTARTED, "x")) and run.may_retry(BusError(P.E_DISCONNECTED, "x"))
     assert not run.may_retry(BusError(P.E_BUSY, "x"))
     assert run.attempt() == ([1, 2, 3, 10, 11], 3)
-    run.token(12)
+    run.token(12, ",")
     assert run.ids([12, 13]) == [10, 11, 12, 13] and run.resumed_at == 2
+    assert run.text(", world") == "Hello, world"  # the pieces before the resubmission, then its done.text
     late = Resume([1], 5, timeout_s=-1)
     assert not late.may_retry(BusError(P.E_BUS_RESTARTED, "x"))
 

@@ -1,6 +1,6 @@
 """Per-tensor digests (model/digests.py): every byte a stage's range uses is compared by the bus.
 
-The defect they close (issue 10, 4): 64 KiB of random bytes written a third of the way into
+The failure they prevent: 64 KiB of random bytes written a third of the way into
 blk.15.ffn_down.weight left the model's fingerprint unchanged, and a stage on that file was
 admitted and answered junk.
 """

@@ -1,4 +1,4 @@
-"""Failover (issue 7): a stage killed in the middle of a generation is replaced by a standby,
+"""Failover: a stage killed in the middle of a generation is replaced by a standby,
 which loads the range from its own disk; the bus replays the session's history and the
 generation goes on with the very tokens of a run without the failure. Without a standby the
 client gets a clear error, and the session continues once a stage covers the range again.
@@ -270,9 +270,11 @@ def test_bus_restart_mid_generation_backend_resumes_with_same_tokens(cluster):
     greedy, _ = _run(cluster.addr, {"temperature": 0})
     backend = BusBackend(cluster.addr, timeout=60)
     seen: list[int] = []
+    pieces: list[str] = []
 
-    def on_token(tok: int) -> None:
+    def on_token(tok: int, piece: str) -> None:
         seen.append(tok)
+        pieces.append(piece)
         if len(seen) == KILL_AFTER:
             cluster.bus.kill()
             cluster.bus.wait(10)
@@ -284,3 +286,5 @@ def test_bus_restart_mid_generation_backend_resumes_with_same_tokens(cluster):
         backend.close()
     assert r["ids"] == greedy and seen == greedy  # nothing lost, nothing delivered twice
     assert r["resumed_at"] >= KILL_AFTER
+    # The text too: what streamed before the restart and after it, joined, is the result's.
+    assert "".join(pieces) == r["text"] and r["text"].strip()

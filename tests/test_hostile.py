@@ -1,4 +1,4 @@
-"""Hostile input (issue 7): thousands of malformed frames on every socket, and bounded pending work.
+"""Hostile input: thousands of malformed frames on every socket, and bounded pending work.
 
 The fuzz runs send DAIR_FUZZ_EXAMPLES malformed messages (default 2000) to each target: the bus
 ROUTER as a client, the bus ROUTER as a registered stage identity, a stage (through the ROUTER

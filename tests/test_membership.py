@@ -1,4 +1,4 @@
-"""bus/membership.py in one process: the stages' rules without sockets (issue 15).
+"""bus/membership.py in one process: the stages' rules without sockets.
 
 `Membership` talks only through callbacks; here they record what would go on the wire, and the
 test plays the stages by handing it their `register` and `heartbeat` headers. Digest admission is

@@ -12,7 +12,7 @@ joined by a bridge, tests/netns.py), every host's link limited to 1 Gbit with `t
 - the rate limit really holds (a bulk TCP transfer between two hosts stays near 1 Gbit/s);
 - a lab leaves nothing behind, even when the code inside it raises.
 
-The kernels here lack `netem`, so the 1 ms delay of issue 7 is added in the test transport: each
+The kernels here lack `netem`, so a 1 ms link delay is added in the test transport: each
 stage's and the client's connection to the bus goes through a relay in its own namespace that
 holds every chunk 1 ms in each direction (the bus and stage code are unchanged).
 

@@ -128,6 +128,8 @@ def test_sessions_stream_text_reuse_prefix_and_close(cluster3):
         done = events[-1]
         assert done["type"] == "done" and tokens and "".join(e["text"] for e in tokens).strip()
         assert [e["id"] for e in tokens] == done["ids"][: len(tokens)]
+        # Decoded once, on the bus: the streamed pieces are the done text.
+        assert "".join(e["text"] for e in tokens) == done["text"]
         # The second turn re-sends the whole conversation: only the new tokens are prefilled.
         msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": done["text"]},
                 {"role": "user", "content": "Another one."}]
@@ -183,11 +185,14 @@ def test_concurrent_sessions_batch_on_stages(cluster3):
 
 
 def test_seeded_sampling_equals_in_process(cluster3, local_backend):
-    """Randomness is a function of (seed, position) and the last stage keeps the same history
-    for the repeat penalty: a seeded sampled generation is token-for-token the in-process one."""
-    params = SamplingParams.from_config(temperature=0.9, seed=5)
+    """Randomness is a function of (seed, position), and each sample step brings the last stage
+    the bus's history its repeat penalty looks back on (a window shorter than the text, so the
+    cut matters): a seeded sampled generation is token-for-token the in-process one."""
+    params = SamplingParams.from_config(temperature=0.9, seed=5, repeat_penalty=1.3, repeat_last_n=8)
     ids = local_backend.tokenizer.encode("Once upon a time")
     want = local_backend.generate(ids, params, 24, set())["ids"]
+    no_penalty = SamplingParams.from_config(temperature=0.9, seed=5, repeat_penalty=1.0)
+    assert local_backend.generate(ids, no_penalty, 24, set())["ids"] != want  # the penalty is in play
     backend = BusBackend(cluster3.addr, timeout=60)
     try:
         assert backend.generate(ids, params, 24, set())["ids"] == want

@@ -1,4 +1,4 @@
-"""Capacity-aware placement on a real cluster (issue 6): stages started without --layers announce a
+"""Capacity-aware placement on a real cluster: stages started without --layers announce a
 RAM budget and a speed, the bus places them with engine.placement.place() and re-plans as they
 come and go; the residency figures of their heartbeats reach `dair status --json`."""
 from __future__ import annotations

@@ -97,7 +97,7 @@ def test_large_headers_are_lz4_compressed_and_bounded():
 def test_layer_zero_takes_ids_not_buffers():
     h = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [2],
          "segs": [{"sid": "s", "pos": 0, "ids": [5, 6], "q": 1}]}
-    assert roundtrip(h)[0]["segs"][0]["ids"] == [5, 6]
+    assert roundtrip(h)[0]["segs"][0].ids == [5, 6]
     with pytest.raises(P.ProtocolError):
         P.decode([P.encode(h)[0], b"\0" * 8])
 
@@ -133,3 +133,44 @@ def test_monitor_event_reads_a_real_disconnect():
         router.close(linger=0)
     finally:
         ctx.term()
+
+
+def test_a_step_travels_as_its_wire_form_and_back():
+    step = P.Step("s1", 17, [4093, 12], 812, "sample", top_k=3, params={"temperature": 0.5, "seed": 7},
+                  recent=[1, 2])
+    wire_form = step.to_wire()
+    # The short keys of docs/protocol.md ("Activations"), optional ones only when set.
+    assert wire_form == {"sid": "s1", "pos": 17, "ids": [4093, 12], "q": 812, "out": "sample", "k": 3,
+                         "p": {"temperature": 0.5, "seed": 7}, "r": [1, 2]}
+    assert P.Step.from_wire(wire_form) == step and step.end == 19
+    assert P.Step("s", 0, [1], 1).to_wire() == {"sid": "s", "pos": 0, "ids": [1], "q": 1, "out": "none"}
+    h = {"type": P.ACT, "layer": 0, "dtype": "ids", "shape": [2], "segs": [step]}
+    got, _ = roundtrip(h)
+    assert got["segs"] == [step]
+    # What goes on the wire is plain msgpack: a peer that never saw the class reads the same map.
+    assert msgpack.unpackb(P.encode(h, lz4_min_bytes=0)[0])["segs"] == [wire_form]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"sid": ""}, "'sid'"), ({"sid": 5}, "'sid'"), ({"sid": "x" * 65}, "'sid'"),
+    ({"pos": -1}, "'pos'"), ({"pos": 1.5}, "'pos'"), ({"pos": True}, "'pos'"), ({"pos": 1 << 31}, "'pos'"),
+    ({"ids": []}, "'ids'"), ({"ids": [1, -2]}, "'ids'"), ({"ids": [1 << 31]}, "'ids'"), ({"ids": "ab"}, "'ids'"),
+    ({"q": -1}, "'q'"), ({"q": 1 << 63}, "'q'"), ({"q": "1"}, "'q'"),
+    ({"out": "logits"}, "'out'"), ({"k": 0}, "'k'"), ({"k": 21}, "1..20"), ({"k": 2.0}, "'k'"),
+    ({"out": "score", "k": 1001}, "1..1000"), ({"nx": -1}, "'nx'"), ({"nx": 1 << 31}, "'nx'"),
+    ({"p": [1]}, "'p'"), ({"p": {"temperature": float("nan")}}, "'p'"), ({"p": {"top_k": True}}, "'p'"),
+    ({"p": {1: 2}}, "'p'"), ({"r": [-1]}, "'r'"), ({"r": 5}, "'r'"),
+])
+def test_a_malformed_step_is_refused_by_name(change, words):
+    seg = {"sid": "s1", "pos": 0, "ids": [1, 2], "q": 1, "out": "sample", **change}
+    with pytest.raises(P.ProtocolError) as e:
+        P.Step.from_wire(seg)
+    assert e.value.code == P.E_BAD_FIELD and words in e.value.msg
+    if isinstance(seg["sid"], str) and seg["sid"]:
+        assert repr(seg["sid"]) in e.value.msg  # the error names the session
+    for missing in ("sid", "pos", "ids", "q"):
+        with pytest.raises(P.ProtocolError) as e:
+            P.Step.from_wire({k: v for k, v in seg.items() if k != missing})
+        assert e.value.code == P.E_BAD_FIELD and repr(missing) in e.value.msg
+    with pytest.raises(P.ProtocolError):
+        P.Step.from_wire([seg])

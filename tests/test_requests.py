@@ -1,4 +1,4 @@
-"""bus/requests.py in one process: the requests' rules without sockets (issue 15).
+"""bus/requests.py in one process: the requests' rules without sockets.
 
 `Requests` owns the sessions and talks only through callbacks; here they record what would go
 on the wire, and the test plays the last stage by handing back results. The expected values
@@ -25,7 +25,7 @@ STAGES = (b"s0", b"s1")
 class Wire:
     to_stages: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     to_clients: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
-    routed: list[list[dict[str, Any]]] = field(default_factory=list)
+    routed: list[list[P.Step]] = field(default_factory=list)
     busy: set[bytes] = field(default_factory=set)
 
     def of_type(self, t: str) -> list[dict[str, Any]]:
@@ -53,22 +53,22 @@ def _requests(model_file, tokenizer, **bus: Any) -> tuple[Requests, Wire]:
     return r, w
 
 
-def _answer(r: Requests, seg: dict[str, Any], token: int) -> dict[str, Any] | None:
+def _answer(r: Requests, seg: P.Step, token: int) -> P.Step | None:
     """The last stage's result for step `seg` (sampled token `token`), as on_tokens passes it."""
-    s = r.sessions[seg["sid"]]
-    s.qs.pop(seg["q"])
-    return r.on_token(s, {"sid": seg["sid"], "q": seg["q"], "pos": seg["pos"] + len(seg["ids"]), "id": token})
+    s = r.sessions[seg.sid]
+    s.qs.pop(seg.step_id)
+    return r.on_token(s, {"sid": seg.sid, "q": seg.step_id, "pos": seg.pos + len(seg.ids), "id": token})
 
 
 def test_generate_streams_each_token_and_ends_at_max_tokens(model_file, tokenizer):
     r, w = _requests(model_file, tokenizer)
     r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 2, "stop_ids": []})
     [seg] = w.routed.pop()
-    assert (seg["pos"], seg["ids"], seg["out"]) == (0, [1, 2, 3], "sample")
-    sid = seg["sid"]
+    assert (seg.pos, seg.ids, seg.out) == (0, [1, 2, 3], "sample")
+    sid = seg.sid
     assert [(i, h["type"]) for i, h in w.to_stages] == [(b"s0", P.OPEN), (b"s1", P.OPEN)]
     nxt = _answer(r, seg, 42)
-    assert (nxt["pos"], nxt["ids"]) == (3, [42]) and nxt["q"] != seg["q"]
+    assert (nxt.pos, nxt.ids) == (3, [42]) and nxt.step_id != seg.step_id
     assert _answer(r, nxt, 43) is None  # the second token is the last
     assert [h["id"] for h in w.of_type(P.TOKEN)] == [42, 43]
     [done] = w.of_type(P.DONE)
@@ -94,9 +94,9 @@ def test_a_long_prompt_goes_as_chunks_and_only_the_last_samples(model_file, toke
     n = 2 * PREFILL_CHUNK + 88
     r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [5] * n, "max_tokens": 4})
     segs = [s for (s,) in w.routed]
-    assert [(s["pos"], len(s["ids"]), s["out"]) for s in segs] == [
+    assert [(s.pos, len(s.ids), s.out) for s in segs] == [
         (0, PREFILL_CHUNK, "none"), (PREFILL_CHUNK, PREFILL_CHUNK, "none"), (2 * PREFILL_CHUNK, 88, "sample")]
-    assert "p" in segs[-1] and "p" not in segs[0]
+    assert segs[-1].params is not None and segs[0].params is None
 
 
 def test_a_lost_range_pauses_then_replays_the_history_from_zero(model_file, tokenizer):
@@ -104,14 +104,14 @@ def test_a_lost_range_pauses_then_replays_the_history_from_zero(model_file, toke
     r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 5, "stop_ids": []})
     [seg] = w.routed.pop()
     nxt = _answer(r, seg, 42)
-    s = r.sessions[seg["sid"]]
+    s = r.sessions[seg.sid]
     r.forget_kv()
     assert s.paused and not s.qs and s.kv_len == 0
     r.resume_paused()
     [replay] = w.routed.pop()
     # The whole history again (prompt + the token so far), sampling where the request left off.
-    assert (replay["pos"], replay["ids"], replay["out"]) == (0, [1, 2, 3, 42], "sample")
-    assert nxt["q"] not in s.qs and replay["q"] in s.qs and not s.paused
+    assert (replay.pos, replay.ids, replay.out) == (0, [1, 2, 3, 42], "sample")
+    assert nxt.step_id not in s.qs and replay.step_id in s.qs and not s.paused
 
 
 def test_session_limits_and_silent_clients(model_file, tokenizer):
@@ -139,7 +139,7 @@ def test_decode_steps_wait_for_a_group_at_the_last_stage(model_file, tokenizer):
     w.busy.clear()
     r.hold_or_send(last, [_answer(r, b, 8)])  # b's comes back: both go as one batch
     [batch] = w.routed
-    assert sorted((s["sid"], s["ids"][0]) for s in batch) == sorted([(a["sid"], 7), (b["sid"], 8)])
+    assert sorted((s.sid, s.ids[0]) for s in batch) == sorted([(a.sid, 7), (b.sid, 8)])
     assert not r.held
 
 
@@ -148,36 +148,36 @@ def test_logprobs_ride_on_every_sample_step_and_are_checked(model_file, tokenize
     r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 3, "stop_ids": [],
                          "logprobs": 2})
     [seg] = w.routed.pop()
-    assert seg["k"] == 2
-    s = r.sessions[seg["sid"]]
-    s.qs.pop(seg["q"])
+    assert seg.top_k == 2
+    s = r.sessions[seg.sid]
+    s.qs.pop(seg.step_id)
     top = [[42, -0.1], [7, -2.5]]
-    nxt = r.on_token(s, {"sid": s.sid, "q": seg["q"], "pos": 3, "id": 42, "lp": -0.1, "top": top})
-    assert nxt["k"] == 2  # decode steps ask too, not only the prompt's
+    nxt = r.on_token(s, {"sid": s.sid, "q": seg.step_id, "pos": 3, "id": 42, "lp": -0.1, "top": top})
+    assert nxt.top_k == 2  # decode steps ask too, not only the prompt's
     [tok] = w.of_type(P.TOKEN)
     assert (tok["lp"], tok["top"]) == (-0.1, top)
     P.validate({"v": 1, **tok})
     # A stage is trusted to compute the numbers, not to send more alternatives than asked or ids
     # beyond the vocabulary; the broker turns ValueError/KeyError into bad_field for the request.
-    s.qs.pop(nxt["q"])
+    s.qs.pop(nxt.step_id)
     for bad in ({"lp": -1.0, "top": top * 2}, {"lp": -1.0, "top": [[1 << 30, -1.0]]},
                 {"lp": float("nan"), "top": []}, {"lp": "x", "top": []}, {"top": []}):
         with pytest.raises((ValueError, KeyError)):
-            r.on_token(s, {"sid": s.sid, "q": nxt["q"], "pos": 4, "id": 5, **bad})
+            r.on_token(s, {"sid": s.sid, "q": nxt.step_id, "pos": 4, "id": 5, **bad})
     # Without logprobs no step carries k and tokens carry none.
     r2, w2 = _requests(model_file, tokenizer)
     r2.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 2, "stop_ids": []})
     [seg] = w2.routed.pop()
-    assert "k" not in seg
+    assert seg.top_k is None
     # logprobs 0 (the token's own only) still asks the stage for k=1 and sends no alternatives.
     r3, w3 = _requests(model_file, tokenizer)
     r3.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 2, "stop_ids": [],
                           "logprobs": 0})
     [seg] = w3.routed.pop()
-    assert seg["k"] == 1
-    s = r3.sessions[seg["sid"]]
-    s.qs.pop(seg["q"])
-    r3.on_token(s, {"sid": s.sid, "q": seg["q"], "pos": 3, "id": 42, "lp": -0.1, "top": [[42, -0.1]]})
+    assert seg.top_k == 1
+    s = r3.sessions[seg.sid]
+    s.qs.pop(seg.step_id)
+    r3.on_token(s, {"sid": s.sid, "q": seg.step_id, "pos": 3, "id": 42, "lp": -0.1, "top": [[42, -0.1]]})
     assert w3.of_type(P.TOKEN)[0]["top"] == []
 
 
@@ -192,3 +192,49 @@ def test_generate_logprobs_and_sample_k_are_bounded():
     with pytest.raises(P.ProtocolError) as e:
         P.validate({**act, "segs": [{**seg, "k": 21}]})
     assert "1..20" in str(e.value)
+
+
+def test_sample_steps_bring_the_repeat_penalty_its_window_of_the_bus_history(model_file, tokenizer):
+    """The bus owns a session's tokens: a sample step carries the ids before it that the repeat
+    penalty looks back on (repeat_last_n of them), so the last stage keeps no history."""
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3, 4, 5, 6], "max_tokens": 3,
+                         "stop_ids": [], "params": {"repeat_penalty": 1.3, "repeat_last_n": 4}})
+    [seg] = w.routed.pop()
+    assert seg.recent == [] and seg.params["repeat_last_n"] == 4  # the prompt is all in `ids`
+    nxt = _answer(r, seg, 42)
+    assert (nxt.recent, nxt.ids) == ([3, 4, 5, 6], [42])  # with ids: the last 4 of 1..6, 42
+    assert _answer(r, nxt, 43).recent == [4, 5, 6, 42]
+    # A long prompt: only the sampling chunk carries a window, the tokens just before it.
+    n = PREFILL_CHUNK + 10
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 2, "ids": list(range(n)), "max_tokens": 3,
+                         "params": {"repeat_penalty": 1.3, "repeat_last_n": 4}})
+    first, last = [s for (s,) in w.routed[-2:]]
+    assert first.recent is None and last.recent == list(range(PREFILL_CHUNK - 4, PREFILL_CHUNK))
+    # No penalty (repeat_penalty 1): no window at all, nothing extra on the wire.
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 3, "ids": [1, 2, 3], "max_tokens": 3,
+                         "params": {"repeat_penalty": 1.0}})
+    [seg] = w.routed[-1]
+    assert seg.recent is None and _answer(r, seg, 9).recent is None
+
+
+def test_done_text_is_the_streamed_pieces_and_has_no_stop_token(model_file, tokenizer):
+    """The bus decodes each generation once (its CompletionText): the `token` pieces joined are
+    `done.text`, which is the answer without the end-of-turn token that ended it."""
+    answer = "Blue, like the sky 🎉"
+    ids = tokenizer.encode(answer, add_bos=False)
+    eot = tokenizer.eos_ids[0]
+    r, w = _requests(model_file, tokenizer)
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "messages": [{"role": "user", "content": "A colour?"}],
+                         "max_tokens": 64})
+    [step] = w.routed.pop()
+    assert step.ids == tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "A colour?"}], add_generation_prompt=True))  # encoded on the bus
+    for i in ids + [eot]:
+        step = _answer(r, step, i)
+    assert step is None
+    [done] = w.of_type(P.DONE)
+    pieces = [h["text"] for h in w.of_type(P.TOKEN)]
+    assert done["stop"] == "eos" and done["ids"] == ids + [eot]  # the stop id is kept in ids
+    assert "".join(pieces) == done["text"] == answer == tokenizer.decode(ids)
+    assert "<|im_end|>" not in done["text"] and len(pieces) == len(ids)

@@ -1,4 +1,4 @@
-"""CurveZMQ wired into a real cluster (issue 7): bus, stages and clients on 127.0.0.1 with keys.
+"""CurveZMQ wired into a real cluster: bus, stages and clients on 127.0.0.1 with keys.
 
 The building blocks are tested in tests/test_security.py; here the processes use them: allowed
 keys work end to end, unknown keys and plain sockets get nothing, and a key's role limits what

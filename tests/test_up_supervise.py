@@ -1,4 +1,4 @@
-"""`dair up` supervises its children (issue 10, defect 5, and `--keys` with a key pair per stage).
+"""`dair up` supervises its children (restarts, give-ups, and `--keys` with a key pair per stage).
 
 The README's own commands, as a user runs them: `dair up --stages 3 --standby 1 --keys DIR` as a
 subprocess, `dair generate --bus` greedy, SIGKILL of the 10-19 stage in the middle of the

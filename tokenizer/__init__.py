@@ -11,10 +11,11 @@ from typing import Any
 from dair.errors import DairError, ModelFormatError
 from dair.tokenizer.chat import builtin_template
 from dair.tokenizer.core import StreamDecoder, Tokenizer
+from dair.tokenizer.text import CompletionText, prompt_ids
 from dair.tokenizer.vocab import NORMAL, Vocab
 
 __all__ = ["load_tokenizer", "load_vocab", "describe_tokenizer", "Tokenizer", "StreamDecoder", "Vocab",
-           "vocab_from_gguf"]
+           "vocab_from_gguf", "prompt_ids", "CompletionText"]
 
 
 def vocab_from_gguf(mf: Any) -> Vocab:

@@ -199,10 +199,9 @@ class DairApp(App[int]):
         if msg.req != self.req or self.reply is None:
             return
         reply = self.reply
-        # The streamed pieces are the answer; `done.text` only fills in when nothing streamed
-        # (it may carry the end-of-turn token's text, which is not part of the answer).
-        if not reply.text and msg.text:
-            reply.text = msg.text
+        # The bus's whole answer: the pieces streamed, joined (and a character still incomplete
+        # at the end); never the end-of-turn token's text.
+        reply.text = msg.text
         self.messages.append({"role": "assistant", "content": reply.text.strip()})
         secs = max(1e-9, time.monotonic() - self._reply_started)
         n = msg.n_tokens or self._reply_tokens

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from dair.tokenizer import prompt_ids as encode_prompt
+
     params = sampling_from_args(args)
     max_tokens = max_tokens_from_args(args)  # checked before the model loads
     backend = backend_from_args(args)
@@ -55,7 +57,7 @@ def handle(args: argparse.Namespace) -> int:
                 print("(new conversation)", file=sys.stderr)
                 continue
             messages.append({"role": "user", "content": line})
-            prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+            prompt_ids = encode_prompt(tok, messages=messages)
             params.seed = (params.seed + 1) % (SEED_MAX + 1)  # a new draw per turn, reproducible from the first
             try:
                 _, reply = run_generation(backend, prompt_ids, params, max_tokens, args.stop)

@@ -29,9 +29,9 @@ def handle(args: argparse.Namespace) -> int:
     max_tokens = max_tokens_from_args(args)  # checked before the model loads
     backend = backend_from_args(args)
     try:
-        prompt_ids = backend.tokenizer.encode(args.prompt)
-        if not prompt_ids and backend.tokenizer.bos_id is not None:
-            prompt_ids = [backend.tokenizer.bos_id]
+        from dair.tokenizer import prompt_ids as encode_prompt
+
+        prompt_ids = encode_prompt(backend.tokenizer, text=args.prompt)
         result, text = run_generation(backend, prompt_ids, params, max_tokens, args.stop)
     finally:
         backend.close()

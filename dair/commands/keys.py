@@ -1,4 +1,4 @@
-"""`dair keys`: CurveZMQ key pairs for the bus, stages and clients (dair/SECURITY-WIRING.md)."""
+"""`dair keys`: CurveZMQ key pairs for the bus, stages and clients (docs/protocol.md, "Security")."""
 from __future__ import annotations
 
 import argparse

@@ -45,7 +45,9 @@ def handle(args: argparse.Namespace) -> int:
             except UnicodeDecodeError as e:
                 raise DairError(f"{args.file}: not valid UTF-8 (0x{e.object[e.start]:02x} at byte {e.start}); "
                                 "the text must be UTF-8") from None
-            ids = backend.tokenizer.encode(text)
+            from dair.tokenizer import prompt_ids
+
+            ids = prompt_ids(backend.tokenizer, text=text)
         scored = backend.score(ids, args.top)
     finally:
         backend.close()

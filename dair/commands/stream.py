@@ -11,36 +11,41 @@ STDOUT = "stdout"  # the default `out`: sys.stdout as it is when the stream star
 
 
 class TextStream:
-    """Turns token ids into text as they come; stops at a stop string (which is not printed)."""
+    """Shows a generation's text pieces as they come; stops at a stop string (not printed).
 
-    def __init__(self, tokenizer, stops: list[str], out: TextIO | str | None = STDOUT) -> None:
-        from dair.tokenizer import StreamDecoder
+    The pieces are the backend's (the bus's, or the in-process CompletionText's): text is
+    decoded in one place, not again here."""
 
+    def __init__(self, stops: list[str], out: TextIO | str | None = STDOUT) -> None:
         if out == STDOUT:
             out = sys.stdout
-        self.decoder = StreamDecoder(tokenizer)
         self.stops = [s for s in stops if s]
         self.out = out
         self.text = ""
+        self._fed = 0  # characters of the backend's text fed so far
         self._shown = 0
         self.stopped = False
 
-    def feed(self, tok: int) -> bool:
-        self.text += self.decoder.feed(tok)
-        for s in self.stops:
-            cut = self.text.find(s)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.stopped = True
+    def feed(self, tok: int, piece: str) -> bool:
+        """on_token for Backend.generate: False once a stop string has appeared."""
+        self._fed += len(piece)
+        self.text += piece
+        # Cut where the earliest stop string begins (not where the first one listed does).
+        cuts = [c for c in (self.text.find(s) for s in self.stops) if c >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            self.stopped = True
         # hold back a tail that could still grow into a stop string
         hold = max((len(s) - 1 for s in self.stops), default=0)
         upto = len(self.text) if self.stopped else max(self._shown, len(self.text) - hold)
         self._emit(upto)
         return not self.stopped
 
-    def finish(self) -> str:
-        if not self.stopped:
-            self.text += self.decoder.flush()
+    def finish(self, whole: str = "") -> str:
+        """The text shown in the end; `whole` is the backend's text of the generation, whose
+        tail beyond the pieces (a character left incomplete) is shown too."""
+        if not self.stopped and len(whole) > self._fed:
+            self.feed(-1, whole[self._fed:])
         self._emit(len(self.text))
         return self.text
 
@@ -61,10 +66,11 @@ def _prefill_progress(done: int, total: int) -> None:
 
 def run_generation(backend: Backend, prompt_ids: list[int], params: SamplingParams, max_tokens: int,
                    stops: list[str], out: TextIO | str | None = STDOUT) -> tuple[dict, str]:
-    stream = TextStream(backend.tokenizer, stops, out)
+    stream = TextStream(stops, out)
     if hasattr(backend, "on_prefill"):  # in-process, or the bus's `progress` (BusBackend)
         backend.on_prefill = _prefill_progress if len(prompt_ids) >= PROGRESS_MIN_TOKENS else None
     result = backend.generate(prompt_ids, params, max_tokens, set(backend.tokenizer.eos_ids), stream.feed)
+    text = stream.finish(result.get("text") or "")
     if stream.stopped:
         result["stop"] = "stop_string"
-    return result, stream.finish()
+    return result, text

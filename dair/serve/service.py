@@ -19,6 +19,7 @@ from dair.bus.aclient import AsyncBusClient
 from dair.bus.client import BusError, BusTimeout
 from dair.serve.errors import APIError, from_bus, unreachable
 from dair.serve.stops import StopMatcher
+from dair.tokenizer import prompt_ids
 
 FINISH = {"eos": "stop", "length": "length", "cancel": "stop"}
 
@@ -79,16 +80,12 @@ class Service:
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The model's chat template over `messages`, as the bus renders it for `generate`."""
         try:
-            text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+            return prompt_ids(self.tok, messages=messages)
         except Exception as e:  # a template's own raise_exception (e.g. roles out of order)
             raise APIError(400, f"chat template: {e}", param="messages") from None
-        return self.tok.encode(text)
 
     def text_ids(self, prompt: str) -> list[int]:
-        ids = self.tok.encode(prompt)
-        if not ids and self.tok.bos_id is not None:
-            ids = [self.tok.bos_id]  # as `dair generate` does for an empty prompt
-        return ids
+        return prompt_ids(self.tok, text=prompt)
 
     def check_ids(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
