@@ -436,17 +436,23 @@ def test_rope(rng, n, heads, hd, rope_dim):
 
 
 def attention_ref(q, k, v, pos, scale):
+    """softmax(q.k * scale) v in float64; with an f16 cache q and the normalised probabilities
+    are rounded to f16 first, as llama.cpp's CPU attention does (tests/test_attention.py)."""
     n, H, hd = q.shape
     KV = k.shape[1]
     g = H // KV
+    r16 = k.dtype == np.float16
     out = np.zeros((n, H, hd), np.float64)
     k64, v64 = k.astype(np.float64), v.astype(np.float64)
+    q64 = (q.astype(np.float16) if r16 else q).astype(np.float64)
     for i in range(n):
         for h in range(H):
             kk = k64[: pos[i] + 1, h // g]
-            s = kk @ q[i, h].astype(np.float64) * scale
+            s = kk @ q64[i, h] * scale
             p = np.exp(s - s.max())
             p /= p.sum()
+            if r16:
+                p = p.astype(np.float16).astype(np.float64)
             out[i, h] = p @ v64[: pos[i] + 1, h // g]
     return out
 
