@@ -75,15 +75,15 @@ print(json.dumps(out))
 
 KINDS = [("import", "import dair, numpy, zmq"), ("gguf", "gguf package GGUFReader"),
          ("header", "dair GGUFHeader"), ("open", "dair open_model()"),
-         ("tokenizer-cold", "dair load_tokenizer(path), first time"),
-         ("tokenizer", "dair load_tokenizer(path), cached merges"),
+         ("tokenizer-cold", "dair load_tokenizer(path), empty DAIR_HOME"),
+         ("tokenizer", "dair load_tokenizer(path), DAIR_HOME used"),
          ("tokenizer-bg", "  the same, encoder built in background")]
 TOKENIZER_KINDS = ("tokenizer-cold", "tokenizer", "tokenizer-bg")
 
 
 def _run(kind: str, path: str, home: Path) -> dict:
-    """One fresh process. `home` is its DAIR_HOME: the cache the tokenizer keeps SPM merges in
-    (a new empty one for a first-time load)."""
+    """One fresh process. `home` is its DAIR_HOME (a new empty one for "tokenizer-cold": a load
+    that can find nothing a previous one left in the cache directory)."""
     wall = time.perf_counter()
     if kind == "tokenizer-cold":
         kind, home = "tokenizer", Path(tempfile.mkdtemp(dir=home.parent, prefix="cold-"))

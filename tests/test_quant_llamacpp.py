@@ -3,6 +3,7 @@
 tests/data/quant/llama.<TYPE>.gguf are one random-weight llama model quantized by llama.cpp to
 each type, with llama.cpp's teacher-forced top-8 logits at every prompt position and its greedy
 continuation with the top-5 at every step (llama.<TYPE>.ref.json; see tests/data/README.md).
+Each file runs on every kernel family this CPU has (avx512, avx2, scalar), selected by set_kernels.
 Criteria: llama.cpp's top-5 logits within 0.75 at every position, and the same top-1 wherever
 llama.cpp's top-1 leads by more than 0.5.
 """
@@ -40,6 +41,8 @@ def test_score_agrees_with_llama_cpp(case, kernels):
     name, backend, ref = case
     types = sorted({t.qtype for t in backend.model.tensors.values()})
     ran = {t: kernel_table(kernels)[t] for t in types}
+    # The selected family itself serves every quantized type (no silent fall-back to another).
+    assert all(fam in (kernels, "float") for fam in ran.values()), (name, kernels, ran)
     ids = ref["prompt_ids"] + ref["greedy_ids"]
     vocab = backend.model.config.vocab_size
     got = backend.score(ids, top_k=vocab)["positions"]

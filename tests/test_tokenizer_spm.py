@@ -95,118 +95,98 @@ def test_unsupported_tokenizer_model(tmp_path):
         load_tokenizer(p)
 
 
-def test_spm_merges_equal_the_plain_loop():
-    """The search for splits in C (dair.ops.strings.spm_splits, through tokenizer/spm_merges.py)
-    against its definition, on pieces that test its edges: duplicates in the vocabulary, NULs,
-    characters beyond the BMP, ties in score, pieces of one character."""
-    from dair.tokenizer.spm_merges import _splits_loop, spm_merges
-
-    rng = np.random.default_rng(5)
-    alphabet = ["a", "b", "▁", "é", "日", "\U0001f600", "\x00"]
-    pieces: dict[str, int] = {}
-    for i in range(3000):
-        n = int(rng.integers(1, 7))
-        pieces.setdefault("".join(alphabet[j] for j in rng.integers(0, len(alphabet), n)), i)
-    scores = np.round(rng.standard_normal(3000), 1).tolist()  # rounded: many ties
-    got = spm_merges(pieces, scores)
-    u, a, b = _splits_loop(pieces, pieces)
-    want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
-    assert len(got[0]) > 1000 and any("\x00" in t for t in pieces)
-    assert got == ([x for _, x, _ in want], [y for _, _, y in want])
-
-
-def test_pairs_are_zip_of_the_gathered_items():
-    from dair.ops.strings import pairs
-
-    items = ["a", "▁b", "\U0001f600", ""]
-    a, b = np.array([0, 3, 2, 2], np.int64), np.array([1, 1, 0, 2], np.int64)
-    assert pairs(items, a, b) == list(zip([items[i] for i in a], [items[i] for i in b], strict=True))
-    assert pairs(items, a[:0], b[:0]) == []
-    with pytest.raises(IndexError, match="out of range"):
-        pairs(items, np.array([4], np.int64), np.array([0], np.int64))
-    with pytest.raises(ValueError, match="left and"):
-        pairs(items, a, b[:2])
-
-
-def test_spm_merges_cache_round_trips_and_survives_damage(tmp_path, monkeypatch):
-    from dair.tokenizer import spm_merges as mod
-    from dair.tokenizer.spm_merges import CACHE_MIN_PIECES, _splits_loop, spm_merges
-
-    rng = np.random.default_rng(6)
-    letters = "abcdefgh▁"
-    pieces: dict[str, int] = {}
-    while len(pieces) < CACHE_MIN_PIECES:
-        pieces.setdefault("".join(letters[j] for j in rng.integers(0, len(letters), int(rng.integers(1, 7)))),
-                          len(pieces))
-    scores = rng.standard_normal(len(pieces)).tolist()
-    u, a, b = _splits_loop(pieces, pieces)
-    want = sorted(zip((-np.asarray(scores)[u]).tolist(), a.tolist(), b.tolist(), strict=True))
-    want = ([x for _, x, _ in want], [y for _, _, y in want])
-    assert spm_merges(pieces, scores, cache=tmp_path) == want  # searched, then stored
-    (stored,) = tmp_path.glob("spm-merges-*.npz")
-    search = mod._search
-
-    def no_search(*_):
-        raise AssertionError("searched although the cache holds this vocabulary")
-
-    monkeypatch.setattr(mod, "_search", no_search)
-    assert spm_merges(pieces, scores, cache=tmp_path) == want  # read back, not searched
-    monkeypatch.setattr(mod, "_search", search)
-    stored.write_bytes(stored.read_bytes()[:-100] + b"\0" * 100)  # damaged: searched again
-    assert spm_merges(pieces, scores, cache=tmp_path) == want
-    other = scores[:-1] + [scores[-1] + 1.0]  # another vocabulary: another file
-    spm_merges(pieces, other, cache=tmp_path)
-    assert len(list(tmp_path.glob("spm-merges-*.npz"))) == 2
+def reference_llama_cpp(text: str, tokens: list[str], types: list[int], scores: list[float],
+                        parse_special: bool, space_prefix: bool = True) -> list[int]:
+    """llama.cpp's tokenize_impl for SPM, transcribed plainly: split on special tokens (longest
+    first; control and unknown ones only with parse_special), then each text fragment through
+    reference_spm's search (a space prefix after a special token or at the start), every token
+    taking part in merges and the last id of a duplicate text standing for it."""
+    specials = sorted({t: i for i, (t, ty) in reversed(list(enumerate(zip(tokens, types, strict=True))))
+                       if t and ty in ((2, 3, 4) if parse_special else (4,))}.items(), key=lambda kv: -len(kv[0]))
+    frags: list = [text]
+    for tok, tid in specials:
+        out: list = []
+        for f in frags:
+            if isinstance(f, int):
+                out.append(f)
+                continue
+            while tok in f:
+                k = f.index(tok)
+                if k:
+                    out.append(f[:k])
+                out.append(tid)
+                f = f[k + len(tok):]
+            if f:
+                out.append(f)
+        frags = out
+    ids_of = {t: i for i, t in enumerate(tokens)}  # the last id of a duplicate
+    ids: list[int] = []
+    prev_special = True
+    for f in frags:
+        if isinstance(f, int):
+            ids.append(f)
+            prev_special = True
+            continue
+        syms = list(((" " if space_prefix and prev_special else "") + f).replace(" ", "▁"))
+        prev_special = False
+        while True:
+            best = None
+            for k in range(len(syms) - 1):
+                u = syms[k] + syms[k + 1]
+                if u in ids_of and (best is None or scores[ids_of[u]] > best[0]):
+                    best = (scores[ids_of[u]], k)  # strictly greater: the leftmost on ties
+            if best is None:
+                break
+            k = best[1]
+            syms[k:k + 2] = [syms[k] + syms[k + 1]]
+        for sym in syms:
+            ids += [ids_of[sym]] if sym in ids_of else [ids_of[f"<0x{b:02X}>"] for b in sym.encode()]
+    return ids
 
 
-def test_cached_merges_give_the_ids_of_a_fresh_search_and_damage_is_rebuilt(tmp_path, monkeypatch):
-    """A vocabulary big enough for the merges cache (tokenizer/spm_merges.py): the encoder built
-    from cached merges, in the background or not, encodes as the one that searched them, and as
-    llama.cpp's algorithm; a damaged cache file is searched again and rewritten whole."""
+def test_big_vocabulary_with_ties_and_specials_matches_llama_cpp_algorithm():
+    """A random vocabulary with many equal scores, duplicates, control, user-defined and unknown
+    tokens, pieces that contain special tokens' text: dair's SPM search (tokenizer/spm.py over
+    dair.ops.strings.SpmEncoder), in the background or not, against the plain transcription."""
     from dair.tokenizer import Tokenizer, Vocab
-    from dair.tokenizer import spm_merges as mod
 
     rng = np.random.default_rng(7)
-    letters = "abcdefgh▁é日本"
-    head = ["<unk>", "<s>", "</s>", "<start_of_turn>"] + [f"<0x{b:02X}>" for b in range(256)] + ["<mask>"]
-    seen = set(head)
-    pieces = []
-    while len(head) + len(pieces) < mod.CACHE_MIN_PIECES + 100:
-        p = "".join(letters[j] for j in rng.integers(0, len(letters), int(rng.integers(1, 7))))
-        if p not in seen:
-            seen.add(p)
-            pieces.append(p)
+    letters = "abcdefgh▁é日本\U0001f600"
+    head = ["<unk>", "<s>", "</s>", "<start_of_turn>"] + [f"<0x{b:02X}>" for b in range(256)] + ["<mask>", "<ma"]
+    pieces = ["".join(letters[j] for j in rng.integers(0, len(letters), int(rng.integers(1, 7))))
+              for _ in range(20000)]  # duplicates included
+    pieces += ["<s", "s>", "<start", "_of_turn>", "<mask", "k>"]  # pieces that can spell special tokens
     tokens = head + pieces
-    types = [2, 3, 3, 3] + [6] * 256 + [4] + [1] * len(pieces)
-    scores = [0.0] * len(head) + rng.permutation(len(pieces)).astype(float).tolist()  # distinct
+    types = [2, 3, 3, 3] + [6] * 256 + [4, 1] + [1] * len(pieces)
+    scores = [0.0] * len(head) + np.round(rng.standard_normal(len(pieces)), 1).tolist()  # many ties
     vocab = Vocab(kind="llama", tokens=tokens, token_types=types, scores=scores, bos_id=1, eos_id=2,
                   add_bos=True)
-    monkeypatch.setenv("DAIR_HOME", str(tmp_path))
-    searches = []
-    search = mod._search
-    monkeypatch.setattr(mod, "_search", lambda *a: searches.append(1) or search(*a))
     texts = ["abc dé  日本", "  leading and   runs\t of\n\nspace ", "hg▁ab<start_of_turn>cd<mask>e",
-             "fé日 ccc</s>", "日本日本 ééé", "x€y", ""]
-
-    fresh = Tokenizer(vocab)
-    want = {t: fresh.encode(t) for t in texts}
-    want_plain = {t: fresh.encode(t, parse_special=False) for t in texts}
-    (stored,) = (tmp_path / "tokenizers").glob("spm-vocab-merges-*.npz")
-    assert len(searches) == 1
+             "fé日 ccc</s>", "日本日本 ééé", "x€y", "<s>a<s><s>b<unk>", "<mask<start_of_turn>>", "\U0001f600a",
+             "".join(letters[j] for j in rng.integers(0, len(letters), 300))]
     for background in (False, True):
-        cached = Tokenizer(vocab, background=background)
-        assert {t: cached.encode(t) for t in texts} == want
-        assert {t: cached.encode(t, parse_special=False) for t in texts} == want_plain
-    assert len(searches) == 1  # both read the cache
-    for t in texts:
-        if "<" not in t:
-            assert want[t] == reference_spm(t, tokens, scores, add_bos=True)
-    assert want["hg▁ab<start_of_turn>cd<mask>e"].count(3) == 1 and 3 not in want_plain["hg▁ab<start_of_turn>cd<mask>e"]
+        tok = Tokenizer(vocab, background=background)
+        for t in texts:
+            for ps in (True, False):
+                assert tok.encode(t, parse_special=ps, add_bos=False) == reference_llama_cpp(
+                    t, tokens, types, scores, ps), (t, ps)
+    assert tok.encode("hg▁ab<start_of_turn>cd<mask>e", add_bos=False).count(3) == 1
+    assert 3 not in tok.encode("hg▁ab<start_of_turn>cd<mask>e", parse_special=False)
+    assert 260 in tok.encode("a<mask>", parse_special=False)  # user-defined: always parsed
 
-    for n, damage in enumerate((lambda b: b[:-100] + b"\0" * 100,  # cut short
-                                lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])):
-        stored.write_bytes(damage(stored.read_bytes()))  # damaged: searched again
-        assert {t: Tokenizer(vocab).encode(t) for t in texts} == want
-        assert len(searches) == 2 + n
-        assert {t: Tokenizer(vocab).encode(t) for t in texts} == want  # rewritten whole: read back
-        assert len(searches) == 2 + n
+
+def test_spm_encoder_edges():
+    """The C search alone: empty text, a byte without a token (falls back to <unk>, or is
+    refused without one), bytes that are no UTF-8, a text stated twice (the last id)."""
+    from dair.ops.strings import SpmEncoder
+
+    tokens = ["<unk>", "a", "b", "ab", "ab", "<0x00>"]
+    enc = SpmEncoder(tokens, np.zeros(len(tokens), np.float32), 0)
+    assert enc.encode(b"") == []
+    assert enc.encode(b"ab") == [4] and enc.token_id(b"ab") == 4
+    assert enc.encode(b"a\x00zb") == [1, 5, 0, 2]
+    assert enc.encode(b"\xe6\x97") == [0, 0]  # a cut-short character: byte by byte
+    with pytest.raises(ValueError, match="no <unk>"):
+        SpmEncoder(tokens[1:], np.zeros(len(tokens) - 1, np.float32), -1).encode(b"z")
+    with pytest.raises(ValueError, match="scores"):
+        SpmEncoder(tokens, np.zeros(2, np.float32), 0)

@@ -1,6 +1,7 @@
-"""Tokenizer built on HF `tokenizers` from a model file's vocabulary, matching llama.cpp's ids.
+"""Tokenizer from a model file's vocabulary, matching llama.cpp's ids.
 
-Encoding goes through `tokenizers` (a well-kept BPE); decoding uses our own id → bytes
+Byte-level BPE vocabularies encode through HF `tokenizers` (a well-kept BPE), SentencePiece-style
+ones through llama.cpp's own search (tokenizer/spm.py); decoding uses our own id → bytes
 table, so that pieces of a multi-byte character are reassembled exactly and streamed output
 never shows replacement characters for a half-received character.
 """
@@ -58,22 +59,6 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _sentencepiece_merges(vocab: Vocab) -> list[tuple[str, str]]:
-    """Merges equivalent to llama.cpp's SPM search (merge the adjacent pair whose union is the
-    highest-scoring token), ranked by the union's score, as HF's SentencePieceExtractor does."""
-    import numpy as np
-
-    from dair.model.fetch import cache_dir
-    from dair.ops.strings import pairs
-    from dair.tokenizer.spm_merges import vocab_merges
-
-    lefts, rights = vocab_merges(vocab.tokens, vocab.token_types, vocab.scores, (CONTROL, BYTE),
-                                 cache=cache_dir() / "tokenizers")
-    # Half a million pairs of str, made in C, not by a Python loop.
-    with no_gc():
-        return pairs(vocab.tokens, np.ascontiguousarray(lefts, np.int64), np.ascontiguousarray(rights, np.int64))
-
-
 def _ids_of_types(vocab: Vocab, *types: int) -> list[int]:
     """Ids of the tokens of these types, in order (numpy: no Python loop over the vocabulary)."""
     import numpy as np
@@ -89,28 +74,41 @@ def _check_supported(vocab: Vocab) -> None:
                         "(dair reads gpt2 byte-level BPE and llama SentencePiece vocabularies)")
 
 
-def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
-    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
+class _HFEncoder:
+    """Text → ids through an HF `tokenizers` Tokenizer (byte-level BPE vocabularies)."""
 
+    def __init__(self, tok: Any) -> None:
+        self._tok = tok
+        # One encoder serves both parse_special modes (a second one costs its build again); the
+        # lock keeps the mode switch and the encode together.
+        self._lock = threading.Lock()
+
+    def encode(self, text: str, parse_special: bool = True) -> list[int]:
+        with self._lock:
+            self._tok.encode_special_tokens = not parse_special
+            return self._tok.encode(text, add_special_tokens=False).ids
+
+
+def _build_encoder(vocab: Vocab) -> Any:
+    """An object with encode(text, parse_special) -> ids: dair's SPM search for "llama"
+    vocabularies (llama.cpp's algorithm), HF `tokenizers`' BPE for "gpt2" ones."""
     _check_supported(vocab)
+    if vocab.kind == "llama":
+        from dair.tokenizer.spm import SpmTextEncoder
+
+        return SpmTextEncoder(vocab)
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
     # Duplicates are unreachable by encoding; the first id wins (built from the end, in C).
     n = len(vocab.tokens)
     token_ids = dict(zip(reversed(vocab.tokens), range(n - 1, -1, -1), strict=True))
-    if vocab.kind == "gpt2":
-        merges = vocab.merges if vocab.merges is not None else []
-        model = models.BPE(vocab=token_ids, merges=list(merges), fuse_unk=False,
-                           ignore_merges=vocab.pre in _IGNORE_MERGES)
-        tok = Tokenizer(model)
-        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[vocab.pre]]
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:  # "llama"
-        unk = next((vocab.tokens[i] for i in _ids_of_types(vocab, UNKNOWN)), None)
-        model = models.BPE(vocab=token_ids, merges=_sentencepiece_merges(vocab), unk_token=unk,
-                           fuse_unk=True, byte_fallback=True)
-        tok = Tokenizer(model)
-        steps = [normalizers.Prepend("▁")] if vocab.add_space_prefix else []
-        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    merges = vocab.merges if vocab.merges is not None else []
+    model = models.BPE(vocab=token_ids, merges=list(merges), fuse_unk=False,
+                       ignore_merges=vocab.pre in _IGNORE_MERGES)
+    tok = Tokenizer(model)
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_REGEXES[vocab.pre]]
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     # Control tokens are parsed only when asked (llama.cpp's parse_special); user-defined tokens
     # always are, as in llama.cpp.
     added = []
@@ -121,8 +119,7 @@ def _build_hf(vocab: Vocab, encode_special: bool) -> Any:
                                     lstrip=False, rstrip=False, single_word=False))
     tok.add_special_tokens([a for a in added if a.special])
     tok.add_tokens([a for a in added if not a.special])
-    tok.encode_special_tokens = encode_special
-    return tok
+    return _HFEncoder(tok)
 
 
 def eos_ids(vocab: Vocab) -> tuple[int, ...]:
@@ -164,12 +161,9 @@ class Tokenizer:
         self.vocab = vocab
         self.kind = vocab.kind
         self.vocab_size = len(vocab)
-        self._hf_built: Any = None
-        self._hf_error: BaseException | None = None
-        self._hf_thread: threading.Thread | None = None
-        # One encoder serves both parse_special modes (building a second one for Gemma 3's 262k
-        # pieces costs seconds); the lock keeps the mode switch and the encode together.
-        self._hf_lock = threading.Lock()
+        self._encoder_built: Any = None
+        self._encoder_error: BaseException | None = None
+        self._encoder_thread: threading.Thread | None = None
         self.bos_id: int | None = vocab.bos_id
         self.add_bos = bool(vocab.add_bos and vocab.bos_id is not None)
         self.eos_ids: tuple[int, ...] = eos_ids(vocab)
@@ -177,24 +171,24 @@ class Tokenizer:
         self.chat_template: str | None = vocab.chat_template
         # Last: the thread holds the GIL for most of its build, which would stall the rest here.
         if background:
-            self._hf_thread = threading.Thread(target=self._build, name="dair-tokenizer-build", daemon=True)
-            self._hf_thread.start()
+            self._encoder_thread = threading.Thread(target=self._build, name="dair-tokenizer-build", daemon=True)
+            self._encoder_thread.start()
         else:
             self._build()
 
     def _build(self) -> None:
         try:
-            self._hf_built = _build_hf(self.vocab, encode_special=False)
+            self._encoder_built = _build_encoder(self.vocab)
         except BaseException as e:  # re-raised by the encode() that waits for it
-            self._hf_error = e
+            self._encoder_error = e
 
     @property
-    def _hf(self) -> Any:
-        if self._hf_thread is not None:
-            self._hf_thread.join()
-        if self._hf_error is not None:
-            raise self._hf_error
-        return self._hf_built
+    def _encoder(self) -> Any:
+        if self._encoder_thread is not None:
+            self._encoder_thread.join()
+        if self._encoder_error is not None:
+            raise self._encoder_error
+        return self._encoder_built
 
     # -- special tokens ---------------------------------------------------------------------
     @property
@@ -215,9 +209,7 @@ class Tokenizer:
         """Token ids of `text`. `add_bos` None follows the model's metadata (add_bos_token)."""
         ids: list[int] = []
         if text:
-            with self._hf_lock:
-                self._hf.encode_special_tokens = not parse_special
-                ids = self._hf.encode(text, add_special_tokens=False).ids
+            ids = self._encoder.encode(text, parse_special)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
