@@ -193,8 +193,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_JUST_INT = frozenset({int})
+
+
 def _token_ids(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_int(i) and 0 <= i < ID_LIMIT for i in v)
+    if not isinstance(v, list):
+        return False
+    if not v:
+        return True
+    if _JUST_INT.issuperset(map(type, v)):  # the usual case, checked in C: a step's ids are plain ints
+        return 0 <= min(v) and max(v) < ID_LIMIT
+    return all(_is_int(i) and 0 <= i < ID_LIMIT for i in v)
 
 
 @dataclass(frozen=True, slots=True)
