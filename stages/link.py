@@ -9,6 +9,7 @@ tight loop would otherwise starve the heartbeat thread on a loaded machine.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -221,6 +222,9 @@ class Link:
             print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
             return 2
         self._heartbeat()  # "ready" at once
+        # The engine and the model's metadata live as long as the stage: kept out of the cyclic
+        # collector's walks, whose pauses would otherwise land on the token path.
+        gc.freeze()
         last_heard = time.monotonic()
         # Silence that makes us reconnect: a heartbeat timeout at first, then the backoff's
         # delay for each further attempt while the bus stays away (Paranoid Pirate).
@@ -327,7 +331,9 @@ class Link:
                 # EVENTS says whether another message is queued, without a zmq.Again raised to
                 # end every drain.
                 while True:
-                    raw.append(d.recv_multipart(copy=False, flags=zmq.NOBLOCK))
+                    # Copied: a decode step's frames are a few hundred bytes, where bytes objects
+                    # cost less than zmq.Frames (a prefill chunk's copy is small beside its compute).
+                    raw.append(d.recv_multipart(flags=zmq.NOBLOCK))
                     if len(raw) >= 4 * self.max_batch or not d.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
             except zmq.Again:
@@ -342,7 +348,7 @@ class Link:
 
     def _on_bus(self, frames: list[Any]) -> tuple[dict[str, Any], list[Any]] | None:
         self.msgs_in += 1
-        self.bytes_in += sum(len(f.buffer) for f in frames)
+        self.bytes_in += sum(map(len, frames))
         try:
             header, buffers = P.decode(frames, self.max_frame_bytes)
             t = header["type"]
