@@ -251,6 +251,9 @@ class Link:
                     self.backoff.reset()
                 patience = self.heartbeat_s * self.liveness
                 if batch:
+                    # Again, now that the batch is decoded: a worker woken on arrival spins only so
+                    # long (DAIR_SPIN_US), and a slow decode must not leave it asleep for the first job.
+                    wake()
                     was = self.compute.state
                     self.compute.process(batch)
                     if self.compute.state != was:
