@@ -193,8 +193,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_JUST_INT = frozenset({int})
+
+
 def _token_ids(v: Any) -> bool:
-    return isinstance(v, list) and all(_is_int(i) and 0 <= i < ID_LIMIT for i in v)
+    if not isinstance(v, list):
+        return False
+    if not v:
+        return True
+    if _JUST_INT.issuperset(map(type, v)):  # the usual case, checked in C: a step's ids are plain ints
+        return 0 <= min(v) and max(v) < ID_LIMIT
+    return all(_is_int(i) and 0 <= i < ID_LIMIT for i in v)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,36 +230,38 @@ class Step:
     recent: list[int] | None = None
 
     def __post_init__(self) -> None:
-        who = f"session {self.sid!r}" if isinstance(self.sid, str) else "a step"
-
-        def bad(msg: str) -> ProtocolError:
-            return ProtocolError(E_BAD_FIELD, f"act: {who}: {msg}")
-
-        if not isinstance(self.sid, str) or not 0 < len(self.sid) <= MAX_SID_CHARS:
-            raise bad(f"'sid' must be a string of 1..{MAX_SID_CHARS} characters")
-        if not _is_int(self.pos) or not 0 <= self.pos < ID_LIMIT:
-            raise bad(f"'pos' {self.pos!r} is not a position (0..2^31-1)")
-        if not _token_ids(self.ids) or not self.ids:
-            raise bad("'ids' must be a non-empty list of token ids (0..2^31-1)")
-        if self.pos + len(self.ids) > ID_LIMIT:
-            raise bad("'pos' + len('ids') beyond 2^31")
-        if not _is_int(self.step_id) or not 0 <= self.step_id < STEP_ID_LIMIT:
-            raise bad(f"'q' {self.step_id!r} is not a step id (0..2^63-1)")
+        # Run for every step a peer receives, on the path of each token: the checks are plain
+        # expressions, and an error message is built only when one fails.
+        sid, pos, ids, q = self.sid, self.pos, self.ids, self.step_id
+        if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SID_CHARS:
+            raise self._bad(f"'sid' must be a string of 1..{MAX_SID_CHARS} characters")
+        if not _is_int(pos) or not 0 <= pos < ID_LIMIT:
+            raise self._bad(f"'pos' {pos!r} is not a position (0..2^31-1)")
+        if not ids or not _token_ids(ids):
+            raise self._bad("'ids' must be a non-empty list of token ids (0..2^31-1)")
+        if pos + len(ids) > ID_LIMIT:
+            raise self._bad("'pos' + len('ids') beyond 2^31")
+        if not _is_int(q) or not 0 <= q < STEP_ID_LIMIT:
+            raise self._bad(f"'q' {q!r} is not a step id (0..2^63-1)")
         if self.out not in OUT_KINDS:
-            raise bad(f"'out' {self.out!r} is not one of {OUT_KINDS}")
+            raise self._bad(f"'out' {self.out!r} is not one of {OUT_KINDS}")
         if self.top_k is not None:
             limit = MAX_SAMPLE_K if self.out == "sample" else MAX_SCORE_K
             if not _is_int(self.top_k) or not 0 < self.top_k <= limit:
-                raise bad(f"'k' {self.top_k!r}: a {self.out} step's 'k' must be in 1..{limit}")
+                raise self._bad(f"'k' {self.top_k!r}: a {self.out} step's 'k' must be in 1..{limit}")
         if self.next_id is not None and not (_is_int(self.next_id) and 0 <= self.next_id < ID_LIMIT):
-            raise bad(f"'nx' {self.next_id!r} is not a token id")
+            raise self._bad(f"'nx' {self.next_id!r} is not a token id")
         if self.params is not None:
             if not isinstance(self.params, dict) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                     and math.isfinite(v) for k, v in self.params.items()):
-                raise bad("'p' must map sampling setting names to finite numbers")
+                raise self._bad("'p' must map sampling setting names to finite numbers")
         if self.recent is not None and not _token_ids(self.recent):
-            raise bad("'r' must be a list of token ids")
+            raise self._bad("'r' must be a list of token ids")
+
+    def _bad(self, msg: str) -> ProtocolError:
+        who = f"session {self.sid!r}" if isinstance(self.sid, str) else "a step"
+        return ProtocolError(E_BAD_FIELD, f"act: {who}: {msg}")
 
     @property
     def end(self) -> int:

@@ -7,6 +7,7 @@ the stages' membership, and hands it the messages of clients and the results of 
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -30,6 +31,23 @@ Send = Callable[[bytes, dict[str, Any]], None]
 
 def repeat_window(params: dict[str, Any]) -> int:
     """How many earlier ids the repeat penalty of these sampling settings looks at (0: none)."""
+    try:
+        key = tuple(sorted((k, v) for k, v in params.items() if v is not None))
+        hash(key)
+    except TypeError:  # a value that is not a number: from_dict says what is wrong
+        key = None
+    if key is None:
+        return _repeat_window(params)
+    # Asked for every decode step, on the path of the next step: worked out once per settings.
+    return _repeat_window_of(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _repeat_window_of(items: tuple[tuple[str, Any], ...]) -> int:
+    return _repeat_window(dict(items))
+
+
+def _repeat_window(params: dict[str, Any]) -> int:
     from dair.engine.sampling import SamplingParams
 
     p = SamplingParams.from_dict({k: v for k, v in params.items() if v is not None})

@@ -226,7 +226,7 @@ class Compute:
         elif s.pos > st.next_pos:
             problem = (P.E_BAD_FIELD, f"session {s.sid!r}: position {s.pos} after a gap "
                        f"(this stage holds {st.next_pos} positions)")
-        elif any(i >= vocab for i in s.ids) or (s.next_id or 0) >= vocab or any(i >= vocab for i in s.recent or ()):
+        elif max(s.ids) >= vocab or (s.next_id or 0) >= vocab or (s.recent and max(s.recent) >= vocab):
             problem = (P.E_BAD_FIELD, f"session {s.sid!r}: token id beyond the vocabulary ({vocab})")
         elif s.end > self.engine.max_context:
             problem = (P.E_CONTEXT, f"session {s.sid!r}: position {s.end} beyond the context of "

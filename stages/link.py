@@ -9,6 +9,7 @@ tight loop would otherwise starve the heartbeat thread on a loaded machine.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -72,6 +73,7 @@ class Link:
         if first < 0:
             self.compute.state = states.STANDBY
         self.dealer: zmq.Socket | None = None
+        self._poller = zmq.Poller()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._lost = False
@@ -121,6 +123,11 @@ class Link:
             self._monitor = None  # heartbeats still notice a lost bus, only later
         d.connect(self.bus_addr)
         self.dealer = d
+        # One poll for both sockets: a decode step's hop pays for a single zmq_poll.
+        self._poller = zmq.Poller()
+        self._poller.register(d, zmq.POLLIN)
+        if self._monitor is not None:
+            self._poller.register(self._monitor, zmq.POLLIN)
         self._send({"type": P.REGISTER, "name": self.name, "first": self.compute.first,
                     "last": self.compute.last, "n_layers": self.model.config.n_layers,
                     "fingerprint": self.model.fingerprint, "host": socket.gethostname(),
@@ -215,6 +222,9 @@ class Link:
             print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
             return 2
         self._heartbeat()  # "ready" at once
+        # The engine and the model's metadata live as long as the stage: kept out of the cyclic
+        # collector's walks, whose pauses would otherwise land on the token path.
+        gc.freeze()
         last_heard = time.monotonic()
         # Silence that makes us reconnect: a heartbeat timeout at first, then the backoff's
         # delay for each further attempt while the bus stays away (Paranoid Pirate).
@@ -241,7 +251,9 @@ class Link:
                     self.backoff.reset()
                 patience = self.heartbeat_s * self.liveness
                 if batch:
-                    wake()  # the kernel threads wake up while the batch is decoded
+                    # Again, now that the batch is decoded: a worker woken on arrival spins only so
+                    # long (DAIR_SPIN_US), and a slow decode must not leave it asleep for the first job.
+                    wake()
                     was = self.compute.state
                     self.compute.process(batch)
                     if self.compute.state != was:
@@ -250,12 +262,13 @@ class Link:
                         self._heartbeat()
                 if self.compute.outbox:
                     with self._lock:
+                        if not self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                            # Nothing queued: parked before the answer goes out, so that no kernel
+                            # thread spins on a core the bus and the next stage are about to need.
+                            park()
                         for frames in self.compute.outbox:
                             self._send_frames(frames)
-                        idle = not self.dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN
                     self.compute.outbox.clear()
-                    if idle:  # nothing queued: the kernel threads' spinning would only slow the next hop
-                        park()
                 if self.compute.fatal:
                     print(f"dair-stage: error: {self.compute.fatal}", file=sys.stderr)
                     return 2
@@ -305,17 +318,29 @@ class Link:
             assert self.dealer is not None
             if self._beat_due.is_set():
                 self._beat_locked()
-            while self._monitor is not None and self._monitor.poll(0):
-                if P.monitor_event(self._monitor)[0] == zmq.EVENT_DISCONNECTED:
-                    self._dropped = True
             # Short polls: the heartbeat thread takes the lock between them.
-            if not self.dealer.poll(20):
+            ready = dict(self._poller.poll(20))
+            if self._monitor is not None and self._monitor in ready:
+                while self._monitor.poll(0):
+                    if P.monitor_event(self._monitor)[0] == zmq.EVENT_DISCONNECTED:
+                        self._dropped = True
+            if self.dealer not in ready:
                 return None
-            while len(raw) < 4 * self.max_batch:
-                try:
-                    raw.append(self.dealer.recv_multipart(copy=False, flags=zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            # Work (most likely) has come: the kernel threads wake while it is decoded, so that
+            # the first matmul does not wait for the scheduler to bring them in.
+            wake()
+            d = self.dealer
+            try:
+                # EVENTS says whether another message is queued, without a zmq.Again raised to
+                # end every drain.
+                while True:
+                    # Copied: a decode step's frames are a few hundred bytes, where bytes objects
+                    # cost less than zmq.Frames (a prefill chunk's copy is small beside its compute).
+                    raw.append(d.recv_multipart(flags=zmq.NOBLOCK))
+                    if len(raw) >= 4 * self.max_batch or not d.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+            except zmq.Again:
+                pass
         self._lost = False
         batch = []
         for frames in raw:
@@ -326,7 +351,7 @@ class Link:
 
     def _on_bus(self, frames: list[Any]) -> tuple[dict[str, Any], list[Any]] | None:
         self.msgs_in += 1
-        self.bytes_in += sum(len(f.buffer) for f in frames)
+        self.bytes_in += sum(map(len, frames))
         try:
             header, buffers = P.decode(frames, self.max_frame_bytes)
             t = header["type"]

@@ -160,6 +160,8 @@ def test_a_step_travels_as_its_wire_form_and_back():
     ({"out": "score", "k": 1001}, "1..1000"), ({"nx": -1}, "'nx'"), ({"nx": 1 << 31}, "'nx'"),
     ({"p": [1]}, "'p'"), ({"p": {"temperature": float("nan")}}, "'p'"), ({"p": {"top_k": True}}, "'p'"),
     ({"p": {1: 2}}, "'p'"), ({"r": [-1]}, "'r'"), ({"r": 5}, "'r'"),
+    ({"ids": [1, True]}, "'ids'"), ({"ids": [3, 1.0]}, "'ids'"), ({"r": [1, False]}, "'r'"),
+    ({"r": [2, 1 << 31]}, "'r'"),
 ])
 def test_a_malformed_step_is_refused_by_name(change, words):
     seg = {"sid": "s1", "pos": 0, "ids": [1, 2], "q": 1, "out": "sample", **change}
@@ -174,3 +176,15 @@ def test_a_malformed_step_is_refused_by_name(change, words):
         assert e.value.code == P.E_BAD_FIELD and repr(missing) in e.value.msg
     with pytest.raises(P.ProtocolError):
         P.Step.from_wire([seg])
+
+
+def test_token_ids_of_an_int_subclass_other_than_bool_still_pass():
+    """The plain-int fast path and the element-by-element check agree: an int subclass (not
+    bool) is a token id, as it always was."""
+    import enum
+
+    class Tok(enum.IntEnum):
+        A = 7
+
+    assert P.Step("s", 0, [Tok.A, 2], 1).ids == [Tok.A, 2]
+    assert P._token_ids([]) and P._token_ids([0, (1 << 31) - 1]) and not P._token_ids([0, 1 << 31])

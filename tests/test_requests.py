@@ -238,3 +238,22 @@ def test_done_text_is_the_streamed_pieces_and_has_no_stop_token(model_file, toke
     assert done["stop"] == "eos" and done["ids"] == ids + [eot]  # the stop id is kept in ids
     assert "".join(pieces) == done["text"] == answer == tokenizer.decode(ids)
     assert "<|im_end|>" not in done["text"] and len(pieces) == len(ids)
+
+
+def test_the_repeat_window_follows_the_settings_and_bad_ones_stay_errors():
+    """Worked out once per settings (it is asked for every decode step), it still follows them:
+    the window of repeat_last_n while the penalty is on, none at 1.0, and a setting that is not a
+    number is refused every time it is asked, not remembered as an answer."""
+    from dair.bus.requests import repeat_window
+    from dair.engine.sampling import SamplingParams
+
+    default_n = SamplingParams().repeat_last_n
+    assert repeat_window({"repeat_penalty": 1.1}) == default_n
+    assert repeat_window({"repeat_penalty": 1.1, "repeat_last_n": 8}) == 8
+    assert repeat_window({"repeat_penalty": 1.0, "repeat_last_n": 8}) == 0
+    assert repeat_window({"repeat_penalty": 1.1, "repeat_last_n": 8, "top_k": None}) == 8
+    for _ in range(2):
+        with pytest.raises(Exception):  # noqa: B017 - from_dict's own error, whatever its type
+            repeat_window({"repeat_penalty": "high"})
+        with pytest.raises(Exception):  # noqa: B017
+            repeat_window({"repeat_penalty": [1.1]})  # unhashable: not cached, checked as before
