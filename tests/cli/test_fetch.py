@@ -11,7 +11,7 @@ import pytest
 from dair.errors import DairError
 from dair.model import fetch
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 
 

@@ -13,9 +13,9 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster_fixtures import TEST_MAX_FRAME, stage_behind_fake_bus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.cluster_fixtures import TEST_MAX_FRAME, stage_behind_fake_bus
 
 from dair.bus import protocol as P
 from dair.bus.client import BusClient

@@ -8,7 +8,7 @@ import re
 import time
 
 import pytest
-from cluster_fixtures import start_cluster, stop_cluster
+from support.cluster_fixtures import start_cluster, stop_cluster
 
 from dair.bus.client import BusClient, BusError, BusTimeout
 from dair.config import ReconnectConfig, load_config, section

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import zmq
-from cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
+from support.cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
 
 from dair import security
 from dair.bus import protocol as P

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
-from tiny_models import write_tiny_gguf
+from support.tiny_models import write_tiny_gguf
 
 from dair.engine.residency import MADV_DONTNEED, PAGE, _addr, _madvise
 from dair.model import open_model
@@ -77,7 +77,7 @@ def test_the_fingerprint_misses_the_corruption_and_the_digests_name_it(opened, t
 def test_digests_equal_an_independent_computation(default_model, model_file, numpy_model, tmp_path):
     m = model_file
     ours = FileDigests(m, cache=tmp_path).for_range(0, m.config.n_layers - 1)
-    # numpy_model holds the gguf package's own reader's tensors (tests/numpy_reference.py).
+    # numpy_model holds the gguf package's own reader's tensors (tests/support/numpy_reference.py).
     want = _independent_digests(default_model, numpy_model._tensors.values())
     assert len(want) == 272 and set(want) <= set(ours)
     assert {n: ours[n] for n in want} == want

@@ -21,9 +21,9 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from cluster_fixtures import TEST_CONFIG, stage_behind_fake_bus, start_cluster, stop_cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.cluster_fixtures import TEST_CONFIG, stage_behind_fake_bus, start_cluster, stop_cluster
 
 from dair.bus import protocol as P
 from dair.bus.client import BusClient

@@ -1,5 +1,5 @@
 """What crosses a network: bus, stages and client each on a host of its own (network namespaces
-joined by a bridge, tests/netns.py), every host's link limited to 1 Gbit with `tbf`.
+joined by a bridge, tests/support/netns.py), every host's link limited to 1 Gbit with `tbf`.
 
 - a 3-stage cluster across namespaces generates the in-process engine's greedy tokens, token
   for token (f32 on the wire: the same arithmetic as one process);
@@ -7,7 +7,7 @@ joined by a bridge, tests/netns.py), every host's link limited to 1 Gbit with `t
 - the rate limit really holds (a bulk TCP transfer between two hosts stays near 1 Gbit/s);
 - the same cluster with 1 ms one-way delay on every link besides the 1 Gbit limit still
   generates those tokens, and every hop takes at least the 2 ms round trip longer;
-- the delay relay that adds that delay (tests/delay_relay.py) adds what it says: a TCP
+- the delay relay that adds that delay (tests/support/delay_relay.py) adds what it says: a TCP
   ping-pong through it takes 2 x delay longer than a direct one;
 - the rate limit really holds (a bulk TCP transfer between two hosts stays near 1 Gbit/s);
 - a lab leaves nothing behind, even when the code inside it raises.
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netns import (
+from support.netns import (
     NetnsLab,
     cleanup_stale,
     client_command,
@@ -40,7 +40,7 @@ from dair.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.netns
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
 PROMPT_IDS = REF["prompts"]["capital"]["prompt_ids"]
 N_TOKENS = 32

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_fixtures import start_cluster, stop_cluster
+from support.cluster_fixtures import start_cluster, stop_cluster
 
 from dair.bus.client import BusBackend, BusClient
 from dair.engine.sampling import SamplingParams
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
 CASE = REF["prompts"]["capital"]
 N_GREEDY = 24

@@ -17,7 +17,7 @@ from dair.bus.local import LocalCluster
 from dair.engine.placement import NodeCapacity, model_unit_bytes, place
 from dair.engine.sampling import SamplingParams
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
 PROMPT = REF["prompts"]["capital"]["prompt_ids"]
 CONFIG = "[bus]\nheartbeat_interval_ms = 200\nheartbeat_liveness = 8\n"

@@ -1,6 +1,6 @@
 """CurveZMQ wired into a real cluster: bus, stages and clients on 127.0.0.1 with keys.
 
-The building blocks are tested in tests/test_security.py; here the processes use them: allowed
+The building blocks are tested in tests/cluster/test_security.py; here the processes use them: allowed
 keys work end to end, unknown keys and plain sockets get nothing, and a key's role limits what
 its holder may send.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from cluster_fixtures import start_cluster, stop_cluster
+from support.cluster_fixtures import start_cluster, stop_cluster
 
 from dair import security
 from dair.bus import protocol as P
@@ -24,7 +24,7 @@ from dair.bus.client import BusBackend, BusClient, BusTimeout
 from dair.bus.local import free_port_pair
 from dair.engine.sampling import SamplingParams
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
 PROMPT = REF["prompts"]["capital"]["prompt_ids"]
 CONFIG = "[bus]\nheartbeat_interval_ms = 300\nheartbeat_liveness = 10\n"

@@ -203,7 +203,7 @@ def test_prompt_streams_into_transcript(cluster: Cluster) -> None:
         assert answer["role"] == "assistant" and answer["content"]
         # llama.cpp's greedy answer opens at a near-tie ("L" 24.74 vs "The" 24.65, tests/data/chat.ref.json):
         # the answer must open with one of the tokens within 0.75 of its top-1.
-        ref = json.loads((Path(__file__).parent / "data" / "chat.ref.json").read_text())
+        ref = json.loads((Path(__file__).parent.parent / "data" / "chat.ref.json").read_text())
         first = ref["top5"][0]
         from dair.tokenizer import load_tokenizer
 

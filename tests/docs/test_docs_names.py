@@ -8,7 +8,7 @@ import importlib
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "internals.md"
+DOC = Path(__file__).resolve().parent.parent.parent / "docs" / "internals.md"
 
 
 def _section(text: str, title: str) -> str:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_fixtures import start_cluster, stop_cluster
+from support.cluster_fixtures import start_cluster, stop_cluster
 
 from dair.model import qtypes
 
-ARCH = Path(__file__).resolve().parent / "data" / "arch"
+ARCH = Path(__file__).resolve().parent.parent / "data" / "arch"
 # One file per family, within the repository's size budget (the README lists the others' figures).
 FILES = ["qwen2.Q4_K_M", "qwen3.F16", "llama-moe.Q8_0", "qwen3moe.Q8_0", "qwen3moe.Q4_K_M"]
 TOL = {"F16": 0.1}
@@ -208,7 +208,7 @@ def synth_dir(tmp_path_factory):
 def test_synthetic_family_matches_numpy_reference(shape, synth_dir):
     """float32 activations and cache: dair's kernels against numpy's maths, over a prefill then token-by-
     token decode (gemma3's window of 8 is passed by both)."""
-    from numpy_reference import NumpyModel
+    from support.numpy_reference import NumpyModel
 
     from dair.engine.forward import RangeEngine
     from dair.model import open_model

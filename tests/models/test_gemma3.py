@@ -18,7 +18,7 @@ import pytest
 from dair.engine.sampling import SamplingParams
 from dair.model import qtypes
 
-REF = json.loads((Path(__file__).resolve().parent / "data" / "gemma3-270m.shared.ref.json").read_text())
+REF = json.loads((Path(__file__).resolve().parent.parent / "data" / "gemma3-270m.shared.ref.json").read_text())
 PROMPTS = sorted(REF["prompts"])
 LEAD = 0.75
 
@@ -96,7 +96,7 @@ def test_past_the_sliding_window_matches_numpy_reference(gemma, gemma_path):
     dair without the window is far off there: the check can tell."""
     from dataclasses import replace
 
-    from numpy_reference import NumpyModel
+    from support.numpy_reference import NumpyModel
 
     from dair.engine.forward import RangeEngine
 

@@ -19,7 +19,7 @@ from dair.engine.kvcache import KV_TYPES, SessionCache, kv_bytes_per_token
 from dair.engine.sampling import SamplingParams
 from dair.errors import DairError
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
 TEXT = ("Long documents are pasted into chats: a contract, a paper, a log file. The model must keep "
         "every earlier token in its cache and attend to all of them for each new one. ")

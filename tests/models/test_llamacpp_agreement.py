@@ -15,7 +15,7 @@ import pytest
 from dair.engine.forward import RangeEngine
 from dair.engine.sampling import SamplingParams
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
 PROMPTS = sorted(REF["prompts"])
 LOGIT_TOL, LEAD = 1.25, 0.75

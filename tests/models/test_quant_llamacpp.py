@@ -16,7 +16,7 @@ import pytest
 from dair.backend import LocalBackend
 from dair.ops.matmul import KERNELS, kernel_table, set_kernels
 
-DATA = Path(__file__).parent / "data" / "quant"
+DATA = Path(__file__).parent.parent / "data" / "quant"
 FILES = sorted(p.name[len("llama."):-len(".gguf")] for p in DATA.glob("llama.*.gguf"))
 LOGIT_TOL, LEAD = 0.75, 0.5
 

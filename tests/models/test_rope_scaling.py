@@ -1,5 +1,5 @@
 """Long-context rotary scaling from a GGUF's rope.scaling.* (linear, YaRN) and llama3's
-rope_freqs.weight, against tests/numpy_reference.py's float64 rendering of the maths.
+rope_freqs.weight, against tests/support/numpy_reference.py's float64 rendering of the maths.
 
 Synthetic GGUFs carry the metadata; dair opens them as it would a real file. The rotation alone
 is compared at positions far past the original context (where YaRN's interpolated pairs differ
@@ -64,7 +64,7 @@ def _plain(ref) -> None:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_rotation_matches_reference_past_the_original_context(name, files):
-    from numpy_reference import NumpyModel
+    from support.numpy_reference import NumpyModel
 
     path = files(name)
     mf = open_model(path)
@@ -82,8 +82,8 @@ def test_rotation_matches_reference_past_the_original_context(name, files):
 @pytest.mark.parametrize("name", ["linear", "yarn-tuned", "llama3-freqs", "qwen3-yarn", "gemma3-linear"])
 def test_forward_matches_reference_past_the_original_context(name, files):
     """Prefill 12 tokens, decode to 28 through the KV cache, original context 16: logits within
-    float32 noise of the reference (float32 activations, as tests/test_families.py)."""
-    from numpy_reference import NumpyModel
+    float32 noise of the reference (float32 activations, as tests/models/test_families.py)."""
+    from support.numpy_reference import NumpyModel
 
     from dair.engine.forward import RangeEngine
 
@@ -149,7 +149,7 @@ def test_unsupported_scaling_is_refused_by_name_at_open(extra, match, files, cap
 def test_stages_apply_the_scaling_as_one_process_does(files, cluster_config, tmp_path):
     """Each stage opens the file and rotates its own layers: through 2 stage processes (f32
     wire) the scores of a sequence past the original context are those of one process."""
-    from cluster_fixtures import start_cluster, stop_cluster
+    from support.cluster_fixtures import start_cluster, stop_cluster
 
     from dair.backend import LocalBackend
     from dair.bus.client import BusBackend

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from serve_fixtures import KEY, MODEL, serve_process
+from support.serve_fixtures import KEY, MODEL, serve_process
 
 from dair.bus.client import BusClient, BusTimeout
 from dair.bus.local import LocalCluster, _command
@@ -127,7 +127,7 @@ def test_greedy_chat_follows_llama_cpp(client, tokenizer) -> None:
     the same prompt tokens, and the same answer token for token up to the first near-tie of the
     reference's logits (top-2 within 0.75, the reference data's rule), where Q4_1 rounding may pick
     the other one; there the answer must pick one of the tied tokens."""
-    ref = json.loads((Path(__file__).parent / "data" / "chat.ref.json").read_text())
+    ref = json.loads((Path(__file__).parent.parent / "data" / "chat.ref.json").read_text())
     msgs = [{"role": "user", "content": ref["question"]}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=len(ref["ids"]),
                                        logprobs=True)
@@ -540,7 +540,7 @@ def test_busy_is_429_and_bus_restart_and_failover_are_pauses(default_model: Path
     request while one streams is refused with 429 + Retry-After; then the bus is restarted
     mid-stream, and in a second stream the stage is killed (the standby takes its range): both
     streams go on after a pause with the tokens an uninterrupted run gives."""
-    from cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
+    from support.cluster_fixtures import TEST_CONFIG, start_cluster, stop_cluster
 
     cfg = tmp_path / "config.toml"
     cfg.write_text(TEST_CONFIG.replace("[bus]\n", "[bus]\nmax_sessions_per_client = 1\n"))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_fixtures import KEY, serve_process
+from support.serve_fixtures import KEY, serve_process
 
 from dair.bus.client import BusClient
 

@@ -1,11 +1,11 @@
 """A TCP relay that holds every chunk for a fixed time in each direction: a test transport that
 adds one-way delay where the kernel has no `netem` (DESIGN.md, "Testing what crosses a network").
 
-    python tests/delay_relay.py --delay-ms 1 --map 127.0.0.1:5555=10.213.0.2:5555 [--map ...]
+    python tests/support/delay_relay.py --delay-ms 1 --map 127.0.0.1:5555=10.213.0.2:5555 [--map ...]
 
 listens on each LISTEN address and connects every accepted connection to its TARGET; bytes read
 from either side are written to the other no earlier than DELAY after they were read. Prints
-"ready" once every listener is bound. Run inside a namespace with `ip netns exec` (tests/netns.py,
+"ready" once every listener is bound. Run inside a namespace with `ip netns exec` (tests/support/netns.py,
 `start_relay`), so that a stage or client connects to the relay on its own loopback and the
 relay's own connection crosses the namespace's veth and rate limit.
 

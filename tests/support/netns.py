@@ -6,7 +6,7 @@
 Each host is a namespace with `lo` and an `eth0` (one end of a veth pair whose other end is a
 port of the lab's bridge), an address in 10.213.0.0/24 and a `tbf` rate limit on its `eth0`
 (the kernels here have tbf and htb but not netem: delay is added by a relay in the test
-transport instead, tests/delay_relay.py and `start_dair_cluster(delay_ms=...)`). Nothing is
+transport instead, tests/support/delay_relay.py and `start_dair_cluster(delay_ms=...)`). Nothing is
 addressed or routed in the root namespace: the bridge has no address, so traffic goes only
 among the lab's hosts, and several labs (parallel runs) can use the same /24 on separate bridges.
 
@@ -255,7 +255,7 @@ def _script(name: str) -> list[str]:
 
 def start_relay(lab: NetnsLab, host: Host, maps: list[tuple[str, str]], delay_ms: float,
                 log: Any = None) -> subprocess.Popen:
-    """tests/delay_relay.py inside `host`: each (listen, target) pair of "HOST:PORT" addresses,
+    """tests/support/delay_relay.py inside `host`: each (listen, target) pair of "HOST:PORT" addresses,
     every chunk held `delay_ms` in each direction. Returns once the relay listens."""
     script = Path(__file__).resolve().parent / "delay_relay.py"
     cmd = [sys.executable, str(script), "--delay-ms", str(delay_ms)]
@@ -278,7 +278,7 @@ def start_dair_cluster(lab: NetnsLab, model: str, split: list[tuple[int, int]], 
     non-loopback address, hence `--insecure` (no keys here; giving each namespace its own key
     pair would test the cross-host case CurveZMQ is for).
 
-    With `delay_ms` (0 included: the relays' own cost alone), every host but the bus's runs a delay relay (tests/delay_relay.py) on its
+    With `delay_ms` (0 included: the relays' own cost alone), every host but the bus's runs a delay relay (tests/support/delay_relay.py) on its
     own loopback, forwarding the bus's ROUTER and stats ports: the stages and clients there
     connect to that (the returned address is then 127.0.0.1's) and every byte between them and
     the bus is `delay_ms` later in each direction, as with `netem delay` on every host's link.

@@ -1,7 +1,7 @@
 """A dair client for one test host: waits for the pipeline, generates greedily, prints JSON.
 
-Run inside a network namespace (`ip netns exec NS python tests/netns_client.py --bus ADDR ...`)
-by tests/test_netns.py and benchmarks/bench_network.py, or directly for a loopback baseline, so
+Run inside a network namespace (`ip netns exec NS python tests/support/netns_client.py --bus ADDR ...`)
+by tests/cluster/test_netns.py and benchmarks/bench_network.py, or directly for a loopback baseline, so
 that both measure through the same client. Output (one JSON object on stdout):
 
     {"ready_s": ..., "runs": [{"ids": [...], "decode_tok_s": ..., "prefill_s": ..., "wall_s": ...}],

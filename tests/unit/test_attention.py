@@ -251,7 +251,7 @@ def test_round16_equals_numpy(tmp_path, arch):
     cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
     if os.uname().machine not in ("x86_64", "AMD64") or shutil.which(cc[0]) is None:
         pytest.skip("needs an x86 C compiler")
-    ops = Path(__file__).resolve().parent.parent / "ops"
+    ops = Path(__file__).resolve().parent.parent.parent / "ops"
     src = tmp_path / "r16.c"
     src.write_text('#include <stdio.h>\n#include "attn.h"\nint main(void) { float x;\n'
                    '  while (fread(&x, 4, 1, stdin) == 1) { float y = dair_attn_round16(x); fwrite(&y, 4, 1, stdout); }\n'

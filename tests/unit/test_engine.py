@@ -1,4 +1,4 @@
-"""The engine's forward pass against the independent numpy float32 forward pass (tests/numpy_reference.py).
+"""The engine's forward pass against the independent numpy float32 forward pass (tests/support/numpy_reference.py).
 
 Tolerances, stated once:
 - exact float path (act_q8=False): max |logit error| < 0.02 and cosine > 0.99999 against numpy;

@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from tiny_models import write_tiny_gguf
+from support.tiny_models import write_tiny_gguf
 
 from dair.errors import ModelFormatError
 from dair.model import open_model
@@ -24,7 +24,7 @@ from dair.model.gguf_file import _LARGE_ARRAYS as TOKENIZER_ARRAYS
 from dair.model.gguf_header import GGML_TYPES, GGUFHeader
 from dair.model.synth import write_synth
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 
 # Every kind of value GGUF has, with what was written as the truth to compare against.
 ALL_VALUES = {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.tiny_models import write_tiny_gguf
 from test_tokenizer_spm import _vocab
-from tiny_models import write_tiny_gguf
 
 from dair.errors import DairError, ModelFormatError
 from dair.model import open_model
@@ -18,7 +18,7 @@ from dair.model.convert import convert_gguf_to_dllama
 from dair.tokenizer import load_tokenizer
 from dair.tokenizer.dllama_t import TRAILER, read_t
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @pytest.fixture(scope="module")

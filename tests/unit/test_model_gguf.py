@@ -10,7 +10,7 @@ import sys
 import gguf
 import numpy as np
 import pytest
-from tiny_models import TINY, write_tiny_gguf
+from support.tiny_models import TINY, write_tiny_gguf
 
 from dair.errors import ModelFormatError
 from dair.model import open_model, qtypes

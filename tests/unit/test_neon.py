@@ -1,6 +1,6 @@
 """ARM NEON kernels (ops/neon_quants.h) against the plain-C kernels, cross-compiled and run under qemu.
 
-There is no ARM machine here: tests/neon/harness.c is built for aarch64 with Debian's
+There is no ARM machine here: tests/support/neon/harness.c is built for aarch64 with Debian's
 gcc-aarch64-linux-gnu, once with the dot-product extension and once as plain ARMv8 NEON, and run
 under qemu-user's qemu-aarch64 (on an aarch64 host it is built and run natively). It checks Q8_0,
 Q4_0, Q4_1, Q4_K and Q6_K products bit for bit where the sums are exact in float and within float
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 OPS = ROOT / "ops"
-HARNESS = Path(__file__).resolve().parent / "neon" / "harness.c"
+HARNESS = Path(__file__).resolve().parent.parent / "support" / "neon" / "harness.c"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
 NATIVE = platform.machine() in ("aarch64", "arm64")
 CC = "cc" if NATIVE else "aarch64-linux-gnu-gcc"
@@ -111,7 +111,7 @@ def test_matmul_extension_compiles_for_aarch64_with_neon_kernels(tmp_path):
 
 
 def test_each_header_compiles_alone_for_aarch64(tmp_path):
-    """As tests/test_ops_headers.py does for x86: no x86 intrinsic outside its guards, on both ARM targets."""
+    """As tests/unit/test_ops_headers.py does for x86: no x86 intrinsic outside its guards, on both ARM targets."""
     procs = {}
     for variant, march in MARCHES.items():
         for h in sorted(p.name for p in OPS.glob("*.h")):

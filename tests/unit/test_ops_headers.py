@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-OPS = Path(__file__).resolve().parent.parent / "ops"
+OPS = Path(__file__).resolve().parent.parent.parent / "ops"
 HEADERS = sorted(p.name for p in OPS.glob("*.h"))
 CC = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
 # the build itself covers the host; these are the other kinds (plain x86-64, AVX2-only Zen 3)

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
-from numpy_reference import NumpyLlama
-from tiny_models import write_tiny_gguf
+from support.numpy_reference import NumpyLlama
+from support.tiny_models import write_tiny_gguf
 
 from dair.model import qtypes
 from dair.ops import threads

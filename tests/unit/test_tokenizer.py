@@ -9,7 +9,7 @@ import pytest
 from dair.errors import DairError
 from dair.tokenizer import load_tokenizer
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"
 STEM = "SmolLM2-135M-Instruct.Q4_1"
 
 

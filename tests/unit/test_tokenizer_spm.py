@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import write_tiny_gguf
+from support.tiny_models import write_tiny_gguf
 
 from dair.tokenizer import load_tokenizer
 

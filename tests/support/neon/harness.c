@@ -1,5 +1,5 @@
 /* NEON kernels (ops/neon_quants.h) against the plain-C kernels of the same headers (qdot.h,
- * kquants.h), for an aarch64 build run under qemu-aarch64: tests/test_neon.py builds it with and
+ * kquants.h), for an aarch64 build run under qemu-aarch64: tests/unit/test_neon.py builds it with and
  * without the dot-product extension.
  *
  * For Q8_0, Q4_0, Q4_1, Q4_K and Q6_K:
@@ -13,7 +13,7 @@
  *    called directly bit for bit (the dispatch picks it) and the two must agree as above.
  * Then the float kernels of neon_float.h: every F16 half to float bit for bit as the portable
  * conversion and dot products against double sums (attn.h's plain-C attention, which aarch64
- * runs, is tested against numpy by tests/test_attention.py).
+ * runs, is tested against numpy by tests/unit/test_attention.py).
  * `harness perturb` feeds the NEON side one activation value off by one per block and must find
  * a mismatch for every type (the comparison is able to fail). Exit status 0 = all agree. */
 #include <math.h>
