@@ -57,6 +57,7 @@ def bus_only(default_model, tmp_path):
     log.close()
 
 
+@pytest.mark.slow
 def test_placed_stages_get_proportional_ranges_and_replan(bus_only, model_file, local_backend):
     c = bus_only
     want_ids = local_backend.generate(PROMPT, SamplingParams(temperature=0), 8, {REF["eos"]})["ids"]

@@ -105,6 +105,7 @@ def test_q8_0_cache_logits_near_f16(model_file, default_model):
     assert np.array_equal(q8.argmax(1)[clear], top[clear, 0])
 
 
+@pytest.mark.slow
 def test_q8_0_cache_logits_within_half_a_logit_at_2000_tokens(model_file):
     """On the float32 activation path, where the f32 and f16 caches agree to 0.05 (the 8-bit path
     rounds activations and so amplifies any difference: there even f32 against f16 parts by 1.7),

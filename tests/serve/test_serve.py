@@ -471,6 +471,7 @@ def test_ollama_show_describes_the_model_file(server: str, default_model: Path, 
     assert bad.status_code == 404 and "no-such-model" in bad.json()["error"]
 
 
+@pytest.mark.slow
 def test_ollama_ps_lists_the_model_the_stages_hold(server: str, cluster3: LocalCluster, default_model: Path) -> None:
     auth = {"Authorization": f"Bearer {KEY}"}
     _, params, ftype = _gguf_facts(default_model)
@@ -535,6 +536,7 @@ def test_missing_layer_range_is_503_with_retry_after(default_model: Path, tmp_pa
         log.close()
 
 
+@pytest.mark.slow
 def test_busy_is_429_and_bus_restart_and_failover_are_pauses(default_model: Path, tmp_path: Path) -> None:
     """One stage holding every layer and a standby, a bus allowing one session per client: a second
     request while one streams is refused with 429 + Retry-After; then the bus is restarted
