@@ -2,16 +2,16 @@
 against the loopback baseline measured in the same run (these machines are shared and noisy).
 
 Configurations (bus, 3 stages and the client each a process; the client is the same script,
-tests/netns_client.py, in every case):
+tests/support/netns_client.py, in every case):
 
 - `loopback`: everything on 127.0.0.1 in this namespace (the baseline);
 - `netns`: bus, each stage and the client on hosts of their own (network namespaces joined by
-  veth pairs to a bridge, tests/netns.py), no rate limit: what crossing a veth/bridge costs;
+  veth pairs to a bridge, tests/support/netns.py), no rate limit: what crossing a veth/bridge costs;
 - `netns-1gbit`: the same with every host's link limited to 1 Gbit (`tbf rate 1gbit burst 64kb
   latency 50ms`);
 - `netns-1gbit-1ms` ("namespaces, 1 Gbit + 1 ms delay"): the same plus 1 ms one-way delay on
   every connection to the bus. These kernels have no netem, so the delay is a relay in each
-  stage's and the client's namespace (tests/delay_relay.py) that holds every chunk 1 ms in
+  stage's and the client's namespace (tests/support/delay_relay.py) that holds every chunk 1 ms in
   each direction: a hop (bus -> stage -> bus) should take about 2 ms longer;
 - `netns-1gbit-relay0`: the same relays with no delay, which tells the relay's own cost
   (a Python copy on each crossing) apart from the 1 ms (`--no-relay0` leaves it out).
@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from netns import (  # noqa: E402
+from support.netns import (  # noqa: E402
     NetnsLab,
     cleanup_stale,
     client_command,
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw[name].append(fn(log))
     out: dict[str, Any] = {"wire": args.wire, "tokens": args.tokens, "threads": args.threads,
                            "delay": f"{args.delay_ms:g} ms one-way in the -ms row only, added by relays in the "
-                                    "test transport (tests/delay_relay.py: no netem in the kernel)",
+                                    "test transport (tests/support/delay_relay.py: no netem in the kernel)",
                            "netns_skipped": reason}
     out["configs"] = {k: summarize(v) for k, v in raw.items()}
     base = out["configs"]["loopback"]
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"\n3 stages, {args.wire} on the wire, {args.threads} thread(s) per stage, {args.tokens} tokens, "
-          f"delay only in the -{args.delay_ms:g}ms row (relays, tests/delay_relay.py)")
+          f"delay only in the -{args.delay_ms:g}ms row (relays, tests/support/delay_relay.py)")
     print(f"{'config':18} {'decode tok/s':>12} {'hop p50 ms':>11} {'added ms/hop':>13} {'B/token/hop':>12}"
           f" {'echo rtt us':>12} {'tok/s vs lo':>12} {'hop vs lo':>10} {'rtt vs lo':>10}")
     for k, v in out["configs"].items():

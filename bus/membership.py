@@ -3,7 +3,7 @@ covering a dead range with a standby, placing stages started without layers, ASS
 
 This object owns the stages' rules and no socket: it talks through the callbacks it is given
 (`send` to a stage, `reply_error` to any peer), so its rules run in one process in tests
-(tests/test_membership.py). `Broker` owns the sockets and hands it the stages' `register` and
+(tests/unit/test_membership.py). `Broker` owns the sockets and hands it the stages' `register` and
 `heartbeat` messages, the monitor's disconnect events and the heartbeat timer.
 """
 from __future__ import annotations

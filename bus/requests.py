@@ -2,7 +2,7 @@
 
 This object owns the sessions and every rule about them, and no socket: it talks through the
 callbacks it is given (`send` to a stage, `tell` a client, `route` a step into the pipeline), so
-its rules run in one process in tests (tests/test_requests.py). `Broker` owns the sockets and
+its rules run in one process in tests (tests/unit/test_requests.py). `Broker` owns the sockets and
 the stages' membership, and hands it the messages of clients and the results of the last stage.
 """
 from __future__ import annotations

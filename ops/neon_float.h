@@ -1,7 +1,7 @@
 /* ARM NEON float kernels under attention and the float weight path: an F16 row to float (the KV
  * cache's rows, F16 weights) and the float dot product (scores q . k). qdot.h's dair_dequant_row
  * and dair_dot_f32 use them on aarch64, so attention (attn.h) runs on NEON without a copy of its
- * own; off ARM this header is empty. tests/neon/harness.c checks them against plain C. */
+ * own; off ARM this header is empty. tests/support/neon/harness.c checks them against plain C. */
 #ifndef DAIR_NEON_FLOAT_H
 #define DAIR_NEON_FLOAT_H
 

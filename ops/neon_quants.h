@@ -6,7 +6,7 @@
  * qdot.h / kquants.h do, so the two differ only in float summation order. With the dot-product
  * extension (__ARM_FEATURE_DOTPROD, e.g. -march=armv8.2-a+dotprod or -mcpu=native on a core that
  * has it) a 16-byte product is one SDOT; plain ARMv8 NEON widens with SMULL and pairwise adds.
- * tests/neon/harness.c checks both builds against the plain-C kernels under qemu-aarch64.
+ * tests/support/neon/harness.c checks both builds against the plain-C kernels under qemu-aarch64.
  *
  * The signatures are dair_vdot_fn's (act.h): wrow, nb blocks, activation q, d, s, isum.
  */

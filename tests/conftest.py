@@ -40,8 +40,8 @@ def model_file(default_model):
 
 @pytest.fixture(scope="session")
 def numpy_model(default_model):
-    """The independent plain-numpy float32 forward pass (tests/numpy_reference.py)."""
-    from numpy_reference import NumpyLlama
+    """The independent plain-numpy float32 forward pass (tests/support/numpy_reference.py)."""
+    from support.numpy_reference import NumpyLlama
 
     return NumpyLlama(str(default_model))
 
@@ -54,5 +54,5 @@ def local_backend(default_model):
     return LocalBackend(default_model, quiet=True)
 
 
-# Local clusters (bus + stage processes) for the pipeline tests: tests/cluster_fixtures.py.
-from cluster_fixtures import cluster3, cluster_config  # noqa: E402, F401
+# Local clusters (bus + stage processes), used by several groups: tests/support/cluster_fixtures.py.
+from support.cluster_fixtures import cluster3, cluster_config  # noqa: E402, F401

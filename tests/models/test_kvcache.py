@@ -1,0 +1,191 @@
+"""The KV cache (engine/kvcache.py) on the default model: its types, their memory, the Q8_0
+cache's effect on logits, the one max_context rule, and a long prompt through a 3-stage cluster.
+
+The Q8_0 cache (as llama.cpp's -ctk/-ctv q8_0) rounds each cached key and value to 8 bits per
+32-value block: teacher-forced it must meet the criterion this project holds dair to against
+llama.cpp, and keep the greedy continuations of the reference prompts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dair.bus.client import BusBackend, BusClient
+from dair.engine.forward import RangeEngine
+from dair.engine.kvcache import KV_TYPES, SessionCache, kv_bytes_per_token
+from dair.engine.sampling import SamplingParams
+from dair.errors import DairError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
+TEXT = ("Long documents are pasted into chats: a contract, a paper, a log file. The model must keep "
+        "every earlier token in its cache and attend to all of them for each new one. ")
+
+
+def long_ids(tokenizer, n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids += tokenizer.encode(TEXT)
+    return ids[:n]
+
+
+def teacher_forced(eng: RangeEngine, ids: list[int], chunk: int = 256) -> np.ndarray:
+    """Logits at every position of ids, prefilled in chunks as the backends do."""
+    eng.open_session("tf")
+    try:
+        out = []
+        for a in range(0, len(ids), chunk):
+            part = np.asarray(ids[a:a + chunk], np.int32)
+            x = eng.run_layers(eng.embed(part), [("tf", np.arange(a, a + part.size, dtype=np.int32))])
+            out.append(eng.head(x))
+        return np.concatenate(out)
+    finally:
+        eng.close_session("tf")
+
+
+def greedy(eng: RangeEngine, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """n greedy tokens, and at each step the lead of the top logit over the second."""
+    eng.open_session("g")
+    out: list[int] = []
+    leads: list[float] = []
+
+    def pick(logits: np.ndarray) -> None:
+        two = np.sort(logits)[-2:]
+        out.append(int(np.argmax(logits)))
+        leads.append(float(two[1] - two[0]))
+
+    try:
+        x = eng.run_layers(eng.embed(np.asarray(ids, np.int32)), [("g", np.arange(len(ids), dtype=np.int32))])
+        pick(eng.head(x[-1:])[0])
+        while len(out) < n:
+            pos = np.array([len(ids) + len(out) - 1], np.int32)
+            x = eng.run_layers(eng.embed(np.array(out[-1:], np.int32)), [("g", pos)])
+            pick(eng.head(x)[0])
+        return out, leads
+    finally:
+        eng.close_session("g")
+
+
+def test_bytes_per_token_as_stated_and_allocated(model_file):
+    cfg = model_file.config
+    # 2 (K and V) * 3 kv heads * 64 values: 4 bytes each (f32), 2 (f16), 34 per 32 (Q8_0 blocks)
+    assert [kv_bytes_per_token(t, cfg.n_kv_heads, cfg.head_dim) for t in ("f32", "f16", "q8_0")] == [1536, 768, 408]
+    for kv in KV_TYPES:
+        c = SessionCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 1000, kv)
+        c.reserve(300)  # grows in chunks of 256
+        assert c.nbytes() == 512 * cfg.n_layers * kv_bytes_per_token(kv, cfg.n_kv_heads, cfg.head_dim)
+
+
+def test_bad_kv_type_is_a_clear_error(model_file):
+    with pytest.raises(DairError, match="KV cache type 'q4'"):
+        RangeEngine(model_file, 0, 1, kv_type="q4")
+
+
+def test_q8_0_cache_logits_near_f16(model_file, default_model):
+    from dair.tokenizer import load_tokenizer
+
+    ids = long_ids(load_tokenizer(model_file), 600)
+    last = model_file.config.n_layers - 1
+    f16 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="f16"), ids)
+    q8 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="q8_0"), ids)
+    # On this 8-bit activation path any difference in attention can flip the rounding of an
+    # activation, so the spread is the path's more than the cache's: the f32 cache differs from the
+    # f16 one by 0.97 at worst and 0.15 on average over f16's top five. Measured for Q8_0: 1.39 and
+    # 0.18 (the bound at 2,000 tokens without that noise is test_..._within_half_a_logit below).
+    # The same top-1 wherever f16 leads by 0.75, as the project's criterion (tests/data/README.md).
+    top = np.argsort(-f16, axis=1)[:, :5]
+    diff = np.abs(np.take_along_axis(q8, top, 1) - np.take_along_axis(f16, top, 1))
+    assert diff.max() <= 2.0 and diff.mean() <= 0.25, (diff.max(), diff.mean())
+    assert diff.max() > 0.0  # the Q8_0 cache is really in use
+    lead = np.take_along_axis(f16, top[:, :1], 1)[:, 0] - np.take_along_axis(f16, top[:, 1:2], 1)[:, 0]
+    clear = lead >= 0.75
+    assert np.array_equal(q8.argmax(1)[clear], top[clear, 0])
+
+
+@pytest.mark.slow
+def test_q8_0_cache_logits_within_half_a_logit_at_2000_tokens(model_file):
+    """On the float32 activation path, where the f32 and f16 caches agree to 0.05 (the 8-bit path
+    rounds activations and so amplifies any difference: there even f32 against f16 parts by 1.7),
+    2,000 teacher-forced tokens: f16's top-5 logits within 0.5 at every step. Keys and values are
+    stored rotated (engine/kvcache.py): without the rotation the same check measured 0.82."""
+    from dair.tokenizer import load_tokenizer
+
+    ids = long_ids(load_tokenizer(model_file), 2000)
+    last = model_file.config.n_layers - 1
+    f16 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="f16", act_q8=False), ids)
+    q8 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="q8_0", act_q8=False), ids)
+    top = np.argsort(-f16, axis=1)[:, :5]
+    diff = np.abs(np.take_along_axis(q8, top, 1) - np.take_along_axis(f16, top, 1))
+    assert 0.0 < diff.max() <= 0.5, diff.max()  # measured 0.40 (0.04 on average)
+
+
+def test_q8_0_cache_keeps_the_greedy_continuations(model_file):
+    last = model_file.config.n_layers - 1
+    engines = {kv: RangeEngine(model_file, 0, last, kv_type=kv) for kv in ("f16", "q8_0")}
+    for case in REF["prompts"].values():
+        (want, leads), (got, _) = (greedy(engines[kv], case["prompt_ids"], 16) for kv in ("f16", "q8_0"))
+        # Identical, or parting only where the f16 run's top two are closer than the project's
+        # 0.75 criterion: on "robot" both part at step 6, where f16 leads by 0.11 (and dair and
+        # llama.cpp part too: llama.cpp's top two are 0.02 apart there; tests/data/README.md).
+        split = next((i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b), None)
+        assert split is None or leads[split] < 0.75, (case["prompt"], split, leads[split] if split else None)
+
+
+def test_max_context_from_config_and_model(model_file):
+    assert RangeEngine(model_file, 0, 1).max_context == model_file.config.context_length
+    assert RangeEngine(model_file, 0, 1, max_context=10 ** 6).max_context == model_file.config.context_length
+    eng = RangeEngine(model_file, 0, 1, max_context=64)
+    assert eng.max_context == 64 and "max_context = 64" in eng.context_set_by
+
+
+def test_max_context_capped_by_the_ram_budget(model_file):
+    # Layers 0-9 stream two layers at a time at least; the rest of the budget holds 100 tokens of
+    # f16 KV cache for 10 layers (768 bytes each), so the context stops at 100.
+    sizes = [b - a for a, b in (model_file.layer_byte_range(i) for i in range(10))]
+    window = max(sizes[k] + sizes[(k + 1) % 10] for k in range(10))
+    eng = RangeEngine(model_file, 0, 9, max_ram=window + 100 * 10 * 768 + 500)
+    assert eng.max_context == 100 and "RAM budget" in eng.context_set_by
+    assert eng.kv_stats()["kv_bytes_per_token"] == 7680
+    eng.open_session("s")
+    x = eng.embed(np.zeros(101, np.int32))
+    with pytest.raises(DairError, match="exceeds the maximum of 100"):
+        eng.run_layers(x, [("s", np.arange(101, dtype=np.int32))])
+    eng.close()
+
+
+def test_in_process_refusal_names_the_limit(default_model):
+    from dair.backend import LocalBackend
+
+    b = LocalBackend(default_model, quiet=True, max_context=64)
+    with pytest.raises(DairError, match=r"prompt of 100 tokens does not fit the maximum context of 64 tokens, "
+                                        r"set by max_context = 64"):
+        b.generate([1] * 100, SamplingParams(temperature=0), 4, set())
+
+
+def test_long_prompt_same_answer_in_process_and_on_3_stages(cluster3, local_backend):
+    """f32 on the wire: the stages do the in-process arithmetic, so the tokens are identical."""
+    ids = long_ids(local_backend.tokenizer, 700)  # three prefill chunks, three decode spans
+    greedy_params = SamplingParams(temperature=0)
+    want = local_backend.generate(ids, greedy_params, 8, set())["ids"]
+    backend = BusBackend(cluster3.addr, timeout=120)
+    seen: list[tuple[int, int]] = []
+    backend.on_prefill = lambda done, total: seen.append((done, total))
+    try:
+        assert backend.generate(ids, greedy_params, 8, set())["ids"] == want
+    finally:
+        backend.close()
+    # the bus's `progress` as each 256-token prefill step leaves the last stage
+    assert seen == [(256, 700), (512, 700), (700, 700)]
+    with BusClient(cluster3.addr, timeout=30) as c:
+        st = c.status()
+    assert st["model"]["max_context"] == 2048  # the config's, below every stage's own
+    nodes = sorted(st["nodes"], key=lambda n: n["first"])
+    assert [n["kv_type"] for n in nodes] == ["f16"] * 3
+    assert [n["kv_bytes_per_token"] for n in nodes] == [10 * 768] * 3
+    assert all(n["max_context"] == 2048 for n in nodes)
+    with BusClient(cluster3.addr, timeout=30) as c, pytest.raises(Exception, match="maximum context of 2048 tokens, "
+                                                                                    "set by max_context = 2048"):
+        list(c.generate(ids=[1] * 3000, max_tokens=1))
