@@ -83,7 +83,7 @@ def test_q8_0_wire_meets_llama_cpp_criteria(default_model, cluster_config, tmp_p
     try:
         # Extra error of Q8_0 on the wire, against the in-process engine.
         extra = _compare_loose(backend, reference)
-        # Teacher-forced against llama.cpp, as tests/test_llamacpp_agreement.py does in-process.
+        # Teacher-forced against llama.cpp, as tests/models/test_llamacpp_agreement.py does in-process.
         ids = CASE["prompt_ids"] + CASE["ids"]
         positions = backend.score(ids, 64)["positions"]
         n_prompt, worst = len(CASE["prompt_ids"]), 0.0

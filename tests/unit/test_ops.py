@@ -437,7 +437,7 @@ def test_rope(rng, n, heads, hd, rope_dim):
 
 def attention_ref(q, k, v, pos, scale):
     """softmax(q.k * scale) v in float64; with an f16 cache q and the normalised probabilities
-    are rounded to f16 first, as llama.cpp's CPU attention does (tests/test_attention.py)."""
+    are rounded to f16 first, as llama.cpp's CPU attention does (tests/unit/test_attention.py)."""
     n, H, hd = q.shape
     KV = k.shape[1]
     g = H // KV
