@@ -188,11 +188,13 @@ class Broker:
             wait = max(0.0, due - time.monotonic())
             ready = dict(poller.poll(min(wait, 0.2) * 1000))
             if ready:
-                if self.router in ready:
-                    self.drain()
+                # Closed connections first: a stage that reconnects right after closing its socket
+                # must find its old connection already dropped, not owning its range.
                 if self.router_mon is not None and self.router_mon in ready:
                     while self.router_mon.poll(0):
                         self.members.on_disconnect(P.monitor_event(self.router_mon)[1])
+                if self.router in ready:
+                    self.drain()
             else:
                 self.caught_up = time.monotonic()
             now = time.monotonic()

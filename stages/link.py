@@ -38,6 +38,10 @@ DIGEST_BEATS = 3
 class StageRefused(Exception):
     """The bus refused this stage (fatal error reply)."""
 
+    def __init__(self, msg: str, code: str = "") -> None:
+        super().__init__(msg)
+        self.code = code
+
 
 class Link:
     """`bus` and `stage` are config.toml's [bus] and [stage] (flags applied); `reconnect` its
@@ -229,9 +233,28 @@ class Link:
         # Silence that makes us reconnect: a heartbeat timeout at first, then the backoff's
         # delay for each further attempt while the bus stays away (Paranoid Pirate).
         patience = self.heartbeat_s * self.liveness
+        overlap_since: float | None = None
         try:
             while not self._stopping.is_set():
-                batch = self._receive()
+                try:
+                    batch = self._receive()
+                except StageRefused as e:
+                    now = time.monotonic()
+                    overlap_since = overlap_since if overlap_since is not None else now
+                    if not self._own_range_maybe(e, now - overlap_since):
+                        raise
+                    # Our earlier connection (closed while its register went unanswered) may still
+                    # hold the range at the bus until its close is seen or its heartbeats expire:
+                    # register again after the back-off rather than exit.
+                    delay = self.backoff.next()
+                    print(f"dair-stage: the bus says {e}; that may be this stage's own earlier connection: "
+                          f"registering again in {delay:.2f}s", file=sys.stderr, flush=True)
+                    if self._stopping.wait(delay):
+                        break
+                    with self._lock:
+                        self._connect()
+                    last_heard = time.monotonic()
+                    continue
                 now = time.monotonic()
                 if self._dropped:
                     print("dair-stage: the connection to the bus dropped; registering again", file=sys.stderr,
@@ -247,6 +270,8 @@ class Link:
                         last_heard = now
                     continue
                 last_heard = now
+                if batch and self.node:  # assigned: an overlap from now on is news
+                    overlap_since = None
                 if self.backoff.attempts:
                     self.backoff.reset()
                 patience = self.heartbeat_s * self.liveness
@@ -283,6 +308,13 @@ class Link:
                     self.dealer.close(linger=0)
                     self.dealer = None
         return 0
+
+    def _own_range_maybe(self, e: StageRefused, waited: float) -> bool:
+        """Whether a refusal may be of this stage's own earlier connection: an overlap refused after
+        a reconnect, for no longer than the bus takes to expire a silent stage (its liveness
+        period, twice over). A stage that asks for another's layers still exits, only later."""
+        return (e.code == P.E_OVERLAP and self._conn > 1
+                and waited <= 2 * self.heartbeat_s * self.liveness + self.backoff.max_s)
 
     def _close_monitor(self) -> None:
         if self._monitor is not None and self.dealer is not None:
@@ -369,7 +401,7 @@ class Link:
             return (header, buffers) if isinstance(header.get("sids"), list) else None
         if t == P.ERROR:
             if header.get("fatal"):
-                raise StageRefused(header["msg"])
+                raise StageRefused(header["msg"], header["code"])
             print(f"dair-stage: bus says: {header['code']}: {header['msg']}", file=sys.stderr)
             return None
         if t == P.ASSIGN:
