@@ -528,7 +528,9 @@ def test_missing_layer_range_is_503_with_retry_after(default_model: Path, tmp_pa
             t0 = time.monotonic()
             gone = httpx.post(url + "/v1/chat/completions", headers=auth, timeout=60,
                               json={"model": MODEL, "messages": QUESTION})
-            assert time.monotonic() - t0 < 2
+            # "At once" as against waiting out the request (60 s): a bound loose enough for a loaded
+            # machine, not a speed check.
+            assert time.monotonic() - t0 < 20
             assert gone.status_code == 503 and gone.json()["error"]["code"] == "bus_unreachable", gone.text
             assert int(gone.headers["retry-after"]) > 0
     finally:
