@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -187,9 +188,12 @@ def synth_tensors(s: Shape, qtype: str, seed: int) -> Iterator[tuple[str, np.nda
 
 
 def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_0", n_layers: int | None = None,
-                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
+                seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                tokenizer: Callable[[Any], None] | None = None) -> Path:
     """Write a synthetic GGUF of a named shape; returns its path. `n_layers` overrides the
-    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths)."""
+    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths).
+    `tokenizer`, called with the gguf.GGUFWriter, writes the tokenizer metadata instead of the
+    byte-level BPE (e.g. a real model's vocabulary, of the shape's vocab_size tokens)."""
     import gguf
 
     if not isinstance(shape, Shape) and shape not in SHAPES:
@@ -229,15 +233,18 @@ def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_
         add = w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32
         add(f"{s.arch}.rope.scaling.{key}", value)
     w.add_file_type({"Q4_0": 2, "Q8_0": 7}[qtype])
-    tokens, types, merges = synth_vocab(s.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
-    w.add_add_bos_token(False)
+    if tokenizer is not None:
+        tokenizer(w)
+    else:
+        tokens, types, merges = synth_vocab(s.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+        w.add_add_bos_token(False)
     plan = _tensor_plan(s, qtype)
     qt_enum = gguf.GGMLQuantizationType
     total = 0
