@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -182,21 +183,26 @@ def synth_tensors(s: Shape, qtype: str, seed: int) -> Iterator[tuple[str, np.nda
             yield name, (std + 0.1 * rng.standard_normal(shape)).astype(np.float32)
         elif qt == "F32_MAT":
             yield name, (std * rng.standard_normal(shape)).astype(np.float32)
+        elif qt == "F16":
+            yield name, (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float16)
         else:
             yield name, _quant_blocks(rng, qt, shape, std)  # type: ignore[arg-type]
 
 
 def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_0", n_layers: int | None = None,
-                seed: int = 0, progress: Callable[[int, int], None] | None = None) -> Path:
+                seed: int = 0, progress: Callable[[int, int], None] | None = None,
+                tokenizer: Callable[[Any], None] | None = None) -> Path:
     """Write a synthetic GGUF of a named shape; returns its path. `n_layers` overrides the
-    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths)."""
+    shape's layer count (a 7B-wide model of 2 layers is a fast test of real widths).
+    `tokenizer`, called with the gguf.GGUFWriter, writes the tokenizer metadata instead of the
+    byte-level BPE (e.g. a real model's vocabulary, of the shape's vocab_size tokens)."""
     import gguf
 
     if not isinstance(shape, Shape) and shape not in SHAPES:
         raise DairError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")
     qtype = qtype.upper()
-    if qtype not in _QUANT:
-        raise DairError(f"synthetic weights of type {qtype!r}: expected q4_0 or q8_0")
+    if qtype not in _QUANT and qtype != "F16":
+        raise DairError(f"synthetic weights of type {qtype!r}: expected q4_0, q8_0 or f16")
     s = shape if isinstance(shape, Shape) else SHAPES[shape]
     shape = f"{s.arch} {s.dim}" if isinstance(shape, Shape) else shape
     if n_layers is not None:
@@ -228,16 +234,19 @@ def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_
     for key, value in s.rope_scaling:
         add = w.add_string if isinstance(value, str) else w.add_uint32 if isinstance(value, int) else w.add_float32
         add(f"{s.arch}.rope.scaling.{key}", value)
-    w.add_file_type({"Q4_0": 2, "Q8_0": 7}[qtype])
-    tokens, types, merges = synth_vocab(s.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(0)
-    w.add_add_bos_token(False)
+    w.add_file_type({"F16": 1, "Q4_0": 2, "Q8_0": 7}[qtype])
+    if tokenizer is not None:
+        tokenizer(w)
+    else:
+        tokens, types, merges = synth_vocab(s.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+        w.add_add_bos_token(False)
     plan = _tensor_plan(s, qtype)
     qt_enum = gguf.GGMLQuantizationType
     total = 0
@@ -245,6 +254,9 @@ def write_synth(path: str | Path, shape: str | Shape = "tiny", qtype: str = "Q4_
         if qt in ("F32", "F32_MAT", "ROPE_FREQS"):
             nbytes = int(np.prod(shp)) * 4
             w.add_tensor_info(name, shp, np.dtype(np.float32), nbytes)
+        elif qt == "F16":
+            nbytes = int(np.prod(shp)) * 2
+            w.add_tensor_info(name, shp, np.dtype(np.float16), nbytes)
         else:
             bv, bb, _ = _QUANT[qt]
             byte_shape = (*shp[:-1], shp[-1] // bv * bb)

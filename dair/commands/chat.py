@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dair.commands.common import (
@@ -23,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_backend_args(p)
     add_sampling_args(p)
     p.add_argument("--system", help="system message")
+    p.add_argument("--json", action="store_true",
+                   help="after each reply, one JSON line: prompt_ids, ids (a stop token kept), text, stop")
     p.set_defaults(func=handle)
 
 
@@ -60,11 +63,14 @@ def handle(args: argparse.Namespace) -> int:
             prompt_ids = encode_prompt(tok, messages=messages)
             params.seed = (params.seed + 1) % (SEED_MAX + 1)  # a new draw per turn, reproducible from the first
             try:
-                _, reply = run_generation(backend, prompt_ids, params, max_tokens, args.stop)
+                result, reply = run_generation(backend, prompt_ids, params, max_tokens, args.stop)
             except KeyboardInterrupt:
-                reply = ""
+                result, reply = None, ""
                 print("\n(interrupted)", file=sys.stderr)
             sys.stdout.write("\n")
+            if args.json and result is not None:
+                print(json.dumps({"prompt_ids": prompt_ids, "ids": result["ids"], "text": reply,
+                                  "stop": result["stop"]}))
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": reply.strip()})
     finally:

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("output", help="target .gguf")
     s.add_argument("--shape", default="tiny", help="tiny (default), llama-7b, llama-8b, llama-13b, qwen3-30b-a3b, gemma3-27b, tiny-qwen2, tiny-qwen3, "
                    "tiny-mixtral, tiny-qwen3moe, tiny-gemma3")
-    s.add_argument("--type", choices=["q4_0", "q8_0"], default="q4_0", help="weight type (default q4_0)")
+    s.add_argument("--type", choices=["q4_0", "q8_0", "f16"], default="q4_0", help="weight type (default q4_0)")
     s.add_argument("--layers", type=int, default=None, help="number of layers (default: the shape's)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=cmd_synth)

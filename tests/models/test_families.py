@@ -9,6 +9,7 @@ real bus and stage processes with one stage per layer and Q8_0 blocks on the wir
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +21,25 @@ from dair.model import qtypes
 ARCH = Path(__file__).resolve().parent.parent / "data" / "arch"
 # One file per family, within the repository's size budget (the README lists the others' figures).
 FILES = ["qwen2.Q4_K_M", "qwen3.F16", "llama-moe.Q8_0", "qwen3moe.Q8_0", "qwen3moe.Q4_K_M"]
+# DAIR_REFDATA_ARCH=DIR adds every NAME.gguf / NAME.ref.json pair of DIR (the project's shared
+# reference data holds all fifteen) to the same checks.
+EXTRA = Path(os.environ["DAIR_REFDATA_ARCH"]) if os.environ.get("DAIR_REFDATA_ARCH") else None
+if EXTRA is not None:
+    FILES += sorted(p.name[:-len(".ref.json")] for p in EXTRA.glob("*.ref.json")
+                    if p.name[:-len(".ref.json")] not in FILES and p.with_name(p.name[:-len(".ref.json")] + ".gguf").exists())
 TOL = {"F16": 0.1}
 QUANT_TOL, LEAD, VOCAB = 0.75, 0.5, 512
 
 
 def _case(name: str) -> tuple[Path, dict]:
-    path = ARCH / f"{name}.gguf"
+    where = ARCH if (ARCH / f"{name}.gguf").exists() or EXTRA is None else EXTRA
+    path = where / f"{name}.gguf"
     from gguf import GGUFReader
 
     missing = sorted({t.tensor_type.name for t in GGUFReader(path).tensors} - set(qtypes.QTYPES))
     if missing:
         pytest.skip(f"{name} needs tensor types {', '.join(missing)}, not in dair yet")
-    return path, json.loads((ARCH / f"{name}.ref.json").read_text())
+    return path, json.loads((where / f"{name}.ref.json").read_text())
 
 
 def _ids(ref: dict) -> list[int]:

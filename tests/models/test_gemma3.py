@@ -163,3 +163,101 @@ def test_dair_up_three_stages_serves_it(gemma, tmp_path):
     assert p.returncode == 0, p.stderr + (tmp_path / "cluster.log").read_text()[-2000:]
     assert "stage2 (layers 12-17" in p.stderr + p.stdout
     assert p.stdout.lstrip().startswith(_sure_prefix(gemma, case)), p.stdout
+
+
+# -- a chat turn that ends: the tiny Gemma 3 model of tests/support/gemma_tiny.py ------------------------
+# The real 270M above is the pretrained model: <end_of_turn> ranks tens of thousands deep at
+# every position of its answers, so none of them ends there. The tiny model (Gemma's tokenizer,
+# random weights) answers the reference question with a turn that llama.cpp ends at its
+# end-of-generation token <end_of_turn>; dair must stop at the same token by its own rules.
+TINY_REF = json.loads((Path(__file__).resolve().parent / "data" / "gemma3-tiny-chat.ref.json").read_text())
+TINY_MAX = 64  # well past the answer: a stop by length would show
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(gemma_path, tmp_path_factory) -> Path:
+    from support.gemma_tiny import sha256, write_tiny_gemma
+
+    path = write_tiny_gemma(tmp_path_factory.mktemp("tiny-gemma") / "gemma3-tiny.gguf", gemma_path)
+    assert sha256(path) == TINY_REF["sha256"]  # the very file llama.cpp answered on
+    return path
+
+
+def _assert_stopped_at_end_of_turn(ids: list[int], text: str, stop: str) -> None:
+    """llama.cpp's answer up to and including its stop token, which is <end_of_turn>, by that
+    token (not by length), and no "<end_of_turn>" in the text."""
+    assert TINY_REF["stop_token"] == {"id": 106, "piece": "<end_of_turn>", "is_eog": True}
+    assert len(TINY_REF["ids"]) < TINY_MAX
+    assert stop == "eos", stop
+    assert ids == TINY_REF["ids"], (ids, TINY_REF["ids"])
+    assert "<end_of_turn>" not in text
+    assert text == TINY_REF["text"]
+
+
+def test_tiny_gemma_chat_turn_stops_at_end_of_turn_in_process(tiny_gemma):
+    from dair.backend import LocalBackend
+    from dair.tokenizer import prompt_ids
+
+    b = LocalBackend(tiny_gemma, quiet=True)
+    try:
+        ids = prompt_ids(b.tokenizer, messages=[{"role": "user", "content": TINY_REF["question"]}])
+        assert ids == TINY_REF["prompt_ids"]  # the built-in template and tokenizer: llama.cpp's prompt
+        out = b.generate(ids, SamplingParams(temperature=0), TINY_MAX, set(b.tokenizer.eos_ids))
+    finally:
+        b.close()
+    _assert_stopped_at_end_of_turn(out["ids"], str(out["text"]), out["stop"])
+
+
+def _chat_turns(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"prompt_ids"')]
+
+
+def test_dair_chat_stops_at_end_of_turn(tiny_gemma):
+    """`dair chat --model FILE`: the reply ends where llama.cpp's does, and the conversation goes on
+    (a second turn is answered after it)."""
+    p = _dair("chat", "--model", str(tiny_gemma), "--temperature", "0", "-n", str(TINY_MAX), "--json",
+              input=f"{TINY_REF['question']}\nAnd again?\n")
+    assert p.returncode == 0, p.stderr
+    turns = _chat_turns(p.stdout)
+    assert len(turns) == 2
+    first = turns[0]
+    assert first["prompt_ids"] == TINY_REF["prompt_ids"]
+    _assert_stopped_at_end_of_turn(first["ids"], first["text"], first["stop"])
+    assert p.stdout.startswith(TINY_REF["text"] + "\n")
+    # the second prompt holds the first turn closed by the template, as llama.cpp renders it
+    assert turns[1]["prompt_ids"][:len(TINY_REF["prompt_ids"])] == TINY_REF["prompt_ids"]
+
+
+def test_dair_up_three_stages_stops_at_end_of_turn(tiny_gemma, tmp_path):
+    """`dair up --model FILE --stages 3 --generate Q`: the bus renders the template and stops at
+    its own end-of-turn id; three stage processes compute the turn."""
+    from dair.bus.local import free_port_pair
+
+    p = _dair("up", "--model", str(tiny_gemma), "--stages", "3", "--threads", "1", "--port", str(free_port_pair()),
+              "--log", str(tmp_path / "cluster.log"), "--generate", TINY_REF["question"], "--temperature", "0",
+              "-n", str(TINY_MAX))
+    assert p.returncode == 0, p.stderr + (tmp_path / "cluster.log").read_text()[-2000:]
+    assert "stage2 (layers 4-5" in p.stderr + p.stdout
+    assert f"{len(TINY_REF['prompt_ids'])} prompt tokens" in p.stderr
+    assert f"{len(TINY_REF['ids'])} generated" in p.stderr and "stop: eos" in p.stderr, p.stderr
+    assert p.stdout.startswith(TINY_REF["text"] + "\n") and "<end_of_turn>" not in p.stdout
+
+
+def test_dair_chat_through_a_cluster_stops_at_end_of_turn(tiny_gemma, tmp_path):
+    """`dair chat --bus ADDR` against three real stage processes (Q8_0 wire): the same turn, the same stop."""
+    from dair.bus.local import LocalCluster
+
+    log = open(tmp_path / "cluster.log", "a", buffering=1)  # noqa: SIM115 - closed below
+    c = LocalCluster(str(tiny_gemma), [(0, 1), (2, 3), (4, 5)], threads=1, wire="q8_0", log=log)
+    c.start()
+    try:
+        c.wait_ready(120)
+        p = _dair("chat", "--bus", c.addr, "--temperature", "0", "-n", str(TINY_MAX), "--json",
+                  input=f"{TINY_REF['question']}\n")
+    finally:
+        c.stop()
+        log.close()
+    assert p.returncode == 0, p.stderr + (tmp_path / "cluster.log").read_text()[-2000:]
+    (turn,) = _chat_turns(p.stdout)
+    assert turn["prompt_ids"] == TINY_REF["prompt_ids"]
+    _assert_stopped_at_end_of_turn(turn["ids"], turn["text"], turn["stop"])

@@ -67,5 +67,5 @@ def test_vocab_and_errors(tmp_path):
     assert len(tokens) == len(types) == 300 and len(merges) == 300 - 257 and len(set(tokens)) == 300
     with pytest.raises(DairError, match="unknown shape"):
         write_synth(tmp_path / "x.gguf", "llama-99b")
-    with pytest.raises(DairError, match="q4_0 or q8_0"):
-        write_synth(tmp_path / "x.gguf", "tiny", "f16")
+    with pytest.raises(DairError, match="q4_0, q8_0 or f16"):
+        write_synth(tmp_path / "x.gguf", "tiny", "q5_0")
