@@ -170,7 +170,7 @@ def test_dair_up_three_stages_serves_it(gemma, tmp_path):
 # every position of its answers, so none of them ends there. The tiny model (Gemma's tokenizer,
 # random weights) answers the reference question with a turn that llama.cpp ends at its
 # end-of-generation token <end_of_turn>; dair must stop at the same token by its own rules.
-TINY_REF = json.loads((Path(__file__).resolve().parent / "data" / "gemma3-tiny-chat.ref.json").read_text())
+TINY_REF = json.loads((Path(__file__).resolve().parent.parent / "data" / "gemma3-tiny-chat.ref.json").read_text())
 TINY_MAX = 64  # well past the answer: a stop by length would show
 
 
