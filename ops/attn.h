@@ -340,9 +340,11 @@ static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh
                 __builtin_prefetch(a->v + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
             }
     } else {
+        /* the next tile (tiles are read in position order): its rows arrive while this one's are
+         * used by every row of the task, instead of stalling the conversion below */
         for (int r = 0; r < nt; r++)
             for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(src + (size_t)(r + DAIR_ATTN_PF) * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(src + (size_t)(r + nt) * rb + o, 0, DAIR_ATTN_PF_HINT);
     }
     dair_attn_convert(src, rb, a->kind, a->hd, nt, dst, a->isa);
 }
