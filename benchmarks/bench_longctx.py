@@ -1,10 +1,11 @@
 """Long context, end to end, in one run: dair beside llama.cpp's llama-bench.
 
-    python benchmarks/bench_longctx.py --llama-bench PATH [--threads 2] [--long 8192] [--runs 1]
+    python benchmarks/bench_longctx.py --llama-bench PATH [--poll 0] [--threads 2] [--long 8000] [--runs 1] [--pairs 3]
 
 Measures, each dair figure in its own process (`python -m dair.engine.bench`):
 - prefill of 2,048 tokens (llama-bench -p 2048), and of --long tokens (its rate against the
-  2,048 one: a steady rate means attention no longer falls off with length);
+  2,048 one: a steady rate means attention no longer falls off with length), --pairs times in
+  turn, the ratio being the median of adjacent pairs';
 - decode of 32 tokens after 2,000 tokens of context (llama-bench -n 32 -d 2000), with the f16
   and the Q8_0 KV cache, and after a 16-token prompt (dair's own short-context rate);
 and prints dair's figures as ratios of llama-bench's. Without --llama-bench, dair's figures alone.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -40,6 +42,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--long", type=int, default=8000, help="the long prompt (tokens; below the model's 8,192)")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating 2,048/--long prefill pairs")
     ap.add_argument("--poll", type=int, help="llama-bench --poll (0: its threads sleep instead of spinning, "
                                               "which a shared machine needs)")
     a = ap.parse_args()
@@ -52,8 +55,16 @@ def main() -> int:
           f"{a.threads} threads", flush=True)
     t = a.threads
     r: dict[str, float] = {}
-    r["prefill_2048"] = dair(t, 2048, 2, 0, "f16", a.runs)["prefill_tok_s"]
-    print(f"dair prefill 2048: {r['prefill_2048']:.1f} tok/s", flush=True)
+    # the 2,048- and the long prefill alternate, one process each, and their ratio is the median
+    # of adjacent pairs': a burst of the neighbours' load then shifts both sides of a pair alike
+    pairs: list[tuple[float, float]] = []
+    for _ in range(max(a.pairs, 1) if a.long else 1):
+        short = dair(t, 2048, 2, 0, "f16", a.runs)["prefill_tok_s"]
+        long_ = dair(t, a.long, 2, 0, "f16", a.runs)["prefill_tok_s"] if a.long else 0.0
+        pairs.append((short, long_))
+        print(f"dair prefill 2048: {short:.1f} tok/s" + (f", {a.long}: {long_:.1f} tok/s ({long_ / short:.2f}x)"
+                                                          if a.long else ""), flush=True)
+    r["prefill_2048"] = statistics.median(p[0] for p in pairs)
     r["decode_short"] = dair(t, 16, 32, 0, "f16", a.runs)["decode_tok_s"]
     print(f"dair decode after 16 tokens: {r['decode_short']:.1f} tok/s", flush=True)
     for kv in ("f16", "q8_0"):
@@ -61,9 +72,10 @@ def main() -> int:
         print(f"dair decode after 2000 tokens, {kv} cache: {r[f'decode_2000_{kv}']:.1f} tok/s "
               f"({r[f'decode_2000_{kv}'] / r['decode_short']:.2f}x its short-context rate)", flush=True)
     if a.long:
-        r["prefill_long"] = dair(t, a.long, 2, 0, "f16", a.runs)["prefill_tok_s"]
-        print(f"dair prefill {a.long}: {r['prefill_long']:.1f} tok/s ({r['prefill_long'] / r['prefill_2048']:.2f}x "
-              f"the 2048-token rate)", flush=True)
+        r["prefill_long"] = statistics.median(p[1] for p in pairs)
+        r["prefill_long_ratio"] = statistics.median(p[1] / p[0] for p in pairs)
+        print(f"dair prefill {a.long}: {r['prefill_long']:.1f} tok/s, {r['prefill_long_ratio']:.2f}x the 2048-token "
+              f"rate (median of {len(pairs)} adjacent pairs)", flush=True)
     if a.llama_bench:
         ref = llama_bench(a.llama_bench, str(default_model_path()), t, max(a.runs, 1), a.poll)
         print(f"llama-bench: pp2048 {ref['pp2048']:.1f}, tg32 {ref['tg32']:.1f}, tg32 @ d2000 {ref['tg32_d2000']:.1f} "

@@ -30,8 +30,9 @@
  * to f16 before they weight the values. Rounding the probabilities needs the row's max and sum
  * over all its spans first: the spans are visited twice (scores, max and sum; then the rounded
  * probabilities and the weighted values, summed in span order). The decode scheme keeps its
- * scores for the second visit; a prefill task computes them again (keeping them would take
- * G * context floats per row). Without this rounding llama.cpp's logits are matched 2-5x less
+ * scores for the second visit (a second parallel loop; when a row's spans all fall in one task,
+ * one span or one chunk, both visits run in that task); a prefill task keeps them too when they
+ * fit, else computes them again. Without this rounding llama.cpp's logits are matched 2-5x less
  * closely (README, Model families).
  */
 #ifndef DAIR_ATTN_H
@@ -339,9 +340,11 @@ static void dair_attn_tile(const uint8_t *base, const dair_attn_args *a, int kvh
                 __builtin_prefetch(a->v + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
             }
     } else {
+        /* the next tile (tiles are read in position order): its rows arrive while this one's are
+         * used by every row of the task, instead of stalling the conversion below */
         for (int r = 0; r < nt; r++)
             for (size_t o = 0; o < a->head_bytes; o += 64)
-                __builtin_prefetch(src + (size_t)(r + DAIR_ATTN_PF) * rb + o, 0, DAIR_ATTN_PF_HINT);
+                __builtin_prefetch(src + (size_t)(r + nt) * rb + o, 0, DAIR_ATTN_PF_HINT);
     }
     dair_attn_convert(src, rb, a->kind, a->hd, nt, dst, a->isa);
 }
@@ -1199,6 +1202,7 @@ typedef struct {
     int scheme, nch, ntask;
     int round16;      /* f16 cache: llama.cpp's rounding, two visits of each span */
     int visit;        /* decode scheme: 0 scores, max and sum; 1 rounded probabilities (round16) */
+    int fused;        /* decode scheme, round16: a task is a row, both visits in it (one loop) */
     float *norms;     /* decode scheme, round16: [n * KV][2G] max and 1 / sum */
     float *scores;    /* decode scheme, round16: [ntask][G][SPAN] scores kept between the visits */
     int keep;         /* prefill scheme, round16: each task keeps its spans' scores (when they fit) */
@@ -1265,6 +1269,35 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
                           a->out + ((size_t)r * a->H + (size_t)kvh * G) * a->hd);
 }
 
+/* Decode scheme: visit `visit` of span s of (row i, kv head kvh), into the row's slot of parts. */
+static void dair_attn_decode_visit(const dair_attn_plan *p, int i, int kvh, int s, int visit, float *scr) {
+    const dair_attn_args *a = p->a;
+    const size_t rk = (size_t)i * a->KV + kvh, slot = rk * (size_t)p->nspan + s;
+    /* round16: each (row, kv head, span)'s scores are kept for its second visit */
+    float *sc = p->round16 ? p->scores + slot * a->G * DAIR_ATTN_SPAN : scr;
+    dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * slot, 0, sc, scr + (size_t)a->G * DAIR_ATTN_SPAN,
+                    visit ? p->norms + rk * 2 * a->G : NULL,
+                    !p->round16 ? DAIR_ATTN_VALUES : visit ? DAIR_ATTN_VALUES | DAIR_ATTN_REUSE : DAIR_ATTN_KEEP,
+                    kvh == 0 && !visit);
+}
+
+/* Decode scheme, f16 cache, fused (see dair_attention_run): task = row i, both visits of each
+ * kv head's spans and the merges between them in one task; the same calls on the same data as
+ * the two parallel loops, so the same bits. */
+static void dair_attn_task_row16(const dair_attn_plan *p, int i, float *scr) {
+    const dair_attn_args *a = p->a;
+    for (int kvh = 0; kvh < a->KV; kvh++) {
+        const size_t rk = (size_t)i * a->KV + kvh;
+        const float *parts = p->parts + p->part_size * rk * (size_t)p->nspan;
+        for (int s = 0; s < p->nspan; s++)
+            dair_attn_decode_visit(p, i, kvh, s, 0, scr);
+        dair_attn_norm_one(parts, p->part_size, p->nspan, a->G, p->norms + rk * 2 * a->G);
+        for (int s = 0; s < p->nspan; s++)
+            dair_attn_decode_visit(p, i, kvh, s, 1, scr);
+        dair_attn_sum_one(parts, p->part_size, p->nspan, a->G, a->hd, a->out + rk * a->G * a->hd);
+    }
+}
+
 static void dair_attn_chunk(void *ctx, int c) {
     dair_attn_plan *p = (dair_attn_plan *)ctx;
     const unsigned int csr = dair_attn_ftz_on();
@@ -1275,19 +1308,13 @@ static void dair_attn_chunk(void *ctx, int c) {
         if (p->scheme == DAIR_ATTN_SCHEME_C) {
             int i = task / a->KV, kvh = task % a->KV;
             dair_attn_task_c(a, i, kvh, scr, scr + (size_t)a->G * (a->pos[i] + 1));
+        } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE && p->fused) {
+            dair_attn_task_row16(p, task, scr);
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
             /* task = (row, span), all kv heads: the span's rows are read as one stream */
             const int s = task % p->nspan, i = task / p->nspan;
-            for (int kvh = 0; kvh < a->KV; kvh++) {
-                const size_t rk = (size_t)i * a->KV + kvh, slot = rk * (size_t)p->nspan + s;
-                /* round16: each (row, kv head, span)'s scores are kept for its second visit */
-                float *sc = p->round16 ? p->scores + slot * a->G * DAIR_ATTN_SPAN : scr;
-                dair_attn_block(a, i, i + 1, kvh, s, p->parts + p->part_size * slot, 0, sc,
-                                scr + (size_t)a->G * DAIR_ATTN_SPAN, p->visit ? p->norms + rk * 2 * a->G : NULL,
-                                !p->round16 ? DAIR_ATTN_VALUES
-                                            : p->visit ? DAIR_ATTN_VALUES | DAIR_ATTN_REUSE : DAIR_ATTN_KEEP,
-                                kvh == 0 && !p->visit);
-            }
+            for (int kvh = 0; kvh < a->KV; kvh++)
+                dair_attn_decode_visit(p, i, kvh, s, p->visit, scr);
         } else {
             int blk = task / a->KV, kvh = task % a->KV, r0 = blk * DAIR_ATTN_ROWS;
             int r1 = r0 + DAIR_ATTN_ROWS < a->n ? r0 + DAIR_ATTN_ROWS : a->n;
@@ -1400,6 +1427,13 @@ static int dair_attention_run(const dair_attn_args *args) {
     if (want > p.ntask)
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
+    if (p.scheme == DAIR_ATTN_SCHEME_DECODE && p.round16 && (p.nspan == 1 || p.nch == 1)) {
+        /* each row's spans in one task anyway (one span, or one chunk): both visits there, with
+         * the row's K and V still in cache and no second parallel loop */
+        p.fused = 1;
+        p.ntask = a->n;
+        p.nch = p.nch < p.ntask ? p.nch : p.ntask;
+    }
     /* after the chunks' scratch: the decode scheme's partial results (one per row, kv head and
      * span) and (round16) its rows' max and 1 / sum and kept scores, then the rounded q */
     const size_t nrk = (size_t)a->n * a->KV, nq = p.round16 ? (size_t)a->n * a->H * a->hd : 0;
@@ -1422,7 +1456,7 @@ static int dair_attention_run(const dair_attn_args *args) {
         local.q = qr;
     }
     dair_parallel_for(p.nch, dair_attn_chunk, &p);
-    if (p.scheme == DAIR_ATTN_SCHEME_DECODE) {
+    if (p.scheme == DAIR_ATTN_SCHEME_DECODE && !p.fused) {
         const unsigned int csr = dair_attn_ftz_on();
         for (size_t rk = 0; rk < nrk; rk++) {
             const float *parts = p.parts + p.part_size * rk * (size_t)p.nspan;

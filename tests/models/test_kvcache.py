@@ -84,42 +84,63 @@ def test_bad_kv_type_is_a_clear_error(model_file):
         RangeEngine(model_file, 0, 1, kv_type="q4")
 
 
-def test_q8_0_cache_logits_near_f16(model_file, default_model):
+@pytest.fixture(scope="module")
+def default_path_logits(model_file) -> dict[str, np.ndarray]:
+    """Teacher-forced logits of 2,000 tokens on the product's default path (8-bit activations, the
+    engine's defaults) with the f16 and with the Q8_0 cache: only the cache type differs."""
     from dair.tokenizer import load_tokenizer
 
-    ids = long_ids(load_tokenizer(model_file), 600)
+    ids = long_ids(load_tokenizer(model_file), 2000)
     last = model_file.config.n_layers - 1
-    f16 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="f16"), ids)
-    q8 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="q8_0"), ids)
-    # On this 8-bit activation path any difference in attention can flip the rounding of an
-    # activation, so the spread is the path's more than the cache's: the f32 cache differs from the
-    # f16 one by 0.97 at worst and 0.15 on average over f16's top five. Measured for Q8_0: 1.39 and
-    # 0.18 (the bound at 2,000 tokens without that noise is test_..._within_half_a_logit below).
-    # The same top-1 wherever f16 leads by 0.75, as the project's criterion (tests/data/README.md).
+    return {kv: teacher_forced(RangeEngine(model_file, 0, last, kv_type=kv), ids) for kv in ("f16", "q8_0")}
+
+
+def top5_diff(f16: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """|other - f16| on f16's top five logits at every position."""
     top = np.argsort(-f16, axis=1)[:, :5]
-    diff = np.abs(np.take_along_axis(q8, top, 1) - np.take_along_axis(f16, top, 1))
+    return np.abs(np.take_along_axis(other, top, 1) - np.take_along_axis(f16, top, 1))
+
+
+def test_q8_0_cache_logits_near_f16(default_path_logits):
+    f16, q8 = default_path_logits["f16"], default_path_logits["q8_0"]
+    # On this 8-bit activation path any difference in attention can flip the rounding of an
+    # activation, so the spread is the path's more than the cache's: over these 2,000 tokens the
+    # f32 cache differs from the f16 one by 0.97 at worst and 0.15 on average over f16's top five.
+    # Measured for Q8_0: 1.22 and 0.16. The same top-1 wherever f16 leads by 0.75, as the
+    # project's criterion (tests/data/README.md).
+    diff = top5_diff(f16, q8)
     assert diff.max() <= 2.0 and diff.mean() <= 0.25, (diff.max(), diff.mean())
     assert diff.max() > 0.0  # the Q8_0 cache is really in use
+    top = np.argsort(-f16, axis=1)[:, :2]
     lead = np.take_along_axis(f16, top[:, :1], 1)[:, 0] - np.take_along_axis(f16, top[:, 1:2], 1)[:, 0]
     clear = lead >= 0.75
     assert np.array_equal(q8.argmax(1)[clear], top[clear, 0])
 
 
+@pytest.mark.xfail(strict=True, reason="measured 1.22 at worst (118 of 2,000 positions above 0.5); "
+                   "the f32 cache measures 0.97 on this path, so its 8-bit activations alone exceed 0.5")
+def test_q8_0_cache_logits_within_half_a_logit_at_2000_tokens(default_path_logits):
+    """The criterion as stated, on the product's default path: 2,000 teacher-forced tokens, f16's
+    top-5 logits within 0.5 with the Q8_0 cache at every position. Strict: it fails the run the
+    day it passes, so the expectation is revised then."""
+    diff = top5_diff(default_path_logits["f16"], default_path_logits["q8_0"])
+    assert diff.max() <= 0.5, diff.max()
+
+
 @pytest.mark.slow
-def test_q8_0_cache_logits_within_half_a_logit_at_2000_tokens(model_file):
-    """On the float32 activation path, where the f32 and f16 caches agree to 0.05 (the 8-bit path
-    rounds activations and so amplifies any difference: there even f32 against f16 parts by 1.7),
-    2,000 teacher-forced tokens: f16's top-5 logits within 0.5 at every step. Keys and values are
-    stored rotated (engine/kvcache.py): without the rotation the same check measured 0.82."""
+def test_q8_0_cache_logits_within_half_a_logit_on_the_float_path(model_file):
+    """The cache's own error, without the 8-bit activations' amplification: on the float32
+    activation path (act_q8=False), where the f32 and f16 caches agree to 0.03, 2,000
+    teacher-forced tokens, f16's top-5 logits within 0.5 with the Q8_0 cache at every position.
+    Keys and values are stored rotated (engine/kvcache.py): without the rotation this measured 0.82."""
     from dair.tokenizer import load_tokenizer
 
     ids = long_ids(load_tokenizer(model_file), 2000)
     last = model_file.config.n_layers - 1
     f16 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="f16", act_q8=False), ids)
     q8 = teacher_forced(RangeEngine(model_file, 0, last, kv_type="q8_0", act_q8=False), ids)
-    top = np.argsort(-f16, axis=1)[:, :5]
-    diff = np.abs(np.take_along_axis(q8, top, 1) - np.take_along_axis(f16, top, 1))
-    assert 0.0 < diff.max() <= 0.5, diff.max()  # measured 0.40 (0.04 on average)
+    diff = top5_diff(f16, q8)
+    assert 0.0 < diff.max() <= 0.5, diff.max()  # measured 0.38 (0.04 on average)
 
 
 def test_q8_0_cache_keeps_the_greedy_continuations(model_file):
