@@ -777,10 +777,11 @@ enum { DAIR_ATTN_VALUES = 1, /* make the [G][hd] outputs (else only the max and 
        DAIR_ATTN_KEEP = 2,   /* leave the scores in sc (the exps go to kt) */
        DAIR_ATTN_REUSE = 4   /* sc holds the span's scores already (kept by the first visit) */ };
 
-/* One row's span scores sc[g * SPAN + t] (t < len) to what dair_attn_block leaves for them: the
- * max and the sum of exps in acc (the exps in sc, or with KEEP in kt, the scores staying), or with
- * nr (the second visit of an f16 cache) the rounded normalised probabilities in sc. */
-static inline void dair_attn_row1_stats(const dair_attn_args *a, int G, float *sc, int len, float *acc, int how,
+/* One row's span scores sc[g * SPAN + t] (t < len) to what a visit leaves for them (the tile
+ * path and the fused one alike): the max and the sum of exps in acc (the exps in sc, or with
+ * KEEP in kt, the scores staying), or with nr (the second visit of an f16 cache) the rounded
+ * normalised probabilities in sc. */
+static inline void dair_attn_span_stats(const dair_attn_args *a, int G, float *sc, int len, float *acc, int how,
                                         const float *nr, float *kt) {
     if (nr != NULL) {
         for (int g = 0; g < G; g++)
@@ -860,7 +861,7 @@ DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q
             _mm512_mask_storeu_ps(sc + (size_t)g * DAIR_ATTN_SPAN + t, (__mmask16)((1u << m) - 1),
                                   _mm512_mul_ps(dair_reduce16x16(part[g]), vs));
     }
-    dair_attn_row1_stats(a, G, sc, len, acc, how, nr, kt);
+    dair_attn_span_stats(a, G, sc, len, acc, how, nr, kt);
     if (!(how & DAIR_ATTN_VALUES))
         return;
     float *out = acc + 2 * G;
@@ -949,7 +950,7 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
             }
         }
     }
-    dair_attn_row1_stats(a, G, sc, len, acc, how, nr, kt);
+    dair_attn_span_stats(a, G, sc, len, acc, how, nr, kt);
     if (!(how & DAIR_ATTN_VALUES))
         return;
     float *out = acc + 2 * G;
@@ -1094,25 +1095,9 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
             part[0] = -INFINITY;
             continue;
         }
-        float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN;
-        if (norm != NULL) {
-            const float *nr = norm + (size_t)(r - r0) * 2 * G;
-            for (int g = 0; g < G; g++)
-                dair_attn_probs16(sr + (size_t)g * DAIR_ATTN_SPAN + b, nr[g], nr[G + g], e - b, a->isa);
-            part[0] = 0.0f;
-        } else {
-            for (int g = 0; g < G; g++) {
-                float *sg = sr + (size_t)g * DAIR_ATTN_SPAN, mx = dair_attn_max(sg + b, e - b, a->isa);
-                part[g] = mx;
-                if (how & DAIR_ATTN_KEEP) {
-                    memcpy(kt, sg + b, sizeof(float) * (size_t)(e - b));
-                    part[G + g] = dair_attn_exp_sum(kt, mx, e - b, a->isa);
-                } else {
-                    part[G + g] = dair_attn_exp_sum(sg + b, mx, e - b, a->isa);
-                }
-            }
-        }
-        memset(part + 2 * G, 0, sizeof(float) * (size_t)G * hd);
+        dair_attn_span_stats(a, G, sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN + b, e - b, part, how,
+                             norm != NULL ? norm + (size_t)(r - r0) * 2 * G : NULL, kt);
+        memset(part + 2 * G, 0, sizeof(float) * (size_t)G * hd); /* the values are summed into it */
     }
     for (int kb = lo - lo % DAIR_ATTN_KB; (how & DAIR_ATTN_VALUES) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
