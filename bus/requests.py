@@ -224,7 +224,9 @@ class Requests:
         """Prefill step q passed the last stage: `progress` to a client that asked for it."""
         sid, done, total = self.progress_steps.pop(q, ("", 0, 0))
         s = self.sessions.get(sid)
-        if s is not None and s.req is not None and s.req.progress:
+        # Only a step still in flight in its session counts: one the bus forgot (a replay, a
+        # cancel) or never made says nothing to the client.
+        if s is not None and q in s.qs and s.req is not None and s.req.progress:
             self.tell(s.req.client, {"type": P.PROGRESS, "req": s.req.req, "sid": sid, "done": done, "total": total})
         if len(self.progress_steps) > 10000:  # steps lost with a failed stage must not pile up
             self.progress_steps = {q: v for q, v in self.progress_steps.items() if v[0] in self.sessions}

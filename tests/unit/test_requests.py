@@ -99,6 +99,26 @@ def test_a_long_prompt_goes_as_chunks_and_only_the_last_samples(model_file, toke
     assert segs[-1].params is not None and segs[0].params is None
 
 
+def test_prefill_progress_only_for_steps_in_flight(model_file, tokenizer):
+    """A client that asked for progress hears of each prefill chunk that passed the last stage, as
+    tokens done of the prompt's; a step number that is not in flight in its session (made up by a
+    confused last stage, or forgotten by a replay) tells nobody anything."""
+    r, w = _requests(model_file, tokenizer)
+    n = 2 * PREFILL_CHUNK + 88
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [5] * n, "max_tokens": 4, "progress": True})
+    first, second, _last = [s for (s,) in w.routed]
+    r.on_prefill_step(first.step_id + second.step_id + 1000)  # no such step
+    assert w.of_type(P.PROGRESS) == []
+    r.on_prefill_step(first.step_id)
+    [p] = w.of_type(P.PROGRESS)
+    assert (p["req"], p["done"], p["total"]) == (1, PREFILL_CHUNK, n)
+    r.on_prefill_step(first.step_id)  # once per step
+    assert len(w.of_type(P.PROGRESS)) == 1
+    r.forget_kv()  # a lost range: the steps in flight are forgotten and replayed
+    r.on_prefill_step(second.step_id)
+    assert len(w.of_type(P.PROGRESS)) == 1
+
+
 def test_a_lost_range_pauses_then_replays_the_history_from_zero(model_file, tokenizer):
     r, w = _requests(model_file, tokenizer)
     r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 5, "stop_ids": []})
