@@ -166,6 +166,17 @@ def kernel_table(family=None) -> dict:
     return table
 
 
+cdef Py_ssize_t _activation_rows(object x, Py_ssize_t cols) except -1:
+    """Rows of x, checked as a product's input: float32 [n >= 1, cols], C-contiguous."""
+    _check(x, "x", cnp.NPY_FLOAT32, 2, False)
+    cdef Py_ssize_t n = _dim(x, 0)
+    if _dim(x, 1) != cols:
+        raise ValueError(f"x: expected shape (n, {cols}), got {x.shape}")
+    if n < 1:
+        raise ValueError("x: needs at least one row")
+    return n
+
+
 ctypedef struct _Job:
     const uint8_t* w
     size_t rb
@@ -316,12 +327,7 @@ cdef class Weight:
     def matmul(self, x, out=None, bint act_q8=True):
         """out[n, rows] = x[n, cols] @ W.T (float32). act_q8 selects llama.cpp's 8-bit activation path
         for quantized weights; it is ignored for F32/F16."""
-        _check(x, "x", cnp.NPY_FLOAT32, 2, False)
-        cdef Py_ssize_t n = _dim(x, 0)
-        if _dim(x, 1) != self.cols:
-            raise ValueError(f"x: expected shape (n, {self.cols}), got {x.shape}")
-        if n < 1:
-            raise ValueError("x: needs at least one row")
+        cdef Py_ssize_t n = _activation_rows(x, self.cols)
         cdef cnp.npy_intp dims[2]
         if out is None:
             dims[0] = n
@@ -493,12 +499,7 @@ def matmul_many(weights, x, bint act_q8=True) -> list:
         fuse = fuse and w.qt == w0.qt and w.cols == w0.cols and w.has_img == w0.has_img
     if not fuse:
         return [w.matmul(x, act_q8=act_q8) for w in ws]
-    _check(x, "x", cnp.NPY_FLOAT32, 2, False)
-    cdef Py_ssize_t n = _dim(x, 0)
-    if _dim(x, 1) != w0.cols:
-        raise ValueError(f"x: expected shape (n, {w0.cols}), got {x.shape}")
-    if n < 1:
-        raise ValueError("x: needs at least one row")
+    cdef Py_ssize_t n = _activation_rows(x, w0.cols)
     cdef cnp.npy_intp dims[2]
     dims[0] = n
     outs = []
