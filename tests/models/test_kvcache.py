@@ -21,6 +21,8 @@ from dair.errors import DairError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.ref.json").read_text())
+# llama.cpp's logits over the same 2,000 tokens with an f16 and a Q8_0 cache (tests/data/README.md)
+KV_REF = json.loads((DATA / "SmolLM2-135M-Instruct.Q4_1.kv2000.ref.json").read_text())
 TEXT = ("Long documents are pasted into chats: a contract, a paper, a log file. The model must keep "
         "every earlier token in its cache and attend to all of them for each new one. ")
 
@@ -91,8 +93,49 @@ def default_path_logits(model_file) -> dict[str, np.ndarray]:
     from dair.tokenizer import load_tokenizer
 
     ids = long_ids(load_tokenizer(model_file), 2000)
+    assert ids == KV_REF["ids"]  # llama.cpp's tokens for the same text: one sequence for both
     last = model_file.config.n_layers - 1
     return {kv: teacher_forced(RangeEngine(model_file, 0, last, kv_type=kv), ids) for kv in ("f16", "q8_0")}
+
+
+def at_llama_top5(logits: np.ndarray) -> np.ndarray:
+    """dair's logits at llama.cpp's top five tokens (of its f16 run) at every position."""
+    return np.take_along_axis(logits, np.asarray(KV_REF["top5_ids"]), 1)
+
+
+def spread(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(np.asarray(a) - np.asarray(b))
+    return float(d.max()), float(d.mean())
+
+
+def test_2000_tokens_as_close_to_llama_cpp_as_its_two_attentions_are_to_each_other(default_path_logits):
+    """At 2,000 tokens llama.cpp's own two CPU attentions (default, and flash attention), both
+    with an f16 cache, differ by 1.33 at worst over its top five (0.15 on average): on an 8-bit
+    activation path, near-equal attentions round some activations apart. dair's f16 cache stays
+    within that spread of llama.cpp's default run (a quarter over it at most) and picks its top-1
+    wherever it leads by 0.75; so does dair's Q8_0 cache against llama.cpp's Q8_0 run, within a
+    quarter over what the Q8_0 cache moves llama.cpp's own logits."""
+    ref = {k: np.asarray(KV_REF[k]) for k in ("f16", "f16_flash", "q8_0_flash")}
+    own_max, own_mean = spread(ref["f16_flash"], ref["f16"])
+    got_max, got_mean = spread(at_llama_top5(default_path_logits["f16"]), ref["f16"])
+    assert got_max <= 1.25 * own_max and got_mean <= 1.25 * own_mean, (got_max, got_mean, own_max, own_mean)
+    q8_max, q8_mean = spread(ref["q8_0_flash"], ref["f16"])
+    got_max, got_mean = spread(at_llama_top5(default_path_logits["q8_0"]), ref["q8_0_flash"])
+    assert got_max <= 1.25 * q8_max and got_mean <= 1.25 * q8_mean, (got_max, got_mean, q8_max, q8_mean)
+    top = np.asarray(KV_REF["top5_ids"])[:, 0]
+    clear = ref["f16"][:, 0] - ref["f16"][:, 1] >= 0.75
+    assert clear.sum() > 1000
+    for kv in ("f16", "q8_0"):
+        assert np.array_equal(default_path_logits[kv].argmax(1)[clear], top[clear]), kv
+
+
+def test_q8_0_cache_moves_logits_no_more_than_it_moves_llama_cpps(default_path_logits):
+    """The Q8_0 cache's effect, f16 to Q8_0 with nothing else changed, against the same change
+    in llama.cpp (both its runs with flash attention, which its Q8_0 V cache needs): no larger
+    at worst, and on average within a tenth of it."""
+    ref_max, ref_mean = spread(KV_REF["q8_0_flash"], KV_REF["f16_flash"])
+    got_max, got_mean = spread(at_llama_top5(default_path_logits["q8_0"]), at_llama_top5(default_path_logits["f16"]))
+    assert 0.0 < got_max <= ref_max and got_mean <= 1.1 * ref_mean, (got_max, got_mean, ref_max, ref_mean)
 
 
 def top5_diff(f16: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -118,7 +161,8 @@ def test_q8_0_cache_logits_near_f16(default_path_logits):
 
 
 @pytest.mark.xfail(strict=True, reason="measured 1.22 at worst (118 of 2,000 positions above 0.5); "
-                   "the f32 cache measures 0.97 on this path, so its 8-bit activations alone exceed 0.5")
+                   "the f32 cache measures 0.97 on this path, so its 8-bit activations alone exceed 0.5; "
+                   "llama.cpp's own Q8_0 cache moves its logits by 1.30 (flash attention both ways)")
 def test_q8_0_cache_logits_within_half_a_logit_at_2000_tokens(default_path_logits):
     """The criterion as stated, on the product's default path: 2,000 teacher-forced tokens, f16's
     top-5 logits within 0.5 with the Q8_0 cache at every position. Strict: it fails the run the
