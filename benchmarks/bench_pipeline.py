@@ -98,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
     say("starting clusters: 1 stage (q8_0), 3 stages (q8_0), 3 stages (f32) ...")
-    three = [(0, 9), (10, 19), (20, 29)]
-    clusters = {"one": start(args.model, [(0, 29)], args.threads, "q8_0", log),
+    from dair.model import open_model
+
+    n = open_model(args.model).config.n_layers
+    sizes = [n // 3 + (i < n % 3) for i in range(3)]  # thirds, the first ones a layer more
+    three = [(sum(sizes[:i]), sum(sizes[:i + 1]) - 1) for i in range(3)]
+    clusters = {"one": start(args.model, [(0, n - 1)], args.threads, "q8_0", log),
                 "three_q8_0": start(args.model, three, args.threads, "q8_0", log),
                 "three_f32": start(args.model, three, args.threads, "f32", log)}
     local = InProcess(args.model, args.threads)
