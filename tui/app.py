@@ -17,6 +17,7 @@ from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.widgets import Footer, Header, Input
 
@@ -127,8 +128,18 @@ class DairApp(App[int]):
         self.link.stop()
 
     # --- data from the link --------------------------------------------------------------------
+    def _torn_down(self) -> bool:
+        """Whether the widgets are gone: the link's last messages can arrive while the app quits."""
+        try:
+            self.query_one(StatusLine)
+            return False
+        except NoMatches:
+            return True
+
     def on_link_state(self, msg: LinkState) -> None:
         self.link_state = msg.state
+        if self._torn_down():
+            return
         status = self.query_one(StatusLine)
         status.link, status.attempt = msg.state, msg.attempt
         if msg.state != "connected":
@@ -138,6 +149,8 @@ class DairApp(App[int]):
         m = msg.model
         name = str(m.get("name") or Path(str(m.get("path", "model"))).name)
         self.model_name = name
+        if self._torn_down():
+            return
         self.query_one(StatusLine).model = f"{name} · {m.get('n_layers', '?')} layers"
         hb, live = msg.extra.get("heartbeat_ms"), msg.extra.get("liveness")
         if isinstance(hb, int) and isinstance(live, int):
@@ -152,6 +165,8 @@ class DairApp(App[int]):
 
     def _show_cluster(self, stale: bool = False) -> None:
         c = self.cluster
+        if self._torn_down():
+            return
         self.query_one(NodesTable).show(c.nodes, stale=stale)
         self.query_one(LayerMap).show(c.layer_cells())
         self.query_one(Throughput).show(list(c.tok_s), c.current_tok_s, c.tokens_total, c.bytes_per_token,
