@@ -421,10 +421,8 @@ class Broker:
                         + (fmt_span(node.first, node.last) if node.first >= 0 else "a standby") + ")")
             return
         q = h.get("q", results[0].get("q", -1) if results else -1)
-        if not results:  # a prefill chunk that samples nothing: only its timing
+        if not results:  # nothing to act on; its timing still counts
             self._hop(node, q if isinstance(q, int) else -1, h.get("ct"))
-            if isinstance(q, int):
-                self.req.on_prefill_step(q)
             return
         accepted = self.stage_work(node, results, "tokens")
         if accepted is None:
@@ -432,6 +430,11 @@ class Broker:
         self._hop(node, q if isinstance(q, int) else -1, h.get("ct"))
         steps = []
         for s, r in accepted:
+            if r["q"] in s.silent:  # a prefill chunk that passed the last stage: done, nothing more
+                self.req.on_prefill_step(r["q"])
+                s.silent.discard(r["q"])
+                s.qs.pop(r["q"], None)
+                continue
             s.qs.pop(r["q"], None)  # once: a second result for this step is stale
             if s.req is None:
                 continue  # cancelled or closed

@@ -128,6 +128,7 @@ class Requests:
             if s.req is not None and not s.paused:
                 s.paused = True
                 s.qs.clear()
+                s.silent.clear()
 
     def resume_paused(self) -> None:
         """The pipeline is whole again: replay each paused request's history from position 0 (the
@@ -201,6 +202,8 @@ class Requests:
         step = P.Step(s.sid, pos, ids, q, out, top_k=top_k, next_id=next_id, params=params,
                       recent=s.history[max(0, pos - window):pos] if window else None)
         s.qs[q] = None  # made, not sent: nobody's to answer yet
+        if out == "none":
+            s.silent.add(q)
         return step
 
     def send_prompt(self, s: Session, start: int, ids: list[int], out: str, top_k: int | None = None) -> None:

@@ -54,6 +54,9 @@ class Session:
     # any other step are stale; a result or activation for one of these from any other peer is
     # refused (a peer is trusted only for the work the bus gave it).
     qs: dict[int, bytes | None] = field(default_factory=dict)
+    # Those of qs that ask nothing of the last stage (prefill chunks before the last): their
+    # result says only that they passed it.
+    silent: set[int] = field(default_factory=set)
     req: Request | None = None
     # The request lost a stage and waits for a standby to take its range, then replays history.
     paused: bool = False
@@ -67,6 +70,7 @@ class Session:
         """Detach the request in progress (its steps still in flight become stale)."""
         req, self.req = self.req, None
         self.qs.clear()
+        self.silent.clear()
         self.paused = False
         self.paused_t = 0.0
         return req

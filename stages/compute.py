@@ -206,7 +206,7 @@ class Compute:
         self.batched_segments += len(steps)
         self.max_batch_seen = max(self.max_batch_seen, len(steps))
         if self.engine.has_head:
-            # Sent even when empty (a prefill chunk that samples nothing): the bus times the hop by q.
+            # Every step has a result; q (the first step's) times the hop.
             self._send({"type": P.TOKENS, "results": results, "ct": ct, "q": steps[0].step_id})
         else:
             self._send({"type": P.ACT, "layer": self.last + 1, "dtype": self.wire,
@@ -269,6 +269,10 @@ class Compute:
                     res["lp"], res["top"] = lp, [[i, v] for i, v in top]
                 r += 1
                 results.append(res)
+            elif s.out == "none":
+                # Passed the last stage, nothing asked of it: the bus counts it done (a prefill
+                # chunk's progress) rather than wait for the request's end to forget it.
+                results.append({"sid": s.sid, "q": s.step_id, "pos": s.end})
             elif s.out == "score":
                 lg = self.engine.head(y[offset:offset + n])
                 nx = s.next_id

@@ -119,6 +119,21 @@ def test_prefill_progress_only_for_steps_in_flight(model_file, tokenizer):
     assert len(w.of_type(P.PROGRESS)) == 1
 
 
+def test_prefill_chunks_before_the_last_are_the_silent_steps(model_file, tokenizer):
+    """The steps that ask nothing of the last stage are known as such while in flight: their
+    result (that they passed it) ends them there, not the request's end; the last chunk samples.
+    Replay forgets them with the rest."""
+    r, w = _requests(model_file, tokenizer)
+    n = 2 * PREFILL_CHUNK + 88
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [5] * n, "max_tokens": 4})
+    first, second, last = [s for (s,) in w.routed]
+    [sess] = r.sessions.values()
+    assert sess.silent == {first.step_id, second.step_id} and last.step_id not in sess.silent
+    assert set(sess.qs) == {first.step_id, second.step_id, last.step_id}
+    r.forget_kv()
+    assert sess.silent == set() and sess.qs == {}
+
+
 def test_a_lost_range_pauses_then_replays_the_history_from_zero(model_file, tokenizer):
     r, w = _requests(model_file, tokenizer)
     r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [1, 2, 3], "max_tokens": 5, "stop_ids": []})
