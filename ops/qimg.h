@@ -216,8 +216,12 @@ DAIR_INLINE void dair_img_step(const uint8_t *w, size_t rb, const dair_img *L, i
     }
 }
 
+/* pfd > 0 (decode): line k of each of the R rows is prefetched pfd bytes ahead as column k is read, so
+ * the requests for a later tile go out a few at a time with the work (see dair_r8_pf_block); a burst
+ * of a whole tile's lines at its start (4 rows of 4096 Q4_1 values are 160 lines) filled the miss
+ * buffers and cost a quarter of a decode product's time. */
 DAIR_INLINE void dair_img_tile(const uint8_t *w, size_t rb, const dair_img *L, int R, int C, const uint8_t *img0,
-                               size_t istride, float *out, size_t ldo) {
+                               size_t istride, float *out, size_t ldo, size_t pfd, const uint8_t *pf_end) {
     __m512 acc[4][4];
     __m512i prev[4];
     for (int r = 0; r < R; r++) {
@@ -226,8 +230,15 @@ DAIR_INLINE void dair_img_tile(const uint8_t *w, size_t rb, const dair_img *L, i
             acc[r][c] = _mm512_setzero_ps();
     }
     const size_t K = (size_t)L->K;
-    for (size_t k = 0; k + 1 < K; k++)
+    for (size_t k = 0; k + 1 < K; k++) {
+        if (pfd)
+            for (int r = 0; r < R; r++) {
+                const uint8_t *pf = w + (size_t)r * rb + k * 64 + pfd;
+                if (pf < pf_end)
+                    _mm_prefetch((const char *)pf, _MM_HINT_T0);
+            }
         dair_img_step(w, rb, L, R, C, img0, istride, k, ~0ULL, 0, prev, acc);
+    }
     dair_img_step(w, rb, L, R, C, img0, istride, K - 1, L->tail, 1, prev, acc);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
@@ -237,13 +248,18 @@ DAIR_INLINE void dair_img_tile(const uint8_t *w, size_t rb, const dair_img *L, i
 #define DAIR_IMG_TILE_FN(R, C)                                                                                   \
     static void dair_img_tile_##R##x##C(const uint8_t *w, size_t rb, const dair_img *L, const uint8_t *img0,     \
                                         size_t istride, float *out, size_t ldo) {                                \
-        dair_img_tile(w, rb, L, R, C, img0, istride, out, ldo);                                                  \
+        dair_img_tile(w, rb, L, R, C, img0, istride, out, ldo, 0, w);                                            \
     }
 DAIR_IMG_TILE_FN(4, 1)
 DAIR_IMG_TILE_FN(2, 1)
 DAIR_IMG_TILE_FN(1, 1)
 DAIR_IMG_TILE_FN(2, 4)
 DAIR_IMG_TILE_FN(1, 4)
+
+static void dair_img_tile_4x1_pf(const uint8_t *w, size_t rb, const dair_img *L, const uint8_t *img0, float *out,
+                                 size_t ldo, size_t pfd, const uint8_t *pf_end) {
+    dair_img_tile(w, rb, L, 4, 1, img0, 0, out, ldo, pfd, pf_end);
+}
 
 /* rows [r0, r1) x all n image rows (istride bytes apart) into out[i*ldo + r]. */
 static void dair_img_mm(const uint8_t *w, const dair_img *L, int r0, int r1, const uint8_t *img, size_t istride,
@@ -254,14 +270,10 @@ static void dair_img_mm(const uint8_t *w, const dair_img *L, int r0, int r1, con
         const uint8_t *end = w + (size_t)r1 * rb;
         size_t left = (size_t)(r1 - r) * rb;
         dair_prefetch_bytes(w + (size_t)r * rb, left < DAIR_PF_DIST ? left : DAIR_PF_DIST);
-        for (; r + 4 <= r1; r += 4) {
-            /* see DAIR_PF_DIST in qdot.h */
-            const uint8_t *pf = w + (size_t)r * rb + DAIR_PF_DIST;
-            for (size_t o = 0; o < 4 * rb; o += 64)
-                if (pf + o < end)
-                    _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
-            dair_img_tile_4x1(w + (size_t)r * rb, rb, L, img, istride, out + r, ldo);
-        }
+        /* two tiles ahead (one when a tile alone is 16 KB or more), as dair_r8_mm */
+        const size_t pfd = 4 * rb < 16384 ? 8 * rb : 4 * rb;
+        for (; r + 4 <= r1; r += 4)
+            dair_img_tile_4x1_pf(w + (size_t)r * rb, rb, L, img, out + r, ldo, pfd, end);
         for (; r < r1; r++)
             dair_img_tile_1x1(w + (size_t)r * rb, rb, L, img, istride, out + r, ldo);
         return;
