@@ -95,8 +95,8 @@ BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name i
 cdef double _CHUNK_BYTES = 32 * 1024.0
 
 
-# Kernel families, best first: "avx512" (AVX-512 VNNI; for Q8_0/Q4_0/Q4_1 the "image" kernels of
-# qimg.h), "avx2" (AVX2 + FMA + F16C, no AVX-512 instruction) and "scalar" (plain C). One build
+# Kernel families, best first: "avx512" (AVX-512 VNNI; for Q8_0 the "image" kernels of qimg.h, for
+# Q4_0/Q4_1 the 16-row kernels of rows16_avx512.h), "avx2" (AVX2 + FMA + F16C, no AVX-512 instruction) and "scalar" (plain C). One build
 # holds all of them; cpu.h says at run time which this CPU can run.
 # On ARM "neon" (ops/neon_quants.h) takes "avx2"'s slot: the names come from cpu.h.
 _FAMILIES = tuple(dair_family_names[i].decode() for i in range(3))
@@ -307,8 +307,9 @@ cdef class Weight:
         self.cols = cols
         self.row_bytes = rb
         self.ptr = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>raw)
-        # The image kernels cover the 32-value types; K-quants have their own (kquants.h).
-        self.has_img = DAIR_Q8_0 <= qt <= DAIR_Q4_1 and dair_img_available() and dair_img_init(&self.img, qt, cols) == 0
+        # The image kernels (qimg.h) run Q8_0 with AVX-512; Q4_0/Q4_1 have 16-row kernels instead
+        # (rows16_avx512.h), K-quants their own (kquants.h).
+        self.has_img = qt == DAIR_Q8_0 and dair_img_available() and dair_img_init(&self.img, qt, cols) == 0
 
     def __dealloc__(self):
         global _last_weight
