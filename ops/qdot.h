@@ -56,6 +56,14 @@ static inline void dair_prefetch_clip(const uint8_t *p, size_t len, const uint8_
     }
 }
 
+/* n bytes (at least 64), 64-aligned; free() them. NULL when out of memory. */
+static void *dair_alloc64(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64))
+        return NULL;
+    return p;
+}
+
 /* The instruction set of the best kernels this build runs on this CPU. */
 static const char *dair_simd_name(void) {
 #if defined(DAIR_HAVE_NEON)
@@ -509,8 +517,9 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
             dair_prefetch_bytes(w + (size_t)r * rb, (size_t)(r1 - r) * rb < DAIR_PF_DIST ? (size_t)(r1 - r) * rb
                                                                                         : DAIR_PF_DIST);
 #if defined(DAIR_BUILD_AVX512)
-        /* Q4: 16 rows at a time with AVX-512 (rows16_avx512.h), the same float steps as below */
-        if (dair_use_avx512 && qtype != DAIR_Q8_0 && (r1 - r) / 16 > 0 &&
+        /* 16 rows at a time with AVX-512 (rows16_avx512.h) where its table says so; the same
+         * float steps as below */
+        if (dair_use_avx512 && dair_q32_family(qtype, DAIR_FAM_AVX512, n) == DAIR_FAM_AVX512 && (r1 - r) / 16 > 0 &&
             dair_r512_mm(w, rb, qtype, r, (r1 - r) / 16, a, out, ldo, n < 4 ? end : NULL) == 0)
             r += 16 * ((r1 - r) / 16);
 #endif
@@ -556,6 +565,5 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
 }
 
 #include "kquants.h"
-#include "qimg.h"
 
 #endif
