@@ -32,7 +32,16 @@ import time
 import numpy as np
 
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, get_kernels, kernel_table, set_kernels, simd_name
+from dair.ops.matmul import (
+    BLOCK_LAYOUTS,
+    KERNELS,
+    Weight,
+    get_kernels,
+    kernel_ops,
+    kernel_table,
+    set_kernels,
+    simd_name,
+)
 
 # (name, rows, cols, qtype): one layer of SmolLM2-135M, then the tied output head.
 LAYER = [
@@ -79,6 +88,11 @@ def print_dispatch_table() -> None:
     print(f"  {'type':<7}" + "".join(f"{k:>9}" for k in KERNELS))
     for qt in tables[KERNELS[0]]:
         print(f"  {qt:<7}" + "".join(f"{tables[k][qt]:>9}" for k in KERNELS))
+    # where a family runs another family's kernel for one operation (ops/rows16_avx512.h's table)
+    for k in KERNELS:
+        for qt, op in kernel_ops(k).items():
+            if op["decode"] != op["prefill"]:
+                print(f"  {k} family, {qt}: decode runs the {op['decode']} kernel, prefill the {op['prefill']} one")
 
 
 def dequantized(w: Weight) -> np.ndarray:
