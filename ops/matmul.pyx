@@ -61,6 +61,7 @@ cdef extern from "qdot.h" nogil:
     void dair_quantize_q8k_row(const float* x, int cols, int8_t* q, float* d, int32_t* bsums)
     void dair_quantize_q8k_wide(const float* x, int cols, int qtype, int8_t* q, float* d, int32_t* isum)
     int dair_q32_family(int qtype, int family, int n)
+    int dair_r512_set(int qtype, int op, int use16)
     void* dair_alloc64(size_t n)
     void dair_prefetch_bytes(const void* p, size_t n)
     void dair_dequant_row(const uint8_t* src, int qtype, int cols, float* dst)
@@ -172,6 +173,15 @@ def kernel_ops(family=None) -> dict:
         else:
             ops[name] = {"decode": fam, "prefill": fam}
     return ops
+
+
+def _set_avx512_op(str qtype, str op, bint use_16_rows) -> bool:
+    """Make the avx512 family run the AVX-512 16-row kernel (True) or the AVX2 8-row one (False) for
+    Q8_0/Q4_0/Q4_1 `op` ("decode" or "prefill"); returns the previous choice. For tests (each
+    kernel is checked whatever the table picks) and benchmarks; not thread-safe."""
+    if qtype not in ("Q8_0", "Q4_0", "Q4_1") or op not in ("decode", "prefill"):
+        raise ValueError(f"no avx512 kernel choice for {qtype} {op}")
+    return dair_r512_set(_QT_CODES[qtype], 0 if op == "decode" else 1, use_16_rows) != 0
 
 
 cdef Py_ssize_t _activation_rows(object x, Py_ssize_t cols) except -1:

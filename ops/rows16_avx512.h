@@ -39,11 +39,18 @@
  *    Q8_0 11 against 39 us a row, Q4_0/Q4_1 11 against 21; decode Q4_0 29 against 43 us, Q4_1 35
  *    against 41 us, and the 30 Q4_1 layers of the decode sweep 2.4-2.6 against 2.8 ms. */
 enum { DAIR_OP_DECODE = 0, DAIR_OP_PREFILL = 1 };
-static const unsigned char dair_r512_table[DAIR_NTYPES][2] = {
+static unsigned char dair_r512_table[DAIR_NTYPES][2] = { /* written only by tests (dair_r512_set) */
     [DAIR_Q8_0] = {0, 1},
     [DAIR_Q4_0] = {1, 1},
     [DAIR_Q4_1] = {1, 1},
 };
+
+/* Set one entry (tests run both kernels of every entry, benchmarks compare them); returns the old. */
+static int dair_r512_set(int qtype, int op, int use16) {
+    const int old = dair_r512_table[qtype][op];
+    dair_r512_table[qtype][op] = (unsigned char)(use16 != 0);
+    return old;
+}
 
 /* The family whose kernel runs a product of n activation rows of a Q8_0/Q4_0/Q4_1 weight when
  * `family` is selected (kernel_ops reports it). */

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, set_kernels
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, _set_avx512_op, set_kernels
 
 # Byte offsets of each type's fp16 scales within its block.
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
@@ -71,9 +71,16 @@ def test_avx512_rows_are_the_avx2_rows_bit_for_bit(qtype, rows, blocks):
         for n in (1, 3, 9):
             x = rng.standard_normal((n, cols)).astype(np.float32)
             x[0] *= 300.0
-            set_kernels("avx512")
-            a = w.matmul(x)
             set_kernels("avx2")
-            np.testing.assert_array_equal(a, w.matmul(x), err_msg=f"{qtype} {rows} x {cols}, n={n}")
+            want = w.matmul(x)
+            set_kernels("avx512")
+            op = "decode" if n == 1 else "prefill"
+            for use16 in (True, False):  # both kernels, whichever the table picks
+                was = _set_avx512_op(qtype, op, use16)
+                try:
+                    got = w.matmul(x)
+                finally:
+                    _set_avx512_op(qtype, op, was)
+                np.testing.assert_array_equal(got, want, err_msg=f"{qtype} {rows} x {cols}, n={n}, 16 rows: {use16}")
     finally:
         set_kernels(old)
