@@ -4,7 +4,8 @@
   IQ4_NL/Q2_K/Q3_K/Q4_K/Q5_K/Q6_K/IQ4_XS GGUF bytes; ``Weight.matmul(x, out=None, act_q8=True)``,
   ``Weight.get_rows(ids, out=None)``; ``BLOCK_LAYOUTS``; kernel families ``KERNELS`` ("avx512",
   "avx2", "scalar": those this CPU runs), ``set_kernels`` / ``get_kernels``, and
-  ``kernel_table()``, the dispatch table (which family serves each type here).
+  ``kernel_table()``, the dispatch table (which family serves each type here), and ``kernel_ops()``,
+  the family whose code runs each type's decode and prefill (ops/rows16_avx512.h's table).
 - ``dair.ops.norm.rmsnorm``, ``dair.ops.rope.rope_inplace``, ``dair.ops.attention.attention``,
   ``dair.ops.activation.silu_mul`` / ``add_inplace``, ``dair.ops.wire`` (Q8_0 blocks on the wire).
 - ``dair.ops.threads``: ``set_num_threads`` / ``get_num_threads`` / ``pool_stats`` for the worker pool
