@@ -158,8 +158,8 @@ def kernel_table(family=None) -> dict:
 
 
 def kernel_ops(family=None) -> dict:
-    """For every weight type, the kernel family whose code runs its decode (one activation row) and
-    its prefill (more rows) products when `family` (default: the best on this CPU) is selected, as
+    """For every weight type, the kernel family whose code runs its decode (up to 3 activation rows:
+    weights stream) and its prefill (4 or more) products when `family` (default: the best on this CPU) is selected, as
     {type: {"decode": ..., "prefill": ...}}. It differs from kernel_table's family where the
     avx512 family runs an AVX2 kernel for one operation because that is faster here (the table in
     ops/rows16_avx512.h says which and why); the results are the same bits either way."""
@@ -169,7 +169,7 @@ def kernel_ops(family=None) -> dict:
         fam = table[name]
         if fam in _FAMILIES and DAIR_Q8_0 <= qt <= DAIR_Q4_1:
             f = _FAMILIES.index(fam)
-            ops[name] = {"decode": _FAMILIES[dair_q32_family(qt, f, 1)], "prefill": _FAMILIES[dair_q32_family(qt, f, 2)]}
+            ops[name] = {"decode": _FAMILIES[dair_q32_family(qt, f, 1)], "prefill": _FAMILIES[dair_q32_family(qt, f, 4)]}
         else:
             ops[name] = {"decode": fam, "prefill": fam}
     return ops
@@ -177,7 +177,7 @@ def kernel_ops(family=None) -> dict:
 
 def _set_avx512_op(str qtype, str op, bint use_16_rows) -> bool:
     """Make the avx512 family run the AVX-512 16-row kernel (True) or the AVX2 8-row one (False) for
-    Q8_0/Q4_0/Q4_1 `op` ("decode" or "prefill"); returns the previous choice. For tests (each
+    Q8_0/Q4_0/Q4_1 `op` ("decode": up to 3 activation rows, or "prefill"); returns the previous choice. For tests (each
     kernel is checked whatever the table picks) and benchmarks; not thread-safe."""
     if qtype not in ("Q8_0", "Q4_0", "Q4_1") or op not in ("decode", "prefill"):
         raise ValueError(f"no avx512 kernel choice for {qtype} {op}")

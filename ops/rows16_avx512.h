@@ -34,7 +34,10 @@
  *  - Q8_0 decode: rows8. The weights of a decode step stream from memory, and there rows8 read the
  *    output head of the default model (49152 x 576, 28 MB) in 0.75-0.80 ms against 0.84-0.95 ms
  *    here (the decode sweep of benchmarks/bench_ops.py, interleaved runs); cache-resident, the
- *    kernel here is faster (48 against 54 us at 4096 x 576), but decode weights seldom are.
+ *    kernel here is faster (48 against 54 us at 4096 x 576), but decode weights seldom are. With
+ *    2 or 3 activation rows the panel below costs more than it saves at wide rows (Q8_0 at 4096 x
+ *    4096, 2 rows: 380-438 against 347-359 us a row), hence "decode" is up to 3 rows, as the
+ *    kernels' prefetch has it (weights streaming).
  *  - Q8_0 prefill, Q4_0 and Q4_1 decode and prefill: here. Prefill at 4096 x 576 and 64 rows:
  *    Q8_0 11 against 39 us a row, Q4_0/Q4_1 11 against 21; decode Q4_0 29 against 43 us, Q4_1 35
  *    against 41 us, and the 30 Q4_1 layers of the decode sweep 2.4-2.6 against 2.8 ms. */
@@ -53,9 +56,9 @@ static int dair_r512_set(int qtype, int op, int use16) {
 }
 
 /* The family whose kernel runs a product of n activation rows of a Q8_0/Q4_0/Q4_1 weight when
- * `family` is selected (kernel_ops reports it). */
+ * `family` is selected (kernel_ops reports it): "decode" up to 3 rows, "prefill" 4 or more. */
 static int dair_q32_family(int qtype, int family, int n) {
-    if (family == DAIR_FAM_AVX512 && !dair_r512_table[qtype][n >= 2 ? DAIR_OP_PREFILL : DAIR_OP_DECODE])
+    if (family == DAIR_FAM_AVX512 && !dair_r512_table[qtype][n >= 4 ? DAIR_OP_PREFILL : DAIR_OP_DECODE])
         return DAIR_FAM_AVX2;
     return family;
 }

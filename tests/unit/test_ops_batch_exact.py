@@ -68,13 +68,13 @@ def test_avx512_rows_are_the_avx2_rows_bit_for_bit(qtype, rows, blocks):
     w = random_weight(rng, qtype, rows, cols)
     old = set_kernels("avx512")
     try:
-        for n in (1, 3, 9):
+        for n in (1, 2, 3, 9):  # up to 3 rows "decode", then "prefill" (rows16_avx512.h)
             x = rng.standard_normal((n, cols)).astype(np.float32)
             x[0] *= 300.0
             set_kernels("avx2")
             want = w.matmul(x)
             set_kernels("avx512")
-            op = "decode" if n == 1 else "prefill"
+            op = "decode" if n < 4 else "prefill"
             for use16 in (True, False):  # both kernels, whichever the table picks
                 was = _set_avx512_op(qtype, op, use16)
                 try:
