@@ -20,6 +20,15 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def kernels_in_use(qtypes: set[str]) -> dict:
+    """The kernel family selected, and per weight type present the family whose code runs its
+    decode and prefill products (dair.ops.matmul.kernel_ops)."""
+    from dair.ops.matmul import get_kernels, kernel_ops
+
+    ops = kernel_ops(get_kernels())
+    return {"family": get_kernels(), "by_type": {qt: ops[qt] for qt in sorted(qtypes) if qt in ops}}
+
+
 def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int,
                  depth: int = 0, kv_type: str | None = None) -> dict:
     """Prefill of prompt_tokens, and decode of gen_tokens after a prompt of `depth` tokens
@@ -47,6 +56,7 @@ def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens
     from dair.ops.threads import pool_summary
 
     out["pool"] = pool_summary()
+    out["kernels"] = kernels_in_use({t.qtype for t in backend.model.tensors.values()})
     st = backend.engine.stats()
     if "experts_per_token" in st:  # MoE: experts computed per token over all layers (prefill included)
         out["experts_per_token"] = round(st["experts_per_token"], 2)

@@ -620,7 +620,7 @@ static void dair_mm_qk_wide(const uint8_t *w, size_t rb, int qtype, int r0, int 
 }
 
 DAIR_AVX512_END
-#else /* stubs so callers compile; dair_img_available() says not to use them */
+#else /* stubs so callers compile; matmul selects them only with the avx512 family */
 
 static void dair_quantize_q8k_wide(const float *x, int cols, int qtype, int8_t *q, float *d, int32_t *isum) {
     (void)qtype;

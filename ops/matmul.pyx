@@ -30,10 +30,6 @@ cdef extern from "qdot.h" nogil:
         float* d
         float* s
         int32_t* isum
-    ctypedef struct dair_img:
-        int K
-        size_t rb
-        size_t img_bytes
     enum:
         DAIR_F32
         DAIR_F16
@@ -64,13 +60,8 @@ cdef extern from "qdot.h" nogil:
                                int32_t* isum)
     void dair_quantize_q8k_row(const float* x, int cols, int8_t* q, float* d, int32_t* bsums)
     void dair_quantize_q8k_wide(const float* x, int cols, int qtype, int8_t* q, float* d, int32_t* isum)
-    int dair_img_available()
-    int dair_img_init(dair_img* L, int qtype, int cols)
-    void dair_img_free(dair_img* L)
-    void dair_img_build(const dair_img* L, const int8_t* q, const float* d, const float* s, const int32_t* isum,
-                        uint8_t* img)
-    void dair_img_mm(const uint8_t* w, const dair_img* L, int r0, int r1, const uint8_t* img, size_t istride,
-                     int n, float* out, size_t ldo)
+    int dair_q32_family(int qtype, int family, int n)
+    int dair_r512_set(int qtype, int op, int use16)
     void* dair_alloc64(size_t n)
     void dair_prefetch_bytes(const void* p, size_t n)
     void dair_dequant_row(const uint8_t* src, int qtype, int cols, float* dst)
@@ -95,8 +86,8 @@ BLOCK_LAYOUTS = {name: (dair_block_values[i], dair_block_bytes[i]) for i, name i
 cdef double _CHUNK_BYTES = 32 * 1024.0
 
 
-# Kernel families, best first: "avx512" (AVX-512 VNNI; for Q8_0/Q4_0/Q4_1 the "image" kernels of
-# qimg.h), "avx2" (AVX2 + FMA + F16C, no AVX-512 instruction) and "scalar" (plain C). One build
+# Kernel families, best first: "avx512" (AVX-512 VNNI; for Q8_0/Q4_0/Q4_1 the 16-row kernels of
+# rows16_avx512.h, or rows8_avx2.h's where its table says they are faster), "avx2" (AVX2 + FMA + F16C, no AVX-512 instruction) and "scalar" (plain C). One build
 # holds all of them; cpu.h says at run time which this CPU can run.
 # On ARM "neon" (ops/neon_quants.h) takes "avx2"'s slot: the names come from cpu.h.
 _FAMILIES = tuple(dair_family_names[i].decode() for i in range(3))
@@ -108,7 +99,7 @@ _cap = _ALIASES.get(os.environ.get("DAIR_KERNELS", ""), os.environ.get("DAIR_KER
 if _cap in _FAMILIES:
     _best = min(_best, _FAMILIES.index(_cap))
 dair_set_family(_best)
-cdef bint _use_img = dair_img_available() != 0 and _best == DAIR_FAM_AVX512
+cdef bint _use_avx512 = _best == DAIR_FAM_AVX512
 
 #: Quantized-kernel families this CPU can run with this build, best first.
 KERNELS = tuple(_FAMILIES[f] for f in range(_best, -1, -1))
@@ -130,13 +121,13 @@ def set_kernels(str name) -> str:
     """Select a kernel family from KERNELS (tests and benchmarks compare them); returns the previous one.
 
     Not thread-safe: only for tests and benchmarks."""
-    global _use_img
+    global _use_avx512
     name = _ALIASES.get(name, name)
     if name not in KERNELS:
         raise ValueError(f"kernels {name!r} not available on this CPU (have {', '.join(KERNELS)})")
     old = get_kernels()
     dair_set_family(_FAMILIES.index(name))
-    _use_img = name == "avx512" and dair_img_available() != 0
+    _use_avx512 = name == "avx512"
     return old
 
 
@@ -161,9 +152,36 @@ def kernel_table(family=None) -> dict:
             table[name] = "float"
         elif dair_in_vdot_table(qt):
             table[name] = _FAMILIES[dair_kernel_family(qt, fam)]
-        else:  # qdot.h / kquants.h / qimg.h cover every family for their types
+        else:  # qdot.h / kquants.h / rows16_avx512.h cover every family for their types
             table[name] = _FAMILIES[fam]
     return table
+
+
+def kernel_ops(family=None) -> dict:
+    """For every weight type, the kernel family whose code runs its decode (up to 3 activation rows:
+    weights stream) and its prefill (4 or more) products when `family` (default: the best on this CPU) is selected, as
+    {type: {"decode": ..., "prefill": ...}}. It differs from kernel_table's family where the
+    avx512 family runs an AVX2 kernel for one operation because that is faster here (the table in
+    ops/rows16_avx512.h says which and why); the results are the same bits either way."""
+    table = kernel_table(family)
+    ops = {}
+    for qt, name in enumerate(_QT_NAMES):
+        fam = table[name]
+        if fam in _FAMILIES and DAIR_Q8_0 <= qt <= DAIR_Q4_1:
+            f = _FAMILIES.index(fam)
+            ops[name] = {"decode": _FAMILIES[dair_q32_family(qt, f, 1)], "prefill": _FAMILIES[dair_q32_family(qt, f, 4)]}
+        else:
+            ops[name] = {"decode": fam, "prefill": fam}
+    return ops
+
+
+def _set_avx512_op(str qtype, str op, bint use_16_rows) -> bool:
+    """Make the avx512 family run the AVX-512 16-row kernel (True) or the AVX2 8-row one (False) for
+    Q8_0/Q4_0/Q4_1 `op` ("decode": up to 3 activation rows, or "prefill"); returns the previous choice. For tests (each
+    kernel is checked whatever the table picks) and benchmarks; not thread-safe."""
+    if qtype not in ("Q8_0", "Q4_0", "Q4_1") or op not in ("decode", "prefill"):
+        raise ValueError(f"no avx512 kernel choice for {qtype} {op}")
+    return dair_r512_set(_QT_CODES[qtype], 0 if op == "decode" else 1, use_16_rows) != 0
 
 
 cdef Py_ssize_t _activation_rows(object x, Py_ssize_t cols) except -1:
@@ -185,11 +203,7 @@ ctypedef struct _Job:
     int rows
     int n
     int per             # rows (or activation rows, for _prep_chunk) per chunk
-    bint img
     bint kw             # K-quants with the AVX-512 kernels (their own activation layout)
-    const dair_img* L
-    uint8_t* images
-    size_t istride
     dair_act* act
     const float* x
     const int32_t* ids
@@ -211,9 +225,7 @@ cdef void _mm_q_chunk(void* p, int c) noexcept nogil:
         r1 = j.rows
     if r0 >= r1:
         return
-    if j.img:
-        dair_img_mm(j.w, j.L, r0, r1, j.images, j.istride, j.n, j.out, j.rows)
-    elif j.kw:
+    if j.kw:
         dair_mm_qk_wide(j.w, j.rb, j.qt, r0, r1, j.act, j.out, j.rows)
     else:
         dair_mm_q(j.w, j.rb, j.qt, r0, r1, j.act, j.out, j.rows)
@@ -230,7 +242,7 @@ cdef void _mm_f_chunk(void* p, int c) noexcept nogil:
 
 
 cdef void _prep_chunk(void* p, int c) noexcept nogil:
-    """Quantize activation rows (and lay out their images) [c * per, (c + 1) * per)."""
+    """Quantize activation rows [c * per, (c + 1) * per)."""
     cdef _Job* j = <_Job*>p
     cdef int i
     cdef size_t qo, bo
@@ -245,8 +257,6 @@ cdef void _prep_chunk(void* p, int c) noexcept nogil:
                 dair_quantize_q8k_row(j.x + qo, j.cols, a.q + qo, a.d + bo, a.isum + bo * 16)
             continue
         dair_quantize_act_row(j.x + qo, j.cols, j.qt, a.q + qo, a.d + bo, a.s + bo, a.isum + bo)
-        if j.img:
-            dair_img_build(j.L, a.q + qo, a.d + bo, a.s + bo, a.isum + bo, j.images + i * j.istride)
 
 
 cdef void _rows_chunk(void* p, int c) noexcept nogil:
@@ -277,8 +287,6 @@ cdef class Weight:
     cdef int qt
     cdef size_t row_bytes
     cdef const uint8_t* ptr
-    cdef dair_img img
-    cdef bint has_img
     cdef const uint8_t* next_ptr  # start of the matrix used after this one last time
     cdef size_t next_len
 
@@ -307,15 +315,11 @@ cdef class Weight:
         self.cols = cols
         self.row_bytes = rb
         self.ptr = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>raw)
-        # The image kernels cover the 32-value types; K-quants have their own (kquants.h).
-        self.has_img = DAIR_Q8_0 <= qt <= DAIR_Q4_1 and dair_img_available() and dair_img_init(&self.img, qt, cols) == 0
 
     def __dealloc__(self):
         global _last_weight
         if _last_weight == <void*>self:
             _last_weight = NULL
-        if self.has_img:
-            dair_img_free(&self.img)
 
     @property
     def nbytes(self) -> int:
@@ -368,8 +372,6 @@ cdef class Weight:
         j.n = n
         j.x = x
         j.out = out
-        j.L = &self.img
-        j.img = False
         j.kw = False
 
     cdef int _mm_float(self, const float* x, int n, float* out) noexcept nogil:
@@ -400,7 +402,7 @@ cdef class Weight:
         return 0
 
     cdef char* _q8_prep(self, _Job* jp, dair_act* ap, const float* x, int n, float* out) noexcept nogil:
-        """Set up *jp for this matrix and quantize x into *ap (and its images); returns the buffer
+        """Set up *jp for this matrix and quantize x into *ap; returns the buffer
         that holds them (free it after the product), NULL when out of memory."""
         cdef _Job* j = jp
         cdef dair_act* act = ap
@@ -409,23 +411,20 @@ cdef class Weight:
         cdef int nb = self.cols // (DAIR_QKK if kq else DAIR_QK)
         # per block: d, s, and isum (K-quants: 16 sums, s unused)
         cdef size_t per_block = 4 * (2 + (16 if kq else 1))
-        j.img = self.has_img and _use_img
-        j.kw = (self.qt == DAIR_Q4_K or self.qt == DAIR_Q6_K) and _use_img
+        j.kw = (self.qt == DAIR_Q4_K or self.qt == DAIR_Q6_K) and _use_avx512
         act.n = n
         act.cols = self.cols
         act.nb = nb
         j.act = act
         cdef size_t qbytes = ((<size_t>n * self.cols + 63) // 64) * 64
-        j.istride = self.img.img_bytes if j.img else 0
-        cdef char* buf = <char*>dair_alloc64(<size_t>n * j.istride + qbytes + <size_t>n * nb * per_block)
+        cdef char* buf = <char*>dair_alloc64(qbytes + <size_t>n * nb * per_block)
         if buf == NULL:
             return NULL
-        j.images = <uint8_t*>buf
-        act.q = <int8_t*>(buf + n * j.istride)
-        act.d = <float*>(buf + n * j.istride + qbytes)
+        act.q = <int8_t*>buf
+        act.d = <float*>(buf + qbytes)
         act.s = act.d + <size_t>n * nb
         act.isum = <int32_t*>(act.s + <size_t>n * nb)
-        # Activation rows: ~16 bytes of work per value (quantize + image).
+        # Activation rows: ~16 bytes of work per value (quantize).
         cdef int nch = _chunks(<double>n * self.cols * 16.0, _CHUNK_BYTES, n)
         j.per = (n + nch - 1) // nch
         dair_parallel_for(nch, _prep_chunk, j)
@@ -496,7 +495,7 @@ def matmul_many(weights, x, bint act_q8=True) -> list:
     w0 = ws[0]
     cdef bint fuse = act_q8 and 1 < count <= _MANY_MAX and dair_is_quantized(w0.qt)
     for w in ws:
-        fuse = fuse and w.qt == w0.qt and w.cols == w0.cols and w.has_img == w0.has_img
+        fuse = fuse and w.qt == w0.qt and w.cols == w0.cols
     if not fuse:
         return [w.matmul(x, act_q8=act_q8) for w in ws]
     cdef Py_ssize_t n = _activation_rows(x, w0.cols)
@@ -513,7 +512,6 @@ def matmul_many(weights, x, bint act_q8=True) -> list:
         m.jobs[k].w = w.ptr
         m.jobs[k].rows = w.rows
         m.jobs[k].out = <float*>_data(outs[k])
-        m.jobs[k].L = &w.img
     global _last_weight
     cdef Weight prev
     if _last_weight != NULL and _last_weight != <void*>w0:
@@ -533,7 +531,7 @@ def matmul_many(weights, x, bint act_q8=True) -> list:
             m.first[0] = 0
             for k in range(count):
                 # the shared activations and settings of j0, this matrix's rows and output
-                j0.w, j0.rows, j0.out, j0.L = m.jobs[k].w, m.jobs[k].rows, m.jobs[k].out, m.jobs[k].L
+                j0.w, j0.rows, j0.out = m.jobs[k].w, m.jobs[k].rows, m.jobs[k].out
                 work = <double>j0.rows * (j0.rb + <double>n * j0.cols * 0.5)
                 nch = _chunks(work, _CHUNK_BYTES, (j0.rows + 15) // 16)
                 j0.per = _rows_per_chunk(j0.rows, nch)

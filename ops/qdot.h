@@ -25,6 +25,7 @@
 #include "neon_quants.h"
 #include "quants.h"
 #include "rows8_avx2.h"
+#include "rows16_avx512.h"
 
 /* Bytes ahead that matrix-vector kernels prefetch: a product streams weights that are not
  * in cache, the hardware prefetchers restart at every 4 KB page, and each 64 bytes cost
@@ -53,6 +54,14 @@ static inline void dair_prefetch_clip(const uint8_t *p, size_t len, const uint8_
         __builtin_prefetch(p + o + 128, 0, 3);
         __builtin_prefetch(p + o + 192, 0, 3);
     }
+}
+
+/* n bytes (at least 64), 64-aligned; free() them. NULL when out of memory. */
+static void *dair_alloc64(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? (n + 63) / 64 * 64 : 64))
+        return NULL;
+    return p;
 }
 
 /* The instruction set of the best kernels this build runs on this CPU. */
@@ -507,9 +516,16 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
         if (n < 4) /* streaming weights: see DAIR_PF_DIST */
             dair_prefetch_bytes(w + (size_t)r * rb, (size_t)(r1 - r) * rb < DAIR_PF_DIST ? (size_t)(r1 - r) * rb
                                                                                         : DAIR_PF_DIST);
+#if defined(DAIR_BUILD_AVX512)
+        /* 16 rows at a time with AVX-512 (rows16_avx512.h) where its table says so; the same
+         * float steps as below */
+        if (dair_use_avx512 && dair_q32_family(qtype, DAIR_FAM_AVX512, n) == DAIR_FAM_AVX512 && (r1 - r) / 16 > 0 &&
+            dair_r512_mm(w, rb, qtype, r, (r1 - r) / 16, a, out, ldo, n < 4 ? end : NULL) == 0)
+            r += 16 * ((r1 - r) / 16);
+#endif
         /* 8 rows at a time (rows8_avx2.h); chunks start at multiples of 16 rows, so a row is in
          * the same group, and gets the same bits, whatever n and the chunking */
-        const int groups = (r1 - r0) / 8;
+        const int groups = (r1 - r) / 8;
         if (groups > 0) {
             void *panel = NULL;
             if (n >= 2 && qtype != DAIR_Q8_0 && posix_memalign(&panel, 64, (size_t)a->nb * DAIR_R8_Q4_PANEL))
@@ -549,6 +565,5 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
 }
 
 #include "kquants.h"
-#include "qimg.h"
 
 #endif

@@ -138,6 +138,11 @@ def handle(args: argparse.Namespace) -> int:
             print(f"{'':>7} {'dair pool':>11} workers ran {pool['worker_share']:.0%} of chunks; {pool['solo_share']:.0%} "
                   f"of the time on one thread (solo periods: {pool['solo_stalled']} after stalls, {pool['solo_absent']} "
                   f"with the workers absent)")
+    kern = rows[0]["dair"].get("kernels")
+    if kern:  # which kernels ran (engine.bench.kernels_in_use)
+        print(f"dair kernels: {kern['family']} family; " + ", ".join(
+            f"{qt} {k['decode']}" + ("" if k["decode"] == k["prefill"] else f" (decode), {k['prefill']} (prefill)")
+            for qt, k in kern["by_type"].items()))
     for eng, (lo, hi, pre, dec) in scaling.items():
         print(f"{eng}: {hi} threads vs {lo}: prefill {pre:.2f}x, decode {dec:.2f}x")
     first = rows[0]["dair"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dair.ops import threads
-from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, set_kernels
+from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, _set_avx512_op, set_kernels
 
 # Byte offsets of each type's fp16 scales within its block.
 F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
@@ -54,3 +54,33 @@ def test_rows_do_not_depend_on_the_batch(qtype, rows, blocks, kernels):
             np.testing.assert_array_equal(w.matmul(x[3:8]), batch[3:8])  # a batch of 5: one group of 4 and 1
     finally:
         threads.set_num_threads(old)
+
+
+@pytest.mark.skipif("avx512" not in KERNELS, reason="needs a CPU with the avx512 family")
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("rows,blocks", [(16, 1), (37, 3), (100, 18), (333, 13), (48, 50)])
+def test_avx512_rows_are_the_avx2_rows_bit_for_bit(qtype, rows, blocks):
+    """The avx512 family's 16-row kernels (ops/rows16_avx512.h) do rows8_avx2.h's float steps, so its
+    table may pick either for decode or prefill without changing a bit: checked at odd block counts
+    (the 4- and 2-block loops' tails), partial 16-row groups and more than 48 blocks (heap buffers)."""
+    rng = np.random.default_rng(rows * blocks)
+    cols = blocks * BLOCK_LAYOUTS[qtype][0]
+    w = random_weight(rng, qtype, rows, cols)
+    old = set_kernels("avx512")
+    try:
+        for n in (1, 2, 3, 9):  # up to 3 rows "decode", then "prefill" (rows16_avx512.h)
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            x[0] *= 300.0
+            set_kernels("avx2")
+            want = w.matmul(x)
+            set_kernels("avx512")
+            op = "decode" if n < 4 else "prefill"
+            for use16 in (True, False):  # both kernels, whichever the table picks
+                was = _set_avx512_op(qtype, op, use16)
+                try:
+                    got = w.matmul(x)
+                finally:
+                    _set_avx512_op(qtype, op, was)
+                np.testing.assert_array_equal(got, want, err_msg=f"{qtype} {rows} x {cols}, n={n}, 16 rows: {use16}")
+    finally:
+        set_kernels(old)

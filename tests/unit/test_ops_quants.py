@@ -241,6 +241,22 @@ def test_kernel_table():
         kernel_table("gpu")
 
 
+def test_kernel_ops():
+    """Per type and operation the family whose code runs: that of kernel_table, except where the
+    avx512 family's table (ops/rows16_avx512.h) runs an AVX2 kernel for one operation."""
+    for k in KERNELS:
+        table, ops = kernel_table(k), matmul.kernel_ops(k)
+        assert set(ops) == set(table)
+        for qt, fam in table.items():
+            got = {ops[qt]["decode"], ops[qt]["prefill"]}
+            if k == "avx512" and qt in ("Q8_0", "Q4_0", "Q4_1"):
+                assert got <= {"avx512", "avx2"} and "avx512" in got, (qt, ops[qt])
+            else:
+                assert got == {fam}, (k, qt, ops[qt])
+    with pytest.raises(ValueError, match="kernels"):
+        matmul.kernel_ops("gpu")
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils) to read the build")
 def test_only_avx512_kernels_hold_avx512_instructions():
     """The AVX2 and plain-C families must run on AVX2-only CPUs: no EVEX-encoded instruction
