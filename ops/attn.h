@@ -819,6 +819,27 @@ DAIR_ATTN_INLINE __m512 dair_attn_ld512(const uint8_t *row, int kind, int j) {
     return _mm512_loadu_ps((const float *)row + 16 * (size_t)j);
 }
 
+/* vectors j0..j0+n-1 of a cached head row (j0 even), as dair_attn_ld512, each Q8_0 block's
+ * scale converted once for its two vectors */
+DAIR_ATTN_INLINE void dair_attn_ldn512(const uint8_t *row, int kind, int j0, int n, __m512 *v) {
+    if (kind != DAIR_KV_Q8_0) {
+        for (int j = 0; j < n; j++)
+            v[j] = dair_attn_ld512(row, kind, j0 + j);
+        return;
+    }
+    __m512 d = _mm512_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const uint8_t *b = row + 34 * (size_t)((j0 + j) >> 1);
+        if (j == 0 || ((j0 + j) & 1) == 0) {
+            uint16_t h;
+            memcpy(&h, b, 2);
+            d = _mm512_set1_ps(dair_attn_h2f(h));
+        }
+        v[j] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                    _mm_loadu_si128((const __m128i *)(b + 2 + 16 * ((j0 + j) & 1))))));
+    }
+}
+
 DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
                                          int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int Gc,
                                          int how, const float *nr, float *kt) {
@@ -845,8 +866,7 @@ DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q
             }
             const uint8_t *row = kr + (size_t)(t + r) * rb;
             __m512 k[16];
-            for (int j = 0; j < nv; j++)
-                k[j] = dair_attn_ld512(row, kind, j);
+            dair_attn_ldn512(row, kind, 0, nv, k);
             for (int g = 0; g < G; g++) {
                 const float *qg = q + (size_t)g * hd;
                 __m512 s = _mm512_mul_ps(hold ? qv[g & 3][0] : _mm512_loadu_ps(qg), k[0]);
@@ -881,8 +901,7 @@ DAIR_ATTN_INLINE void dair_attn_row1_512(const dair_attn_args *a, const float *q
                     for (size_t o = 0; o < rb; o += 64)
                         __builtin_prefetch(row + (size_t)DAIR_ATTN_PF * rb + o, 0, DAIR_ATTN_PF_HINT);
                 __m512 v[4];
-                for (int b = 0; b < nb; b++)
-                    v[b] = dair_attn_ld512(row, kind, j0 + b);
+                dair_attn_ldn512(row, kind, j0, nb, v);
                 for (int g = 0; g < ng; g++) {
                     const __m512 pp = _mm512_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
                     for (int b = 0; b < nb; b++)
@@ -911,10 +930,31 @@ DAIR_ATTN_INLINE __m256 dair_attn_ld256(const uint8_t *row, int kind, int j) {
     return _mm256_loadu_ps((const float *)row + 8 * (size_t)j);
 }
 
+/* vectors j0..j0+n-1 of a cached head row, as dair_attn_ld256, each Q8_0 block's scale converted
+ * once for its four vectors */
+DAIR_ATTN_INLINE void dair_attn_ldn256(const uint8_t *row, int kind, int j0, int n, __m256 *v) {
+    if (kind != DAIR_KV_Q8_0) {
+        for (int j = 0; j < n; j++)
+            v[j] = dair_attn_ld256(row, kind, j0 + j);
+        return;
+    }
+    __m256 d = _mm256_setzero_ps();
+    for (int j = 0; j < n; j++) {
+        const uint8_t *b = row + 34 * (size_t)((j0 + j) >> 2);
+        if (j == 0 || ((j0 + j) & 3) == 0) {
+            uint16_t h;
+            memcpy(&h, b, 2);
+            d = _mm256_set1_ps(dair_attn_h2f(h));
+        }
+        v[j] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                    _mm_loadl_epi64((const __m128i *)(b + 2 + 8 * ((j0 + j) & 3))))));
+    }
+}
+
 DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
-                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int how,
-                                         const float *nr, float *kt) {
-    const int G = a->G, hd = a->hd;
+                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int Gc,
+                                         int how, const float *nr, float *kt) {
+    const int G = Gc ? Gc : a->G, hd = a->hd; /* Gc: the group size as a constant (0: a->G) */
     const size_t rb = a->row_bytes;
     const __m256 vs = _mm256_set1_ps(a->scale);
     __m256 part[DAIR_ATTN_GMAX][8];
@@ -931,8 +971,7 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
             }
             const uint8_t *row = kr + (size_t)(t + r) * rb;
             __m256 k[16];
-            for (int j = 0; j < nv; j++)
-                k[j] = dair_attn_ld256(row, kind, j);
+            dair_attn_ldn256(row, kind, 0, nv, k);
             for (int g = 0; g < G; g++) {
                 const float *qg = q + (size_t)g * hd;
                 __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
@@ -975,8 +1014,7 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
                     for (size_t o = 0; o < rb; o += 64)
                         __builtin_prefetch(row + (size_t)DAIR_ATTN_PF * rb + o, 0, DAIR_ATTN_PF_HINT);
                 __m256 v[4];
-                for (int b = 0; b < nb; b++)
-                    v[b] = dair_attn_ld256(row, kind, j0 + b);
+                dair_attn_ldn256(row, kind, j0, nb, v);
                 for (int g = 0; g < ng; g++) {
                     const __m256 pp = _mm256_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
                     for (int b = 0; b < nb; b++)
@@ -1037,12 +1075,20 @@ static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int
 #endif
 #if DAIR_ATTN_HAVE_AVX2
     if (a->isa == DAIR_ATTN_AVX2 && hd % 8 == 0 && hd <= 128) {
+#define DAIR_ROW1_256_G(KIND)                                                                          \
+    do {                                                                                               \
+        if (G == 3)                                                                                    \
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, KIND, 3, how, nr, kt);     \
+        else                                                                                           \
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, KIND, 0, how, nr, kt);     \
+    } while (0)
         if (hd == 64 && a->kind == DAIR_KV_F16)
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, DAIR_KV_F16, how, nr, kt);
+            DAIR_ROW1_256_G(DAIR_KV_F16);
         else if (hd == 64 && a->kind == DAIR_KV_Q8_0)
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, DAIR_KV_Q8_0, how, nr, kt);
+            DAIR_ROW1_256_G(DAIR_KV_Q8_0);
         else
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows, a->kind, how, nr, kt);
+            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows, a->kind, 0, how, nr, kt);
+#undef DAIR_ROW1_256_G
         return 1;
     }
 #endif
