@@ -1041,273 +1041,12 @@ static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int
     return 0;
 }
 
-/* ---------------------------------------------------------------------------------------------
- * Prefill scores from a transposed tile, kT[d * KB + t] (dims major, the tile's keys in the
- * lanes): one vector of scores for KB / VL keys at a time, with no horizontal sum per key. Each
- * key's score is still made exactly as dair_attn_dots makes it: lane l of dots' accumulator,
- * q[l] k[l] then multiply-adds of dims VL + l, 2 VL + l, ... in that order, is vector "leaf" l
- * here, and the leaves are added in the pairs of dots' fixed reduction tree, then scaled. So a
- * row's scores are the same bits from either function (the tests check it: a batch against its
- * rows one by one). The opaque barriers keep the compiler (built with -ffast-math) from
- * reassociating the tree or contracting a leaf's product into an add.
- */
-#define DAIR_ATTN_OPAQUE(v) __asm__("" : "+v"(v))
-
-#if DAIR_ATTN_HAVE_AVX512
-/* kT: rows 0..nt-1 of the tile t[nt][hd] transposed into kT[hd][KB], keys nt..KB-1 zero */
-static void dair_attn_transpose512(const float *t, int nt, int hd, float *kT) {
-    __m512i lo[4], hi[4];
-    for (int s = 0; s < 4; s++) { /* block size b = 8, 4, 2, 1: swap the off-diagonal blocks */
-        const int b = 8 >> s;
-        int il[16], ih[16];
-        for (int c = 0; c < 16; c++) {
-            il[c] = (c & b) ? 16 + c - b : c;
-            ih[c] = (c & b) ? 16 + c : c + b;
-        }
-        lo[s] = _mm512_loadu_si512(il);
-        hi[s] = _mm512_loadu_si512(ih);
-    }
-    for (int t0 = 0; t0 < DAIR_ATTN_KB; t0 += 16)
-        for (int d0 = 0; d0 < hd; d0 += 16) {
-            __m512 r[16];
-            for (int i = 0; i < 16; i++)
-                r[i] = t0 + i < nt ? _mm512_loadu_ps(t + (size_t)(t0 + i) * hd + d0) : _mm512_setzero_ps();
-            for (int s = 0; s < 4; s++) {
-                const int b = 8 >> s;
-                for (int i = 0; i < 16; i++) {
-                    if (i & b)
-                        continue;
-                    const __m512 x = r[i], y = r[i + b];
-                    r[i] = _mm512_permutex2var_ps(x, lo[s], y);
-                    r[i + b] = _mm512_permutex2var_ps(x, hi[s], y);
-                }
-            }
-            for (int i = 0; i < 16; i++)
-                _mm512_storeu_ps(kT + (size_t)(d0 + i) * DAIR_ATTN_KB + t0, r[i]);
-        }
-}
-
-/* leaf l of NV key vectors from key vector v0: sum_j q[16 j + l] kT[16 j + l][keys], j in order */
-#define DAIR_LEAF512(l, out)                                                                        \
-    do {                                                                                            \
-        const __m512 b0 = _mm512_set1_ps(q[(l)]);                                                   \
-        for (int v = 0; v < NV; v++)                                                                \
-            out[v] = _mm512_mul_ps(b0, _mm512_loadu_ps(kT + (size_t)(l) * DAIR_ATTN_KB + 16 * (v0 + v))); \
-        for (int j = 1; j < nvd; j++) {                                                             \
-            const __m512 bj = _mm512_set1_ps(q[16 * j + (l)]);                                      \
-            for (int v = 0; v < NV; v++)                                                            \
-                out[v] = _mm512_fmadd_ps(bj, _mm512_loadu_ps(kT + (size_t)(16 * j + (l)) * DAIR_ATTN_KB + 16 * (v0 + v)), out[v]); \
-        }                                                                                           \
-        for (int v = 0; v < NV; v++)                                                                \
-            DAIR_ATTN_OPAQUE(out[v]);                                                               \
-    } while (0)
-#define DAIR_ADD512(dst, x)                                                                         \
-    for (int v = 0; v < NV; v++) {                                                                  \
-        dst[v] = _mm512_add_ps(dst[v], x[v]);                                                       \
-        DAIR_ATTN_OPAQUE(dst[v]);                                                                   \
-    }
-/* out = (leaf e + leaf 8+e) + (leaf 4+e + leaf 12+e): dair_reduce16x16's first two levels */
-#define DAIR_QUAD512(e, out)                                                                        \
-    do {                                                                                            \
-        __m512 y_[4], z_[4];                                                                      \
-        DAIR_LEAF512((e), out);                                                                     \
-        DAIR_LEAF512(8 + (e), y_);                                                                  \
-        DAIR_ADD512(out, y_);                                                                       \
-        DAIR_LEAF512(4 + (e), y_);                                                                  \
-        DAIR_LEAF512(12 + (e), z_);                                                                 \
-        DAIR_ADD512(y_, z_);                                                                        \
-        DAIR_ADD512(out, y_);                                                                       \
-    } while (0)
-
-DAIR_ATTN_INLINE void dair_attn_dotsT512(const float *q, const float *kT, int nvd, __m512 vs, float *s, int x, int y,
-                                         int v0, const int NV) {
-    __m512 t0[4], t1[4], u[4];
-    DAIR_QUAD512(0, t0);
-    DAIR_QUAD512(2, u);
-    DAIR_ADD512(t0, u);
-    DAIR_QUAD512(1, t1);
-    DAIR_QUAD512(3, u);
-    DAIR_ADD512(t1, u);
-    DAIR_ADD512(t0, t1);
-    for (int v = 0; v < NV; v++) {
-        const int k0 = 16 * (v0 + v), a = x > k0 ? x - k0 : 0, b = y - k0 < 16 ? y - k0 : 16;
-        _mm512_mask_storeu_ps(s + k0, (__mmask16)(((1u << b) - 1) & ~((1u << a) - 1)), _mm512_mul_ps(t0[v], vs));
-    }
-}
-#undef DAIR_QUAD512
-#undef DAIR_ADD512
-#undef DAIR_LEAF512
-#endif
-
-#if DAIR_ATTN_HAVE_AVX2
-#define DAIR_ATTN_NV256 4 /* key vectors of 8 per pass (16 ymm registers) */
-static void dair_attn_transpose256(const float *t, int nt, int hd, float *kT) {
-    for (int t0 = 0; t0 < DAIR_ATTN_KB; t0 += 8)
-        for (int d0 = 0; d0 < hd; d0 += 8) {
-            __m256 r[8], u[8], w[8];
-            for (int i = 0; i < 8; i++)
-                r[i] = t0 + i < nt ? _mm256_loadu_ps(t + (size_t)(t0 + i) * hd + d0) : _mm256_setzero_ps();
-            for (int i = 0; i < 8; i += 2) {
-                u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {
-                w[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
-                w[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
-                w[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
-                w[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-            }
-            for (int i = 0; i < 4; i++) {
-                _mm256_storeu_ps(kT + (size_t)(d0 + i) * DAIR_ATTN_KB + t0, _mm256_permute2f128_ps(w[i], w[i + 4], 0x20));
-                _mm256_storeu_ps(kT + (size_t)(d0 + i + 4) * DAIR_ATTN_KB + t0, _mm256_permute2f128_ps(w[i], w[i + 4], 0x31));
-            }
-        }
-}
-
-#define DAIR_LEAF256(l, out)                                                                        \
-    do {                                                                                            \
-        const __m256 b0 = _mm256_set1_ps(q[(l)]);                                                   \
-        for (int v = 0; v < NV; v++)                                                                \
-            out[v] = _mm256_mul_ps(b0, _mm256_loadu_ps(kT + (size_t)(l) * DAIR_ATTN_KB + 8 * (v0 + v))); \
-        for (int j = 1; j < nvd; j++) {                                                             \
-            const __m256 bj = _mm256_set1_ps(q[8 * j + (l)]);                                       \
-            for (int v = 0; v < NV; v++)                                                            \
-                out[v] = _mm256_fmadd_ps(bj, _mm256_loadu_ps(kT + (size_t)(8 * j + (l)) * DAIR_ATTN_KB + 8 * (v0 + v)), out[v]); \
-        }                                                                                           \
-        for (int v = 0; v < NV; v++)                                                                \
-            DAIR_ATTN_OPAQUE(out[v]);                                                               \
-    } while (0)
-#define DAIR_ADD256(dst, x)                                                                         \
-    for (int v = 0; v < NV; v++) {                                                                  \
-        dst[v] = _mm256_add_ps(dst[v], x[v]);                                                       \
-        DAIR_ATTN_OPAQUE(dst[v]);                                                                   \
-    }
-/* out = (leaf e + leaf e+1) + (leaf e+2 + leaf e+3): dair_reduce8x8's hadd levels */
-#define DAIR_QUAD256(e, out)                                                                        \
-    do {                                                                                            \
-        __m256 y_[4], z_[4];                                                                      \
-        DAIR_LEAF256((e), out);                                                                     \
-        DAIR_LEAF256((e) + 1, y_);                                                                  \
-        DAIR_ADD256(out, y_);                                                                       \
-        DAIR_LEAF256((e) + 2, y_);                                                                  \
-        DAIR_LEAF256((e) + 3, z_);                                                                  \
-        DAIR_ADD256(y_, z_);                                                                        \
-        DAIR_ADD256(out, y_);                                                                       \
-    } while (0)
-
-DAIR_ATTN_INLINE void dair_attn_dotsT256(const float *q, const float *kT, int nvd, __m256 vs, float *s, int x, int y,
-                                         int v0, const int NV) {
-    __m256 t0[4], t1[4];
-    DAIR_QUAD256(0, t0);
-    DAIR_QUAD256(4, t1);
-    DAIR_ADD256(t0, t1);
-    for (int v = 0; v < NV; v++) {
-        const int k0 = 8 * (v0 + v), a = x > k0 ? x - k0 : 0, b = y - k0 < 8 ? y - k0 : 8;
-        const __m256 r = _mm256_mul_ps(t0[v], vs);
-        if (a == 0 && b == 8) {
-            _mm256_storeu_ps(s + k0, r);
-        } else {
-            float tmp8[8];
-            _mm256_storeu_ps(tmp8, r);
-            memcpy(s + k0 + a, tmp8 + a, sizeof(float) * (size_t)(b - a));
-        }
-    }
-}
-#undef DAIR_QUAD256
-#undef DAIR_ADD256
-#undef DAIR_LEAF256
-#endif
-
-/* Whether dair_attn_dots_tile serves this shape and path (else dair_attn_dots per head). */
-static inline int dair_attn_tiled(const dair_attn_args *a) {
-#if DAIR_ATTN_HAVE_AVX512
-    if (a->isa == DAIR_ATTN_AVX512)
-        return a->hd % 16 == 0;
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-    if (a->isa == DAIR_ATTN_AVX2)
-        return a->hd % 8 == 0;
-#endif
-    (void)a;
-    return 0;
-}
-
-/* The transposed tile of kt's nt keys into kT (KB * hd floats) */
-static DAIR_ATTN_NOINLINE void dair_attn_transpose(const dair_attn_args *a, const float *kt, int nt, float *kT) {
-#if DAIR_ATTN_HAVE_AVX512
-    if (a->isa == DAIR_ATTN_AVX512) {
-        dair_attn_transpose512(kt, nt, a->hd, kT);
-        return;
-    }
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-    dair_attn_transpose256(kt, nt, a->hd, kT);
-#endif
-    (void)a, (void)kt, (void)nt, (void)kT;
-}
-
-/* s[g * SPAN + t] for t in [x, y) (keys of the tile kT) of one row's G heads q[G][hd]: what
- * dair_attn_dots(q + g * hd, tile + x * hd, y - x, ...) writes at s + g * SPAN + x. */
-static DAIR_ATTN_NOINLINE void dair_attn_dots_tile(const dair_attn_args *a, const float *q, const float *kT, int x,
-                                                   int y, float *s) {
-    const int hd = a->hd;
-#if DAIR_ATTN_HAVE_AVX512
-    if (a->isa == DAIR_ATTN_AVX512) {
-        const __m512 vs = _mm512_set1_ps(a->scale);
-        const int v1 = (y + 15) / 16;
-        for (int g = 0; g < a->G; g++) {
-            const float *qg = q + (size_t)g * hd;
-            float *sg = s + (size_t)g * DAIR_ATTN_SPAN;
-            for (int v0 = x / 16; v0 < v1; v0 += 4) {
-                const int nv = v1 - v0 < 4 ? v1 - v0 : 4;
-                if (hd == 64) {
-                    if (nv == 4)
-                        dair_attn_dotsT512(qg, kT, 4, vs, sg, x, y, v0, 4);
-                    else if (nv == 3)
-                        dair_attn_dotsT512(qg, kT, 4, vs, sg, x, y, v0, 3);
-                    else if (nv == 2)
-                        dair_attn_dotsT512(qg, kT, 4, vs, sg, x, y, v0, 2);
-                    else
-                        dair_attn_dotsT512(qg, kT, 4, vs, sg, x, y, v0, 1);
-                } else {
-                    for (int v = 0; v < nv; v++)
-                        dair_attn_dotsT512(qg, kT, hd / 16, vs, sg, x, y, v0 + v, 1);
-                }
-            }
-        }
-        return;
-    }
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-    if (a->isa == DAIR_ATTN_AVX2) {
-        const __m256 vs = _mm256_set1_ps(a->scale);
-        const int v1 = (y + 7) / 8;
-        for (int g = 0; g < a->G; g++) {
-            const float *qg = q + (size_t)g * hd;
-            float *sg = s + (size_t)g * DAIR_ATTN_SPAN;
-            for (int v0 = x / 8; v0 < v1; v0 += DAIR_ATTN_NV256) {
-                const int nv = v1 - v0 < DAIR_ATTN_NV256 ? v1 - v0 : DAIR_ATTN_NV256;
-                if (hd == 64 && nv == DAIR_ATTN_NV256) {
-                    dair_attn_dotsT256(qg, kT, 8, vs, sg, x, y, v0, DAIR_ATTN_NV256);
-                } else {
-                    for (int v = 0; v < nv; v++)
-                        dair_attn_dotsT256(qg, kT, hd / 8, vs, sg, x, y, v0 + v, 1);
-                }
-            }
-        }
-        return;
-    }
-#endif
-    (void)a, (void)q, (void)kT, (void)x, (void)y, (void)s, (void)hd;
-}
-
 /* The partial softmaxes of rows [r0, r1) over span s of kv head kvh: row r's goes to
  * dst + (r - r0) * rstride as [G] max, [G] sum, [G][hd] unnormalised output, or part[0] = -inf
  * when the row sees no key of the span. With norm (f16 caches, the second visit): row r's
  * [G] max and [G] 1 / sum over all its spans at norm + (r - r0) * 2G, and the [G][hd] output is
  * that of the rounded normalised probabilities (part[0] = 0 marks a span with keys). `how`:
- * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd (>= SPAN) floats, twice
- * that for more than one row (the transposed key tile).
+ * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd (>= SPAN) floats.
  * pf: prefetch the span's whole rows (see dair_attn_tile). */
 static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
                                                size_t rstride, float *sc, float *kt, const float *norm, int how,
@@ -1323,8 +1062,6 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
         if (dair_attn_row1(a, r0, kvh, t0, b, e, dst, sc, pf, how, norm, kt))
             return;
     }
-    /* several rows: their scores from the transposed tile (at kt + KB * hd), the same bits */
-    float *kT = r1 - r0 > 1 && dair_attn_tiled(a) ? kt + (size_t)DAIR_ATTN_KB * hd : NULL;
     int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
     for (int r = r0; r < r1; r++) {
         int b, e;
@@ -1337,8 +1074,6 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
     for (int kb = lo - lo % DAIR_ATTN_KB; !(how & DAIR_ATTN_REUSE) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
         dair_attn_tile(a->k, a, kvh, t0 + kb, nt, kt, pf ? t0 + hi : 0);
-        if (kT != NULL)
-            dair_attn_transpose(a, kt, nt, kT);
         for (int r = r0; r < r1; r++) {
             int b, e;
             dair_attn_range(a, r, t0, &b, &e);
@@ -1347,10 +1082,6 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
                 continue;
             const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
             float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN;
-            if (kT != NULL) {
-                dair_attn_dots_tile(a, q, kT, x - kb, y - kb, sr + kb);
-                continue;
-            }
             for (int g = 0; g < G; g++)
                 dair_attn_dots(q + (size_t)g * hd, kt + (size_t)(x - kb) * hd, y - x, hd, a->scale,
                                sr + (size_t)g * DAIR_ATTN_SPAN + x, a->isa);
@@ -1499,7 +1230,7 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
     }
     const int ns = s1 - s0, G = a->G;
     const size_t ps = p->part_size, rstride = ps * (size_t)ns, span_sc = (size_t)DAIR_ATTN_ROWS * G * DAIR_ATTN_SPAN;
-    float *parts = scr, *kt = parts + rstride * DAIR_ATTN_ROWS, *norm = kt + (size_t)2 * DAIR_ATTN_KB * a->hd;
+    float *parts = scr, *kt = parts + rstride * DAIR_ATTN_ROWS, *norm = kt + (size_t)DAIR_ATTN_KB * a->hd;
     float *sc = norm + (size_t)DAIR_ATTN_ROWS * 2 * G; /* one span's scores, or (keep) every span's */
 #define DAIR_ATTN_SC(s) (p->keep ? sc + span_sc * (size_t)((s) - s0) : sc)
     for (int s = s0; s < s1; s++)
@@ -1664,7 +1395,7 @@ static int dair_attention_run(const dair_attn_args *args) {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
         p.ntask = nblk * a->KV;
         p.per = (size_t)DAIR_ATTN_ROWS * (p.part_size * (size_t)p.nspan + (size_t)a->G * DAIR_ATTN_SPAN) +
-                (size_t)2 * DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16;
+                (size_t)DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16;
     }
     if (p.scheme == DAIR_ATTN_SCHEME_PREFILL && p.round16) {
         /* every span's scores of a task: kept for the second visit when all chunks' fit 64 MiB */
