@@ -1277,6 +1277,12 @@ static inline void dair_attn_ftz_off(unsigned int csr) {
 #endif
 }
 
+/* p rounded up to a 64-byte boundary (the scratch has DAIR_ATTN_ALIGN_SLACK floats for each) */
+#define DAIR_ATTN_ALIGN_SLACK 16
+static inline float *dair_attn_align(float *p) {
+    return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+}
+
 /* Prefill task: rows [r0, r1), kv head kvh, all their spans, merged into out. */
 static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int kvh, float *scr) {
     const dair_attn_args *a = p->a;
@@ -1288,8 +1294,11 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
     }
     const int ns = s1 - s0, G = a->G;
     const size_t ps = p->part_size, rstride = ps * (size_t)ns, span_sc = (size_t)DAIR_ATTN_ROWS * G * DAIR_ATTN_SPAN;
-    float *parts = scr, *kt = parts + rstride * DAIR_ATTN_ROWS, *norm = kt + (size_t)DAIR_ATTN_KB * a->hd;
-    float *sc = norm + (size_t)DAIR_ATTN_ROWS * 2 * G; /* one span's scores, or (keep) every span's */
+    /* the f32 tile and the scores on 64-byte boundaries: a vector load that straddles two cache
+     * lines costs two, and the tile's loads are most of dots' and pv's (unaligned: ~1.4x the
+     * time of the whole prefill attention on the AVX-512 path) */
+    float *parts = scr, *kt = dair_attn_align(parts + rstride * DAIR_ATTN_ROWS), *norm = kt + (size_t)DAIR_ATTN_KB * a->hd;
+    float *sc = dair_attn_align(norm + (size_t)DAIR_ATTN_ROWS * 2 * G); /* one span's scores, or (keep) every span's */
 #define DAIR_ATTN_SC(s) (p->keep ? sc + span_sc * (size_t)((s) - s0) : sc)
     for (int s = s0; s < s1; s++)
         dair_attn_block(a, r0, r1, kvh, s, parts + ps * (size_t)(s - s0), rstride, DAIR_ATTN_SC(s), kt, NULL,
@@ -1374,13 +1383,19 @@ static pthread_mutex_t dair_attn_scratch_lock = PTHREAD_MUTEX_INITIALIZER;
 static float *dair_attn_scratch_buf = NULL;
 static size_t dair_attn_scratch_n = 0;
 
+/* n floats on a 64-byte boundary (freed by free), or NULL */
+static float *dair_attn_alloc(size_t n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, sizeof(float) * (n > 0 ? n : 1)) == 0 ? (float *)p : NULL;
+}
+
 static float *dair_attn_scratch_get(size_t n, int *cached) {
     *cached = 0;
     if (pthread_mutex_trylock(&dair_attn_scratch_lock) != 0)
-        return (float *)malloc(sizeof(float) * n);
+        return dair_attn_alloc(n);
     if (dair_attn_scratch_n < n) {
         free(dair_attn_scratch_buf);
-        dair_attn_scratch_buf = (float *)malloc(sizeof(float) * n);
+        dair_attn_scratch_buf = dair_attn_alloc(n);
         dair_attn_scratch_n = dair_attn_scratch_buf != NULL ? n : 0;
     }
     if (dair_attn_scratch_buf == NULL) {
@@ -1453,7 +1468,7 @@ static int dair_attention_run(const dair_attn_args *args) {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
         p.ntask = nblk * a->KV;
         p.per = (size_t)DAIR_ATTN_ROWS * (p.part_size * (size_t)p.nspan + (size_t)a->G * DAIR_ATTN_SPAN) +
-                (size_t)DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16;
+                (size_t)DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16 + 2 * DAIR_ATTN_ALIGN_SLACK;
     }
     if (p.scheme == DAIR_ATTN_SCHEME_PREFILL && p.round16) {
         /* every span's scores of a task: kept for the second visit when all chunks' fit 64 MiB */
@@ -1463,6 +1478,7 @@ static int dair_attention_run(const dair_attn_args *args) {
         if (p.keep)
             p.per += all;
     }
+    p.per = (p.per + 15) & ~(size_t)15; /* each chunk's scratch starts on a 64-byte boundary */
     /* a chunk should be worth ~32k multiply-adds: claiming one costs ~0.1 us */
     double want = nt <= 1 ? 1.0 : work * a->H * a->hd * 2.0 / 32768.0;
     if (want > 8.0 * nt)
