@@ -7,6 +7,9 @@ is the best `bench_pipeline.py`'s "3 stages vs 1 stage" can be on this machine f
 compute per token; the time per hop is what ZeroMQ, the kernel and the scheduler take.
 
     python benchmarks/bench_zmq_floor.py [--work-ms 3.6] [--stages 3] [--tokens 1000]
+
+It also times, warm in a loop, what dair's own hop adds to each message: encoding and decoding
+(with every check) a one-token `act` of the default model's width in Q8_0 (dair.bus.protocol).
 """
 from __future__ import annotations
 
@@ -63,6 +66,27 @@ def token_time(n_stages: int, work_s: float, tokens: int) -> float:
     return statistics.median(times)
 
 
+def codec_us(n: int = 20000) -> tuple[float, float]:
+    """Microseconds to encode and to decode-and-check a one-token Q8_0 `act`, warm."""
+    import timeit
+
+    import numpy as np
+
+    from dair.bus import protocol as P
+    from dair.bus import wire
+
+    step = P.Step(sid="abcd1234abcd", pos=100, ids=[1234], step_id=98765, out="none")
+    y = np.random.default_rng(0).standard_normal((1, 576)).astype(np.float32)
+
+    def enc() -> list:
+        return P.encode({"type": P.ACT, "layer": 10, "dtype": "q8_0", "shape": [1, 576], "segs": [step],
+                         "ct": 0.001}, [wire.pack(y, "q8_0")])
+
+    frames = enc()
+    best = [min(timeit.repeat(f, number=n, repeat=5)) / n * 1e6 for f in (enc, lambda: P.decode(frames))]
+    return best[0], best[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-ms", type=float, default=3.6,
@@ -80,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compute {args.work_ms:.2f} ms per token; 1 stage {t1 * 1e3:.3f} ms, {args.stages} stages {tn * 1e3:.3f} ms")
     print(f"per hop (a stage's answer to the next stage's step): {(tn - t1) / (args.stages - 1) * 1e6:.0f} us")
     print(f"{args.stages} stages vs 1 stage, the floor for this compute: {t1 / tn:.2f}x")
+    e, d = codec_us()
+    print(f"dair's act message, warm: encode {e:.1f} us, decode with its checks {d:.1f} us")
     return 0
 
 
