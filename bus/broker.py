@@ -431,9 +431,7 @@ class Broker:
         steps = []
         for s, r in accepted:
             if r["q"] in s.silent:  # a prefill chunk that passed the last stage: done, nothing more
-                self.req.on_prefill_step(r["q"])
-                s.silent.discard(r["q"])
-                s.qs.pop(r["q"], None)
+                self.req.on_silent_result(s, r["q"])
                 continue
             s.qs.pop(r["q"], None)  # once: a second result for this step is stale
             if s.req is None:

@@ -234,6 +234,13 @@ class Requests:
         if len(self.progress_steps) > 10000:  # steps lost with a failed stage must not pile up
             self.progress_steps = {q: v for q, v in self.progress_steps.items() if v[0] in self.sessions}
 
+    def on_silent_result(self, s: Session, q: int) -> None:
+        """Step q of s, one that asks nothing of the last stage, has passed it (the stage that
+        answers was checked to hold it): its progress goes out, and it is in flight no more."""
+        self.on_prefill_step(q)
+        s.silent.discard(q)
+        s.qs.pop(q, None)
+
     def new_session(self, client: bytes, params: dict[str, Any] | None, ephemeral: bool) -> Session:
         if len(self.sessions) >= self.max_sessions:
             raise P.ProtocolError(P.E_BUSY, f"the bus holds {len(self.sessions)} sessions (max_sessions)")

@@ -130,8 +130,22 @@ def test_prefill_chunks_before_the_last_are_the_silent_steps(model_file, tokeniz
     [sess] = r.sessions.values()
     assert sess.silent == {first.step_id, second.step_id} and last.step_id not in sess.silent
     assert set(sess.qs) == {first.step_id, second.step_id, last.step_id}
+    r.on_silent_result(sess, first.step_id)  # its result came from the stage that holds it
+    assert first.step_id not in sess.qs and sess.silent == {second.step_id}
     r.forget_kv()
     assert sess.silent == set() and sess.qs == {}
+
+
+def test_a_silent_result_sends_progress_once(model_file, tokenizer):
+    r, w = _requests(model_file, tokenizer)
+    n = 2 * PREFILL_CHUNK + 88
+    r.on_generate(b"c", {"type": P.GENERATE, "req": 1, "ids": [5] * n, "max_tokens": 4, "progress": True})
+    first, _second, _last = [s for (s,) in w.routed]
+    [sess] = r.sessions.values()
+    r.on_silent_result(sess, first.step_id)
+    r.on_silent_result(sess, first.step_id)  # a second result for it is stale
+    [p] = w.of_type(P.PROGRESS)
+    assert (p["done"], p["total"]) == (PREFILL_CHUNK, n)
 
 
 def test_a_lost_range_pauses_then_replays_the_history_from_zero(model_file, tokenizer):
