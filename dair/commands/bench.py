@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -34,6 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handle)
 
 
+def _why(proc: subprocess.CompletedProcess) -> str:
+    """A failed run's last line of stderr, and the signal that ended it (a crash prints nothing)."""
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if proc.returncode < 0:
+        try:
+            last += f" (killed by {signal.Signals(-proc.returncode).name})"
+        except ValueError:
+            last += f" (killed by signal {-proc.returncode})"
+    return last
+
+
 def _run(engine: str, args: argparse.Namespace, threads: int) -> dict:
     cmd = [sys.executable, "-m", "dair.engine.bench", "--engine", engine, "--threads", str(threads),
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--runs", str(args.runs)]
@@ -43,8 +55,7 @@ def _run(engine: str, args: argparse.Namespace, threads: int) -> dict:
         cmd += ["--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DairError(f"benchmark of {engine} with {threads} thread(s) failed: {last}")
+        raise DairError(f"benchmark of {engine} with {threads} thread(s) failed: {_why(proc)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -60,8 +71,7 @@ def _run_llama_bench(binary: str, args: argparse.Namespace, threads: int) -> dic
     except OSError as e:
         raise DairError(f"{binary}: cannot run llama-bench: {e}") from None
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DairError(f"{binary} failed: {last}")
+        raise DairError(f"{binary} failed: {_why(proc)}")
     try:
         tests = json.loads(proc.stdout)
         pp = next(t for t in tests if t["n_prompt"] == args.prompt_tokens and t["n_gen"] == 0 and t["n_depth"] == 0)

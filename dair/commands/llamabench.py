@@ -2,8 +2,10 @@
 that the llama-cpp-python sdist on PyPI vendors (PyPI is the only registry dair may reach), cached
 per version, instruction set and CPU, and found again by `dair bench`.
 
-`native` is llama.cpp's -DGGML_NATIVE=ON build, the one a user compiles on their own machine (AMX
-off: its native build crashed on Sapphire Rapids hosts here). `avx2` is AVX2 + FMA + F16C with no
+`native` is llama.cpp's -DGGML_NATIVE=ON build, the one a user compiles on their own machine, with
+AMX off: on the Sapphire Rapids class VMs here the kernel grants no AMX tile state, so ggml's AMX
+matmul (compiled in whenever the compiler targets AMX, whatever GGML_AMX_* says) dies on its first
+`ldtilecfg`; the -mno-amx-* flags keep it out. `avx2` is AVX2 + FMA + F16C with no
 AVX-512 or AVX-VNNI: what an AVX2-only CPU (AMD before Zen 4, Intel consumer cores) runs, to set
 beside `DAIR_KERNELS=avx2` on a host that also has AVX-512.
 """
@@ -22,7 +24,9 @@ from dair.errors import DairError
 
 DEFAULT_VERSION = "0.3.36"
 ISA_FLAGS = {
-    "native": ["-DGGML_NATIVE=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"],
+    "native": ["-DGGML_NATIVE=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+               "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+               "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"],
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
 }
@@ -43,7 +47,9 @@ def cache_root() -> Path:
 
 
 def cached_binary(isa: str, version: str = DEFAULT_VERSION) -> Path:
-    return cache_root() / f"{version}-{isa}-{cpu_key()}" / "bin" / "llama-bench"
+    # the build flags are part of the key: a binary built with other flags is another baseline
+    flags = hashlib.sha256("\n".join(ISA_FLAGS.get(isa, [])).encode()).hexdigest()[:6]
+    return cache_root() / f"{version}-{isa}-{cpu_key()}-{flags}" / "bin" / "llama-bench"
 
 
 def isa_for_dair_run() -> str:
