@@ -27,6 +27,11 @@ AVX2_CFLAGS = "-O3 -fopenmp -ffast-math -fno-finite-math-only -Wno-unused-functi
 
 def build_avx2(out_dir: Path) -> Path:
     """The attention module built for AVX2 only, in out_dir; returns the .so's path."""
+    import importlib.util
+
+    if importlib.util.find_spec("Cython") is None:  # pip builds dair in an isolated environment
+        sys.exit("this benchmark builds the attention module again and needs Cython beside dair: "
+                 f"{sys.executable} -m pip install cython (or pass --so an AVX2-only build)")
     env = dict(os.environ, DAIR_CFLAGS=AVX2_CFLAGS)
     subprocess.run([sys.executable, "setup.py", "build_ext", "-q", "--build-lib", str(out_dir / "lib"),
                     "--build-temp", str(out_dir / "tmp")], cwd=ROOT, env=env, check=True,
