@@ -18,7 +18,9 @@
  *    tasks.
  *  - prefill: a task is DAIR_ATTN_ROWS consecutive rows and one kv head, over all their spans;
  *    each tile of DAIR_ATTN_KB cached keys (then values) is converted to f32 once and used by
- *    all the rows' G heads, and the rows' partials are merged inside the task.
+ *    all the rows' G heads, and the rows' partials are merged inside the task. On AVX-512 the
+ *    key tile is also transposed (dims x keys), and the scores are made from it 16 keys a vector
+ *    by the same operations as the per-key kernels' (dair_attn_dotsT).
  * Keys and values are read once per kv head per task. The per-row primitives (dots, pv, the
  * exp-sum, the merge) are each one non-inlined function, so decode and prefill run the same
  * instructions on a row. The plain-C path is the reference: per (row, kv head), all scores,
@@ -66,7 +68,7 @@ enum { DAIR_ATTN_C = 0, DAIR_ATTN_AVX2 = 1, DAIR_ATTN_AVX512 = 2 };
 
 #define DAIR_ATTN_SPAN 256 /* key positions per partial softmax (fixed: it defines the arithmetic) */
 #define DAIR_ATTN_KB 64    /* key positions converted to f32 at a time */
-#define DAIR_ATTN_ROWS 8   /* query rows per prefill task */
+#define DAIR_ATTN_ROWS 16  /* query rows per prefill task (16: ~0.9x the time of 8, keys and values read half as often) */
 
 #define DAIR_ATTN_NOINLINE __attribute__((noinline))
 #define DAIR_ATTN_INLINE static inline __attribute__((always_inline))
@@ -632,7 +634,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_dots(const float *q, const float *kt, i
 
 /* ---------------------------------------------------------------------------------------------
  * Scores from a transposed key tile: kT[d * DAIR_ATTN_KB + t] holds dim d of tile key t, so one
- * vector holds one dim of 16 (AVX2: 8) keys. dair_attn_dots512 makes, per key, 16 lane sums
+ * vector holds one dim of 16 keys. dair_attn_dots512 makes, per key, 16 lane sums
  * P_l = q[l] k[l], then + q[16j + l] k[16j + l] for j = 1.. in order (fmadd), and then adds the
  * lanes by dair_reduce16x16's tree:
  *   ((((P0+P8)+(P4+P12))+((P2+P10)+(P6+P14)))+(((P1+P9)+(P5+P13))+((P3+P11)+(P7+P15))))
@@ -640,8 +642,10 @@ static DAIR_ATTN_NOINLINE void dair_attn_dots(const float *q, const float *kt, i
  * are keys: P_l is a vector of 16 keys' lane-l sums, made by the same multiply-adds in the same
  * order with q[16j + l] broadcast, and the tree is 15 vertical adds. Each key's score is thus
  * the same bits as dair_attn_dots (and the decode kernels) give, without the transposing
- * shuffles per key and head, and each loaded key vector serves two queries. AVX2 likewise with
- * 8 lanes and dair_reduce8x8's tree ((P0+P1)+(P2+P3))+((P4+P5)+(P6+P7)).
+ * shuffles per key and head, and each loaded key vector serves two queries. AVX2 keeps
+ * dair_attn_dots256: the same scheme there (8 lanes, dair_reduce8x8's tree
+ * ((P0+P1)+(P2+P3))+((P4+P5)+(P6+P7)), bit-identical too) took ~1.1x its time, with 16 registers
+ * and no broadcast operand every multiply-add loads one more value.
  */
 /* x as the compiler must take it, computed: the build's -ffast-math lets it reassociate vector
  * adds written with the intrinsics (and contract a multiply and an add into one FMA), which
@@ -706,48 +710,6 @@ DAIR_ATTN_INLINE void dair_attn_qkT512(const float *const *q, const float *kT, i
 #undef DAIR_QKT512_CLASS
 #endif
 
-#if DAIR_ATTN_HAVE_AVX2
-#define DAIR_QKT256_CLASS(l, dst)                                                                     \
-    do {                                                                                              \
-        for (int j = 0; j < nv; j++) {                                                                \
-            const __m256 kv = _mm256_load_ps(kT + (size_t)(8 * j + (l)) * DAIR_ATTN_KB + 8 * c0);     \
-            for (int r = 0; r < NQ; r++) {                                                            \
-                const __m256 qb = _mm256_broadcast_ss(q[r] + 8 * j + (l));                            \
-                dst[r] = j == 0 ? _mm256_mul_ps(qb, kv) : _mm256_fmadd_ps(qb, kv, dst[r]);           \
-            }                                                                                         \
-        }                                                                                             \
-        for (int r = 0; r < NQ; r++)                                                                  \
-            DAIR_ATTN_OPAQUE(dst[r]);                                                                 \
-    } while (0)
-
-/* As dair_attn_qkT512 for NQ queries and one vector of 8 keys (c0). */
-DAIR_ATTN_INLINE void dair_attn_qkT256(const float *const *q, const float *kT, int c0, int nv, int NQ,
-                                       __m256 out[2]) {
-    __m256 A[2];
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; h++) {
-        __m256 p0[2], p1[2], p2[2], p3[2];
-        DAIR_QKT256_CLASS(4 * h, p0);
-        DAIR_QKT256_CLASS(4 * h + 1, p1);
-        DAIR_QKT256_CLASS(4 * h + 2, p2);
-        DAIR_QKT256_CLASS(4 * h + 3, p3);
-        for (int r = 0; r < NQ; r++) {
-            __m256 a = _mm256_add_ps(p0[r], p1[r]), b = _mm256_add_ps(p2[r], p3[r]);
-            DAIR_ATTN_OPAQUE(a);
-            DAIR_ATTN_OPAQUE(b);
-            __m256 l2 = _mm256_add_ps(a, b);
-            DAIR_ATTN_OPAQUE(l2);
-            if (h == 0) {
-                A[r] = l2;
-            } else {
-                out[r] = _mm256_add_ps(A[r], l2);
-                DAIR_ATTN_OPAQUE(out[r]);
-            }
-        }
-    }
-}
-#undef DAIR_QKT256_CLASS
-#endif
 
 /* Keys [x[r], y[r]) of the tile (x < y <= KB) scored for nq (1 or 2) queries q[r]:
  * s[r][t] = (q[r] . key t) * scale, as dair_attn_dots. kT: the transposed tile. */
@@ -781,33 +743,6 @@ DAIR_ATTN_INLINE void dair_attn_dotsT_n(const float *const *q, const float *kT, 
         return;
     }
 #endif
-#if DAIR_ATTN_HAVE_AVX2
-    if (isa == DAIR_ATTN_AVX2) {
-        const __m256 vs = _mm256_set1_ps(scale);
-        for (int c0 = lo / 8; 8 * c0 < hi; c0++) {
-            __m256 out[2];
-            if (nq == 2)
-                dair_attn_qkT256(q, kT, c0, nv, 2, out);
-            else
-                dair_attn_qkT256(q, kT, c0, nv, 1, out);
-            for (int r = 0; r < nq; r++) {
-                const int t = 8 * c0;
-                const int b = x[r] > t ? x[r] - t : 0, e = y[r] < t + 8 ? y[r] - t : 8;
-                if (e <= b)
-                    continue;
-                const __m256 v = _mm256_mul_ps(out[r], vs);
-                if (b == 0 && e == 8) {
-                    _mm256_storeu_ps(s[r] + t, v);
-                } else {
-                    float tmp8[8];
-                    _mm256_storeu_ps(tmp8, v);
-                    memcpy(s[r] + t + b, tmp8 + b, sizeof(float) * (size_t)(e - b));
-                }
-            }
-        }
-        return;
-    }
-#endif
     (void)q, (void)kT, (void)nv, (void)scale, (void)s, (void)lo, (void)isa;
 }
 
@@ -817,27 +752,18 @@ static inline int dair_attn_transposed(int isa, int hd) {
     if (isa == DAIR_ATTN_AVX512)
         return hd % 16 == 0;
 #endif
-#if DAIR_ATTN_HAVE_AVX2
-    if (isa == DAIR_ATTN_AVX2)
-        return hd % 8 == 0;
-#endif
     (void)isa, (void)hd;
     return 0;
 }
 
 static DAIR_ATTN_NOINLINE void dair_attn_dotsT(const float *const *q, const float *kT, int hd, float scale,
                                                float *const *s, const int *x, const int *y, int nq, int isa) {
-    const int w = isa == DAIR_ATTN_AVX512 ? 16 : 8;
-    if (hd == 64 && w == 16)
+    if (hd == 64)
         dair_attn_dotsT_n(q, kT, 64, 4, scale, s, x, y, nq, isa);
-    else if (hd == 64)
-        dair_attn_dotsT_n(q, kT, 64, 8, scale, s, x, y, nq, isa);
-    else if (hd == 128 && w == 16)
-        dair_attn_dotsT_n(q, kT, 128, 8, scale, s, x, y, nq, isa);
     else if (hd == 128)
-        dair_attn_dotsT_n(q, kT, 128, 16, scale, s, x, y, nq, isa);
+        dair_attn_dotsT_n(q, kT, 128, 8, scale, s, x, y, nq, isa);
     else
-        dair_attn_dotsT_n(q, kT, hd, hd / w, scale, s, x, y, nq, isa);
+        dair_attn_dotsT_n(q, kT, hd, hd / 16, scale, s, x, y, nq, isa);
 }
 
 /* rows [0, nt) of the row-major tile kt[nt][hd] into kT[hd][KB] (keys nt.. of each vector the
@@ -870,32 +796,6 @@ static DAIR_ATTN_NOINLINE void dair_attn_transpose(const float *kt, int nt, int 
                     _mm512_store_ps(o + 4 * DAIR_ATTN_KB, _mm512_shuffle_f32x4(v1, w1, _MM_SHUFFLE(2, 0, 2, 0)));
                     _mm512_store_ps(o + 8 * DAIR_ATTN_KB, _mm512_shuffle_f32x4(v0, w0, _MM_SHUFFLE(3, 1, 3, 1)));
                     _mm512_store_ps(o + 12 * DAIR_ATTN_KB, _mm512_shuffle_f32x4(v1, w1, _MM_SHUFFLE(3, 1, 3, 1)));
-                }
-            }
-        return;
-    }
-#endif
-#if DAIR_ATTN_HAVE_AVX2
-    if (isa == DAIR_ATTN_AVX2) {
-        for (int t0 = 0; t0 < nt; t0 += 8)
-            for (int d0 = 0; d0 < hd; d0 += 8) {
-                __m256 r[8], u[8];
-                for (int i = 0; i < 8; i++)
-                    r[i] = t0 + i < nt ? _mm256_loadu_ps(kt + (size_t)(t0 + i) * hd + d0) : _mm256_setzero_ps();
-                for (int i = 0; i < 8; i += 2) {
-                    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-                }
-                for (int i = 0; i < 8; i += 4) { /* r[i + k]: dims k, k+4 of rows i..i+3 */
-                    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
-                    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
-                    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
-                    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-                }
-                for (int k = 0; k < 4; k++) {
-                    float *o = kT + (size_t)(d0 + k) * DAIR_ATTN_KB + t0;
-                    _mm256_store_ps(o, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
-                    _mm256_store_ps(o + 4 * DAIR_ATTN_KB, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
                 }
             }
         return;
