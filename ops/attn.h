@@ -743,7 +743,7 @@ DAIR_ATTN_INLINE void dair_attn_dotsT_n(const float *const *q, const float *kT, 
         return;
     }
 #endif
-    (void)q, (void)kT, (void)nv, (void)scale, (void)s, (void)lo, (void)isa;
+    (void)q, (void)kT, (void)nv, (void)scale, (void)s, (void)lo, (void)hi, (void)isa;
 }
 
 /* whether this ISA and head size score from a transposed tile (dair_attn_dotsT) */
