@@ -18,7 +18,9 @@
  *    tasks.
  *  - prefill: a task is DAIR_ATTN_ROWS consecutive rows and one kv head, over all their spans;
  *    each tile of DAIR_ATTN_KB cached keys (then values) is converted to f32 once and used by
- *    all the rows' G heads, and the rows' partials are merged inside the task.
+ *    all the rows' G heads, and the rows' partials are merged inside the task. On AVX-512 the
+ *    key tile is also transposed (dims x keys), and the scores are made from it 16 keys a vector
+ *    by the same operations as the per-key kernels' (dair_attn_dotsT).
  * Keys and values are read once per kv head per task. The per-row primitives (dots, pv, the
  * exp-sum, the merge) are each one non-inlined function, so decode and prefill run the same
  * instructions on a row. The plain-C path is the reference: per (row, kv head), all scores,
@@ -66,7 +68,7 @@ enum { DAIR_ATTN_C = 0, DAIR_ATTN_AVX2 = 1, DAIR_ATTN_AVX512 = 2 };
 
 #define DAIR_ATTN_SPAN 256 /* key positions per partial softmax (fixed: it defines the arithmetic) */
 #define DAIR_ATTN_KB 64    /* key positions converted to f32 at a time */
-#define DAIR_ATTN_ROWS 8   /* query rows per prefill task */
+#define DAIR_ATTN_ROWS 16  /* query rows per prefill task (16: ~0.9x the time of 8, keys and values read half as often) */
 
 #define DAIR_ATTN_NOINLINE __attribute__((noinline))
 #define DAIR_ATTN_INLINE static inline __attribute__((always_inline))
@@ -630,6 +632,179 @@ static DAIR_ATTN_NOINLINE void dair_attn_dots(const float *q, const float *kt, i
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Scores from a transposed key tile: kT[d * DAIR_ATTN_KB + t] holds dim d of tile key t, so one
+ * vector holds one dim of 16 keys. dair_attn_dots512 makes, per key, 16 lane sums
+ * P_l = q[l] k[l], then + q[16j + l] k[16j + l] for j = 1.. in order (fmadd), and then adds the
+ * lanes by dair_reduce16x16's tree:
+ *   ((((P0+P8)+(P4+P12))+((P2+P10)+(P6+P14)))+(((P1+P9)+(P5+P13))+((P3+P11)+(P7+P15))))
+ * (its shuffle levels pair lanes l, l+8, then l, l+4, then l, l+2, then l, l+1). Here the lanes
+ * are keys: P_l is a vector of 16 keys' lane-l sums, made by the same multiply-adds in the same
+ * order with q[16j + l] broadcast, and the tree is 15 vertical adds. Each key's score is thus
+ * the same bits as dair_attn_dots (and the decode kernels) give, without the transposing
+ * shuffles per key and head, and each loaded key vector serves two queries. AVX2 keeps
+ * dair_attn_dots256: the same scheme there (8 lanes, dair_reduce8x8's tree
+ * ((P0+P1)+(P2+P3))+((P4+P5)+(P6+P7)), bit-identical too) took ~1.1x its time, with 16 registers
+ * and no broadcast operand every multiply-add loads one more value.
+ */
+/* x as the compiler must take it, computed: the build's -ffast-math lets it reassociate vector
+ * adds written with the intrinsics (and contract a multiply and an add into one FMA), which
+ * would change the tree's bits; a shuffle between them, as in dair_reduce16x16, stops that */
+#define DAIR_ATTN_OPAQUE(x) __asm__("" : "+v"(x))
+
+#if DAIR_ATTN_HAVE_AVX512
+/* The lane-class sum P_l for NQ queries and NC vectors of 16 keys (from key vector c0). */
+#define DAIR_QKT512_CLASS(l, dst)                                                                     \
+    do {                                                                                              \
+        for (int j = 0; j < nv; j++) {                                                                \
+            const float *kr = kT + (size_t)(16 * j + (l)) * DAIR_ATTN_KB + 16 * c0;                   \
+            __m512 kv[2];                                                                             \
+            for (int c = 0; c < NC; c++)                                                              \
+                kv[c] = _mm512_load_ps(kr + 16 * c);                                                  \
+            for (int r = 0; r < NQ; r++) {                                                            \
+                const __m512 qb = _mm512_set1_ps(q[r][16 * j + (l)]);                                 \
+                for (int c = 0; c < NC; c++)                                                          \
+                    dst[r][c] = j == 0 ? _mm512_mul_ps(qb, kv[c]) : _mm512_fmadd_ps(qb, kv[c], dst[r][c]); \
+            }                                                                                         \
+        }                                                                                             \
+        for (int r = 0; r < NQ; r++)                                                                  \
+            for (int c = 0; c < NC; c++)                                                              \
+                DAIR_ATTN_OPAQUE(dst[r][c]);                                                          \
+    } while (0)
+
+DAIR_ATTN_INLINE void dair_attn_qkT512(const float *const *q, const float *kT, int c0, int nv, int NQ, int NC,
+                                       __m512 out[2][2]) {
+    __m512 A[2][2], B[2][2];
+    /* quarters m = 0, 2, 1, 3 of the tree: ((P_m + P_m+8) + (P_m+4 + P_m+12)) */
+#pragma GCC unroll 4
+    for (int qi = 0; qi < 4; qi++) {
+        const int m = qi == 0 ? 0 : qi == 1 ? 2 : qi == 2 ? 1 : 3;
+        __m512 p0[2][2], p8[2][2], p4[2][2], p12[2][2];
+        DAIR_QKT512_CLASS(m, p0);
+        DAIR_QKT512_CLASS(m + 8, p8);
+        DAIR_QKT512_CLASS(m + 4, p4);
+        DAIR_QKT512_CLASS(m + 12, p12);
+        for (int r = 0; r < NQ; r++)
+            for (int c = 0; c < NC; c++) {
+                __m512 a = _mm512_add_ps(p0[r][c], p8[r][c]), b = _mm512_add_ps(p4[r][c], p12[r][c]);
+                DAIR_ATTN_OPAQUE(a);
+                DAIR_ATTN_OPAQUE(b);
+                __m512 l2 = _mm512_add_ps(a, b);
+                DAIR_ATTN_OPAQUE(l2);
+                if (qi == 0) {
+                    A[r][c] = l2;
+                } else if (qi == 1) {
+                    A[r][c] = _mm512_add_ps(A[r][c], l2);
+                    DAIR_ATTN_OPAQUE(A[r][c]);
+                } else if (qi == 2) {
+                    B[r][c] = l2;
+                } else {
+                    __m512 h = _mm512_add_ps(B[r][c], l2);
+                    DAIR_ATTN_OPAQUE(h);
+                    out[r][c] = _mm512_add_ps(A[r][c], h);
+                    DAIR_ATTN_OPAQUE(out[r][c]);
+                }
+            }
+    }
+}
+#undef DAIR_QKT512_CLASS
+#endif
+
+
+/* Keys [x[r], y[r]) of the tile (x < y <= KB) scored for nq (1 or 2) queries q[r]:
+ * s[r][t] = (q[r] . key t) * scale, as dair_attn_dots. kT: the transposed tile. */
+DAIR_ATTN_INLINE void dair_attn_dotsT_n(const float *const *q, const float *kT, int hd, int nv, float scale,
+                                        float *const *s, const int *x, const int *y, int nq, int isa) {
+    const int lo = nq == 2 && x[1] < x[0] ? x[1] : x[0], hi = nq == 2 && y[1] > y[0] ? y[1] : y[0];
+    (void)hd;
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512) {
+        const __m512 vs = _mm512_set1_ps(scale);
+        for (int c0 = lo / 16; 16 * c0 < hi; c0 += 2) {
+            const int nc = 16 * (c0 + 1) < hi ? 2 : 1;
+            __m512 out[2][2];
+            if (nq == 2 && nc == 2)
+                dair_attn_qkT512(q, kT, c0, nv, 2, 2, out);
+            else if (nq == 2)
+                dair_attn_qkT512(q, kT, c0, nv, 2, 1, out);
+            else if (nc == 2)
+                dair_attn_qkT512(q, kT, c0, nv, 1, 2, out);
+            else
+                dair_attn_qkT512(q, kT, c0, nv, 1, 1, out);
+            for (int r = 0; r < nq; r++)
+                for (int c = 0; c < nc; c++) {
+                    const int t = 16 * (c0 + c);
+                    const int b = x[r] > t ? x[r] - t : 0, e = y[r] < t + 16 ? y[r] - t : 16;
+                    if (e > b)
+                        _mm512_mask_storeu_ps(s[r] + t, (__mmask16)(((1u << e) - 1) & ~((1u << b) - 1)),
+                                              _mm512_mul_ps(out[r][c], vs));
+                }
+        }
+        return;
+    }
+#endif
+    (void)q, (void)kT, (void)nv, (void)scale, (void)s, (void)lo, (void)hi, (void)isa;
+}
+
+/* whether this ISA and head size score from a transposed tile (dair_attn_dotsT) */
+static inline int dair_attn_transposed(int isa, int hd) {
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512)
+        return hd % 16 == 0;
+#endif
+    (void)isa, (void)hd;
+    return 0;
+}
+
+/* noclone: a copy specialised to the call sites' constants (GCC 12) ran ~1.3x the time */
+static DAIR_ATTN_NOINLINE __attribute__((noclone)) void dair_attn_dotsT(const float *const *q, const float *kT, int hd, float scale,
+                                               float *const *s, const int *x, const int *y, int nq, int isa) {
+    if (hd == 64)
+        dair_attn_dotsT_n(q, kT, 64, 4, scale, s, x, y, nq, isa);
+    else if (hd == 128)
+        dair_attn_dotsT_n(q, kT, 128, 8, scale, s, x, y, nq, isa);
+    else
+        dair_attn_dotsT_n(q, kT, hd, hd / 16, scale, s, x, y, nq, isa);
+}
+
+/* rows [0, nt) of the row-major tile kt[nt][hd] into kT[hd][KB] (keys nt.. of each vector the
+ * transposed tile holds: zeros) */
+static DAIR_ATTN_NOINLINE void dair_attn_transpose(const float *kt, int nt, int hd, float *kT, int isa) {
+#if DAIR_ATTN_HAVE_AVX512
+    if (isa == DAIR_ATTN_AVX512) {
+        for (int t0 = 0; t0 < nt; t0 += 16)
+            for (int d0 = 0; d0 < hd; d0 += 16) {
+                __m512 r[16], u[16];
+                for (int i = 0; i < 16; i++)
+                    r[i] = t0 + i < nt ? _mm512_loadu_ps(kt + (size_t)(t0 + i) * hd + d0) : _mm512_setzero_ps();
+                for (int i = 0; i < 16; i += 2) {
+                    u[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                    u[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 16; i += 4) { /* u[i + k]: dims k, k+4, k+8, k+12 of rows i..i+3 */
+                    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[i]), _mm512_castps_pd(u[i + 2])));
+                    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[i]), _mm512_castps_pd(u[i + 2])));
+                    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[i + 1]), _mm512_castps_pd(u[i + 3])));
+                    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[i + 1]), _mm512_castps_pd(u[i + 3])));
+                }
+                for (int k = 0; k < 4; k++) {
+                    const __m512 v0 = _mm512_shuffle_f32x4(r[k], r[4 + k], _MM_SHUFFLE(2, 0, 2, 0));
+                    const __m512 v1 = _mm512_shuffle_f32x4(r[k], r[4 + k], _MM_SHUFFLE(3, 1, 3, 1));
+                    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(2, 0, 2, 0));
+                    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], _MM_SHUFFLE(3, 1, 3, 1));
+                    float *o = kT + (size_t)(d0 + k) * DAIR_ATTN_KB + t0;
+                    _mm512_store_ps(o, _mm512_shuffle_f32x4(v0, w0, _MM_SHUFFLE(2, 0, 2, 0)));
+                    _mm512_store_ps(o + 4 * DAIR_ATTN_KB, _mm512_shuffle_f32x4(v1, w1, _MM_SHUFFLE(2, 0, 2, 0)));
+                    _mm512_store_ps(o + 8 * DAIR_ATTN_KB, _mm512_shuffle_f32x4(v0, w0, _MM_SHUFFLE(3, 1, 3, 1)));
+                    _mm512_store_ps(o + 12 * DAIR_ATTN_KB, _mm512_shuffle_f32x4(v1, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+                }
+            }
+        return;
+    }
+#endif
+    (void)kt, (void)nt, (void)hd, (void)kT, (void)isa;
+}
+
 /* acc[g][d] += sum_t p[g * ps + t] * vt[t][d] for the G heads, t = 0..nt-1 in order (one
  * multiply-add per key and dim, so how keys are grouped into calls does not change a bit).
  * Heads go three at a time over DB vectors of dims, each value vector loaded once for them. */
@@ -1104,7 +1279,8 @@ static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int
  * when the row sees no key of the span. With norm (f16 caches, the second visit): row r's
  * [G] max and [G] 1 / sum over all its spans at norm + (r - r0) * 2G, and the [G][hd] output is
  * that of the rounded normalised probabilities (part[0] = 0 marks a span with keys). `how`:
- * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt KB * hd (>= SPAN) floats.
+ * DAIR_ATTN_* flags. Scratch: sc (r1 - r0) * G * SPAN floats, kt 2 * KB * hd (>= SPAN) floats on a
+ * 64-byte boundary (the row-major tile, then the transposed one).
  * pf: prefetch the span's whole rows (see dair_attn_tile). */
 static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, int r1, int kvh, int s, float *dst,
                                                size_t rstride, float *sc, float *kt, const float *norm, int how,
@@ -1120,6 +1296,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
         if (dair_attn_row1(a, r0, kvh, t0, b, e, dst, sc, pf, how, norm, kt))
             return;
     }
+    const int tr = dair_attn_transposed(a->isa, hd);
     int lo = DAIR_ATTN_SPAN, hi = 0; /* the union of the rows' keys */
     for (int r = r0; r < r1; r++) {
         int b, e;
@@ -1132,6 +1309,37 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
     for (int kb = lo - lo % DAIR_ATTN_KB; !(how & DAIR_ATTN_REUSE) && kb < hi; kb += DAIR_ATTN_KB) {
         const int nt = hi - kb < DAIR_ATTN_KB ? hi - kb : DAIR_ATTN_KB;
         dair_attn_tile(a->k, a, kvh, t0 + kb, nt, kt, pf ? t0 + hi : 0);
+        if (tr) {
+            /* the rows' G queries two at a time (across rows too: a pair's keys are the union
+             * of its two ranges, each query's scores stored for its own) */
+            float *kT = kt + (size_t)DAIR_ATTN_KB * hd;
+            dair_attn_transpose(kt, nt, hd, kT, a->isa);
+            const float *qp[2];
+            float *sp[2];
+            int xp[2], yp[2], np = 0;
+            for (int r = r0; r < r1; r++) {
+                int b, e;
+                dair_attn_range(a, r, t0, &b, &e);
+                const int x = b > kb ? b : kb, y = e < kb + nt ? e : kb + nt;
+                if (y <= x)
+                    continue;
+                const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
+                float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN + kb;
+                for (int g = 0; g < G; g++) {
+                    qp[np] = q + (size_t)g * hd;
+                    sp[np] = sr + (size_t)g * DAIR_ATTN_SPAN;
+                    xp[np] = x - kb;
+                    yp[np] = y - kb;
+                    if (++np == 2) {
+                        dair_attn_dotsT(qp, kT, hd, a->scale, sp, xp, yp, 2, a->isa);
+                        np = 0;
+                    }
+                }
+            }
+            if (np == 1)
+                dair_attn_dotsT(qp, kT, hd, a->scale, sp, xp, yp, 1, a->isa);
+            continue;
+        }
         for (int r = r0; r < r1; r++) {
             int b, e;
             dair_attn_range(a, r, t0, &b, &e);
@@ -1297,7 +1505,7 @@ static void dair_attn_task_prefill(const dair_attn_plan *p, int r0, int r1, int 
     /* the f32 tile and the scores on 64-byte boundaries: a vector load that straddles two cache
      * lines costs two, and the tile's loads are most of dots' and pv's (unaligned: ~1.4x the
      * time of the whole prefill attention on the AVX-512 path) */
-    float *parts = scr, *kt = dair_attn_align(parts + rstride * DAIR_ATTN_ROWS), *norm = kt + (size_t)DAIR_ATTN_KB * a->hd;
+    float *parts = scr, *kt = dair_attn_align(parts + rstride * DAIR_ATTN_ROWS), *norm = kt + (size_t)2 * DAIR_ATTN_KB * a->hd;
     float *sc = dair_attn_align(norm + (size_t)DAIR_ATTN_ROWS * 2 * G); /* one span's scores, or (keep) every span's */
 #define DAIR_ATTN_SC(s) (p->keep ? sc + span_sc * (size_t)((s) - s0) : sc)
     for (int s = s0; s < s1; s++)
@@ -1463,12 +1671,12 @@ static int dair_attention_run(const dair_attn_args *args) {
          * same arithmetic; only the sharing of tiles between rows is lost) */
         p.scheme = DAIR_ATTN_SCHEME_DECODE;
         p.ntask = a->n * p.nspan;
-        p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)DAIR_ATTN_KB * a->hd + 16;
+        p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)2 * DAIR_ATTN_KB * a->hd + 16;
     } else {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
         p.ntask = nblk * a->KV;
         p.per = (size_t)DAIR_ATTN_ROWS * (p.part_size * (size_t)p.nspan + (size_t)a->G * DAIR_ATTN_SPAN) +
-                (size_t)DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16 + 2 * DAIR_ATTN_ALIGN_SLACK;
+                (size_t)2 * DAIR_ATTN_KB * a->hd + (size_t)DAIR_ATTN_ROWS * 2 * a->G + 16 + 2 * DAIR_ATTN_ALIGN_SLACK;
     }
     if (p.scheme == DAIR_ATTN_SCHEME_PREFILL && p.round16) {
         /* every span's scores of a task: kept for the second visit when all chunks' fit 64 MiB */

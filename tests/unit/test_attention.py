@@ -203,6 +203,8 @@ def test_rejects_bad_cache():
     (7, 1, 96, 250, 45, 0),         # odd group, head_dim not a power of two, a span edge inside
     (4, 2, 32, 3990, 130, 0),       # 17 spans
     (4, 1, 64, 400, 300, 512),      # sliding window: rows before and past it
+    (8, 2, 128, 500, 77, 0),        # the larger head sizes' kernels
+    (4, 1, 256, 300, 40, 0),
 ])
 def test_a_row_is_the_same_alone_or_in_a_batch(rng, isa, kind, H, KV, hd, start, n, window):
     """Bit for bit: replaying a session's history in one prefill (failover, bus restart) must give
@@ -271,6 +273,64 @@ def test_round16_equals_numpy(tmp_path, arch):
         want = x.astype(np.float16).astype(np.float32)
     bad = np.nonzero(out.view(np.uint32) != want.view(np.uint32))[0]
     assert bad.size == 0, [(float(x[i]), float(out[i]), float(want[i])) for i in bad[:5]]
+
+
+DOTS_T_C = r"""
+#include <stdio.h>
+#include "attn.h"
+/* dair_attn_dotsT on a transposed tile against dair_attn_dots on the row-major one, bit for bit:
+ * random keys and queries, every tile length, ranges starting inside a vector, two queries
+ * with different ranges; prints the number of differing scores */
+static unsigned st = 1;
+static float rnd(void) { st = st * 1103515245u + 12345u; return (float)((int)((st >> 8) & 0xffff) - 32768) / 8192.0f; }
+int main(int argc, char **argv) {
+    const int hd = atoi(argv[1]);
+    float *kt = aligned_alloc(64, sizeof(float) * 64 * hd), *kT = aligned_alloc(64, sizeof(float) * 64 * hd);
+    float *q0 = malloc(sizeof(float) * hd), *q1 = malloc(sizeof(float) * hd), want[64], got[2][64];
+    long bad = 0;
+    for (int trial = 0; trial < 256; trial++) {
+        const int nt = 1 + trial % 64;
+        for (int i = 0; i < 64 * hd; i++) kt[i] = rnd();
+        for (int i = 0; i < hd; i++) { q0[i] = rnd(); q1[i] = rnd(); }
+        dair_attn_transpose(kt, nt, hd, kT, DAIR_ATTN_AVX512);
+        int x[2] = {trial % 7 < nt ? trial % 7 : 0, 0}, y[2] = {nt, nt > 3 ? nt - 3 : nt};
+        const float *qp[2] = {q0, q1};
+        float *sp[2] = {got[0], got[1]};
+        dair_attn_dotsT(qp, kT, hd, 0.125f, sp, x, y, 1 + trial % 2, DAIR_ATTN_AVX512);
+        for (int r = 0; r < 1 + trial % 2; r++) {
+            dair_attn_dots(qp[r], kt + (size_t)x[r] * hd, y[r] - x[r], hd, 0.125f, want, DAIR_ATTN_AVX512);
+            for (int t = x[r]; t < y[r]; t++)
+                bad += memcmp(&want[t - x[r]], &got[r][t], 4) != 0;
+        }
+    }
+    printf("%ld\n", bad);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("hd", [64, 128, 256, 16, 48, 96])
+def test_transposed_tile_scores_are_the_per_key_scores(tmp_path, hd):
+    """The prefill scores from a transposed key tile (vertical adds in dair_reduce16x16's tree
+    order) are the bits of the per-key kernel the decode path shares, compiled as the build
+    compiles (fast-math, which must not reassociate that tree)."""
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+    from pathlib import Path
+
+    if "avx512" not in ISAS:
+        pytest.skip("needs the AVX-512 family")
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if shutil.which(cc[0]) is None:
+        pytest.skip("needs a C compiler")
+    ops = Path(__file__).resolve().parent.parent.parent / "ops"
+    src, exe = tmp_path / "dots.c", tmp_path / "dots"
+    src.write_text(DOTS_T_C)
+    subprocess.run([*cc, "-march=native", "-O3", "-ffast-math", "-fno-finite-math-only", "-Wno-unused-function",
+                    f"-I{ops}", str(src), "-o", str(exe), "-lm", "-lpthread"], check=True)
+    assert subprocess.run([str(exe), str(hd)], capture_output=True, text=True, check=True).stdout.strip() == "0"
 
 
 def sylvester(n: int) -> np.ndarray:
