@@ -940,6 +940,15 @@ static inline void dair_attn_range(const dair_attn_args *a, int r, int t0, int *
     *e = p + 1 - t0 < DAIR_ATTN_SPAN ? p + 1 - t0 : DAIR_ATTN_SPAN;
 }
 
+/* Row r's keys [x, y) within the tile [kb, kb + nt); 0 when it has none there. */
+static inline int dair_attn_clip(const dair_attn_args *a, int r, int t0, int kb, int nt, int *x, int *y) {
+    int b, e;
+    dair_attn_range(a, r, t0, &b, &e);
+    *x = b > kb ? b : kb;
+    *y = e < kb + nt ? e : kb + nt;
+    return *y > *x;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Decode: one row's span read straight from the cache, each key and value vector converted once
  * for the G heads in registers instead of through a tile. The per-(head, key) operations are
@@ -1318,10 +1327,8 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
             float *sp[2];
             int xp[2], yp[2], np = 0;
             for (int r = r0; r < r1; r++) {
-                int b, e;
-                dair_attn_range(a, r, t0, &b, &e);
-                const int x = b > kb ? b : kb, y = e < kb + nt ? e : kb + nt;
-                if (y <= x)
+                int x, y;
+                if (!dair_attn_clip(a, r, t0, kb, nt, &x, &y))
                     continue;
                 const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
                 float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN + kb;
@@ -1341,10 +1348,8 @@ static DAIR_ATTN_NOINLINE void dair_attn_block(const dair_attn_args *a, int r0, 
             continue;
         }
         for (int r = r0; r < r1; r++) {
-            int b, e;
-            dair_attn_range(a, r, t0, &b, &e);
-            const int x = b > kb ? b : kb, y = e < kb + nt ? e : kb + nt;
-            if (y <= x)
+            int x, y;
+            if (!dair_attn_clip(a, r, t0, kb, nt, &x, &y))
                 continue;
             const float *q = a->q + ((size_t)r * a->H + (size_t)kvh * G) * hd;
             float *sr = sc + (size_t)(r - r0) * G * DAIR_ATTN_SPAN;

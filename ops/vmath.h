@@ -36,6 +36,41 @@ static inline __m512 dair_exp512(__m512 x) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#include <immintrin.h>
+
+/* dair_exp512's steps on 8 lanes, the same bits: 2^n as two exact powers of two (n / 2 and the
+ * rest, each a normal float for n in [-149, 128]), so that the product rounds once, as scalef's. */
+static inline __m256 dair_exp256(__m256 x) {
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+    const __m256 ln2_hi = _mm256_set1_ps(0.693359375f);
+    const __m256 ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(89.0f)), _mm256_set1_ps(-103.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, ln2_hi, x);
+    r = _mm256_fnmadd_ps(n, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+/* the first m (< 8) lanes of a mask for maskload/maskstore */
+static inline __m256i dair_tail_mask256(size_t m) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m), lane);
+}
+#endif
+
 /* g[j] = silu(g[j]) * u[j] */
 static void dair_silu_mul(float *g, const float *u, size_t m) {
     size_t j = 0;
@@ -53,6 +88,21 @@ static void dair_silu_mul(float *g, const float *u, size_t m) {
         __m512 e = dair_exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
         __m512 s = _mm512_div_ps(v, _mm512_add_ps(one, e));
         _mm512_mask_storeu_ps(g + j, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u + j)));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_loadu_ps(g + j);
+        __m256 e = dair_exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(g + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
+    }
+    if (j < m) {
+        const __m256i k = dair_tail_mask256(m - j);
+        __m256 v = _mm256_maskload_ps(g + j, k);
+        __m256 e = dair_exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, e));
+        _mm256_maskstore_ps(g + j, k, _mm256_mul_ps(s, _mm256_maskload_ps(u + j, k)));
     }
 #else
     for (; j < m; j++) {
