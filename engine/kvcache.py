@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from dair.errors import DairError
-from dair.ops.attention import attention, store_rotated_q8_0
+from dair.ops.attention import attention
 from dair.units import format_bytes
 
 CHUNK = 256  # positions added per growth step: keeps regrowth rare without reserving max context
@@ -78,25 +78,18 @@ class SessionCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
-    def _store(self, dst: np.ndarray, x: np.ndarray) -> None:
-        if self.kv_type == "q8_0":  # rotated (see the module's docstring)
-            store_rotated_q8_0(np.ascontiguousarray(x, np.float32), dst)
-        else:
-            dst[...] = x
-
     def attend(self, j: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray,
                out: np.ndarray, scale: float | None = None, window: int = 0) -> None:
         """Write this step's k, v float32[m, n_kv, head_dim] at positions pos (consecutive, already
         reserved) of layer j, then out[m, n_heads, head_dim] = softmax(q.k * scale) v over the
         cache. With a window, a query at position p sees keys p-window+1..p only (llama.cpp's
         standard sliding window, gemma3's local layers)."""
-        a, b = int(pos[0]), int(pos[-1]) + 1
-        kc, vc = self.k[j], self.v[j]
-        self._store(kc[a:b], k)
-        self._store(vc[a:b], v)
-        # a Q8_0 cache holds K and V rotated: the kernel rotates each query alike and the output,
-        # a sum of rotated values, back (the matrix is its own inverse)
-        attention(q, kc, vc, pos, out=out, scale=scale, window=window, rotated=self.kv_type == "q8_0")
+        # The kernel stores k and v at pos first, as the cache holds them. A Q8_0 cache holds K and V
+        # rotated: the kernel rotates each query alike and the output, a sum of rotated values,
+        # back (the matrix is its own inverse).
+        attention(q, self.k[j], self.v[j], pos, out=out, scale=scale, window=window,
+                  rotated=self.kv_type == "q8_0", k_new=np.ascontiguousarray(k, np.float32),
+                  v_new=np.ascontiguousarray(v, np.float32))
 
 
 def context_limit(model_context: int, configured: int, kv_per_token: int, max_ram: int | None,

@@ -44,6 +44,12 @@ cdef extern from "attn.h" nogil:
 cdef extern from "qdot.h" nogil:
     void dair_quantize_q8_0_ref(const float* x, size_t nvals, uint8_t* out)
 
+cdef extern from "blocks.h" nogil:
+    uint16_t dair_fp32_to_fp16(float f)
+
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
 _ISA_CODES = {"avx512": DAIR_ATTN_AVX512, "avx2": DAIR_ATTN_AVX2, "c": DAIR_ATTN_C}
 
 #: Attention paths this build can run, best first ("c" is the plain-C reference).
@@ -139,12 +145,44 @@ def store_rotated_q8_0(x, dst):
     return dst
 
 
-def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0, bint rotated=False):
+cdef int _store_rows(const float* x, uint8_t* cache, const int32_t* pos, Py_ssize_t n, Py_ssize_t vals,
+                     size_t row_bytes, int kind, int rot) noexcept nogil:
+    """cache row pos[i] = x[i] (vals values) as the cache stores them: float32, float16 (rounded to
+    nearest even, as numpy's astype), or Q8_0 blocks of the rotated values. -1: out of memory."""
+    cdef Py_ssize_t i, j, b
+    cdef uint16_t* h
+    cdef float* tmp
+    if kind == DAIR_KV_Q8_0:
+        tmp = <float*>malloc(sizeof(float) * vals)
+        if tmp == NULL:
+            return -1
+        for i in range(n):
+            memcpy(tmp, x + i * vals, sizeof(float) * vals)
+            for b in range(vals // rot):
+                dair_attn_wht(tmp + b * rot, rot)
+            dair_quantize_q8_0_ref(tmp, <size_t>vals, cache + <size_t>pos[i] * row_bytes)
+        free(tmp)
+    elif kind == DAIR_KV_F16:
+        for i in range(n):
+            h = <uint16_t*>(cache + <size_t>pos[i] * row_bytes)
+            for j in range(vals):
+                h[j] = dair_fp32_to_fp16(x[i * vals + j])
+    else:
+        for i in range(n):
+            memcpy(cache + <size_t>pos[i] * row_bytes, x + i * vals, sizeof(float) * vals)
+    return 0
+
+
+def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0, bint rotated=False,
+              k_new=None, v_new=None):
     """q float32[n, n_heads, hd]; k_cache, v_cache float32|float16[cap, n_kv, hd] or
     uint8[cap, n_kv, hd // 32 * 34] (Q8_0 blocks); positions int32[n]; window > 0: query i sees
     positions positions[i] - window + 1 .. positions[i] only; rotated: K and V hold rotate(k) and
     rotate(v) (the Q8_0 cache of engine/kvcache.py), so q is rotated alike and the output rotated
-    back. Returns out float32[n, n_heads, hd]."""
+    back. k_new, v_new float32[n, n_kv, hd]: this step's keys and values, written first at
+    cache rows positions[i] as the cache stores them (a Q8_0 cache: rotated, as
+    store_rotated_q8_0), in the same call: a decode step's store then costs no numpy cast and no
+    Python call of its own. Returns out float32[n, n_heads, hd]."""
     _check(q, "q", cnp.NPY_FLOAT32, 3, False)
     _check(positions, "positions", cnp.NPY_INT32, 1, False)
     if not cnp.PyArray_Check(k_cache) or not cnp.PyArray_Check(v_cache):
@@ -188,6 +226,22 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0
         _no_overlap(out, q, "out", "q")
         _no_overlap(out, k_cache, "out", "k_cache")
         _no_overlap(out, v_cache, "out", "v_cache")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new come together")
+    if k_new is not None:
+        _check(k_new, "k_new", cnp.NPY_FLOAT32, 3, False)
+        _check(v_new, "v_new", cnp.NPY_FLOAT32, 3, False)
+        if _dim(k_new, 0) != n or _dim(k_new, 1) != KV or _dim(k_new, 2) != hd:
+            raise ValueError(f"k_new: expected shape ({n}, {KV}, {hd}), got {k_new.shape}")
+        if v_new.shape != k_new.shape:
+            raise ValueError(f"v_new: expected shape {k_new.shape}, got {v_new.shape}")
+        if kt == cnp.NPY_UINT8 and not rotated:
+            raise ValueError("k_new into a Q8_0 cache: its rows are stored rotated (rotated=True)")
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>k_cache) or not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>v_cache):
+            raise ValueError("k_cache and v_cache must be writable to store k_new, v_new")
+        for name, src in (("k_new", k_new), ("v_new", v_new)):
+            _no_overlap(src, k_cache, name, "k_cache")
+            _no_overlap(src, v_cache, name, "v_cache")
     if n == 0:
         return out
     cdef dair_attn_args a
@@ -208,9 +262,20 @@ def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0
     a.window = window
     a.rot = <int>rotation_block(hd) if rotated else 0
     a.isa = _isa
-    cdef int rc
+    cdef int rc = 0
+    cdef const float* kn = NULL
+    cdef const float* vn = NULL
+    cdef int rblk = <int>rotation_block(hd)
+    if k_new is not None:
+        kn = <const float*>_data(k_new)
+        vn = <const float*>_data(v_new)
     with nogil:
-        rc = dair_attention(&a)
+        if kn != NULL:
+            rc = _store_rows(kn, <uint8_t*>a.k, pp, n, KV * hd, a.row_bytes, a.kind, rblk)
+            if rc == 0:
+                rc = _store_rows(vn, <uint8_t*>a.v, pp, n, KV * hd, a.row_bytes, a.kind, rblk)
+        if rc == 0:
+            rc = dair_attention(&a)
     if rc != 0:
         raise MemoryError("attention: out of memory for scratch")
     return out

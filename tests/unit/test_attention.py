@@ -382,3 +382,55 @@ def test_rotated_cache(rng, isa, kind):
         assert np.abs(kref - k).max() < 0.05  # and they are k and v to within 8-bit rounding
     out = attention(q, kc, vc, pos, rotated=True)
     np.testing.assert_allclose(out, reference(q, kref, vref, pos, 1 / np.sqrt(hd)), rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_store_in_the_call_is_the_separate_store(rng, kind):
+    """attention(..., k_new=, v_new=) writes this step's keys and values at their positions as the
+    cache holds them (f32 as is, f16 rounded to nearest even as numpy's astype, Q8_0 rotated as
+    store_rotated_q8_0) and then attends: the same cache bytes and the same output bits as the
+    store done first in numpy; the other rows untouched."""
+    n, H, KV, hd, start, cap = 5, 9, 3, 64, 300, 320
+    pos = np.arange(start, start + n, dtype=np.int32)
+    q = rng.standard_normal((n, H, hd)).astype(np.float32)
+    k = rng.standard_normal((n, KV, hd)).astype(np.float32) * 3
+    v = rng.standard_normal((n, KV, hd)).astype(np.float32) * 3
+    k[0, 0, :4] = [7e-6, -3e-8, 65519.0, 1e-30]  # f16: subnormal, underflow, the largest finite, zero
+    kc, _ = make_cache(rng, kind, cap, KV, hd)
+    vc, _ = make_cache(rng, kind, cap, KV, hd)
+    kc2, vc2 = kc.copy(), vc.copy()
+    rotated = kind == "q8_0"
+    for src, dst in ((k, kc), (v, vc)):
+        if rotated:
+            store_rotated_q8_0(src, dst[start:start + n])
+        else:
+            dst[start:start + n] = src
+    want = attention(q, kc, vc, pos, rotated=rotated)
+    got = attention(q, kc2, vc2, pos, rotated=rotated, k_new=k, v_new=v)
+    np.testing.assert_array_equal(kc2, kc)
+    np.testing.assert_array_equal(vc2, vc)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_store_in_the_call_refuses_bad_input(rng):
+    n, H, KV, hd = 2, 4, 2, 64
+    pos = np.arange(10, 10 + n, dtype=np.int32)
+    q = rng.standard_normal((n, H, hd)).astype(np.float32)
+    kc = np.zeros((16, KV, hd), np.float16)
+    vc = np.zeros_like(kc)
+    k = rng.standard_normal((n, KV, hd)).astype(np.float32)
+    with pytest.raises(ValueError, match="together"):
+        attention(q, kc, vc, pos, k_new=k)
+    with pytest.raises(ValueError, match="k_new: expected shape"):
+        attention(q, kc, vc, pos, k_new=k[:1], v_new=k[:1])
+    with pytest.raises(ValueError, match="v_new: expected shape"):
+        attention(q, kc, vc, pos, k_new=k, v_new=k[:, :1].copy())
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q, kc, vc, pos, k_new=k.astype(np.float16), v_new=k)
+    q8 = np.zeros((16, KV, q8_0_row_bytes(hd)), np.uint8)
+    with pytest.raises(ValueError, match="rotated"):
+        attention(q, q8, q8.copy(), pos, k_new=k, v_new=k)
+    kc.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        attention(q, kc, vc, pos, k_new=k, v_new=k)
+    assert not vc.any()  # nothing was written by a refused call
