@@ -58,6 +58,7 @@ cdef extern from "pool.h" nogil:
     const dair_pool_api* dair_pool
     void dair_parallel_for(int nchunks, dair_task_fn fn, void* ctx)
     int dair_pool_threads()
+    void dair_pool_prefetch(const void** ptrs, const size_t* lens, int n)
 
 from cpython.pycapsule cimport PyCapsule_GetPointer
 

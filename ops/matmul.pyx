@@ -131,6 +131,17 @@ def set_kernels(str name) -> str:
     return old
 
 
+def set_worker_prefetch(Py_ssize_t nbytes) -> int:
+    """How much of each next matrix an idle pool worker reads ahead into the caches (0: none);
+    returns the previous value. For benchmarks that measure it."""
+    global _WORKER_PREFETCH
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    old = _WORKER_PREFETCH
+    _WORKER_PREFETCH = <size_t>nbytes
+    return old
+
+
 def set_simd(bint enabled) -> bool:
     """Best kernels (True) or the portable scalar fallback (False); returns whether SIMD was on."""
     old = get_kernels() != "scalar"
@@ -275,6 +286,9 @@ cdef void _rows_chunk(void* p, int c) noexcept nogil:
 # 30-layer sweep with 3 us gaps).
 cdef void* _last_weight = NULL
 cdef size_t _NEXT_PREFETCH = 4096
+# ... and, with two or more threads, asks the idle worker to read the next matrices whole (up to
+# this much of each) while the caller runs attention, norms and Python (ops/pool.h).
+cdef size_t _WORKER_PREFETCH = 1 << 20
 
 
 cdef class Weight:
@@ -289,6 +303,9 @@ cdef class Weight:
     cdef const uint8_t* ptr
     cdef const uint8_t* next_ptr  # start of the matrix used after this one last time
     cdef size_t next_len
+    cdef const void* nx_p[4]  # the matrices used after this one last time (a group: all of them)
+    cdef size_t nx_len[4]
+    cdef int nx_n
 
     def __cinit__(self, raw, str qtype, int rows, int cols):
         if qtype not in _QT_CODES:
@@ -351,6 +368,9 @@ cdef class Weight:
             prev = <Weight>_last_weight
             prev.next_ptr = self.ptr
             prev.next_len = min(self.row_bytes * self.rows, _NEXT_PREFETCH)
+            prev.nx_p[0] = self.ptr
+            prev.nx_len[0] = min(self.row_bytes * self.rows, _WORKER_PREFETCH)
+            prev.nx_n = 1
         _last_weight = <void*>self
         with nogil:
             if act_q8 and dair_is_quantized(self.qt):
@@ -359,6 +379,7 @@ cdef class Weight:
                 rc = self._mm_float(xp, <int>n, op)
             if self.next_ptr != NULL:
                 dair_prefetch_bytes(self.next_ptr, self.next_len)
+                dair_pool_prefetch(self.nx_p, self.nx_len, self.nx_n)
         if rc:
             raise MemoryError("matmul: out of memory for scratch buffers")
         return out
@@ -518,6 +539,11 @@ def matmul_many(weights, x, bint act_q8=True) -> list:
         prev = <Weight>_last_weight
         prev.next_ptr = w0.ptr
         prev.next_len = min(w0.row_bytes * w0.rows, _NEXT_PREFETCH)
+        prev.nx_n = min(count, 4)
+        for k in range(prev.nx_n):
+            w = ws[k]
+            prev.nx_p[k] = w.ptr
+            prev.nx_len[k] = min(w.row_bytes * w.rows, _WORKER_PREFETCH)
     w = ws[count - 1]
     _last_weight = <void*>w
     cdef const float* xp = <const float*>_data(x)
@@ -541,6 +567,7 @@ def matmul_many(weights, x, bint act_q8=True) -> list:
             free(buf)
             if w.next_ptr != NULL:
                 dair_prefetch_bytes(w.next_ptr, w.next_len)
+                dair_pool_prefetch(w.nx_p, w.nx_len, w.nx_n)
     if buf == NULL:
         raise MemoryError("matmul_many: out of memory for scratch buffers")
     return outs

@@ -29,6 +29,7 @@ from dair.ops.matmul import (
     matmul_many,
     set_kernels,
     set_simd,
+    set_worker_prefetch,
     simd_name,
 )
 from dair.ops.norm import rmsnorm
@@ -248,6 +249,38 @@ def test_pool_runs_every_chunk_once(rng):
     choice = threads.pool_choice()
     assert choice["threads"] == old and 1 <= choice["using"] <= old
     assert choice["why"] in ("", "stalled", "absent")
+
+
+def test_worker_read_ahead_changes_nothing_and_outlives_its_matrices(rng):
+    """With two threads each product asks the idle worker to read the next matrices (a group:
+    all of them) into the caches. Results are those of one thread, with it on or off; a matrix
+    freed after it was named as next (its memory unmapped or reused) is only hinted at, never
+    loaded, so nothing faults."""
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    a, _, _ = make_weight(rng, "Q4_1", 576, 576)
+    old, old_cap = threads.get_num_threads(), set_worker_prefetch(1 << 20)
+    try:
+        for round_ in range(3):
+            g = [make_weight(rng, "Q4_1", 1536, 576)[0] for _ in range(2)]
+            c, _, _ = make_weight(rng, "Q8_0", 4096, 1536)  # 6.7 MB: its own mapping, freed below
+            threads.set_num_threads(1)
+            want = [a.matmul(x), *matmul_many(g, x)]
+            want.append(c.matmul(want[1]))
+            threads.set_num_threads(2)
+            for i in range(40):
+                set_worker_prefetch(0 if i % 5 == 4 else 1 << 20)
+                got = [a.matmul(x), *matmul_many(g, x)]
+                got.append(c.matmul(got[1]))
+                for y, z in zip(got, want, strict=True):
+                    np.testing.assert_array_equal(y, z)
+            del g, c  # `a` still names them as its next matrices
+            for _ in range(20):
+                np.testing.assert_array_equal(a.matmul(x), want[0])
+    finally:
+        threads.set_num_threads(old)
+        set_worker_prefetch(old_cap)
+    with pytest.raises(ValueError, match="nbytes"):
+        set_worker_prefetch(-1)
 
 
 def test_pool_concurrent_callers(rng):
