@@ -260,7 +260,7 @@ def test_worker_read_ahead_changes_nothing_and_outlives_its_matrices(rng):
     a, _, _ = make_weight(rng, "Q4_1", 576, 576)
     old, old_cap = threads.get_num_threads(), set_worker_prefetch(1 << 20)
     try:
-        for round_ in range(3):
+        for _round in range(3):
             g = [make_weight(rng, "Q4_1", 1536, 576)[0] for _ in range(2)]
             c, _, _ = make_weight(rng, "Q8_0", 4096, 1536)  # 6.7 MB: its own mapping, freed below
             threads.set_num_threads(1)
