@@ -1546,21 +1546,20 @@ static void dair_attn_decode_visit(const dair_attn_plan *p, int i, int kvh, int 
                     kvh == 0);
 }
 
-/* Decode scheme, f16 cache, fused (see dair_attention_run): task = row i, both visits of each
- * kv head's spans and the merges between them in one task; the same calls on the same data as
- * the two parallel loops, so the same bits. */
-static void dair_attn_task_row16(const dair_attn_plan *p, int i, float *scr) {
+/* Decode scheme, f16 cache, fused (see dair_attention_run): task = (row i, kv head), both
+ * visits of its spans and the merges between them in one task; the same calls on the same data
+ * as the two parallel loops, so the same bits. One task per kv head rather than per row: a
+ * single decode row then still spreads its cache reads over the threads. */
+static void dair_attn_task_row16(const dair_attn_plan *p, int i, int kvh, float *scr) {
     const dair_attn_args *a = p->a;
-    for (int kvh = 0; kvh < a->KV; kvh++) {
-        const size_t rk = (size_t)i * a->KV + kvh;
-        const float *parts = p->parts + p->part_size * rk * (size_t)p->nspan;
-        for (int s = 0; s < p->nspan; s++)
-            dair_attn_decode_visit(p, i, kvh, s, 0, scr);
-        dair_attn_norm_one(parts, p->part_size, p->nspan, a->G, p->norms + rk * 2 * a->G);
-        for (int s = 0; s < p->nspan; s++)
-            dair_attn_decode_visit(p, i, kvh, s, 1, scr);
-        dair_attn_sum_one(parts, p->part_size, p->nspan, a->G, a->hd, a->out + rk * a->G * a->hd);
-    }
+    const size_t rk = (size_t)i * a->KV + kvh;
+    const float *parts = p->parts + p->part_size * rk * (size_t)p->nspan;
+    for (int s = 0; s < p->nspan; s++)
+        dair_attn_decode_visit(p, i, kvh, s, 0, scr);
+    dair_attn_norm_one(parts, p->part_size, p->nspan, a->G, p->norms + rk * 2 * a->G);
+    for (int s = 0; s < p->nspan; s++)
+        dair_attn_decode_visit(p, i, kvh, s, 1, scr);
+    dair_attn_sum_one(parts, p->part_size, p->nspan, a->G, a->hd, a->out + rk * a->G * a->hd);
 }
 
 static void dair_attn_chunk(void *ctx, int c) {
@@ -1574,7 +1573,7 @@ static void dair_attn_chunk(void *ctx, int c) {
             int i = task / a->KV, kvh = task % a->KV;
             dair_attn_task_c(a, i, kvh, scr, scr + (size_t)a->G * (a->pos[i] + 1));
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE && p->fused) {
-            dair_attn_task_row16(p, task, scr);
+            dair_attn_task_row16(p, task / a->KV, task % a->KV, scr);
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
             /* task = (row, span), all kv heads: the span's rows are read as one stream */
             const int s = task % p->nspan, i = task / p->nspan;
@@ -1703,7 +1702,7 @@ static int dair_attention_run(const dair_attn_args *args) {
         /* each row's spans in one task anyway (one span, or one chunk): both visits there, with
          * the row's K and V still in cache and no second parallel loop */
         p.fused = 1;
-        p.ntask = a->n;
+        p.ntask = a->n * a->KV;
         p.nch = p.nch < p.ntask ? p.nch : p.ntask;
     }
     /* after the chunks' scratch: the decode scheme's partial results (one per row, kv head and
