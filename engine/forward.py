@@ -6,7 +6,6 @@ plain code over the kernels in dair.ops, in the spirit of llama2.c's run.c.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +18,7 @@ from dair.engine.residency import Residency, Unit, _addr
 from dair.engine.rope import inv_freq, magnitude
 from dair.errors import DairError
 from dair.model.arch import EXPERTS, VECTORS, is_sliding
-from dair.ops.activation import silu_mul
+from dair.ops.activation import gelu_tanh_mul, silu_mul
 from dair.ops.matmul import Weight, matmul_many
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
@@ -110,14 +109,6 @@ def _load(field: str, t, raw: np.ndarray | None = None) -> Any:
     if field in EXPERTS:
         return _experts(t, raw)
     return _weight(t, raw)
-
-
-def gelu_tanh_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """g = gelu(g) * u in place, GELU with llama.cpp's tanh approximation."""
-    t = np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * g * (np.float32(1.0) + np.float32(0.044715) * g * g))
-    g *= np.float32(0.5) * (np.float32(1.0) + t)
-    g *= u
-    return g
 
 
 class RangeEngine:

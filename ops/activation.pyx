@@ -4,6 +4,7 @@ include "_common.pxi"
 
 cdef extern from "vmath.h" nogil:
     void dair_silu_mul(float* g, const float* u, size_t m)
+    void dair_gelu_tanh_mul(float* g, const float* u, size_t m)
 
 
 cdef inline void _silu_mul_span(float* g, const float* u, Py_ssize_t m) noexcept nogil:
@@ -20,18 +21,20 @@ ctypedef struct _Job:
     float* g
     const float* u
     Py_ssize_t m, per
+    bint gelu
 
 
 cdef void _silu_chunk(void* p, int c) noexcept nogil:
     cdef _Job* j = <_Job*>p
     cdef Py_ssize_t a = c * j.per
     cdef Py_ssize_t b = min(a + j.per, j.m)
-    if a < b:
+    if a < b and j.gelu:
+        dair_gelu_tanh_mul(j.g + a, j.u + a, <size_t>(b - a))
+    elif a < b:
         _silu_mul_span(j.g + a, j.u + a, b - a)
 
 
-def silu_mul(gate, up):
-    """gate = silu(gate) * up, in place; both float32[n, h]. Returns gate."""
+cdef object _gated(gate, up, bint gelu):
     _check(gate, "gate", cnp.NPY_FLOAT32, 2, True)
     _check(up, "up", cnp.NPY_FLOAT32, 2, False)
     if _dim(up, 0) != _dim(gate, 0) or _dim(up, 1) != _dim(gate, 1):
@@ -43,11 +46,23 @@ def silu_mul(gate, up):
     j.g = <float*>_data(gate)
     j.u = <const float*>_data(up)
     j.m = n * h
+    j.gelu = gelu
     cdef int nch = _chunks(<double>j.m * 16.0, 32 * 1024.0, <int>((j.m + 255) // 256))
     j.per = ((j.m + nch - 1) // nch + 15) // 16 * 16  # whole cache lines per chunk
     with nogil:
         dair_parallel_for(nch, _silu_chunk, &j)
     return gate
+
+
+def silu_mul(gate, up):
+    """gate = silu(gate) * up, in place; both float32[n, h]. Returns gate."""
+    return _gated(gate, up, False)
+
+
+def gelu_tanh_mul(gate, up):
+    """gate = gelu(gate) * up, in place, GELU with llama.cpp's tanh approximation; both
+    float32[n, h]. Returns gate."""
+    return _gated(gate, up, True)
 
 
 def add_inplace(x, y):

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from dair.ops import threads
-from dair.ops.activation import add_inplace, silu_mul
+from dair.ops.activation import add_inplace, gelu_tanh_mul, silu_mul
 from dair.ops.attention import attention
 from dair.ops.matmul import (
     BLOCK_LAYOUTS,
@@ -573,6 +573,30 @@ def test_silu_mul_and_add(rng):
         silu_mul(g, u[:, :-1].copy())
     with pytest.raises(ValueError, match="y"):
         add_inplace(g, u[:-1].copy())
+
+
+def test_gelu_tanh_mul(rng):
+    """gelu(g) * u by llama.cpp's tanh formula, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))),
+    in float64 here; odd sizes (vector tails) and the extremes, where 1 + tanh cancels."""
+    def ref(g, u):
+        g64 = g.astype(np.float64)
+        z = np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)
+        return 0.5 * g64 * (1 + np.tanh(z)) * u
+    for n, h in [(1, 2048), (3, 17), (5, 640), (64, 2048)]:
+        g = rng.standard_normal((n, h)).astype(np.float32) * 3
+        u = rng.standard_normal((n, h)).astype(np.float32)
+        gi = g.copy()
+        assert gelu_tanh_mul(gi, u) is gi
+        np.testing.assert_allclose(gi, ref(g, u), rtol=2e-5, atol=1e-6)
+    g = np.array([[-1000, -100, -12, -5, -1e-30, 0, 1e-30, 5, 12, 100, 1000, 3e38, -3e38]], np.float32)
+    u = np.full_like(g, 0.5)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = ref(g, u)
+    want[0, -2] = 1.5e38  # 0.5 g for the largest g (g^3 overflows in float64 too: tanh(inf) = 1)
+    want[0, -1] = 0.0
+    np.testing.assert_allclose(gelu_tanh_mul(g.copy(), u), want, rtol=1e-5, atol=1e-30)
+    with pytest.raises(ValueError, match="up"):
+        gelu_tanh_mul(g, u[:, :-1].copy())
 
 
 @pytest.mark.parametrize("n,d", [(1, 32), (3, 576), (17, 96)])
