@@ -76,60 +76,21 @@ static inline __m256i dair_tail_mask256(size_t m) {
 }
 #endif
 
-/* g[j] = silu(g[j]) * u[j] */
-static void dair_silu_mul(float *g, const float *u, size_t m) {
-    size_t j = 0;
-#if defined(__AVX512F__)
-    const __m512 one = _mm512_set1_ps(1.0f);
-    for (; j + 16 <= m; j += 16) {
-        __m512 v = _mm512_loadu_ps(g + j);
-        __m512 e = dair_exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
-        __m512 s = _mm512_div_ps(v, _mm512_add_ps(one, e));
-        _mm512_storeu_ps(g + j, _mm512_mul_ps(s, _mm512_loadu_ps(u + j)));
-    }
-    if (j < m) {
-        __mmask16 k = (__mmask16)((1u << (m - j)) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(k, g + j);
-        __m512 e = dair_exp512(_mm512_sub_ps(_mm512_setzero_ps(), v));
-        __m512 s = _mm512_div_ps(v, _mm512_add_ps(one, e));
-        _mm512_mask_storeu_ps(g + j, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u + j)));
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; j + 8 <= m; j += 8) {
-        __m256 v = _mm256_loadu_ps(g + j);
-        __m256 e = dair_exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
-        __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, e));
-        _mm256_storeu_ps(g + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
-    }
-    if (j < m) {
-        const __m256i k = dair_tail_mask256(m - j);
-        __m256 v = _mm256_maskload_ps(g + j, k);
-        __m256 e = dair_exp256(_mm256_sub_ps(_mm256_setzero_ps(), v));
-        __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, e));
-        _mm256_maskstore_ps(g + j, k, _mm256_mul_ps(s, _mm256_maskload_ps(u + j, k)));
-    }
-#else
-    for (; j < m; j++) {
-        float v = g[j];
-        g[j] = v / (1.0f + expf(-v)) * u[j];
-    }
-#endif
-}
-
-/* g[j] = gelu(g[j]) * u[j], GELU by llama.cpp's tanh formula 0.5 g (1 + tanh(z)),
- * z = sqrt(2/pi) (g + 0.044715 g^3), computed as g / (1 + exp(-2z)): the same function, and no
- * cancellation in 1 + tanh(z) where z is very negative. */
+/* g[j] = act(g[j]) * u[j] for the gated feed-forward's two activations, both g * sigmoid(z):
+ * SiLU, z = g; GELU by llama.cpp's tanh formula 0.5 g (1 + tanh(y)), y = sqrt(2/pi) (g + 0.044715
+ * g^3), which is g / (1 + exp(-2y)): the same function, with no cancellation in 1 + tanh(y) where
+ * y is very negative. gelu is a constant at each call site, so each loop is specialised. */
 #define DAIR_GELU_K2 1.5957691216057308f /* 2 sqrt(2/pi) */
 #define DAIR_GELU_C 0.044715f
-static void dair_gelu_tanh_mul(float *g, const float *u, size_t m) {
+static inline void dair_gated_mul(float *g, const float *u, size_t m, const int gelu) {
     size_t j = 0;
 #if defined(__AVX512F__)
     const __m512 one = _mm512_set1_ps(1.0f), k2 = _mm512_set1_ps(-DAIR_GELU_K2), c = _mm512_set1_ps(DAIR_GELU_C);
     for (; j < m; j += 16) {
         const __mmask16 k = m - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(k, g + j);
-        const __m512 z = _mm512_mul_ps(k2, _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v));
+        const __m512 z = gelu ? _mm512_mul_ps(k2, _mm512_fmadd_ps(_mm512_mul_ps(c, v), _mm512_mul_ps(v, v), v))
+                              : _mm512_sub_ps(_mm512_setzero_ps(), v);
         const __m512 s = _mm512_div_ps(v, _mm512_add_ps(one, dair_exp512(z)));
         _mm512_mask_storeu_ps(g + j, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, u + j)));
     }
@@ -138,17 +99,23 @@ static void dair_gelu_tanh_mul(float *g, const float *u, size_t m) {
     for (; j < m; j += 8) {
         const __m256i k = m - j >= 8 ? _mm256_set1_epi32(-1) : dair_tail_mask256(m - j);
         const __m256 v = _mm256_maskload_ps(g + j, k);
-        const __m256 z = _mm256_mul_ps(k2, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
+        const __m256 z = gelu ? _mm256_mul_ps(k2, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v))
+                              : _mm256_sub_ps(_mm256_setzero_ps(), v);
         const __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, dair_exp256(z)));
         _mm256_maskstore_ps(g + j, k, _mm256_mul_ps(s, _mm256_maskload_ps(u + j, k)));
     }
 #else
     for (; j < m; j++) {
         const float v = g[j];
-        g[j] = v / (1.0f + expf(-DAIR_GELU_K2 * (v + DAIR_GELU_C * v * v * v))) * u[j];
+        const float z = gelu ? -DAIR_GELU_K2 * (v + DAIR_GELU_C * v * v * v) : -v;
+        g[j] = v / (1.0f + expf(z)) * u[j];
     }
 #endif
 }
+
+static void dair_silu_mul(float *g, const float *u, size_t m) { dair_gated_mul(g, u, m, 0); }
+
+static void dair_gelu_tanh_mul(float *g, const float *u, size_t m) { dair_gated_mul(g, u, m, 1); }
 
 /* x[j] = exp(x[j] - mx), returns the sum */
 static float dair_exp_sub_sum(float *x, float mx, size_t m) {
