@@ -40,7 +40,9 @@ static inline __m512 dair_exp512(__m512 x) {
 #include <immintrin.h>
 
 /* exp's range reduction and polynomial on 8 lanes (x already clamped): exp(x) = p * 2^n. Shared
- * by dair_exp256 and attention's softmax exp (ops/attn.h), which scale and clamp differently. */
+ * by dair_exp256 and attention's softmax exp (ops/attn.h), which scale and clamp differently. The
+ * same steps as dair_exp512's, written again for the other width (one function per width, as
+ * the kernels are): a macro over both would hide the intrinsics a reader checks them by. */
 static inline __m256 dair_exp256_poly(__m256 x, __m256 *n_out) {
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
