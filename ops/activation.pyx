@@ -7,10 +7,6 @@ cdef extern from "vmath.h" nogil:
     void dair_gelu_tanh_mul(float* g, const float* u, size_t m)
 
 
-cdef inline void _silu_mul_span(float* g, const float* u, Py_ssize_t m) noexcept nogil:
-    dair_silu_mul(g, u, <size_t>m)
-
-
 cdef inline void _add_span(float* x, const float* y, Py_ssize_t m) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(m):
@@ -24,14 +20,14 @@ ctypedef struct _Job:
     bint gelu
 
 
-cdef void _silu_chunk(void* p, int c) noexcept nogil:
+cdef void _gated_chunk(void* p, int c) noexcept nogil:
     cdef _Job* j = <_Job*>p
     cdef Py_ssize_t a = c * j.per
     cdef Py_ssize_t b = min(a + j.per, j.m)
     if a < b and j.gelu:
         dair_gelu_tanh_mul(j.g + a, j.u + a, <size_t>(b - a))
     elif a < b:
-        _silu_mul_span(j.g + a, j.u + a, b - a)
+        dair_silu_mul(j.g + a, j.u + a, <size_t>(b - a))
 
 
 cdef object _gated(gate, up, bint gelu):
@@ -50,7 +46,7 @@ cdef object _gated(gate, up, bint gelu):
     cdef int nch = _chunks(<double>j.m * 16.0, 32 * 1024.0, <int>((j.m + 255) // 256))
     j.per = ((j.m + nch - 1) // nch + 15) // 16 * 16  # whole cache lines per chunk
     with nogil:
-        dair_parallel_for(nch, _silu_chunk, &j)
+        dair_parallel_for(nch, _gated_chunk, &j)
     return gate
 
 

@@ -126,6 +126,36 @@ def rotate(x, out=None):
     return out
 
 
+cdef int _store_rows(const float* x, uint8_t* cache, const int32_t* pos, Py_ssize_t n, Py_ssize_t vals,
+                     size_t row_bytes, int kind, int rot) noexcept nogil:
+    """cache row pos[i] (row i when pos is NULL) = x[i] (vals values) as the cache stores them:
+    float32, float16 (rounded to nearest even, as numpy's astype), or Q8_0 blocks of the values
+    rotated in blocks of rot. -1: out of memory."""
+    cdef Py_ssize_t i, j, b
+    cdef uint8_t* row
+    cdef uint16_t* h
+    cdef float* tmp = NULL
+    if kind == DAIR_KV_Q8_0:
+        tmp = <float*>malloc(sizeof(float) * vals)
+        if tmp == NULL:
+            return -1
+    for i in range(n):
+        row = cache + <size_t>(pos[i] if pos != NULL else i) * row_bytes
+        if kind == DAIR_KV_Q8_0:
+            memcpy(tmp, x + i * vals, sizeof(float) * vals)
+            for b in range(vals // rot):
+                dair_attn_wht(tmp + b * rot, rot)
+            dair_quantize_q8_0_ref(tmp, <size_t>vals, row)
+        elif kind == DAIR_KV_F16:
+            h = <uint16_t*>row
+            for j in range(vals):
+                h[j] = dair_fp32_to_fp16(x[i * vals + j])
+        else:
+            memcpy(row, x + i * vals, sizeof(float) * vals)
+    free(tmp)
+    return 0
+
+
 def store_rotated_q8_0(x, dst):
     """dst (uint8[m, n_kv, hd // 32 * 34], the cache rows to fill) = Q8_0 blocks of rotate(x)
     (x float32[m, n_kv, hd]), quantized as llama.cpp's reference does."""
@@ -134,43 +164,17 @@ def store_rotated_q8_0(x, dst):
     cdef Py_ssize_t m = _dim(x, 0), hd = _dim(x, 2)
     if _dim(dst, 0) != m or _dim(dst, 1) != _dim(x, 1) or _dim(dst, 2) != q8_0_row_bytes(hd):
         raise ValueError(f"dst: expected shape ({m}, {_dim(x, 1)}, {q8_0_row_bytes(hd)}), got {dst.shape}")
-    cdef cnp.ndarray tmp = cnp.PyArray_NewCopy(<cnp.ndarray>x, cnp.NPY_CORDER)
-    cdef float* p = <float*>_data(tmp)
+    _no_overlap(x, dst, "x", "dst")
+    cdef const float* p = <const float*>_data(x)
     cdef uint8_t* d = <uint8_t*>_data(dst)
-    cdef Py_ssize_t blk = rotation_block(hd), n = x.size, b
+    cdef Py_ssize_t vals = _dim(x, 1) * hd
+    cdef int blk = <int>rotation_block(hd), rc
+    cdef size_t rb = <size_t>q8_0_row_bytes(hd) * <size_t>_dim(x, 1)
     with nogil:
-        for b in range(n // blk):
-            dair_attn_wht(p + b * blk, <int>blk)
-        dair_quantize_q8_0_ref(p, <size_t>n, d)
+        rc = _store_rows(p, d, NULL, m, vals, rb, DAIR_KV_Q8_0, blk)
+    if rc:
+        raise MemoryError("store_rotated_q8_0: out of memory")
     return dst
-
-
-cdef int _store_rows(const float* x, uint8_t* cache, const int32_t* pos, Py_ssize_t n, Py_ssize_t vals,
-                     size_t row_bytes, int kind, int rot) noexcept nogil:
-    """cache row pos[i] = x[i] (vals values) as the cache stores them: float32, float16 (rounded to
-    nearest even, as numpy's astype), or Q8_0 blocks of the rotated values. -1: out of memory."""
-    cdef Py_ssize_t i, j, b
-    cdef uint16_t* h
-    cdef float* tmp
-    if kind == DAIR_KV_Q8_0:
-        tmp = <float*>malloc(sizeof(float) * vals)
-        if tmp == NULL:
-            return -1
-        for i in range(n):
-            memcpy(tmp, x + i * vals, sizeof(float) * vals)
-            for b in range(vals // rot):
-                dair_attn_wht(tmp + b * rot, rot)
-            dair_quantize_q8_0_ref(tmp, <size_t>vals, cache + <size_t>pos[i] * row_bytes)
-        free(tmp)
-    elif kind == DAIR_KV_F16:
-        for i in range(n):
-            h = <uint16_t*>(cache + <size_t>pos[i] * row_bytes)
-            for j in range(vals):
-                h[j] = dair_fp32_to_fp16(x[i * vals + j])
-    else:
-        for i in range(n):
-            memcpy(cache + <size_t>pos[i] * row_bytes, x + i * vals, sizeof(float) * vals)
-    return 0
 
 
 def attention(q, k_cache, v_cache, positions, out=None, scale=None, int window=0, bint rotated=False,

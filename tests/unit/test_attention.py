@@ -410,6 +410,11 @@ def test_store_in_the_call_is_the_separate_store(rng, kind):
     np.testing.assert_array_equal(kc2, kc)
     np.testing.assert_array_equal(vc2, vc)
     np.testing.assert_array_equal(got, want)
+    if rotated:  # and what it stored is k and v, by gguf's dequantizer and Sylvester's matrix
+        for c, x in ((kc2, k), (vc2, v)):
+            rows = c[start:start + n].reshape(-1, q8_0_row_bytes(hd))
+            held = dequantize(rows, GGMLQuantizationType.Q8_0).reshape(x.shape).astype(np.float64) @ sylvester(hd)
+            assert np.abs(held - x).max() < 0.02 * np.abs(x).max()
 
 
 def test_store_in_the_call_refuses_bad_input(rng):

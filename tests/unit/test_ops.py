@@ -13,6 +13,8 @@ Error bounds:
   Separately, the result must equal a numpy emulation of llama.cpp's activation quantization to 1e-5.
 """
 
+import mmap
+
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -276,6 +278,21 @@ def test_worker_read_ahead_changes_nothing_and_outlives_its_matrices(rng):
             del g, c  # `a` still names them as its next matrices
             for _ in range(20):
                 np.testing.assert_array_equal(a.matmul(x), want[0])
+        # A next matrix whose pages are certainly gone: its own anonymous mapping, unmapped. A
+        # read-ahead that loaded instead of hinting would fault in the worker and kill the process.
+        raw = make_weight(rng, "Q8_0", 1024, 576)[1]
+        mm = mmap.mmap(-1, raw.nbytes)
+        view = np.frombuffer(mm, np.uint8)
+        view[:] = raw
+        b = Weight(view, "Q8_0", 1024, 576)
+        threads.set_num_threads(2)
+        for _ in range(3):
+            a.matmul(x)
+            b.matmul(x)
+        del b, view
+        mm.close()
+        for _ in range(200):
+            np.testing.assert_array_equal(a.matmul(x), want[0])
     finally:
         threads.set_num_threads(old)
         set_worker_prefetch(old_cap)
