@@ -1204,6 +1204,154 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
 }
 #endif
 
+#if DAIR_ATTN_HAVE_AVX2
+#define DAIR_ATTN_VB 32 /* value rows per block of the all-heads row (12 KB of f16 V at 3 kv heads of 64) */
+
+/* One row's span (len keys from kr/vr, the span's first rows) for every kv head at once: what
+ * dair_attn_row1_256 computes for each head, the same operations per (head, key) in the same
+ * order, so the same bits. Every 8-key block is scored for all heads before the next, and the
+ * values are summed in blocks of DAIR_ATTN_VB rows for all heads (each head's 12 output vectors
+ * saved between blocks): the cache is read as one stream at the pace of the arithmetic on it.
+ * Head by head (row1), the first head's pass waited on memory with nothing to overlap it and
+ * the others ran from the caches with no memory traffic to hide (an f16 row at 2,000 positions,
+ * caches cold, one thread: 2.7x its time with the cache in L3). Head h's results: part[h * ps],
+ * scores sc[h * ss], norm nr[h * ns]. */
+DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
+                                          int len, float *sc, size_t ss, float *part, size_t ps, int nv, int kind,
+                                          int Gc, int how, const float *nr, size_t ns, float *kt) {
+    const int G = Gc ? Gc : a->G, hd = a->hd, KV = a->KV;
+    const size_t rb = a->row_bytes, hb = a->head_bytes;
+    const __m256 vs = _mm256_set1_ps(a->scale);
+    __m256 pt[DAIR_ATTN_GMAX][8];
+    for (int t = 0; !(how & DAIR_ATTN_REUSE) && t < len; t += 8) {
+        const int m = len - t < 8 ? len - t : 8;
+        for (int r = t + DAIR_ATTN_PF; r < t + 8 + DAIR_ATTN_PF && r < len; r++)
+            for (size_t o = 0; o < rb; o += 64)
+                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+        for (int h = 0; h < KV; h++) {
+            const float *qh = q + (size_t)h * G * hd;
+            for (int r = 0; r < 8; r++) {
+                if (r >= m) {
+                    for (int g = 0; g < G; g++)
+                        pt[g][r] = _mm256_setzero_ps();
+                    continue;
+                }
+                __m256 k[16];
+                dair_attn_ldn256(kr + (size_t)(t + r) * rb + (size_t)h * hb, kind, 0, nv, k);
+                for (int g = 0; g < G; g++) {
+                    const float *qg = qh + (size_t)g * hd;
+                    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
+                    for (int j = 1; j < nv; j++)
+                        s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), k[j], s);
+                    pt[g][r] = s;
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                __m256 r8 = _mm256_mul_ps(dair_reduce8x8(pt[g]), vs);
+                float *dst = sc + (size_t)h * ss + (size_t)g * DAIR_ATTN_SPAN + t;
+                if (m == 8) {
+                    _mm256_storeu_ps(dst, r8);
+                } else {
+                    float tmp8[8];
+                    _mm256_storeu_ps(tmp8, r8);
+                    memcpy(dst, tmp8, sizeof(float) * (size_t)m);
+                }
+            }
+        }
+    }
+    if (how & DAIR_ATTN_VALUES) /* V's first rows arrive while the softmax runs */
+        for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
+            for (size_t o = 0; o < rb; o += 64)
+                __builtin_prefetch(vr + (size_t)t * rb + o, 0, DAIR_ATTN_PF_HINT);
+    for (int h = 0; h < KV; h++)
+        dair_attn_span_stats(a, G, sc + (size_t)h * ss, len, part + (size_t)h * ps, how,
+                             nr != NULL ? nr + (size_t)h * ns : NULL, kt);
+    if (!(how & DAIR_ATTN_VALUES))
+        return;
+    for (int h = 0; h < KV; h++)
+        memset(part + (size_t)h * ps + 2 * G, 0, sizeof(float) * (size_t)G * hd);
+    for (int tb = 0; tb < len; tb += DAIR_ATTN_VB) {
+        const int te = len - tb < DAIR_ATTN_VB ? len : tb + DAIR_ATTN_VB;
+        for (int h = 0; h < KV; h++) {
+            const uint8_t *vh = vr + (size_t)h * hb;
+            const float *sh = sc + (size_t)h * ss;
+            float *out = part + (size_t)h * ps + 2 * G;
+            for (int g0 = 0; g0 < G; g0 += 3) {
+                const int ng = G - g0 < 3 ? G - g0 : 3;
+                for (int j0 = 0; j0 < nv; j0 += 4) {
+                    const int nb = nv - j0 < 4 ? nv - j0 : 4, pf = h == 0 && g0 == 0 && j0 == 0;
+                    __m256 o[3][4];
+                    for (int g = 0; g < ng; g++)
+                        for (int b = 0; b < nb; b++)
+                            o[g][b] = _mm256_loadu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b));
+                    for (int t = tb; t < te; t++) {
+                        if (pf && t + DAIR_ATTN_PF < len)
+                            for (size_t o2 = 0; o2 < rb; o2 += 64)
+                                __builtin_prefetch(vr + (size_t)(t + DAIR_ATTN_PF) * rb + o2, 0, DAIR_ATTN_PF_HINT);
+                        __m256 v[4];
+                        dair_attn_ldn256(vh + (size_t)t * rb, kind, j0, nb, v);
+                        for (int g = 0; g < ng; g++) {
+                            const __m256 pp = _mm256_set1_ps(sh[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
+                            for (int b = 0; b < nb; b++)
+                                o[g][b] = _mm256_fmadd_ps(pp, v[b], o[g][b]);
+                        }
+                    }
+                    for (int g = 0; g < ng; g++)
+                        for (int b = 0; b < nb; b++)
+                            _mm256_storeu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b), o[g][b]);
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* Whether dair_attn_rowkv serves this call's shapes (the AVX2 path; AVX-512 keeps row1 per head) */
+static inline int dair_attn_rowkv_ok(const dair_attn_args *a) {
+#if DAIR_ATTN_HAVE_AVX2
+    return a->isa == DAIR_ATTN_AVX2 && a->hd % 8 == 0 && a->hd <= 128 && a->G <= DAIR_ATTN_GMAX &&
+           a->head_bytes * (size_t)a->KV <= a->row_bytes;
+#else
+    (void)a;
+    return 0;
+#endif
+}
+
+/* Row r's span s for every kv head (dair_attn_rowkv_ok): head h's partial at part + h * ps, its
+ * scores at sc + h * ss (with REUSE: kept there), its norm at nr + h * ns; kt as dair_attn_block's. */
+static DAIR_ATTN_NOINLINE void dair_attn_rowkv(const dair_attn_args *a, int r, int s, float *part, size_t ps,
+                                               float *sc, size_t ss, int how, const float *nr, size_t ns,
+                                               float *kt) {
+    const int t0 = s * DAIR_ATTN_SPAN;
+    int b, e;
+    dair_attn_range(a, r, t0, &b, &e);
+    if (e <= b) {
+        for (int h = 0; h < a->KV; h++)
+            part[(size_t)h * ps] = -INFINITY;
+        return;
+    }
+#if DAIR_ATTN_HAVE_AVX2
+    const float *q = a->q + (size_t)r * a->H * a->hd;
+    const size_t off = (size_t)(t0 + b) * a->row_bytes;
+    const uint8_t *kr = a->k + off, *vr = a->v + off;
+    const int len = e - b;
+    if (!(how & DAIR_ATTN_REUSE))
+        for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
+            for (size_t o = 0; o < a->row_bytes; o += 64)
+                __builtin_prefetch(kr + (size_t)t * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
+    if (a->hd == 64 && a->G == 3 && a->kind == DAIR_KV_F16)
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_F16, 3, how, nr, ns, kt);
+    else if (a->hd == 64 && a->G == 3 && a->kind == DAIR_KV_Q8_0)
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_Q8_0, 3, how, nr, ns, kt);
+    else if (a->hd == 64)
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, a->kind, 0, how, nr, ns, kt);
+    else
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, a->hd / 8, a->kind, 0, how, nr, ns, kt);
+#else
+    (void)sc, (void)ss, (void)how, (void)nr, (void)ns, (void)kt;
+#endif
+}
+
 /* One row's span [b, e) of kv head kvh straight from the cache, if this build and shape have a
  * fused path (returns 0 otherwise): what dair_attn_block computes for the row (how, norm, kt as
  * there; nr: the row's norm). part: [G] max, [G] sum, [G][hd] output; sc: G * SPAN. */
@@ -1450,6 +1598,7 @@ typedef struct {
     int round16;      /* f16 cache: llama.cpp's rounding, two visits of each span */
     int visit;        /* decode scheme: 0 scores, max and sum; 1 rounded probabilities (round16) */
     int fused;        /* decode scheme, round16: a task is a row, both visits in it (one loop) */
+    int allkv;        /* decode scheme: a task's row is read for all kv heads at once (dair_attn_rowkv) */
     float *norms;     /* decode scheme, round16: [n * KV][2G] max and 1 / sum */
     float *scores;    /* decode scheme, round16: [ntask][G][SPAN] scores kept between the visits */
     int keep;         /* prefill scheme, round16: each task keeps its spans' scores (when they fit) */
@@ -1537,6 +1686,17 @@ static void dair_attn_decode_visit(const dair_attn_plan *p, int i, int kvh, int 
                     kvh == 0);
 }
 
+/* Decode scheme with dair_attn_rowkv: visit `visit` of span s of row i, every kv head at once. */
+static void dair_attn_decode_visit_kv(const dair_attn_plan *p, int i, int s, int visit, float *scr) {
+    const dair_attn_args *a = p->a;
+    const size_t rk = (size_t)i * a->KV, slot = rk * (size_t)p->nspan + s, hs = (size_t)p->nspan;
+    float *sc = p->round16 ? p->scores + slot * a->G * DAIR_ATTN_SPAN : scr;
+    const size_t ss = p->round16 ? hs * a->G * DAIR_ATTN_SPAN : (size_t)a->G * DAIR_ATTN_SPAN;
+    dair_attn_rowkv(a, i, s, p->parts + p->part_size * slot, p->part_size * hs, sc, ss,
+                    !p->round16 ? DAIR_ATTN_VALUES : visit ? DAIR_ATTN_VALUES | DAIR_ATTN_REUSE : DAIR_ATTN_KEEP,
+                    visit ? p->norms + rk * 2 * a->G : NULL, (size_t)2 * a->G, scr + (size_t)a->H * DAIR_ATTN_SPAN);
+}
+
 /* Decode scheme, f16 cache, fused (see dair_attention_run): task = (row i, kv head), both
  * visits of its spans and the merges between them in one task; the same calls on the same data
  * as the two parallel loops, so the same bits. One task per kv head rather than per row: a
@@ -1568,8 +1728,11 @@ static void dair_attn_chunk(void *ctx, int c) {
         } else if (p->scheme == DAIR_ATTN_SCHEME_DECODE) {
             /* task = (row, span), all kv heads: the span's rows are read as one stream */
             const int s = task % p->nspan, i = task / p->nspan;
-            for (int kvh = 0; kvh < a->KV; kvh++)
-                dair_attn_decode_visit(p, i, kvh, s, p->visit, scr);
+            if (p->allkv)
+                dair_attn_decode_visit_kv(p, i, s, p->visit, scr);
+            else
+                for (int kvh = 0; kvh < a->KV; kvh++)
+                    dair_attn_decode_visit(p, i, kvh, s, p->visit, scr);
         } else {
             int blk = task / a->KV, kvh = task % a->KV, r0 = blk * DAIR_ATTN_ROWS;
             int r1 = r0 + DAIR_ATTN_ROWS < a->n ? r0 + DAIR_ATTN_ROWS : a->n;
@@ -1666,7 +1829,8 @@ static int dair_attention_run(const dair_attn_args *args) {
          * same arithmetic; only the sharing of tiles between rows is lost) */
         p.scheme = DAIR_ATTN_SCHEME_DECODE;
         p.ntask = a->n * p.nspan;
-        p.per = (size_t)a->G * DAIR_ATTN_SPAN + (size_t)2 * DAIR_ATTN_KB * a->hd + 16;
+        p.per = (size_t)a->H * DAIR_ATTN_SPAN + (size_t)2 * DAIR_ATTN_KB * a->hd + 16; /* all heads' scores (rowkv) */
+        p.allkv = dair_attn_rowkv_ok(a);
     } else {
         p.scheme = DAIR_ATTN_SCHEME_PREFILL;
         p.ntask = nblk * a->KV;
@@ -1689,7 +1853,7 @@ static int dair_attention_run(const dair_attn_args *args) {
     if (want > p.ntask)
         want = p.ntask;
     p.nch = want < 1.0 ? 1 : (int)want;
-    if (p.scheme == DAIR_ATTN_SCHEME_DECODE && p.round16 && (p.nspan == 1 || p.nch == 1)) {
+    if (p.scheme == DAIR_ATTN_SCHEME_DECODE && p.round16 && (p.nspan == 1 || p.nch == 1) && !(p.allkv && p.nch == 1)) {
         /* each row's spans in one task anyway (one span, or one chunk): both visits there, with
          * the row's K and V still in cache and no second parallel loop */
         p.fused = 1;
