@@ -1207,6 +1207,51 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
 #if DAIR_ATTN_HAVE_AVX2
 #define DAIR_ATTN_VB 32 /* value rows per block of the all-heads row (12 KB of f16 V at 3 kv heads of 64) */
 
+/* out[g][8 (j0 + b) ..] += sum_t p[g * SPAN + t] * v_t (vectors j0 .. j0 + nb) for t in [t0, t1), for
+ * ng <= 3 heads and nb <= 4 vectors. f16 and f32 take nb = 3: accumulators, values and a
+ * probability then fit the 16 registers (with 12 accumulators one of them went through the
+ * stack every key, a store-to-load chain that made the loop ~1.25x slower). Q8_0 takes nb = 4,
+ * one block's scale per pass: its conversions make each key's work long enough to cover that
+ * chain, and three vectors a pass straddle blocks (~1.2x the instructions). */
+DAIR_ATTN_INLINE void dair_attn_pv_rows256(const uint8_t *vh, size_t rb, int kind, int j0, const float *p, int t0,
+                                           int t1, float *out, int hd, int ng, int nb) {
+    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0, o6 = o0, o7 = o0, o8 = o0;
+    __m256 o9 = o0, o10 = o0, o11 = o0;
+#define DAIR_PV_LD(g, b, o) if (ng > (g) && nb > (b)) o = _mm256_loadu_ps(out + (size_t)(g) * hd + 8 * (j0 + (b)))
+#define DAIR_PV_ST(g, b, o) if (ng > (g) && nb > (b)) _mm256_storeu_ps(out + (size_t)(g) * hd + 8 * (j0 + (b)), o)
+    DAIR_PV_LD(0, 0, o0); DAIR_PV_LD(0, 1, o1); DAIR_PV_LD(0, 2, o2); DAIR_PV_LD(0, 3, o9);
+    DAIR_PV_LD(1, 0, o3); DAIR_PV_LD(1, 1, o4); DAIR_PV_LD(1, 2, o5); DAIR_PV_LD(1, 3, o10);
+    DAIR_PV_LD(2, 0, o6); DAIR_PV_LD(2, 1, o7); DAIR_PV_LD(2, 2, o8); DAIR_PV_LD(2, 3, o11);
+    for (int t = t0; t < t1; t++) {
+        __m256 v[4];
+        dair_attn_ldn256(vh + (size_t)t * rb, kind, j0, nb, v);
+        __m256 pp = _mm256_set1_ps(p[t]);
+        o0 = _mm256_fmadd_ps(pp, v[0], o0);
+        if (nb > 1) o1 = _mm256_fmadd_ps(pp, v[1], o1);
+        if (nb > 2) o2 = _mm256_fmadd_ps(pp, v[2], o2);
+        if (nb > 3) o9 = _mm256_fmadd_ps(pp, v[3], o9);
+        if (ng > 1) {
+            pp = _mm256_set1_ps(p[DAIR_ATTN_SPAN + t]);
+            o3 = _mm256_fmadd_ps(pp, v[0], o3);
+            if (nb > 1) o4 = _mm256_fmadd_ps(pp, v[1], o4);
+            if (nb > 2) o5 = _mm256_fmadd_ps(pp, v[2], o5);
+            if (nb > 3) o10 = _mm256_fmadd_ps(pp, v[3], o10);
+        }
+        if (ng > 2) {
+            pp = _mm256_set1_ps(p[2 * DAIR_ATTN_SPAN + t]);
+            o6 = _mm256_fmadd_ps(pp, v[0], o6);
+            if (nb > 1) o7 = _mm256_fmadd_ps(pp, v[1], o7);
+            if (nb > 2) o8 = _mm256_fmadd_ps(pp, v[2], o8);
+            if (nb > 3) o11 = _mm256_fmadd_ps(pp, v[3], o11);
+        }
+    }
+    DAIR_PV_ST(0, 0, o0); DAIR_PV_ST(0, 1, o1); DAIR_PV_ST(0, 2, o2); DAIR_PV_ST(0, 3, o9);
+    DAIR_PV_ST(1, 0, o3); DAIR_PV_ST(1, 1, o4); DAIR_PV_ST(1, 2, o5); DAIR_PV_ST(1, 3, o10);
+    DAIR_PV_ST(2, 0, o6); DAIR_PV_ST(2, 1, o7); DAIR_PV_ST(2, 2, o8); DAIR_PV_ST(2, 3, o11);
+#undef DAIR_PV_LD
+#undef DAIR_PV_ST
+}
+
 /* One row's span (len keys from kr/vr, the span's first rows) for every kv head at once: what
  * dair_attn_row1_256 computes for each head, the same operations per (head, key) in the same
  * order, so the same bits. Every 8-key block is scored for all heads before the next, and the
@@ -1216,6 +1261,17 @@ DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q
  * the others ran from the caches with no memory traffic to hide (an f16 row at 2,000 positions,
  * caches cold, one thread: 2.7x its time with the cache in L3). Head h's results: part[h * ps],
  * scores sc[h * ss], norm nr[h * ns]. */
+/* rows [r0, min(r1, end)) of a span (rows of rb bytes from base, contiguous), whole: one
+ * prefetch per cache line */
+DAIR_ATTN_INLINE void dair_attn_pf_rows(const uint8_t *base, size_t rb, int r0, int r1, int end) {
+    r1 = r1 < end ? r1 : end;
+    if (r1 <= r0)
+        return;
+    const uint8_t *e = base + (size_t)r1 * rb;
+    for (const uint8_t *p = (const uint8_t *)((uintptr_t)(base + (size_t)r0 * rb) & ~(uintptr_t)63); p < e; p += 64)
+        __builtin_prefetch(p, 0, DAIR_ATTN_PF_HINT);
+}
+
 DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
                                           int len, float *sc, size_t ss, float *part, size_t ps, int nv, int kind,
                                           int Gc, int how, const float *nr, size_t ns, float *kt) {
@@ -1225,9 +1281,7 @@ DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *
     __m256 pt[DAIR_ATTN_GMAX][8];
     for (int t = 0; !(how & DAIR_ATTN_REUSE) && t < len; t += 8) {
         const int m = len - t < 8 ? len - t : 8;
-        for (int r = t + DAIR_ATTN_PF; r < t + 8 + DAIR_ATTN_PF && r < len; r++)
-            for (size_t o = 0; o < rb; o += 64)
-                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
+        dair_attn_pf_rows(kr, rb, t + DAIR_ATTN_PF, t + 8 + DAIR_ATTN_PF, len);
         for (int h = 0; h < KV; h++) {
             const float *qh = q + (size_t)h * G * hd;
             for (int r = 0; r < 8; r++) {
@@ -1260,9 +1314,7 @@ DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *
         }
     }
     if (how & DAIR_ATTN_VALUES) /* V's first rows arrive while the softmax runs */
-        for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
-            for (size_t o = 0; o < rb; o += 64)
-                __builtin_prefetch(vr + (size_t)t * rb + o, 0, DAIR_ATTN_PF_HINT);
+        dair_attn_pf_rows(vr, rb, 0, DAIR_ATTN_PF, len);
     for (int h = 0; h < KV; h++)
         dair_attn_span_stats(a, G, sc + (size_t)h * ss, len, part + (size_t)h * ps, how,
                              nr != NULL ? nr + (size_t)h * ns : NULL, kt);
@@ -1272,33 +1324,26 @@ DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *
         memset(part + (size_t)h * ps + 2 * G, 0, sizeof(float) * (size_t)G * hd);
     for (int tb = 0; tb < len; tb += DAIR_ATTN_VB) {
         const int te = len - tb < DAIR_ATTN_VB ? len : tb + DAIR_ATTN_VB;
+        dair_attn_pf_rows(vr, rb, tb + DAIR_ATTN_PF, te + DAIR_ATTN_PF, len);
         for (int h = 0; h < KV; h++) {
             const uint8_t *vh = vr + (size_t)h * hb;
             const float *sh = sc + (size_t)h * ss;
             float *out = part + (size_t)h * ps + 2 * G;
             for (int g0 = 0; g0 < G; g0 += 3) {
                 const int ng = G - g0 < 3 ? G - g0 : 3;
-                for (int j0 = 0; j0 < nv; j0 += 4) {
-                    const int nb = nv - j0 < 4 ? nv - j0 : 4, pf = h == 0 && g0 == 0 && j0 == 0;
-                    __m256 o[3][4];
-                    for (int g = 0; g < ng; g++)
-                        for (int b = 0; b < nb; b++)
-                            o[g][b] = _mm256_loadu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b));
-                    for (int t = tb; t < te; t++) {
-                        if (pf && t + DAIR_ATTN_PF < len)
-                            for (size_t o2 = 0; o2 < rb; o2 += 64)
-                                __builtin_prefetch(vr + (size_t)(t + DAIR_ATTN_PF) * rb + o2, 0, DAIR_ATTN_PF_HINT);
-                        __m256 v[4];
-                        dair_attn_ldn256(vh + (size_t)t * rb, kind, j0, nb, v);
-                        for (int g = 0; g < ng; g++) {
-                            const __m256 pp = _mm256_set1_ps(sh[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
-                            for (int b = 0; b < nb; b++)
-                                o[g][b] = _mm256_fmadd_ps(pp, v[b], o[g][b]);
-                        }
-                    }
-                    for (int g = 0; g < ng; g++)
-                        for (int b = 0; b < nb; b++)
-                            _mm256_storeu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b), o[g][b]);
+                const int cw = kind == DAIR_KV_Q8_0 ? 4 : 3; /* see dair_attn_pv_rows256 */
+                for (int j0 = 0; j0 < nv; j0 += cw) {
+                    const int nb = nv - j0 < cw ? nv - j0 : cw;
+                    float *og = out + (size_t)g0 * hd;
+                    const float *pg = sh + (size_t)g0 * DAIR_ATTN_SPAN;
+                    if (ng == 3 && nb == 3)
+                        dair_attn_pv_rows256(vh, rb, kind, j0, pg, tb, te, og, hd, 3, 3);
+                    else if (ng == 3 && nb == 2)
+                        dair_attn_pv_rows256(vh, rb, kind, j0, pg, tb, te, og, hd, 3, 2);
+                    else if (ng == 3 && nb == 4)
+                        dair_attn_pv_rows256(vh, rb, kind, j0, pg, tb, te, og, hd, 3, 4);
+                    else
+                        dair_attn_pv_rows256(vh, rb, kind, j0, pg, tb, te, og, hd, ng, nb);
                 }
             }
         }
