@@ -15,7 +15,8 @@
  * tokens its decode steps gave. The batch only changes how the work is shared:
  *  - decode (few rows): a task is one (row, span) over all kv heads, so both threads work on
  *    one token and the span's rows are read as one stream; the partials are merged after all
- *    tasks.
+ *    tasks. On AVX2 the heads are visited together, key block by key block (dair_attn_rowkv),
+ *    so the stream runs at the arithmetic's pace; AVX-512 visits them one after another.
  *  - prefill: a task is DAIR_ATTN_ROWS consecutive rows and one kv head, over all their spans;
  *    each tile of DAIR_ATTN_KB cached keys (then values) is converted to f32 once and used by
  *    all the rows' G heads, and the rows' partials are merged inside the task. On AVX-512 the
