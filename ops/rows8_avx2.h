@@ -319,12 +319,14 @@ static void dair_r8_q4_1col(const uint8_t *w, size_t rb, int q41, const dair_act
  * dair_r8_q4_1col splits them), then d and m as floats. */
 #define DAIR_R8_Q4_PANEL 320
 
-static void dair_r8_q4_panel(const uint8_t *w, size_t rb, int q41, int nb, int r0, __m256i *panel) {
+static void dair_r8_q4_panel(const uint8_t *w, size_t rb, int q41, int nb, int r0, __m256i *panel,
+                             const uint8_t *pf, const uint8_t *pf_end) {
     const size_t bs = q41 ? sizeof(dair_block_q4_1) : sizeof(dair_block_q4_0), qoff = q41 ? 4 : 2;
     const uint8_t *w0 = w + (size_t)r0 * rb;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w0 + (size_t)b * bs;
+        dair_r8_pf_block(pf, pf_end, 8 * bs, b);
         __m256i t[4], *o = panel + (size_t)b * 10;
         dair_r8_t16(blk + qoff, rb, t);
         for (int k = 0; k < 4; k++) {
@@ -431,8 +433,9 @@ static void dair_r8_q8_1(const uint8_t *w, size_t rb, const dair_act *a, int i0,
                          const uint8_t *pf, const uint8_t *pf_end) {
     dair_r8_q8(w, rb, a, i0, 1, out, ldo, r0, pf, pf_end);
 }
-static void dair_r8_q8_4(const uint8_t *w, size_t rb, const dair_act *a, int i0, float *out, size_t ldo, int r0) {
-    dair_r8_q8(w, rb, a, i0, 4, out, ldo, r0, w, w);
+static void dair_r8_q8_4(const uint8_t *w, size_t rb, const dair_act *a, int i0, float *out, size_t ldo, int r0,
+                         const uint8_t *pf, const uint8_t *pf_end) {
+    dair_r8_q8(w, rb, a, i0, 4, out, ldo, r0, pf, pf_end);
 }
 
 /* Rows [r0, r0 + 8 * groups) of a Q4_0/Q4_1/Q8_0 weight x all n activation rows. panel: room for
@@ -464,14 +467,14 @@ static void dair_r8_mm(const uint8_t *w, size_t rb, int qtype, int r0, int group
         if (qtype == DAIR_Q8_0) {
             int i = 0;
             for (; i + 4 <= n; i += 4)
-                dair_r8_q8_4(w, rb, a, i, out, ldo, r);
+                dair_r8_q8_4(w, rb, a, i, out, ldo, r, i == 0 ? pf : w, i == 0 ? pfe : w);
             for (; i < n; i++)
                 dair_r8_q8_1(w, rb, a, i, out, ldo, r, i == 0 ? pf : w, i == 0 ? pfe : w);
         } else if (n == 1 || panel == NULL) {
             for (int i = 0; i < n; i++)
                 dair_r8_q4_1col(w, rb, q41, a, i, out, ldo, r, i == 0 ? pf : w, i == 0 ? pfe : w, n == 1 ? xe : NULL);
         } else {
-            dair_r8_q4_panel(w, rb, q41, a->nb, r, panel);
+            dair_r8_q4_panel(w, rb, q41, a->nb, r, panel, pf, pfe);
             int i = 0;
             for (; i + 4 <= n; i += 4)
                 dair_r8_q4_panel_dot4(panel, a, i, out, ldo, r);
