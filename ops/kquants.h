@@ -594,14 +594,14 @@ static void dair_mm_qk_wide(const uint8_t *w, size_t rb, int qtype, int r0, int 
                             size_t ldo) {
     const int n = a->n;
     const uint8_t *end = w + (size_t)r1 * rb;
-    if (n < 4) {
+    if (n < DAIR_STREAM_ROWS) {
         size_t left = (size_t)(r1 - r0) * rb;
         dair_prefetch_bytes(w + (size_t)r0 * rb, left < DAIR_PF_DIST ? left : DAIR_PF_DIST);
     }
     float res[4];
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (n < 4) { /* see DAIR_PF_DIST */
+        if (n < DAIR_STREAM_ROWS) { /* see DAIR_PF_DIST */
             const uint8_t *pf = wr + DAIR_PF_DIST;
             for (size_t o = 0; o < rb && pf + o < end; o += 64)
                 _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
@@ -642,13 +642,13 @@ static void dair_mm_qk(const uint8_t *w, size_t rb, int qtype, int r0, int r1, c
     dotfn dot = qtype == DAIR_Q4_K ? dair_dot_q4k_scalar : dair_dot_q6k_scalar;
     const int n = a->n, nb = a->nb;
     const uint8_t *end = w + (size_t)r1 * rb;
-    if (n < 4) {
+    if (n < DAIR_STREAM_ROWS) {
         size_t left = (size_t)(r1 - r0) * rb;
         dair_prefetch_bytes(w + (size_t)r0 * rb, left < DAIR_PF_DIST ? left : DAIR_PF_DIST);
     }
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (n < 4) /* see DAIR_PF_DIST */
+        if (n < DAIR_STREAM_ROWS) /* see DAIR_PF_DIST */
             dair_prefetch_clip(wr + DAIR_PF_DIST, rb, end);
 #if defined(DAIR_HAVE_AVX2)
         if (dair_simd_enabled) {

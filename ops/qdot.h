@@ -32,8 +32,8 @@
  * ~15 instructions, so too few loads are in flight without help (a 30-layer sweep went
  * from ~11 to ~28 GB/s on one core with it). */
 /* Up to this many activation rows a product still streams its weights from memory (a decode
- * step, or a few sessions decoding together), so the 8-row kernels prefetch them. */
-#define DAIR_R8_PF_ROWS 8
+ * step, or a few sessions decoding together), so the kernels prefetch them. */
+#define DAIR_STREAM_ROWS 8
 #ifndef DAIR_PF_DIST
 #define DAIR_PF_DIST 4096
 #endif
@@ -516,7 +516,7 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
     if (dair_simd_enabled) {
         int r = r0;
         const uint8_t *end = w + (size_t)r1 * rb;
-        if (n < DAIR_R8_PF_ROWS) /* streaming weights: see DAIR_PF_DIST */
+        if (n < DAIR_STREAM_ROWS) /* streaming weights: see DAIR_PF_DIST */
             dair_prefetch_bytes(w + (size_t)r * rb, (size_t)(r1 - r) * rb < DAIR_PF_DIST ? (size_t)(r1 - r) * rb
                                                                                         : DAIR_PF_DIST);
 #if defined(DAIR_BUILD_AVX512)
@@ -537,7 +537,7 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
             const size_t pf_dist = 8 * rb < 16384 ? 16 * rb : 8 * rb;
             /* a few activation rows (sessions decoding together) still stream the weights: the
              * panel prefetches as the one-row kernel does */
-            dair_r8_mm(w, rb, qtype, r, groups, a, out, ldo, (__m256i *)panel, n < DAIR_R8_PF_ROWS ? end : NULL,
+            dair_r8_mm(w, rb, qtype, r, groups, a, out, ldo, (__m256i *)panel, n < DAIR_STREAM_ROWS ? end : NULL,
                        pf_dist);
             free(panel);
             r += 8 * groups;
