@@ -31,12 +31,12 @@
  * in cache, the hardware prefetchers restart at every 4 KB page, and each 64 bytes cost
  * ~15 instructions, so too few loads are in flight without help (a 30-layer sweep went
  * from ~11 to ~28 GB/s on one core with it). */
-/* Up to this many activation rows a product still streams its weights from memory (a decode
- * step, or a few sessions decoding together), so the kernels prefetch them. */
-#define DAIR_STREAM_ROWS 8
 #ifndef DAIR_PF_DIST
 #define DAIR_PF_DIST 4096
 #endif
+/* Up to this many activation rows a product still streams its weights from memory (a decode
+ * step, or a few sessions decoding together), so the kernels prefetch them. */
+#define DAIR_STREAM_ROWS 8
 
 /* Prefetch never faults, so it may be pointed at memory that is no longer mapped. */
 static inline void dair_prefetch_bytes(const void *p, size_t n) {
