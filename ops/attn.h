@@ -1127,82 +1127,6 @@ DAIR_ATTN_INLINE void dair_attn_ldn256(const uint8_t *row, int kind, int j0, int
     }
 }
 
-DAIR_ATTN_INLINE void dair_attn_row1_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
-                                         int len, float *sc, float *acc, int nv, int pf_end_rows, int kind, int Gc,
-                                         int how, const float *nr, float *kt) {
-    const int G = Gc ? Gc : a->G, hd = a->hd; /* Gc: the group size as a constant (0: a->G) */
-    const size_t rb = a->row_bytes;
-    const __m256 vs = _mm256_set1_ps(a->scale);
-    __m256 part[DAIR_ATTN_GMAX][8];
-    for (int t = 0; !(how & DAIR_ATTN_REUSE) && t < len; t += 8) {
-        const int m = len - t < 8 ? len - t : 8;
-        for (int r = t + DAIR_ATTN_PF; r < t + 8 + DAIR_ATTN_PF && r < pf_end_rows; r++)
-            for (size_t o = 0; o < rb; o += 64)
-                __builtin_prefetch(kr + (size_t)r * rb + o, 0, DAIR_ATTN_PF_HINT);
-        for (int r = 0; r < 8; r++) {
-            if (r >= m) {
-                for (int g = 0; g < G; g++)
-                    part[g][r] = _mm256_setzero_ps();
-                continue;
-            }
-            const uint8_t *row = kr + (size_t)(t + r) * rb;
-            __m256 k[16];
-            dair_attn_ldn256(row, kind, 0, nv, k);
-            for (int g = 0; g < G; g++) {
-                const float *qg = q + (size_t)g * hd;
-                __m256 s = _mm256_mul_ps(_mm256_loadu_ps(qg), k[0]);
-                for (int j = 1; j < nv; j++)
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), k[j], s);
-                part[g][r] = s;
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            __m256 r8 = _mm256_mul_ps(dair_reduce8x8(part[g]), vs);
-            float *dst = sc + (size_t)g * DAIR_ATTN_SPAN + t;
-            if (m == 8) {
-                _mm256_storeu_ps(dst, r8);
-            } else {
-                float tmp8[8];
-                _mm256_storeu_ps(tmp8, r8);
-                memcpy(dst, tmp8, sizeof(float) * (size_t)m);
-            }
-        }
-    }
-    dair_attn_span_stats(a, G, sc, len, acc, how, nr, kt);
-    if (!(how & DAIR_ATTN_VALUES))
-        return;
-    float *out = acc + 2 * G;
-    for (int g0 = 0; g0 < G; g0 += 3) {
-        const int ng = G - g0 < 3 ? G - g0 : 3;
-        for (int j0 = 0; j0 < nv; j0 += 4) {
-            const int nb = nv - j0 < 4 ? nv - j0 : 4;
-            __m256 o[3][4];
-            for (int g = 0; g < 3; g++)
-                for (int b = 0; b < 4; b++)
-                    o[g][b] = _mm256_setzero_ps();
-            const int pfv = g0 == 0 && j0 == 0 ? pf_end_rows : 0; /* the first pass streams V */
-            for (int t = 0; t < pfv && t < DAIR_ATTN_PF; t++)
-                for (size_t o = 0; o < rb; o += 64)
-                    __builtin_prefetch(vr + (size_t)t * rb + o, 0, DAIR_ATTN_PF_HINT);
-            for (int t = 0; t < len; t++) {
-                const uint8_t *row = vr + (size_t)t * rb;
-                if (t + DAIR_ATTN_PF < pfv)
-                    for (size_t o = 0; o < rb; o += 64)
-                        __builtin_prefetch(row + (size_t)DAIR_ATTN_PF * rb + o, 0, DAIR_ATTN_PF_HINT);
-                __m256 v[4];
-                dair_attn_ldn256(row, kind, j0, nb, v);
-                for (int g = 0; g < ng; g++) {
-                    const __m256 pp = _mm256_set1_ps(sc[(size_t)(g0 + g) * DAIR_ATTN_SPAN + t]);
-                    for (int b = 0; b < nb; b++)
-                        o[g][b] = _mm256_fmadd_ps(pp, v[b], o[g][b]);
-                }
-            }
-            for (int g = 0; g < ng; g++)
-                for (int b = 0; b < nb; b++)
-                    _mm256_storeu_ps(out + (size_t)(g0 + g) * hd + 8 * (j0 + b), o[g][b]);
-        }
-    }
-}
 #endif
 
 #if DAIR_ATTN_HAVE_AVX2
@@ -1253,15 +1177,6 @@ DAIR_ATTN_INLINE void dair_attn_pv_rows256(const uint8_t *vh, size_t rb, int kin
 #undef DAIR_PV_ST
 }
 
-/* One row's span (len keys from kr/vr, the span's first rows) for every kv head at once: what
- * dair_attn_row1_256 computes for each head, the same operations per (head, key) in the same
- * order, so the same bits. Every 8-key block is scored for all heads before the next, and the
- * values are summed in blocks of DAIR_ATTN_VB rows for all heads (each head's 12 output vectors
- * saved between blocks): the cache is read as one stream at the pace of the arithmetic on it.
- * Head by head (row1), the first head's pass waited on memory with nothing to overlap it and
- * the others ran from the caches with no memory traffic to hide (an f16 row at 2,000 positions,
- * caches cold, one thread: 2.7x its time with the cache in L3). Head h's results: part[h * ps],
- * scores sc[h * ss], norm nr[h * ns]. */
 /* rows [r0, min(r1, end)) of a span (rows of rb bytes from base, contiguous), whole: one
  * prefetch per cache line */
 DAIR_ATTN_INLINE void dair_attn_pf_rows(const uint8_t *base, size_t rb, int r0, int r1, int end) {
@@ -1273,16 +1188,26 @@ DAIR_ATTN_INLINE void dair_attn_pf_rows(const uint8_t *base, size_t rb, int r0, 
         __builtin_prefetch(p, 0, DAIR_ATTN_PF_HINT);
 }
 
+/* One row's span (len keys from kr/vr, the span's first rows) for nkv kv heads at once (every
+ * head; dair_attn_row1 passes one): the operations per (head, key) of a visit of one head, in the
+ * same order, so the same bits. Every 8-key block is scored for all heads before the next, and
+ * the values are summed in blocks of DAIR_ATTN_VB rows for all heads (the accumulators saved
+ * between blocks), so the cache is read as one stream at the pace of the arithmetic on it. Head
+ * by head, the first head's pass waited on memory with nothing to overlap it and the others ran
+ * from the caches with no memory traffic to hide (bench_attention.py --compare, f16, 2,000
+ * positions, caches cold: 0.80x the time at 2 threads, 0.78x at one). Head h's results:
+ * part[h * ps], scores sc[h * ss], norm nr[h * ns]; pf: prefetch the rows, whole (every head). */
 DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *q, const uint8_t *kr, const uint8_t *vr,
                                           int len, float *sc, size_t ss, float *part, size_t ps, int nv, int kind,
-                                          int Gc, int how, const float *nr, size_t ns, float *kt) {
-    const int G = Gc ? Gc : a->G, hd = a->hd, KV = a->KV;
+                                          int Gc, int how, const float *nr, size_t ns, float *kt, int nkv, int pf) {
+    const int G = Gc ? Gc : a->G, hd = a->hd, KV = nkv;
     const size_t rb = a->row_bytes, hb = a->head_bytes;
     const __m256 vs = _mm256_set1_ps(a->scale);
     __m256 pt[DAIR_ATTN_GMAX][8];
     for (int t = 0; !(how & DAIR_ATTN_REUSE) && t < len; t += 8) {
         const int m = len - t < 8 ? len - t : 8;
-        dair_attn_pf_rows(kr, rb, t + DAIR_ATTN_PF, t + 8 + DAIR_ATTN_PF, len);
+        if (pf)
+            dair_attn_pf_rows(kr, rb, t + DAIR_ATTN_PF, t + 8 + DAIR_ATTN_PF, len);
         for (int h = 0; h < KV; h++) {
             const float *qh = q + (size_t)h * G * hd;
             for (int r = 0; r < 8; r++) {
@@ -1314,7 +1239,7 @@ DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *
             }
         }
     }
-    if (how & DAIR_ATTN_VALUES) /* V's first rows arrive while the softmax runs */
+    if (pf && (how & DAIR_ATTN_VALUES)) /* V's first rows arrive while the softmax runs */
         dair_attn_pf_rows(vr, rb, 0, DAIR_ATTN_PF, len);
     for (int h = 0; h < KV; h++)
         dair_attn_span_stats(a, G, sc + (size_t)h * ss, len, part + (size_t)h * ps, how,
@@ -1325,7 +1250,8 @@ DAIR_ATTN_INLINE void dair_attn_rowkv_256(const dair_attn_args *a, const float *
         memset(part + (size_t)h * ps + 2 * G, 0, sizeof(float) * (size_t)G * hd);
     for (int tb = 0; tb < len; tb += DAIR_ATTN_VB) {
         const int te = len - tb < DAIR_ATTN_VB ? len : tb + DAIR_ATTN_VB;
-        dair_attn_pf_rows(vr, rb, tb + DAIR_ATTN_PF, te + DAIR_ATTN_PF, len);
+        if (pf)
+            dair_attn_pf_rows(vr, rb, tb + DAIR_ATTN_PF, te + DAIR_ATTN_PF, len);
         for (int h = 0; h < KV; h++) {
             const uint8_t *vh = vr + (size_t)h * hb;
             const float *sh = sc + (size_t)h * ss;
@@ -1386,13 +1312,13 @@ static DAIR_ATTN_NOINLINE void dair_attn_rowkv(const dair_attn_args *a, int r, i
             for (size_t o = 0; o < a->row_bytes; o += 64)
                 __builtin_prefetch(kr + (size_t)t * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
     if (a->hd == 64 && a->G == 3 && a->kind == DAIR_KV_F16)
-        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_F16, 3, how, nr, ns, kt);
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_F16, 3, how, nr, ns, kt, a->KV, 1);
     else if (a->hd == 64 && a->G == 3 && a->kind == DAIR_KV_Q8_0)
-        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_Q8_0, 3, how, nr, ns, kt);
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_Q8_0, 3, how, nr, ns, kt, a->KV, 1);
     else if (a->hd == 64)
-        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, a->kind, 0, how, nr, ns, kt);
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, a->kind, 0, how, nr, ns, kt, a->KV, 1);
     else
-        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, a->hd / 8, a->kind, 0, how, nr, ns, kt);
+        dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, a->hd / 8, a->kind, 0, how, nr, ns, kt, a->KV, 1);
 #else
     (void)sc, (void)ss, (void)how, (void)nr, (void)ns, (void)kt;
 #endif
@@ -1447,16 +1373,16 @@ static DAIR_ATTN_NOINLINE int dair_attn_row1(const dair_attn_args *a, int r, int
 #define DAIR_ROW1_256_G(KIND)                                                                          \
     do {                                                                                               \
         if (G == 3)                                                                                    \
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, KIND, 3, how, nr, kt);     \
+            dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, 0, part, 0, 8, KIND, 3, how, nr, 0, kt, 1, pf_rows > 0); \
         else                                                                                           \
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, 8, pf_rows, KIND, 0, how, nr, kt);     \
+            dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, 0, part, 0, 8, KIND, 0, how, nr, 0, kt, 1, pf_rows > 0); \
     } while (0)
         if (hd == 64 && a->kind == DAIR_KV_F16)
             DAIR_ROW1_256_G(DAIR_KV_F16);
         else if (hd == 64 && a->kind == DAIR_KV_Q8_0)
             DAIR_ROW1_256_G(DAIR_KV_Q8_0);
         else
-            dair_attn_row1_256(a, q, kr, vr, len, sc + b, part, hd / 8, pf_rows, a->kind, 0, how, nr, kt);
+            dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, 0, part, 0, hd / 8, a->kind, 0, how, nr, 0, kt, 1, pf_rows > 0);
 #undef DAIR_ROW1_256_G
         return 1;
     }
