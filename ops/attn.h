@@ -1827,7 +1827,9 @@ static int dair_attention_run(const dair_attn_args *args) {
     p.nch = want < 1.0 ? 1 : (int)want;
     if (p.scheme == DAIR_ATTN_SCHEME_DECODE && p.round16 && (p.nspan == 1 || p.nch == 1) && !(p.allkv && p.nch == 1)) {
         /* each row's spans in one task anyway (one span, or one chunk): both visits there, with
-         * the row's K and V still in cache and no second parallel loop */
+         * the row's K and V still in cache and no second parallel loop. With one chunk on AVX2
+         * the two loops run instead: a task then reads every kv head's rows in one stream
+         * (dair_attn_rowkv), where this scheme's tasks read one head's */
         p.fused = 1;
         p.ntask = a->n * a->KV;
         p.nch = p.nch < p.ntask ? p.nch : p.ntask;
