@@ -10,6 +10,10 @@
  *    isum = sum(q) per block; s = fp16(d_unrounded * sum(q)) for Q4_1/Q5_1 (Q8_1's "s"),
  *    d * sum(q) for Q4_0, else unused;
  *  - K-quants and IQ4_XS: blocks of 256 (Q8_K), float d, isum = 16 sums of 16 per block. */
+/* Up to this many activation rows a product still streams its weights from memory (a decode
+ * step, or a few sessions decoding together), so every family's products prefetch them. */
+#define DAIR_STREAM_ROWS 8
+
 typedef struct {
     int n, cols, nb;
     int8_t *q;

@@ -34,9 +34,6 @@
 #ifndef DAIR_PF_DIST
 #define DAIR_PF_DIST 4096
 #endif
-/* Up to this many activation rows a product still streams its weights from memory (a decode
- * step, or a few sessions decoding together), so the kernels prefetch them. */
-#define DAIR_STREAM_ROWS 8
 
 /* Prefetch never faults, so it may be pointed at memory that is no longer mapped. */
 static inline void dair_prefetch_bytes(const void *p, size_t n) {
@@ -523,7 +520,7 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
         /* 16 rows at a time with AVX-512 (rows16_avx512.h) where its table says so; the same
          * float steps as below */
         if (dair_use_avx512 && dair_q32_family(qtype, DAIR_FAM_AVX512, n) == DAIR_FAM_AVX512 && (r1 - r) / 16 > 0 &&
-            dair_r512_mm(w, rb, qtype, r, (r1 - r) / 16, a, out, ldo, n < 4 ? end : NULL) == 0)
+            dair_r512_mm(w, rb, qtype, r, (r1 - r) / 16, a, out, ldo, n < DAIR_STREAM_ROWS ? end : NULL) == 0)
             r += 16 * ((r1 - r) / 16);
 #endif
         /* 8 rows at a time (rows8_avx2.h); chunks start at multiples of 16 rows, so a row is in
@@ -544,7 +541,7 @@ static void dair_mm_q(const uint8_t *w, size_t rb, int qtype, int r0, int r1, co
         }
         for (; r + 4 <= r1; r += 4) {
             const uint8_t *wr = w + (size_t)r * rb;
-            if (n < 4)
+            if (n < DAIR_STREAM_ROWS)
                 dair_prefetch_clip(wr + DAIR_PF_DIST, 4 * rb, end);
             int i = 0;
             for (; i + 4 <= n; i += 4)

@@ -85,14 +85,14 @@ static void dair_mm_vdot(const uint8_t *w, size_t rb, int qtype, int r0, int r1,
     const int n = a->n, nb = a->nb, per = dair_uses_q8k(qtype) ? 16 : 1;
     const uint8_t *end = w + (size_t)r1 * rb;
     const size_t pf_dist = 4096; /* weights stream from memory: see DAIR_PF_DIST in qdot.h */
-    if (n < 4) {
+    if (n < DAIR_STREAM_ROWS) {
         size_t left = (size_t)(r1 - r0) * rb;
         for (size_t o = 0; o < (left < pf_dist ? left : pf_dist); o += 64)
             __builtin_prefetch(w + (size_t)r0 * rb + o, 0, 3);
     }
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * rb;
-        if (n < 4 && wr + pf_dist < end) { /* the bound worked out once, not per line */
+        if (n < DAIR_STREAM_ROWS && wr + pf_dist < end) { /* the bound worked out once, not per line */
             const uint8_t *pf = wr + pf_dist;
             const size_t len = (size_t)(end - pf) < rb ? (size_t)(end - pf) : rb;
             for (size_t o = 0; o < len; o += 64)
