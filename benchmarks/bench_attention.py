@@ -15,7 +15,9 @@ Each figure is the best of several repetitions (a shared machine's bursts only s
 times decode at `depth` (cold and in L3) with each given build of the attention module
 (`ops/attention*.so`, e.g. one built from an earlier commit), all loaded in one process and called
 in turn within every repetition, so the machine's drift slows them alike; it prints the medians
-and each build's median ratio to the first, and checks that they give the same bits.
+and each build's median ratio to the first, and checks that they give the same bits. A build of
+an earlier commit: `git worktree add /tmp/old REV && cd /tmp/old && python setup.py build_ext
+--build-lib /tmp/old-lib` (Cython beside dair), then /tmp/old-lib/dair/ops/attention*.so.
 """
 from __future__ import annotations
 
@@ -41,8 +43,13 @@ def load_build(path: str):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("dair.ops.attention", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except (ImportError, OSError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a build of dair's attention module ({e})") from None
+    if not hasattr(mod, "attention"):
+        raise SystemExit(f"{path}: not a build of dair's attention module (no attention())")
     return mod
 
 

@@ -9,7 +9,8 @@ kernel would take the same time for 4 rows as for 1).
 
 With --compare, each build (`ops/matmul*.so`, e.g. one built from an earlier commit) sweeps in
 turn within every round, in one process; the ratios are each build's median ratio to the first,
-and the outputs are checked to be the same bits.
+and the outputs are checked to be the same bits (a build of an earlier commit: see
+bench_attention.py).
 """
 from __future__ import annotations
 
@@ -49,8 +50,13 @@ def main() -> None:
         mods, names = [], []
         for p in a.compare:
             spec = importlib.util.spec_from_file_location("dair.ops.matmul", p)
-            m = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(m)
+            try:
+                m = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(m)
+            except (ImportError, OSError, AttributeError) as e:
+                raise SystemExit(f"{p}: not a build of dair's matmul module ({e})") from None
+            if not hasattr(m, "Weight"):
+                raise SystemExit(f"{p}: not a build of dair's matmul module (no Weight)")
             mods.append(m)
             names.append(Path(p).name)
     rng = np.random.default_rng(0)

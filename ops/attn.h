@@ -1308,9 +1308,7 @@ static DAIR_ATTN_NOINLINE void dair_attn_rowkv(const dair_attn_args *a, int r, i
     const uint8_t *kr = a->k + off, *vr = a->v + off;
     const int len = e - b;
     if (!(how & DAIR_ATTN_REUSE))
-        for (int t = 0; t < DAIR_ATTN_PF && t < len; t++)
-            for (size_t o = 0; o < a->row_bytes; o += 64)
-                __builtin_prefetch(kr + (size_t)t * a->row_bytes + o, 0, DAIR_ATTN_PF_HINT);
+        dair_attn_pf_rows(kr, a->row_bytes, 0, DAIR_ATTN_PF, len);
     if (a->hd == 64 && a->G == 3 && a->kind == DAIR_KV_F16)
         dair_attn_rowkv_256(a, q, kr, vr, len, sc + b, ss, part, ps, 8, DAIR_KV_F16, 3, how, nr, ns, kt, a->KV, 1);
     else if (a->hd == 64 && a->G == 3 && a->kind == DAIR_KV_Q8_0)
