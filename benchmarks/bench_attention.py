@@ -38,18 +38,18 @@ def best_of(f, reps: int) -> float:
     return b
 
 
-def load_build(path: str):
-    """A build of the attention module from its .so, beside the installed one."""
+def load_build(path: str, module: str = "attention", needs: str = "attention"):
+    """A build of dair.ops.<module> from its .so (having `needs`), beside the installed one."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dair.ops.attention", path)
+    spec = importlib.util.spec_from_file_location(f"dair.ops.{module}", path)
     try:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     except (ImportError, OSError, AttributeError) as e:
-        raise SystemExit(f"{path}: not a build of dair's attention module ({e})") from None
-    if not hasattr(mod, "attention"):
-        raise SystemExit(f"{path}: not a build of dair's attention module (no attention())")
+        raise SystemExit(f"{path}: not a build of dair's {module} module ({e})") from None
+    if not hasattr(mod, needs):
+        raise SystemExit(f"{path}: not a build of dair's {module} module (no {needs})")
     return mod
 
 

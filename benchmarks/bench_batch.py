@@ -15,12 +15,12 @@ bench_attention.py).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_attention import load_build  # this folder: run as a script
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 ROWS = (1, 2, 3, 4)
@@ -49,15 +49,7 @@ def main() -> None:
     if a.compare:
         mods, names = [], []
         for p in a.compare:
-            spec = importlib.util.spec_from_file_location("dair.ops.matmul", p)
-            try:
-                m = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(m)
-            except (ImportError, OSError, AttributeError) as e:
-                raise SystemExit(f"{p}: not a build of dair's matmul module ({e})") from None
-            if not hasattr(m, "Weight"):
-                raise SystemExit(f"{p}: not a build of dair's matmul module (no Weight)")
-            mods.append(m)
+            mods.append(load_build(p, "matmul", "Weight"))
             names.append(Path(p).name)
     rng = np.random.default_rng(0)
     layers = [[(random_blocks(rng, r, c, "Q4_1"), r, c) for r, c in SHAPES] for _ in range(30)]
