@@ -371,13 +371,16 @@ class RangeEngine:
         """The chosen experts one by one; under a RAM budget each is read from disk just before its
         turn and dropped after (AirLLM's per-expert streaming: only the chosen experts' bytes)."""
         for e in chosen:
-            self.experts_run += 1
             if self._streaming:
                 spans = self._expert_spans(j, int(e))
                 self.residency.experts(spans)
+                # counted once read: a stats() between the two (the heartbeat thread's) would show
+                # an expert run with none of its bytes read
+                self.experts_run += 1
                 yield int(e)
                 self.residency.drop(spans)
             else:
+                self.experts_run += 1
                 yield int(e)
 
     def head(self, x: np.ndarray) -> np.ndarray:
