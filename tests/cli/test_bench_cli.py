@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -56,3 +57,30 @@ def test_a_llama_bench_that_prints_something_else_is_refused(default_model, tmp_
     r = _bench(default_model, "--llama-bench", binary)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert "output is not llama-bench's JSON with pp8 and tg4 @ d8" in r.stderr
+
+
+def test_rounds_interleave_every_model_and_ratios_are_the_rounds_medians(default_model):
+    # Two rounds of two models (the same file twice) at 1 and 2 threads: every measurement is
+    # kept per round, and the thread scaling printed is the median of the rounds' own ratios.
+    r = subprocess.run(DAIR + ["bench", "--model", str(default_model), "--model", str(default_model),
+                               "--threads", "1", "--threads", "2", "--prompt-tokens", "8", "--gen-tokens", "4",
+                               "--runs", "1", "--rounds", "2", "--baseline", "none", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n_rounds"] == 2 and len(out["models"]) == 2
+    for m in out["models"]:
+        assert m["model"] == str(default_model) and len(m["rounds"]) == 2
+        per_round = [rows[1]["dair"]["decode_tok_s"] / rows[0]["dair"]["decode_tok_s"] for rows in m["rounds"]]
+        lo, hi, _, dec = m["thread_scaling"]["dair"]
+        assert (lo, hi) == (1, 2) and abs(dec - statistics.median(per_round)) < 1e-9
+        d_lo, d_hi = m["thread_scaling_range"]["dair"][2:]
+        assert d_lo == min(per_round) and d_hi == max(per_round)
+        rates = [rows[0]["dair"]["prefill_tok_s"] for rows in m["rounds"]]
+        assert m["runs"][0]["dair"]["prefill_tok_s"] == statistics.median(rates)
+    assert out["runs"] == out["models"][0]["runs"]
+
+
+def test_rounds_must_be_positive(default_model):
+    r = _bench(default_model, "--rounds", "0", "--baseline", "none")
+    assert r.returncode != 0 and "--rounds must be at least 1" in r.stderr and "Traceback" not in r.stderr
