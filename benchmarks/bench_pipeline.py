@@ -3,7 +3,9 @@ measured in the same run (these machines are shared and noisy).
 
 - bytes on the wire per token per hop, f32 vs Q8_0;
 - added latency per hop on loopback (hop time seen by the bus minus the stage's compute time);
-- decode tokens/s of 3 stages vs 1 stage (and 1 stage vs the in-process engine);
+- decode tokens/s of 3 stages vs 1 stage (and 1 stage vs the in-process engine), beside the
+  floor for the same compute on this machine: bench_zmq_floor.py's broker and stages with no dair
+  code in them, each stage busy for its share of the in-process time per token (--no-floor skips it);
 - aggregate tokens/s of 4 concurrent sessions vs 1 (batched decode on the stages);
 - RSS of each stage against its share of the weights.
 
@@ -81,6 +83,19 @@ class InProcess:
         return self.b.generate(self.ids, self.p, tokens, set())["timings"]["decode_tok_s"]
 
 
+def floor(work_s: float, rounds: int, tokens: int = 150) -> float:
+    """3 stages vs 1 through bench_zmq_floor's topology alone, for work_s of compute per token:
+    the best this machine's ZeroMQ, kernel and scheduler allow the ratio to be (interleaved
+    rounds, median)."""
+    from bench_zmq_floor import token_time
+
+    one, three = [], []
+    for _ in range(rounds):
+        one.append(token_time(1, work_s, tokens))
+        three.append(token_time(3, work_s, tokens))
+    return statistics.median(one) / statistics.median(three)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model file (default: the fetched default model)")
@@ -88,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="rounds; each measures every configuration once")
     ap.add_argument("--threads", type=int, default=2, help="kernel threads per stage")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument("--no-floor", action="store_true", help="skip the ZeroMQ floor (bench_zmq_floor.py)")
     args = ap.parse_args(argv)
     if args.model is None:
         from dair.model.fetch import default_model_path
@@ -143,16 +159,21 @@ def main(argv: list[str] | None = None) -> int:
                              "weights_share_mb": n["resident_bytes"] / 2**20,
                              "growth_over_share": (n["rss"] - n["rss_at_register"]) / max(1, n["resident_bytes"])}
                             for n in nodes]
-        r["load_average_1m"] = os.getloadavg()[0]
     finally:
         for c in clusters.values():
             c.stop()
     log.close()
+    if not args.no_floor:
+        say("the ZeroMQ floor for this compute ...")
+        r["floor_three_vs_one"] = floor(1.0 / r["in_process_decode_tok_s"], args.runs)
+    r["load_average_1m"] = os.getloadavg()[0]
 
     ratios = {
         "bytes/token/hop q8_0 vs f32": r["bytes_per_token_hop_q8_0"] / r["bytes_per_token_hop_f32"],
         "decode 3 stages (q8_0) vs 1 stage": r["three_stage_q8_0_decode_tok_s"] / r["one_stage_decode_tok_s"],
         "decode 3 stages (f32) vs 1 stage": r["three_stage_f32_decode_tok_s"] / r["one_stage_decode_tok_s"],
+        **({"decode 3 stages vs 1, ZeroMQ floor (no dair code)": r["floor_three_vs_one"]}
+           if "floor_three_vs_one" in r else {}),
         "decode 1 stage vs in-process": r["one_stage_decode_tok_s"] / r["in_process_decode_tok_s"],
         "aggregate 4 sessions vs 1 (3 stages)": r["three_stage_4_sessions_tok_s"] / r["three_stage_1_session_agg_tok_s"],
         "aggregate 4 sessions vs 1 (1 stage)": r["one_stage_4_sessions_tok_s"] / r["one_stage_1_session_agg_tok_s"],
