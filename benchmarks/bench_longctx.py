@@ -5,7 +5,7 @@
 Measures, each dair figure in its own process (`python -m dair.engine.bench`):
 - prefill of 2,048 tokens (llama-bench -p 2048), and of --long tokens (its rate against the
   2,048 one: a steady rate means attention no longer falls off with length), --pairs times in
-  turn, the ratio being the median of adjacent pairs';
+  turn, the ratio being the median of adjacent pairs'; llama-bench's own -p --long beside it;
 - decode of 32 tokens after 2,000 tokens of context (llama-bench -n 32 -d 2000), with the f16
   and the Q8_0 KV cache, and after a 16-token prompt (dair's own short-context rate);
 and prints dair's figures as ratios of llama-bench's. Without --llama-bench, dair's figures alone.
@@ -28,12 +28,18 @@ def dair(threads: int, prompt: int, gen: int, depth: int, kv: str, runs: int) ->
     return json.loads(out.strip().splitlines()[-1])
 
 
-def llama_bench(binary: str, model: str, threads: int, runs: int, poll: int | None = None) -> dict:
-    cmd = [binary, "-m", model, "-t", str(threads), "-p", "2048", "-n", "32", "-d", "0,2000", "-r", str(runs),
+def llama_bench(binary: str, model: str, threads: int, runs: int, poll: int | None = None, long: int = 0) -> dict:
+    """pp2048, tg32 and tg32 @ d2000, and with `long` its own pp<long> (the same fall-off dair's
+    long prompt is held to: llama.cpp's attention grows with the prompt too)."""
+    prompts = "2048" + (f",{long}" if long else "")
+    cmd = [binary, "-m", model, "-t", str(threads), "-p", prompts, "-n", "32", "-d", "0,2000", "-r", str(runs),
            "-o", "json", *(["--poll", str(poll)] if poll is not None else [])]
     tests = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     pick = {(t["n_prompt"], t["n_gen"], t["n_depth"]): float(t["avg_ts"]) for t in tests}
-    return {"pp2048": pick[(2048, 0, 0)], "tg32": pick[(0, 32, 0)], "tg32_d2000": pick[(0, 32, 2000)]}
+    out = {"pp2048": pick[(2048, 0, 0)], "tg32": pick[(0, 32, 0)], "tg32_d2000": pick[(0, 32, 2000)]}
+    if long:
+        out["pp_long"] = pick[(long, 0, 0)]
+    return out
 
 
 def main() -> int:
@@ -77,12 +83,14 @@ def main() -> int:
         print(f"dair prefill {a.long}: {r['prefill_long']:.1f} tok/s, {r['prefill_long_ratio']:.2f}x the 2048-token "
               f"rate (median of {len(pairs)} adjacent pairs)", flush=True)
     if a.llama_bench:
-        ref = llama_bench(a.llama_bench, str(default_model_path()), t, max(a.runs, 1), a.poll)
+        ref = llama_bench(a.llama_bench, str(default_model_path()), t, max(a.runs, 1), a.poll, a.long)
         print(f"llama-bench: pp2048 {ref['pp2048']:.1f}, tg32 {ref['tg32']:.1f}, tg32 @ d2000 {ref['tg32_d2000']:.1f} "
-              f"tok/s")
+              f"tok/s" + (f", pp{a.long} {ref['pp_long']:.1f} tok/s ({ref['pp_long'] / ref['pp2048']:.2f}x its "
+                          "2048-token rate)" if a.long else ""))
         print(f"ratios dair/llama.cpp: prefill 2048 {r['prefill_2048'] / ref['pp2048']:.2f}x, decode @ 2000 (f16) "
               f"{r['decode_2000_f16'] / ref['tg32_d2000']:.2f}x, (q8_0) {r['decode_2000_q8_0'] / ref['tg32_d2000']:.2f}x, "
-              f"short decode {r['decode_short'] / ref['tg32']:.2f}x")
+              f"short decode {r['decode_short'] / ref['tg32']:.2f}x"
+              + (f", prefill {a.long} {r['prefill_long'] / ref['pp_long']:.2f}x" if a.long else ""))
         r.update({f"llama_{k}": v for k, v in ref.items()})
     print(json.dumps(r))
     return 0
