@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes/token/hop q8_0 vs f32": r["bytes_per_token_hop_q8_0"] / r["bytes_per_token_hop_f32"],
         "decode 3 stages (q8_0) vs 1 stage": r["three_stage_q8_0_decode_tok_s"] / r["one_stage_decode_tok_s"],
         "decode 3 stages (f32) vs 1 stage": r["three_stage_f32_decode_tok_s"] / r["one_stage_decode_tok_s"],
-        **({"decode 3 stages vs 1, ZeroMQ floor (no dair code)": r["floor_three_vs_one"]}
+        **({"3 stages vs 1, ZeroMQ alone (floor)": r["floor_three_vs_one"]}
            if "floor_three_vs_one" in r else {}),
         "decode 1 stage vs in-process": r["one_stage_decode_tok_s"] / r["in_process_decode_tok_s"],
         "aggregate 4 sessions vs 1 (3 stages)": r["three_stage_4_sessions_tok_s"] / r["three_stage_1_session_agg_tok_s"],

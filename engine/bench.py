@@ -29,6 +29,28 @@ def kernels_in_use(qtypes: set[str]) -> dict:
     return {"family": get_kernels(), "by_type": {qt: ops[qt] for qt in sorted(qtypes) if qt in ops}}
 
 
+def decode_weight_bytes(engine) -> int:
+    """Weight bytes a dense model's decode step reads per token: every layer's and the output
+    head's (the embedding gives one row). 0 for MoE layers, which read only the chosen experts."""
+    if engine.moe_layers:
+        return 0
+    total = sum(w.nbytes() for w in engine.layers)
+    return total + (engine.output.nbytes + engine.output_norm.nbytes if engine.has_head else 0)
+
+
+def memory_ceiling(engine) -> dict:
+    """The memory's bound on decode at the pool's thread count: read bandwidth (dair.ops.membw)
+    and weight bytes per token, and their quotient in tokens/s."""
+    from dair.ops.membw import read_bandwidth
+
+    per_token = decode_weight_bytes(engine)
+    bw = read_bandwidth()
+    out = {"read_gb_s": bw / 1e9}
+    if per_token:
+        out.update(decode_weight_mb=per_token / 1e6, decode_ceiling_tok_s=bw / per_token)
+    return out
+
+
 def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens: int, runs: int,
                  depth: int = 0, kv_type: str | None = None) -> dict:
     """Prefill of prompt_tokens, and decode of gen_tokens after a prompt of `depth` tokens
@@ -56,6 +78,9 @@ def measure_dair(model: str | None, threads: int, prompt_tokens: int, gen_tokens
     from dair.ops.threads import pool_summary
 
     out["pool"] = pool_summary()
+    # taken before the bandwidth probe, whose buffer would otherwise be the peak
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.update(memory_ceiling(backend.engine))
     out["kernels"] = kernels_in_use({t.qtype for t in backend.model.tensors.values()})
     st = backend.engine.stats()
     if "experts_per_token" in st:  # MoE: experts computed per token over all layers (prefill included)
@@ -107,7 +132,7 @@ def main() -> int:
         out = measure_dair(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs, a.depth, a.kv_type)
     else:
         out = measure_llama_cpp(a.model, a.threads, a.prompt_tokens, a.gen_tokens, a.runs)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(out))
     return 0
 

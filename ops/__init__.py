@@ -9,7 +9,8 @@
 - ``dair.ops.norm.rmsnorm``, ``dair.ops.rope.rope_inplace``, ``dair.ops.attention.attention``,
   ``dair.ops.activation.silu_mul`` / ``add_inplace``, ``dair.ops.wire`` (Q8_0 blocks on the wire).
 - ``dair.ops.threads``: ``set_num_threads`` / ``get_num_threads`` / ``pool_stats`` for the worker pool
-  every kernel shares (ops/pool.h).
+  every kernel shares (ops/pool.h); ``dair.ops.membw.read_bandwidth``, the memory read rate the
+  pool's threads reach (the ceiling under a decode step, printed by `dair bench`).
 
 Laid out like ggml-quants, each header compiling on its own: ops/blocks.h states every block
 layout once; ops/cpu.h the families and their run-time (cpuid) choice; ops/act.h the 8-bit

@@ -145,8 +145,9 @@ def _combine(rounds: list[list[dict]]) -> tuple[list[dict], dict[str, tuple], di
         for eng in ENGINES:
             if eng in first:
                 row[eng] = dict(first[eng])
-                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb"):
-                    row[eng][key] = statistics.median(r[eng][key] for r in mine)
+                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb", "read_gb_s", "decode_ceiling_tok_s"):
+                    if all(key in r[eng] for r in mine):
+                        row[eng][key] = statistics.median(r[eng][key] for r in mine)
         for key in ("decode_ratio", "prefill_ratio"):
             if key in first:
                 row[key], lo, hi = _spread([r[key] for r in mine])
@@ -180,6 +181,11 @@ def _report(model: str, rows: list[dict], scaling: dict, ranges: dict, rounds: i
         if "decode_ratio" in row:
             pre, dec = _ratio(row, "prefill_ratio", rounds), _ratio(row, "decode_ratio", rounds)
             print(f"{'':>7} {'ratio':>11} {pre:>14} {dec:>13}")
+        ours = row["dair"]
+        if "decode_ceiling_tok_s" in ours:  # the memory's bound (engine.bench.memory_ceiling)
+            print(f"{'':>7} {'memory':>11} reads {ours['read_gb_s']:.1f} GB/s: {ours['decode_weight_mb']:.1f} MB of "
+                  f"weights per token allow {ours['decode_ceiling_tok_s']:.0f} tok/s; dair decodes at "
+                  f"{ours['decode_tok_s'] / ours['decode_ceiling_tok_s']:.0%} of that")
         pool = row["dair"].get("pool") or {}
         if pool.get("threads", 1) > 1:  # what the kernel pool chose (dair.ops.threads.pool_summary)
             print(f"{'':>7} {'dair pool':>11} workers ran {pool['worker_share']:.0%} of chunks; {pool['solo_share']:.0%} "
@@ -196,6 +202,10 @@ def _report(model: str, rows: list[dict], scaling: dict, ranges: dict, rounds: i
             p_lo, p_hi, d_lo, d_hi = ranges[eng]
             spread = f" (rounds: prefill {p_lo:.2f}-{p_hi:.2f}x, decode {d_lo:.2f}-{d_hi:.2f}x)"
         print(f"{eng}: {hi} threads vs {lo}: prefill {pre:.2f}x, decode {dec:.2f}x{spread}")
+    bw = {r["threads"]: r["dair"]["read_gb_s"] for r in rows if "read_gb_s" in r["dair"]}
+    if len(bw) > 1:  # what a second thread can add to a memory-bound decode
+        lo, hi = min(bw), max(bw)
+        print(f"memory read bandwidth: {hi} threads vs {lo}: {bw[hi] / bw[lo]:.2f}x ({bw[lo]:.1f} -> {bw[hi]:.1f} GB/s)")
     first = rows[0]["dair"]
     if "arch" in first:
         moe = (f", {first['experts_per_token']} experts computed per token over all layers (a prefill batch "

@@ -42,6 +42,9 @@ def test_bench_reports_dair_rates_and_kernels(default_model):
     assert out["baseline"] == "no baseline" and out["prompt_tokens"] == 8 and out["gen_tokens"] == 4
     assert row["threads"] == 1 and row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0
     assert row["kernels"]["family"] in ("avx512", "avx2", "neon", "scalar")
+    # the memory's bound beside it: weight bytes per token over the measured read bandwidth
+    assert row["read_gb_s"] > 0 and row["decode_weight_mb"] > 90
+    assert abs(row["decode_ceiling_tok_s"] - row["read_gb_s"] * 1e3 / row["decode_weight_mb"]) < 1e-6
 
 
 def test_a_crashing_llama_bench_is_named_with_its_signal(default_model, tmp_path):
