@@ -230,8 +230,11 @@ def handle(args: argparse.Namespace) -> int:
                         f"`python benchmarks/build_llama_bench.py --isa {isa_for_dair_run()}`")
     if baseline == "llama.cpp" and args.depth:
         raise DairError("--depth is measured against llama-bench (--llama-bench PATH), not llama-cpp-python")
+    from dair.model import open_model
     from dair.model.fetch import resolve_model_path
 
+    for model in models:  # a missing or wrong file is named now, not after minutes of the others' runs
+        open_model(resolve_model_path(model))
     # rounds[m][k]: model m's k-th round, a row per thread count
     rounds: list[list[list[dict]]] = [[] for _ in models]
     for k in range(args.rounds):

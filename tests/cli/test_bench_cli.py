@@ -87,3 +87,12 @@ def test_rounds_interleave_every_model_and_ratios_are_the_rounds_medians(default
 def test_rounds_must_be_positive(default_model):
     r = _bench(default_model, "--rounds", "0", "--baseline", "none")
     assert r.returncode != 0 and "--rounds must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_wrong_model_file_is_named_before_any_measurement(default_model, tmp_path):
+    bad = tmp_path / "notes.gguf"
+    bad.write_bytes(b"not a model at all")
+    r = _bench(default_model, "--model", str(bad), "--baseline", "none")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert str(bad) in r.stderr and "bad magic" in r.stderr
+    assert "measuring" not in r.stderr  # refused up front, not after the good model's runs
