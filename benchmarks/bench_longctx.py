@@ -32,9 +32,12 @@ def llama_bench(binary: str, model: str, threads: int, runs: int, poll: int | No
     """pp2048, tg32 and tg32 @ d2000, and with `long` its own pp<long> (the same fall-off dair's
     long prompt is held to: llama.cpp's attention grows with the prompt too)."""
     prompts = "2048" + (f",{long}" if long else "")
-    cmd = [binary, "-m", model, "-t", str(threads), "-p", prompts, "-n", "32", "-d", "0,2000", "-r", str(runs),
-           "-o", "json", *(["--poll", str(poll)] if poll is not None else [])]
-    tests = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    common = [binary, "-m", model, "-t", str(threads), "-r", str(runs), "-o", "json",
+              *(["--poll", str(poll)] if poll is not None else [])]
+    # two calls: -d applies to every test of a call, and the prefills are wanted at depth 0 only
+    tests = []
+    for extra in (["-p", prompts, "-n", "0", "-d", "0"], ["-p", "0", "-n", "32", "-d", "0,2000"]):
+        tests += json.loads(subprocess.run(common + extra, capture_output=True, text=True, check=True).stdout)
     pick = {(t["n_prompt"], t["n_gen"], t["n_depth"]): float(t["avg_ts"]) for t in tests}
     out = {"pp2048": pick[(2048, 0, 0)], "tg32": pick[(0, 32, 0)], "tg32_d2000": pick[(0, 32, 2000)]}
     if long:
