@@ -18,7 +18,7 @@ from dair.engine.residency import Residency, Unit, _addr
 from dair.engine.rope import inv_freq, magnitude
 from dair.errors import DairError
 from dair.model.arch import EXPERTS, VECTORS, is_sliding
-from dair.ops.activation import gelu_tanh_mul, silu_mul
+from dair.ops.activation import add_inplace, gelu_tanh_mul, silu_mul
 from dair.ops.matmul import Weight, matmul_many
 from dair.ops.norm import rmsnorm
 from dair.ops.rope import rope_inplace
@@ -141,7 +141,9 @@ class RangeEngine:
         self.inv_freq_swa = inv_freq(cfg.rope_dim, cfg.rope_theta_swa) if cfg.sliding_window else self.inv_freq
         self.rope_perm = _neox_order(self.head_dim, cfg.rope_dim) if cfg.rope_style == "neox" else None
         self.attn_scale = cfg.attn_scale or None
+        self._gated_act = silu_mul if cfg.ffn_act == "silu" else gelu_tanh_mul
         self.layers = [LayerWeights.load(model, i) for i in range(first, last + 1)]
+        self._sliding = [is_sliding(cfg, i) for i in range(first, last + 1)]
         self.has_embedding = first == 0
         self.has_head = last == cfg.n_layers - 1
         self.embedding = _weight(model.embedding) if self.has_embedding else None
@@ -286,41 +288,44 @@ class RangeEngine:
         return x
 
     def _layer(self, j: int, w: LayerWeights, x: np.ndarray, spans, all_pos: np.ndarray) -> None:
-        """x[n, dim] += attention(x); x += ffn(x), for layer first + j (one row per token)."""
+        """x[n, dim] += attention(x); x += ffn(x), for layer first + j (one row per token).
+
+        Each Python step here runs between two weight streams that have pushed it out of the
+        caches, so a decode step pays far more for it than its instructions: the common case
+        (no biases, one session, a family without extra norms) takes the fewest calls."""
         c, n = self.cfg, x.shape[0]
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         # q, k, v: [n, heads, hd] from the normed stream (+ bias: qwen2; per-head RMSNorm: qwen3, gemma3)
         h = rmsnorm(x, w.attn_norm, c.rms_eps)
-        q, k, v = self._project((w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv), h)
+        q, k, v = matmul_many((w.wq, w.wk, w.wv), h, act_q8=self.act_q8)
+        if w.bq is not None or w.bk is not None or w.bv is not None:
+            for y, bias in ((q, w.bq), (k, w.bk), (v, w.bv)):
+                if bias is not None:
+                    y += bias
         q, k, v = q.reshape(n, H, hd), k.reshape(n, KV, hd), v.reshape(n, KV, hd)
         if w.q_norm is not None:
             q = rmsnorm(q.reshape(n * H, hd), w.q_norm, c.rms_eps).reshape(n, H, hd)
             k = rmsnorm(k.reshape(n * KV, hd), w.k_norm, c.rms_eps).reshape(n, KV, hd)
-        sliding = is_sliding(c, self.first + j)
+        sliding = self._sliding[j]
         q, k = self._rotate(q, all_pos, sliding), self._rotate(k, all_pos, sliding)
         # attention over each session's cache: att [n, H, hd]
-        att = np.empty_like(q)
-        for cache, pos, rows in spans:
-            cache.attend(j, q[rows], k[rows], v[rows], pos, att[rows], scale=self.attn_scale,
-                         window=c.sliding_window if sliding else 0)
+        window = c.sliding_window if sliding else 0
+        if len(spans) == 1:
+            att = spans[0][0].attend(j, q, k, v, all_pos, None, scale=self.attn_scale, window=window)
+        else:
+            att = np.empty_like(q)
+            for cache, pos, rows in spans:
+                cache.attend(j, q[rows], k[rows], v[rows], pos, att[rows], scale=self.attn_scale, window=window)
         a = w.wo.matmul(att.reshape(n, H * hd), act_q8=self.act_q8)  # [n, dim]
         if w.attn_post_norm is not None:
             a = rmsnorm(a, w.attn_post_norm, c.rms_eps, out=a)
-        x += a
+        add_inplace(x, a)
         # feed-forward: dense, or the routed experts; [n, dim]
         h = rmsnorm(x, w.ffn_norm, c.rms_eps)
         f = self._moe(j, w, h) if w.router is not None else self._ffn(w.w_gate, w.w_up, w.w_down, h)
         if w.ffn_post_norm is not None:
             f = rmsnorm(f, w.ffn_post_norm, c.rms_eps, out=f)
-        x += f
-
-    def _project(self, ms: Sequence[Weight], biases: Sequence[np.ndarray | None], h: np.ndarray) -> list[np.ndarray]:
-        # One parallel job for the matrices that read h (see matmul_many).
-        ys = matmul_many(ms, h, act_q8=self.act_q8)
-        for y, bias in zip(ys, biases, strict=True):
-            if bias is not None:
-                y += bias
-        return ys
+        add_inplace(x, f)
 
     def _rotate(self, t: np.ndarray, pos: np.ndarray, sliding: bool) -> np.ndarray:
         # NEOX rotates dims (i, i + rope_dim/2); the kernel rotates adjacent pairs. Reordering the
@@ -334,10 +339,7 @@ class RangeEngine:
     def _ffn(self, gate: Weight, up: Weight, down: Weight, h: np.ndarray) -> np.ndarray:
         """down(act(gate h) * up h): [n, dim] -> [n, hidden] -> [n, dim]."""
         g, u = matmul_many((gate, up), h, act_q8=self.act_q8)
-        if self.cfg.ffn_act == "silu":
-            silu_mul(g, u)
-        else:
-            gelu_tanh_mul(g, u)
+        self._gated_act(g, u)
         return down.matmul(g, act_q8=self.act_q8)
 
     def _moe(self, j: int, w: LayerWeights, h: np.ndarray) -> np.ndarray:

@@ -79,17 +79,17 @@ class SessionCache:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
     def attend(self, j: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray,
-               out: np.ndarray, scale: float | None = None, window: int = 0) -> None:
+               out: np.ndarray | None, scale: float | None = None, window: int = 0) -> np.ndarray:
         """Write this step's k, v float32[m, n_kv, head_dim] at positions pos (consecutive, already
         reserved) of layer j, then out[m, n_heads, head_dim] = softmax(q.k * scale) v over the
-        cache. With a window, a query at position p sees keys p-window+1..p only (llama.cpp's
-        standard sliding window, gemma3's local layers)."""
+        cache (a new array when out is None; returned). With a window, a query at position p sees
+        keys p-window+1..p only (llama.cpp's standard sliding window, gemma3's local layers)."""
         # The kernel stores k and v at pos first, as the cache holds them. A Q8_0 cache holds K and V
         # rotated: the kernel rotates each query alike and the output, a sum of rotated values,
         # back (the matrix is its own inverse).
-        attention(q, self.k[j], self.v[j], pos, out=out, scale=scale, window=window,
-                  rotated=self.kv_type == "q8_0", k_new=np.ascontiguousarray(k, np.float32),
-                  v_new=np.ascontiguousarray(v, np.float32))
+        return attention(q, self.k[j], self.v[j], pos, out=out, scale=scale, window=window,
+                         rotated=self.kv_type == "q8_0", k_new=np.ascontiguousarray(k, np.float32),
+                         v_new=np.ascontiguousarray(v, np.float32))
 
 
 def context_limit(model_context: int, configured: int, kv_per_token: int, max_ram: int | None,
