@@ -14,7 +14,8 @@ from dair.ops import threads
 from dair.ops.matmul import BLOCK_LAYOUTS, KERNELS, Weight, _set_avx512_op, set_kernels
 
 # Byte offsets of each type's fp16 scales within its block.
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2],
+              "Q6_K": [208]}
 
 
 @pytest.fixture(params=KERNELS)
